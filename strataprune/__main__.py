@@ -1,0 +1,3 @@
+from strataprune.cli import main
+
+raise SystemExit(main())

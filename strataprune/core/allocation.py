@@ -1,0 +1,177 @@
+"""Allocation: the sparsity ratio of every prunable matrix, and the helpers that build and check it.
+
+Every allocator's output goes through ``validate``: the keys are exactly the prunable matrices,
+each ratio lies in [0, 1), and the parameter-weighted mean equals the target within 1e-3.
+``redistribute`` is the shared clip-and-redistribute step (a parameter-weighted water-filling
+shift) for allocators whose raw ratios leave the bounds or miss the target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PluginError
+from .plugin import ModelLayout
+from .sparsity import NMPattern
+
+FORMAT_VERSION = 1
+MEAN_TOLERANCE = 1e-3
+#: highest ratio the safe normalisation hands out; 1.0 would empty a matrix
+MAX_RATIO = 0.99
+
+
+@dataclass
+class Allocation:
+    """Matrix name -> sparsity ratio (and, for N:M runs, matrix name -> pattern)."""
+
+    ratios: dict[str, float]
+    target: float
+    allocator: str = ""
+    patterns: dict[str, NMPattern] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_blocks(cls, layout: ModelLayout, block_ratios: Sequence[float], target: float, **kw: Any) -> Allocation:
+        if len(block_ratios) != layout.num_blocks:
+            raise PluginError(f"allocation has {len(block_ratios)} block ratios but the model has {layout.num_blocks} blocks")
+        return cls({m.name: float(block_ratios[m.block]) for m in layout.matrices}, target, **kw)
+
+    @classmethod
+    def uniform(cls, layout: ModelLayout, target: float, **kw: Any) -> Allocation:
+        return cls({name: float(target) for name in layout.names}, target, **kw)
+
+    @classmethod
+    def coerce(cls, raw: Any, layout: ModelLayout, target: float, allocator: str) -> Allocation:
+        """Accept what an allocator may return: Allocation, mapping, or per-block sequence."""
+        if isinstance(raw, Allocation):
+            raw.allocator = raw.allocator or allocator
+            return raw
+        if isinstance(raw, Mapping):
+            return cls({str(k): float(v) for k, v in raw.items()}, target, allocator)
+        if isinstance(raw, (Sequence, np.ndarray)) and not isinstance(raw, str):
+            return cls.from_blocks(layout, [float(x) for x in raw], target, allocator=allocator)
+        raise PluginError(f"allocator '{allocator}' returned {type(raw).__name__}; expected an Allocation, a mapping or a list of block ratios")
+
+    # ---------------------------------------------------------------- queries
+    def weighted_mean(self, layout: ModelLayout) -> float:
+        total = sum(layout[n].numel for n in self.ratios)
+        return sum(r * layout[n].numel for n, r in self.ratios.items()) / total
+
+    def block_profile(self, layout: ModelLayout) -> list[float]:
+        """Parameter-weighted ratio of each block."""
+        out = []
+        for b in range(layout.num_blocks):
+            mats = layout.block(b)
+            numel = sum(m.numel for m in mats)
+            out.append(sum(self.ratios[m.name] * m.numel for m in mats) / numel if numel else 0.0)
+        return out
+
+    def validate(self, layout: ModelLayout, tolerance: float = MEAN_TOLERANCE) -> Allocation:
+        who = f"allocator '{self.allocator}'" if self.allocator else "allocation"
+        missing = [n for n in layout.names if n not in self.ratios]
+        extra = [n for n in self.ratios if n not in layout]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} matrices (e.g. {missing[0]})")
+            if extra:
+                parts.append(f"unknown matrices {extra[:3]}")
+            raise PluginError(f"{who}: keys do not match the prunable matrices: {'; '.join(parts)}")
+        for name, ratio in self.ratios.items():
+            if not (isinstance(ratio, float) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+                raise PluginError(f"{who}: ratio of {name} is {ratio!r}, must be in [0, 1)")
+        for name, pattern in self.patterns.items():
+            if name not in layout:
+                raise PluginError(f"{who}: N:M pattern for unknown matrix {name}")
+            if abs(pattern.sparsity - self.ratios[name]) > 1e-9:
+                raise PluginError(f"{who}: {name} has pattern {pattern} but ratio {self.ratios[name]}")
+        mean = self.weighted_mean(layout)
+        if abs(mean - self.target) > tolerance and not self.meta.get("mean_not_exact"):
+            raise PluginError(
+                f"{who}: parameter-weighted mean sparsity {mean:.5f} differs from the target {self.target:.5f} by more than {tolerance}"
+            )
+        return self
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self, layout: ModelLayout | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "allocator": self.allocator,
+            "target": self.target,
+            "ratios": self.ratios,
+        }
+        if self.patterns:
+            data["patterns"] = {k: str(v) for k, v in self.patterns.items()}
+        if layout is not None:
+            data["weighted_mean"] = self.weighted_mean(layout)
+            data["block_profile"] = self.block_profile(layout)
+        data["meta"] = self.meta
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise PluginError(f"allocation format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        return cls(
+            ratios={k: float(v) for k, v in data["ratios"].items()},
+            target=float(data["target"]),
+            allocator=data.get("allocator", ""),
+            patterns={k: NMPattern.parse(v) for k, v in data.get("patterns", {}).items()},
+            meta=dict(data.get("meta", {})),
+        )
+
+    def save(self, path: Path, layout: ModelLayout | None = None) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(layout), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Allocation:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def redistribute(
+    ratios: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
+    target: float,
+    lo: float = 0.0,
+    hi: float = MAX_RATIO,
+) -> np.ndarray:
+    """Clip to [lo, hi] and shift all unclipped ratios by one constant so the weighted mean is ``target``.
+
+    This is water-filling: find c with sum_i w_i * clip(r_i + c, lo, hi) = target * sum_i w_i.
+    The left side is continuous and non-decreasing in c, so bisection finds c to machine precision.
+    Order among the ratios is preserved (ties apart).
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if not lo <= target <= hi:
+        raise PluginError(f"target {target} lies outside the allowed range [{lo}, {hi}]")
+    if r.size == 0:
+        return r
+    total = w.sum()
+
+    def mean_at(c: float) -> float:
+        return float((w * np.clip(r + c, lo, hi)).sum() / total)
+
+    a, b = lo - r.max() - 1.0, hi - r.min() + 1.0
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if mean_at(mid) < target:
+            a = mid
+        else:
+            b = mid
+    return np.clip(r + 0.5 * (a + b), lo, hi)
+
+
+def scale_to_target(ratios: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray, target: float) -> np.ndarray:
+    """Multiply by one constant so the weighted mean is ``target`` (AlphaPruning's normalisation)."""
+    r = np.asarray(ratios, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    return r * (target * w.sum() / (w * r).sum())

@@ -1,0 +1,160 @@
+"""Block-sequential calibration (algorithms.md §1).
+
+The inputs of block l are the outputs of blocks < l as they are *now*: during a pruning pass
+that means already pruned, so each block's statistics see the errors of the blocks before it.
+One block runs at a time; statistics are collected only when a plugin asks for them, with one
+accumulator per distinct input tensor (q/k/v share theirs, so their Hessian is computed once).
+
+    calibrator = Calibrator(loaded, windows)
+    calibrator.run({"input_norms"}, visit=allocator.observe_block)         # dense pass
+    calibrator.run(pruner.needs, prune=prune_one_block)                    # pruning pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .plugin import BlockInputs, BlockStats, LoadedModel, ModelLayout
+from .progress import progress
+
+
+class _Accumulator:
+    """Running sums over all calibration tokens of one input tensor stream."""
+
+    def __init__(self, dim: int, hessian: bool, norms: bool, device: torch.device) -> None:
+        self.tokens = 0
+        self.sq = torch.zeros(dim, dtype=torch.float64, device=device) if norms else None
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.sq is not None:
+            self.sq += (x.double() ** 2).sum(0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+
+class Calibrator:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        input_ids: torch.Tensor,
+        *,
+        activation_dtype: torch.dtype | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.adapter = loaded.adapter
+        self.input_ids = input_ids
+        self.blocks = self.adapter.blocks(self.model)
+        self.layout: ModelLayout = self.adapter.layout(self.model)
+        self.modules = self.adapter.prunable(self.model)
+        self.activation_dtype = activation_dtype
+        self.show = show_progress
+        self._captured: BlockInputs | None = None
+        self.passes = 0
+
+    def captured(self) -> BlockInputs:
+        """Inputs of block 0: they do not depend on any pruning, so they are captured once per run."""
+        if self._captured is None:
+            captured = self.adapter.capture(self.model, self.input_ids)
+            if self.activation_dtype is not None:
+                captured.hidden = captured.hidden.to(self.activation_dtype)
+            self._captured = captured
+        return self._captured
+
+    @torch.no_grad()
+    def run(
+        self,
+        needs: frozenset[str] | set[str],
+        visit: Callable[[BlockStats], None] | None = None,
+        prune: Callable[[BlockStats], None] | None = None,
+        desc: str = "calibration",
+    ) -> None:
+        """One pass over the blocks; ``prune`` (if given) edits a block's weights before its outputs are recomputed."""
+        self.passes += 1
+        inputs = self.captured()
+        hidden = inputs.hidden
+        for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):
+            block = self.blocks[index]
+            kwargs = inputs.block_kwargs[index]
+            stats = self._measure(index, block, hidden, kwargs, needs)
+            if visit is not None:
+                visit(stats)
+            if prune is not None:
+                prune(stats)
+                hidden = self._forward(block, hidden, kwargs)
+            else:
+                hidden = stats.outputs if stats.outputs is not None else self._forward(block, hidden, kwargs)
+            del stats
+
+    def _forward(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = torch.empty_like(hidden)
+        for i in range(hidden.shape[0]):
+            out[i : i + 1] = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs).to(out.dtype)
+        return out
+
+    @staticmethod
+    def _dtype(block: torch.nn.Module) -> torch.dtype:
+        return next(block.parameters()).dtype
+
+    def _measure(
+        self, index: int, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], needs: frozenset[str] | set[str]
+    ) -> BlockStats:
+        matrices = self.layout.block(index)
+        weights = {m.name: self.adapter.get_weight(self.modules[m.name]) for m in matrices}
+        stats = BlockStats(index, matrices, weights)
+        want_norms, want_hessian = "input_norms" in needs, "hessian" in needs
+        # matrices fed the same tensor (q/k/v, gate/up) share one accumulator; the groups are decided
+        # on the first sample while every input is kept alive, so no freed address is ever reused
+        group_of: dict[str, int] = {}
+        accumulators: list[_Accumulator] = []
+        first_inputs: dict[tuple[int, tuple[int, ...]], int] = {}
+        alive: list[torch.Tensor] = []
+        seen: set[int] = set()
+        handles = []
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: tuple, _out: Any) -> None:
+                x = args[0]
+                if name not in group_of:
+                    key = (x.data_ptr(), tuple(x.shape))
+                    if key not in first_inputs:
+                        first_inputs[key] = len(accumulators)
+                        accumulators.append(_Accumulator(x.shape[-1], want_hessian, want_norms, x.device))
+                        alive.append(x)
+                    group_of[name] = first_inputs[key]
+                group = group_of[name]
+                if group not in seen:
+                    seen.add(group)
+                    accumulators[group].add(x)
+
+            return hook
+
+        if want_norms or want_hessian:
+            handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
+        outputs = torch.empty_like(hidden)
+        try:
+            for i in range(hidden.shape[0]):
+                seen.clear()
+                outputs[i : i + 1] = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs).to(outputs.dtype)
+                alive.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        for name, group in group_of.items():
+            acc = accumulators[group]
+            stats.ntokens = acc.tokens
+            if acc.sq is not None:
+                stats.input_norms[name] = acc.sq.sqrt().float()
+            if acc.xtx is not None:
+                stats.hessians[name] = acc.xtx * (2.0 / max(acc.tokens, 1))
+        if "block_inputs" in needs:
+            stats.inputs = hidden
+        stats.outputs = outputs
+        return stats

@@ -1,0 +1,324 @@
+"""The main job: load -> calibrate -> allocate -> prune -> evaluate -> save.
+
+    from strataprune import Recipe, prune
+    result = prune(Recipe(), output_dir="out")      # SmolLM2, BBC, Wanda, uniform 50%
+
+Every stage is timed. Output is written to a temporary sibling directory and moved into place
+only when the whole run succeeded, so a failed run leaves earlier outputs intact.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .allocation import Allocation
+from .calibration import Calibrator
+from .data import calibration_windows, evaluation_windows, open_dataset
+from .errors import ConfigError, PluginError
+from .evaluation import perplexity
+from .models import DTYPES, fingerprint, load_model, cache_dir
+from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
+from .recipes import Recipe
+from .registry import Registry, get_registry
+from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
+from .sparsity import NMPattern, Target, nm_violations
+
+#: realised sparsity may sit below the asked ratio by row flooring (1/d_in) and above it by this much
+REALISED_SLACK = 1e-3
+
+
+def nm_for_ratio(ratio: float, m: int) -> NMPattern:
+    """Rounding policy for unstructured ratios under an N:M run: the nearest n:m (0 < n < m)."""
+    n = min(m - 1, max(1, round((1.0 - ratio) * m)))
+    return NMPattern(n, m)
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    allocation: Allocation
+    output_dir: Path | None
+    model: LoadedModel | None = None
+
+
+@dataclass
+class _Record:
+    realised: dict[str, float] = field(default_factory=dict)
+    zeros: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, *, registry: Registry | None = None, show_progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+        self.recipe = recipe
+        self.registry = registry or get_registry()
+        self.show = show_progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.timer = StageTimer()
+        self.target: Target = recipe.target
+        # build plugins first: a bad name or parameter fails before any heavy work
+        self.allocator: Allocator = self.registry.create("allocator", recipe.allocator.name, recipe.allocator.params)
+        self.pruner: Pruner = self.registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
+        if self.target.pattern is not None and not self.pruner.supports_nm:
+            raise ConfigError(f"pruner '{self.pruner.name}' does not support N:M sparsity ({self.target.pattern})")
+
+    # ------------------------------------------------------------------ public
+    def run(self, output_dir: str | Path | None = None, overwrite: bool = False, save: bool = True) -> RunResult:
+        recipe = self.recipe
+        out = Path(output_dir or recipe.output_dir or recipe.default_output_dir()) if save else None
+        if out is not None:
+            check_output_dir(out, overwrite)
+        with self.timer.stage("load model"):
+            self.loaded = load_model(recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device)
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        with self.timer.stage("load data"):
+            calib_data = open_dataset(recipe.calibration.source)
+            calib = calibration_windows(
+                tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
+                recipe.calibration.seqlen, recipe.calibration.seed,
+            )
+            eval_data = open_dataset(recipe.evaluation.source)
+            evaluation = evaluation_windows(
+                tokenizer, eval_data, recipe.evaluation.split, recipe.evaluation.seqlen,
+                recipe.evaluation.max_windows, self._bos(),
+            )
+        if calib.description.get("split") == evaluation.description.get("split") and calib_data.describe() == eval_data.describe():
+            self.log("warning: calibration and evaluation read the same text; perplexity is not held out")
+        act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
+        self.calibrator = Calibrator(self.loaded, calib.ids, activation_dtype=act_dtype, show_progress=self.show)
+        layout = self.calibrator.layout
+        self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
+
+        ppl_dense = None
+        if recipe.evaluation.dense:
+            with self.timer.stage("evaluate dense"):
+                ppl_dense = perplexity(model, evaluation.ids, "dense perplexity", self.show)
+            self.log(f"dense perplexity: {ppl_dense['ppl']:.3f} ({ppl_dense['tokens']} tokens)")
+
+        with self.timer.stage("allocate"):
+            allocation, stash = self._allocate(calib_data)
+        record = _Record()
+        with self.timer.stage("prune"):
+            self._prune(allocation, record, stash)
+        with self.timer.stage("evaluate sparse"):
+            ppl_sparse = perplexity(model, evaluation.ids, "sparse perplexity", self.show)
+        self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
+
+        report = self._report(allocation, record, calib.description, evaluation.description, ppl_dense, ppl_sparse)
+        if out is not None:
+            with self.timer.stage("save"), atomic_output_dir(out, overwrite) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                allocation.save(tmp / "allocation.json", layout)
+                (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+                report["times_s"] = dict(self.timer.times)
+                write_json(tmp / "report.json", report)
+        report["times_s"] = dict(self.timer.times)
+        return RunResult(report, allocation, out, self.loaded)
+
+    # ------------------------------------------------------------------ stages
+    def _bos(self) -> bool:
+        mode = self.recipe.evaluation.bos
+        if mode == "auto":
+            return bool(getattr(self.loaded.adapter, "bos_per_window", lambda m: False)(self.loaded.model))
+        return mode == "always"
+
+    def _weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
+        for info in self.calibrator.layout.matrices:
+            yield info, self.dense_weights[info.name]
+
+    def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
+        layout = self.calibrator.layout
+        stash: dict[int, BlockStats] = {}
+        dense_propagation = self.recipe.calibration.propagate == "dense"
+        if self.allocator.needs:
+            needs = set(self.allocator.needs) | (set(self.pruner.needs) if dense_propagation else set())
+
+            def visit(stats: BlockStats) -> None:
+                self.allocator.observe_block(stats)
+                if dense_propagation:
+                    stats.inputs = stats.outputs = None  # keep only what the pruner reuses
+                    stash[stats.block] = stats
+
+            self.calibrator.run(needs, visit=visit, desc=f"{self.allocator.name}: dense statistics")
+        ctx = AllocationContext(
+            layout=layout,
+            target=self.target,
+            seed=self.recipe.calibration.seed,
+            pruner=self.pruner.name,
+            weights=self._weights,
+            score=self._make_scorer(calib_data) if self.allocator.searches else None,
+            device=torch.device(self.recipe.model.device),
+            cache_dir=cache_dir() / "allocators",
+            model_fingerprint=fingerprint(self.loaded.model) if self.allocator.name != "uniform" else "",
+            progress=self.show,
+        )
+        raw = self.allocator.allocate(ctx)
+        allocation = Allocation.coerce(raw, layout, self.target.ratio, self.allocator.name)
+        allocation.meta.setdefault("notes", []).extend(ctx.notes)
+        if self.target.pattern is not None and not allocation.patterns:
+            m = self.target.pattern.m
+            allocation.patterns = {n: nm_for_ratio(r, m) for n, r in allocation.ratios.items()}
+            allocation.ratios = {n: p.sparsity for n, p in allocation.patterns.items()}
+            allocation.meta["nm_rounding"] = f"each ratio rounded to the nearest n:{m}"
+            allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
+        allocation.validate(layout)
+        for note in ctx.notes:
+            self.log(f"{self.allocator.name}: {note}")
+        return allocation, stash
+
+    def _make_scorer(self, calib_data: Any) -> Callable[[Allocation, str], float]:
+        recipe = self.recipe
+        cache: dict[str, torch.Tensor] = {}
+
+        def windows(on: str) -> torch.Tensor:
+            if on not in cache:
+                if on == "test":
+                    cache[on] = evaluation_windows(
+                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source), recipe.evaluation.split,
+                        recipe.evaluation.seqlen, recipe.evaluation.selection_windows, self._bos(),
+                    ).ids
+                elif on == "validation":
+                    cache[on] = calibration_windows(
+                        self.loaded.tokenizer, calib_data, recipe.evaluation.selection_split,
+                        recipe.evaluation.selection_windows, recipe.calibration.seqlen, recipe.calibration.seed + 1,
+                        role="selection",
+                    ).ids
+                else:
+                    raise ConfigError(f"selection data '{on}' is not one of: validation, test")
+            return cache[on]
+
+        def score(allocation: Allocation, on: str = "validation") -> float:
+            allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, self.allocator.name)
+            allocation.validate(self.calibrator.layout)
+            try:
+                self._prune(allocation, _Record(), {}, desc="trial")
+                return perplexity(self.loaded.model, windows(on), "trial perplexity", self.show)["ppl"]
+            finally:
+                self._restore_dense()
+
+        return score
+
+    def _restore_dense(self) -> None:
+        for name, module in self.calibrator.modules.items():
+            self.loaded.adapter.set_weight(module, self.dense_weights[name])
+
+    def _prune(self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune") -> None:
+        def prune_block(stats: BlockStats) -> None:
+            for info in stats.matrices:
+                self._prune_matrix(info, stats, allocation, record)
+
+        if self.recipe.calibration.propagate == "dense":
+            if stash:
+                for index in range(self.calibrator.layout.num_blocks):
+                    prune_block(stash.pop(index))
+            else:
+                self.calibrator.run(self.pruner.needs, visit=prune_block, desc=f"{desc} ({self.pruner.name}, dense inputs)")
+        else:
+            self.calibrator.run(self.pruner.needs, prune=prune_block, desc=f"{desc} ({self.pruner.name})")
+
+    def _prune_matrix(self, info: MatrixInfo, stats: BlockStats, allocation: Allocation, record: _Record) -> None:
+        pattern = allocation.patterns.get(info.name)
+        target = Target(pattern.sparsity, pattern) if pattern else Target(allocation.ratios[info.name])
+        weight = stats.weights[info.name]
+        result = self.pruner.prune(weight, target, stats.for_matrix(info.name))
+        keep = result.keep
+        who = f"pruner '{self.pruner.name}' on {info.name}"
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != tuple(weight.shape):
+            raise PluginError(f"{who}: keep mask must be a bool tensor of shape {tuple(weight.shape)}")
+        realised = 1.0 - float(keep.sum()) / keep.numel()
+        if pattern is not None:
+            bad = nm_violations(keep, pattern)
+            if bad:
+                raise PluginError(f"{who}: {bad} groups of {pattern.m} keep more than {pattern.n} weights (pattern {pattern})")
+        elif not (target.ratio - 1.0 / weight.shape[1] - 1e-6 <= realised <= target.ratio + REALISED_SLACK + 1.0 / weight.shape[1]):
+            raise PluginError(f"{who}: realised sparsity {realised:.4f} does not match the asked {target.ratio:.4f}")
+        new = result.weight if result.weight is not None else weight * keep
+        if result.weight is not None:
+            if tuple(new.shape) != tuple(weight.shape):
+                raise PluginError(f"{who}: returned weight has shape {tuple(new.shape)}, expected {tuple(weight.shape)}")
+            if bool((new[~keep] != 0).any()):
+                raise PluginError(f"{who}: returned weight is nonzero where the mask prunes it")
+        self.loaded.adapter.set_weight(self.calibrator.modules[info.name], new.to(weight.dtype))
+        record.realised[info.name] = realised
+        record.zeros[info.name] = float((new == 0).sum()) / new.numel()
+        record.notes.extend(f"{info.name}: {note}" for note in result.notes)
+        if "loss" in result.extra:
+            record.losses[info.name] = float(result.extra["loss"])
+
+    # ------------------------------------------------------------------ report
+    def _report(self, allocation: Allocation, record: _Record, calib: dict, evaluation: dict, dense: Any, sparse: Any) -> dict[str, Any]:
+        layout = self.calibrator.layout
+        per_block = []
+        for b in range(layout.num_blocks):
+            mats = layout.block(b)
+            numel = sum(m.numel for m in mats)
+            per_block.append({
+                "block": b,
+                "allocated": sum(allocation.ratios[m.name] * m.numel for m in mats) / numel,
+                "realised": sum(record.realised[m.name] * m.numel for m in mats) / numel,
+            })
+        realised_global = sum(record.realised[m.name] * m.numel for m in layout.matrices) / layout.numel
+        model_params = sum(p.numel() for p in self.loaded.model.parameters())
+        zero_params = sum(record.zeros[m.name] * m.numel for m in layout.matrices)
+        registry = self.registry
+        return {
+            "format_version": 1,
+            "environment": environment(),
+            "seed": self.recipe.calibration.seed,
+            "recipe": self.recipe.to_dict(),
+            "model": self.loaded.description,
+            "plugins": {
+                kind: registry.info(kind, name).as_dict()
+                for kind, name in (("allocator", self.allocator.name), ("pruner", self.pruner.name), ("adapter", self.loaded.adapter.name))
+            },
+            "plugin_params": {"allocator": self.allocator.params(), "pruner": self.pruner.params()},
+            "data": {"calibration": calib, "evaluation": evaluation},
+            "perplexity": {"dense": dense, "sparse": sparse},
+            "sparsity": {
+                "target": str(self.target),
+                "target_ratio": self.target.ratio,
+                "realised_prunable": realised_global,
+                "zeros_whole_model": zero_params / model_params,
+                "prunable_parameters": layout.numel,
+                "model_parameters": model_params,
+                "per_block": per_block,
+                "per_matrix": record.realised,
+            },
+            "allocation": {k: v for k, v in allocation.to_dict(layout).items() if k != "ratios"},
+            "pruner_notes": record.notes,
+            "pruner_loss": record.losses or None,
+            "calibration_passes": self.calibrator.passes,
+        }
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The console summary of a run: perplexities, per-block sparsity, stage times."""
+    lines = []
+    ppl = report["perplexity"]
+    dense = ppl["dense"]["ppl"] if ppl["dense"] else None
+    sparse = ppl["sparse"]["ppl"]
+    rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
+    if dense:
+        rows.append(["ratio sparse/dense", sparse / dense])
+    lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
+    lines.append("")
+    blocks = report["sparsity"]["per_block"]
+    lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))
+    lines.append(f"realised sparsity of prunable matrices: {report['sparsity']['realised_prunable']:.4f}"
+                 f" (whole model incl. embeddings: {report['sparsity']['zeros_whole_model']:.4f})")
+    lines.append("")
+    lines.append(table([[k, v] for k, v in report.get("times_s", {}).items()], ["stage", "seconds"]))
+    return "\n".join(lines)
+
+
+def prune(recipe: Recipe | None = None, output_dir: str | Path | None = None, overwrite: bool = False, **kw: Any) -> RunResult:
+    """Run a recipe end to end (the Python face of ``strataprune run``)."""
+    return Pipeline(recipe or Recipe(), **kw).run(output_dir, overwrite=overwrite, save=output_dir is not None or (recipe is not None and recipe.output_dir is not None))

@@ -1,0 +1,326 @@
+"""The contracts every plugin implements: allocators, pruners, model adapters, datasets, backends.
+
+A plugin is a class with a ``name``, a ``version`` and a small versioned ``Config`` dataclass of
+its parameters (torchao-style). Recipes name plugins and give parameters; the host validates them
+against ``Config`` (unknown keys and wrong types are errors) and constructs ``cls(config)``.
+
+Statistics are never computed by plugins themselves: a plugin declares what it ``needs`` and the
+calibration engine (core/calibration.py) computes each statistic once per block and per pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+
+from .errors import ConfigError
+from .sparsity import Target
+
+#: statistics a plugin may ask the calibration engine for
+#: - ``input_norms``: per prunable matrix, the L2 norm of each input column over all calibration tokens (Wanda's ||X_j||_2)
+#: - ``hessian``: per prunable matrix, H = 2 X X^T / n in fp32 (SparseGPT's Hessian)
+#: - ``block_inputs`` / ``block_outputs``: the hidden states entering / leaving the block, [samples, tokens, hidden]
+STATISTICS = ("input_norms", "hessian", "block_inputs", "block_outputs")
+
+
+@dataclass
+class NoConfig:
+    """A plugin without parameters."""
+
+
+class Plugin:
+    """Common base: identity and configuration."""
+
+    kind: ClassVar[str] = "plugin"
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None, where: str | None = None) -> Plugin:
+        return cls(build_config(cls.Config, params or {}, where or f"{cls.kind} '{cls.name}'"))
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+
+# --------------------------------------------------------------------------- model structure
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One prunable weight matrix, always seen in (out_features, in_features) layout."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # index of its sequential block
+    short: str  # name inside the block, e.g. "self_attn.q_proj"
+    shape: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The prunable matrices of a model, grouped into sequential blocks."""
+
+    matrices: tuple[MatrixInfo, ...]
+    num_blocks: int
+    stack: str = "decoder"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {m.name: m for m in self.matrices})
+
+    def __getitem__(self, name: str) -> MatrixInfo:
+        return self._by_name[name]  # type: ignore[attr-defined]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name  # type: ignore[attr-defined]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.matrices]
+
+    def block(self, index: int) -> list[MatrixInfo]:
+        return [m for m in self.matrices if m.block == index]
+
+    def block_numel(self, index: int) -> int:
+        return sum(m.numel for m in self.block(index))
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel for m in self.matrices)
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass
+class BlockStats:
+    """What the calibration engine measured on one block (only the statistics that were asked for)."""
+
+    block: int
+    matrices: list[MatrixInfo]
+    weights: dict[str, torch.Tensor]  # name -> (out, in) view of the current weight
+    ntokens: int = 0
+    input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+
+    def for_matrix(self, name: str) -> MatrixStats:
+        return MatrixStats(
+            info=next(m for m in self.matrices if m.name == name),
+            ntokens=self.ntokens,
+            input_norms=self.input_norms.get(name),
+            hessian=self.hessians.get(name),
+        )
+
+
+@dataclass
+class MatrixStats:
+    """Statistics of one matrix's inputs handed to a pruner."""
+
+    info: MatrixInfo
+    ntokens: int = 0
+    input_norms: torch.Tensor | None = None  # (in,) fp32: ||X_j||_2
+    hessian: torch.Tensor | None = None  # (in, in) fp32: 2 X X^T / n
+
+
+# --------------------------------------------------------------------------- allocators
+@dataclass
+class AllocationContext:
+    """Everything an allocator may use besides the statistics it observed."""
+
+    layout: ModelLayout
+    target: Target
+    seed: int = 0
+    pruner: str = "wanda"
+    weights: Callable[[], Iterator[tuple[MatrixInfo, torch.Tensor]]] | None = None
+    #: prune a copy with a candidate allocation and return held-out perplexity (lower is better);
+    #: only set when the allocator declares ``searches = True``
+    score: Callable[[Any], float] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path | None = None
+    model_fingerprint: str = ""
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)  # lines the allocator wants in the report
+
+
+class Allocator(Plugin):
+    """Decides a sparsity ratio for every prunable matrix, with a global parameter-weighted target.
+
+    ``allocate`` may return an ``Allocation``, a mapping matrix-name -> ratio, or a sequence of
+    per-block ratios (expanded to every matrix of the block). The host validates it: keys are the
+    prunable matrices, ratios in [0, 1), parameter-weighted mean equal to the target within 1e-3.
+    """
+
+    kind: ClassVar[str] = "allocator"
+    #: statistics wanted from a calibration pass over the *dense* model (see STATISTICS)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: whether ``allocate`` needs ``ctx.score`` (prune-and-evaluate trials)
+    searches: ClassVar[bool] = False
+
+    def observe_block(self, stats: BlockStats) -> None:
+        """Called once per block, in order, during the dense pass; keep only reduced statistics."""
+
+    def allocate(self, ctx: AllocationContext) -> Any:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- pruners
+@dataclass
+class PruneResult:
+    keep: torch.Tensor  # bool, same shape as the weight: True where the weight survives
+    weight: torch.Tensor | None = None  # new weights (methods that update them), zeros where pruned
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"loss": float}, {"quant_grid": ...}
+
+
+class Pruner(Plugin):
+    """Chooses which weights of one matrix to remove (and, optionally, updates the survivors)."""
+
+    kind: ClassVar[str] = "pruner"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    updates_weights: ClassVar[bool] = False
+    supports_nm: ClassVar[bool] = True
+
+    def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- datasets
+class Dataset(Plugin):
+    """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available)."""
+
+    kind: ClassVar[str] = "dataset"
+    splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
+
+    def documents(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+# --------------------------------------------------------------------------- model adapters
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+    source: str
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering the first block, and the extra arguments each block is called with."""
+
+    hidden: torch.Tensor  # [samples, tokens, hidden]
+    block_kwargs: list[dict[str, Any]]  # one per block (masks differ per block on e.g. Gemma-3)
+
+
+class ModelAdapter(Plugin):
+    """Knows one family of model structures: sequential blocks and their prunable matrices."""
+
+    kind: ClassVar[str] = "adapter"
+    task: ClassVar[str] = "causal-lm"
+
+    def matches(self, config: Any) -> bool:
+        raise NotImplementedError
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
+        raise NotImplementedError
+
+    def blocks(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+        raise NotImplementedError
+
+    def prunable(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Full module name -> module, for every prunable matrix, in block order."""
+        raise NotImplementedError
+
+    def layout(self, model: torch.nn.Module) -> ModelLayout:
+        raise NotImplementedError
+
+    def get_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        return module.weight.data
+
+    def set_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
+        module.weight.data.copy_(weight)
+
+    def capture(self, model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 1) -> BlockInputs:
+        raise NotImplementedError
+
+    def run_block(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Backend(Plugin):
+    """An inference engine that runs a pruned model (see issues on deployment)."""
+
+    kind: ClassVar[str] = "backend"
+
+
+# --------------------------------------------------------------------------- config building
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def build_config(config_cls: type, params: Mapping[str, Any], where: str) -> Any:
+    """Construct a Config dataclass from recipe parameters, with errors naming key, value and what is allowed."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}: parameters must be a mapping, got {params!r}")
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in params.items():
+        if key not in fields:
+            allowed = ", ".join(fields) or "(no parameters)"
+            from .errors import did_you_mean
+
+            raise ConfigError(f"{where}: unknown parameter '{key}'{did_you_mean(key, fields)}; allowed: {allowed}")
+        hint = hints.get(key, Any)
+        if not _type_ok(value, hint):
+            raise ConfigError(f"{where}: {key}={value!r} must be {_describe(hint)}")
+    try:
+        return config_cls(**{k: (float(v) if hints.get(k) is float else v) for k, v in params.items()})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,18 @@
+"""tqdm progress bars for every loop over blocks, samples or windows (off with STRATAPRUNE_PROGRESS=0)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str, unit: str = "it", enable: bool = True, total: int | None = None) -> Iterator[T]:
+    if not enable or os.environ.get("STRATAPRUNE_PROGRESS", "1") == "0":
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)

@@ -1,0 +1,210 @@
+"""YAML recipes: what to prune, how, and where results go. Version 1.
+
+    version: 1
+    model: {source: smollm2-135m, adapter: auto, dtype: float32, device: cpu}
+    calibration: {source: bbc, split: train, nsamples: 32, seqlen: 512, seed: 0, propagate: pruned}
+    evaluation: {source: bbc, split: test, seqlen: 512, max_windows: 40, dense: true, bos: auto}
+    allocator: uniform                # or {name: atp, beta: 0.01}
+    pruner: wanda                     # or {name: sparsegpt, percdamp: 0.01}
+    sparsity: 0.5                     # a ratio in [0, 1) or an N:M pattern such as "2:4"
+    output_dir: strataprune-runs/smollm2-wanda-uniform-0.5
+
+Every key is validated (unknown keys, wrong types and out-of-range values are errors naming the
+key, the value and what is allowed); plugin parameters are validated against the plugin's Config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+from .plugin import build_config
+from .sparsity import Target, parse_sparsity
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class ModelSection:
+    source: str = "smollm2-135m"
+    adapter: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class CalibrationSection:
+    source: str = "bbc"
+    split: str = "train"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    #: 'pruned': block l sees the outputs of the already pruned blocks < l (the papers);
+    #: 'dense': every block sees dense inputs (statistics from the dense pass are reused)
+    propagate: Literal["pruned", "dense"] = "pruned"
+    activation_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def __post_init__(self) -> None:
+        _positive("calibration.nsamples", self.nsamples)
+        _positive("calibration.seqlen", self.seqlen, minimum=2)
+
+
+@dataclass
+class EvaluationSection:
+    source: str = "bbc"
+    split: str = "test"
+    seqlen: int = 512
+    max_windows: int | None = 40
+    dense: bool = True
+    bos: Literal["auto", "always", "never"] = "auto"
+    #: held-out selection data for searching allocators (ATP's beta); split of the calibration source
+    selection_split: str = "validation"
+    selection_windows: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("evaluation.seqlen", self.seqlen, minimum=2)
+        if self.max_windows is not None:
+            _positive("evaluation.max_windows", self.max_windows)
+        _positive("evaluation.selection_windows", self.selection_windows)
+
+
+@dataclass
+class PluginChoice:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_yaml(self) -> Any:
+        return {"name": self.name, **self.params} if self.params else self.name
+
+
+@dataclass
+class Recipe:
+    version: int = RECIPE_VERSION
+    model: ModelSection = field(default_factory=ModelSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    allocator: PluginChoice = field(default_factory=lambda: PluginChoice("uniform"))
+    pruner: PluginChoice = field(default_factory=lambda: PluginChoice("wanda"))
+    sparsity: str | float = 0.5
+    output_dir: str | None = None
+
+    @property
+    def target(self) -> Target:
+        return parse_sparsity(self.sparsity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model": dataclasses.asdict(self.model),
+            "calibration": dataclasses.asdict(self.calibration),
+            "evaluation": dataclasses.asdict(self.evaluation),
+            "allocator": self.allocator.as_yaml(),
+            "pruner": self.pruner.as_yaml(),
+            "sparsity": self.sparsity,
+            "output_dir": self.output_dir,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def default_output_dir(self) -> str:
+        model = Path(self.model.source).stem.replace("/", "_") or "model"
+        sparsity = str(self.sparsity).replace(":", "of")
+        return f"strataprune-runs/{model}-{self.pruner.name}-{self.allocator.name}-{sparsity}"
+
+
+SECTIONS = {"model": ModelSection, "calibration": CalibrationSection, "evaluation": EvaluationSection}
+TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir")
+
+
+def _positive(key: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: {value!r} must be an integer >= {minimum}")
+
+
+def _plugin_choice(key: str, value: Any) -> PluginChoice:
+    if isinstance(value, str) and value:
+        return PluginChoice(value)
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        params = {k: v for k, v in value.items() if k != "name"}
+        if "params" in params and isinstance(params["params"], dict) and len(params) == 1:
+            params = params["params"]
+        return PluginChoice(value["name"], params)
+    raise ConfigError(f"{key}: {value!r} must be a plugin name or a mapping with 'name' and its parameters")
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise ConfigError(f"version: {version!r} is not supported; this strataprune reads recipe version {RECIPE_VERSION}")
+    recipe = Recipe()
+    for key, cls in SECTIONS.items():
+        if key in data:
+            section = data[key]
+            if key == "model" and isinstance(section, str):
+                section = {"source": section}
+            setattr(recipe, key, build_config(cls, section or {}, key))
+    for key in ("allocator", "pruner"):
+        if key in data:
+            setattr(recipe, key, _plugin_choice(key, data[key]))
+    if "sparsity" in data:
+        parse_sparsity(data["sparsity"])  # raises a ConfigError naming the value
+        recipe.sparsity = data["sparsity"]
+    if "output_dir" in data:
+        if data["output_dir"] is not None and not isinstance(data["output_dir"], str):
+            raise ConfigError(f"output_dir: {data['output_dir']!r} must be a path")
+        recipe.output_dir = data["output_dir"]
+    return recipe
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    if path is None:
+        return Recipe()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}") from None
+    return recipe_from_dict(data, where=str(path))
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Set dotted keys ('calibration.nsamples': 8) and re-validate the whole recipe."""
+    data = copy.deepcopy(recipe.to_dict())
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if part not in ("allocator", "pruner") else {"name": node.get(part)}
+            node = node[part]
+        node[parts[-1]] = value
+    return recipe_from_dict(data, where="recipe (with command-line overrides)")
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """``--set key.path=value`` pairs; values are parsed as YAML scalars (8 -> int, 0.5 -> float, null)."""
+    out: dict[str, Any] = {}
+    for item in assignments or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out

@@ -1,0 +1,252 @@
+"""ATP: arithmetic-progression layer-wise sparsity.
+
+Paper: "Determining Layer-wise Sparsity for Large Language Models Through a Theoretical
+Perspective", W. Huang, Y. Hu, G. Jian, Y. Chen, K. Yang, X. Zhang et al., ICML 2025,
+arXiv 2502.14770 (code: wzhuang-xmu/ATP). See algorithms.md §3.
+
+Formula, for L blocks indexed l = 0..L-1 and a global target S:
+
+    s_l = S + beta * (l - (L-1)/2)
+
+so sparsity grows linearly with depth and the arithmetic mean of s_l is S. Every prunable matrix
+of block l gets s_l. Legality: 0 <= beta <= beta_max = min(2S, 2(1-S)) / (L-1) (the first block
+stays >= 0 and the last <= 1); an explicit beta above beta_max is an error, as in the paper
+("Illegal beta"). The toolkit is stricter at the top: a ratio of exactly 1.0 (beta == beta_max
+with S >= 0.5) would empty a matrix, so it is rejected too.
+
+Deviation for stacks whose blocks differ in parameter count: after the progression one additive
+shift c = S - sum_l n_l s_l / sum_l n_l is applied to every block, so the PARAMETER-WEIGHTED
+mean is exactly S (LLaMA/OPT have equal blocks, so c = 0 and the paper's ratios are unchanged).
+The shift keeps the common difference beta.
+
+beta search (``beta: null``, the default): candidates beta = step, 2*step, ... up to beta_max
+(inclusive within 1e-12), at most ``max_trials``; each candidate is pruned and scored by the host
+(held-out perplexity, lower is better) and the lowest score wins. The paper's search.sh has no
+budget and no early stop and selects on WikiText-2 *test*; here ``patience`` stops after that many
+consecutive candidates that did not improve on the best, and ``select_on`` defaults to
+"validation". At S=0.7, L=32 the paper's search visits 9 values, 0.002..0.018.
+
+Defaults: beta=None (search), step=0.002, max_trials=16, patience=2, select_on="validation".
+
+    strataprune run --allocator atp --sparsity 0.7
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from strataprune.core.allocation import Allocation
+from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.plugin import AllocationContext, Allocator, ModelLayout
+
+log = logging.getLogger(__name__)
+
+#: candidates within this distance above beta_max still count as legal (float steps like 9*0.002)
+BETA_TOLERANCE = 1e-12
+SELECT_ON = ("validation", "test")
+
+
+@dataclass
+class ATPConfig:
+    #: common difference of the progression; None searches it with the host's scorer
+    beta: float | None = None
+    #: search grid spacing: candidates are step, 2*step, ... <= beta_max
+    step: float = 0.002
+    #: most candidates the search prunes and scores
+    max_trials: int = 16
+    #: stop after this many consecutive candidates that did not improve on the best
+    patience: int = 2
+    #: split the search scores on ("test" reproduces the paper, which tuned beta on test text)
+    select_on: Literal["validation", "test"] = "validation"
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not (_is_real(self.beta) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"atp: beta={self.beta!r} must be a number >= 0 (or null to search it)")
+        if not (_is_real(self.step) and math.isfinite(self.step) and self.step > 0):
+            raise ConfigError(f"atp: step={self.step!r} must be a number > 0")
+        if not (isinstance(self.max_trials, int) and not isinstance(self.max_trials, bool) and self.max_trials >= 1):
+            raise ConfigError(f"atp: max_trials={self.max_trials!r} must be an integer >= 1")
+        if not (isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 1):
+            raise ConfigError(f"atp: patience={self.patience!r} must be an integer >= 1 (use a large value to disable early stopping)")
+        if self.select_on not in SELECT_ON:
+            raise ConfigError(f"atp: select_on={self.select_on!r} must be one of {', '.join(repr(s) for s in SELECT_ON)}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- pure math
+def atp_beta_max(S: float, L: int) -> float:
+    """Largest legal common difference: min(2S, 2(1-S)) / (L-1); infinite for a single block."""
+    if L < 1:
+        raise ValueError(f"ATP needs at least one block, got L={L}")
+    if L == 1:
+        # one block has no progression: every beta gives s_0 = S
+        return math.inf
+    return min(2.0 * S, 2.0 * (1.0 - S)) / (L - 1)
+
+
+def atp_block_ratios(S: float, L: int, beta: float, weights: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """Per-block ratios S + beta*(l - (L-1)/2), shifted by one constant so the ``weights``-weighted mean is S.
+
+    Without ``weights`` (or with equal weights) the shift is zero up to rounding. Legality is not
+    checked here; see ``atp_check``.
+    """
+    ratios = S + beta * (np.arange(L, dtype=np.float64) - (L - 1) / 2.0)
+    if weights is None:
+        return ratios
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (L,):
+        raise ValueError(f"need one weight per block ({L}), got shape {w.shape}")
+    if w.sum() <= 0:
+        raise ValueError("block weights sum to zero")
+    return ratios + (S - float((w * ratios).sum() / w.sum()))
+
+
+def atp_check(ratios: np.ndarray, S: float, L: int, beta: float) -> None:
+    """Raise ConfigError unless beta is legal and every ratio lies in [0, 1)."""
+    beta_max = atp_beta_max(S, L)
+    where = f"(S={S:g}, L={L}, beta_max={beta_max:.6f})"
+    if beta < 0 or beta > beta_max + BETA_TOLERANCE:
+        raise ConfigError(
+            f"atp: beta={beta:g} is illegal {where}: beta must lie in [0, beta_max = min(2S, 2(1-S))/(L-1)] "
+            "so that the first block stays >= 0 and the last <= 1"
+        )
+    lo, hi = float(ratios.min()), float(ratios.max())
+    if lo < 0.0 or hi >= 1.0:
+        raise ConfigError(
+            f"atp: beta={beta:g} gives block ratios from {lo:.6f} to {hi:.6f} {where}; every ratio must be in [0, 1) "
+            "(a ratio of 1 empties the block); choose a smaller beta"
+        )
+
+
+def atp_candidates(beta_max: float, step: float, max_trials: int) -> list[float]:
+    """The search grid step, 2*step, ... <= beta_max (within 1e-12), at most ``max_trials`` values.
+
+    Multiples instead of repeated addition, so 9*0.002 does not drift past a bound.
+    """
+    out: list[float] = []
+    k = 1
+    while len(out) < max_trials and k * step <= beta_max + BETA_TOLERANCE:
+        out.append(k * step)
+        k += 1
+    return out
+
+
+# --------------------------------------------------------------------------- allocator
+class ATP(Allocator):
+    name = "atp"
+    version = "1"
+    summary = "sparsity rising linearly with depth, common difference beta searched (Huang et al. 2025)"
+    Config = ATPConfig
+    needs = frozenset()
+    searches = True
+
+    def allocate(self, ctx: AllocationContext) -> Allocation:
+        cfg: ATPConfig = self.config
+        layout = ctx.layout
+        S = float(ctx.target.ratio)
+        L = layout.num_blocks
+        if ctx.target.pattern is not None:
+            raise PluginError(
+                f"atp allocates unstructured per-block ratios; it cannot honour the N:M target {ctx.target.pattern} "
+                "(use the uniform allocator for N:M)"
+            )
+        weights = np.array(block_sizes(layout), dtype=np.float64)
+        beta_max = atp_beta_max(S, L)
+        meta: dict[str, Any] = {"beta_max": beta_max if math.isfinite(beta_max) else None, "step": cfg.step}
+
+        def build(beta: float) -> tuple[Allocation, np.ndarray]:
+            ratios = atp_block_ratios(S, L, beta, weights)
+            atp_check(ratios, S, L, beta)
+            return Allocation.from_blocks(layout, ratios.tolist(), S, allocator=self.name), ratios
+
+        if L == 1:
+            chosen, meta["search"] = 0.0, False
+            ctx.notes.append("ATP: the model has a single block, so the allocation is uniform")
+        elif cfg.beta is not None:
+            chosen, meta["search"] = float(cfg.beta), False
+        else:
+            if ctx.score is None:
+                raise PluginError(
+                    "atp: searching beta needs a scorer (ctx.score, prune-and-evaluate trials) and none was given; "
+                    "set a fixed beta (e.g. beta: 0.01) or run through the pipeline"
+                )
+            chosen = self._search(ctx, S, L, beta_max, build, meta)
+
+        alloc, ratios = build(chosen)  # an illegal explicit beta raises ConfigError here
+        shift = float(ratios[0] - atp_block_ratios(S, L, chosen)[0])
+        meta.update(
+            beta=chosen,
+            select_on=cfg.select_on if meta["search"] else None,
+            shift=shift,
+            first_block=float(ratios[0]),
+            last_block=float(ratios[-1]),
+        )
+        alloc.meta = meta
+        if abs(shift) > 1e-12:
+            ctx.notes.append(
+                f"ATP: blocks differ in parameter count; every block ratio was shifted by {shift:+.6f} "
+                "so the parameter-weighted mean is exactly the target"
+            )
+        return alloc
+
+    def _search(self, ctx: AllocationContext, S: float, L: int, beta_max: float, build: Any, meta: dict[str, Any]) -> float:
+        cfg: ATPConfig = self.config
+        candidates = atp_candidates(beta_max, cfg.step, cfg.max_trials)
+        trials: list[dict[str, Any]] = []
+        meta.update(search=True, trials=trials)
+        best_beta, best_score, stale, stopped = None, math.inf, 0, "grid exhausted"
+        for beta in candidates:
+            try:
+                candidate, ratios = build(beta)
+            except ConfigError:
+                # the parameter-weighted shift pushed a block out of [0, 1): like search.sh's
+                # "Illegal beta", larger candidates only get worse, so the grid ends here
+                stopped = f"beta={beta:g} leaves [0, 1) after the weighted shift"
+                break
+            candidate.meta = {"beta": beta, "trial": len(trials)}
+            score = float(ctx.score(candidate, cfg.select_on))
+            log.info("atp trial %d: beta=%g score=%.6g", len(trials), beta, score)
+            trials.append({"beta": beta, "score": score, "first_block": float(ratios[0]), "last_block": float(ratios[-1])})
+            # a diverged (nan/inf) perplexity never wins
+            if math.isfinite(score) and score < best_score:
+                best_beta, best_score, stale = beta, score, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    stopped = f"early stop: {stale} consecutive trials without improvement"
+                    break
+        else:
+            if len(candidates) == cfg.max_trials and (cfg.max_trials + 1) * cfg.step <= beta_max + BETA_TOLERANCE:
+                stopped = f"trial budget reached (max_trials={cfg.max_trials})"
+        meta["stopped"] = stopped
+        meta["best_score"] = best_score if best_beta is not None else None
+        if best_beta is None:
+            reason = "no legal candidate" if not trials else "no candidate gave a finite score"
+            ctx.notes.append(
+                f"ATP: {reason} (beta_max={beta_max:.6f}, step={cfg.step:g}); falling back to uniform sparsity (beta=0)"
+            )
+            return 0.0
+        ctx.notes.append(
+            f"ATP: beta={best_beta:g} chosen from {len(trials)} trials on {cfg.select_on} "
+            f"(score {best_score:.4g}; beta_max={beta_max:.6f}; {stopped})"
+        )
+        if cfg.select_on == "test":
+            ctx.notes.append(
+                "ATP: beta was selected on the evaluation (test) text, as the paper did, so the reported "
+                "test perplexity is tuned on the data it measures"
+            )
+        return best_beta
+
+
+def block_sizes(layout: ModelLayout) -> list[int]:
+    """Parameter count of every block (the weights of the ATP shift)."""
+    return [layout.block_numel(b) for b in range(layout.num_blocks)]

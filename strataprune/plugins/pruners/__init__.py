@@ -1,0 +1,12 @@
+"""Built-in pruners, registered through the same hook as third-party ones."""
+
+from strataprune.core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_pruners(register):  # type: ignore[no-untyped-def]
+    from .magnitude import Magnitude
+    from .wanda import Wanda
+
+    register(Magnitude)
+    register(Wanda)

@@ -1,0 +1,332 @@
+"""SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh, ICML 2023, arXiv 2301.00774).
+
+Inputs: the weight W (d_out x d_in) and the Hessian H = 2 X X^T / n of its calibration inputs,
+accumulated in fp32 by the host during block-sequential calibration (algorithms.md §1, §2.3).
+
+1. Dead inputs (H_jj == 0): set H_jj = 1 and zero W[:, j].
+2. Dampening: add percdamp * mean(diag H) to the diagonal (percdamp = 0.01).
+3. U = upper Cholesky factor of H^-1 (H^-1 = U^T U); the "diagonal" d_q below is U_qq.
+   If a Cholesky fails (not positive definite, or NaN), retry with percdamp * 10, up to
+   ``damp_retries`` times; the result carries a note saying what happened.
+4. Sweep the columns left to right in blocks of ``blocksize`` = 128 (lazy batch updates):
+   - mask selection, adaptive: unstructured: at the start of each block, saliency w^2 / d^2 over
+     the whole (d_out x blocksize) slab, all rows together; exactly floor(numel_slab * s) entries
+     with the lowest saliency are pruned (stable sort, ties by position), so the realised count is
+     known in advance. N:M (keep n of m): at every column i with i % m == 0, each row prunes its
+     m - n lowest-saliency columns among i .. i+m-1.
+   - column i: q = w with pruned entries set to 0 (and, with ``wbits``, kept entries rounded to
+     the quantization grid), err = (w - q) / d_i, W[:, i:block_end] -= err * U[i, i:block_end],
+     loss += sum((w - q)^2) / (2 d_i^2).
+   - after the block: W[:, block_end:] -= Err_block @ U[block, block_end:].
+   The total OBS loss sum (w - q)^2 / (2 d^2) is returned as ``extra["loss"]``.
+
+Joint quantization (``wbits``, as ``--wbits`` in IST-DASLab/sparsegpt, GPTQ's quantizer):
+asymmetric min-max per output row (range always includes 0, so 0 is on the grid):
+scale = (max - min) / (2^b - 1), zero = round(-min / scale), q = clamp(round(w / scale) + zero,
+0, 2^b - 1), value = scale * (q - zero). ``sym``: max = max(|min|, max), zero = 2^(b-1).
+``groupsize`` g: scale/zero are recomputed at every g-th column from the current (already
+updated) weights of those g columns; otherwise one grid per row, computed before the sweep.
+Pruned weights stay exactly 0. The grid is returned as ``extra["quant"]`` (scale/zero of shape
+(d_out, n_groups)). Kept weights that round to the grid's 0 are exactly 0 but still kept.
+
+Defaults: percdamp 0.01, blocksize 128, damp_retries 4, no quantization. Computes in fp32 on the
+weight's device and returns the weight in its input dtype.
+
+    strataprune run --pruner sparsegpt --sparsity 0.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
+from strataprune.core.sparsity import Target
+
+_WHERE = "pruner 'sparsegpt'"
+
+
+@dataclass
+class SparseGPTConfig:
+    #: dampening added to diag(H), as a fraction of mean(diag H)
+    percdamp: float = 0.01
+    #: columns per lazy-update block (the unstructured mask is chosen per block)
+    blocksize: int = 128
+    #: Cholesky retries, each with 10x the previous percdamp
+    damp_retries: int = 4
+    #: joint quantization bits (2..8), None = off
+    wbits: int | None = None
+    #: quantization group size in input columns, None = one grid per output row
+    groupsize: int | None = None
+    #: symmetric quantization grid
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{_WHERE}: {key}={value!r} is invalid; allowed: {allowed}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        p = self.percdamp
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+            raise bad("percdamp", p, "a finite number > 0 (e.g. 0.01)")
+        if not is_int(self.blocksize) or self.blocksize < 1:
+            raise bad("blocksize", self.blocksize, "an integer >= 1 (e.g. 128)")
+        if not is_int(self.damp_retries) or self.damp_retries < 0:
+            raise bad("damp_retries", self.damp_retries, "an integer >= 0 (e.g. 4)")
+        if self.wbits is not None and (not is_int(self.wbits) or not 2 <= self.wbits <= 8):
+            raise bad("wbits", self.wbits, "an integer from 2 to 8, or null (no quantization)")
+        if self.groupsize is not None and (not is_int(self.groupsize) or self.groupsize < 1):
+            raise bad("groupsize", self.groupsize, "a positive integer (e.g. 128), or null (one grid per output row)")
+        if not isinstance(self.sym, bool):
+            raise bad("sym", self.sym, "true or false")
+
+
+# --------------------------------------------------------------------------- pieces
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def inverse_cholesky_upper(
+    hessian: torch.Tensor, percdamp: float, damp_retries: int = 4, name: str = "matrix"
+) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor U of (H + damp I)^-1, retrying with 10x more dampening on failure.
+
+    Returns (U, percdamp actually used, notes). ``hessian`` is not modified.
+    Raises PluginError naming ``name`` if every attempt fails.
+    """
+    mean_diag = float(torch.diagonal(hessian).mean())
+    if not math.isfinite(mean_diag) or not bool(torch.isfinite(hessian).all()):
+        raise PluginError(f"sparsegpt: the Hessian of {name} has non-finite entries; cannot prune it")
+    failed: list[float] = []
+    pd = float(percdamp)
+    for attempt in range(damp_retries + 1):
+        if attempt:
+            pd *= 10.0
+        h = hessian.clone()
+        h.diagonal().add_(pd * mean_diag)
+        try:
+            lower = torch.linalg.cholesky(h)
+            hinv = torch.cholesky_inverse(lower)
+            upper = torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            failed.append(pd)
+            continue
+        if not bool(torch.isfinite(upper).all()) or not bool((torch.diagonal(upper) > 0).all()):
+            failed.append(pd)
+            continue
+        notes = []
+        if failed:
+            notes.append(
+                f"cholesky failed at percdamp={', '.join(_fmt(f) for f in failed)}, succeeded at {_fmt(pd)}"
+            )
+        return upper, pd, notes
+    raise PluginError(
+        f"sparsegpt: cholesky of the Hessian of {name} failed at every dampening tried "
+        f"(percdamp={', '.join(_fmt(f) for f in failed)}); raise percdamp or damp_retries"
+    )
+
+
+def quant_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's min-max grid per row of ``x`` (rows, k): returns scale, zero, each (rows,)."""
+    maxq = 2**bits - 1
+    zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.min(dim=1).values, zeros)
+    xmax = torch.maximum(x.max(dim=1).values, zeros)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``x`` (rows,) onto the grid scale * (q - zero), q integer in [0, 2^bits - 1]."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    return scale * (q - zero)
+
+
+def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, target: Target, name: str) -> None:
+    if weight.dim() != 2:
+        raise PluginError(f"sparsegpt: {name} must be a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    cols = weight.shape[1]
+    if tuple(hessian.shape) != (cols, cols):
+        raise PluginError(
+            f"sparsegpt: the Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})"
+        )
+    if target.pattern is not None and cols % target.pattern.m:
+        raise ConfigError(
+            f"N:M {target.pattern} needs the input dimension ({cols}) of {name} to be a multiple of {target.pattern.m}"
+        )
+    if target.pattern is None and not 0.0 <= target.ratio < 1.0:
+        raise ConfigError(f"sparsity: {target.ratio} must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------- core
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    *,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    wbits: int | None = None,
+    groupsize: int | None = None,
+    sym: bool = False,
+    damp_retries: int = 4,
+    name: str = "matrix",
+) -> tuple[torch.Tensor, torch.Tensor, float, list[str], dict[str, Any] | None]:
+    """Prune (and optionally quantize) one matrix with SparseGPT; pure: the inputs are not modified.
+
+    Returns (new_weight in weight.dtype with exact zeros where pruned, keep bool mask,
+    total OBS loss sum (w - q)^2 / (2 d^2), notes, quant grid dict or None).
+    """
+    _check_inputs(weight, hessian, target, name)
+    rows, cols = weight.shape
+    device = weight.device
+    notes: list[str] = []
+
+    W = weight.detach().to(device=device, dtype=torch.float32).clone()
+    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+
+    dead = torch.diagonal(H) == 0
+    if bool(dead.any()):
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+
+    Hinv, _, chol_notes = inverse_cholesky_upper(H, percdamp, damp_retries, name)
+    notes += chol_notes
+
+    pattern = target.pattern
+    if pattern is not None:
+        n_prune = pattern.m - pattern.n
+        # N:M groups must not straddle a block: use a multiple of m
+        bs = max(pattern.m, blocksize - blocksize % pattern.m)
+        if bs != blocksize:
+            notes.append(f"blocksize {blocksize} -> {bs} (a multiple of m={pattern.m})")
+    else:
+        n_prune = 0
+        bs = blocksize
+
+    quant: dict[str, Any] | None = None
+    if wbits is not None:
+        g = groupsize if groupsize is not None else cols
+        ngroups = -(-cols // g)
+        q_scale = torch.zeros(rows, ngroups, dtype=torch.float32, device=device)
+        q_zero = torch.zeros(rows, ngroups, dtype=torch.float32, device=device)
+        if groupsize is None:
+            s, z = quant_params(W, wbits, sym)
+            q_scale[:, 0], q_zero[:, 0] = s, z
+        scale = q_scale[:, 0]
+        zero = q_zero[:, 0]
+
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)  # True = pruned
+    losses = torch.zeros(rows, dtype=torch.float32, device=device)
+
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(Hinv1)
+
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if pattern is None:
+            k = int(W1.numel() * target.ratio)
+            if k:
+                sal = (W1**2 / (d1.unsqueeze(0) ** 2)).flatten()
+                idx = torch.sort(sal, stable=True).indices[:k]
+                mask1.view(-1)[idx] = True
+
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if pattern is not None and col % pattern.m == 0:
+                sal = W1[:, i : i + pattern.m] ** 2 / (d1[i : i + pattern.m].unsqueeze(0) ** 2)
+                low = torch.sort(sal, dim=1, stable=True).indices[:, :n_prune]
+                mask1[:, i : i + pattern.m].scatter_(1, low, True)
+
+            if wbits is not None:
+                if groupsize is not None and col % groupsize == 0:
+                    gi = col // groupsize
+                    end = min(col + groupsize, cols)
+                    cur = W1[:, i : min(i2, end) - i1]
+                    if end > i2:  # the group reaches past this block: apply the pending lazy update
+                        later = W[:, i2:end] - Err1.matmul(Hinv[i1:i2, i2:end])
+                        cur = torch.cat([cur, later], dim=1)
+                    s, z = quant_params(cur, wbits, sym)
+                    q_scale[:, gi], q_zero[:, gi] = s, z
+                    scale, zero = s, z
+                q = quantize(w, scale, zero, wbits)
+            else:
+                q = w.clone()
+            q[mask1[:, i]] = 0.0
+
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        losses += Losses1.sum(dim=1) / 2
+        if i2 < cols:
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    W[mask] = 0.0
+    new_weight = W.to(weight.dtype)
+    new_weight[mask] = 0  # exact zeros survive any dtype cast anyway; be explicit
+    if wbits is not None:
+        quant = {"bits": wbits, "groupsize": groupsize, "sym": sym, "scale": q_scale, "zero": q_zero}
+    return new_weight, ~mask, float(losses.sum()), notes, quant
+
+
+# --------------------------------------------------------------------------- plugin
+class SparseGPT(Pruner):
+    name = "sparsegpt"
+    version = "1"
+    summary = "OBS mask selection + weight update from the Hessian, optional joint INT-b (Frantar & Alistarh 2023)"
+    Config = SparseGPTConfig
+    needs = frozenset({"hessian"})
+    updates_weights = True
+
+    def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
+        name = stats.info.name
+        if stats.hessian is None:
+            raise PluginError(
+                f"sparsegpt needs hessian statistics for {name}, which the calibration engine did not provide"
+            )
+        c = self.config
+        new_weight, keep, loss, notes, quant = sparsegpt_prune(
+            weight,
+            stats.hessian,
+            target,
+            percdamp=c.percdamp,
+            blocksize=c.blocksize,
+            wbits=c.wbits,
+            groupsize=c.groupsize,
+            sym=c.sym,
+            damp_retries=c.damp_retries,
+            name=name,
+        )
+        extra: dict[str, Any] = {"loss": loss}
+        if quant is not None:
+            extra["quant"] = quant
+        return PruneResult(keep=keep, weight=new_weight, notes=notes, extra=extra)

@@ -1,0 +1,43 @@
+"""Wanda: pruning by weights and activations (Sun et al., ICLR 2024, arXiv 2306.11695).
+
+Score S_ij = |W_ij| * ||X_j||_2, where ||X_j||_2 is the L2 norm of input channel j over all
+calibration tokens (collected block-sequentially). Comparison group: each output row; the
+floor(d_in * s) lowest scores of every row are removed (algorithms.md §2.2), so the realised
+sparsity is floor(d_in * s) / d_in. N:M keeps the n best scores of every m consecutive inputs.
+No weight update.
+
+    strataprune run --pruner wanda --sparsity 0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strataprune.core.errors import PluginError
+from strataprune.core.masks import keep_for_target
+from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
+from strataprune.core.sparsity import Target
+
+
+@dataclass
+class WandaConfig:
+    pass
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    return weight.abs().float() * input_norms.float().to(weight.device).unsqueeze(0)
+
+
+class Wanda(Pruner):
+    name = "wanda"
+    version = "1"
+    summary = "|W| * ||X_j||_2 per output row (Sun et al. 2024)"
+    Config = WandaConfig
+    needs = frozenset({"input_norms"})
+
+    def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
+        if stats.input_norms is None:
+            raise PluginError("wanda needs input_norms statistics, which the calibration engine did not provide")
+        return PruneResult(keep=keep_for_target(wanda_scores(weight, stats.input_norms), target, "row"))
