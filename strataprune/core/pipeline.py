@@ -9,8 +9,9 @@ only when the whole run succeeded, so a failed run leaves earlier outputs intact
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,30 @@ REALISED_SLACK = 1e-3
 
 
 def nm_for_ratio(ratio: float, m: int) -> NMPattern:
-    """Rounding policy for unstructured ratios under an N:M run: the nearest n:m (0 < n < m)."""
-    n = min(m - 1, max(1, round((1.0 - ratio) * m)))
-    return NMPattern(n, m)
+    """Rounding policy for an unstructured ratio under an N:M run: the nearest n:m pattern.
+
+    Used when the run's target is an N:M pattern (say 2:4) but the allocator hands out plain
+    ratios (ATP, AlphaPruning, OWL ... give every block its own ratio): each matrix gets
+    ``n = round((1 - ratio) * m)`` kept weights out of every ``m`` (``m`` is the run's), so its
+    sparsity ``1 - n/m`` is the multiple of ``1/m`` nearest to the asked ratio. The rules:
+
+    - ties (a ratio exactly halfway between two patterns) go to the *denser* pattern (larger n),
+      since pruning less than asked is the safer error; Python's round() would send them to the
+      even n, which is arbitrary;
+    - n is clamped to [1, m - 1]: every group keeps at least one weight and prunes at least one,
+      so ratios below 1/m become (m-1):m and ratios above (m-1)/m become 1:m;
+    - a uniform allocation at the pattern's own ratio maps back to that pattern exactly
+      (0.5 -> 2:4, 0.5 -> 4:8);
+    - the parameter-weighted mean of the rounded ratios is in general *not* the target (each
+      matrix moves by at most 1/(2m)); the allocation records this in ``meta['nm_rounding']``
+      and the report shows the realised mean.
+
+    Allocators that want N:M per block themselves (OWL's mixed N:M, §5.4) set
+    ``Allocation.patterns`` and this policy is not applied.
+    """
+    # the 1e-9 absorbs float noise such as (1 - 0.7) * 4 = 1.2000000000000002 without moving real ties
+    n = int(math.floor((1.0 - ratio) * m + 0.5 + 1e-9))
+    return NMPattern(min(m - 1, max(1, n)), m)
 
 
 @dataclass
@@ -113,12 +135,13 @@ class Pipeline:
 
         report = self._report(allocation, record, calib.description, evaluation.description, ppl_dense, ppl_sparse)
         if out is not None:
-            with self.timer.stage("save"), atomic_output_dir(out, overwrite) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                allocation.save(tmp / "allocation.json", layout)
-                (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-                report["times_s"] = dict(self.timer.times)
+            with atomic_output_dir(out, overwrite) as tmp:
+                with self.timer.stage("save"):
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+                    allocation.save(tmp / "allocation.json", layout)
+                    (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+                report["times_s"] = dict(self.timer.times)  # written last, so it holds the save time too
                 write_json(tmp / "report.json", report)
         report["times_s"] = dict(self.timer.times)
         return RunResult(report, allocation, out, self.loaded)
@@ -135,33 +158,56 @@ class Pipeline:
             yield info, self.dense_weights[info.name]
 
     def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
-        layout = self.calibrator.layout
         stash: dict[int, BlockStats] = {}
-        dense_propagation = self.recipe.calibration.propagate == "dense"
         if self.allocator.needs:
-            needs = set(self.allocator.needs) | (set(self.pruner.needs) if dense_propagation else set())
+            # with dense propagation the pruner's statistics come from this same pass and are reused
+            self._dense_pass([self.allocator], stash if self.recipe.calibration.propagate == "dense" else None)
+        return self._run_allocator(self.allocator, calib_data), stash
 
-            def visit(stats: BlockStats) -> None:
-                self.allocator.observe_block(stats)
-                if dense_propagation:
-                    stats.inputs = stats.outputs = None  # keep only what the pruner reuses
-                    stash[stats.block] = stats
+    def _dense_pass(self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None) -> None:
+        """One calibration pass over the dense model for several allocators at once.
 
-            self.calibrator.run(needs, visit=visit, desc=f"{self.allocator.name}: dense statistics")
+        The engine computes the union of what they need, each statistic once per block, and every
+        allocator observes every block. With ``stash`` the pruner's statistics are computed in the same
+        pass and kept (without the hidden states) for a dense-propagation prune.
+        """
+        needs: set[str] = set().union(*(a.needs for a in allocators))
+        if stash is not None:
+            needs |= set(self.pruner.needs)
+
+        def visit(stats: BlockStats) -> None:
+            for allocator in allocators:
+                allocator.observe_block(stats)
+            if stash is not None:
+                stats.inputs = stats.outputs = None  # keep only what the pruner reuses
+                stash[stats.block] = stats
+
+        names = ", ".join(a.name for a in allocators)
+        self.calibrator.run(needs, visit=visit, desc=f"{names}: dense statistics")
+
+    def _fingerprint(self) -> str:
+        """Hash of the dense weights (cache key of e.g. AlphaPruning's spectra), computed once per run."""
+        if getattr(self, "_dense_fingerprint", None) is None:
+            self._dense_fingerprint = fingerprint(self.loaded.model)
+        return self._dense_fingerprint
+
+    def _run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
+        """Call ``allocator.allocate`` (after its dense pass) and turn the result into a checked Allocation."""
+        layout = self.calibrator.layout
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
             seed=self.recipe.calibration.seed,
             pruner=self.pruner.name,
             weights=self._weights,
-            score=self._make_scorer(calib_data) if self.allocator.searches else None,
+            score=self._make_scorer(calib_data, allocator.name) if allocator.searches else None,
             device=torch.device(self.recipe.model.device),
             cache_dir=cache_dir() / "allocators",
-            model_fingerprint=fingerprint(self.loaded.model) if self.allocator.name != "uniform" else "",
+            model_fingerprint=self._fingerprint() if allocator.name != "uniform" else "",
             progress=self.show,
         )
-        raw = self.allocator.allocate(ctx)
-        allocation = Allocation.coerce(raw, layout, self.target.ratio, self.allocator.name)
+        raw = allocator.allocate(ctx)
+        allocation = Allocation.coerce(raw, layout, self.target.ratio, allocator.name)
         allocation.meta.setdefault("notes", []).extend(ctx.notes)
         if self.target.pattern is not None and not allocation.patterns:
             m = self.target.pattern.m
@@ -171,12 +217,20 @@ class Pipeline:
             allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
         allocation.validate(layout)
         for note in ctx.notes:
-            self.log(f"{self.allocator.name}: {note}")
-        return allocation, stash
+            self.log(f"{allocator.name}: {note}")
+        return allocation
 
-    def _make_scorer(self, calib_data: Any) -> Callable[[Allocation, str], float]:
+    def _make_scorer(self, calib_data: Any, who: str | None = None) -> Callable[[Allocation, str], float]:
+        """Prune-and-evaluate for searching allocators: held-out perplexity of a candidate allocation.
+
+        Nothing that is independent of the candidate is recomputed between trials: the block-0 inputs
+        (the calibrator keeps them), the tokenised selection windows, the dense weights and, with
+        dense propagation, the pruner's statistics of the dense model.
+        """
         recipe = self.recipe
         cache: dict[str, torch.Tensor] = {}
+        who = who or self.allocator.name
+        dense_stats: dict[int, BlockStats] = {}
 
         def windows(on: str) -> torch.Tensor:
             if on not in cache:
@@ -196,11 +250,17 @@ class Pipeline:
             return cache[on]
 
         def score(allocation: Allocation, on: str = "validation") -> float:
-            allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, self.allocator.name)
+            allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, who)
             allocation.validate(self.calibrator.layout)
+            ids = windows(on)  # a bad `on` fails before any pruning
             try:
-                self._prune(allocation, _Record(), {}, desc="trial")
-                return perplexity(self.loaded.model, windows(on), "trial perplexity", self.show)["ppl"]
+                stash: dict[int, BlockStats] = {}
+                if recipe.calibration.propagate == "dense":
+                    if not dense_stats:
+                        self._dense_pass([], dense_stats)
+                    stash = dict(dense_stats)  # _prune consumes its stash; the cached one stays whole
+                self._prune(allocation, _Record(), stash, desc="trial")
+                return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
             finally:
                 self._restore_dense()
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, unknown
+from .errors import PluginError, did_you_mean, unknown
 from .plugin import Allocator, Backend, Dataset, ModelAdapter, Plugin, Pruner
 
 GROUP = "strataprune"
@@ -46,6 +46,7 @@ KINDS: dict[str, tuple[str, type[Plugin], tuple[str, ...]]] = {
     "backend": ("register_backends", Backend, ()),
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+SPEC_NAMES = tuple(name for name in dir(hookspecs) if name.startswith("register_"))
 
 
 class PluginLoadWarning(UserWarning):
@@ -114,6 +115,11 @@ class Registry:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import failure of a third-party plugin
                 self._skip(label, f"import failed: {type(exc).__name__}: {exc}")
+                continue
+            unknown_hooks = _unknown_hooks(module)
+            if unknown_hooks:
+                hint = did_you_mean(unknown_hooks[0], SPEC_NAMES)
+                self._skip(label, f"unknown hook '{unknown_hooks[0]}'{hint}; hooks: {', '.join(SPEC_NAMES)}")
                 continue
             try:
                 self.pm.register(module, name=label)
@@ -184,6 +190,12 @@ class Registry:
 
     def find(self, kind: str, predicate: Callable[[type[Plugin]], bool]) -> list[PluginInfo]:
         return [info for info in self._plugins[kind].values() if predicate(info.cls)]
+
+
+def _unknown_hooks(module: Any) -> list[str]:
+    """Hook implementations whose name no hookspec has (pluggy would accept them silently)."""
+    marker = f"{GROUP}_impl"
+    return [name for name in dir(module) if getattr(getattr(module, name, None), marker, None) is not None and name not in SPEC_NAMES]
 
 
 def _dist_name(ep: EntryPoint) -> str:

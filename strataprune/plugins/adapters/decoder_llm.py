@@ -73,7 +73,7 @@ class DecoderLLM(ModelAdapter):
         architectures = getattr(config, "architectures", None) or []
         if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
             return True
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -81,7 +81,9 @@ class DecoderLLM(ModelAdapter):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        model.to(device).eval()
+        if "device_map" not in kwargs:  # with a device_map, accelerate has already placed every block
+            model.to(device)
+        model.eval()
         model.config.use_cache = False
         tokenizer = AutoTokenizer.from_pretrained(path)
         return LoadedModel(model, tokenizer, self, path, self.describe(model))

@@ -1,0 +1,276 @@
+"""Contract checks for plugin authors: call them from your own tests.
+
+    from strataprune.testing import check_allocator, check_pruner
+
+    def test_my_allocator():
+        check_allocator(MyAllocator)                 # or an instance, or (MyAllocator, {"param": 1})
+
+    def test_my_pruner():
+        check_pruner(MyPruner)
+
+Each check builds a small random problem (a layout of mixed-shape matrices in a few blocks, the
+statistics the plugin declares it ``needs``), runs the plugin the way the host runs it, and raises
+``AssertionError`` with a message naming the broken rule. strataprune's own tests run them on every
+built-in. ``check_adapter`` checks a model adapter on a model you provide.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .core.allocation import MEAN_TOLERANCE, Allocation
+from .core.plugin import (
+    AllocationContext, Allocator, BlockStats, MatrixInfo, MatrixStats, ModelAdapter, ModelLayout, Plugin, Pruner,
+)
+from .core.sparsity import Target, nm_violations
+
+__all__ = ["check_allocator", "check_pruner", "check_adapter", "random_layout", "random_block_stats"]
+
+#: a few blocks of unequal size, like a decoder with attention and MLP matrices of several shapes
+DEFAULT_SHAPES: tuple[tuple[str, tuple[int, int]], ...] = (
+    ("self_attn.q_proj", (32, 32)),
+    ("self_attn.k_proj", (16, 32)),
+    ("self_attn.v_proj", (16, 32)),
+    ("self_attn.o_proj", (32, 32)),
+    ("mlp.gate_proj", (64, 32)),
+    ("mlp.up_proj", (64, 32)),
+    ("mlp.down_proj", (32, 64)),
+)
+
+
+def _instantiate(plugin: Any, base: type[Plugin]) -> Plugin:
+    if isinstance(plugin, tuple):
+        cls, params = plugin
+        return cls.from_params(params)
+    if isinstance(plugin, type):
+        if not issubclass(plugin, base):
+            raise AssertionError(f"{plugin!r} is not a subclass of strataprune.{base.__name__}")
+        return plugin.from_params({})
+    if not isinstance(plugin, base):
+        raise AssertionError(f"{plugin!r} is not a strataprune.{base.__name__}")
+    return plugin
+
+
+def random_layout(num_blocks: int = 6, shapes: Sequence[tuple[str, tuple[int, int]]] = DEFAULT_SHAPES) -> ModelLayout:
+    """``num_blocks`` blocks of the given matrices; the last block has a wider MLP so blocks differ in size."""
+    matrices = []
+    for block in range(num_blocks):
+        for short, (rows, cols) in shapes:
+            if block == num_blocks - 1 and short.startswith("mlp."):
+                rows, cols = (rows * 2, cols) if short != "mlp.down_proj" else (rows, cols * 2)
+            matrices.append(MatrixInfo(f"model.layers.{block}.{short}", block, short, (rows, cols)))
+    return ModelLayout(tuple(matrices), num_blocks)
+
+
+def random_block_stats(
+    layout: ModelLayout, needs: Iterable[str], seed: int = 0, samples: int = 4, tokens: int = 16
+) -> list[BlockStats]:
+    """Per block: random weights and whatever statistics ``needs`` names, with the right shapes.
+
+    Inputs have channels of very different scale (as real activations do), so scores are not flat.
+    """
+    needs = set(needs)
+    g = torch.Generator().manual_seed(seed)
+    hidden = max(m.shape[1] for m in layout.block(0))
+    out = []
+    state = torch.randn(samples, tokens, hidden, generator=g)
+    for block in range(layout.num_blocks):
+        mats = layout.block(block)
+        weights = {m.name: torch.randn(m.shape, generator=g) * (1.0 + 0.1 * block) for m in mats}
+        stats = BlockStats(block, mats, weights, ntokens=samples * tokens)
+        for m in mats:
+            x = torch.randn(samples * tokens, m.shape[1], generator=g) * torch.linspace(0.2, 3.0, m.shape[1])
+            x[:, torch.randint(0, m.shape[1], (2,), generator=g)] *= 10.0  # outlier channels
+            if "input_norms" in needs:
+                stats.input_norms[m.name] = x.norm(dim=0)
+            if "hessian" in needs:
+                stats.hessians[m.name] = 2.0 * x.T @ x / x.shape[0]
+        if "block_inputs" in needs:
+            stats.inputs = state
+        next_state = state + 0.5 * torch.randn(state.shape, generator=g) * (block + 1) / layout.num_blocks
+        if "block_outputs" in needs:
+            stats.outputs = next_state
+        state = next_state
+        out.append(stats)
+    return out
+
+
+def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats], seed: int, searches: bool) -> AllocationContext:
+    weights = {name: w for stats in block_stats for name, w in stats.weights.items()}
+
+    def iterate_weights():  # type: ignore[no-untyped-def]
+        for info in layout.matrices:
+            yield info, weights[info.name]
+
+    def score(allocation: Any, on: str = "validation") -> float:
+        # a stand-in for held-out perplexity: lower when deeper blocks take more of the sparsity
+        alloc = Allocation.coerce(allocation, layout, target.ratio, "trial")
+        alloc.validate(layout)
+        profile = alloc.block_profile(layout)
+        slope = profile[-1] - profile[0]
+        return 10.0 + (slope - 0.1) ** 2
+
+    return AllocationContext(
+        layout=layout, target=target, seed=seed, weights=iterate_weights, score=score if searches else None,
+        cache_dir=None, model_fingerprint=f"testing-{seed}", progress=False,
+    )
+
+
+def _run_allocator(allocator: Allocator, layout: ModelLayout, target: Target, seed: int) -> Allocation:
+    block_stats = random_block_stats(layout, allocator.needs, seed=seed)
+    if allocator.needs:
+        for stats in block_stats:
+            allocator.observe_block(stats)
+    ctx = _context(layout, target, block_stats, seed, allocator.searches)
+    raw = allocator.allocate(ctx)
+    allocation = Allocation.coerce(raw, layout, target.ratio, allocator.name)
+    return allocation
+
+
+def check_allocator(
+    allocator: Any,
+    *,
+    targets: Sequence[float] = (0.3, 0.5, 0.7),
+    layout: ModelLayout | None = None,
+    seed: int = 0,
+) -> Allocation:
+    """Run an allocator on a random layout at several targets and check the host's rules.
+
+    Rules: keys are exactly the prunable matrices; every ratio is a float in [0, 1); the
+    parameter-weighted mean equals the target within 1e-3; the same seed gives the same
+    allocation; the allocation survives a JSON round trip. Returns the allocation at the last target.
+    """
+    proto = _instantiate(allocator, Allocator)
+    assert isinstance(proto, Allocator)
+    assert proto.name, "an allocator needs a non-empty `name`"
+    layout = layout or random_layout()
+    last: Allocation | None = None
+    for ratio in targets:
+        target = Target.of(ratio)
+        first = _run_allocator(type(proto)(proto.config), layout, target, seed)
+        try:
+            first.validate(layout, MEAN_TOLERANCE)
+        except Exception as exc:  # noqa: BLE001 - turn the host's error into the assertion a test shows
+            raise AssertionError(f"allocator '{proto.name}' at target {ratio}: {exc}") from exc
+        mean = first.weighted_mean(layout)
+        assert abs(mean - ratio) <= MEAN_TOLERANCE, f"allocator '{proto.name}': weighted mean {mean:.5f} != target {ratio}"
+        second = _run_allocator(type(proto)(proto.config), layout, target, seed)
+        assert first.ratios == second.ratios, f"allocator '{proto.name}' is not deterministic for a fixed seed at {ratio}"
+        restored = Allocation.from_dict(json.loads(json.dumps(first.to_dict(layout), default=str)))
+        assert restored.ratios == first.ratios, f"allocator '{proto.name}': allocation does not survive a JSON round trip"
+        last = first
+    assert last is not None
+    return last
+
+
+def check_pruner(
+    pruner: Any,
+    *,
+    ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.9),
+    patterns: Sequence[str] = ("2:4", "4:8", "1:4"),
+    shape: tuple[int, int] = (48, 64),
+    seed: int = 0,
+) -> None:
+    """Prune random matrices at several ratios and N:M patterns and check the host's rules.
+
+    Rules: the mask is a bool tensor of the weight's shape; realised sparsity is the asked ratio up
+    to one weight per row (row flooring) or per block of columns; returned weights (if any) are
+    finite, zero wherever the mask prunes, and of the weight's shape; N:M masks keep at most n of
+    every m consecutive inputs of each row; the input weight is not modified in place.
+    """
+    instance = _instantiate(pruner, Pruner)
+    assert isinstance(instance, Pruner)
+    assert instance.name, "a pruner needs a non-empty `name`"
+    layout = ModelLayout((MatrixInfo("model.layers.0.mlp.up_proj", 0, "mlp.up_proj", shape),), 1)
+    stats = random_block_stats(layout, {"input_norms", "hessian"}, seed=seed)[0]
+    info = layout.matrices[0]
+    weight = stats.weights[info.name]
+    matrix_stats = MatrixStats(info=info, ntokens=stats.ntokens, input_norms=stats.input_norms[info.name],
+                               hessian=stats.hessians[info.name])
+    targets = [Target.of(r) for r in ratios]
+    if instance.supports_nm:
+        targets += [Target.of(pattern=p) for p in patterns]
+    for target in targets:
+        before = weight.clone()
+        result = instance.prune(weight, target, matrix_stats)
+        who = f"pruner '{instance.name}' at {target}"
+        assert torch.equal(weight, before), f"{who} modified the input weight in place"
+        keep = result.keep
+        assert isinstance(keep, torch.Tensor) and keep.dtype == torch.bool, f"{who}: keep must be a bool tensor"
+        assert tuple(keep.shape) == shape, f"{who}: keep has shape {tuple(keep.shape)}, expected {shape}"
+        realised = 1.0 - float(keep.sum()) / keep.numel()
+        if target.pattern is not None:
+            bad = nm_violations(keep, target.pattern)
+            assert bad == 0, f"{who}: {bad} groups of {target.pattern.m} keep more than {target.pattern.n}"
+            assert abs(realised - target.pattern.sparsity) < 1e-9, f"{who}: realised {realised:.4f}, expected exactly {target.ratio}"
+        else:
+            slack = 1.0 / shape[1] + 1e-3
+            assert target.ratio - slack <= realised <= target.ratio + slack, f"{who}: realised sparsity {realised:.4f}"
+        if result.weight is not None:
+            new = result.weight
+            assert tuple(new.shape) == shape, f"{who}: returned weight has shape {tuple(new.shape)}"
+            assert bool(torch.isfinite(new).all()), f"{who}: returned weight is not finite"
+            assert not bool((new[~keep] != 0).any()), f"{who}: returned weight is nonzero where the mask prunes"
+        again = instance.prune(weight, target, matrix_stats)
+        assert torch.equal(again.keep, keep), f"{who} is not deterministic"
+
+
+def check_adapter(adapter: Any, model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> ModelLayout:
+    """Check a model adapter on a model: layout, weights, capture and run_block agree with the model.
+
+    Rules: ``layout`` lists exactly the modules of ``prunable`` in block order, with the shapes
+    ``get_weight`` returns; ``set_weight`` round-trips; running the captured block-0 inputs through
+    every block with ``run_block`` reproduces the hidden states the full model computes.
+    """
+    instance = _instantiate(adapter, ModelAdapter)
+    assert isinstance(instance, ModelAdapter)
+    assert instance.matches(model.config), f"adapter '{instance.name}' does not match {type(model).__name__}"
+    blocks = instance.blocks(model)
+    layout = instance.layout(model)
+    modules = instance.prunable(model)
+    assert layout.num_blocks == len(blocks) > 0, "layout.num_blocks must equal the number of blocks"
+    assert list(modules) == layout.names, "prunable() and layout() must list the same matrices in the same order"
+    assert [m.block for m in layout.matrices] == sorted(m.block for m in layout.matrices), "matrices must be in block order"
+    for info in layout.matrices:
+        weight = instance.get_weight(modules[info.name])
+        assert tuple(weight.shape) == info.shape, f"{info.name}: layout shape {info.shape} != weight {tuple(weight.shape)}"
+        original = weight.clone()
+        instance.set_weight(modules[info.name], original * 2)
+        assert torch.allclose(instance.get_weight(modules[info.name]), original * 2), f"{info.name}: set_weight does not round-trip"
+        instance.set_weight(modules[info.name], original)
+    vocab = getattr(model.config, "vocab_size", 100)
+    ids = input_ids if input_ids is not None else torch.randint(0, min(vocab, 200), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        captured = instance.capture(model, ids)
+        assert tuple(captured.hidden.shape[:2]) == tuple(ids.shape), "captured block-0 inputs must be [samples, tokens, hidden]"
+        assert len(captured.block_kwargs) == len(blocks), "capture() must record call arguments for every block"
+        reference = _block_outputs(model, blocks, ids)
+        for sample in range(ids.shape[0]):
+            hidden = captured.hidden[sample : sample + 1]
+            for index, block in enumerate(blocks):
+                hidden = instance.run_block(block, hidden, captured.block_kwargs[index])
+            expected = reference[sample]
+            assert torch.allclose(hidden[0], expected, atol=1e-4, rtol=1e-4), (
+                f"adapter '{instance.name}': run_block over all blocks does not reproduce the model's hidden states"
+            )
+    return layout
+
+
+def _block_outputs(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], ids: torch.Tensor) -> list[torch.Tensor]:
+    """The last block's output for each sample, from a normal forward pass."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _args: Any, out: Any) -> None:
+        outputs.append((out[0] if isinstance(out, (tuple, list)) else out)[0].detach().clone())
+
+    handle = blocks[-1].register_forward_hook(hook)
+    try:
+        for sample in range(ids.shape[0]):
+            model(ids[sample : sample + 1], use_cache=False)
+    finally:
+        handle.remove()
+    return outputs

@@ -1,0 +1,78 @@
+"""Magnitude and Wanda masks: exact counts in their comparison groups, the right weights go, contract checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strataprune.core.plugin import MatrixInfo, MatrixStats
+from strataprune.core.sparsity import Target
+from strataprune.plugins.pruners.magnitude import Magnitude
+from strataprune.plugins.pruners.wanda import Wanda
+from strataprune.testing import check_pruner
+
+
+def stats(weight, norms=None):
+    return MatrixStats(MatrixInfo("m", 0, "m", tuple(weight.shape)), 100, input_norms=norms)
+
+
+@pytest.fixture()
+def problem():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(24, 4096 // 64, generator=g), torch.rand(64, generator=g) * 5
+
+
+@pytest.mark.parametrize("pruner", [Magnitude, Wanda])
+def test_contract(pruner):
+    check_pruner(pruner)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_wanda_prunes_exactly_floor_per_row_the_lowest_scores(problem, ratio):
+    weight, norms = problem
+    keep = Wanda().prune(weight, Target.of(ratio), stats(weight, norms)).keep
+    k = int(weight.shape[1] * ratio)
+    assert (keep.shape[1] - keep.sum(1) == k).all()
+    score = weight.abs() * norms
+    pruned_max = torch.where(~keep, score, torch.full_like(score, -1)).max(1).values
+    kept_min = torch.where(keep, score, torch.full_like(score, 1e9)).min(1).values
+    assert (pruned_max <= kept_min).all()
+
+
+def test_wanda_realised_sparsity_is_floored_like_the_paper():
+    weight = torch.randn(4, 4096)
+    keep = Wanda().prune(weight, Target.of(0.7), stats(weight, torch.ones(4096))).keep
+    assert int((~keep[0]).sum()) == 2867  # floor(4096 * 0.7), algorithms.md §10.4
+
+
+def test_wanda_uses_activations_not_only_weights(problem):
+    weight, _ = problem
+    loud = torch.ones(weight.shape[1])
+    loud[:8] = 100.0  # channels with large inputs keep their weights
+    keep = Wanda().prune(weight, Target.of(0.5), stats(weight, loud)).keep
+    assert keep[:, :8].float().mean() > 0.95
+    assert not torch.equal(keep, Magnitude.from_params({"group": "row"}).prune(weight, Target.of(0.5), stats(weight)).keep)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+def test_magnitude_is_one_threshold_per_matrix(problem, ratio):
+    weight, _ = problem
+    keep = Magnitude().prune(weight, Target.of(ratio), stats(weight)).keep
+    assert int((~keep).sum()) == int(weight.numel() * ratio)
+    assert weight.abs()[~keep].max() <= weight.abs()[keep].min()
+    rows = (~keep).sum(1)
+    assert rows.max() > rows.min()  # rows differ: the comparison group is the matrix
+
+
+def test_magnitude_row_group_option(problem):
+    weight, _ = problem
+    keep = Magnitude.from_params({"group": "row"}).prune(weight, Target.of(0.5), stats(weight)).keep
+    assert ((~keep).sum(1) == weight.shape[1] // 2).all()
+
+
+def test_wanda_without_norms_is_a_plugin_error(problem):
+    from strataprune.core.errors import PluginError
+
+    weight, _ = problem
+    with pytest.raises(PluginError, match="input_norms"):
+        Wanda().prune(weight, Target.of(0.5), stats(weight))
