@@ -31,10 +31,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def require_hub(what: str) -> None:
+def require_hub(what: str, instead: str = "a local folder or a .gguf file (the embedded default: --model smollm2-135m)") -> None:
     if not hub_reachable():
         raise DataError(
-            f"{what} must be downloaded from the Hugging Face hub, which is unreachable from this machine; "
-            "pass a local folder, a .gguf file or a text file path instead "
-            "(the embedded defaults work offline: --model smollm2-135m, data 'bbc')"
+            f"{what} must be downloaded from the Hugging Face hub, which is unreachable from this machine "
+            f"(or HF_HUB_OFFLINE is set); pass {instead} instead"
         )

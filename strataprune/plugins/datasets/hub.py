@@ -12,7 +12,10 @@ from strataprune.core.plugin import Dataset
 
 
 def _load(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-    require_hub("dataset " + str(args[0]))
+    require_hub(
+        "dataset " + str(args[0]),
+        "a local text file (e.g. ../shared/data/wikitext-2/wiki.test.raw for WikiText-2) or the embedded dataset 'bbc'",
+    )
     try:
         import datasets
     except ImportError:
