@@ -136,3 +136,12 @@ def test_plugins_command_table_and_json(capsys):
     assert rows[("pruner", "wanda")]["provided_by"] == "strataprune"
     assert {"name", "kind", "provided_by", "version"} <= set(rows[("allocator", "uniform")])
     assert data["skipped"] == []
+
+
+def test_import_strataprune_stays_lean():
+    import subprocess
+    import sys
+
+    code = "import sys, strataprune; print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'deepsparse') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -230,7 +230,16 @@ class BlockInputs:
 
 
 class ModelAdapter(Plugin):
-    """Knows one family of model structures: sequential blocks and their prunable matrices."""
+    """Knows one family of model structures: sequential blocks and their prunable matrices.
+
+    The host never reaches into a model itself: it asks the adapter for the blocks (run in order by
+    the calibration engine), the prunable matrices (always seen as (out, in), whatever the storage,
+    e.g. GPT-2's Conv1D), the inputs of block 0 and how to run one block. ``task`` tells the host
+    which evaluation applies: "causal-lm" (token windows in, perplexity), "image-classification"
+    (pixel batches in, accuracy), "multimodal" (several stacks, one after another, each matrix's
+    stack named in ``ModelLayout.stack``/its block numbering). ``capture`` receives what the task's
+    data gives: token ids [samples, tokens] for language models, pixel values for vision.
+    """
 
     kind: ClassVar[str] = "adapter"
     task: ClassVar[str] = "causal-lm"
@@ -264,10 +273,44 @@ class ModelAdapter(Plugin):
         raise NotImplementedError
 
 
+@dataclass
+class BackendAvailability:
+    ok: bool
+    reason: str = ""  # why not, and how to get it (e.g. "needs CUDA" or "pip install onnxruntime")
+
+
+@dataclass
+class CompiledModel:
+    """A model prepared for one engine: an artifact on disk (e.g. model.onnx) and a callable session."""
+
+    backend: str
+    artifact: Path | None
+    run: Callable[[dict[str, Any]], Any]  # inputs by name -> outputs (engine-native)
+    meta: dict[str, Any] = field(default_factory=dict)  # format, size on disk, sparse format used ...
+
+
 class Backend(Plugin):
-    """An inference engine that runs a pruned model (see issues on deployment)."""
+    """An inference engine that runs a pruned model, measured end to end against its dense twin.
+
+    The contract (since 0.1; the deployment issue fills in the engines):
+
+    - ``available()`` says whether the engine can run here, and if not why; it must not import the
+      engine at ``import strataprune`` time (engines load lazily, inside these methods).
+    - ``prepare(model_dir, workdir, example)`` exports/compiles a saved model (the output folder of
+      ``strataprune run``) for the engine, with ``example`` a dict of example inputs fixing shapes.
+    - ``devices``: where it runs ("cpu", "cuda"); ``sparse_formats``: what sparsity it exploits
+      ("unstructured", "2:4", ...), empty for a dense engine.
+    """
 
     kind: ClassVar[str] = "backend"
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    sparse_formats: ClassVar[tuple[str, ...]] = ()
+
+    def available(self) -> BackendAvailability:
+        return BackendAvailability(True)
+
+    def prepare(self, model_dir: Path, workdir: Path, example: dict[str, Any]) -> CompiledModel:
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- config building

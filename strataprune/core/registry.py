@@ -43,7 +43,7 @@ KINDS: dict[str, tuple[str, type[Plugin], tuple[str, ...]]] = {
     "pruner": ("register_pruners", Pruner, ("prune",)),
     "adapter": ("register_model_adapters", ModelAdapter, ("matches", "load", "blocks", "prunable", "capture", "run_block")),
     "dataset": ("register_datasets", Dataset, ("documents",)),
-    "backend": ("register_backends", Backend, ()),
+    "backend": ("register_backends", Backend, ("prepare",)),
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 SPEC_NAMES = tuple(name for name in dir(hookspecs) if name.startswith("register_"))
