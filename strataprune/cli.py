@@ -21,6 +21,9 @@ from .core.errors import StrataPruneError
 FLAG_KEYS = {
     "model": "model.source",
     "device": "model.device",
+    "offload": "model.offload",
+    "activation_dtype": "calibration.activation_dtype",
+    "activation_dir": "calibration.activation_dir",
     "dtype": "model.dtype",
     "sparsity": "sparsity",
     "calibration": "calibration.source",
@@ -38,7 +41,10 @@ FLAG_KEYS = {
 def _recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (default: the embedded default job)")
     parser.add_argument("--model", help="embedded name (smollm2-135m), model folder, .gguf file or hub id")
-    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:N, or auto (spread over all GPUs)")
+    parser.add_argument("--offload", action="store_true", default=None, help="one block in memory at a time, the rest read from disk")
+    parser.add_argument("--activation-dtype", dest="activation_dtype", help="calibration activations: float32, bfloat16 or float16")
+    parser.add_argument("--activation-dir", dest="activation_dir", help="keep calibration activations in files in this folder")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--allocator", help="allocator name (see `strataprune plugins`)")
     parser.add_argument("--pruner", help="pruner name (see `strataprune plugins`)")
@@ -152,7 +158,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("allocate", help="compute and compare allocations without pruning")
     _recipe_flags(al)
-    al.add_argument("--allocators", help="comma-separated allocator names (default: the recipe's)")
+    al.add_argument("--allocators", help="comma-separated allocators, each NAME or NAME:key=value:... (default: the recipe's)")
     al.add_argument("--output", help="output directory (default: strataprune-allocations)")
     al.add_argument("--overwrite", action="store_true")
     al.add_argument("--quiet", action="store_true")

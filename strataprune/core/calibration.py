@@ -8,11 +8,21 @@ accumulator per distinct input tensor (q/k/v share theirs, so their Hessian is c
     calibrator = Calibrator(loaded, windows)
     calibrator.run({"input_norms"}, visit=allocator.observe_block)         # dense pass
     calibrator.run(pruner.needs, prune=prune_one_block)                    # pruning pass
+
+Memory: hidden states are kept in ``activation_dtype`` (default: the model's dtype; fp32, bf16 or
+fp16) and, with ``activation_dir``, in files memory-mapped from that folder instead of anonymous
+memory (the kernel can write them out and evict them, so they need not fit in RAM). With an
+offloaded model (core/offload.py) each block is loaded from disk only while it is processed and
+written back when it was pruned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +55,7 @@ class Calibrator:
         input_ids: torch.Tensor,
         *,
         activation_dtype: torch.dtype | None = None,
+        activation_dir: str | Path | None = None,
         show_progress: bool = True,
     ) -> None:
         self.loaded = loaded
@@ -55,6 +66,10 @@ class Calibrator:
         self.layout: ModelLayout = self.adapter.layout(self.model)
         self.modules = self.adapter.prunable(self.model)
         self.activation_dtype = activation_dtype
+        self.activation_dir = Path(activation_dir) if activation_dir is not None else None
+        if self.activation_dir is not None:
+            self.activation_dir.mkdir(parents=True, exist_ok=True)
+        self.offload = getattr(self.model, "strataprune_offload", None)
         self.show = show_progress
         self._captured: BlockInputs | None = None
         self.passes = 0
@@ -63,8 +78,11 @@ class Calibrator:
         """Inputs of block 0: they do not depend on any pruning, so they are captured once per run."""
         if self._captured is None:
             captured = self.adapter.capture(self.model, self.input_ids)
-            if self.activation_dtype is not None:
-                captured.hidden = captured.hidden.to(self.activation_dtype)
+            hidden = captured.hidden
+            if self.activation_dtype is not None or self.activation_dir is not None:
+                buffer = self.buffer(hidden.shape, self.activation_dtype or hidden.dtype, hidden.device)
+                buffer.copy_(hidden)
+                captured.hidden = buffer
             self._captured = captured
         return self._captured
 
@@ -83,18 +101,44 @@ class Calibrator:
         for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):
             block = self.blocks[index]
             kwargs = inputs.block_kwargs[index]
-            stats = self._measure(index, block, hidden, kwargs, needs)
-            if visit is not None:
-                visit(stats)
-            if prune is not None:
-                prune(stats)
-                hidden = self._forward(block, hidden, kwargs)
-            else:
-                hidden = stats.outputs if stats.outputs is not None else self._forward(block, hidden, kwargs)
-            del stats
+            with self.hold(index):
+                stats = self._measure(index, block, hidden, kwargs, needs)
+                if visit is not None:
+                    visit(stats)
+                if prune is not None:
+                    prune(stats)
+                    self.mark_modified(index)
+                    hidden = self._forward(block, hidden, kwargs)
+                else:
+                    hidden = stats.outputs if stats.outputs is not None else self._forward(block, hidden, kwargs)
+                del stats
+
+    def hold(self, index: int) -> contextlib.AbstractContextManager:
+        """Keep block ``index`` in memory (a no-op unless the model is offloaded)."""
+        return self.offload.hold(index) if self.offload is not None else contextlib.nullcontext()
+
+    def mark_modified(self, index: int) -> None:
+        """Block ``index``'s weights were changed while held: an offloaded model writes them back."""
+        if self.offload is not None:
+            self.offload.mark_dirty(index)
+
+    def buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised activation tensor: anonymous memory, or a memory-mapped file in ``activation_dir``."""
+        if self.activation_dir is None or torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        fd, path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=self.activation_dir)
+        os.close(fd)
+        try:
+            storage = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)
+        finally:
+            os.unlink(path)  # the mapping keeps the data; the file disappears with the last reference
+        return storage[:numel].view(*shape)
 
     def _forward(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        out = torch.empty_like(hidden)
+        out = self.buffer(hidden.shape, hidden.dtype, hidden.device)
         for i in range(hidden.shape[0]):
             out[i : i + 1] = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs).to(out.dtype)
         return out
@@ -138,7 +182,7 @@ class Calibrator:
 
         if want_norms or want_hessian:
             handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
-        outputs = torch.empty_like(hidden)
+        outputs = self.buffer(hidden.shape, hidden.dtype, hidden.device)
         try:
             for i in range(hidden.shape[0]):
                 seen.clear()

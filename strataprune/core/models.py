@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError, unknown
+from .errors import ConfigError, DataError, unknown
 from .hub import require_hub
 from .plugin import LoadedModel
 
@@ -142,11 +142,48 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
-def load_model(source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
+    """A recipe's ``model.device``: (torch device, None), or (None, "auto") for accelerate's device_map.
+
+    ``cpu`` (default), ``cuda``, ``cuda:N``, or ``auto``: spread the blocks over every visible GPU
+    (accelerate ``device_map="auto"``) for models that do not fit one. CUDA on a machine without
+    it is an error that says so.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device 'auto' spreads the model over GPUs, but CUDA is not available here; use 'cpu'")
+        return None, "auto"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"model.device '{device}' is not a device; allowed: cpu, cuda, cuda:N, auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"model.device '{device}' is not supported; allowed: cpu, cuda, cuda:N, auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"model.device '{device}' asked for CUDA, but {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device '{device}': only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev, None
+
+
+def load_model(
+    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False
+) -> LoadedModel:
+    """Load a model through its adapter.
+
+    ``offload``: keep only the non-block tensors in memory and read each block from the
+    safetensors checkpoint when it is needed (core/offload.py), for models larger than memory.
+    """
     from transformers import AutoConfig
 
     from .registry import get_registry
 
+    torch_device, device_map = resolve_device(device)
+    if offload and device_map is not None:
+        raise ConfigError("model.offload and model.device 'auto' do not combine: offload keeps one block on one device")
     location, description = resolve_model(source)
     try:
         config = AutoConfig.from_pretrained(location)
@@ -162,7 +199,14 @@ def load_model(source: str, adapter_name: str = "auto", dtype: str = "float32", 
         adapter = matches[0].cls()
     else:
         adapter = registry.create("adapter", adapter_name)
-    loaded = adapter.load(str(location), dtype=DTYPES[dtype], device=torch.device(device))
+    if offload:
+        from .offload import load_offloaded
+
+        loaded = load_offloaded(Path(location), adapter, DTYPES[dtype], torch_device)
+    elif device_map is not None:
+        loaded = adapter.load(str(location), dtype=DTYPES[dtype], device=torch.device("cpu"), device_map=device_map)
+    else:
+        loaded = adapter.load(str(location), dtype=DTYPES[dtype], device=torch_device)
     loaded.source = source
     loaded.description = {**description, **loaded.description, "adapter": adapter.name}
     return loaded
@@ -170,6 +214,9 @@ def load_model(source: str, adapter_name: str = "auto", dtype: str = "float32", 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the weights, for caches keyed by checkpoint (e.g. AlphaPruning's spectra)."""
+    offloader = getattr(model, "strataprune_offload", None)
+    if offloader is not None:  # the blocks are on disk: identify the checkpoint files instead
+        return offloader.fingerprint()
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -23,6 +23,8 @@ from .calibration import Calibrator
 from .data import calibration_windows, evaluation_windows, open_dataset
 from .errors import ConfigError, PluginError
 from .evaluation import perplexity
+from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
+from .quantization import FORMULA, check_grid, save_grids
 from .models import DTYPES, fingerprint, load_model, cache_dir
 from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
 from .recipes import Recipe
@@ -75,6 +77,8 @@ class _Record:
     zeros: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     losses: dict[str, float] = field(default_factory=dict)
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # matrix -> grid (scale/zero on the CPU)
+    grid_error: float = 0.0  # largest distance from the grid over all matrices, in grid steps
 
 
 class Pipeline:
@@ -97,8 +101,15 @@ class Pipeline:
         out = Path(output_dir or recipe.output_dir or recipe.default_output_dir()) if save else None
         if out is not None:
             check_output_dir(out, overwrite)
+        if recipe.model.offload and recipe.calibration.propagate == "dense":
+            raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
+        self.memory: dict[str, float] = {}
         with self.timer.stage("load model"):
-            self.loaded = load_model(recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device)
+            self.loaded = load_model(
+                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
+            )
+        self.offload = getattr(self.loaded.model, "strataprune_offload", None)
+        self._memory("load model")
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         with self.timer.stage("load data"):
             calib_data = open_dataset(recipe.calibration.source)
@@ -114,9 +125,16 @@ class Pipeline:
         if calib.description.get("split") == evaluation.description.get("split") and calib_data.describe() == eval_data.describe():
             self.log("warning: calibration and evaluation read the same text; perplexity is not held out")
         act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
-        self.calibrator = Calibrator(self.loaded, calib.ids, activation_dtype=act_dtype, show_progress=self.show)
+        self.calibrator = Calibrator(
+            self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
+        )
         layout = self.calibrator.layout
-        self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
+        if self.offload is not None:  # the dense weights stay on disk: read them back on demand
+            from .offload import DenseWeights
+
+            self.dense_weights = DenseWeights(self.offload, self.calibrator.modules)
+        else:
+            self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
 
         ppl_dense = None
         if recipe.evaluation.dense:
@@ -124,27 +142,71 @@ class Pipeline:
                 ppl_dense = perplexity(model, evaluation.ids, "dense perplexity", self.show)
             self.log(f"dense perplexity: {ppl_dense['ppl']:.3f} ({ppl_dense['tokens']} tokens)")
 
+        self._memory("evaluate dense")
+
         with self.timer.stage("allocate"):
             allocation, stash = self._allocate(calib_data)
+        self._memory("allocate")
+        ppl_unquantized = None
+        if getattr(self.pruner, "quantizes", False):
+            # the honest "sparse alone" reference for a jointly quantized run: the same allocation pruned by
+            # the same pruner with quantization off (its own masks and updates), evaluated on the same windows
+            with self.timer.stage("prune sparse-only reference"):
+                quantizing, self.pruner = self.pruner, self.pruner.unquantized()
+                try:
+                    self._prune(allocation, _Record(), {}, desc="sparse-only reference")
+                    ppl_unquantized = perplexity(model, evaluation.ids, "sparse-only perplexity", self.show)
+                finally:
+                    self.pruner = quantizing
+                    self._restore_dense()
+            self.log(f"sparse-only (unquantized) perplexity: {ppl_unquantized['ppl']:.3f}")
         record = _Record()
         with self.timer.stage("prune"):
             self._prune(allocation, record, stash)
+        self._memory("prune")
+        for note in record.notes:
+            self.log(f"{self.pruner.name}: {note}")
         with self.timer.stage("evaluate sparse"):
             ppl_sparse = perplexity(model, evaluation.ids, "sparse perplexity", self.show)
+        self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
 
-        report = self._report(allocation, record, calib.description, evaluation.description, ppl_dense, ppl_sparse)
+        report = self._report(allocation, record, calib.description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
         if out is not None:
             with atomic_output_dir(out, overwrite) as tmp:
                 with self.timer.stage("save"):
-                    model.save_pretrained(tmp)
+                    if self.offload is not None:
+                        self.offload.save_pretrained(tmp)
+                    else:
+                        model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
                     allocation.save(tmp / "allocation.json", layout)
+                    if record.quant:
+                        save_grids(tmp, record.quant, report["quantization"])
                     (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+                self._memory("save")
+                report["memory"] = self._memory_report()
                 report["times_s"] = dict(self.timer.times)  # written last, so it holds the save time too
                 write_json(tmp / "report.json", report)
+        report["memory"] = self._memory_report()
         report["times_s"] = dict(self.timer.times)
         return RunResult(report, allocation, out, self.loaded)
+
+    def _memory(self, stage: str) -> None:
+        """Remember the resident memory after a stage (the peak is the kernel's high-water mark)."""
+        self.memory[stage] = round(current_rss_mb(), 1)
+
+    def _memory_report(self) -> dict[str, Any]:
+        recipe = self.recipe
+        return {
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_mb_after_stage": dict(self.memory),
+            "cuda_peak_mb": cuda_peak_mb(),
+            "offload": recipe.model.offload,
+            "activation_dtype": recipe.calibration.activation_dtype or recipe.model.dtype,
+            "activation_storage": "disk" if recipe.calibration.activation_dir else "memory",
+            "note": "peak_rss_mb is the whole process's high-water mark (getrusage), interpreter and libraries included",
+        }
 
     # ------------------------------------------------------------------ stages
     def _bos(self) -> bool:
@@ -267,6 +329,9 @@ class Pipeline:
         return score
 
     def _restore_dense(self) -> None:
+        if getattr(self, "offload", None) is not None:  # pruned blocks live in working shards: drop them
+            self.offload.reset()
+            return
         for name, module in self.calibrator.modules.items():
             self.loaded.adapter.set_weight(module, self.dense_weights[name])
 
@@ -274,6 +339,7 @@ class Pipeline:
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
                 self._prune_matrix(info, stats, allocation, record)
+            self.calibrator.mark_modified(stats.block)
 
         if self.recipe.calibration.propagate == "dense":
             if stash:
@@ -306,7 +372,13 @@ class Pipeline:
                 raise PluginError(f"{who}: returned weight has shape {tuple(new.shape)}, expected {tuple(weight.shape)}")
             if bool((new[~keep] != 0).any()):
                 raise PluginError(f"{who}: returned weight is nonzero where the mask prunes it")
-        self.loaded.adapter.set_weight(self.calibrator.modules[info.name], new.to(weight.dtype))
+        new = new.to(weight.dtype)
+        if "quant" in result.extra:
+            # the host checks the claim: every stored value (after the cast to the model dtype) is on the recorded grid
+            quant = result.extra["quant"]
+            record.grid_error = max(record.grid_error, check_grid(new, quant, who))
+            record.quant[info.name] = {**quant, "scale": quant["scale"].detach().cpu(), "zero": quant["zero"].detach().cpu()}
+        self.loaded.adapter.set_weight(self.calibrator.modules[info.name], new)
         record.realised[info.name] = realised
         record.zeros[info.name] = float((new == 0).sum()) / new.numel()
         record.notes.extend(f"{info.name}: {note}" for note in result.notes)
@@ -314,7 +386,9 @@ class Pipeline:
             record.losses[info.name] = float(result.extra["loss"])
 
     # ------------------------------------------------------------------ report
-    def _report(self, allocation: Allocation, record: _Record, calib: dict, evaluation: dict, dense: Any, sparse: Any) -> dict[str, Any]:
+    def _report(
+        self, allocation: Allocation, record: _Record, calib: dict, evaluation: dict, dense: Any, sparse: Any, unquantized: Any = None
+    ) -> dict[str, Any]:
         layout = self.calibrator.layout
         per_block = []
         for b in range(layout.num_blocks):
@@ -329,6 +403,23 @@ class Pipeline:
         model_params = sum(p.numel() for p in self.loaded.model.parameters())
         zero_params = sum(record.zeros[m.name] * m.numel for m in layout.matrices)
         registry = self.registry
+        quantization = None
+        if record.quant:
+            first = next(iter(record.quant.values()))
+            quantization = {
+                "bits": int(first["bits"]),
+                "groupsize": first["groupsize"],
+                "sym": bool(first["sym"]),
+                "grid": FORMULA,
+                "matrices": len(record.quant),
+                "max_grid_error_steps": record.grid_error,
+                "stored_as": "dequantized values in the model's dtype; pruned weights are exact zeros",
+                "perplexity_sparse_quantized": sparse["ppl"],
+                "perplexity_sparse_only": unquantized["ppl"] if unquantized else None,
+                "ratio_quantized_to_sparse_only": sparse["ppl"] / unquantized["ppl"] if unquantized else None,
+                "sparse_only_reference": "the same allocation pruned by the same pruner with quantization off, "
+                "evaluated on the same windows (its masks are chosen without quantization error, as in a separate run)",
+            }
         return {
             "format_version": 1,
             "environment": environment(),
@@ -341,7 +432,7 @@ class Pipeline:
             },
             "plugin_params": {"allocator": self.allocator.params(), "pruner": self.pruner.params()},
             "data": {"calibration": calib, "evaluation": evaluation},
-            "perplexity": {"dense": dense, "sparse": sparse},
+            "perplexity": {"dense": dense, "sparse": sparse, **({"sparse_unquantized": unquantized} if unquantized else {})},
             "sparsity": {
                 "target": str(self.target),
                 "target_ratio": self.target.ratio,
@@ -354,6 +445,7 @@ class Pipeline:
             },
             "allocation": {k: v for k, v in allocation.to_dict(layout).items() if k != "ratios"},
             "pruner_notes": record.notes,
+            "quantization": quantization,
             "pruner_loss": record.losses or None,
             "calibration_passes": self.calibrator.passes,
         }

@@ -35,7 +35,10 @@ class ModelSection:
     source: str = "smollm2-135m"
     adapter: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: cpu, cuda, cuda:N, or auto (accelerate device_map over every visible GPU)
     device: str = "cpu"
+    #: keep only one block in memory, the rest read from the safetensors checkpoint (core/offload.py)
+    offload: bool = False
 
 
 @dataclass
@@ -49,6 +52,8 @@ class CalibrationSection:
     #: 'dense': every block sees dense inputs (statistics from the dense pass are reused)
     propagate: Literal["pruned", "dense"] = "pruned"
     activation_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    #: keep calibration activations in memory-mapped files in this folder instead of RAM
+    activation_dir: str | None = None
 
     def __post_init__(self) -> None:
         _positive("calibration.nsamples", self.nsamples)

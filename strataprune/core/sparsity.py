@@ -82,6 +82,12 @@ def parse_sparsity(value: object) -> Target:
             value = float(value)
         except ValueError:
             raise ConfigError(f"sparsity: '{value}' must be a number in [0, 1) or an N:M pattern like '2:4'") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60 and 0 < value % 60:
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124
+        raise ConfigError(
+            f"sparsity: {value} must be a number in [0, 1); if you meant the N:M pattern "
+            f"{value // 60}:{value % 60}, quote it ('{value // 60}:{value % 60}'): YAML reads unquoted n:m as a base-60 number"
+        )
     return Target.of(ratio=value)
 
 

@@ -6,7 +6,9 @@ from strataprune.core.hookspecs import hookimpl
 @hookimpl
 def register_pruners(register):  # type: ignore[no-untyped-def]
     from .magnitude import Magnitude
+    from .sparsegpt import SparseGPT
     from .wanda import Wanda
 
     register(Magnitude)
+    register(SparseGPT)
     register(Wanda)

@@ -37,6 +37,7 @@ weight's device and returns the weight in its input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.linalg import cholesky_inverse, single_thread
 from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
 from strataprune.core.sparsity import Target
 
@@ -112,7 +114,7 @@ def inverse_cholesky_upper(
         h.diagonal().add_(pd * mean_diag)
         try:
             lower = torch.linalg.cholesky(h)
-            hinv = torch.cholesky_inverse(lower)
+            hinv = cholesky_inverse(lower)
             upper = torch.linalg.cholesky(hinv, upper=True)
         except torch.linalg.LinAlgError:
             failed.append(pd)
@@ -194,6 +196,30 @@ def sparsegpt_prune(
     total OBS loss sum (w - q)^2 / (2 d^2), notes, quant grid dict or None).
     """
     _check_inputs(weight, hessian, target, name)
+    if weight.device.type == "cuda":
+        # the reference code disables TF32: its 10-bit mantissa visibly degrades the OBS updates
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return _sparsegpt_prune(weight, hessian, target, percdamp, blocksize, wbits, groupsize, sym, damp_retries, name)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    with single_thread():  # the column sweep is thousands of tiny ops: threads only add synchronisation
+        return _sparsegpt_prune(weight, hessian, target, percdamp, blocksize, wbits, groupsize, sym, damp_retries, name)
+
+
+def _sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    percdamp: float,
+    blocksize: int,
+    wbits: int | None,
+    groupsize: int | None,
+    sym: bool,
+    damp_retries: int,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, float, list[str], dict[str, Any] | None]:
     rows, cols = weight.shape
     device = weight.device
     notes: list[str] = []
@@ -273,15 +299,15 @@ def sparsegpt_prune(
                     s, z = quant_params(cur, wbits, sym)
                     q_scale[:, gi], q_zero[:, gi] = s, z
                     scale, zero = s, z
-                q = quantize(w, scale, zero, wbits)
+                q = quantize(w, scale, zero, wbits).masked_fill_(mask1[:, i], 0.0)
             else:
-                q = w.clone()
-            q[mask1[:, i]] = 0.0
+                q = w.masked_fill(mask1[:, i], 0.0)
 
             Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
             err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Losses1[:, i] = err * err  # (w - q)^2 / d^2
+            # rank-1 update of the rest of the block (addr_ avoids building the outer product separately)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
 
         W[:, i1:i2] = Q1
@@ -306,6 +332,15 @@ class SparseGPT(Pruner):
     Config = SparseGPTConfig
     needs = frozenset({"hessian"})
     updates_weights = True
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this pruner also quantizes (the host then checks and saves the grids)."""
+        return self.config.wbits is not None
+
+    def unquantized(self) -> SparseGPT:
+        """The same pruner without quantization: the host's sparse-only reference for INT-b runs."""
+        return SparseGPT(dataclasses.replace(self.config, wbits=None, groupsize=None, sym=False))
 
     def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
         name = stats.info.name

@@ -1,0 +1,38 @@
+"""Memory use of the running process, for report.json and the benchmarks.
+
+``peak_rss_mb`` is the kernel's high-water mark of resident memory (getrusage ru_maxrss) for the
+whole process since it started, so it includes the interpreter and libraries. Memory-mapped
+activation files count while their pages are resident (the kernel may evict them).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of the resident set of this process, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float:
+    """Resident set now, in MiB (from /proc when available, else the peak)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def cuda_peak_mb() -> dict[str, float] | None:
+    """Peak allocated CUDA memory per device since start (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) / (1024 * 1024) for i in range(torch.cuda.device_count())}
