@@ -247,3 +247,34 @@ def test_nm_target_rejected():
     ctx = AllocationContext(layout=layout, target=Target.of(pattern="2:4"))
     with pytest.raises(PluginError, match="N:M"):
         ATP(ATPConfig(beta=0.0)).allocate(ctx)
+
+
+# --------------------------------------------------------------------------- contract and normalisation modes
+def test_check_allocator_contract_search_and_fixed_beta():
+    from strataprune.testing import check_allocator
+
+    searched = check_allocator(ATP)
+    assert searched.meta["search"] is True and searched.meta["normalize"] == "safe"
+    assert len(searched.meta["trials"]) >= 1 and searched.meta["beta"] > 0
+    fixed = check_allocator((ATP, {"beta": 0.01}))
+    assert fixed.meta["beta"] == 0.01 and fixed.meta["search"] is False
+
+
+def test_normalize_paper_keeps_published_progression_and_flags_weighted_miss():
+    layout = make_layout(4, [[(32, 16)], [(32, 16)], [(32, 16)], [(64, 64)]])
+    ctx = make_ctx(layout, 0.5)
+    alloc = ATP(ATPConfig(beta=0.05, normalize="paper")).allocate(ctx)
+    profile = alloc.block_profile(layout)
+    assert profile == pytest.approx(list(atp_block_ratios(0.5, 4, 0.05)))  # no shift
+    assert np.mean(profile) == pytest.approx(0.5)
+    assert alloc.meta["normalize"] == "paper" and alloc.meta["mean_not_exact"] is True
+    assert abs(alloc.weighted_mean(layout) - 0.5) > 1e-3
+    assert any("normalize=paper" in n for n in ctx.notes)
+    safe = ATP(ATPConfig(beta=0.05)).allocate(make_ctx(layout, 0.5))
+    assert safe.weighted_mean(layout) == pytest.approx(0.5, abs=1e-12)
+    assert safe.meta["normalize"] == "safe" and "mean_not_exact" not in safe.meta
+
+
+def test_normalize_rejects_unknown_mode():
+    with pytest.raises(ConfigError, match="normalize"):
+        ATPConfig(normalize="clip")

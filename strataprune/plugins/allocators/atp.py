@@ -14,10 +14,14 @@ stays >= 0 and the last <= 1); an explicit beta above beta_max is an error, as i
 ("Illegal beta"). The toolkit is stricter at the top: a ratio of exactly 1.0 (beta == beta_max
 with S >= 0.5) would empty a matrix, so it is rejected too.
 
-Deviation for stacks whose blocks differ in parameter count: after the progression one additive
-shift c = S - sum_l n_l s_l / sum_l n_l is applied to every block, so the PARAMETER-WEIGHTED
-mean is exactly S (LLaMA/OPT have equal blocks, so c = 0 and the paper's ratios are unchanged).
-The shift keeps the common difference beta.
+Normalisation (``normalize``):
+  * "safe" (default): for stacks whose blocks differ in parameter count one additive shift
+    c = S - sum_l n_l s_l / sum_l n_l is applied to every block, so the PARAMETER-WEIGHTED mean is
+    exactly S (LLaMA/OPT/SmolLM2 have equal blocks, so c = 0 and the paper's ratios are unchanged).
+    The shift keeps the common difference beta.
+  * "paper": the progression as published (unweighted mean S); with unequal blocks the weighted
+    mean then misses S and the allocation is flagged meta["mean_not_exact"] with a note.
+Either way an illegal beta is an error, never clipped (the paper exits with "Illegal beta").
 
 beta search (``beta: null``, the default): candidates beta = step, 2*step, ... up to beta_max
 (inclusive within 1e-12), at most ``max_trials``; each candidate is pruned and scored by the host
@@ -26,7 +30,14 @@ budget and no early stop and selects on WikiText-2 *test*; here ``patience`` sto
 consecutive candidates that did not improve on the best, and ``select_on`` defaults to
 "validation". At S=0.7, L=32 the paper's search visits 9 values, 0.002..0.018.
 
-Defaults: beta=None (search), step=0.002, max_trials=16, patience=2, select_on="validation".
+What the search reuses: the host's scorer keeps the captured block-0 inputs, the tokenised
+selection windows and the dense weights across trials (none depends on beta); with
+``calibration.propagate: dense`` it also reuses the pruner's statistics of the dense model. Only the
+pruning itself and the perplexity depend on beta. Every trial (beta, score, first/last block ratio)
+is listed in allocation.meta["trials"] and so in report.json.
+
+Defaults: beta=None (search), step=0.002, max_trials=16, patience=2, select_on="validation",
+normalize="safe".
 
     strataprune run --allocator atp --sparsity 0.7
 """
@@ -64,6 +75,8 @@ class ATPConfig:
     patience: int = 2
     #: split the search scores on ("test" reproduces the paper, which tuned beta on test text)
     select_on: Literal["validation", "test"] = "validation"
+    #: "safe": shift so the parameter-weighted mean is S; "paper": the unweighted progression as published
+    normalize: Literal["safe", "paper"] = "safe"
 
     def __post_init__(self) -> None:
         if self.beta is not None and not (_is_real(self.beta) and math.isfinite(self.beta) and self.beta >= 0):
@@ -76,6 +89,8 @@ class ATPConfig:
             raise ConfigError(f"atp: patience={self.patience!r} must be an integer >= 1 (use a large value to disable early stopping)")
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"atp: select_on={self.select_on!r} must be one of {', '.join(repr(s) for s in SELECT_ON)}")
+        if self.normalize not in ("safe", "paper"):
+            raise ConfigError(f"atp: normalize={self.normalize!r} must be one of 'safe', 'paper'")
 
 
 def _is_real(value: Any) -> bool:
@@ -161,12 +176,20 @@ class ATP(Allocator):
             )
         weights = np.array(block_sizes(layout), dtype=np.float64)
         beta_max = atp_beta_max(S, L)
-        meta: dict[str, Any] = {"beta_max": beta_max if math.isfinite(beta_max) else None, "step": cfg.step}
+        meta: dict[str, Any] = {
+            "beta_max": beta_max if math.isfinite(beta_max) else None,
+            "step": cfg.step,
+            "normalize": cfg.normalize,
+        }
+        paper = cfg.normalize == "paper"
 
         def build(beta: float) -> tuple[Allocation, np.ndarray]:
-            ratios = atp_block_ratios(S, L, beta, weights)
+            ratios = atp_block_ratios(S, L, beta, None if paper else weights)
             atp_check(ratios, S, L, beta)
-            return Allocation.from_blocks(layout, ratios.tolist(), S, allocator=self.name), ratios
+            alloc = Allocation.from_blocks(layout, ratios.tolist(), S, allocator=self.name)
+            if paper and abs(float((weights * ratios).sum() / weights.sum()) - S) > 1e-9:
+                alloc.meta["mean_not_exact"] = True
+            return alloc, ratios
 
         if L == 1:
             chosen, meta["search"] = 0.0, False
@@ -190,6 +213,13 @@ class ATP(Allocator):
             first_block=float(ratios[0]),
             last_block=float(ratios[-1]),
         )
+        if alloc.meta.get("mean_not_exact"):
+            meta["mean_not_exact"] = True
+            weighted = float((weights * ratios).sum() / weights.sum())
+            ctx.notes.append(
+                f"ATP (normalize=paper): blocks differ in parameter count, so the parameter-weighted mean is "
+                f"{weighted:.5f} instead of {S:.5f}; use normalize=safe for an exact mean"
+            )
         alloc.meta = meta
         if abs(shift) > 1e-12:
             ctx.notes.append(
@@ -212,7 +242,7 @@ class ATP(Allocator):
                 # "Illegal beta", larger candidates only get worse, so the grid ends here
                 stopped = f"beta={beta:g} leaves [0, 1) after the weighted shift"
                 break
-            candidate.meta = {"beta": beta, "trial": len(trials)}
+            candidate.meta.update(beta=beta, trial=len(trials))
             score = float(ctx.score(candidate, cfg.select_on))
             log.info("atp trial %d: beta=%g score=%.6g", len(trials), beta, score)
             trials.append({"beta": beta, "score": score, "first_block": float(ratios[0]), "last_block": float(ratios[-1])})

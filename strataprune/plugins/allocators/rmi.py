@@ -42,6 +42,11 @@ Deviations: the official code solves the LP with SLSQP from x0 = 1 (a few blocks
 bounds) and recomputes the features every LoSA round on the sparse + LoRA model; here the features
 come from the one dense calibration pass and the LP is solved exactly.
 
+LoSA's outer loop (prune -> LoRA fine-tune, T rounds) is not part of an allocator; its schedule is
+provided as ``losa_schedule(S, T)`` (s_t = S - S (1 - t/T)^3, t = 1..T; 0.3416, 0.5488, 0.6552, 0.6944,
+0.7 at S = 0.7, T = 5) and ``losa_mean_ranks(T)`` (6, 7, ..., 5 + T) for users who drive the rounds
+themselves, e.g. by running this allocator at each s_t.
+
     strataprune run --allocator rmi --sparsity 0.7
     strataprune run --allocator rmi --pruner sparsegpt --sparsity 0.6
 """
@@ -170,6 +175,18 @@ def default_delta(target: float) -> float:
     return 0.03
 
 
+def losa_schedule(target: float, rounds: int = 5) -> list[float]:
+    """LoSA's cubic sparsity schedule s_t = S - S * (1 - t/T)^3 for t = 1..T (the last round hits S)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rmi: rounds={rounds!r} must be an integer >= 1")
+    return [target - target * (1.0 - t / rounds) ** 3 for t in range(1, rounds + 1)]
+
+
+def losa_mean_ranks(rounds: int = 5, start: int = 6) -> list[int]:
+    """LoSA's mean LoRA rank per round: start, start + 1, ... (linear, one per round)."""
+    return [start + t for t in range(rounds)]
+
+
 def default_beta(pruner: str) -> float:
     return DEFAULT_BETA.get(pruner, 1.0)
 
@@ -290,6 +307,8 @@ __all__ = [
     "default_delta",
     "gram_matrix",
     "linear_cka",
+    "losa_mean_ranks",
+    "losa_schedule",
     "redundancy",
     "rmi_importance",
     "solve_rmi_lp",
