@@ -78,7 +78,7 @@ def main() -> int:
         "bbc": evaluation_windows(tok, open_dataset("bbc"), "test", args.eval_seqlen, args.eval_windows, bos),
     }
     dense = {k: perplexity(pipeline.loaded.model, w.ids, k, False)["ppl"] for k, w in texts.items()}
-    print(f"dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), flush=True)
+    print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), flush=True)
 
     rows, results, profiles = [], {}, {}
     for spec in specs:

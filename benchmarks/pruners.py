@@ -43,6 +43,8 @@ def run_one(pruner: str, sparsity: str, args: argparse.Namespace, dense: bool) -
         "pruner": pruner,
         "sparsity": sparsity,
         "prune_s": report["times_s"]["prune"],
+        # throughput: calibration tokens pushed through the whole model (every block) per second of pruning
+        "calib_tokens_per_s": args.nsamples * args.seqlen / report["times_s"]["prune"],
         "process_wall_s": wall,
         "peak_rss_mb": report["memory"]["peak_rss_mb"],
         "rss_after_prune_mb": report["memory"]["rss_mb_after_stage"].get("prune"),
@@ -57,10 +59,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Pruner benchmark ({meta['model']}, {meta['timestamp']})", "",
              f"Calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on {meta['eval_windows']} x {meta['seqlen']} "
              f"BBC test tokens; dense perplexity {meta['ppl_dense']:.3f}; {meta['threads']} CPU threads; uniform allocation.", "",
-             "| pruner | sparsity | prune time (s) | x Wanda | peak RSS (MB) | x Wanda | perplexity | x Wanda |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| pruner | sparsity | prune time (s) | calib tokens/s | x Wanda (time) | peak RSS (MB) | x Wanda | perplexity | x Wanda |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['time_vs_wanda']:.2f} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['calib_tokens_per_s']:.0f} | {r['time_vs_wanda']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['rss_vs_wanda']:.2f} | {r['ppl']:.3f} | {r['ppl_vs_wanda']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -81,7 +83,8 @@ def main() -> None:
             row = run_one(pruner, sparsity, args, dense=first)
             first = False
             rows.append(row)
-            print(f"{pruner:10s} {sparsity:5s} prune {row['prune_s']:7.1f} s  peak {row['peak_rss_mb']:7.0f} MB  ppl {row['ppl']:9.3f}", flush=True)
+            print(f"{pruner:10s} {sparsity:5s} prune {row['prune_s']:7.1f} s ({row['calib_tokens_per_s']:.0f} calib tok/s)  "
+                  f"peak {row['peak_rss_mb']:7.0f} MB  ppl {row['ppl']:9.3f}", flush=True)
     ppl_dense = next(r["ppl_dense"] for r in rows if r["ppl_dense"])
     for r in rows:
         ref = next((w for w in rows if w["pruner"] == "wanda" and w["sparsity"] == r["sparsity"]), None)

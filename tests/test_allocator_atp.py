@@ -242,11 +242,12 @@ def test_explicit_beta_ignores_scorer():
     assert score.calls == [] and alloc.meta["beta"] == 0.01 and "trials" not in alloc.meta
 
 
-def test_nm_target_rejected():
+def test_nm_target_gives_ratios_around_the_pattern_sparsity():
+    # the host rounds them to per-block n:m patterns (pipeline.nm_for_ratio, tested in test_nm.py)
     layout = make_layout(4)
-    ctx = AllocationContext(layout=layout, target=Target.of(pattern="2:4"))
-    with pytest.raises(PluginError, match="N:M"):
-        ATP(ATPConfig(beta=0.0)).allocate(ctx)
+    ctx = AllocationContext(layout=layout, target=Target.of(pattern="4:8"))
+    alloc = ATP(ATPConfig(beta=0.1)).allocate(ctx)
+    assert alloc.block_profile(layout) == pytest.approx([0.35, 0.45, 0.55, 0.65])
 
 
 # --------------------------------------------------------------------------- contract and normalisation modes

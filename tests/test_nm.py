@@ -11,21 +11,11 @@ from strataprune.cli import main
 from strataprune.core.allocation import Allocation
 from strataprune.core.errors import ConfigError
 from strataprune.core.pipeline import Pipeline, nm_for_ratio
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.core.recipes import apply_overrides, recipe_from_dict
 from strataprune.core.sparsity import NMPattern, Target, nm_violations, parse_sparsity
 from strataprune.plugins.allocators.uniform import Uniform
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-
-
-@pytest.fixture()
-def text_file(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def tiny_recipe(model_dir, text_file, pruner, sparsity, **model):
@@ -191,3 +181,24 @@ def test_mixed_nm_patterns_from_the_allocator_are_applied_per_block(tiny_llama_d
         assert nm_violations(keep, p) == 0 and nm_violations(keep, NMPattern(p.n - 1, 8)) > 0
     blocks = result.report["sparsity"]["per_block"]
     assert [round(b["realised"], 4) for b in blocks] == [0.375, 0.5, 0.625]
+
+
+def test_searching_allocator_trials_are_pruned_with_the_rounded_patterns(tiny_llama_dir, text_file, monkeypatch):
+    """ATP's beta trials under a 4:8 run are scored on N:M-pruned models, exactly as the final run."""
+    recipe = tiny_recipe(tiny_llama_dir, text_file, "wanda", "4:8")
+    recipe = apply_overrides(recipe, {"allocator": "atp", "allocator.max_trials": 2, "allocator.step": 0.2,
+                                      "evaluation.selection_windows": 2})
+    pipe = Pipeline(recipe, show_progress=False, log=lambda _: None)
+    seen = []
+    original = Pipeline._prune_matrix
+
+    def spy(self, info, stats, allocation, record):
+        seen.append(allocation.patterns.get(info.name))
+        return original(self, info, stats, allocation, record)
+
+    monkeypatch.setattr(Pipeline, "_prune_matrix", spy)
+    result = pipe.run(save=False)
+    assert len(result.allocation.meta["trials"]) == 2
+    assert seen and all(p is not None and p.m == 8 for p in seen)
+    kept = [result.allocation.patterns[f"model.layers.{b}.mlp.up_proj"].n for b in range(3)]
+    assert kept[0] > 4 > kept[2] and kept[1] == 4  # beta > 0: denser patterns first, sparser last

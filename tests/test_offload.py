@@ -14,16 +14,6 @@ from strataprune.core.pipeline import Pipeline
 from strataprune.core.recipes import recipe_from_dict
 
 
-@pytest.fixture()
-def text_file(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
 def recipe(model_dir, text_file, pruner="sparsegpt", offload=False, **calibration):
     return recipe_from_dict({
         "model": {"source": str(model_dir), "offload": offload},

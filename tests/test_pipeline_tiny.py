@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from strataprune.cli import main
 from strataprune.core.pipeline import Pipeline
 from strataprune.core.recipes import recipe_from_dict
-
-
-@pytest.fixture()
-def text_file(tmp_path):
-    path = tmp_path / "text.txt"
-    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
-    path.write_text("\n".join(lines))
-    return path
 
 
 def run_args(model_dir, text_file, out, *extra):

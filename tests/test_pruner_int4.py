@@ -17,16 +17,6 @@ from strataprune.plugins.pruners.sparsegpt import SparseGPT
 BROKEN = "model.layers.1.mlp.down_proj"
 
 
-@pytest.fixture()
-def text_file(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
 class IndefiniteHessian(SparseGPT):
     """SparseGPT fed a Hessian with a strongly negative eigenvalue on one matrix (what fp16 accumulation does
     on Mistral): Cholesky fails at the default dampening and must be retried."""

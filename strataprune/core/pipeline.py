@@ -271,16 +271,21 @@ class Pipeline:
         raw = allocator.allocate(ctx)
         allocation = Allocation.coerce(raw, layout, self.target.ratio, allocator.name)
         allocation.meta.setdefault("notes", []).extend(ctx.notes)
-        if self.target.pattern is not None and not allocation.patterns:
-            m = self.target.pattern.m
-            allocation.patterns = {n: nm_for_ratio(r, m) for n, r in allocation.ratios.items()}
-            allocation.ratios = {n: p.sparsity for n, p in allocation.patterns.items()}
-            allocation.meta["nm_rounding"] = f"each ratio rounded to the nearest n:{m}"
-            allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
+        self._round_to_nm(allocation)
         allocation.validate(layout)
         for note in ctx.notes:
             self.log(f"{allocator.name}: {note}")
         return allocation
+
+    def _round_to_nm(self, allocation: Allocation) -> None:
+        """Under an N:M run, give every matrix without a pattern the nearest n:m (``nm_for_ratio``)."""
+        if self.target.pattern is None or allocation.patterns:
+            return
+        m = self.target.pattern.m
+        allocation.patterns = {n: nm_for_ratio(r, m) for n, r in allocation.ratios.items()}
+        allocation.ratios = {n: p.sparsity for n, p in allocation.patterns.items()}
+        allocation.meta["nm_rounding"] = f"each ratio rounded to the nearest n:{m} (n = round((1 - ratio) * {m}), ties denser)"
+        allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
 
     def _make_scorer(self, calib_data: Any, who: str | None = None) -> Callable[[Allocation, str], float]:
         """Prune-and-evaluate for searching allocators: held-out perplexity of a candidate allocation.
@@ -314,6 +319,7 @@ class Pipeline:
         def score(allocation: Allocation, on: str = "validation") -> float:
             allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, who)
             allocation.validate(self.calibrator.layout)
+            self._round_to_nm(allocation)  # a trial is pruned exactly as the final run would be
             ids = windows(on)  # a bad `on` fails before any pruning
             try:
                 stash: dict[int, BlockStats] = {}

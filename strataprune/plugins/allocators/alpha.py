@@ -329,10 +329,6 @@ class AlphaPruning(Allocator):
         cfg: AlphaConfig = self.config
         layout = ctx.layout
         S = float(ctx.target.ratio)
-        if ctx.target.pattern is not None:
-            raise PluginError(
-                f"alpha allocates unstructured per-matrix ratios; it cannot honour the N:M target {ctx.target.pattern}"
-            )
         spectra, cache = self._spectra(ctx)
         fits = {m.name: hill_fit(spectra[m.name], cfg.xmin) for m in layout.matrices}
         alphas = {name: fit.alpha for name, fit in fits.items()}

@@ -169,11 +169,6 @@ class ATP(Allocator):
         layout = ctx.layout
         S = float(ctx.target.ratio)
         L = layout.num_blocks
-        if ctx.target.pattern is not None:
-            raise PluginError(
-                f"atp allocates unstructured per-block ratios; it cannot honour the N:M target {ctx.target.pattern} "
-                "(use the uniform allocator for N:M)"
-            )
         weights = np.array(block_sizes(layout), dtype=np.float64)
         beta_max = atp_beta_max(S, L)
         meta: dict[str, Any] = {

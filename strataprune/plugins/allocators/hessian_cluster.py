@@ -267,11 +267,6 @@ class HessianCluster(Allocator):
         cfg = self.config
         layout = ctx.layout
         S = float(ctx.target.ratio)
-        if ctx.target.pattern is not None:
-            raise ConfigError(
-                f"allocator 'hessian_cluster' assigns unstructured ratios and cannot serve the N:M target {ctx.target.pattern}; "
-                "use a ratio, or allocator 'owl' for mixed N:M"
-            )
         missing = [n for n in layout.names if n not in self._curves]
         if missing:
             raise PluginError(f"allocator 'hessian_cluster' has no error estimate for {len(missing)} matrices (e.g. {missing[0]})")

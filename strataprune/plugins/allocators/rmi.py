@@ -232,11 +232,6 @@ class RMI(Allocator):
         cfg = self.config
         layout = ctx.layout
         S = float(ctx.target.ratio)
-        if ctx.target.pattern is not None:
-            raise ConfigError(
-                f"allocator 'rmi' assigns unstructured ratios and cannot serve the N:M target {ctx.target.pattern}; "
-                "use a ratio, or allocator 'owl' for mixed N:M"
-            )
         L = layout.num_blocks
         missing = [b for b in range(L) if b not in self._grams]
         if missing:
