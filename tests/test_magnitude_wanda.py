@@ -76,3 +76,12 @@ def test_wanda_without_norms_is_a_plugin_error(problem):
     weight, _ = problem
     with pytest.raises(PluginError, match="input_norms"):
         Wanda().prune(weight, Target.of(0.5), stats(weight))
+
+
+def test_row_chunking_gives_the_same_mask(monkeypatch):
+    from strataprune.core import masks
+
+    scores = torch.rand(300, 70, generator=torch.Generator().manual_seed(3))
+    whole = masks.keep_by_rows(scores, 0.6)
+    monkeypatch.setattr(masks, "ROW_CHUNK_ELEMENTS", 7 * 70)  # 7 rows at a time, a ragged last chunk
+    assert torch.equal(masks.keep_by_rows(scores, 0.6), whole)

@@ -14,8 +14,8 @@ when the block is needed and drops them afterwards:
 - ``save_pretrained`` writes the model one block per shard with a standard
   ``model.safetensors.index.json``, so ``from_pretrained`` reads the result like any checkpoint.
 
-Each read opens the file, copies one block's tensors out of the memory map and closes it again:
-keeping a map open would let the touched pages of the whole file accumulate in the resident set.
+Reads and writes stream tensor by tensor (core/tensorfile.py): no memory map whose touched pages
+would accumulate in the resident set, and no serialised copy of a block on the way to disk.
 
 Limits: safetensors checkpoints only; checkpoint keys must equal the model's state-dict keys
 (true for checkpoints written by transformers' ``save_pretrained``).
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .tensorfile import load_tensors, read_header, save_tensors
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -46,25 +47,18 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {key: folder / name for key, name in weight_map.items()}
     single = folder / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as handle:
-            return {key: single for key in handle.keys()}
+        return {key: single for key in read_header(single)[0]}
     raise DataError(f"model.offload needs a safetensors checkpoint; '{folder}' has neither model.safetensors nor model.safetensors.index.json")
 
 
 def read_tensors(files: Mapping[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
-    """Copy ``keys`` out of their files, opening each file once and closing it right after."""
-    from safetensors import safe_open
-
+    """Read ``keys`` from their files, each straight into a new tensor (no memory map held open)."""
     by_file: dict[Path, list[str]] = {}
     for key in keys:
         by_file.setdefault(files[key], []).append(key)
     out: dict[str, torch.Tensor] = {}
     for path, names in by_file.items():
-        with safe_open(str(path), "pt", device="cpu") as handle:
-            for key in names:
-                out[key] = handle.get_tensor(key)
+        out.update(load_tensors(path, names))
     return out
 
 
@@ -133,12 +127,10 @@ class BlockOffloader:
         self.dirty.add(index)
 
     def _write(self, index: int) -> None:
-        from safetensors.torch import save_file
-
         state = self.model.state_dict()
-        tensors = {key: state[key].detach().to("cpu").contiguous() for key in self._keys[index]}
+        tensors = {key: state[key] for key in self._keys[index]}
         path = self.workdir / f"block-{index:05d}.safetensors"
-        save_file(tensors, str(path))
+        save_tensors(tensors, path)
         for key in tensors:
             self.overlay[key] = path
         self.dirty.discard(index)
@@ -184,8 +176,6 @@ class BlockOffloader:
     # ---------------------------------------------------------------- save
     def save_pretrained(self, out: Path) -> None:
         """One shard per block plus one for everything else, with a standard index."""
-        from safetensors.torch import save_file
-
         out = Path(out)
         for index in list(self.loaded):
             self.release(index)
@@ -197,13 +187,13 @@ class BlockOffloader:
         rest = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in self.base and not k.startswith(self.prefix + ".")}
         for index in range(self.num_blocks):
             name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-            tensors = {k: v.to(self._shapes[k][1]).contiguous() for k, v in read_tensors(self.files(), self._keys[index]).items()}
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            tensors = {k: v.to(self._shapes[k][1]) for k, v in read_tensors(self.files(), self._keys[index]).items()}
+            save_tensors(tensors, out / name, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({k: name for k in tensors})
             del tensors
         name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-        save_file(rest, str(out / name), metadata={"format": "pt"})
+        save_tensors(rest, out / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in rest.values())
         weight_map.update({k: name for k in rest})
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
