@@ -36,3 +36,27 @@ def cuda_peak_mb() -> dict[str, float] | None:
     if not torch.cuda.is_available():
         return None
     return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) / (1024 * 1024) for i in range(torch.cuda.device_count())}
+
+
+#: glibc's mallopt parameter number for M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_blocks_to_the_os(threshold_bytes: int = 1 << 16) -> bool:
+    """Make glibc serve large allocations with mmap, so freeing a block hands its memory back.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped chunk is
+    freed; later weight tensors of a few to tens of MiB then come from the heap, where freed blocks
+    stay resident. The offloaded path loads and frees one block after another, so with the default
+    its resident set grows towards the whole model (measured: 928 MB above the import floor for a
+    1.2 GB model, against 102 MB with a fixed threshold). A fixed threshold turns that off.
+    Returns whether it could be set (glibc on Linux only; elsewhere nothing happens).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):  # musl or another libc: no mallopt
+        return False

@@ -237,6 +237,10 @@ class DenseWeights(Mapping):
 def load_offloaded(folder: Path, adapter: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Build ``adapter``'s model on the meta device with only the non-block tensors loaded."""
     from accelerate import init_empty_weights
+
+    from .memory import return_freed_blocks_to_the_os
+
+    return_freed_blocks_to_the_os()  # blocks are loaded and freed one after another
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .plugin import LoadedModel
