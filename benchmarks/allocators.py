@@ -30,10 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strataprune.core.allocate import make_allocators, plot_profiles, prepare  # noqa: E402
+from strataprune.core.allocate import make_allocators, plot_profiles  # noqa: E402
 from strataprune.core.data import evaluation_windows, open_dataset  # noqa: E402
 from strataprune.core.evaluation import perplexity  # noqa: E402
-from strataprune.core.pipeline import Pipeline, _Record  # noqa: E402
+from strataprune.core.pipeline import Pipeline  # noqa: E402
 from strataprune.core.recipes import Recipe, apply_overrides  # noqa: E402
 from strataprune.core.registry import get_registry  # noqa: E402
 from strataprune.core.reports import environment, markdown_table, table  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> int:
     log_lines: list[str] = []
     pipeline = Pipeline(recipe, registry=registry, show_progress=False, log=log_lines.append)
     start = time.perf_counter()
-    calib_data = prepare(pipeline)
+    calib_data = pipeline.prepare()
     load_s = time.perf_counter() - start
     tok, bos = pipeline.loaded.tokenizer, pipeline._bos()
     texts = {
@@ -97,10 +97,9 @@ def main() -> int:
             c0 = time.perf_counter()
             esd_spectra(pipeline._weights(), pipeline.recipe.model.device)
             cold = time.perf_counter() - c0
-        pipeline._prune(allocation, _Record(), {}, desc="prune")
-        t3 = time.perf_counter()
-        ppl = {k: perplexity(pipeline.loaded.model, w.ids, k, False)["ppl"] for k, w in texts.items()}
-        pipeline._restore_dense()
+        with pipeline.pruned(allocation, desc="prune"):
+            t3 = time.perf_counter()
+            ppl = {k: perplexity(pipeline.loaded.model, w.ids, k, False)["ppl"] for k, w in texts.items()}
         profile = allocation.block_profile(pipeline.calibrator.layout)
         profiles[allocator.name] = profile
         results[allocator.name] = {

@@ -26,10 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .allocation import Allocation
-from .calibration import Calibrator
-from .data import calibration_windows, open_dataset
 from .errors import ConfigError
-from .models import DTYPES, load_model
 from .pipeline import Pipeline
 from .plugin import Allocator, LoadedModel
 from .recipes import Recipe
@@ -105,28 +102,6 @@ class _Timed:
         self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - start
 
 
-def prepare(pipeline: Pipeline, loaded: LoadedModel | None = None) -> Any:
-    """Load the recipe's model and calibration windows into ``pipeline`` (what a run does before allocating).
-
-    Returns the calibration dataset (the scorer of searching allocators draws its held-out selection
-    windows from it). ``loaded`` reuses an already loaded model (tests, benchmarks).
-    """
-    recipe = pipeline.recipe
-    pipeline.loaded = loaded or load_model(recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device)
-    calib_data = open_dataset(recipe.calibration.source)
-    calib = calibration_windows(
-        pipeline.loaded.tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
-        recipe.calibration.seqlen, recipe.calibration.seed,
-    )
-    act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
-    pipeline.calibrator = Calibrator(pipeline.loaded, calib.ids, activation_dtype=act_dtype, show_progress=pipeline.show)
-    pipeline.dense_weights = {
-        name: pipeline.loaded.adapter.get_weight(mod).detach().clone() for name, mod in pipeline.calibrator.modules.items()
-    }
-    pipeline.calib_description = calib.description
-    return calib_data
-
-
 def run_allocators(
     pipeline: Pipeline, allocators: Sequence[Allocator], calib_data: Any, times: dict[str, float]
 ) -> dict[str, Allocation]:
@@ -197,7 +172,7 @@ def compare_allocators(
     pipeline = Pipeline(recipe, registry=registry, show_progress=show_progress, log=log)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    calib_data = prepare(pipeline, loaded)
+    calib_data = pipeline.prepare(loaded)
     times["load"] = time.perf_counter() - start
     allocations = run_allocators(pipeline, allocators, calib_data, times)
     layout = pipeline.calibrator.layout

@@ -19,6 +19,7 @@ written back when it was pruned.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .offload import offloader_of
 from .plugin import BlockInputs, BlockStats, LoadedModel, ModelLayout
 from .progress import progress
 
@@ -69,7 +71,7 @@ class Calibrator:
         self.activation_dir = Path(activation_dir) if activation_dir is not None else None
         if self.activation_dir is not None:
             self.activation_dir.mkdir(parents=True, exist_ok=True)
-        self.offload = getattr(self.model, "strataprune_offload", None)
+        self.offload = offloader_of(self.model)
         self.show = show_progress
         self._captured: BlockInputs | None = None
         self.passes = 0
@@ -126,9 +128,7 @@ class Calibrator:
         """An uninitialised activation tensor: anonymous memory, or a memory-mapped file in ``activation_dir``."""
         if self.activation_dir is None or torch.device(device).type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
-        numel = 1
-        for size in shape:
-            numel *= int(size)
+        numel = math.prod(int(size) for size in shape)
         fd, path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=self.activation_dir)
         os.close(fd)
         try:

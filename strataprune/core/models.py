@@ -214,7 +214,9 @@ def load_model(
 
 def fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the weights, for caches keyed by checkpoint (e.g. AlphaPruning's spectra)."""
-    offloader = getattr(model, "strataprune_offload", None)
+    from .offload import offloader_of
+
+    offloader = offloader_of(model)
     if offloader is not None:  # the blocks are on disk: identify the checkpoint files instead
         return offloader.fingerprint()
     digest = hashlib.sha1()

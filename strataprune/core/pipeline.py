@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from .errors import ConfigError, PluginError
 from .evaluation import perplexity
 from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from .quantization import FORMULA, check_grid, save_grids
-from .models import DTYPES, fingerprint, load_model, cache_dir
+from .models import DTYPES, cache_dir, fingerprint, load_model
+from .offload import BlockOffloader, DenseWeights, offloader_of
 from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
 from .recipes import Recipe
 from .registry import Registry, get_registry
@@ -94,6 +96,9 @@ class Pipeline:
         self.pruner: Pruner = self.registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
         if self.target.pattern is not None and not self.pruner.supports_nm:
             raise ConfigError(f"pruner '{self.pruner.name}' does not support N:M sparsity ({self.target.pattern})")
+        self.offload: BlockOffloader | None = None
+        self.memory: dict[str, float] = {}
+        self._dense_fingerprint: str | None = None
 
     # ------------------------------------------------------------------ public
     def run(self, output_dir: str | Path | None = None, overwrite: bool = False, save: bool = True) -> RunResult:
@@ -103,38 +108,18 @@ class Pipeline:
             check_output_dir(out, overwrite)
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
-        self.memory: dict[str, float] = {}
-        with self.timer.stage("load model"):
-            self.loaded = load_model(
-                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
-            )
-        self.offload = getattr(self.loaded.model, "strataprune_offload", None)
-        self._memory("load model")
+        calib_data = self.prepare()
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        layout = self.calibrator.layout
         with self.timer.stage("load data"):
-            calib_data = open_dataset(recipe.calibration.source)
-            calib = calibration_windows(
-                tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
-                recipe.calibration.seqlen, recipe.calibration.seed,
-            )
             eval_data = open_dataset(recipe.evaluation.source)
             evaluation = evaluation_windows(
                 tokenizer, eval_data, recipe.evaluation.split, recipe.evaluation.seqlen,
                 recipe.evaluation.max_windows, self._bos(),
             )
-        if calib.description.get("split") == evaluation.description.get("split") and calib_data.describe() == eval_data.describe():
+        calib_description = self.calib_description
+        if calib_description.get("split") == evaluation.description.get("split") and calib_data.describe() == eval_data.describe():
             self.log("warning: calibration and evaluation read the same text; perplexity is not held out")
-        act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
-        self.calibrator = Calibrator(
-            self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
-        )
-        layout = self.calibrator.layout
-        if self.offload is not None:  # the dense weights stay on disk: read them back on demand
-            from .offload import DenseWeights
-
-            self.dense_weights = DenseWeights(self.offload, self.calibrator.modules)
-        else:
-            self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
 
         ppl_dense = None
         if recipe.evaluation.dense:
@@ -148,17 +133,16 @@ class Pipeline:
             allocation, stash = self._allocate(calib_data)
         self._memory("allocate")
         ppl_unquantized = None
-        if getattr(self.pruner, "quantizes", False):
+        if self.pruner.quantizes:
             # the honest "sparse alone" reference for a jointly quantized run: the same allocation pruned by
             # the same pruner with quantization off (its own masks and updates), evaluated on the same windows
             with self.timer.stage("prune sparse-only reference"):
                 quantizing, self.pruner = self.pruner, self.pruner.unquantized()
                 try:
-                    self._prune(allocation, _Record(), {}, desc="sparse-only reference")
-                    ppl_unquantized = perplexity(model, evaluation.ids, "sparse-only perplexity", self.show)
+                    with self.pruned(allocation, desc="sparse-only reference"):
+                        ppl_unquantized = perplexity(model, evaluation.ids, "sparse-only perplexity", self.show)
                 finally:
                     self.pruner = quantizing
-                    self._restore_dense()
             self.log(f"sparse-only (unquantized) perplexity: {ppl_unquantized['ppl']:.3f}")
         record = _Record()
         with self.timer.stage("prune"):
@@ -171,7 +155,7 @@ class Pipeline:
         self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
 
-        report = self._report(allocation, record, calib.description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
+        report = self._report(allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
         if out is not None:
             with atomic_output_dir(out, overwrite) as tmp:
                 with self.timer.stage("save"):
@@ -191,6 +175,47 @@ class Pipeline:
         report["memory"] = self._memory_report()
         report["times_s"] = dict(self.timer.times)
         return RunResult(report, allocation, out, self.loaded)
+
+    def prepare(self, loaded: LoadedModel | None = None) -> Any:
+        """Load the model and the calibration windows, and set up the calibrator: what every run does
+        before allocating (``strataprune allocate`` and the benchmarks call it too).
+
+        ``loaded`` reuses a model that is already loaded. Returns the calibration dataset (searching
+        allocators draw their held-out selection windows from it).
+        """
+        recipe = self.recipe
+        with self.timer.stage("load model"):
+            self.loaded = loaded or load_model(
+                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
+            )
+        self.offload = offloader_of(self.loaded.model)
+        self._memory("load model")
+        with self.timer.stage("load data"):
+            calib_data = open_dataset(recipe.calibration.source)
+            calib = calibration_windows(
+                self.loaded.tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
+                recipe.calibration.seqlen, recipe.calibration.seed,
+            )
+        self.calib_description = calib.description
+        act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
+        self.calibrator = Calibrator(
+            self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
+        )
+        if self.offload is not None:  # the dense weights stay on disk: read them back on demand
+            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules)
+        else:
+            self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
+        return calib_data
+
+    @contextmanager
+    def pruned(self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial") -> Iterator[None]:
+        """Prune the model with ``allocation`` for the duration of the block, then restore the dense weights
+        (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations)."""
+        try:
+            self._prune(allocation, _Record(), stash or {}, desc=desc)
+            yield
+        finally:
+            self._restore_dense()
 
     def _memory(self, stage: str) -> None:
         """Remember the resident memory after a stage (the peak is the kernel's high-water mark)."""
@@ -212,7 +237,7 @@ class Pipeline:
     def _bos(self) -> bool:
         mode = self.recipe.evaluation.bos
         if mode == "auto":
-            return bool(getattr(self.loaded.adapter, "bos_per_window", lambda m: False)(self.loaded.model))
+            return self.loaded.adapter.bos_per_window(self.loaded.model)
         return mode == "always"
 
     def _weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
@@ -249,7 +274,7 @@ class Pipeline:
 
     def _fingerprint(self) -> str:
         """Hash of the dense weights (cache key of e.g. AlphaPruning's spectra), computed once per run."""
-        if getattr(self, "_dense_fingerprint", None) is None:
+        if self._dense_fingerprint is None:
             self._dense_fingerprint = fingerprint(self.loaded.model)
         return self._dense_fingerprint
 
@@ -321,21 +346,18 @@ class Pipeline:
             allocation.validate(self.calibrator.layout)
             self._round_to_nm(allocation)  # a trial is pruned exactly as the final run would be
             ids = windows(on)  # a bad `on` fails before any pruning
-            try:
-                stash: dict[int, BlockStats] = {}
-                if recipe.calibration.propagate == "dense":
-                    if not dense_stats:
-                        self._dense_pass([], dense_stats)
-                    stash = dict(dense_stats)  # _prune consumes its stash; the cached one stays whole
-                self._prune(allocation, _Record(), stash, desc="trial")
+            stash: dict[int, BlockStats] = {}
+            if recipe.calibration.propagate == "dense":
+                if not dense_stats:
+                    self._dense_pass([], dense_stats)
+                stash = dict(dense_stats)  # _prune consumes its stash; the cached one stays whole
+            with self.pruned(allocation, stash, desc="trial"):
                 return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
-            finally:
-                self._restore_dense()
 
         return score
 
     def _restore_dense(self) -> None:
-        if getattr(self, "offload", None) is not None:  # pruned blocks live in working shards: drop them
+        if self.offload is not None:  # pruned blocks live in working shards: drop them
             self.offload.reset()
             return
         for name, module in self.calibrator.modules.items():
@@ -345,7 +367,6 @@ class Pipeline:
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
                 self._prune_matrix(info, stats, allocation, record)
-            self.calibrator.mark_modified(stats.block)
 
         if self.recipe.calibration.propagate == "dense":
             if stash:

@@ -193,6 +193,16 @@ class Pruner(Plugin):
     updates_weights: ClassVar[bool] = False
     supports_nm: ClassVar[bool] = True
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether ``prune`` also quantizes the kept weights (it then returns ``extra["quant"]`` grids,
+        which the host checks and saves, and reports perplexity against ``unquantized()``)."""
+        return False
+
+    def unquantized(self) -> Pruner:
+        """The same pruner with quantization off: the sparse-only reference of a quantized run."""
+        return self
+
     def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
         raise NotImplementedError
 
@@ -249,6 +259,10 @@ class ModelAdapter(Plugin):
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
         raise NotImplementedError
+
+    def bos_per_window(self, model: torch.nn.Module) -> bool:
+        """Whether every evaluation window must start with BOS (Gemma: ppl 41 without, 17 with)."""
+        return False
 
     def blocks(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
         raise NotImplementedError
