@@ -16,6 +16,9 @@ _LAZY = {
     "ModelAdapter": "strataprune.core.plugin",
     "Dataset": "strataprune.core.plugin",
     "Backend": "strataprune.core.plugin",
+    "Recovery": "strataprune.core.plugin",
+    "RecoveryContext": "strataprune.core.plugin",
+    "RecoveryResult": "strataprune.core.plugin",
     "AllocationContext": "strataprune.core.plugin",
     "BlockStats": "strataprune.core.plugin",
     "MatrixStats": "strataprune.core.plugin",
@@ -44,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.pipeline import Pipeline, prune  # noqa: F401
     from .core.plugin import (  # noqa: F401
         AllocationContext, Allocator, Backend, BlockStats, Dataset, MatrixInfo, MatrixStats, ModelAdapter,
-        ModelLayout, PruneResult, Pruner,
+        ModelLayout, PruneResult, Pruner, Recovery, RecoveryContext, RecoveryResult,
     )
     from .core.recipes import Recipe, load_recipe  # noqa: F401
     from .core.registry import get_registry  # noqa: F401

@@ -76,8 +76,14 @@ def build_recipe(args: argparse.Namespace) -> Any:
         name = getattr(args, kind, None)
         if name is not None and name != getattr(recipe, kind).name:
             overrides[kind] = name  # another plugin: its own defaults, not the recipe's parameters
+    recovery = getattr(args, "recovery", None)  # `run --recovery losa|lora|none` (issue 18)
+    if recovery is not None and recovery != "none" and (recipe.recovery is None or recovery != recipe.recovery.name):
+        overrides["recovery"] = recovery
     overrides.update(parse_set(args.set))
-    return apply_overrides(recipe, overrides)
+    recipe = apply_overrides(recipe, overrides)
+    if recovery == "none":
+        recipe.recovery = None
+    return recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -138,6 +144,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output directory")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--recovery", help="fine-tune to recover accuracy: losa, lora or none (see `strataprune plugins`)")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("eval", help="perplexity of a saved model")

@@ -53,3 +53,9 @@ def register_datasets(register):  # type: ignore[no-untyped-def]
 def register_backends(register):  # type: ignore[no-untyped-def]
     """Register inference backends: ``register(cls)`` with cls a subclass of ``strataprune.Backend``.
     Since 0.1 (the contract of Backend grows with the deployment issue)."""
+
+
+@hookspec
+def register_recoveries(register):  # type: ignore[no-untyped-def]
+    """Register accuracy recoveries (fine-tuning after or between pruning, e.g. LoSA, LoRA):
+    ``register(cls)`` with cls a subclass of ``strataprune.Recovery``. Since 0.1 (issue 18)."""

@@ -30,6 +30,7 @@ from .models import DTYPES, cache_dir, fingerprint, load_model
 from .offload import BlockOffloader, DenseWeights, offloader_of
 from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
 from .recipes import Recipe
+from .recovery import RecoveryHost, make_recovery
 from .registry import Registry, get_registry
 from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
 from .sparsity import NMPattern, Target, nm_violations
@@ -96,6 +97,7 @@ class Pipeline:
         self.pruner: Pruner = self.registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
         if self.target.pattern is not None and not self.pruner.supports_nm:
             raise ConfigError(f"pruner '{self.pruner.name}' does not support N:M sparsity ({self.target.pattern})")
+        self.recovery = make_recovery(self.registry, recipe, self.pruner, self.target)  # None without recovery (issue 18)
         self.offload: BlockOffloader | None = None
         self.memory: dict[str, float] = {}
         self._dense_fingerprint: str | None = None
@@ -155,7 +157,21 @@ class Pipeline:
         self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
 
+        # recovery (issue 18): fine-tune (LoSA: re-prune in rounds); what it leaves is what is reported and saved
+        recovered = None
+        if self.recovery is not None:
+            with self.timer.stage("recover"):
+                recovered = RecoveryHost(self, self.recovery, eval_data, evaluation).run(allocation, calib_data, ppl_sparse)
+            self._memory("recover")
+            ppl_before_recovery, ppl_sparse, allocation = ppl_sparse, recovered.perplexity, recovered.allocation
+            record = _Record(realised=recovered.realised, zeros=dict(recovered.realised), notes=record.notes)
+
         report = self._report(allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
+        if recovered is not None:
+            report["perplexity"]["before_recovery"] = ppl_before_recovery
+            report["recovery"] = recovered.report
+            report["plugins"]["recovery"] = self.registry.info("recovery", self.recovery.name).as_dict()
+            report["plugin_params"]["recovery"] = self.recovery.params()
         if out is not None:
             with atomic_output_dir(out, overwrite) as tmp:
                 with self.timer.stage("save"):
@@ -168,6 +184,8 @@ class Pipeline:
                     if record.quant:
                         save_grids(tmp, record.quant, report["quantization"])
                     (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+                    if recovered is not None:
+                        recovered.save(tmp, f"{recipe.model.source}: {self.recovery.name} at {self.target}")
                 self._memory("save")
                 report["memory"] = self._memory_report()
                 report["times_s"] = dict(self.timer.times)  # written last, so it holds the save time too
@@ -485,9 +503,16 @@ def summary(report: dict[str, Any]) -> str:
     dense = ppl["dense"]["ppl"] if ppl["dense"] else None
     sparse = ppl["sparse"]["ppl"]
     rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
+    if "before_recovery" in ppl:  # issue 18: the saved model is the recovered one
+        rows[1][0] = f"sparse ({report['sparsity']['target']}), after {report['recovery']['name']}"
+        rows.insert(1, [f"sparse ({report['sparsity']['target']}), before recovery", ppl["before_recovery"]["ppl"]])
     if dense:
         rows.append(["ratio sparse/dense", sparse / dense])
     lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
+    if report.get("recovery"):  # issue 18: one line per round
+        from .recovery import rounds_table
+
+        lines += ["", rounds_table(report["recovery"])]
     lines.append("")
     blocks = report["sparsity"]["per_block"]
     lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))

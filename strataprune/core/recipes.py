@@ -6,6 +6,7 @@
     evaluation: {source: bbc, split: test, seqlen: 512, max_windows: 40, dense: true, bos: auto}
     allocator: uniform                # or {name: atp, beta: 0.01}
     pruner: wanda                     # or {name: sparsegpt, percdamp: 0.01}
+    recovery: null                    # or losa, or {name: lora, steps: 100} (fine-tuning after/between pruning)
     sparsity: 0.5                     # a ratio in [0, 1) or an N:M pattern such as "2:4"
     output_dir: strataprune-runs/smollm2-wanda-uniform-0.5
 
@@ -98,6 +99,8 @@ class Recipe:
     pruner: PluginChoice = field(default_factory=lambda: PluginChoice("wanda"))
     sparsity: str | float = 0.5
     output_dir: str | None = None
+    #: accuracy recovery after (or, for LoSA, between) pruning; None = none
+    recovery: PluginChoice | None = None
 
     @property
     def target(self) -> Target:
@@ -113,6 +116,7 @@ class Recipe:
             "pruner": self.pruner.as_yaml(),
             "sparsity": self.sparsity,
             "output_dir": self.output_dir,
+            "recovery": self.recovery.as_yaml() if self.recovery is not None else None,
         }
 
     def to_yaml(self) -> str:
@@ -121,11 +125,12 @@ class Recipe:
     def default_output_dir(self) -> str:
         model = Path(self.model.source).stem.replace("/", "_") or "model"
         sparsity = str(self.sparsity).replace(":", "of")
-        return f"strataprune-runs/{model}-{self.pruner.name}-{self.allocator.name}-{sparsity}"
+        recovery = f"-{self.recovery.name}" if self.recovery is not None else ""
+        return f"strataprune-runs/{model}-{self.pruner.name}-{self.allocator.name}-{sparsity}{recovery}"
 
 
 SECTIONS = {"model": ModelSection, "calibration": CalibrationSection, "evaluation": EvaluationSection}
-TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir")
+TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir", "recovery")
 
 
 def _positive(key: str, value: Any, minimum: int = 1) -> None:
@@ -172,6 +177,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         if data["output_dir"] is not None and not isinstance(data["output_dir"], str):
             raise ConfigError(f"output_dir: {data['output_dir']!r} must be a path")
         recipe.output_dir = data["output_dir"]
+    if data.get("recovery") is not None:
+        recipe.recovery = _plugin_choice("recovery", data["recovery"])
     return recipe
 
 
@@ -198,7 +205,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                node[part] = {} if part not in ("allocator", "pruner") else {"name": node.get(part)}
+                node[part] = {} if part not in ("allocator", "pruner", "recovery") else {"name": node.get(part)}
             node = node[part]
         node[parts[-1]] = value
     return recipe_from_dict(data, where="recipe (with command-line overrides)")

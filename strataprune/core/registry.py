@@ -25,7 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, did_you_mean, unknown
-from .plugin import Allocator, Backend, Dataset, ModelAdapter, Plugin, Pruner
+from .plugin import Allocator, Backend, Dataset, ModelAdapter, Plugin, Pruner, Recovery
 
 GROUP = "strataprune"
 OWN_DISTRIBUTION = "strataprune"
@@ -35,6 +35,7 @@ BUILTIN_MODULES = {
     "pruners": "strataprune.plugins.pruners",
     "adapters": "strataprune.plugins.adapters",
     "datasets": "strataprune.plugins.datasets",
+    "recovery": "strataprune.plugins.recovery",
 }
 
 #: kind -> (hook name, base class, methods a registered class must define)
@@ -44,6 +45,7 @@ KINDS: dict[str, tuple[str, type[Plugin], tuple[str, ...]]] = {
     "adapter": ("register_model_adapters", ModelAdapter, ("matches", "load", "blocks", "prunable", "capture", "run_block")),
     "dataset": ("register_datasets", Dataset, ("documents",)),
     "backend": ("register_backends", Backend, ("prepare",)),
+    "recovery": ("register_recoveries", Recovery, ("recover",)),
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 SPEC_NAMES = tuple(name for name in dir(hookspecs) if name.startswith("register_"))

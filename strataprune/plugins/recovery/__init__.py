@@ -1,0 +1,16 @@
+"""Built-in recoveries, registered through the same hook as third-party ones.
+
+losa (LoSA: rounds of pruning and sparsity-aware masked LoRA, algorithms.md §6), lora (plain masked
+LoRA after pruning, the comparison).
+"""
+
+from strataprune.core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_recoveries(register):  # type: ignore[no-untyped-def]
+    from .lora import LoRA
+    from .losa import LoSA
+
+    for cls in (LoSA, LoRA):
+        register(cls)
