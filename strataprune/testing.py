@@ -8,15 +8,20 @@
     def test_my_pruner():
         check_pruner(MyPruner)
 
+    def test_my_recovery(tmp_path):
+        check_recovery((MyRecovery, {"steps": 4}), workdir=tmp_path)   # a whole run on a tiny random Llama
+
 Each check builds a small random problem (a layout of mixed-shape matrices in a few blocks, the
 statistics the plugin declares it ``needs``), runs the plugin the way the host runs it, and raises
 ``AssertionError`` with a message naming the broken rule. strataprune's own tests run them on every
-built-in. ``check_adapter`` checks a model adapter on a model you provide.
+built-in. ``check_adapter`` checks a model adapter on a model you provide. ``check_recovery`` runs
+the whole pipeline with the recovery on a tiny random Llama (built on the fly) and checks the model it saves.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,7 +33,8 @@ from .core.plugin import (
 )
 from .core.sparsity import Target, nm_violations
 
-__all__ = ["check_allocator", "check_pruner", "check_adapter", "random_layout", "random_block_stats"]
+__all__ = ["check_allocator", "check_pruner", "check_adapter", "check_recovery", "random_layout", "random_block_stats",
+           "tiny_llama_dir"]
 
 #: a few blocks of unequal size, like a decoder with attention and MLP matrices of several shapes
 DEFAULT_SHAPES: tuple[tuple[str, tuple[int, int]], ...] = (
@@ -274,3 +280,131 @@ def _block_outputs(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], id
     finally:
         handle.remove()
     return outputs
+
+
+# --------------------------------------------------------------------------- recoveries (issue 18)
+def tiny_llama_dir(folder: Any, seed: int = 0) -> Any:
+    """A tiny random Llama (3 blocks, hidden 64) with a byte-level tokenizer, saved to ``folder``."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!").save_pretrained(folder)
+    return folder
+
+
+def _random_text(path: Any, seed: int) -> Any:
+    words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
+    g = torch.Generator().manual_seed(seed)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=g)) for _ in range(200)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5, model_dir: Any = None) -> dict[str, Any]:
+    """Run strataprune with the recovery on a tiny model and check the saved model. Returns the report.
+
+    Rules: the run succeeds and its report has a ``recovery`` section with finite losses and
+    perplexities; the saved model loads with transformers and has exactly the dense model's
+    parameter names and shapes (no adapter left, no extra parameter); every prunable matrix holds
+    exactly as many zeros as the report's realised sparsity says, and that sparsity matches the
+    saved ``allocation.json`` (to one weight per row); a recovery that starts from the pruned model
+    keeps every weight the run pruned at zero; the same run twice gives the same weights; the loss
+    curve ``recovery_loss.png`` is written when there was training. Training text defaults to a
+    random text file (parameter ``data``) when the recovery's Config has that parameter.
+    """
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from .core.pipeline import Pipeline
+    from .core.plugin import Recovery
+    from .core.recipes import recipe_from_dict
+    from .core.registry import Registry, get_registry
+
+    if isinstance(recovery, tuple):
+        cls, params = recovery
+    elif isinstance(recovery, type):
+        cls, params = recovery, {}
+    elif isinstance(recovery, Recovery):
+        cls, params = type(recovery), recovery.params()
+    else:
+        raise AssertionError(f"{recovery!r} is not a strataprune.Recovery (class, instance or (class, params))")
+    assert isinstance(cls, type) and issubclass(cls, Recovery), f"{cls!r} is not a subclass of strataprune.Recovery"
+    assert cls.name, "a recovery needs a non-empty `name`"
+    registry = get_registry()
+    if cls.name not in registry.names("recovery") or registry.get("recovery", cls.name) is not cls:
+        registry = Registry()
+        if cls.name in registry.names("recovery") and registry.get("recovery", cls.name) is not cls:
+            raise AssertionError(f"recovery name '{cls.name}' is already registered by another class")
+        if cls.name not in registry.names("recovery"):
+            registry.add("recovery", cls, provided_by="check_recovery")
+    own = tempfile.TemporaryDirectory(prefix="check-recovery-") if workdir is None else None
+    root = Path(own.name if own is not None else workdir)
+    try:
+        model_dir = Path(model_dir) if model_dir is not None else tiny_llama_dir(root / "model")
+        train, evaluation = _random_text(root / "train.txt", 1), _random_text(root / "eval.txt", 2)
+        params = dict(params)
+        if "data" in {f.name for f in dataclasses.fields(cls.Config)} and "data" not in params:
+            params["data"] = str(train)
+
+        def run(out: str, with_recovery: bool) -> dict[str, Any]:
+            recipe = recipe_from_dict({
+                "model": str(model_dir), "sparsity": sparsity, "output_dir": str(root / out),
+                "calibration": {"source": str(train), "nsamples": 4, "seqlen": 32},
+                "evaluation": {"source": str(evaluation), "seqlen": 32, "max_windows": 4, "dense": False},
+                "recovery": {"name": cls.name, **params} if with_recovery else None,
+            })
+            return Pipeline(recipe, registry=registry, show_progress=False, log=lambda _msg: None).run(root / out).report
+
+        report = run("recovered", True)
+        who = f"recovery '{cls.name}'"
+        section = report.get("recovery")
+        assert isinstance(section, dict) and section.get("name") == cls.name, f"{who}: report.json has no recovery section"
+        for entry in section.get("history", []):
+            assert math.isfinite(entry["loss"]), f"{who}: non-finite training loss {entry}"
+        assert math.isfinite(report["perplexity"]["sparse"]["ppl"]), f"{who}: the recovered perplexity is not finite"
+        if section.get("history"):
+            assert (root / "recovered" / "recovery_loss.png").is_file(), f"{who}: no recovery_loss.png in the output"
+
+        dense = AutoModelForCausalLM.from_pretrained(model_dir)
+        saved = AutoModelForCausalLM.from_pretrained(root / "recovered")
+        shapes = {n: tuple(p.shape) for n, p in saved.state_dict().items()}
+        assert shapes == {n: tuple(p.shape) for n, p in dense.state_dict().items()}, (
+            f"{who}: the saved model's parameters differ from the dense model's (an adapter or extra parameter was saved)")
+        allocation = json.loads((root / "recovered" / "allocation.json").read_text())
+        realised = report["sparsity"]["per_matrix"]
+        weights = saved.state_dict()
+        for name, ratio in allocation["ratios"].items():
+            weight = weights[f"{name}.weight"]
+            zeros = int((weight == 0).sum())
+            assert zeros == round(realised[name] * weight.numel()), (
+                f"{who}: {name} holds {zeros} zeros but the report says sparsity {realised[name]:.6f}")
+            slack = 1.0 / weight.shape[1] + 1e-3
+            assert ratio - slack <= zeros / weight.numel() <= ratio + slack, (
+                f"{who}: {name} has sparsity {zeros / weight.numel():.4f}, its final allocation says {ratio:.4f}")
+        if cls.starts_from == "pruned":
+            run("pruned", False)
+            pruned = AutoModelForCausalLM.from_pretrained(root / "pruned").state_dict()
+            for name in allocation["ratios"]:
+                revived = int(((pruned[f"{name}.weight"] == 0) & (weights[f"{name}.weight"] != 0)).sum())
+                assert revived == 0, f"{who} revived {revived} pruned weights of {name}"
+        run("again", True)
+        again = AutoModelForCausalLM.from_pretrained(root / "again").state_dict()
+        assert all(torch.equal(again[n], weights[n]) for n in weights), f"{who} is not deterministic: the same run gave other weights"
+        return report
+    finally:
+        if own is not None:
+            own.cleanup()

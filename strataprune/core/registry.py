@@ -165,6 +165,14 @@ class Registry:
         version = getattr(cls, "version", None) or _dist_version(dist)
         return PluginInfo(name, kind, cls, dist, ep_name, str(version))
 
+    def add(self, kind: str, cls: type[Plugin], provided_by: str = "local") -> PluginInfo:
+        """Register a class directly, validated as a hook registration is (contract checks of unpublished plugins)."""
+        if kind not in KINDS:
+            raise PluginError(f"unknown plugin kind '{kind}'; kinds: {', '.join(KINDS)}")
+        info = self._validate(kind, cls, f"{provided_by}:{getattr(cls, '__name__', cls)}", provided_by, "direct", [])
+        self._plugins[kind][info.name] = info
+        return info
+
     def _skip(self, label: str, reason: str) -> None:
         self.skipped.append((label, reason))
         warnings.warn(f"strataprune plugin '{label}' skipped: {reason}", PluginLoadWarning, stacklevel=3)
