@@ -14,7 +14,7 @@ on the same BBC test windows. Reported: perplexity before/after and the ratio af
 against LoRA, recovery time and training throughput (tokens/s), peak RSS and its ratio to the
 one-shot run's memory before recovery. Timings are wall-clock on a machine shared with other jobs.
 
-    python benchmarks/recovery.py                                   # 50% and 70%, 100 steps, batch 2 x 128
+    python benchmarks/recovery.py                                   # 50% and 70%, 80 steps, batch 2 x 128
     python benchmarks/recovery.py --sparsities 0.7 --steps 40 --rounds 2 --threads 2
 
 Writes benchmarks/results/recovery-<timestamp>.json and .md and prints the table.
@@ -109,11 +109,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.5,0.7")
     parser.add_argument("--recoveries", default="lora,losa")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in total (LoSA: split over its rounds)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps in total (LoSA: split over its rounds)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--train-seqlen", dest="train_seqlen", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=256)

@@ -8,7 +8,8 @@
 LoSA's official settings (algorithms.md §6.1): lr 2e-4, weight decay 0.001, warm-up ratio 0.3, linear
 schedule, max_grad_norm 0.3, one epoch per round of 1000 instruction rows. Here every optimizer step
 draws ``batch`` fresh windows of ``seqlen`` tokens (seeded random offsets in the training text), so a
-round is ``steps`` steps. The progress bar shows the running loss; every step's loss and learning rate
+round is ``steps`` steps. The default lr is 2e-3, ten times the official value, which is set for 7B
+models and ~125 steps per round; on SmolLM2-135M a few dozen steps need more (docs/recovery.md). The progress bar shows the running loss; every step's loss and learning rate
 is returned. A non-finite loss stops training with an error naming the step (lower the learning rate).
 
     losses = finetune(model, params, windows, TrainingConfig(steps=40), desc="round 1")
@@ -45,7 +46,7 @@ class TrainingConfig:
     batch: int = 2
     #: tokens per training window
     seqlen: int = 128
-    lr: float = 5e-4
+    lr: float = 2e-3
     weight_decay: float = 0.001
     warmup_ratio: float = 0.3
     #: gradient-norm clipping; null = none
@@ -61,7 +62,7 @@ class TrainingConfig:
         _check(where, _is_int(self.steps) and self.steps >= 0, "steps", self.steps, "an integer >= 0")
         _check(where, _is_int(self.batch) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
         _check(where, _is_int(self.seqlen) and self.seqlen >= 2, "seqlen", self.seqlen, "an integer >= 2")
-        _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 5e-4)")
+        _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
         _check(where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(where, 0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", self.warmup_ratio, "a number in [0, 1]")
         _check(where, self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
@@ -100,7 +101,8 @@ def finetune(
     if steps == 0 or not params:
         return []
     device = params[0].device
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
+    trained = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
