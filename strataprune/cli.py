@@ -5,17 +5,22 @@
     strataprune eval out/
     strataprune plugins --json
 
-Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback.
+Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback;
+they are found before the heavy imports and the work (core/preflight.py). Any other exception is a
+bug: one line ``error: internal error ...`` and exit status 1 (operating-system errors such as a full
+disk: ``error: ...``, status 1); ``STRATAPRUNE_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from .core.errors import StrataPruneError
+from .core.errors import ConfigError, StrataPruneError
 
 #: run/allocate flags -> recipe keys they override
 FLAG_KEYS = {
@@ -48,7 +53,8 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--allocator", help="allocator name (see `strataprune plugins`)")
     parser.add_argument("--pruner", help="pruner name (see `strataprune plugins`)")
-    parser.add_argument("--sparsity", help="target ratio in [0, 1) or an N:M pattern like 2:4")
+    parser.add_argument("--sparsity", help="target ratio in [0, 1), or N:M = keep N of every M weights (NVIDIA's notation: "
+                        "2:4 is 50%%, 1:4 is 75%% sparse; the paper repos' n:m counts pruned weights instead)")
     parser.add_argument("--calibration", help="calibration text: dataset name (bbc) or text file path")
     parser.add_argument("--nsamples", type=int, help="calibration samples")
     parser.add_argument("--seqlen", type=int, help="calibration tokens per sample")
@@ -60,8 +66,31 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any recipe key, e.g. allocator.beta=0.01")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: strataprune run: argument ...``), exit status 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _at_least(minimum: int, allow_all: bool = False) -> Any:
+    def parse(text: str) -> int | None:
+        if allow_all and text == "all":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}" + (" or 'all'" if allow_all else ""))
+        return value
+
+    return parse
+
+
 def build_recipe(args: argparse.Namespace) -> Any:
     from .core.recipes import apply_overrides, load_recipe, parse_set
+    from .core.sparsity import paper_notation_warning
 
     recipe = load_recipe(args.recipe)
     overrides: dict[str, Any] = {key: getattr(args, flag, None) for flag, key in FLAG_KEYS.items()}
@@ -69,38 +98,59 @@ def build_recipe(args: argparse.Namespace) -> Any:
         try:
             overrides["sparsity"] = float(overrides["sparsity"])
         except ValueError:
-            from .core.errors import ConfigError
-
             raise ConfigError(f"--sparsity {overrides['sparsity']!r} must be a number in [0, 1) or an N:M pattern like 2:4") from None
     for kind in ("allocator", "pruner"):
         name = getattr(args, kind, None)
         if name is not None and name != getattr(recipe, kind).name:
             overrides[kind] = name  # another plugin: its own defaults, not the recipe's parameters
     overrides.update(parse_set(args.set))
-    return apply_overrides(recipe, overrides)
+    recipe = apply_overrides(recipe, overrides)
+    warning = paper_notation_warning(recipe.target.pattern)
+    if warning:
+        print(warning, file=sys.stderr)
+    return recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .core.pipeline import Pipeline, summary
+    from .core.preflight import preflight
 
     recipe = build_recipe(args)
-    result = Pipeline(recipe, show_progress=not args.quiet).run(recipe.output_dir or recipe.default_output_dir(), overwrite=args.overwrite)
+    output = recipe.output_dir or recipe.default_output_dir()
+    preflight(recipe, output, args.overwrite, command="run")  # before the heavy imports and any work
+    from .core.pipeline import Pipeline, summary
+
+    result = Pipeline(recipe, show_progress=not args.quiet).run(output, overwrite=args.overwrite)
     print(summary(result.report))
     print(f"\nwrote {result.output_dir}/ (model, allocation.json, report.json, recipe.yaml)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .core.limits import check_seqlen
+    from .core.modelfiles import inspect_model
+    from .core.textfile import TextFile
+
+    config = inspect_model(args.model_dir)  # cheap checks first: files, context length
+    if config is not None:
+        check_seqlen(config, args.seqlen, "--seqlen")
+    data = Path(args.data).expanduser()
+    if data.exists() or data.suffix or "/" in args.data:
+        TextFile(data, args.encoding)
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
-    from .core.models import load_model
+    from .core.models import load_model, resolve_device
 
+    dataset = open_dataset(args.data, args.encoding, args.protocol)
+    resolve_device(args.device)
     loaded = load_model(args.model_dir, device=args.device)
+    check_seqlen(loaded.model.config, args.seqlen, "--seqlen")
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
-    windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data), args.split, args.seqlen, args.windows, bos)
+    windows = evaluation_windows(loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos)
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
     result["data"] = windows.description
-    print(json.dumps(result, indent=2) if args.json else f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']})")
+    print(json.dumps(result, indent=2) if args.json else
+          f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}; "
+          f"protocol {windows.description['protocol']}; tokens sha256 {windows.description['sha256'][:16]})")
     return 0
 
 
@@ -118,25 +168,30 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from .core.allocate import compare_allocators
+    from .core.preflight import preflight
+    from .core.recipes import parse_allocator_specs
 
     recipe = build_recipe(args)
-    names = [n.strip() for n in (args.allocators or recipe.allocator.name).split(",") if n.strip()]
-    compare_allocators(recipe, names, args.output or "strataprune-allocations", overwrite=args.overwrite, show_progress=not args.quiet)
+    specs = [n.strip() for n in (args.allocators or recipe.allocator.name).split(",") if n.strip()]
+    output = args.output or "strataprune-allocations"
+    preflight(recipe, output, args.overwrite, command="allocate", allocators=parse_allocator_specs(specs))
+    from .core.allocate import compare_allocators
+
+    compare_allocators(recipe, specs, output, overwrite=args.overwrite, show_progress=not args.quiet)
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="strataprune", description="Layer-wise sparsity allocation and pruning for large models.")
+    parser = _Parser(prog="strataprune", description="Layer-wise sparsity allocation and pruning for large models.")
     parser.add_argument("--version", action="version", version=f"strataprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model (the main job)")
     _recipe_flags(run)
     run.add_argument("--output", help="output directory")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -144,8 +199,11 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("model_dir", help="model folder (e.g. the output of `strataprune run`), .gguf file or embedded name")
     ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc)")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--seqlen", type=int, default=512)
-    ev.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
+    ev.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; at most the model's context)")
+    ev.add_argument("--windows", type=_at_least(1, allow_all=True), default=40, help="number of windows, or 'all' (default 40)")
+    ev.add_argument("--encoding", default="utf-8", help="encoding of a text file given as --data (default utf-8)")
+    ev.add_argument("--protocol", choices=["auto", "wikitext2", "c4", "documents"], default="auto",
+                    help="how text becomes tokens (default auto: the papers' protocol for wikitext2, c4 and WikiText files)")
     ev.add_argument("--bos", choices=["auto", "always", "never"], default="auto")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true")
@@ -160,23 +218,49 @@ def make_parser() -> argparse.ArgumentParser:
     _recipe_flags(al)
     al.add_argument("--allocators", help="comma-separated allocators, each NAME or NAME:key=value:... (default: the recipe's)")
     al.add_argument("--output", help="output directory (default: strataprune-allocations)")
-    al.add_argument("--overwrite", action="store_true")
+    al.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=cmd_allocate)
     return parser
 
 
+def _fail(message: str, status: int) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    from .core.outputs import current_command, release_output_locks
+
+    debug = os.environ.get("STRATAPRUNE_DEBUG", "") not in ("", "0")
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0)
+    except StrataPruneError as exc:
+        return _fail(str(exc), 2)
+    token = current_command.set(args.command)
     try:
         return int(args.func(args))
-    except StrataPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, StrataPruneError):
+            return _fail(str(exc), 2)
+        if isinstance(exc, MemoryError):
+            return _fail("out of memory; lower calibration.nsamples or seqlen, or use --offload / --activation-dir", 1)
+        if isinstance(exc, OSError):
+            return _fail(f"{exc} (an operating-system error; STRATAPRUNE_DEBUG=1 shows the traceback)", 1)
+        return _fail(
+            f"internal error: {type(exc).__name__}: {exc} (a bug in strataprune or a plugin, please report it; "
+            "run with STRATAPRUNE_DEBUG=1 for the traceback)", 1,
+        )
+    finally:
+        release_output_locks()
+        current_command.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

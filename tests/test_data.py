@@ -19,7 +19,7 @@ class CharTokenizer:
     name_or_path = "chars"
     bos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, **kwargs):
         if isinstance(text, list):
             return {"input_ids": [[ord(c) % 250 + 2 for c in t] for t in text]}
         return {"input_ids": [ord(c) % 250 + 2 for c in text]}

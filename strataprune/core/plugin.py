@@ -16,12 +16,13 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from .errors import ConfigError
 from .sparsity import Target
+
+if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
+    import torch
 
 #: statistics a plugin may ask the calibration engine for
 #: - ``input_norms``: per prunable matrix, the L2 norm of each input column over all calibration tokens (Wanda's ||X_j||_2)
@@ -136,6 +137,12 @@ class MatrixStats:
 
 
 # --------------------------------------------------------------------------- allocators
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass
 class AllocationContext:
     """Everything an allocator may use besides the statistics it observed."""
@@ -148,7 +155,7 @@ class AllocationContext:
     #: prune a copy with a candidate allocation and return held-out perplexity (lower is better);
     #: only set when the allocator declares ``searches = True``
     score: Callable[[Any], float] | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     cache_dir: Path | None = None
     model_fingerprint: str = ""
     progress: bool = True
@@ -209,13 +216,22 @@ class Pruner(Plugin):
 
 # --------------------------------------------------------------------------- datasets
 class Dataset(Plugin):
-    """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available)."""
+    """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available).
+
+    ``reference_protocol`` names how the papers turn this source into tokens (core/data.py:
+    'wikitext2', 'c4', or 'documents', the default); ``rows`` gives the records exactly as the
+    reference loader yields them (blank ones included), which the papers' protocols join.
+    """
 
     kind: ClassVar[str] = "dataset"
     splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
+    reference_protocol: str = "documents"
 
     def documents(self, split: str) -> list[str]:
         raise NotImplementedError
+
+    def rows(self, split: str) -> list[str]:
+        return self.documents(split)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
