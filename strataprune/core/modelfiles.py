@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, unknown
+from .hub import require_hub
 
 
 @dataclass(frozen=True)
@@ -131,20 +132,51 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
     return cache_dir() / "models" / f"{name or gguf.stem}-{key}"
 
 
+def model_kind(source: str) -> tuple[str, str]:
+    """('embedded' | 'gguf' | 'folder' | 'hub', source): what a ``model.source`` names, or a DataError when it
+    names nothing (a missing path, an unknown embedded name, a hub id while the hub is unreachable)."""
+    source = DEFAULT_MODEL if source in ("default", "") else source
+    if source in EMBEDDED:
+        return "embedded", source
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return "gguf", source
+    if path.is_dir():
+        return "folder", source
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
+    cached = _in_hf_cache(source)
+    if "/" not in source and not cached:
+        hint = unknown("embedded model", source, EMBEDDED)
+        raise DataError(f"{hint}; or pass a local folder, a .gguf file or a hub id like 'org/name'")
+    if not cached:
+        require_hub(f"model '{source}'")
+    return "hub", source
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any cache layout problem means "not cached"
+        return False
+
+
 def inspect_model(source: str) -> dict[str, Any] | None:
     """Cheap checks of a model source; its config when it is on disk already (None: known only after loading)."""
-    source = DEFAULT_MODEL if source in ("default", "") else source
+    kind, source = model_kind(source)
     path = Path(source).expanduser()
-    if source in EMBEDDED:
+    if kind == "embedded":
         spec = importlib.util.find_spec(EMBEDDED[source].package)
         if spec is None or not spec.submodule_search_locations:
             return None  # load_model says how to install it
         gguf = Path(spec.submodule_search_locations[0]) / EMBEDDED[source].gguf_file
         return _cached_config(gguf, source) if gguf.is_file() else None
-    if path.suffix == ".gguf":
+    if kind == "gguf":
         check_gguf(path)
         return _cached_config(path, None)
-    if path.is_dir():
+    if kind == "folder":
         return check_model_folder(path, source)
     return None
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError, did_you_mean, unknown
-from .hub import require_hub
-from .modelfiles import DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir, check_gguf, check_model_folder, converted_folder, read_config  # noqa: F401
+from .errors import ConfigError, DataError, did_you_mean
+from .modelfiles import (  # noqa: F401 - cache_dir, DEFAULT_MODEL, EmbeddedModel: their former home
+    DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir, check_gguf, check_model_folder, converted_folder, model_kind, read_config,
+)
 from .outputs import pid_alive
 from .plugin import LoadedModel
 
@@ -102,34 +103,17 @@ def _remove_dead_conversions(folder: Path) -> None:
 
 def resolve_model(source: str) -> tuple[Path | str, dict[str, Any]]:
     """Turn a recipe's ``model.source`` into a local folder (or a hub id known to be reachable)."""
-    if source in ("default", ""):
-        source = DEFAULT_MODEL
-    if source in EMBEDDED:
+    kind, source = model_kind(source)
+    if kind == "embedded":
         model = EMBEDDED[source]
         return convert_gguf(_embedded_gguf(model), source), {"source": source, "embedded": model.install}
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if kind == "gguf":
         return convert_gguf(path), {"source": str(path.resolve()), "format": "gguf"}
-    if path.is_dir():
+    if kind == "folder":
         check_model_folder(path, source)
         return path, {"source": str(path.resolve()), "format": "folder"}
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
-    if "/" not in source and not _in_hf_cache(source):
-        hint = unknown("embedded model", source, EMBEDDED)
-        raise DataError(f"{hint}; or pass a local folder, a .gguf file or a hub id like 'org/name'")
-    if not _in_hf_cache(source):
-        require_hub(f"model '{source}'")
     return source, {"source": source, "format": "hub"}
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - any cache layout problem means "not cached"
-        return False
 
 
 def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
