@@ -84,17 +84,19 @@ def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
     assert not (legacy / "alpha").exists()
 
 
-@pytest.mark.parametrize("where", ["file", "under_file", "proc", "root"])
+@pytest.mark.parametrize("where", ["file", "under_file", "proc", "root", "symlink"])
 def test_unwritable_destinations_are_refused_before_work(tmp_path, where):
     (tmp_path / "f.txt").write_text("x")
-    dest = {"file": tmp_path / "f.txt", "under_file": tmp_path / "f.txt" / "out", "proc": Path("/proc/strataprune-x"), "root": Path("/")}[where]
+    (tmp_path / "link").symlink_to(tmp_path)
+    dest = {"file": tmp_path / "f.txt", "under_file": tmp_path / "f.txt" / "out", "proc": Path("/proc/strataprune-x"),
+            "root": Path("/"), "symlink": tmp_path / "link"}[where]
     if where == "proc" and not Path("/proc/self").exists():
         pytest.skip("no /proc on this system")
     message = {"file": "exists and is not a folder", "under_file": "which is a file, not a folder",
-               "proc": "cannot create files in '/proc'", "root": "filesystem root"}[where]
+               "proc": "cannot create files in '/proc'", "root": "filesystem root", "symlink": "is a symbolic link"}[where]
     with pytest.raises(OutputError, match=message):
         check_output_dir(dest, overwrite=True)
-    assert (tmp_path / "f.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    assert (tmp_path / "f.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "link"]
 
 
 def test_failed_work_leaves_the_old_output_and_no_temporary(tmp_path):

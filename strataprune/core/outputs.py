@@ -167,6 +167,8 @@ def _absolute(path: str | Path) -> Path:
 def _check_location(dest: Path) -> None:
     if dest.parent == dest:
         raise OutputError(f"output '{dest}' is a filesystem root; choose a folder inside it")
+    if dest.is_symlink():  # the commit swaps names: it would replace the link, not the folder it points to
+        raise OutputError(f"output '{dest}' is a symbolic link; give the folder it points to ('{dest.resolve()}')")
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"output '{dest}' exists and is not a folder; choose another --output")
     ancestor = dest.parent
