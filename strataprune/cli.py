@@ -128,14 +128,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .core.limits import check_seqlen
     from .core.modelfiles import inspect_model
-    from .core.textfile import TextFile
+    from .core.textfile import TextFile, looks_like_path
 
     config = inspect_model(args.model_dir)  # cheap checks first: files, context length
     if config is not None:
         check_seqlen(config, args.seqlen, "--seqlen")
-    data = Path(args.data).expanduser()
-    if data.exists() or data.suffix or "/" in args.data:
-        TextFile(data, args.encoding)
+    if looks_like_path(args.data):
+        TextFile(Path(args.data).expanduser(), args.encoding)
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
     from .core.models import load_model, resolve_device

@@ -37,7 +37,7 @@ import torch
 
 from .errors import ConfigError, DataError, unknown
 from .plugin import Dataset
-from .textfile import TextFile
+from .textfile import TextFile, looks_like_path
 
 #: share of a split-less text's tokens held out from calibration for selection (ATP's beta search)
 HOLDOUT_FRACTION = 0.1
@@ -65,10 +65,9 @@ def open_dataset(source: str, encoding: str = "utf-8", protocol: str = "auto") -
     if source in registry.names("dataset"):
         dataset = registry.create("dataset", source)
     else:
-        path = Path(source).expanduser()
-        if not (path.exists() or path.suffix or "/" in source):
+        if not looks_like_path(source):
             raise unknown("dataset", source, registry.names("dataset") + ["<path to a text file>"])
-        dataset = TextFile(path, encoding)
+        dataset = TextFile(Path(source).expanduser(), encoding)
     dataset.protocol = protocol_of(dataset, protocol)
     return dataset
 

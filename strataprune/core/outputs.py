@@ -95,9 +95,15 @@ def check_output_dir(
     _check_location(dest)
     _check_replaceable(dest, overwrite)
     if lock:
+        newly = dest not in _held
         _acquire(dest, command)
-        _clean_leftovers(dest, log or _say)
-        _check_replaceable(dest, overwrite)  # a restored old output may now be there
+        try:
+            _clean_leftovers(dest, log or _say)
+            _check_replaceable(dest, overwrite)  # a restored old output may now be there
+        except BaseException:
+            if newly:
+                release_output_lock(dest)
+            raise
 
 
 @contextmanager

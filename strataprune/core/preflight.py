@@ -28,17 +28,12 @@ from .limits import check_recipe_limits
 from .modelfiles import inspect_model
 from .outputs import check_output_dir
 from .recipes import Recipe
-from .textfile import TextFile
-
-
-def _is_path(source: str) -> bool:
-    path = Path(source).expanduser()
-    return path.exists() or bool(path.suffix) or "/" in source
+from .textfile import TextFile, looks_like_path
 
 
 def check_text_sources(recipe: Recipe) -> None:
     for key, section in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
-        if _is_path(section.source):
+        if looks_like_path(section.source):
             TextFile(Path(section.source).expanduser(), section.encoding)
             if section.protocol == "c4":
                 raise ConfigError(f"{key}.protocol 'c4' draws whole documents from train/validation splits; "
@@ -59,7 +54,7 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
     if recipe.target.pattern is not None and not pruner.supports_nm:
         raise ConfigError(f"pruner '{pruner.name}' does not support N:M sparsity ({recipe.target.pattern})")
     for section in (recipe.calibration, recipe.evaluation):
-        if not _is_path(section.source):  # files were read in step 3; names must be registered datasets
+        if not looks_like_path(section.source):  # files were read in step 3; names must be registered datasets
             open_dataset(section.source, section.encoding, section.protocol)
     resolve_device(recipe.model.device)
 

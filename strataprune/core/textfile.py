@@ -24,6 +24,12 @@ from .plugin import Dataset
 WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")
 
 
+def looks_like_path(source: str) -> bool:
+    """A text source that names a file (it exists, has a suffix or a '/') rather than a registered dataset."""
+    path = Path(source).expanduser()
+    return path.exists() or bool(path.suffix) or "/" in source
+
+
 def decode_text(raw: bytes, what: str, encoding: str = "utf-8", error: type[StrataPruneError] = DataError) -> str:
     """Bytes -> text, refusing binary data (NUL bytes) and bytes that are not valid ``encoding``."""
     if b"\0" in raw[:65536] and not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32")):
