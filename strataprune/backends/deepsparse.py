@@ -10,9 +10,11 @@ in the cache (strataprune/deploy/engine_env.py) and this backend starts
 strataprune/deploy/deepsparse_worker.py there and exchanges ``.onnx`` and ``.npz`` files with it.
 
 Its input limits are handled by the export, not left to crash the worker: ONNX IR version <= 9
-(the export's IR 10 is rewritten to 8), fixed input shapes with the batch first (a prefill graph
-without past inputs for ``[batch, prompt_len]`` and a decode graph compiled for each past length
-it meets), no ``position_ids`` input (positions are computed inside the graph). Timing happens
+(the export's IR 10 is rewritten to 8); fixed input shapes with the batch first (the graphs are
+exported with dynamic shapes and compiled with ``input_shapes``: a prefill graph without past inputs
+for ``[batch, prompt_len]``, and a decode graph compiled once per past length it meets; a graph
+exported with fixed shapes bakes them into constants and cannot be recompiled); no ``position_ids``
+input (positions are computed inside the graph). Timing happens
 inside the worker. Decode is timed at a fixed past length (the prompt length): a fixed-shape engine
 has one compiled graph per past length; greedy parity compiles one per step.
 """
@@ -204,17 +206,19 @@ class DeepSparseBackend(Backend):
         model = load_causal_lm(model_dir)
         b, p = settings.batch, settings.prompt_len
         paths = {"prefill": workdir / "prefill.onnx", "decode": workdir / "decode.onnx"}
-        info = export_decoder(model, paths["prefill"], past=False, batch=b, length=p, ir_version=IR_VERSION)
-        export_decoder(model, paths["decode"], past=True, batch=b, length=1, past_length=p, ir_version=IR_VERSION)
+        # dynamic exports, fixed at compile time through input_shapes: a graph exported with fixed shapes bakes
+        # them into Expand/Reshape constants and cannot be recompiled for another past length
+        info = export_decoder(model, paths["prefill"], past=False, ir_version=IR_VERSION)
+        export_decoder(model, paths["decode"], past=True, ir_version=IR_VERSION)
         del model
         worker = Worker(ENVS["deepsparse"].python, workdir)
         try:
             hello = worker.call(cmd="hello")
-            compiled = worker.call(cmd="compile", key="prefill", path=str(paths["prefill"]), batch=b, threads=settings.threads, shapes=None)
+            compiled = worker.call(cmd="compile", key="prefill", path=str(paths["prefill"]), batch=b, threads=settings.threads, shapes=[[b, p]])
         except BaseException:
             worker.close()
             raise
-        meta = {"format": "onnx fp32 (fixed shapes, IR 8)", "artifact_bytes": artifact_bytes(paths["prefill"]),
+        meta = {"format": "onnx fp32 (IR 8, shapes fixed at compile)", "artifact_bytes": artifact_bytes(paths["prefill"]),
                 "engine": hello.get("version"), "fraction_supported_ops": compiled.get("fraction_supported"),
                 "compile_s": compiled.get("seconds"), "threads": settings.threads,
                 "decode_timing": f"one decode step at a fixed past length of {p} tokens (fixed-shape engine)"}

@@ -11,7 +11,7 @@ dense speed (the verdict says so). ONNX Runtime is the fastest dense CPU engine 
 the baseline of every verdict.
 
 A sparse+INT4 run (quantization.json in the run folder) runs as real 4-bit weights
-(``int4: auto``): every quantized Linear becomes a ``MatMulNBits`` node holding the pruner's codes,
+(``weights: auto``; ``weights: fp32`` runs the dequantized values): every quantized Linear becomes a ``MatMulNBits`` node holding the pruner's codes,
 scales and zero points (strataprune/deploy/int4.py), 0.13 of the fp32 bytes. ``accuracy_level``
 0 computes in fp32 (parity with the dequantized PyTorch model); 4 lets ORT quantize activations to
 int8 (faster on VNNI CPUs, looser parity).
@@ -34,7 +34,7 @@ INSTALL = "pip install 'strataprune[deploy]' (onnx, onnxruntime, onnxscript)"
 
 @dataclass
 class OnnxRuntimeConfig:
-    int4: Literal["auto", "on", "off"] = "auto"  # MatMulNBits for runs with INT4 grids (auto: when the run has them)
+    weights: Literal["auto", "int4", "fp32"] = "auto"  # int4: MatMulNBits from the run's INT4 grids; auto: int4 when the run has them
     accuracy_level: int = 0  # MatMulNBits compute: 0 = fp32, 4 = int8 activations
 
 
@@ -96,9 +96,9 @@ class OnnxRuntimeBackend(Backend):
 
     def uses_int4(self, model_dir: Path) -> bool:
         has_grids = (Path(model_dir) / "quantization.json").is_file()
-        if self.config.int4 == "on" and not has_grids:
-            raise ConfigError(f"backend onnxruntime: int4=on but '{model_dir}' has no quantization.json (run with pruner.wbits=4)")
-        return has_grids and self.config.int4 != "off"
+        if self.config.weights == "int4" and not has_grids:
+            raise ConfigError(f"backend onnxruntime: weights=int4 but '{model_dir}' has no quantization.json (run with pruner.wbits=4)")
+        return has_grids and self.config.weights != "fp32"
 
     def export(self, model_dir: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
         """model_dir -> workdir/model.onnx (INT4 MatMulNBits when the run has grids); returns (path, export info)."""

@@ -5,7 +5,7 @@
     report["rows"]        # one row per engine x model x prompt length: latency, size, parity, speedup, verdict
 
 For every engine and for the dense model the run started from, the pruned model (and, for a
-sparse+INT4 run, its 4-bit form on engines with an ``int4`` parameter):
+sparse+INT4 run, its 4-bit form on engines with a ``weights`` parameter: ``int4`` / ``fp32``):
 
 1. prepare (export/compile) it;
 2. check parity against the engine's reference (PyTorch eager fp32 unless the backend says
@@ -64,7 +64,7 @@ class BenchConfig:
 
 # --------------------------------------------------------------------------- backends
 def parse_backend_spec(spec: str, names: list[str]) -> tuple[str, dict[str, Any]]:
-    """'onnxruntime:int4=off:accuracy_level=4' -> ('onnxruntime', {...}); names may contain ':' ('torch-2:4')."""
+    """'onnxruntime:weights=fp32:accuracy_level=4' -> ('onnxruntime', {...}); names may contain ':' ('torch-2:4')."""
     from ..core.recipes import parse_set
 
     spec = spec.strip()
@@ -111,9 +111,9 @@ def check_contract(backend: Backend) -> None:
 
 def _int4_variant(backend: Backend, int4: bool) -> Backend | None:
     """The backend set to run a quantized run's weights in 4 bits (int4=True) or as fp32 (False)."""
-    if "int4" not in backend.params():
+    if "weights" not in backend.params():
         return None if int4 else backend
-    return type(backend).from_params({**backend.params(), "int4": "on" if int4 else "off"})  # type: ignore[return-value]
+    return type(backend).from_params({**backend.params(), "weights": "int4" if int4 else "fp32"})  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -308,7 +308,8 @@ def amdahl_cap(facts: dict[str, Any]) -> float:
 
 
 def _verdicts(rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
-    best: dict[tuple[str, int], tuple[float, str]] = {}
+    """Speedups against the fastest dense row per (phase, prompt length), then each pruned row's verdict."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows:
         if row["variant"] != "dense":
             continue
@@ -316,40 +317,67 @@ def _verdicts(rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
             if row[key] is None:
                 continue
             current = best.get((phase, row["prompt_len"]))
-            if current is None or row[key]["median"] < current[0]:
-                best[(phase, row["prompt_len"])] = (row[key]["median"], row["backend"])
+            if current is None or row[key]["median"] < current[key]["median"]:
+                best[(phase, row["prompt_len"])] = row
     for row in rows:
+        marks = []
         for phase, key in (("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")):
-            baseline = best.get((phase, row["prompt_len"]))
-            row[f"speedup_{phase}"] = baseline[0] / row[key]["median"] if baseline and row[key] else None
-            row[f"baseline_{phase}"] = baseline[1] if baseline else None
+            base = best.get((phase, row["prompt_len"]))
+            if base is None or row[key] is None:
+                row[f"speedup_{phase}"], row[f"baseline_{phase}"] = None, None
+                continue
+            row[f"speedup_{phase}"] = base[key]["median"] / row[key]["median"]
+            row[f"baseline_{phase}"] = base["backend"]
+            marks.append(_compare(row[key], base[key]))
         if row["variant"] == "dense":
-            row["verdict"], row["why"] = ("baseline" if row["backend"] in (row["baseline_prefill"], row["baseline_decode"]) else "dense"), []
+            is_base = any(best.get((ph, row["prompt_len"])) is row for ph in ("prefill", "decode"))
+            row["verdict"], row["why"] = ("baseline" if is_base else "dense"), []
             continue
-        row["verdict"], row["why"] = _judge(row, facts)
+        row["verdict"] = _word(marks)
+        row["why"] = _reasons(row, facts)
 
 
-def _judge(row: dict[str, Any], facts: dict[str, Any]) -> tuple[str, list[str]]:
-    speeds = [s for s in (row["speedup_prefill"], row["speedup_decode"]) if s is not None]
-    best = max(speeds) if speeds else 1.0
-    worst = min(speeds) if speeds else 1.0
-    verdict = "faster" if worst >= 1 + NOISE else ("partly faster" if best >= 1 + NOISE else ("slower" if best < 1 - NOISE else "no gain"))
+def _compare(this: dict[str, float], base: dict[str, float]) -> int:
+    """+1 faster, -1 slower, 0 neither: a ratio beyond NOISE *and* no overlap of the median with the
+    other side's extreme run, so one lucky or unlucky repetition on a shared machine decides nothing."""
+    if base["median"] >= (1 + NOISE) * this["median"] and this["median"] < base["min"]:
+        return 1
+    if this["median"] >= (1 + NOISE) * base["median"] and this["median"] > base["max"]:
+        return -1
+    return 0
+
+
+def _word(marks: list[int]) -> str:
+    if marks and all(m > 0 for m in marks):
+        return "faster"
+    if any(m > 0 for m in marks):
+        return "faster at " + ("prefill" if marks[0] > 0 else "decode")
+    if marks and all(m < 0 for m in marks):
+        return "slower"
+    if any(m < 0 for m in marks):
+        return "slower at " + ("prefill" if marks[0] < 0 else "decode")
+    return "no gain"
+
+
+def _reasons(row: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     why: list[str] = []
     formats = set(row["sparse_formats"])
     int4 = row["variant"] == "pruned-int4"
     pattern = "2:4" if facts.get("nm") else "unstructured"
     if not int4 and pattern not in formats:
-        why.append(f"{row['engine']} has no sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs and bytes as nonzeros")
+        why.append(f"{row['engine']} has no {pattern} sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs "
+                   "and bytes as nonzeros (unstructured zeros on a dense engine)")
     if int4:
-        why.append("4-bit weights read 1/8 of the fp32 bytes; zeros are stored as codes, not skipped")
+        why.append("4-bit weights: decode reads about 1/8 of the fp32 weight bytes; prefill dequantizes blocks on the fly; "
+                   "zeros are stored as codes, not skipped")
     widest = max(facts.get("hidden_size", 0), facts.get("intermediate_size", 0))
     if widest and widest < SMALL_MATRIX:
-        why.append(f"matrices at most {widest} wide are small: dense GEMM on them is cache-resident and per-operator overhead weighs as much as FLOPs")
+        why.append(f"shapes too small: matrices at most {widest} wide stay in cache, so dense GEMM is cheap and per-operator "
+                   "overhead weighs as much as FLOPs")
     if row["decode_ms_per_token"] is not None:
-        why.append("decode (1 token) is memory-bound: it speeds up only if the engine reads fewer weight bytes")
-    cap = amdahl_cap(facts)
-    why.append(f"lm_head/embeddings stay dense: even perfect sparse kernels give at most {cap:.2f}x end to end")
-    return verdict, why
+        why.append("decode is memory-bound: one token per step gains only if the engine reads fewer weight bytes")
+    why.append(f"lm_head/embeddings stay dense: even perfect sparse kernels give at most {amdahl_cap(facts):.2f}x end to end")
+    return why
 
 
 # --------------------------------------------------------------------------- formatting
@@ -391,10 +419,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _why_lines(report: dict[str, Any]) -> list[str]:
-    lines = []
+    lines, seen = [], set()
     for row in report["rows"]:
-        if row["variant"] != "dense" and row["why"]:
-            lines.append(f"- {row['backend']} / {row['variant']} ({row['verdict']}): " + "; ".join(row["why"]))
+        key = (row["backend"], row["variant"])
+        if row["variant"] != "dense" and row["why"] and key not in seen:
+            seen.add(key)
+            verdicts = sorted({r["verdict"] for r in report["rows"] if (r["backend"], r["variant"]) == key})
+            lines.append(f"- {row['backend']} / {row['variant']} ({', '.join(verdicts)}): " + "; ".join(row["why"]))
     for skip in report["skipped"]:
         lines.append(f"- skipped {skip['backend']}: {skip['reason']}")
     return lines

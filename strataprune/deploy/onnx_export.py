@@ -92,7 +92,7 @@ def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = Tru
     dynamic: Any = None
     if not fixed:
         d_batch, d_len, d_past = Dim("batch"), Dim("tokens"), Dim("past")
-        dynamic = ({0: d_batch, 1: d_len}, tuple({0: d_batch, 2: d_past} for _ in pasts))
+        dynamic = ({0: d_batch, 1: d_len},) + ((tuple({0: d_batch, 2: d_past} for _ in pasts),) if pasts else ())
     size = sum(p_.numel() * p_.element_size() for p_ in model.parameters())
     wrapper = _DecoderWithCache(model, layers).eval()
     quiet = io.StringIO()
@@ -106,12 +106,21 @@ def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = Tru
                 dynamo=True, opset_version=OPSET, external_data=size > INLINE_LIMIT, verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; say which model and why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"ONNX export of {type(model).__name__} failed: {first}") from None
+        raise DataError(f"ONNX export of {type(model).__name__} failed: {_summary(exc)}") from None
     if ir_version is not None:
         set_ir_version(path, ir_version)
     return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": inputs, "outputs": outputs,
             "files": [str(f.name) for f in artifact_files(path)]}
+
+
+def _summary(exc: BaseException) -> str:
+    """The one line of torch.onnx's long export error that says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            return after[0]
+    return lines[0] if lines else type(exc).__name__
 
 
 def set_ir_version(path: Path, version: int) -> None:

@@ -4,14 +4,14 @@
     sizes = write_sparse_checkpoint(model, "out/")          # out/model.safetensors + config.json
     state = read_state_dict("out/")                         # exactly the same tensors as model.state_dict()
 
-Layout (compressed-tensors 0.12.2 ``BitmaskCompressor``, the format vLLM and transformers decompress
-on load): for each compressed weight ``W`` (rows x cols) the safetensors file holds
+Layout (compressed-tensors 0.12.2 ``BitmaskCompressor``): for the weight ``M.weight`` (rows x cols)
+of each compressed module ``M`` the safetensors file holds, instead of ``M.weight``,
 
-- ``W.shape``: int64 [2], the dense shape;
-- ``W.compressed``: the nonzero values, row by row, in W's dtype;
-- ``W.bitmask``: uint8 [rows, ceil(cols / 8)], bit ``j % 8`` (little bit order) of byte ``j // 8`` of
+- ``M.shape``: int64 [2], the dense shape;
+- ``M.compressed``: the nonzero values, row by row, in the weight's dtype;
+- ``M.bitmask``: uint8 [rows, ceil(cols / 8)], bit ``j % 8`` (little bit order) of byte ``j // 8`` of
   row r set when ``W[r, j] != 0`` (numpy ``packbits(..., bitorder="little")``);
-- ``W.row_offsets``: int64 [rows], where row r starts in ``compressed``;
+- ``M.row_offsets``: int64 [rows], where row r starts in ``compressed``;
 
 and every other tensor (embeddings, norms, an untied ``lm_head``) as usual. ``config.json`` announces
 it as a ``compressed-tensors`` quantization config whose ``sparsity_config`` has format
@@ -118,8 +118,9 @@ def write_sparse_checkpoint(model: torch.nn.Module, folder: Path, candidates: li
         if name in candidate_set and tensor.dim() == 2:
             parts = compress(tensor)
             if compressed_bytes(parts) < size:
+                module = name[: -len(".weight")] if name.endswith(".weight") else name
                 for suffix, part in parts.items():
-                    tensors[f"{name}.{suffix}"] = part
+                    tensors[f"{module}.{suffix}"] = part
                 compressed_total += compressed_bytes(parts)
                 sparse_dense_bytes += size
                 sparse_numel += tensor.numel()
@@ -133,8 +134,7 @@ def write_sparse_checkpoint(model: torch.nn.Module, folder: Path, candidates: li
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "quant_method": "compressed-tensors",  # only these three keys: any other makes it a quantization config
         "version": COMPRESSED_TENSORS_VERSION,
         "sparsity_config": {
             "format": FORMAT,
@@ -196,5 +196,5 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         missing = [p for p in PARTS if p not in parts]
         if missing:
             raise DataError(f"'{path}': sparse weight '{base}' lacks {', '.join(missing)}")
-        state[base] = decompress(parts, base)
+        state[f"{base}.weight"] = decompress(parts, base)
     return state
