@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .core.reports import check_output_dir
 
         check_output_dir(Path(args.output), args.overwrite)
-    report = benchmark(args.run_dir, config)
+    report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)
     print(format_table(report))
     if args.output:
         write_report(report, Path(args.output), args.overwrite)
@@ -213,7 +213,7 @@ def _deploy_parsers(sub: Any) -> None:
     dp.set_defaults(func=cmd_deploy)
 
     be = sub.add_parser("bench", help="latency of dense vs pruned on every engine, parity first, with a verdict")
-    be.add_argument("run_dir", help="output folder of `strataprune run` (or `strataprune deploy`)")
+    be.add_argument("run_dir", nargs="+", help="output folder(s) of `strataprune run` (or `deploy`), pruned from one dense model")
     be.add_argument("--backends", help="comma-separated backends (default: every available one), NAME:key=value for parameters")
     be.add_argument("--prompt-len", dest="prompt_len", default="128", help="prompt lengths, comma-separated (default 128)")
     be.add_argument("--batch", type=int, default=1)

@@ -150,21 +150,47 @@ class _References:
         return self.cache[key]
 
 
-def benchmark(run_dir: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
-    """Measure dense and pruned models on every engine; returns the report (see the module docstring)."""
+@dataclass
+class _Model:
+    variant: str  # "dense", "pruned", "pruned-int4" (one run) or "<run folder name>[-int4]" (several runs)
+    folder: Path
+    run: RunFolder | None  # None for the dense model
+    int4: bool = False
+
+    @property
+    def reference_variant(self) -> str:
+        return self.variant[: -len("-int4")] if self.int4 else self.variant
+
+
+def benchmark(run_dir: str | Path | list[str | Path], config: BenchConfig | None = None) -> dict[str, Any]:
+    """Measure dense and pruned models on every engine; returns the report (see the module docstring).
+
+    ``run_dir`` may be a list of run folders pruned from the same dense model (e.g. 50/70/90%): the
+    dense model is then measured once and every run's rows are named after its folder.
+    """
     cfg = config or BenchConfig()
-    run = open_run(run_dir)
-    _check_settings(run, cfg)
+    dirs = list(run_dir) if isinstance(run_dir, (list, tuple)) else [run_dir]
+    if not dirs:
+        raise ConfigError("bench needs at least one run folder")
+    runs = [open_run(d) for d in dirs]
+    for run in runs:
+        _check_settings(run, cfg)
     threads = cfg.threads or min(4, os.cpu_count() or 1)
     backends, skipped = resolve_backends(cfg.backends)
-    dense_dir = dense_twin(run, cfg.dense)
-    variants: list[tuple[str, Path]] = [("dense", dense_dir), ("pruned", run.path)]
+    dense_dir = dense_twin(runs[0], cfg.dense)
+    single = len(runs) == 1
+    models = [_Model("dense", dense_dir, None)]
+    for run in runs:
+        name = "pruned" if single else run.path.name
+        models.append(_Model(name, run.path, run))
+        if run.quantized:
+            models.append(_Model(f"{name}-int4", run.path, run, int4=True))
     need = cfg.batch * max(1, -(-cfg.parity_windows // cfg.batch))
     window_cache: dict[int, np.ndarray] = {}
 
     def windows_for(length: int) -> np.ndarray:
         if length not in window_cache:
-            window_cache[length] = text_windows(run, need, length, cfg.text).numpy()
+            window_cache[length] = text_windows(runs[0], need, length, cfg.text).numpy()
         return window_cache[length]
 
     def settings_for(length: int) -> DeploySettings:
@@ -178,65 +204,30 @@ def benchmark(run_dir: str | Path, config: BenchConfig | None = None) -> dict[st
     rows: list[dict[str, Any]] = []
     checkpoints: dict[str, dict[str, Any]] = {}
     try:
-        for variant, model_dir in variants:
-            checkpoints[variant] = _checkpoint_size(model_dir, tmp_root / f"sparse-{variant}")
+        for model in models:
+            if not model.int4:
+                checkpoints[model.variant] = _checkpoint_size(model.folder, tmp_root / f"sparse-{model.variant}")
         for backend in backends:
-            jobs: list[tuple[str, Path, Backend]] = []
-            for variant, model_dir in variants:
-                plain = _int4_variant(backend, False) if run.quantized and variant == "pruned" else backend
-                jobs.append((variant, model_dir, plain or backend))
-                if run.quantized and variant == "pruned":
-                    four = _int4_variant(backend, True)
-                    if four is not None:
-                        jobs.append(("pruned-int4", model_dir, four))
-            for variant, model_dir, engine in jobs:
-                lengths = list(cfg.prompt_lens) if getattr(engine, "fixed_shapes", False) else [cfg.prompt_lens[0]]
-                for compile_len in lengths:
-                    work = tmp_root / f"{engine.label().replace(':', '_')}-{variant}-{compile_len}"
-                    _say(f"{engine.label()} / {variant}: prepare", cfg.progress)
-                    compiled = engine.prepare(model_dir, work, settings_for(compile_len))
-                    try:
-                        reference = engine.reference()
-                        ref_variant = "pruned" if variant == "pruned-int4" else variant
-                        if reference is None:
-                            ref = refs.get(engine, model_dir, ref_variant, compile_len, work, compiled)
-                            parity = {"reference": "itself", "tolerance": engine.parity_tolerance}
-                        else:
-                            ref = refs.get(reference, model_dir, ref_variant, compile_len, tmp_root / "reference")
-                            _say(f"{engine.label()} / {variant}: parity against {reference.label()}", cfg.progress)
-                            parity = check_parity(compiled, ref, engine.parity_tolerance, f"{engine.label()} ({variant})")
-                            parity["reference"] = reference.label()
-                        timed = list(cfg.prompt_lens) if len(lengths) == 1 and not getattr(engine, "fixed_shapes", False) else [compile_len]
-                        for length in timed:
-                            ids = windows_for(length)[: cfg.batch]
-                            _say(f"{engine.label()} / {variant}: timing prompt {cfg.batch}x{length}", cfg.progress)
-                            prefill = compiled.time_prefill(ids, cfg.warmup, cfg.repeats)
-                            decode = compiled.time_decode(ids, cfg.decode_tokens, cfg.warmup, cfg.repeats) if cfg.decode_tokens else []
-                            rows.append({
-                                "backend": engine.label(), "engine": engine.name, "variant": variant, "batch": cfg.batch,
-                                "prompt_len": length, "prefill_ms": _stats(prefill),
-                                "prefill_tokens_per_s": cfg.batch * length / statistics.median(prefill),
-                                "decode_ms_per_token": _stats(decode) if decode else None,
-                                "decode_tokens_per_s": cfg.batch / statistics.median(decode) if decode else None,
-                                "artifact_bytes": compiled.meta.get("artifact_bytes"), "format": compiled.meta.get("format"),
-                                "checkpoint_bytes": checkpoints[ref_variant]["file_bytes"],
-                                "parity": parity, "sparse_formats": list(engine.sparse_formats),
-                                "notes": {k: v for k, v in compiled.meta.items() if k in ("decode_timing", "fraction_supported_ops", "compile_s", "int4")},
-                            })
-                    finally:
-                        compiled.close()
+            for model in models:
+                quantized = model.run is not None and model.run.quantized
+                engine = _int4_variant(backend, model.int4) if quantized else backend
+                if engine is None:
+                    continue  # this engine has no 4-bit form
+                rows += _measure(engine, model, cfg, tmp_root, refs, windows_for, settings_for, checkpoints)
     finally:
         if not cfg.workdir:
             shutil.rmtree(tmp_root, ignore_errors=True)
-    facts = run.facts()
+    facts = {m.variant: m.run.facts() for m in models if m.run is not None}
     _verdicts(rows, facts)
     return {
         "format_version": 1,
-        "run_dir": str(run.path),
+        "run_dirs": [str(r.path) for r in runs],
+        "run_dir": str(runs[0].path),
         "dense_model": str(dense_dir),
         "settings": {**{k: v for k, v in asdict(cfg).items() if k not in ("progress", "workdir")}, "threads": threads},
         "machine": _machine(threads),
-        "model": facts,
+        "models": facts,
+        "model": next(iter(facts.values())),
         "checkpoints": checkpoints,
         "rows": rows,
         "skipped": skipped,
@@ -244,6 +235,46 @@ def benchmark(run_dir: str | Path, config: BenchConfig | None = None) -> dict[st
                        "and identical greedy tokens for parity_steps steps through the KV cache",
         "speedup_rule": "median latency of the fastest dense engine at the same prompt length / this row's median",
     }
+
+
+def _measure(engine: Backend, model: _Model, cfg: BenchConfig, tmp_root: Path, refs: _References, windows_for: Any,
+             settings_for: Any, checkpoints: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prepare ``model`` on ``engine``, check parity, time it: one row per prompt length."""
+    rows = []
+    fixed = bool(getattr(engine, "fixed_shapes", False))
+    for compile_len in (list(cfg.prompt_lens) if fixed else [cfg.prompt_lens[0]]):
+        work = tmp_root / f"{engine.label().replace(':', '_')}-{model.variant}-{compile_len}"
+        _say(f"{engine.label()} / {model.variant}: prepare", cfg.progress)
+        compiled = engine.prepare(model.folder, work, settings_for(compile_len))
+        try:
+            reference = engine.reference()
+            if reference is None:
+                refs.get(engine, model.folder, model.reference_variant, compile_len, work, compiled)
+                parity: dict[str, Any] = {"reference": "itself", "tolerance": engine.parity_tolerance}
+            else:
+                ref = refs.get(reference, model.folder, model.reference_variant, compile_len, tmp_root / "reference")
+                _say(f"{engine.label()} / {model.variant}: parity against {reference.label()}", cfg.progress)
+                parity = check_parity(compiled, ref, engine.parity_tolerance, f"{engine.label()} ({model.variant})")
+                parity["reference"] = reference.label()
+            for length in ([compile_len] if fixed else list(cfg.prompt_lens)):
+                ids = windows_for(length)[: cfg.batch]
+                _say(f"{engine.label()} / {model.variant}: timing prompt {cfg.batch}x{length}", cfg.progress)
+                prefill = compiled.time_prefill(ids, cfg.warmup, cfg.repeats)
+                decode = compiled.time_decode(ids, cfg.decode_tokens, cfg.warmup, cfg.repeats) if cfg.decode_tokens else []
+                rows.append({
+                    "backend": engine.label(), "engine": engine.name, "variant": model.variant, "batch": cfg.batch,
+                    "prompt_len": length, "prefill_ms": _stats(prefill),
+                    "prefill_tokens_per_s": cfg.batch * length / statistics.median(prefill),
+                    "decode_ms_per_token": _stats(decode) if decode else None,
+                    "decode_tokens_per_s": cfg.batch / statistics.median(decode) if decode else None,
+                    "artifact_bytes": compiled.meta.get("artifact_bytes"), "format": compiled.meta.get("format"),
+                    "checkpoint_bytes": checkpoints[model.reference_variant]["file_bytes"],
+                    "parity": parity, "sparse_formats": list(engine.sparse_formats),
+                    "notes": {k: v for k, v in compiled.meta.items() if k in ("decode_timing", "fraction_supported_ops", "compile_s", "int4")},
+                })
+        finally:
+            compiled.close()
+    return rows
 
 
 def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
@@ -307,7 +338,7 @@ def amdahl_cap(facts: dict[str, Any]) -> float:
     return 1.0 / ((1 - f) + f * (1 - s))
 
 
-def _verdicts(rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+def _verdicts(rows: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) -> None:
     """Speedups against the fastest dense row per (phase, prompt length), then each pruned row's verdict."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows:
@@ -334,7 +365,7 @@ def _verdicts(rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
             row["verdict"], row["why"] = ("baseline" if is_base else "dense"), []
             continue
         row["verdict"] = _word(marks)
-        row["why"] = _reasons(row, facts)
+        row["why"] = _reasons(row, facts[row["variant"][: -len("-int4")] if row["variant"].endswith("-int4") else row["variant"]])
 
 
 def _compare(this: dict[str, float], base: dict[str, float]) -> int:
@@ -362,7 +393,7 @@ def _word(marks: list[int]) -> str:
 def _reasons(row: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     why: list[str] = []
     formats = set(row["sparse_formats"])
-    int4 = row["variant"] == "pruned-int4"
+    int4 = row["variant"].endswith("-int4")
     pattern = "2:4" if facts.get("nm") else "unstructured"
     if not int4 and pattern not in formats:
         why.append(f"{row['engine']} has no {pattern} sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs "
@@ -384,7 +415,8 @@ def _reasons(row: dict[str, Any], facts: dict[str, Any]) -> list[str]:
 def _ms(stats: dict[str, float] | None) -> str:
     if not stats:
         return "-"
-    return f"{stats['median']:.1f} [{stats['min']:.1f}-{stats['max']:.1f}]"
+    digits = 2 if stats["median"] < 10 else 1
+    return f"{stats['median']:.{digits}f} [{stats['min']:.{digits}f}-{stats['max']:.{digits}f}]"
 
 
 def _x(value: float | None) -> str:
@@ -436,10 +468,12 @@ def format_markdown(report: dict[str, Any]) -> str:
 
     s, m = report["settings"], report["machine"]
     parts = [
-        f"# strataprune bench: {report['run_dir']}",
+        f"# strataprune bench: {', '.join(report['run_dirs'])}",
         "",
-        f"Dense model: `{report['dense_model']}`; sparsity {report['model']['realised_sparsity']:.1%} of the prunable weights "
-        f"(target {report['model']['target']}). {m['cpu']}, {m['threads']} threads, load {m['load_average_1m']}. "
+        f"Dense model: `{report['dense_model']}`. Pruned: "
+        + ", ".join(f"{name} = {f['realised_sparsity']:.1%} of the prunable weights (target {f['target']}"
+                    f"{', INT4' if f['quantized'] else ''})" for name, f in report["models"].items())
+        + f". {m['cpu']}, {m['threads']} threads, 1-minute load average {m['load_average_1m']}. "
         f"batch {s['batch']}, {s['decode_tokens']} decode tokens, {s['warmup']} warm-up + {s['repeats']} timed runs. {m['note']}.",
         "",
         markdown_table(table_rows(report), HEADERS),
