@@ -53,6 +53,34 @@ def test_builtin_backends_register_through_the_hook_with_the_current_contract():
         assert isinstance(state.ok, bool) and (state.ok or state.reason)
 
 
+def test_contract_checks_pass_for_a_torch_subclass_that_converts_linears(pruned_tiny, tmp_path):
+    """What a third party (e.g. a `sparse-cpu` backend) writes: subclass TorchBackend, override convert()."""
+    from strataprune.backends.torch import TorchBackend
+    from strataprune.testing import check_backend
+
+    class Reordered(torch.nn.Module):  # stands in for a SparseLinear: same function, other module
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    class ConvertingBackend(TorchBackend):
+        name = "converting"
+        sparse_formats = ("unstructured",)
+
+        def convert(self, model, model_dir):
+            for parent in list(model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                        setattr(parent, child_name, Reordered(child))
+            return model
+
+    parity = check_backend(ConvertingBackend, pruned_tiny, tmp_path)
+    assert parity["reference"] == "torch" and parity["greedy_identical"]
+
+
 def test_torch_backend_greedy_tokens_equal_transformers_generate(pruned_tiny, windows, tmp_path):
     """The reference itself, against an independent path: transformers' own generate() without our cache handling."""
     from transformers import AutoModelForCausalLM

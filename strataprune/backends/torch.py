@@ -79,9 +79,10 @@ class TorchBackend(Backend):
         return BackendAvailability(True, "", torch.__version__)
 
     def reference(self) -> Backend | None:
-        if not self.config.compile:
+        if type(self) is TorchBackend and not self.config.compile:
             return None  # eager PyTorch is the reference itself
-        return TorchBackend(TorchConfig(device=self.config.device, dtype=self.config.dtype))
+        # compiled, or a subclass that converts modules: checked against plain eager PyTorch, same device and dtype
+        return TorchBackend(TorchConfig(device=getattr(self.config, "device", "cpu"), dtype=getattr(self.config, "dtype", "float32")))
 
     def load(self, model_dir: Path) -> torch.nn.Module:
         from strataprune.deploy.rundir import load_causal_lm

@@ -262,7 +262,8 @@ def _measure(engine: Backend, model: _Model, cfg: BenchConfig, tmp_root: Path, r
                 prefill = compiled.time_prefill(ids, cfg.warmup, cfg.repeats)
                 decode = compiled.time_decode(ids, cfg.decode_tokens, cfg.warmup, cfg.repeats) if cfg.decode_tokens else []
                 rows.append({
-                    "backend": engine.label(), "engine": engine.name, "variant": model.variant, "batch": cfg.batch,
+                    "backend": engine.label(), "engine": engine.name, "variant": model.variant, "run_variant": model.reference_variant,
+                    "int4": model.int4, "batch": cfg.batch,
                     "prompt_len": length, "prefill_ms": _stats(prefill),
                     "prefill_tokens_per_s": cfg.batch * length / statistics.median(prefill),
                     "decode_ms_per_token": _stats(decode) if decode else None,
@@ -365,7 +366,7 @@ def _verdicts(rows: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) -> N
             row["verdict"], row["why"] = ("baseline" if is_base else "dense"), []
             continue
         row["verdict"] = _word(marks)
-        row["why"] = _reasons(row, facts[row["variant"][: -len("-int4")] if row["variant"].endswith("-int4") else row["variant"]])
+        row["why"] = _reasons(row, facts[row.get("run_variant", row["variant"])])
 
 
 def _compare(this: dict[str, float], base: dict[str, float]) -> int:
@@ -393,7 +394,7 @@ def _word(marks: list[int]) -> str:
 def _reasons(row: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     why: list[str] = []
     formats = set(row["sparse_formats"])
-    int4 = row["variant"].endswith("-int4")
+    int4 = bool(row.get("int4"))
     pattern = "2:4" if facts.get("nm") else "unstructured"
     if not int4 and pattern not in formats:
         why.append(f"{row['engine']} has no {pattern} sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs "
