@@ -12,6 +12,14 @@ prompts of one length, without padding. Attention is exported in eager form (Mat
 every engine here runs. Opset 18; ``ir_version`` can be lowered for engines that read older IR
 (DeepSparse 1.8: IR <= 9; torch 2.13 writes 10).
 
+Exporting is slow (torch.export traces every op: about a minute of CPU for SmolLM2), and a pruned
+model has the graph of its dense twin with other weights. So the first export of an architecture is
+kept as a template: its initializers are matched, by content, to the parameters they came from
+(possibly transposed by constant folding); a later export of a model with the same config copies
+the template and writes the new model's parameters into those initializers. Anything that cannot
+be matched unambiguously falls back to a full export, and parity against PyTorch (always run before
+timing) would catch a stale weight.
+
 Why not optimum's exporter: its graphs have ``position_ids`` and ``attention_mask`` inputs, and the
 same wrapper here serves ONNX Runtime (dynamic shapes) and DeepSparse (fixed shapes).
 """
@@ -69,8 +77,98 @@ def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     return len(layers), int(layers[0].keys.shape[1]), int(layers[0].keys.shape[3])
 
 
+#: (architecture, shapes) -> (template .onnx path, initializer -> [(parameter, transposed)], export info)
+_TEMPLATES: dict[str, tuple[Path, dict[str, list[tuple[str, bool]]], dict[str, Any]]] = {}
+
+
+_TEMPLATE_DIR: Path | None = None
+
+
+def _keep_copy(path: Path) -> Path:
+    """A private copy of a fresh export (callers rewrite theirs in place, e.g. INT4), removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    global _TEMPLATE_DIR
+    if _TEMPLATE_DIR is None:
+        _TEMPLATE_DIR = Path(tempfile.mkdtemp(prefix="strataprune-onnx-templates-"))
+        atexit.register(shutil.rmtree, _TEMPLATE_DIR, True)
+    folder = Path(tempfile.mkdtemp(dir=_TEMPLATE_DIR))
+    for item in artifact_files(path):
+        shutil.copy2(item, folder / item.name)
+    return folder / path.name
+
+
+def _template_key(model: torch.nn.Module, **shape: Any) -> str:
+    import json
+
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+    return json.dumps({"config": config, "shape": shape, "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
+
+
+def _digest(array: Any) -> str:
+    import hashlib
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    return hashlib.sha1(array.tobytes()).hexdigest() + str(array.shape) + str(array.dtype)
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.state_dict(keep_vars=False).items()}
+
+
+def _learn_template(model: torch.nn.Module, path: Path) -> dict[str, list[tuple[str, bool]]]:
+    """Initializer name -> every (parameter, transposed) whose values it holds."""
+    import onnx
+    from onnx import numpy_helper
+
+    digests: dict[str, list[tuple[str, bool]]] = {}
+    for name, tensor in _params(model).items():
+        array = tensor.float().numpy() if tensor.dtype == torch.float32 else tensor.cpu().numpy()
+        digests.setdefault(_digest(array), []).append((name, False))
+        if array.ndim == 2:
+            digests.setdefault(_digest(array.T), []).append((name, True))
+    graph = onnx.load(str(path)).graph
+    return {init.name: digests[d] for init in graph.initializer if (d := _digest(numpy_helper.to_array(init))) in digests}
+
+
+def _from_template(model: torch.nn.Module, key: str, path: Path, ir_version: int | None) -> dict[str, Any] | None:
+    """Write ``path`` from the template of ``key`` with ``model``'s parameters; None when that is not safe."""
+    entry = _TEMPLATES.get(key)
+    if entry is None or not entry[0].exists():
+        return None
+    template, mapping, info = entry
+    params = _params(model)
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model = onnx.load(str(template))
+    for init in graph_model.graph.initializer:
+        sources = mapping.get(init.name)
+        if not sources:
+            continue
+        values = []
+        for name, transposed in sources:
+            if name not in params:
+                return None
+            array = params[name].float().numpy() if params[name].dtype == torch.float32 else params[name].cpu().numpy()
+            values.append(array.T if transposed else array)
+        if any(not np.array_equal(values[0], other) for other in values[1:]):
+            return None  # the template shared one initializer for parameters that now differ
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[0]).astype(numpy_helper.to_array(init).dtype), init.name))
+    if ir_version is not None:
+        graph_model.ir_version = ir_version
+    save(graph_model, path)
+    return {**info, "files": [str(f.name) for f in artifact_files(path)], "from_template": True}
+
+
 def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = True, batch: int | None = None,
-                   length: int | None = None, past_length: int | None = None, ir_version: int | None = None) -> dict[str, Any]:
+                   length: int | None = None, past_length: int | None = None, ir_version: int | None = None,
+                   reuse: bool = True) -> dict[str, Any]:
     """Export ``model`` (fp32, eager attention, on CPU) to ``path``; shapes fixed where given.
 
     Dynamic when ``batch``/``length``/``past_length`` are None; with all given, every shape is
@@ -80,6 +178,11 @@ def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = Tru
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = _template_key(model, past=past, batch=batch, length=length, past_length=past_length)
+    if reuse:
+        reused = _from_template(model, key, path, ir_version)
+        if reused is not None:
+            return reused
     layers, kv_heads, head_dim = kv_shape(model)
     fixed = batch is not None
     b = batch or 2
@@ -107,10 +210,13 @@ def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = Tru
             )
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; say which model and why
         raise DataError(f"ONNX export of {type(model).__name__} failed: {_summary(exc)}") from None
+    info = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": inputs, "outputs": outputs,
+            "files": [str(f.name) for f in artifact_files(path)]}
+    if reuse:
+        _TEMPLATES[key] = (_keep_copy(path), _learn_template(model, path), info)
     if ir_version is not None:
         set_ir_version(path, ir_version)
-    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": inputs, "outputs": outputs,
-            "files": [str(f.name) for f in artifact_files(path)]}
+    return info
 
 
 def _summary(exc: BaseException) -> str:
