@@ -11,7 +11,8 @@
 Each check builds a small random problem (a layout of mixed-shape matrices in a few blocks, the
 statistics the plugin declares it ``needs``), runs the plugin the way the host runs it, and raises
 ``AssertionError`` with a message naming the broken rule. strataprune's own tests run them on every
-built-in. ``check_adapter`` checks a model adapter on a model you provide.
+built-in. ``check_adapter`` checks a model adapter on a model you provide; ``check_backend`` checks an
+inference backend on a saved (tiny) model folder you provide, parity against PyTorch included.
 """
 
 from __future__ import annotations

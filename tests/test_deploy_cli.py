@@ -158,6 +158,8 @@ def test_bad_input_is_one_error_line_and_nothing_is_written(run70, tmp_path, cap
 
     assert main(["bench", str(run70), "--prompt-len", "250", "--backends", "torch"]) == 2
     assert "exceeds the model's context of 256 tokens" in _one_error(capsys)
+    assert main(["deploy", str(run70), "--backend", "torch", "--prompt-len", "300", "--output", str(out)]) == 2
+    assert "context of 256 tokens" in _one_error(capsys)
     assert main(["bench", str(run70), "--backends", "onnxruntim"]) == 2
     assert "did you mean 'onnxruntime'" in _one_error(capsys)
     assert main(["deploy", str(run70), "--backend", "torch-2:4", "--output", str(out)]) == 2 or torch.cuda.is_available()

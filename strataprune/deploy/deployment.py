@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import PluginError
+from ..core.errors import ConfigError, PluginError
 from ..core.plugin import DeploySettings
 from ..core.reports import atomic_output_dir, check_output_dir, write_json
 from .bench import resolve_backends
@@ -47,6 +47,9 @@ def deploy(run_dir: str | Path, backend: str, output: str | Path, *, overwrite: 
     check_output_dir(output, overwrite)
     (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
+    if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
+        raise ConfigError(f"--prompt-len {settings.prompt_len} + {parity_steps} parity steps must fit the model's context of "
+                          f"{run.context_length} tokens (and be >= 1)")
     windows = text_windows(run, max(parity_windows, settings.batch), settings.prompt_len, text).numpy()
     with atomic_output_dir(output, overwrite) as tmp:
         say("writing the sparse-bitmask checkpoint")
