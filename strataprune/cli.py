@@ -1,4 +1,4 @@
-"""The ``strataprune`` command: run, eval, allocate, plugins.
+"""The ``strataprune`` command: run, eval, allocate, plugins, deploy, bench, doctor, backends.
 
     strataprune run                      # the embedded default: SmolLM2-135M, BBC News, Wanda, uniform 50%
     strataprune run recipe.yaml --sparsity 0.6 --output out/
@@ -180,6 +180,121 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- deploy, bench, doctor, backends
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    from .core.errors import ConfigError
+
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be comma-separated whole numbers, e.g. 128,512") from None
+    if not values:
+        raise ConfigError(f"{flag} {text!r} names no value")
+    return values
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .core.plugin import DeploySettings
+    from .deploy.deployment import deploy
+
+    settings = DeploySettings(batch=1, prompt_len=args.prompt_len, new_tokens=args.parity_steps, threads=args.threads)
+    info = deploy(args.run_dir, args.backend, args.output, overwrite=args.overwrite, settings=settings,
+                  parity_steps=args.parity_steps, text=args.text, log=None if args.quiet else (lambda m: print(f"[deploy] {m}", file=sys.stderr)))
+    st, par = info["storage"], info["parity"]
+    print(f"{info['backend']} {info['engine_version']}: artifact {info['artifact'] or '(the checkpoint)'}"
+          f"{' (%.1f MB)' % (info['artifact_bytes'] / 1e6) if info['artifact_bytes'] else ''}")
+    print(f"sparse-bitmask checkpoint {st['file_bytes'] / 1e6:.1f} MB = {st['ratio_whole_model']:.3f} of dense fp32 "
+          f"({st['compressed_matrices']} matrices at {st['sparsity_of_compressed']:.1%} sparsity: "
+          f"{(st['bytes_per_weight_compressed_matrices'] or 4):.3f} B/weight, {st['ratio_compressed_matrices']:.3f} of dense)")
+    if "relative" in par:
+        print(f"parity vs {par['reference']}: max |logit diff| {par['max_abs_logit_diff']:.3g} "
+              f"({par['relative']:.2g} relative, tolerance {par['tolerance']:g}); {par['greedy_steps']} greedy tokens identical")
+    print(f"wrote {args.output}/ (deploy.json)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy.bench import BenchConfig, benchmark, format_table, write_report
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    config = BenchConfig(
+        backends=backends, prompt_lens=_int_list(args.prompt_len, "--prompt-len"), batch=args.batch,
+        decode_tokens=args.decode_tokens, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+        parity_steps=args.parity_steps, text=args.text, dense=args.dense, progress=not args.quiet,
+    )
+    if args.output:
+        from .core.reports import check_output_dir
+
+        check_output_dir(Path(args.output), args.overwrite)
+    report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)
+    print(format_table(report))
+    if args.output:
+        write_report(report, Path(args.output), args.overwrite)
+        print(f"\nwrote {args.output}/bench.json and bench.md")
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .deploy.doctor import doctor, format_doctor
+
+    report = doctor()
+    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
+    return 0
+
+
+def cmd_backends_install(args: argparse.Namespace) -> int:
+    from .deploy.engine_env import install
+
+    install(args.name, log=lambda m: print(f"[install] {m}", file=sys.stderr))
+    return 0
+
+
+def _deploy_parsers(sub: Any) -> None:
+    dp = sub.add_parser("deploy", help="compress a run's model and prepare it for an engine, parity-checked")
+    dp.add_argument("run_dir", help="output folder of `strataprune run`")
+    dp.add_argument("--backend", default="onnxruntime", help="backend name (see `strataprune doctor`), NAME:key=value to set parameters")
+    dp.add_argument("--output", required=True, help="output directory")
+    dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--prompt-len", dest="prompt_len", type=int, default=64, help="tokens per parity window (and fixed-shape engines' prompt)")
+    dp.add_argument("--parity-steps", dest="parity_steps", type=int, default=8, help="greedy tokens that must match the reference")
+    dp.add_argument("--threads", type=int, help="engine threads")
+    dp.add_argument("--text", help="parity text: dataset name or text file (default: the run's evaluation text)")
+    dp.add_argument("--quiet", action="store_true")
+    dp.set_defaults(func=cmd_deploy)
+
+    be = sub.add_parser("bench", help="latency of dense vs pruned on every engine, parity first, with a verdict")
+    be.add_argument("run_dir", nargs="+", help="output folder(s) of `strataprune run` (or `deploy`), pruned from one dense model")
+    be.add_argument("--backends", help="comma-separated backends (default: every available one), NAME:key=value for parameters")
+    be.add_argument("--prompt-len", dest="prompt_len", default="128", help="prompt lengths, comma-separated (default 128)")
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32, help="greedy tokens timed after the prompt")
+    be.add_argument("--threads", type=int, help="threads of every engine (default: min(4, CPUs))")
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--parity-steps", dest="parity_steps", type=int, default=8)
+    be.add_argument("--text", help="parity/timing text: dataset name or text file (default: the run's evaluation text)")
+    be.add_argument("--dense", help="the dense model (default: the run's model.source)")
+    be.add_argument("--output", help="write bench.json and bench.md here")
+    be.add_argument("--overwrite", action="store_true")
+    be.add_argument("--json", action="store_true", help="also print the report as JSON")
+    be.add_argument("--quiet", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    dr = sub.add_parser("doctor", help="which backends run here, their versions, and why not")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_doctor)
+
+    bk = sub.add_parser("backends", help="manage engines that need their own environment")
+    bsub = bk.add_subparsers(dest="backends_command", required=True)
+    inst = bsub.add_parser("install", help="install an engine into its own venv in the cache (deepsparse)")
+    inst.add_argument("name", choices=["deepsparse"])
+    inst.set_defaults(func=cmd_backends_install)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -220,6 +335,7 @@ def make_parser() -> argparse.ArgumentParser:
     al.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=cmd_allocate)
+    _deploy_parsers(sub)
     return parser
 
 
