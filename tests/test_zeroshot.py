@@ -197,29 +197,37 @@ def test_bbc_suite_is_generated_from_the_test_split(tmp_path, monkeypatch):
     assert len({item["label"] for item in continuation}) == 4
 
 
+#: examples per task in the real-model test (first items of the seeded order): a topic item is one
+#: forward pass, a continuation item four; dense SmolLM2 scores 0.775 and 0.65 on these
+REAL_LIMITS = {"bbc_topic": 40, "bbc_continuation": 20}
+
+
+def bbc_accuracy(loaded) -> dict[str, dict]:
+    return {task: evaluate_tasks(loaded.model, loaded.tokenizer, task, limit, adapter=loaded.adapter, show_progress=False)["tasks"][task]
+            for task, limit in REAL_LIMITS.items()}
+
+
 @requires_real
 @pytest.mark.real_model
 def test_smollm2_bbc_tasks_dense_above_chance_and_magnitude_70_below(restore_weights):
     """Dense SmolLM2 is clearly above chance on both offline tasks; 70% magnitude pruning falls below dense."""
-    from strataprune.core.registry import get_registry
     from strataprune.core.plugin import MatrixInfo, MatrixStats
+    from strataprune.core.registry import get_registry
     from strataprune.core.sparsity import Target
 
     loaded = restore_weights
-    limit = 40
-    dense = evaluate_tasks(loaded.model, loaded.tokenizer, "bbc", limit, adapter=loaded.adapter, show_progress=False)
+    dense = bbc_accuracy(loaded)
     for name, chance in (("bbc_topic", 0.2), ("bbc_continuation", 0.25)):
-        row = dense["tasks"][name]
-        assert row["n"] == limit and row["chance"] == chance
-        assert row["value"] > chance + 3 * row["stderr"], f"dense {name} {row['value']:.3f} not clearly above chance {chance}"
+        row = dense[name]
+        assert row["n"] == REAL_LIMITS[name] and row["chance"] == chance
+        # 0.2 above chance is 4 (continuation) to 8 (topic) flipped items away from the measured values
+        assert row["value"] >= chance + 0.2, f"dense {name}: {row['value']:.3f}, chance {chance}"
 
     pruner = get_registry().create("pruner", "magnitude")
     for name, module in loaded.adapter.prunable(loaded.model).items():
         weight = loaded.adapter.get_weight(module)
-        info = MatrixInfo(name, 0, name, tuple(weight.shape))
-        keep = pruner.prune(weight, Target(0.7), MatrixStats(info)).keep
+        keep = pruner.prune(weight, Target(0.7), MatrixStats(MatrixInfo(name, 0, name, tuple(weight.shape)))).keep
         loaded.adapter.set_weight(module, weight * keep)
-    sparse = evaluate_tasks(loaded.model, loaded.tokenizer, "bbc", limit, adapter=loaded.adapter, show_progress=False)
-    for name in ("bbc_topic", "bbc_continuation"):
-        assert sparse["tasks"][name]["value"] < dense["tasks"][name]["value"] - 0.1, (name, sparse["tasks"][name], dense["tasks"][name])
-    assert sparse["presets"]["bbc"]["mean"] < dense["presets"]["bbc"]["mean"]
+    sparse = bbc_accuracy(loaded)
+    for name in REAL_LIMITS:
+        assert sparse[name]["value"] <= dense[name]["value"] - 0.1, (name, sparse[name]["value"], dense[name]["value"])

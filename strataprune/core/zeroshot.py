@@ -14,7 +14,7 @@ in memory, no save and reload, no fork of the harness. For every item the harnes
 choice c after the context x by its summed log-likelihood log p(c | x):
 
 - ``acc``: fraction of items whose true choice has the highest log p(c | x);
-- ``acc_norm``: the same with log p(c | x) divided by the byte length of c (length-normalised).
+- ``acc_norm``: the same with log p(c | x) divided by the number of characters of c (length-normalised).
 
 Both are kept with their standard errors. Each task is *reported* with one pinned metric
 (``REPORTED_METRIC``): ``acc`` for all seven papers' tasks (BoolQ, RTE, HellaSwag, WinoGrande,
