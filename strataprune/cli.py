@@ -3,6 +3,7 @@
     strataprune run                      # the embedded default: SmolLM2-135M, BBC News, Wanda, uniform 50%
     strataprune run recipe.yaml --sparsity 0.6 --output out/
     strataprune eval out/
+    strataprune eval out/ --tasks bbc_topic,bbc_continuation --limit 100     # zero-shot accuracy (lm-eval)
     strataprune plugins --json
 
 Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback;
@@ -40,6 +41,9 @@ FLAG_KEYS = {
     "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.max_windows",
     "output": "output_dir",
+    "tasks": "evaluation.tasks",
+    "limit": "evaluation.task_limit",
+    "include_path": "evaluation.task_include_path",
 }
 
 
@@ -125,6 +129,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zeroshot_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", help="zero-shot accuracy (lm-eval) on these tasks: names, groups or presets (papers7, bbc), comma-separated")
+    parser.add_argument("--limit", type=int, help="zero-shot: examples per task (default: all)")
+    parser.add_argument("--include-path", dest="include_path", help="zero-shot: folder of extra lm-eval task YAML files (local data)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .core.limits import check_seqlen
     from .core.modelfiles import inspect_model
@@ -141,6 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.data, args.encoding, args.protocol)
     resolve_device(args.device)
+    if args.tasks is not None:
+        return _eval_tasks(args)
     loaded = load_model(args.model_dir, device=args.device)
     check_seqlen(loaded.model.config, args.seqlen, "--seqlen")
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
@@ -150,6 +162,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2) if args.json else
           f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}; "
           f"protocol {windows.description['protocol']}; tokens sha256 {windows.description['sha256'][:16]})")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """``strataprune eval DIR --tasks ...``: zero-shot accuracy (and perplexity with --perplexity)."""
+    from .core.models import load_model
+    from .core.zeroshot import accuracy_table, check_settings, evaluate_tasks, resolve_tasks
+
+    check_settings(args.limit, args.batch_size)
+    resolved = resolve_tasks(args.tasks, args.include_path)  # unknown task or missing data: fail before loading the model
+    loaded = load_model(args.model_dir, device=args.device)
+    result = evaluate_tasks(loaded.model, loaded.tokenizer, resolved, args.limit, batch_size=args.batch_size,
+                            adapter=loaded.adapter, show_progress=not args.quiet)
+    if args.perplexity:
+        from .core.data import evaluation_windows, open_dataset
+        from .core.evaluation import perplexity
+
+        bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
+        windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data, args.encoding, args.protocol), args.split, args.seqlen, args.windows, bos)
+        result["perplexity"] = {**perplexity(loaded.model, windows.ids, "perplexity", not args.quiet), "data": windows.description}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    harness = result["harness"]
+    print(f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, {result['time_s']:.1f} s)")
+    print(accuracy_table(result))
+    if "perplexity" in result:
+        ppl = result["perplexity"]
+        print(f"perplexity {ppl['ppl']:.4f} over {ppl['tokens']} tokens ({ppl['windows']} windows of {ppl['seqlen']})")
     return 0
 
 
@@ -307,9 +348,10 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output directory")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _zeroshot_flags(run)
     run.set_defaults(func=cmd_run)
 
-    ev = sub.add_parser("eval", help="perplexity of a saved model")
+    ev = sub.add_parser("eval", help="perplexity (or, with --tasks, zero-shot accuracy) of a saved model")
     ev.add_argument("model_dir", help="model folder (e.g. the output of `strataprune run`), .gguf file or embedded name")
     ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc)")
     ev.add_argument("--split", default="test")
@@ -322,6 +364,9 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    _zeroshot_flags(ev)
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="zero-shot: requests per forward pass (default 1)")
+    ev.add_argument("--perplexity", action="store_true", help="with --tasks: also compute perplexity")
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plugins", help="list registered plugins")

@@ -34,6 +34,8 @@ from .recipes import Recipe
 from .registry import Registry, get_registry
 from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
 from .sparsity import NMPattern, Target, nm_violations
+from .zeroshot import ZeroShotStage
+from .zeroshot import summary as zeroshot_summary
 
 #: realised sparsity may sit below the asked ratio by row flooring (1/d_in) and above it by this much
 REALISED_SLACK = 1e-3
@@ -109,8 +111,11 @@ class Pipeline:
             check_output_dir(out, overwrite)
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
+        zeroshot = ZeroShotStage(recipe.evaluation, self.log, self.show) if recipe.evaluation.tasks else None  # tasks and data checked now
         calib_data = self.prepare()
         check_seqlen(self.loaded.model.config, recipe.evaluation.seqlen, "evaluation.seqlen")
+        if zeroshot is not None:
+            zeroshot.check_model(self.loaded)
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         layout = self.calibrator.layout
         with self.timer.stage("load data"):
@@ -128,6 +133,9 @@ class Pipeline:
             with self.timer.stage("evaluate dense"):
                 ppl_dense = perplexity(model, evaluation.ids, "dense perplexity", self.show)
             self.log(f"dense perplexity: {ppl_dense['ppl']:.3f} ({ppl_dense['tokens']} tokens)")
+            if zeroshot is not None:
+                with self.timer.stage("zero-shot dense"):
+                    zeroshot.dense(self.loaded, self._fingerprint())
 
         self._memory("evaluate dense")
 
@@ -156,8 +164,13 @@ class Pipeline:
             ppl_sparse = perplexity(model, evaluation.ids, "sparse perplexity", self.show)
         self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
+        if zeroshot is not None:
+            with self.timer.stage("zero-shot sparse"):
+                zeroshot.sparse(self.loaded)
 
         report = self._report(allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
+        if zeroshot is not None:
+            report["zeroshot"] = zeroshot.report()
         if out is not None:
             with atomic_output_dir(out, overwrite) as tmp:
                 with self.timer.stage("save"):
@@ -493,6 +506,8 @@ def summary(report: dict[str, Any]) -> str:
         rows.append(["ratio sparse/dense", sparse / dense])
     lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
     lines.append("")
+    if report.get("zeroshot"):
+        lines += [zeroshot_summary(report["zeroshot"]), ""]
     blocks = report["sparsity"]["per_block"]
     lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))
     lines.append(f"realised sparsity of prunable matrices: {report['sparsity']['realised_prunable']:.4f}"

@@ -4,6 +4,7 @@
     model: {source: smollm2-135m, adapter: auto, dtype: float32, device: cpu}
     calibration: {source: bbc, split: train, nsamples: 32, seqlen: 512, seed: 0, propagate: pruned}
     evaluation: {source: bbc, split: test, seqlen: 512, max_windows: 40, dense: true, bos: auto}
+    # + zero-shot accuracy: evaluation.tasks: bbc (or papers7, any lm-eval task), task_limit: 100
     allocator: uniform                # or {name: atp, beta: 0.01}
     pruner: wanda                     # or {name: sparsegpt, percdamp: 0.01}
     sparsity: 0.5                     # a ratio in [0, 1) or an N:M pattern such as "2:4"
@@ -81,6 +82,14 @@ class EvaluationSection:
     selection_windows: int = 8
     protocol: Literal["auto", "wikitext2", "c4", "documents"] = "auto"
     encoding: str = "utf-8"
+    #: zero-shot accuracy through lm-eval beside perplexity (core/zeroshot.py): task names or presets
+    #: (papers7, bbc), comma-separated or a list; null = none
+    tasks: str | list[str] | None = None
+    #: examples per zero-shot task (null = all)
+    task_limit: int | None = None
+    #: folder of extra lm-eval task YAML files (local data: dataset_path: json)
+    task_include_path: str | None = None
+    task_batch_size: int = 1
 
     def __post_init__(self) -> None:
         _positive("evaluation.seqlen", self.seqlen, minimum=2)
@@ -88,6 +97,13 @@ class EvaluationSection:
         if self.max_windows is not None:
             _positive("evaluation.max_windows", self.max_windows)
         _positive("evaluation.selection_windows", self.selection_windows)
+        if self.tasks is not None:
+            items = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+            if not all(isinstance(t, str) for t in items) or not any(t.strip() for t in items):
+                raise ConfigError(f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a list")
+        if self.task_limit is not None:
+            _positive("evaluation.task_limit", self.task_limit)
+        _positive("evaluation.task_batch_size", self.task_batch_size)
 
 
 @dataclass
