@@ -140,19 +140,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.modelfiles import inspect_model
     from .core.textfile import TextFile, looks_like_path
 
+    wants_perplexity = args.tasks is None or args.perplexity
     config = inspect_model(args.model_dir)  # cheap checks first: files, context length
-    if config is not None:
+    if config is not None and wants_perplexity:
         check_seqlen(config, args.seqlen, "--seqlen")
-    if looks_like_path(args.data):
+    if looks_like_path(args.data) and wants_perplexity:
         TextFile(Path(args.data).expanduser(), args.encoding)
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
     from .core.models import load_model, resolve_device
 
-    dataset = open_dataset(args.data, args.encoding, args.protocol)
     resolve_device(args.device)
     if args.tasks is not None:
         return _eval_tasks(args)
+    dataset = open_dataset(args.data, args.encoding, args.protocol)
     loaded = load_model(args.model_dir, device=args.device)
     check_seqlen(loaded.model.config, args.seqlen, "--seqlen")
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
