@@ -96,6 +96,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.models import load_model
 
     loaded = load_model(args.model_dir, device=args.device)
+    if loaded.adapter.task != "causal-lm":  # vision and multimodal models: agreement with a reference, not perplexity
+        from .core.task_eval import eval_command
+
+        return eval_command(loaded, args)
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
     windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data), args.split, args.seqlen, args.windows, bos)
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
@@ -142,12 +146,13 @@ def make_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of a saved model")
     ev.add_argument("model_dir", help="model folder (e.g. the output of `strataprune run`), .gguf file or embedded name")
-    ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc)")
+    ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc); image models: photos or an image folder")
     ev.add_argument("--split", default="test")
     ev.add_argument("--seqlen", type=int, default=512)
-    ev.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
+    ev.add_argument("--windows", type=int, default=40, help="number of windows (default 40); image models: number of crops")
     ev.add_argument("--bos", choices=["auto", "always", "never"], default="auto")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--reference", help="image models: the dense model to compare with (default: the run's model.source)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)

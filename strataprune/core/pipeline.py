@@ -109,6 +109,10 @@ class Pipeline:
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
         calib_data = self.prepare()
+        if self.loaded.adapter.task != "causal-lm":  # vision and multimodal models: core/task_eval.py
+            from .task_eval import run_task
+
+            return run_task(self, calib_data, out, overwrite)
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         layout = self.calibrator.layout
         with self.timer.stage("load data"):
@@ -186,10 +190,15 @@ class Pipeline:
         recipe = self.recipe
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
-                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
+                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload,
+                adapter_params=recipe.model.adapter_params,
             )
         self.offload = offloader_of(self.loaded.model)
         self._memory("load model")
+        if self.loaded.adapter.task != "causal-lm":  # image data instead of token windows: core/task_eval.py
+            from .task_eval import prepare_task
+
+            return prepare_task(self)
         with self.timer.stage("load data"):
             calib_data = open_dataset(recipe.calibration.source)
             calib = calibration_windows(
@@ -320,8 +329,12 @@ class Pipeline:
         dense propagation, the pruner's statistics of the dense model.
         """
         recipe = self.recipe
-        cache: dict[str, torch.Tensor] = {}
         who = who or self.allocator.name
+        if self.loaded.adapter.task != "causal-lm":  # held-out divergence from the dense model instead of perplexity
+            from .task_eval import task_scorer
+
+            return task_scorer(self, calib_data, who)
+        cache: dict[str, torch.Tensor] = {}
         dense_stats: dict[int, BlockStats] = {}
 
         def windows(on: str) -> torch.Tensor:
@@ -481,13 +494,18 @@ class Pipeline:
 def summary(report: dict[str, Any]) -> str:
     """The console summary of a run: perplexities, per-block sparsity, stage times."""
     lines = []
-    ppl = report["perplexity"]
-    dense = ppl["dense"]["ppl"] if ppl["dense"] else None
-    sparse = ppl["sparse"]["ppl"]
-    rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
-    if dense:
-        rows.append(["ratio sparse/dense", sparse / dense])
-    lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
+    if "metrics" in report:  # vision and multimodal tasks: agreement with the dense model instead of perplexity
+        from .task_eval import metrics_table
+
+        lines.append(metrics_table(report))
+    else:
+        ppl = report["perplexity"]
+        dense = ppl["dense"]["ppl"] if ppl["dense"] else None
+        sparse = ppl["sparse"]["ppl"]
+        rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
+        if dense:
+            rows.append(["ratio sparse/dense", sparse / dense])
+        lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
     lines.append("")
     blocks = report["sparsity"]["per_block"]
     lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))
