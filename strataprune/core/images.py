@@ -171,12 +171,22 @@ def is_image_source(source: str) -> bool:
     return source == "photos" or Path(source).expanduser().is_dir()
 
 
+_decoded: dict[tuple[str, int, int], Any] = {}
+
+
 def _decode(path: Path) -> Any:
+    """The file as an RGB PIL image (kept per process, keyed by path, size and mtime: photos are read often)."""
     from PIL import Image
 
-    with Image.open(path) as handle:
-        handle.load()
-        return handle.convert("RGB")
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _decoded:
+        with Image.open(path) as handle:
+            handle.load()
+            _decoded[key] = handle.convert("RGB")
+        if len(_decoded) > 256:  # a large folder: keep memory bounded
+            _decoded.pop(next(iter(_decoded)))
+    return _decoded[key]
 
 
 def list_images(source: str) -> tuple[list[SourceImage], list[str], dict[str, Any]]:
