@@ -48,6 +48,9 @@ def test_embedding_metrics_and_nearest_neighbours():
         return max(sims)[1]
     expected = sum(nearest(dense, i) == nearest(sparse, i) for i in range(4)) / 4
     assert out["nn_agreement"] == pytest.approx(expected) and expected < 1
+    source = torch.tensor([0, 0, 1, 1])
+    by_photo = embedding_metrics(dense, sparse, source)["nn_photo_agreement"]
+    assert by_photo == pytest.approx(sum(int(source[nearest(dense, i)] == source[nearest(sparse, i)]) for i in range(4)) / 4)
     assert same_source_at_1(dense, torch.tensor([0, 0, 1, 1])) == 1.0
     assert same_source_at_1(dense, torch.tensor([0, 1, 2, 3])) is None
 

@@ -61,5 +61,7 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     x, padding = _padding(module, x)
     if x.dim() == 3:
         x = x.unsqueeze(0)
+    if module.kernel_size == (1, 1) and module.stride == (1, 1) and padding == (0, 0):  # pointwise: the pixels are the patches
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])

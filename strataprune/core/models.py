@@ -126,7 +126,7 @@ def resolve_model(source: str) -> tuple[Path | str, dict[str, Any]]:
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
     if "/" not in source and not _in_hf_cache(source):
-        hint = unknown("embedded model", source, EMBEDDED)
+        hint = unknown("embedded model", source, [*EMBEDDED, *_adapter_embedded_names()])
         raise DataError(f"{hint}; or pass a local folder, a .gguf file or a hub id like 'org/name'")
     if not _in_hf_cache(source):
         require_hub(f"model '{source}'")
@@ -221,6 +221,13 @@ def load_model(
     loaded.source = source
     loaded.description = {**description, **loaded.description, "adapter": adapter.name}
     return loaded
+
+
+def _adapter_embedded_names() -> list[str]:
+    """Models the registered adapters load by name (vision: efficientnet-lite0, dinov2-small)."""
+    from .registry import get_registry
+
+    return [name for info in get_registry().find("adapter", lambda cls: True) for name in getattr(info.cls, "embedded", {})]
 
 
 def _adapter_loaded_source(source: str, adapter_name: str, params: dict[str, Any] | None) -> tuple[Any, str, dict[str, Any]] | None:

@@ -262,7 +262,8 @@ def run_task(pipe: Pipeline, calib_images: Any, out: Path | None, overwrite: boo
 #: (key, label) of the comparison figures shown per task, most important first
 SHOWN = {
     "logits": [("top1_agreement", "top-1 agreement"), ("top5_agreement", "top-5 agreement"), ("kl", "KL(dense || sparse), nats")],
-    "embeddings": [("cosine", "embedding cosine (mean)"), ("cosine_min", "embedding cosine (min)"), ("nn_agreement", "nearest-neighbour agreement")],
+    "embeddings": [("cosine", "embedding cosine (mean)"), ("cosine_min", "embedding cosine (min)"), ("nn_agreement", "nearest-neighbour agreement"),
+                   ("nn_photo_agreement", "nearest-neighbour photo agreement")],
     "clip": [("image_to_text_agreement", "image->text agreement"), ("text_to_image_agreement", "text->image agreement"),
              ("image_cosine", "image embedding cosine"), ("text_cosine", "text embedding cosine")],
 }

@@ -12,6 +12,7 @@ Embeddings (DINOv2's pooled output, CLIP's image and text embeddings), e_i dense
 
     cosine          = mean_i cos(e_i, f_i)   (and the minimum)
     NN agreement    = mean_i [argmax_{j != i} cos(f_i, f_j) == argmax_{j != i} cos(e_i, e_j)]
+    NN photo agreement = the same, comparing the *photos* the two nearest crops were cut from
     same-source@1   = mean_i [the nearest other crop is a crop of the same photo]   (each model alone)
 
 Image-text retrieval (CLIP), over the evaluation crops and their distinct captions:
@@ -75,11 +76,14 @@ def same_source_at_1(embeddings: torch.Tensor, source: torch.Tensor) -> float | 
     return float((source[_nearest_other(embeddings)] == source).double().mean())
 
 
-def embedding_metrics(dense: torch.Tensor, sparse: torch.Tensor) -> dict[str, float]:
+def embedding_metrics(dense: torch.Tensor, sparse: torch.Tensor, source: torch.Tensor | None = None) -> dict[str, float]:
     cos = F.cosine_similarity(dense.double(), sparse.double(), dim=-1)
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "embeddings": int(dense.shape[0])}
     if dense.shape[0] > 2:
-        out["nn_agreement"] = float((_nearest_other(dense) == _nearest_other(sparse)).double().mean())
+        nn_dense, nn_sparse = _nearest_other(dense), _nearest_other(sparse)
+        out["nn_agreement"] = float((nn_dense == nn_sparse).double().mean())
+        if source is not None:
+            out["nn_photo_agreement"] = float((source[nn_dense] == source[nn_sparse]).double().mean())
     return out
 
 
@@ -114,7 +118,7 @@ def compare(dense: dict[str, torch.Tensor], sparse: dict[str, torch.Tensor], ext
         out: dict[str, Any] = retrieval_metrics(dense, sparse, extra["text_of_image"])
         out["divergence"] = 1.0 - (out["image_cosine"] + out["text_cosine"]) / 2
     elif "embeddings" in dense:
-        out = embedding_metrics(dense["embeddings"], sparse["embeddings"])
+        out = embedding_metrics(dense["embeddings"], sparse["embeddings"], extra.get("source"))
         out["divergence"] = 1.0 - out["cosine"]
     else:
         out = distribution_metrics(dense["logits"], sparse["logits"])
