@@ -156,3 +156,27 @@ def test_class_folders_give_labels_and_accuracy(tmp_path):
     assert accuracy["labelled"] == 6 and 0.0 <= accuracy["top1"] <= accuracy["top5"] <= 1.0
     assert report["data"]["evaluation"]["classes"] == ["class0", "class1", "class2"]
     assert report["data"]["skipped_images"]["evaluation"] == 1 and report["data"]["skipped_images"]["calibration"] == 1
+
+
+def test_a_model_no_adapter_matches_lists_the_adapters(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)).save_pretrained(
+        tmp_path / "bert")
+    assert main(["run", "--model", str(tmp_path / "bert"), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no model adapter handles model_type 'bert'" in err[0]
+    assert all(name in err[0] for name in ("decoder_llm", "vit", "deit", "dinov2", "swin", "convnext", "efficientnet_lite", "clip", "llava"))
+
+
+def test_every_recipe_in_examples_is_valid():
+    from pathlib import Path
+
+    from strataprune.core.recipes import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "examples" / "recipes").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"vit", "deit", "swin", "convnext", "dinov2-small", "efficientnet-lite0", "clip", "llava"}
+    for path in recipes:
+        recipe = load_recipe(path)
+        get_registry().create("allocator", recipe.allocator.name, recipe.allocator.params)
+        get_registry().create("pruner", recipe.pruner.name, recipe.pruner.params)

