@@ -159,13 +159,12 @@ def test_class_folders_give_labels_and_accuracy(tmp_path):
 
 
 def test_a_model_no_adapter_matches_lists_the_adapters(tmp_path, capsys):
-    from transformers import BertConfig, BertModel
+    from transformers import ResNetConfig, ResNetModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)).save_pretrained(
-        tmp_path / "bert")
-    assert main(["run", "--model", str(tmp_path / "bert"), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path / "resnet")
+    assert main(["run", "--model", str(tmp_path / "resnet"), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no model adapter handles model_type 'bert'" in err[0]
+    assert len(err) == 1 and "no model adapter handles model_type 'resnet'" in err[0]
     assert all(name in err[0] for name in ("decoder_llm", "vit", "deit", "dinov2", "swin", "convnext", "efficientnet_lite", "clip", "llava"))
 
 

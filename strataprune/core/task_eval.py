@@ -159,9 +159,7 @@ def task_scorer(pipe: Pipeline, calib_images: Any, who: str) -> Any:
 
     def data(on: str) -> tuple[TaskData, dict[str, torch.Tensor]]:
         if on not in cache:
-            if on == "validation":
-                from .images import ImageBatch  # noqa: F401 - same crops machinery, other seed than calibration
-
+            if on == "validation":  # other crops (another seed) of the calibration photos
                 batch = crops(calib_images, loaded.processor, recipe.evaluation.selection_windows, recipe.calibration.seed + 1, "selection")
                 chosen = TaskData(loaded.adapter.encode(loaded, batch), {"text_rows": list(range(len(batch.captions))),
                                   "text_of_image": torch.arange(len(batch.captions))}, batch.description)
