@@ -140,11 +140,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.modelfiles import inspect_model
     from .core.textfile import TextFile, looks_like_path
 
+    from .core.preflight import language_model
+    from .core.textfile import is_image_source
+
     wants_perplexity = args.tasks is None or args.perplexity
     config = inspect_model(args.model_dir)  # cheap checks first: files, context length
+    image_data = is_image_source(args.data) and not language_model(args.model_dir, config)  # photos or an image folder
     if config is not None and wants_perplexity:
         check_seqlen(config, args.seqlen, "--seqlen")
-    if looks_like_path(args.data) and wants_perplexity:
+    if looks_like_path(args.data) and wants_perplexity and not image_data:
         TextFile(Path(args.data).expanduser(), args.encoding)
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
@@ -153,8 +157,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     if args.tasks is not None:
         return _eval_tasks(args)
-    dataset = open_dataset(args.data, args.encoding, args.protocol)
+    dataset = None if image_data else open_dataset(args.data, args.encoding, args.protocol)  # text errors before loading
     loaded = load_model(args.model_dir, device=args.device)
+    if loaded.adapter.task != "causal-lm":  # vision and multimodal models: agreement with a reference, not perplexity
+        from .core.task_eval import eval_command
+
+        return eval_command(loaded, args)
+    if dataset is None:  # an image source given to a language model: open_dataset says what text it takes
+        dataset = open_dataset(args.data, args.encoding, args.protocol)
     check_seqlen(loaded.model.config, args.seqlen, "--seqlen")
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
     windows = evaluation_windows(loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos)
@@ -354,15 +364,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity (or, with --tasks, zero-shot accuracy) of a saved model")
     ev.add_argument("model_dir", help="model folder (e.g. the output of `strataprune run`), .gguf file or embedded name")
-    ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc)")
+    ev.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc); image models: photos or an image folder")
     ev.add_argument("--split", default="test")
     ev.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; at most the model's context)")
-    ev.add_argument("--windows", type=_at_least(1, allow_all=True), default=40, help="number of windows, or 'all' (default 40)")
+    ev.add_argument("--windows", type=_at_least(1, allow_all=True), default=40, help="number of windows, or 'all' (default 40); image models: number of crops")
     ev.add_argument("--encoding", default="utf-8", help="encoding of a text file given as --data (default utf-8)")
     ev.add_argument("--protocol", choices=["auto", "wikitext2", "c4", "documents"], default="auto",
                     help="how text becomes tokens (default auto: the papers' protocol for wikitext2, c4 and WikiText files)")
     ev.add_argument("--bos", choices=["auto", "always", "never"], default="auto")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--reference", help="image models: the dense model to compare with (default: the run's model.source)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
     _zeroshot_flags(ev)

@@ -151,6 +151,9 @@ def compare_allocators(
     times: dict[str, float] = {}
     start = time.perf_counter()
     calib_data = pipeline.prepare(loaded)
+    from .task_eval import check_statistics
+
+    check_statistics(pipeline.loaded, allocators)  # a statistic the model cannot provide fails before the dense pass
     times["load"] = time.perf_counter() - start
     allocations = run_allocators(pipeline, allocators, calib_data, times)
     layout = pipeline.calibrator.layout

@@ -133,7 +133,7 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
 
 
 def model_kind(source: str) -> tuple[str, str]:
-    """('embedded' | 'gguf' | 'folder' | 'hub', source): what a ``model.source`` names, or a DataError when it
+    """('embedded' | 'adapter' | 'gguf' | 'folder' | 'hub', source): what a ``model.source`` names, or a DataError when it
     names nothing (a missing path, an unknown embedded name, a hub id while the hub is unreachable)."""
     source = DEFAULT_MODEL if source in ("default", "") else source
     if source in EMBEDDED:
@@ -145,13 +145,23 @@ def model_kind(source: str) -> tuple[str, str]:
         return "folder", source
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
+    adapter_models = adapter_embedded_names() if "/" not in source else []
+    if source in adapter_models:
+        return "adapter", source
     cached = _in_hf_cache(source)
     if "/" not in source and not cached:
-        hint = unknown("embedded model", source, EMBEDDED)
+        hint = unknown("embedded model", source, [*EMBEDDED, *adapter_models])
         raise DataError(f"{hint}; or pass a local folder, a .gguf file or a hub id like 'org/name'")
     if not cached:
         require_hub(f"model '{source}'")
     return "hub", source
+
+
+def adapter_embedded_names() -> list[str]:
+    """Models that registered adapters load by name themselves (vision: efficientnet-lite0, dinov2-small)."""
+    from .registry import get_registry
+
+    return [name for info in get_registry().find("adapter", lambda cls: True) for name in getattr(info.cls, "embedded", {})]
 
 
 def _in_hf_cache(repo_id: str) -> bool:

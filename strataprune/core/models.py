@@ -144,12 +144,14 @@ def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
 
 
 def load_model(
-    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False
+    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False,
+    adapter_params: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model through its adapter.
 
     ``offload``: keep only the non-block tensors in memory and read each block from the
     safetensors checkpoint when it is needed (core/offload.py), for models larger than memory.
+    ``adapter_params``: the adapter's Config parameters (e.g. LLaVA's ``prune``).
     """
     from transformers import AutoConfig
 
@@ -158,6 +160,15 @@ def load_model(
     torch_device, device_map = resolve_device(device)
     if offload and device_map is not None:
         raise ConfigError("model.offload and model.device 'auto' do not combine: offload keeps one block on one device")
+    by_adapter = _adapter_loaded_source(source, adapter_name, adapter_params)
+    if by_adapter is not None:  # vision models that are not transformers checkpoints (EfficientNet-Lite, dinov2-small)
+        adapter, location, description = by_adapter
+        if offload:
+            raise ConfigError(f"model.offload is for decoder language models; adapter '{adapter.name}' loads the whole model")
+        loaded = adapter.load(location, dtype=DTYPES[dtype], device=torch_device or torch.device("cpu"))
+        loaded.source = source
+        loaded.description = {**description, **loaded.description, "adapter": adapter.name}
+        return loaded
     location, description = resolve_model(source)
     if Path(location).is_dir():
         check_model_type(read_config(Path(location), source)["model_type"], source)
@@ -172,9 +183,9 @@ def load_model(
             raise DataError(
                 f"no model adapter handles model_type '{config.model_type}'; adapters: {', '.join(registry.names('adapter'))}"
             )
-        adapter = matches[0].cls()
+        adapter = matches[0].cls.from_params(adapter_params) if adapter_params else matches[0].cls()
     else:
-        adapter = registry.create("adapter", adapter_name)
+        adapter = registry.create("adapter", adapter_name, adapter_params)
     if offload:
         from .offload import load_offloaded
 
@@ -198,6 +209,33 @@ def check_model_type(model_type: str, source: str) -> None:
             f"model '{source}': model_type '{model_type}' is not known to transformers {transformers.__version__}"
             f"{did_you_mean(model_type, CONFIG_MAPPING.keys())}; a newer transformers may support it"
         )
+
+
+def _adapter_loaded_source(source: str, adapter_name: str, params: dict[str, Any] | None) -> tuple[Any, str, dict[str, Any]] | None:
+    """An adapter that loads ``source`` itself: a name in some adapter's ``embedded`` models, or a saved
+    folder whose config.json names its adapter (``"strataprune_adapter": name``). None otherwise."""
+    import json
+
+    from .registry import get_registry
+
+    registry = get_registry()
+    path = Path(source).expanduser()
+    marker = path / "config.json"
+    if marker.is_file():
+        try:
+            named = json.loads(marker.read_text()).get("strataprune_adapter")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if named:
+            adapter = registry.create("adapter", named if adapter_name == "auto" else adapter_name, params)
+            return adapter, str(path), {"source": str(path.resolve()), "format": "folder"}
+        return None
+    for info in registry.find("adapter", lambda cls: source in getattr(cls, "embedded", {})):
+        if adapter_name not in ("auto", info.name):
+            continue
+        adapter = info.cls.from_params(params) if params else info.cls()
+        return adapter, source, {"source": source, "embedded": info.cls.embedded[source]}
+    return None
 
 
 def fingerprint(model: torch.nn.Module) -> str:

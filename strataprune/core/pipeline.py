@@ -113,9 +113,13 @@ class Pipeline:
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
         zeroshot = ZeroShotStage(recipe.evaluation, self.log, self.show) if recipe.evaluation.tasks else None  # tasks and data checked now
         calib_data = self.prepare()
-        check_seqlen(self.loaded.model.config, recipe.evaluation.seqlen, "evaluation.seqlen")
         if zeroshot is not None:
-            zeroshot.check_model(self.loaded)
+            zeroshot.check_model(self.loaded)  # language-model tasks on another kind of model: one error line
+        if self.loaded.adapter.task != "causal-lm":  # vision and multimodal models: core/task_eval.py
+            from .task_eval import run_task
+
+            return run_task(self, calib_data, out, overwrite)
+        check_seqlen(self.loaded.model.config, recipe.evaluation.seqlen, "evaluation.seqlen")
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         layout = self.calibrator.layout
         with self.timer.stage("load data"):
@@ -201,11 +205,16 @@ class Pipeline:
         recipe = self.recipe
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
-                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
+                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload,
+                adapter_params=recipe.model.adapter_params,
             )
-        check_recipe_limits(self.loaded.model.config, recipe, evaluation=False)  # seqlen vs context, memory: before any data
         self.offload = offloader_of(self.loaded.model)
         self._memory("load model")
+        if self.loaded.adapter.task != "causal-lm":  # image data instead of token windows: core/task_eval.py
+            from .task_eval import prepare_task
+
+            return prepare_task(self)
+        check_recipe_limits(self.loaded.model.config, recipe, evaluation=False)  # seqlen vs context, memory: before any data
         with self.timer.stage("load data"):
             calib_data = open_dataset(recipe.calibration.source, recipe.calibration.encoding, recipe.calibration.protocol)
             calib = calibration_windows(
@@ -336,8 +345,12 @@ class Pipeline:
         dense propagation, the pruner's statistics of the dense model.
         """
         recipe = self.recipe
-        cache: dict[str, torch.Tensor] = {}
         who = who or self.allocator.name
+        if self.loaded.adapter.task != "causal-lm":  # held-out divergence from the dense model instead of perplexity
+            from .task_eval import task_scorer
+
+            return task_scorer(self, calib_data, who)
+        cache: dict[str, torch.Tensor] = {}
         dense_stats: dict[int, BlockStats] = {}
 
         def windows(on: str) -> torch.Tensor:
@@ -498,13 +511,18 @@ class Pipeline:
 def summary(report: dict[str, Any]) -> str:
     """The console summary of a run: perplexities, per-block sparsity, stage times."""
     lines = []
-    ppl = report["perplexity"]
-    dense = ppl["dense"]["ppl"] if ppl["dense"] else None
-    sparse = ppl["sparse"]["ppl"]
-    rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
-    if dense:
-        rows.append(["ratio sparse/dense", sparse / dense])
-    lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
+    if "metrics" in report:  # vision and multimodal tasks: agreement with the dense model instead of perplexity
+        from .task_eval import metrics_table
+
+        lines.append(metrics_table(report))
+    else:
+        ppl = report["perplexity"]
+        dense = ppl["dense"]["ppl"] if ppl["dense"] else None
+        sparse = ppl["sparse"]["ppl"]
+        rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
+        if dense:
+            rows.append(["ratio sparse/dense", sparse / dense])
+        lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
     lines.append("")
     if report.get("zeroshot"):
         lines += [zeroshot_summary(report["zeroshot"]), ""]

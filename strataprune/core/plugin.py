@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipe
 #: - ``hessian``: per prunable matrix, H = 2 X X^T / n in fp32 (SparseGPT's Hessian)
 #: - ``block_inputs`` / ``block_outputs``: the hidden states entering / leaving the block, [samples, tokens, hidden]
 STATISTICS = ("input_norms", "hessian", "block_inputs", "block_outputs")
+#: what a model adapter's ``task`` may be: each has its own data and evaluation
+TASKS = ("causal-lm", "image-classification", "image-embedding", "multimodal")
 
 
 @dataclass
@@ -77,7 +79,9 @@ class ModelLayout:
 
     matrices: tuple[MatrixInfo, ...]
     num_blocks: int
-    stack: str = "decoder"
+    #: the stack every block belongs to: one name for a single-stack model ("decoder", "vision"), or one
+    #: name per block for multimodal models (e.g. ("vision",) * 12 + ("text",) * 12); see ``stack_of``
+    stack: str | tuple[str, ...] = "decoder"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.matrices})
@@ -94,6 +98,15 @@ class ModelLayout:
 
     def block(self, index: int) -> list[MatrixInfo]:
         return [m for m in self.matrices if m.block == index]
+
+    def stack_of(self, block: int) -> str:
+        """The stack block ``block`` (and so each of its matrices) belongs to."""
+        return self.stack if isinstance(self.stack, str) else self.stack[block]
+
+    @property
+    def stacks(self) -> list[str]:
+        """Stack names in block order, each once."""
+        return list(dict.fromkeys(self.stack_of(b) for b in range(self.num_blocks)))
 
     def block_numel(self, index: int) -> int:
         return sum(m.numel for m in self.block(index))
@@ -245,14 +258,20 @@ class LoadedModel:
     adapter: ModelAdapter
     source: str
     description: dict[str, Any] = field(default_factory=dict)
+    #: how inputs are prepared for non-text tasks (e.g. an ``images.ImageSpec``); None for language models
+    processor: Any = None
 
 
 @dataclass
 class BlockInputs:
     """Hidden states entering the first block, and the extra arguments each block is called with."""
 
-    hidden: torch.Tensor  # [samples, tokens, hidden]
+    hidden: torch.Tensor  # [samples, tokens, hidden] (any [samples, ...] shape for vision stacks)
     block_kwargs: list[dict[str, Any]]  # one per block (masks differ per block on e.g. Gemma-3)
+    #: multi-stack models: at block b the hidden states restart from ``restarts[b]`` instead of the previous
+    #: block's output (the first text block of CLIP); a callable is called when block b is reached, so it
+    #: can recompute the stack's input from the already pruned stacks before it (LLaVA's language model)
+    restarts: dict[int, torch.Tensor | Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelAdapter(Plugin):
@@ -269,6 +288,8 @@ class ModelAdapter(Plugin):
 
     kind: ClassVar[str] = "adapter"
     task: ClassVar[str] = "causal-lm"
+    #: models this adapter loads by name (no config.json), e.g. {"efficientnet-lite0": "pip install ..."}
+    embedded: ClassVar[dict[str, str]] = {}
 
     def matches(self, config: Any) -> bool:
         raise NotImplementedError
@@ -301,6 +322,33 @@ class ModelAdapter(Plugin):
 
     def run_block(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- optional, with defaults that fit language models (vision adapters override them) --
+    def matrix_inputs(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One prunable module's input as rows [tokens, in_features] matching ``get_weight``'s columns.
+
+        The calibration engine computes ``input_norms`` and ``hessian`` from these rows. Default: the
+        last dimension is the feature (Linear); a convolution returns its unfolded (im2col) patches.
+        """
+        return x.reshape(-1, x.shape[-1])
+
+    def unavailable_statistics(self, model: torch.nn.Module) -> dict[str, str]:
+        """Statistics (``STATISTICS``) this model cannot provide, each with the reason; checked before any work."""
+        return {}
+
+    def encode(self, loaded: LoadedModel, batch: Any) -> Any:
+        """Model inputs for a batch of the task's data (``capture`` and ``predict`` take them)."""
+        raise NotImplementedError(f"adapter '{self.name}' has no task data encoder")
+
+    def predict(self, loaded: LoadedModel, inputs: Any) -> dict[str, torch.Tensor]:
+        """The outputs the task's evaluation compares (see the class docstring)."""
+        raise NotImplementedError(f"adapter '{self.name}' has no task predictions")
+
+    def save(self, loaded: LoadedModel, folder: Path) -> None:
+        """Write the (pruned) model so that ``load`` reads it back."""
+        loaded.model.save_pretrained(folder)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- backends

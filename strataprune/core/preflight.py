@@ -25,14 +25,24 @@ from typing import Any
 
 from .errors import ConfigError
 from .limits import check_recipe_limits
-from .modelfiles import inspect_model
+from .modelfiles import inspect_model, model_kind
 from .outputs import check_output_dir
 from .recipes import Recipe
-from .textfile import TextFile, looks_like_path
+from .textfile import TextFile, is_image_source, looks_like_path
 
 
-def check_text_sources(recipe: Recipe) -> None:
+def language_model(source: str, config: dict[str, Any] | None) -> bool:
+    """Whether the model is known, before loading it, to be a language model (then a folder given as text
+    is an error now; for any other model it may be image data, which its task checks after loading)."""
+    if model_kind(source)[0] == "embedded":
+        return True
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in (config or {}).get("architectures") or [])
+
+
+def check_text_sources(recipe: Recipe, text_model: bool = True) -> None:
     for key, section in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
+        if not text_model and is_image_source(section.source):  # checked by the image model's task (core/task_eval.py)
+            continue
         if looks_like_path(section.source):
             TextFile(Path(section.source).expanduser(), section.encoding)
             if section.protocol == "c4":
@@ -40,7 +50,7 @@ def check_text_sources(recipe: Recipe) -> None:
                                   f"the text file '{section.source}' has one split (use wikitext2 or documents)")
 
 
-def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]]] = (), text_model: bool = True) -> None:
     from .data import open_dataset
     from .models import resolve_device
     from .registry import get_registry
@@ -54,7 +64,7 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
     if recipe.target.pattern is not None and not pruner.supports_nm:
         raise ConfigError(f"pruner '{pruner.name}' does not support N:M sparsity ({recipe.target.pattern})")
     for section in (recipe.calibration, recipe.evaluation):
-        if not looks_like_path(section.source):  # files were read in step 3; names must be registered datasets
+        if not looks_like_path(section.source) and (text_model or not is_image_source(section.source)):  # files: step 3
             open_dataset(section.source, section.encoding, section.protocol)
     resolve_device(recipe.model.device)
 
@@ -66,9 +76,10 @@ def preflight(
     """Steps 2-5 above; returns the model's config when it was on disk (None: checked after loading)."""
     if output is not None:
         check_output_dir(Path(output), overwrite, command=command)
-    check_text_sources(recipe)
     config = inspect_model(recipe.model.source)
-    if config is not None:
+    text_model = language_model(recipe.model.source, config)
+    check_text_sources(recipe, text_model)
+    if config is not None and text_model:  # token windows vs context; image models count crops instead
         check_recipe_limits(config, recipe, evaluation=command != "allocate")
-    check_plugins(recipe, allocators)
+    check_plugins(recipe, allocators, text_model)
     return config

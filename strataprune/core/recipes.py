@@ -42,6 +42,8 @@ class ModelSection:
     device: str = "cpu"
     #: keep only one block in memory, the rest read from the safetensors checkpoint (core/offload.py)
     offload: bool = False
+    #: parameters of the model adapter's Config, e.g. {prune: [vision, language]} for LLaVA-style models
+    adapter_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

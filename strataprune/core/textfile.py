@@ -30,6 +30,12 @@ def looks_like_path(source: str) -> bool:
     return path.exists() or bool(path.suffix) or "/" in source
 
 
+def is_image_source(source: str) -> bool:
+    """Whether ``source`` names image data (``photos`` or an existing folder) rather than text; kept here,
+    beside ``looks_like_path``, so the checks before the heavy imports can tell the two apart."""
+    return source == "photos" or Path(source).expanduser().is_dir()
+
+
 def decode_text(raw: bytes, what: str, encoding: str = "utf-8", error: type[StrataPruneError] = DataError) -> str:
     """Bytes -> text, refusing binary data (NUL bytes) and bytes that are not valid ``encoding``."""
     if b"\0" in raw[:65536] and not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32")):
