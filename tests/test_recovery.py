@@ -310,12 +310,14 @@ def test_bad_recovery_input_is_one_line_and_exit_2(extra, message, tiny_llama_di
 def test_training_on_the_evaluation_text_is_refused_and_earlier_output_kept(tiny_llama_dir, texts, tmp_path, capsys):
     train, evaluation = texts
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "report.json").write_text("{}")
+    assert main(run_args(tiny_llama_dir, train, evaluation, out)) == 0  # an earlier strataprune output
+    earlier = (out / "report.json").read_bytes()
+    capsys.readouterr()
     assert main(run_args(tiny_llama_dir, train, evaluation, out, "--overwrite", "--recovery", "lora",
                          "--set", f"recovery.data={evaluation}", "--set", "recovery.steps=1")) == 2
     err = capsys.readouterr().err
-    assert "is the evaluation text" in err and (out / "report.json").read_text() == "{}"
+    assert err.startswith("error: ") and "is the evaluation text" in err and len(err.strip().splitlines()) == 1  # before any work
+    assert (out / "report.json").read_bytes() == earlier
 
 
 def test_recovery_none_switches_a_recipe_recovery_off(tiny_llama_dir, texts, tmp_path):

@@ -65,6 +65,15 @@ def make_recovery(registry: Any, recipe: Recipe, pruner: Pruner, target: Target)
                           f"'{pruner.name}'; run it without wbits")
     if target.pattern is not None and not recovery.supports_nm:
         raise ConfigError(f"{who} does not support N:M sparsity ({target}); use an unstructured ratio or recovery 'lora'")
+    data, split = getattr(recovery.config, "data", None), getattr(recovery.config, "split", None)
+    if isinstance(data, str) and isinstance(split, str):  # training on the evaluation text fails now, not after pruning
+        from .data import open_dataset
+        from .textfile import is_image_source
+        from .training_text import training_split
+
+        evaluation = recipe.evaluation
+        if not is_image_source(evaluation.source):
+            training_split(data, split, open_dataset(evaluation.source, evaluation.encoding, evaluation.protocol), evaluation.split, who)
     return recovery
 
 

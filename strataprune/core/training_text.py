@@ -77,6 +77,22 @@ class _Kept(Dataset):
         }
 
 
+def training_split(source: str, split: str, eval_data: Dataset, eval_split: str, who: str = "recovery") -> tuple[Dataset, str]:
+    """The training dataset and its actual split; refuses a missing split and the evaluation text itself
+    (same dataset, same split). Cheap: no document is read, so a run checks it before any work."""
+    base = open_dataset(source)
+    actual = split if split in base.splits else ("all" if base.splits == ("all",) else None)
+    if actual is None:
+        raise DataError(f"{who}: dataset '{base.name}' has no split '{split}'; splits: {', '.join(base.splits)}")
+    eval_split = eval_split if eval_split in eval_data.splits else ("all" if eval_data.splits == ("all",) else eval_split)
+    if base.describe() == eval_data.describe() and (actual == eval_split or "all" in (actual, eval_split)):
+        raise ConfigError(
+            f"{who}: training text {source!r} (split {actual}) is the evaluation text; train on another split or "
+            "file (e.g. data: bbc, split: train with evaluation on bbc test)"
+        )
+    return base, actual
+
+
 class TrainingText:
     """Training windows for one run, disjoint from its evaluation text ``eval_data`` / ``eval_split``."""
 
@@ -91,16 +107,7 @@ class TrainingText:
         """The training split with every overlapping document removed (computed once per source and split)."""
         key = (source, split)
         if key not in self._kept:
-            base = open_dataset(source)
-            actual = split if split in base.splits else ("all" if base.splits == ("all",) else None)
-            if actual is None:
-                raise DataError(f"{who}: dataset '{base.name}' has no split '{split}'; splits: {', '.join(base.splits)}")
-            same_text = base.describe() == self.eval_data.describe()
-            if same_text and (actual == self.eval_split or "all" in (actual, self.eval_split)):
-                raise ConfigError(
-                    f"{who}: training text {source!r} (split {actual}) is the evaluation text; train on another split or "
-                    "file (e.g. data: bbc, split: train with evaluation on bbc test)"
-                )
+            base, actual = training_split(source, split, self.eval_data, self.eval_split, who)
             kept, dropped = disjoint_documents(base.documents(actual), self.eval_data.documents(self.eval_split))
             if not kept:
                 raise DataError(f"{who}: every document of {source!r} (split {actual}) overlaps the evaluation text")
