@@ -35,6 +35,7 @@ FLAG_KEYS = {
     "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.max_windows",
     "output": "output_dir",
+    "threads": "threads",
 }
 
 
@@ -58,6 +59,11 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="tokens per evaluation window")
     parser.add_argument("--eval-windows", dest="eval_windows", type=int, help="number of evaluation windows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any recipe key, e.g. allocator.beta=0.01")
+    _threads_flag(parser)
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: auto, the cores other processes leave free)")
 
 
 def build_recipe(args: argparse.Namespace) -> Any:
@@ -94,12 +100,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
     from .core.models import load_model
+    from .core.threads import apply_threads
 
+    threads = apply_threads(args.threads)
     loaded = load_model(args.model_dir, device=args.device)
     bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
     windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data), args.split, args.seqlen, args.windows, bos)
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
     result["data"] = windows.description
+    result["threads"] = threads
     print(json.dumps(result, indent=2) if args.json else f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']})")
     return 0
 
@@ -150,6 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    _threads_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plugins", help="list registered plugins")

@@ -268,12 +268,13 @@ def test_normalize_paper_keeps_published_progression_and_flags_weighted_miss():
     profile = alloc.block_profile(layout)
     assert profile == pytest.approx(list(atp_block_ratios(0.5, 4, 0.05)))  # no shift
     assert np.mean(profile) == pytest.approx(0.5)
-    assert alloc.meta["normalize"] == "paper" and alloc.meta["mean_not_exact"] is True
+    assert alloc.meta["normalize"] == "paper" and alloc.mean_rule == "block-mean"
+    alloc.validate(layout)  # the host checks the published rule (unweighted block mean) instead
     assert abs(alloc.weighted_mean(layout) - 0.5) > 1e-3
     assert any("normalize=paper" in n for n in ctx.notes)
     safe = ATP(ATPConfig(beta=0.05)).allocate(make_ctx(layout, 0.5))
     assert safe.weighted_mean(layout) == pytest.approx(0.5, abs=1e-12)
-    assert safe.meta["normalize"] == "safe" and "mean_not_exact" not in safe.meta
+    assert safe.meta["normalize"] == "safe" and safe.mean_rule == "weighted"
 
 
 def test_normalize_rejects_unknown_mode():

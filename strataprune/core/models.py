@@ -210,18 +210,3 @@ def load_model(
     loaded.source = source
     loaded.description = {**description, **loaded.description, "adapter": adapter.name}
     return loaded
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights, for caches keyed by checkpoint (e.g. AlphaPruning's spectra)."""
-    from .offload import offloader_of
-
-    offloader = offloader_of(model)
-    if offloader is not None:  # the blocks are on disk: identify the checkpoint files instead
-        return offloader.fingerprint()
-    digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        flat = tensor.detach().reshape(-1)
-        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

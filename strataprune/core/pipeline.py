@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,16 +27,15 @@ from .errors import ConfigError, PluginError
 from .evaluation import perplexity
 from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from .quantization import FORMULA, check_grid, save_grids
-from .models import DTYPES, cache_dir, fingerprint, load_model
+from .fingerprint import weights_fingerprint
+from .models import DTYPES, cache_dir, load_model
 from .offload import BlockOffloader, DenseWeights, offloader_of
 from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
 from .recipes import Recipe
 from .registry import Registry, get_registry
 from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
-from .sparsity import NMPattern, Target, nm_violations
-
-#: realised sparsity may sit below the asked ratio by row flooring (1/d_in) and above it by this much
-REALISED_SLACK = 1e-3
+from .sparsity import REALISED_SLACK, NMPattern, Target, nm_violations, realised_matches  # noqa: F401 (REALISED_SLACK: compatibility)
+from .threads import apply_threads
 
 
 def nm_for_ratio(ratio: float, m: int) -> NMPattern:
@@ -53,9 +53,10 @@ def nm_for_ratio(ratio: float, m: int) -> NMPattern:
       so ratios below 1/m become (m-1):m and ratios above (m-1)/m become 1:m;
     - a uniform allocation at the pattern's own ratio maps back to that pattern exactly
       (0.5 -> 2:4, 0.5 -> 4:8);
-    - the parameter-weighted mean of the rounded ratios is in general *not* the target (each
-      matrix moves by at most 1/(2m)); the allocation records this in ``meta['nm_rounding']``
-      and the report shows the realised mean.
+    - the parameter-weighted mean of the rounded ratios is in general *not* the target: each
+      matrix moves by at most 1/(2m), or up to 1/m where the clamp applies (ratios below 1/(2m) or
+      above 1 - 1/(2m)); the allocator's own output was validated exactly before, and
+      ``meta['nm_rounding']`` records the largest move and the means before and after.
 
     Allocators that want N:M per block themselves (OWL's mixed N:M, §5.4) set
     ``Allocation.patterns`` and this policy is not applied.
@@ -99,6 +100,8 @@ class Pipeline:
         self.offload: BlockOffloader | None = None
         self.memory: dict[str, float] = {}
         self._dense_fingerprint: str | None = None
+        self.threads: dict[str, Any] = {}
+        self.device = torch.device("cpu")  # where allocators compute (set by prepare)
 
     # ------------------------------------------------------------------ public
     def run(self, output_dir: str | Path | None = None, overwrite: bool = False, save: bool = True) -> RunResult:
@@ -184,11 +187,13 @@ class Pipeline:
         allocators draw their held-out selection windows from it).
         """
         recipe = self.recipe
+        self.threads = apply_threads(recipe.threads)
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
                 recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
             )
         self.offload = offloader_of(self.loaded.model)
+        self.device = self._compute_device()
         self._memory("load model")
         with self.timer.stage("load data"):
             calib_data = open_dataset(recipe.calibration.source)
@@ -202,7 +207,7 @@ class Pipeline:
             self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
         )
         if self.offload is not None:  # the dense weights stay on disk: read them back on demand
-            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules)
+            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules, self.loaded.adapter)
         else:
             self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
         return calib_data
@@ -233,25 +238,7 @@ class Pipeline:
             "note": "peak_rss_mb is the whole process's high-water mark (getrusage), interpreter and libraries included",
         }
 
-    # ------------------------------------------------------------------ stages
-    def _bos(self) -> bool:
-        mode = self.recipe.evaluation.bos
-        if mode == "auto":
-            return self.loaded.adapter.bos_per_window(self.loaded.model)
-        return mode == "always"
-
-    def _weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
-        for info in self.calibrator.layout.matrices:
-            yield info, self.dense_weights[info.name]
-
-    def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
-        stash: dict[int, BlockStats] = {}
-        if self.allocator.needs:
-            # with dense propagation the pruner's statistics come from this same pass and are reused
-            self._dense_pass([self.allocator], stash if self.recipe.calibration.propagate == "dense" else None)
-        return self._run_allocator(self.allocator, calib_data), stash
-
-    def _dense_pass(self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None) -> None:
+    def dense_pass(self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None) -> None:
         """One calibration pass over the dense model for several allocators at once.
 
         The engine computes the union of what they need, each statistic once per block, and every
@@ -269,48 +256,109 @@ class Pipeline:
                 stats.inputs = stats.outputs = None  # keep only what the pruner reuses
                 stash[stats.block] = stats
 
-        names = ", ".join(a.name for a in allocators)
+        names = ", ".join(a.name for a in allocators) or self.pruner.name
         self.calibrator.run(needs, visit=visit, desc=f"{names}: dense statistics")
 
-    def _fingerprint(self) -> str:
-        """Hash of the dense weights (cache key of e.g. AlphaPruning's spectra), computed once per run."""
-        if self._dense_fingerprint is None:
-            self._dense_fingerprint = fingerprint(self.loaded.model)
-        return self._dense_fingerprint
+    def run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
+        """Call ``allocator.allocate`` (after its dense pass, see ``dense_pass``) and return the checked Allocation.
 
-    def _run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
-        """Call ``allocator.allocate`` (after its dense pass) and turn the result into a checked Allocation."""
+        ``calib_data`` is what ``prepare`` returned (a searching allocator's selection windows come from it).
+        """
         layout = self.calibrator.layout
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
             seed=self.recipe.calibration.seed,
             pruner=self.pruner.name,
-            weights=self._weights,
+            weights=self.weights,
             score=self._make_scorer(calib_data, allocator.name) if allocator.searches else None,
-            device=torch.device(self.recipe.model.device),
+            device=self.device,
             cache_dir=cache_dir() / "allocators",
-            model_fingerprint=self._fingerprint() if allocator.name != "uniform" else "",
             progress=self.show,
+            fingerprint_fn=self.fingerprint,
         )
         raw = allocator.allocate(ctx)
-        allocation = Allocation.coerce(raw, layout, self.target.ratio, allocator.name)
+        allocation = self.checked(raw, allocator.name)
         allocation.meta.setdefault("notes", []).extend(ctx.notes)
-        self._round_to_nm(allocation)
-        allocation.validate(layout)
         for note in ctx.notes:
             self.log(f"{allocator.name}: {note}")
         return allocation
+
+    def checked(self, raw: Any, who: str) -> Allocation:
+        """What an allocator returned, as an Allocation the run can prune with.
+
+        The host validates it exactly (keys, ratios in [0, 1), its mean rule within 1e-3, plus 1/(2m)
+        for N:M patterns it set itself; ``meta`` cannot switch this off), then applies its own N:M
+        rounding under an N:M run and records the realised means in ``meta``.
+        """
+        layout = self.calibrator.layout
+        allocation = Allocation.coerce(raw, layout, self.target.ratio, who)
+        allocation.validate(layout)
+        self._round_to_nm(allocation)
+        allocation.validate(layout, tolerance=None)  # the rounding keeps keys, ranges and patterns consistent
+        allocation.meta.update(allocation.mean_report(layout))
+        return allocation
+
+    def weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
+        """Every prunable matrix with its dense (out, in) weight, in layout order (read from disk when offloaded)."""
+        for info in self.calibrator.layout.matrices:
+            yield info, self.dense_weights[info.name]
+
+    def fingerprint(self) -> str:
+        """Content hash of the dense prunable weights (core/fingerprint.py), computed at most once per run."""
+        if self._dense_fingerprint is None:
+            start = time.perf_counter()
+            self._dense_fingerprint = weights_fingerprint(self.weights())
+            self.timer.times["fingerprint"] = self.timer.times.get("fingerprint", 0.0) + time.perf_counter() - start
+        return self._dense_fingerprint
+
+    def bos(self) -> bool:
+        """Whether every evaluation window starts with BOS (recipe ``evaluation.bos``; auto asks the adapter)."""
+        mode = self.recipe.evaluation.bos
+        if mode == "auto":
+            return self.loaded.adapter.bos_per_window(self.loaded.model)
+        return mode == "always"
+
+    _bos = bos  # the name the stages below use
+
+    # ------------------------------------------------------------------ stages
+    def _compute_device(self) -> torch.device:
+        """Where allocators compute: the recipe's device, or under ``device: auto`` (accelerate's
+        device_map over several GPUs) the device holding the first block's weights."""
+        text = str(self.recipe.model.device).strip().lower()
+        if text != "auto":
+            return torch.device(text)
+        if self.offload is not None:
+            return self.offload.device
+        for module in self.loaded.adapter.prunable(self.loaded.model).values():
+            for parameter in module.parameters():
+                if parameter.device.type != "meta":
+                    return parameter.device
+        return torch.device("cpu")
+
+    def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
+        stash: dict[int, BlockStats] = {}
+        if self.allocator.needs:
+            # with dense propagation the pruner's statistics come from this same pass and are reused
+            self.dense_pass([self.allocator], stash if self.recipe.calibration.propagate == "dense" else None)
+        return self.run_allocator(self.allocator, calib_data), stash
 
     def _round_to_nm(self, allocation: Allocation) -> None:
         """Under an N:M run, give every matrix without a pattern the nearest n:m (``nm_for_ratio``)."""
         if self.target.pattern is None or allocation.patterns:
             return
+        layout = self.calibrator.layout
         m = self.target.pattern.m
+        before = allocation.weighted_mean(layout)
         allocation.patterns = {n: nm_for_ratio(r, m) for n, r in allocation.ratios.items()}
+        moves = [abs(allocation.patterns[n].sparsity - r) for n, r in allocation.ratios.items()]
         allocation.ratios = {n: p.sparsity for n, p in allocation.patterns.items()}
-        allocation.meta["nm_rounding"] = f"each ratio rounded to the nearest n:{m} (n = round((1 - ratio) * {m}), ties denser)"
-        allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
+        allocation.meta["nm_rounding"] = {
+            "rule": f"each ratio rounded to the nearest n:{m} (n = round((1 - ratio) * {m}), ties denser, 1 <= n <= {m - 1})",
+            "largest_move": max(moves, default=0.0),
+            "weighted_mean_before": before,
+            "weighted_mean_after": allocation.weighted_mean(layout),
+        }
 
     def _make_scorer(self, calib_data: Any, who: str | None = None) -> Callable[[Allocation, str], float]:
         """Prune-and-evaluate for searching allocators: held-out perplexity of a candidate allocation.
@@ -342,14 +390,12 @@ class Pipeline:
             return cache[on]
 
         def score(allocation: Allocation, on: str = "validation") -> float:
-            allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, who)
-            allocation.validate(self.calibrator.layout)
-            self._round_to_nm(allocation)  # a trial is pruned exactly as the final run would be
+            allocation = self.checked(allocation, who)  # a trial is pruned exactly as the final run would be
             ids = windows(on)  # a bad `on` fails before any pruning
             stash: dict[int, BlockStats] = {}
             if recipe.calibration.propagate == "dense":
                 if not dense_stats:
-                    self._dense_pass([], dense_stats)
+                    self.dense_pass([], dense_stats)
                 stash = dict(dense_stats)  # _prune consumes its stash; the cached one stays whole
             with self.pruned(allocation, stash, desc="trial"):
                 return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
@@ -391,7 +437,7 @@ class Pipeline:
             bad = nm_violations(keep, pattern)
             if bad:
                 raise PluginError(f"{who}: {bad} groups of {pattern.m} keep more than {pattern.n} weights (pattern {pattern})")
-        elif not (target.ratio - 1.0 / weight.shape[1] - 1e-6 <= realised <= target.ratio + REALISED_SLACK + 1.0 / weight.shape[1]):
+        elif not realised_matches(realised, target.ratio, weight.shape[1]):
             raise PluginError(f"{who}: realised sparsity {realised:.4f} does not match the asked {target.ratio:.4f}")
         new = result.weight if result.weight is not None else weight * keep
         if result.weight is not None:
@@ -475,6 +521,7 @@ class Pipeline:
             "quantization": quantization,
             "pruner_loss": record.losses or None,
             "calibration_passes": self.calibrator.passes,
+            "threads": self.threads,
         }
 
 

@@ -105,7 +105,11 @@ class ModelLayout:
 # --------------------------------------------------------------------------- statistics
 @dataclass
 class BlockStats:
-    """What the calibration engine measured on one block (only the statistics that were asked for)."""
+    """What the calibration engine measured on one block (only the statistics that were asked for).
+
+    Statistics are read-only: matrices fed the same input (q/k/v, gate/up) share ONE tensor in
+    ``input_norms`` and ``hessians``, so an in-place edit would change their neighbours' too.
+    """
 
     block: int
     matrices: list[MatrixInfo]
@@ -150,9 +154,18 @@ class AllocationContext:
     score: Callable[[Any], float] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None
+    #: content hash of the dense prunable weights (core/fingerprint.py); read it through ``fingerprint()``
     model_fingerprint: str = ""
     progress: bool = True
     notes: list[str] = field(default_factory=list)  # lines the allocator wants in the report
+    #: computes ``model_fingerprint`` on first use (the host sets it, so runs that need no key pay nothing)
+    fingerprint_fn: Callable[[], str] | None = field(default=None, repr=False)
+
+    def fingerprint(self) -> str:
+        """The weights' content fingerprint, computed at most once ("" when the host gave none)."""
+        if not self.model_fingerprint and self.fingerprint_fn is not None:
+            self.model_fingerprint = self.fingerprint_fn()
+        return self.model_fingerprint
 
 
 class Allocator(Plugin):
@@ -260,6 +273,12 @@ class ModelAdapter(Plugin):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
         raise NotImplementedError
 
+    def load_empty(self, path: str, *, dtype: torch.dtype) -> LoadedModel:
+        """The model built from its config on the meta device, no weights read, with its tokenizer
+        (``model.offload`` then reads each block from the checkpoint when needed). Adapters that
+        cannot do this leave it unimplemented and offloading is refused for their models."""
+        raise NotImplementedError
+
     def bos_per_window(self, model: torch.nn.Module) -> bool:
         """Whether every evaluation window must start with BOS (Gemma: ppl 41 without, 17 with)."""
         return False
@@ -274,8 +293,12 @@ class ModelAdapter(Plugin):
     def layout(self, model: torch.nn.Module) -> ModelLayout:
         raise NotImplementedError
 
+    def as_matrix(self, module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """A tensor stored like ``module.weight``, seen as (out, in) (e.g. GPT-2's Conv1D stores (in, out))."""
+        return weight
+
     def get_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        return module.weight.data
+        return self.as_matrix(module, module.weight.data)
 
     def set_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         module.weight.data.copy_(weight)

@@ -19,8 +19,9 @@ Normalisation (``normalize``):
     c = S - sum_l n_l s_l / sum_l n_l is applied to every block, so the PARAMETER-WEIGHTED mean is
     exactly S (LLaMA/OPT/SmolLM2 have equal blocks, so c = 0 and the paper's ratios are unchanged).
     The shift keeps the common difference beta.
-  * "paper": the progression as published (unweighted mean S); with unequal blocks the weighted
-    mean then misses S and the allocation is flagged meta["mean_not_exact"] with a note.
+  * "paper": the progression as published: the allocation's mean rule is "block-mean" (the
+    unweighted mean over blocks is S, which the host checks); with unequal blocks the
+    parameter-weighted mean then misses S, and a note and the report's ``weighted_mean`` say by how much.
 Either way an illegal beta is an error, never clipped (the paper exits with "Illegal beta").
 
 beta search (``beta: null``, the default): candidates beta = step, 2*step, ... up to beta_max
@@ -182,8 +183,8 @@ class ATP(Allocator):
             ratios = atp_block_ratios(S, L, beta, None if paper else weights)
             atp_check(ratios, S, L, beta)
             alloc = Allocation.from_blocks(layout, ratios.tolist(), S, allocator=self.name)
-            if paper and abs(float((weights * ratios).sum() / weights.sum()) - S) > 1e-9:
-                alloc.meta["mean_not_exact"] = True
+            if paper:
+                alloc.mean_rule = "block-mean"
             return alloc, ratios
 
         if L == 1:
@@ -208,9 +209,8 @@ class ATP(Allocator):
             first_block=float(ratios[0]),
             last_block=float(ratios[-1]),
         )
-        if alloc.meta.get("mean_not_exact"):
-            meta["mean_not_exact"] = True
-            weighted = float((weights * ratios).sum() / weights.sum())
+        weighted = float((weights * ratios).sum() / weights.sum())
+        if abs(weighted - S) > 1e-9:
             ctx.notes.append(
                 f"ATP (normalize=paper): blocks differ in parameter count, so the parameter-weighted mean is "
                 f"{weighted:.5f} instead of {S:.5f}; use normalize=safe for an exact mean"
