@@ -213,11 +213,16 @@ class Pipeline:
         return calib_data
 
     @contextmanager
-    def pruned(self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial") -> Iterator[None]:
+    def pruned(
+        self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial", propagate: str | None = None
+    ) -> Iterator[None]:
         """Prune the model with ``allocation`` for the duration of the block, then restore the dense weights
-        (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations)."""
+        (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations).
+
+        ``propagate`` overrides the recipe's ('dense' with a ``stash`` of dense statistics prunes
+        without running any block: how screening trials work)."""
         try:
-            self._prune(allocation, _Record(), stash or {}, desc=desc)
+            self._prune(allocation, _Record(), stash or {}, desc=desc, propagate=propagate)
             yield
         finally:
             self._restore_dense()
@@ -265,13 +270,15 @@ class Pipeline:
         ``calib_data`` is what ``prepare`` returned (a searching allocator's selection windows come from it).
         """
         layout = self.calibrator.layout
+        scorers = self._make_scorers(calib_data, allocator.name) if allocator.searches else (None, None)
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
             seed=self.recipe.calibration.seed,
             pruner=self.pruner.name,
             weights=self.weights,
-            score=self._make_scorer(calib_data, allocator.name) if allocator.searches else None,
+            score=scorers[0],
+            screen=scorers[1],
             device=self.device,
             cache_dir=cache_dir() / "allocators",
             progress=self.show,
@@ -360,12 +367,18 @@ class Pipeline:
             "weighted_mean_after": allocation.weighted_mean(layout),
         }
 
-    def _make_scorer(self, calib_data: Any, who: str | None = None) -> Callable[[Allocation, str], float]:
+    def _make_scorers(
+        self, calib_data: Any, who: str | None = None
+    ) -> tuple[Callable[[Allocation, str], float], Callable[[Allocation, str], float] | None]:
         """Prune-and-evaluate for searching allocators: held-out perplexity of a candidate allocation.
 
-        Nothing that is independent of the candidate is recomputed between trials: the block-0 inputs
-        (the calibrator keeps them), the tokenised selection windows, the dense weights and, with
-        dense propagation, the pruner's statistics of the dense model.
+        ``score`` prunes as the final run will (the recipe's propagation, every selection window).
+        ``screen`` is the cheap variant for screening many candidates: the pruner's statistics of the
+        DENSE model, computed in one pass on first use and reused by every call, so a screening trial
+        runs no calibration forward at all, and the first half of the selection windows. Nothing that
+        is independent of the candidate is recomputed between trials: the block-0 inputs (the
+        calibrator keeps them), the tokenised selection windows, the dense weights and the dense
+        statistics. An offloaded model gets no ``screen`` (its dense statistics would hold released blocks).
         """
         recipe = self.recipe
         cache: dict[str, torch.Tensor] = {}
@@ -400,7 +413,16 @@ class Pipeline:
             with self.pruned(allocation, stash, desc="trial"):
                 return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
 
-        return score
+        def screen(allocation: Allocation, on: str = "validation") -> float:
+            allocation = self.checked(allocation, who)
+            ids = windows(on)
+            ids = ids[: max(1, (ids.shape[0] + 1) // 2)]
+            if not dense_stats:
+                self.dense_pass([], dense_stats)
+            with self.pruned(allocation, dict(dense_stats), desc="screening trial", propagate="dense"):
+                return perplexity(self.loaded.model, ids, "screening perplexity", self.show)["ppl"]
+
+        return score, (screen if self.offload is None else None)
 
     def _restore_dense(self) -> None:
         if self.offload is not None:  # pruned blocks live in working shards: drop them
@@ -409,12 +431,14 @@ class Pipeline:
         for name, module in self.calibrator.modules.items():
             self.loaded.adapter.set_weight(module, self.dense_weights[name])
 
-    def _prune(self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune") -> None:
+    def _prune(
+        self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune", propagate: str | None = None
+    ) -> None:
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
                 self._prune_matrix(info, stats, allocation, record)
 
-        if self.recipe.calibration.propagate == "dense":
+        if (propagate or self.recipe.calibration.propagate) == "dense":
             if stash:
                 for index in range(self.calibrator.layout.num_blocks):
                     prune_block(stash.pop(index))
