@@ -38,6 +38,11 @@ from .sparsity import REALISED_SLACK, NMPattern, Target, nm_violations, realised
 from .threads import apply_threads
 
 
+#: screening trials keep the pruner's dense statistics of every block; above this many bytes (e.g.
+#: SparseGPT's Hessians of a 7B model, ~20 GB) searching allocators get full trials only
+SCREEN_STASH_LIMIT = 2 << 30
+
+
 def nm_for_ratio(ratio: float, m: int) -> NMPattern:
     """Rounding policy for an unstructured ratio under an N:M run: the nearest n:m pattern.
 
@@ -378,7 +383,8 @@ class Pipeline:
         runs no calibration forward at all, and the first half of the selection windows. Nothing that
         is independent of the candidate is recomputed between trials: the block-0 inputs (the
         calibrator keeps them), the tokenised selection windows, the dense weights and the dense
-        statistics. An offloaded model gets no ``screen`` (its dense statistics would hold released blocks).
+        statistics. An offloaded model gets no ``screen`` (its dense statistics would hold released
+        blocks), nor does a run whose dense statistics would exceed SCREEN_STASH_LIMIT.
         """
         recipe = self.recipe
         cache: dict[str, torch.Tensor] = {}
@@ -422,7 +428,13 @@ class Pipeline:
             with self.pruned(allocation, dict(dense_stats), desc="screening trial", propagate="dense"):
                 return perplexity(self.loaded.model, ids, "screening perplexity", self.show)["ppl"]
 
-        return score, (screen if self.offload is None else None)
+        return score, (screen if self.offload is None and self._screen_stash_bytes() <= SCREEN_STASH_LIMIT else None)
+
+    def _screen_stash_bytes(self) -> int:
+        """An upper bound of what the screening trials keep: the pruner's dense statistics of every block."""
+        per_matrix = {"hessian": lambda d: 4 * d * d, "input_norms": lambda d: 4 * d}
+        return sum(per_matrix[need](info.shape[1]) for info in self.calibrator.layout.matrices
+                   for need in self.pruner.needs if need in per_matrix)
 
     def _restore_dense(self) -> None:
         if self.offload is not None:  # pruned blocks live in working shards: drop them

@@ -177,7 +177,9 @@ class Allocator(Plugin):
 
     ``allocate`` may return an ``Allocation``, a mapping matrix-name -> ratio, or a sequence of
     per-block ratios (expanded to every matrix of the block). The host validates it: keys are the
-    prunable matrices, ratios in [0, 1), parameter-weighted mean equal to the target within 1e-3.
+    prunable matrices, ratios in [0, 1), and the mean its ``mean_rule`` names (default: the
+    parameter-weighted mean; "block-mean" for the papers' unweighted block mean) equal to the target
+    within 1e-3, plus 1/(2m) when it sets N:M patterns. Nothing in ``meta`` relaxes this.
     """
 
     kind: ClassVar[str] = "allocator"
