@@ -37,3 +37,13 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> UnknownPluginError:
     return UnknownPluginError(
         f"unknown {what} '{name}'{did_you_mean(name, choices)}; available: {', '.join(choices) or '(none)'}"
     )
+
+
+def require(ok: bool, key: str, value: object, allowed: str, *, where: str) -> None:
+    """The check of one plugin parameter: ConfigError "<where>: key=value is invalid; allowed: ..." unless ok.
+
+        _require = functools.partial(require, where="allocator 'owl'")
+        _require(self.lam >= 0, "lam", self.lam, "a number in [0, 0.5]")
+    """
+    if not ok:
+        raise ConfigError(f"{where}: {key}={value!r} is invalid; allowed: {allowed}")

@@ -49,6 +49,7 @@ granularity = "matrix", error = "per_weight", normalize = "safe".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ import numpy as np
 import torch
 
 from strataprune.core.allocation import Allocation, redistribute
-from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.errors import PluginError, require
 from strataprune.core.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
 
@@ -66,9 +67,7 @@ from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
 CURVE_POINTS = 1000
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"allocator 'hessian_cluster': {key}={value!r} is invalid; allowed: {allowed}")
+_require = functools.partial(require, where="allocator 'hessian_cluster'")
 
 
 def _number(value: Any) -> bool:
