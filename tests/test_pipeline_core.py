@@ -255,3 +255,26 @@ def test_auto_threads_leaves_the_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(threads, "available_cpus", lambda: 16)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (4.4, 4.0, 4.0))
     assert threads.auto_threads()[0] == 12
+
+
+def test_offload_asks_the_adapter_and_refuses_one_that_cannot_build_an_empty_model(tiny_llama_dir):
+    from strataprune.core.offload import load_offloaded
+    from strataprune.core.plugin import ModelAdapter
+    from strataprune.plugins.adapters.decoder_llm import DecoderLLM
+
+    calls = []
+
+    class Spy(DecoderLLM):
+        def blocks(self, model):
+            calls.append("blocks")
+            return super().blocks(model)
+
+    loaded = load_offloaded(tiny_llama_dir, Spy(), torch.float32, torch.device("cpu"))
+    assert calls and loaded.model.strataprune_offload.block_names == [f"model.layers.{i}" for i in range(3)]
+
+    class NoEmpty(DecoderLLM):
+        name = "no_empty"
+        load_empty = ModelAdapter.load_empty
+
+    with pytest.raises(ConfigError, match="adapter 'no_empty' cannot build a model without its weights"):
+        load_offloaded(tiny_llama_dir, NoEmpty(), torch.float32, torch.device("cpu"))
