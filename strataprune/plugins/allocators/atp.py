@@ -292,7 +292,7 @@ class ATP(Allocator):
         trials: list[dict[str, Any]] = []
         screened: dict[int, float] = {}
         full: dict[int, float] = {}
-        screen = ctx.screen if ctx.screen is not None else None
+        screen = ctx.screen
         meta.update(search=True, trials=trials, grid=len(legal), screening=screen is not None)
 
         def trial(i: int, fidelity: str) -> float:
