@@ -22,6 +22,7 @@ written back when it was pruned.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import tempfile
@@ -78,6 +79,7 @@ class Calibrator:
         self.show = show_progress
         self._captured: BlockInputs | None = None
         self.passes = 0
+        self._parent: Calibrator | None = None  # a subset counts its passes in the calibrator it came from
 
     def captured(self) -> BlockInputs:
         """Inputs of block 0: they do not depend on any pruning, so they are captured once per run."""
@@ -90,6 +92,16 @@ class Calibrator:
                 captured.hidden = buffer
             self._captured = captured
         return self._captured
+
+    def subset(self, nsamples: int) -> Calibrator:
+        """A calibrator over the first ``nsamples`` windows, sharing this one's captured block-0 inputs
+        (a view: nothing is recaptured or copied). Cheap screening trials take their statistics from it."""
+        part = copy.copy(self)
+        inputs = self.captured()
+        part.input_ids = self.input_ids[:nsamples]
+        part._captured = BlockInputs(inputs.hidden[:nsamples], inputs.block_kwargs)
+        part._parent = self
+        return part
 
     @torch.no_grad()
     def run(
@@ -105,7 +117,7 @@ class Calibrator:
         inputs, except in a pruning pass, where the measuring forward keeps no outputs and the block
         runs a second time, pruned (the only way to get the pruned outputs).
         """
-        self.passes += 1
+        (self._parent or self).passes += 1
         inputs = self.captured()
         hidden = inputs.hidden
         for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):

@@ -18,8 +18,12 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     equal to v the first ones until k are taken. NaN counts as the largest value, as in a sort.
     """
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-    below = scores < kth
-    ties = (scores == kth) | (torch.isnan(scores) & torch.isnan(kth))
+    at_most = scores <= kth
+    if bool((at_most.sum(dim=1) == k).all()):  # the usual case: no other entry equals a row's k-th value
+        return at_most
+    nan, nan_kth = torch.isnan(scores), torch.isnan(kth)
+    below = (scores < kth) | (nan_kth & ~nan)  # a NaN k-th value lies above every number
+    ties = (scores == kth) | (nan & nan_kth)
     need = k - below.sum(dim=1, keepdim=True)
     return below | (ties & (ties.cumsum(dim=1) <= need))
 
@@ -47,8 +51,9 @@ def keep_by_matrix(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     if k:
         flat = scores.flatten()
         kth = torch.kthvalue(flat, k).values
-        below = flat < kth
-        ties = (flat == kth) | (torch.isnan(flat) & torch.isnan(kth))
+        nan, nan_kth = torch.isnan(flat), bool(torch.isnan(kth))
+        below = (flat < kth) | (~nan if nan_kth else torch.zeros_like(nan))
+        ties = (flat == kth) | (nan & nan_kth)
         need = k - int(below.sum())
         keep &= ~below
         keep[torch.nonzero(ties).squeeze(1)[:need]] = False  # ties are few: their positions, in order

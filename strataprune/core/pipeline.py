@@ -41,6 +41,8 @@ from .threads import apply_threads
 #: screening trials keep the pruner's dense statistics of every block; above this many bytes (e.g.
 #: SparseGPT's Hessians of a 7B model, ~20 GB) searching allocators get full trials only
 SCREEN_STASH_LIMIT = 2 << 30
+#: screening trials score a quarter of the selection windows, but at least this many
+SCREEN_MIN_WINDOWS = 2
 
 
 def nm_for_ratio(ratio: float, m: int) -> NMPattern:
@@ -248,12 +250,15 @@ class Pipeline:
             "note": "peak_rss_mb is the whole process's high-water mark (getrusage), interpreter and libraries included",
         }
 
-    def dense_pass(self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None) -> None:
+    def dense_pass(
+        self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None, calibrator: Calibrator | None = None
+    ) -> None:
         """One calibration pass over the dense model for several allocators at once.
 
         The engine computes the union of what they need, each statistic once per block, and every
         allocator observes every block. With ``stash`` the pruner's statistics are computed in the same
-        pass and kept (without the hidden states) for a dense-propagation prune.
+        pass and kept (without the hidden states) for a dense-propagation prune. ``calibrator``
+        defaults to the run's (a ``Calibrator.subset`` measures on fewer windows).
         """
         needs: set[str] = set().union(*(a.needs for a in allocators))
         if stash is not None:
@@ -267,7 +272,7 @@ class Pipeline:
                 stash[stats.block] = stats
 
         names = ", ".join(a.name for a in allocators) or self.pruner.name
-        self.calibrator.run(needs, visit=visit, desc=f"{names}: dense statistics")
+        (calibrator or self.calibrator).run(needs, visit=visit, desc=f"{names}: dense statistics")
 
     def run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
         """Call ``allocator.allocate`` (after its dense pass, see ``dense_pass``) and return the checked Allocation.
@@ -379,8 +384,11 @@ class Pipeline:
 
         ``score`` prunes as the final run will (the recipe's propagation, every selection window).
         ``screen`` is the cheap variant for screening many candidates: the pruner's statistics of the
-        DENSE model, computed in one pass on first use and reused by every call, so a screening trial
-        runs no calibration forward at all, and the first half of the selection windows. Nothing that
+        DENSE model on the first half of the calibration windows, computed in one pass on first use and
+        reused by every call, so a screening trial runs no calibration forward at all, and a quarter of
+        the selection windows (at least 2). On SmolLM2 at 70% every such variant ranked beta within one
+        grid step of the full trials (benchmarks/results/atp-search-*.md), which the full refinement
+        trials then settle. Nothing that
         is independent of the candidate is recomputed between trials: the block-0 inputs (the
         calibrator keeps them), the tokenised selection windows, the dense weights and the dense
         statistics. An offloaded model gets no ``screen`` (its dense statistics would hold released
@@ -419,13 +427,16 @@ class Pipeline:
             with self.pruned(allocation, stash, desc="trial"):
                 return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
 
+        screen_stats: dict[int, BlockStats] = {}
+
         def screen(allocation: Allocation, on: str = "validation") -> float:
             allocation = self.checked(allocation, who)
             ids = windows(on)
-            ids = ids[: max(1, (ids.shape[0] + 1) // 2)]
-            if not dense_stats:
-                self.dense_pass([], dense_stats)
-            with self.pruned(allocation, dict(dense_stats), desc="screening trial", propagate="dense"):
+            ids = ids[: max(SCREEN_MIN_WINDOWS, ids.shape[0] // 4)]
+            if not screen_stats:
+                samples = self.calibrator.input_ids.shape[0]
+                self.dense_pass([], screen_stats, calibrator=self.calibrator.subset(max(1, (samples + 1) // 2)))
+            with self.pruned(allocation, dict(screen_stats), desc="screening trial", propagate="dense"):
                 return perplexity(self.loaded.model, ids, "screening perplexity", self.show)["ppl"]
 
         return score, (screen if self.offload is None and self._screen_stash_bytes() <= SCREEN_STASH_LIMIT else None)

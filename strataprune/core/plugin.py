@@ -153,8 +153,9 @@ class AllocationContext:
     #: only set when the allocator declares ``searches = True``
     score: Callable[[Any], float] | None = None
     #: a cheaper ``score`` (same signature) for screening many candidates: the pruner's statistics come
-    #: from one dense pass reused by every call and half the selection windows are scored, so values
-    #: are comparable with each other but not with ``score``; None when the host offers none
+    #: from one dense pass (half the calibration windows) reused by every call and a quarter of the
+    #: selection windows are scored, so values are comparable with each other but not with ``score``;
+    #: None when the host offers none
     screen: Callable[[Any], float] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None

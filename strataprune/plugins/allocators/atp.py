@@ -34,8 +34,8 @@ S=0.7, L=32: 0.002..0.018), selecting on WikiText-2 *test*; here ``select_on`` d
   steep over-prunes them), so a golden-section search over the grid indices finds its minimum in
   about log_1.618(K) + 1 evaluations (5 for K = 10) instead of K. These run as cheap *screening*
   trials when the host offers them (``ctx.screen``): the pruner's statistics come from ONE dense
-  calibration pass reused by every trial (nothing but the masks depends on beta), and half the
-  selection windows are scored. Then up to ``refine`` full trials (the run's own propagation and
+  calibration pass (half the calibration windows) reused by every trial (nothing but the masks
+  depends on beta), and a quarter of the selection windows are scored. Then up to ``refine`` full trials (the run's own propagation and
   windows) check the screened minimum and walk to a neighbour while that improves; the best full
   trial wins. On SmolLM2 at 70% this finds the grid's beta in under three full trials' time
   (benchmarks/results/atp-search-*.md).
