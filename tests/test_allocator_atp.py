@@ -272,7 +272,7 @@ def test_golden_search_finds_the_grids_beta_on_measured_smollm2_curves(variant):
     ctx.screen = screen
     alloc = ATP(ATPConfig()).allocate(ctx)
     assert alloc.meta["grid"] == 10 and alloc.meta["beta"] == pytest.approx(0.010)  # the full grid's choice
-    assert len(screen.calls) <= 4 and len(full.calls) == 2
+    assert len(screen.calls) == 3 and len(full.calls) == 2  # 10 grid values: 3 screening + 2 full trials
 
 
 def test_search_without_scorer_is_plugin_error():

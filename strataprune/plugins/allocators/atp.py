@@ -218,6 +218,9 @@ def golden_section_min(f: Callable[[int], float], n: int, memo: dict[int, float]
         d = a + int(round(INV_PHI * width))
         if c >= d:
             c = d - 1
+        at(c)
+        if (done := pinned()) is not None:  # each new value may already settle it
+            break
         if at(c) <= at(d):
             b = d
         else:
