@@ -226,6 +226,17 @@ def test_golden_search_without_screening_matches_the_grid_with_fewer_trials():
     assert {t["fidelity"] for t in golden.meta["trials"]} == {"full"} and golden.meta["screening"] is False
 
 
+def test_golden_search_with_a_spent_budget_keeps_the_best_full_trial():
+    """Without screening a small max_trials ends the search early: the best trial it ran wins, never uniform."""
+    layout = make_layout(8)
+    score = UShaped(layout, best=0.55)
+    alloc = ATP(ATPConfig(max_trials=2, refine=2)).allocate(make_ctx(layout, 0.7, score))
+    trials = alloc.meta["trials"]
+    assert 1 <= len(trials) <= 3 and len(score.calls) == len(trials)
+    best = min(trials, key=lambda t: t["score"])
+    assert alloc.meta["beta"] == best["beta"] > 0 and alloc.meta["best_score"] == best["score"]
+
+
 def test_golden_search_screens_cheaply_and_refines_at_full_fidelity():
     """The screening curve's minimum is one grid step off the full one: the refinement walks there."""
     layout = make_layout(32)

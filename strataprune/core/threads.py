@@ -21,8 +21,6 @@ import os
 import time
 from typing import Any
 
-import torch
-
 from .errors import ConfigError
 
 
@@ -45,6 +43,7 @@ def _own_load() -> float:
     """This process's average number of busy threads since it started (its share of the load average)."""
     try:
         import psutil
+        import torch
 
         process = psutil.Process()
         elapsed = max(time.time() - process.create_time(), 1e-3)
@@ -77,6 +76,8 @@ def check_threads(value: Any, where: str = "threads") -> int | None:
 
 def apply_threads(setting: int | None) -> dict[str, Any]:
     """Set torch's intra-op threads from a setting (None = auto); returns what report.json records."""
+    import torch  # here, not at import: recipes check ``threads`` before any heavy import
+
     setting = check_threads(setting)
     if setting is None:
         threads, reason = auto_threads()

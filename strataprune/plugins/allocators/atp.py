@@ -381,6 +381,8 @@ class ATP(Allocator):
                     break
             if moved or budget <= 0:
                 break
+        # the best full trial wins (without screening, a spent budget can leave the search's last pick unevaluated)
+        best = min(full, key=lambda j: (full[j], j))
         if not math.isfinite(full[best]):
             meta.update(stopped="no candidate gave a finite score", best_score=None)
             ctx.notes.append("ATP: no candidate gave a finite score; falling back to uniform sparsity (beta=0)")
