@@ -60,6 +60,10 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _warm_up() -> None:
+    import strataprune.leaderboard.worker  # noqa: F401 - torch, transformers and the plugins' base classes
+
+
 class ProcessExecutor:
     """A ``concurrent.futures.ProcessPoolExecutor`` of ``jobs`` spawned workers."""
 
@@ -72,6 +76,10 @@ class ProcessExecutor:
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker, initargs=(threads,))
         self._futures: dict[Future, Any] = {}
+        # the pool starts workers on demand, one per submit that finds none idle: ask for all of them at once,
+        # so every worker pays its imports now, in parallel, instead of one worker taking every task meanwhile
+        for _ in range(jobs):
+            self.pool.submit(_warm_up)
 
     def submit(self, handle: Any, fn: Callable[[Any], Any], task: Any) -> None:
         self._futures[self.pool.submit(fn, task)] = handle

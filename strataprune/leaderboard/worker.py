@@ -180,6 +180,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
             shared_dense_pass(pipeline, observers)
             stats_s = time.perf_counter() - start
             times["shared statistics pass"] = stats_s
+        record["statistics"] = {"observed_by": [s.spec for s in task.observe], "calibration_passes": pipeline.calibrator.passes}
         record["times_s"] = times
         record["notes"] = notes
         record["finished"] = now()
