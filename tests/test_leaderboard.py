@@ -92,8 +92,8 @@ def by_key(out: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def baseline(tiny_llama_dir, corpus, tmp_path_factory) -> tuple[dict, Path]:
-    """The reference grid run once with the local executor (uniform, owl, rmi x wanda x 50%, 2:4)."""
-    data = grid_dict(tiny_llama_dir, corpus, allocators=["uniform", "owl", "rmi"])
+    """The reference grid run once with the local executor (owl, rmi x wanda x 50%, 2:4)."""
+    data = grid_dict(tiny_llama_dir, corpus, allocators=["owl", "rmi"])
     out = tmp_path_factory.mktemp("baseline") / "board"
     run_leaderboard(grid_from_dict(data), out, show_progress=False, echo=lambda s: None, log=lambda s: None)
     return data, out
@@ -132,15 +132,13 @@ def test_cells_match_an_independent_run_and_record_provenance(baseline):
     data, out = baseline
     grid = grid_from_dict(data)
     cells = by_key(out)
-    assert len(cells) == 6 and all(c["status"] == "ok" for c in cells.values())
+    assert len(cells) == 4 and all(c["status"] == "ok" for c in cells.values())
     models = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"record": "model"' in line]
     assert len(models) == 1  # dense perplexity once per model
     model = models[0]
     # one dense pass, observed by both allocators that need statistics (owl: input norms, rmi: block inputs)
     assert model["statistics"] == {"observed_by": ["owl", "rmi"], "calibration_passes": 1}
     for cell in grid.cells:
-        if cell.allocator.name == "uniform":
-            continue
         record = cells[cell.key]
         reference = Pipeline(grid.cell_recipe(cell), show_progress=False, log=lambda s: None).run(save=False).report
         label = "corpus.txt"
@@ -160,15 +158,15 @@ def test_cells_match_an_independent_run_and_record_provenance(baseline):
     assert "| owl + wanda | " in md and "| 50% | 2:4 |" in md and "Perplexity on corpus.txt (dense" in md
     assert "Prune time" in md and "Peak resident memory" in md
     csv_lines = (out / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("model,method,allocator,pruner,sparsity,status,ppl_corpus.txt") and len(csv_lines) == 7
-    assert len(json.loads((out / "leaderboard.json").read_text())["cells"]) == 6
+    assert csv_lines[0].startswith("model,method,allocator,pruner,sparsity,status,ppl_corpus.txt") and len(csv_lines) == 5
+    assert len(json.loads((out / "leaderboard.json").read_text())["cells"]) == 4
     for name in ("perplexity-tiny-llama0-corpus.txt.png", "profiles-tiny-llama0.png", "time-tiny-llama0.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 # --------------------------------------------------------------------------- resume, torn lines, locking
 def test_killed_grid_resumes_without_recomputing(tiny_llama_dir, corpus, tmp_path, capsys):
-    grid = write_grid(tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus, allocators=["uniform", "owl", "rmi", "alpha"],
+    grid = write_grid(tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus, allocators=["uniform", "owl", "rmi"],
                                                         sparsities=[0.5, 0.6]))
     out = tmp_path / "board"
     env = {**os.environ, "STRATAPRUNE_PROGRESS": "0"}
@@ -188,21 +186,21 @@ def test_killed_grid_resumes_without_recomputing(tiny_llama_dir, corpus, tmp_pat
     assert before.endswith(b"\n")  # whole lines only
     done_before = [json.loads(line) for line in before.decode().splitlines()]
     finished = [r["key"] for r in done_before if r["record"] == "cell"]
-    assert 2 <= len(finished) < 8
+    assert 2 <= len(finished) < 6
 
     results.write_bytes(before + b'{"record": "cell", "key": "torn')  # what a kill inside write() would leave
     assert main(["leaderboard", str(grid), "--output", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "dropped a torn last line" in captured.err
-    assert f"{len(finished)} of 8 cells already" in captured.out
+    assert f"{len(finished)} of 6 cells already" in captured.out
     after = results.read_bytes()
     assert after.startswith(before)  # the finished records are untouched
     keys = [c["key"] for c in cells_of(out)]
-    assert len(keys) == 8 and len(set(keys)) == 8  # no cell computed twice
+    assert len(keys) == 6 and len(set(keys)) == 6  # no cell computed twice
     assert all(c["status"] == "ok" for c in cells_of(out))
     # a finished grid runs nothing and writes nothing new
     assert main(["leaderboard", str(grid), "--output", str(out), "--quiet"]) == 0
-    assert "8 of 8 cells already" in capsys.readouterr().out and results.read_bytes() == after
+    assert "6 of 6 cells already" in capsys.readouterr().out and results.read_bytes() == after
 
 
 def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, capsys):
@@ -320,11 +318,12 @@ def test_merge_accepts_a_matching_submission_and_refuses_a_mismatch(baseline, ti
     submission = out / "results.jsonl"
     # a leaderboard of the same protocol with another method merges the submission's cells
     ours = tmp_path / "ours"
-    mine = dict(data, allocators=["uniform"], sparsities=[0.5])
+    mine = dict(data, allocators=["owl"], sparsities=[0.5])
     run_leaderboard(grid_from_dict(mine), ours, show_progress=False, echo=lambda s: None, log=lambda s: None)
     grid = write_grid(tmp_path / "grid.yaml", mine)
     assert main(["leaderboard", str(grid), "--output", str(ours), "--merge", str(submission), "--no-run"]) == 0
-    assert "merged 5 cells" in capsys.readouterr().out  # uniform at 50% was already here and is kept
+    printed = capsys.readouterr().out
+    assert f"merged 3 cells from {submission} (1 already here were kept)" in printed  # owl at 50% was already here
     md = (ours / "leaderboard.md").read_text()
     assert "| rmi + wanda | " in md and "| 2:4 |" in md and "Merged submissions: results.jsonl" in md
     merged = by_key(ours)["tiny-llama0 | rmi | wanda | 2:4"]
@@ -362,7 +361,7 @@ def test_jobs_2_gives_the_same_results_as_jobs_1(baseline, tmp_path):
     data, out = baseline
     parallel = tmp_path / "parallel"
     result = run_leaderboard(grid_from_dict(data), parallel, jobs=2, show_progress=False, echo=lambda s: None, log=lambda s: None)
-    assert result.ran == 6
+    assert result.ran == 4
     workers = {c["worker"]["pid"] for c in cells_of(parallel)}
     assert len(workers) == 2 and os.getpid() not in workers and {c["worker"]["threads"] for c in cells_of(parallel)} == {1}
     assert _numbers(parallel) == _numbers(out)
@@ -377,7 +376,7 @@ def test_ray_executor_on_a_local_instance(baseline, tmp_path):
                                  echo=lambda s: None, log=lambda s: None)
     finally:
         ray.shutdown()
-    assert result.ran == 6
+    assert result.ran == 4
     assert {c["worker"]["executor"] for c in cells_of(tmp_path / "ray")} == {"ray"}
     assert _numbers(tmp_path / "ray") == _numbers(out)
 
