@@ -91,7 +91,9 @@ class ProcessExecutor:
     def next_done(self) -> tuple[Any, Any]:
         from concurrent.futures.process import BrokenProcessPool
 
-        done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+        done: set[Future] = set()
+        while not done:  # short waits keep the main thread able to take a Ctrl-C / SIGINT
+            done, _ = wait(self._futures, timeout=0.5, return_when=FIRST_COMPLETED)
         future = next(iter(done))
         handle = self._futures.pop(future)
         try:

@@ -127,7 +127,7 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 def _check(expected: dict[str, Any], name: str, actual: str, what: str) -> None:
     want = expected.get(name)
     if want is not None and want != actual:
-        raise DataError(f"{what} differ from the model's record in the results file (sha256 {actual[:12]} vs {want[:12]}): "
+        raise DataError(f"{what} differ from the model's record in the results file ({actual[:12]} vs {want[:12]}): "
                         "the model or the text changed since the grid started; use another --output")
 
 
@@ -221,6 +221,10 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         torch.manual_seed(record["seed"])
         recipe = recipe_from_dict(task.recipe, where=f"cell {cell.label}")
         loaded, load_s = _loaded(recipe)
+        if load_s:  # loaded in this process for this cell: the same weights as the model record?
+            from ..core.models import fingerprint
+
+            _check(task.expected, "fingerprint", fingerprint(loaded.model), "model weights")
         exact_peak = reset_peak_rss()
         registry = get_registry()
         pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
