@@ -117,13 +117,16 @@ def markdown(board: Board) -> str:
     protocol = grid.protocol()
     cal, ev = protocol["calibration"], protocol["evaluation"]
     failed = [c for c in board.cells if c.get("status") != "ok"]
+    recorded = {c["key"] for c in board.cells}
+    not_run = sum(1 for cell in grid.cells if cell.key not in recorded)
     lines = [
         f"# Leaderboard: {grid.name}",
         "",
         f"Calibration: {cal['source']} ({cal['split']}), {cal['nsamples']} × {cal['seqlen']} tokens, seed {cal['seed']}, "
         f"propagate {cal['propagate']}. Evaluation: {', '.join(board.texts)}, up to {ev['max_windows'] or 'all'} windows of "
-        f"{ev['seqlen']} tokens. {len([c for c in board.cells if c.get('status') == 'ok'])} cells finished, {len(failed)} failed. "
-        f"Protocol sha256 {grid.protocol_sha256()[:12]}.",
+        f"{ev['seqlen']} tokens. {len([c for c in board.cells if c.get('status') == 'ok'])} cells finished, {len(failed)} failed"
+        + (f", {not_run} of the grid's cells not run yet (the same command continues them). " if not_run else ". ")
+        + f"Protocol sha256 {grid.protocol_sha256()[:12]}.",
     ]
     for model in board.model_labels:
         record = board.models.get(model, {})
