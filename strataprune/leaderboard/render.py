@@ -84,8 +84,28 @@ def _acc(r: dict[str, Any]) -> float | None:
     return acc.get("mean") if isinstance(acc, dict) else None
 
 
+def _task(name: str) -> Callable[[dict[str, Any]], float | None]:
+    """A task's reported metric (zeroshot.REPORTED_METRIC: acc, or acc_norm for some)."""
+    return lambda r: (((r.get("accuracy") or {}).get("tasks") or {}).get(name) or {}).get("value")
+
+
 def _deploy(key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda r: (r.get("deployment") or {}).get(key)
+
+
+def _task_metrics(board: Board) -> dict[str, str]:
+    """Task -> its reported metric, in the order the results name them."""
+    out: dict[str, str] = {}
+    for record in [*board.models.values(), *board.cells]:
+        acc = record.get("accuracy") or (record.get("dense") or {}).get("accuracy") or {}
+        for name, row in (acc.get("tasks") or {}).items():
+            out.setdefault(name, row.get("metric") or "acc")
+    return out
+
+
+def _bench_setting(board: Board) -> str:
+    dep = next((c["deployment"] for c in board.cells if c.get("deployment")), None)
+    return f"{dep['backend']}, prompt {dep['prompt']}, {dep['decode_tokens']} decode tokens" if dep else str(board.grid.backend)
 
 
 def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], Any], bool]]:
@@ -93,13 +113,36 @@ def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], An
         (f"Perplexity on {t}", f"ppl_{t}", _ppl(t), True) for t in board.texts
     ]
     if board.grid.tasks or any(_acc(c) is not None for c in board.cells):
-        out.append(("Zero-shot accuracy (mean over tasks)", "accuracy_mean", _acc, False))
+        tasks = _task_metrics(board)
+        out += [(f"Zero-shot {name} ({metric}; higher is better)", f"acc_{name}", _task(name), False) for name, metric in tasks.items()]
+        if len(tasks) != 1:
+            out.append(("Zero-shot accuracy, mean of the tasks' reported metrics (higher is better)", "accuracy_mean", _acc, False))
     out.append(("Prune time, s (allocation + pruning)", "prune_s", lambda r: (r.get("times_s") or {}).get("prune time"), True))
     out.append(("Peak resident memory of the cell, MiB", "peak_rss_mb", lambda r: (r.get("memory") or {}).get("peak_rss_mb"), True))
     if board.grid.backend or any(c.get("deployment") for c in board.cells):
-        out.append(("Latency, ms", "latency_ms", _deploy("latency_ms"), True))
-        out.append(("Size on disk, MB", "size_mb", _deploy("size_mb"), True))
+        bench = _bench_setting(board)
+        out += [
+            (f"Prefill latency, ms ({bench}; median)", "prefill_ms", _deploy("prefill_ms"), True),
+            (f"Decode latency, ms per token ({bench}; median)", "decode_ms_per_token", _deploy("decode_ms_per_token"), True),
+            ("Prefill speedup over the dense model timed in the same bench call (higher is better)", "speedup_prefill",
+             _deploy("speedup_prefill"), False),
+            ("Decode speedup over the dense model timed in the same bench call (higher is better)", "speedup_decode",
+             _deploy("speedup_decode"), False),
+            ("Sparse-bitmask checkpoint, MB (what `strataprune deploy` writes)", "checkpoint_mb", _deploy("checkpoint_mb"), True),
+        ]
     return out
+
+
+def _dense_caption(record: dict[str, Any], key: str) -> str:
+    """The dense model's value of a measure, for the table's caption ('' when it has none)."""
+    dense = record.get("dense") or {}
+    acc = dense.get("accuracy") or {}
+    if key == "accuracy_mean" and acc.get("mean") is not None:
+        return f"dense {acc['mean']:.4f}"
+    if key.startswith("acc_"):
+        value = ((acc.get("tasks") or {}).get(key.removeprefix("acc_")) or {}).get("value")
+        return f"dense {value:.4f}" if value is not None else ""
+    return ""
 
 
 def _fmt(value: Any) -> str:
@@ -142,12 +185,14 @@ def markdown(board: Board) -> str:
             lines.append(f"Shared dense statistics pass (once for all allocators that need statistics): {stats:.1f} s.")
         methods = board.methods_of(model)
         cols = [s for s in board.sparsities if any((model, m, s) in board.by for m in methods)]
-        for title, _key, value, lower in measures(board):
+        for title, key, value, lower in measures(board):
             caption = title
             if title.startswith("Perplexity on "):
                 text = title.removeprefix("Perplexity on ")
                 if text in dense:
                     caption += f" (dense {dense[text]['ppl']:.3f}; lower is better)"
+            elif _dense_caption(record, key):
+                caption += f" ({_dense_caption(record, key)})"
             lines += ["", f"### {caption}", "", "| method | " + " | ".join(sparsity_header(s) for s in cols) + " |",
                       "|---|" + "---|" * len(cols)]
             best: dict[str, float] = {}

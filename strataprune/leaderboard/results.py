@@ -9,8 +9,9 @@ Safety:
 - a record is one line written with a single ``write`` on a file opened for appending, then
   ``fsync``; a kill can only leave a torn *last* line, which the next open detects (no trailing
   newline, or not JSON) and drops, saying so;
-- the file is locked (``flock``, released by the kernel when the process dies) while a grid uses
-  it, so a second grid on the same file gets an error instead of interleaved lines;
+- one writer: the leaderboard folder holding the file is locked by core/outputs.py's output lock
+  (``check_output_dir``, released by the kernel when the process dies) while a grid uses it, so a
+  second grid on the same folder gets an error instead of interleaved lines;
 - a results file whose header names another grid or another protocol is refused, naming the
   fields that differ; a file that is not a strataprune results file is never touched.
 
@@ -104,7 +105,7 @@ def check_header(header: Mapping[str, Any], path: Path, grid_name: str, protocol
 
 
 class ResultsFile:
-    """The locked, append-only results of one grid. Use as a context manager."""
+    """The append-only results of one grid (its folder locked by the caller: run.open_leaderboard_dir). A context manager."""
 
     def __init__(self, path: str | Path, log: Any = None) -> None:
         self.path = Path(path)
@@ -114,17 +115,8 @@ class ResultsFile:
 
     # ------------------------------------------------------------------ open / close
     def open(self, header: dict[str, Any]) -> ResultsFile:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(
-                f"results file '{self.path}' is in use by another running strataprune leaderboard; wait for it or choose another --output"
-            ) from None
         self._fd = fd
         try:
             records, good = read_records(self.path)
@@ -146,7 +138,7 @@ class ResultsFile:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
+            os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> ResultsFile:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.outputs import release_output_lock
 from ..core.progress import progress
 from .executors import make_executor
 from .grid import Cell, Grid, validate_cells
@@ -39,15 +40,68 @@ class LeaderboardResult:
     files: list[str] = field(default_factory=list)
 
 
-def check_leaderboard_dir(out: Path) -> None:
-    """A leaderboard writes into an empty folder or one holding its own results file, nothing else."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RESULTS_NAME).is_file():
-        raise ConfigError(
-            f"output '{out}' is not empty and holds no leaderboard {RESULTS_NAME}; strataprune writes a leaderboard only "
-            "into an empty folder or its own; choose another --output"
-        )
+#: what a leaderboard folder holds (its ownership marker lists these, so hand-added files are noticed)
+LEADERBOARD_FILES = (RESULTS_NAME, "leaderboard.md", "leaderboard.csv", "leaderboard.json", "plots")
+
+
+def open_leaderboard_dir(out: Path) -> None:
+    """Make ``out`` this process's leaderboard folder: refuse a folder strataprune may not write, lock it.
+
+    A leaderboard folder grows (results are appended, tables re-rendered), so it is not committed
+    atomically like a run's output; it uses core/outputs.py's ownership marker and its one-writer lock
+    instead: an empty or new folder, or one holding the marker of an earlier leaderboard (or, from
+    before markers, a leaderboard ``results.jsonl`` and nothing else), is accepted and locked until
+    ``release_output_lock``; a second grid on the same folder, a folder of another strataprune command,
+    or one with files strataprune did not write, is refused.
+    """
+    import json
+
+    from ..core.outputs import MARKER, check_output_dir, output_owner
+    from .provenance import now
+    from .render import write_atomic
+    from .results import FORMAT_NAME
+
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    owner = output_owner(out) if entries else None
+    if entries and owner is None:
+        first = _first_record(out / RESULTS_NAME)
+        if first.get("format") != FORMAT_NAME:
+            raise ConfigError(
+                f"output '{out}' is not empty and holds no leaderboard {RESULTS_NAME}; strataprune writes a leaderboard only "
+                "into an empty folder or its own; choose another --output"
+            )
+        unknown = [name for name in entries if name not in LEADERBOARD_FILES]
+        if unknown:
+            raise ConfigError(f"output '{out}' holds files a leaderboard did not write ({', '.join(unknown[:5])}); "
+                              "move them away or choose another --output")
+    elif owner is not None and owner.get("command") != "leaderboard":
+        raise ConfigError(f"output '{out}' holds a strataprune {owner.get('command', 'run')} output, not a leaderboard; choose another --output")
+
+    def mark() -> None:
+        from strataprune import __version__
+
+        marker = {"tool": "strataprune", "version": __version__, "command": "leaderboard", "state": "appending",
+                  "started": now(), "destination": str(out.resolve()), "files": list(LEADERBOARD_FILES)}
+        write_atomic(out / MARKER, json.dumps(marker, indent=2))
+
+    if entries and owner is None:
+        mark()  # a leaderboard folder from before markers: adopted (results.jsonl and rendered files only, checked above)
+    # overwrite=True: the folder is this command's own and gets appended to; nothing is replaced or removed
+    check_output_dir(out, True, command="leaderboard")
+    out.mkdir(parents=True, exist_ok=True)
+    if not entries:
+        mark()
+
+
+def _first_record(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        with path.open("rb") as handle:
+            first = json.loads(handle.readline())
+    except (OSError, ValueError):
+        return {}
+    return first if isinstance(first, dict) else {}
 
 
 def run_leaderboard(
@@ -79,16 +133,19 @@ def run_leaderboard(
         raise ConfigError(f"--threads {threads} must be at least 1")
     validate_cells(grid)  # every plugin, parameter, text and model of every cell, before any work
     out = Path(output or grid.default_output_dir())
-    check_leaderboard_dir(out)
+    open_leaderboard_dir(out)
     result = LeaderboardResult(out)
     header = header_record(grid.name, grid.protocol(), grid.protocol_sha256())
-    with ResultsFile(out / RESULTS_NAME, log).open(header) as results:
-        for path in merge:
-            result.merged += merge_submission(results, grid, Path(path), echo)
-        if run:
-            _run_pending(grid, results, result, jobs=jobs, executor=executor, threads=threads, ray_address=ray_address,
-                         retry_failed=retry_failed, show=show_progress, echo=echo)
-        result.files = render(results, grid, out)
+    try:
+        with ResultsFile(out / RESULTS_NAME, log).open(header) as results:
+            for path in merge:
+                result.merged += merge_submission(results, grid, Path(path), echo)
+            if run:
+                _run_pending(grid, results, result, jobs=jobs, executor=executor, threads=threads, ray_address=ray_address,
+                             retry_failed=retry_failed, show=show_progress, echo=echo)
+            result.files = render(results, grid, out)
+    finally:
+        release_output_lock(out)
     echo(f"wrote {out}/ ({', '.join(result.files)})")
     return result
 
@@ -177,7 +234,7 @@ def _run_pending(
                     for cell in cells:
                         ready.append(("cell", cell, CellTask(
                             cell, grid.cell_recipe(cell).to_dict(), grid.texts, out["observed"].get(cell.allocator.spec), expected,
-                            out.get("stats_s", 0.0), grid.tasks, grid.task_limit, grid.backend, **common,
+                            out.get("stats_s", 0.0), grid.tasks, grid.task_limit, grid.backend, bench=grid.bench, **common,
                         )))
                 position = order.index(label)
                 if position + 1 < len(order):

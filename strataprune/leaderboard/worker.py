@@ -21,15 +21,18 @@ import dataclasses
 import gc
 import json
 import pickle
+import tempfile
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.errors import DataError, StrataPruneError
+from .columns import BenchSettings
 from .grid import Cell, ModelSpec, PluginSpec, TextSpec
 
 #: the model this process loaded last: (recipe model section as JSON, LoadedModel)
@@ -64,6 +67,7 @@ class CellTask:
     threads: int = 0
     executor: str = "local"
     show: bool = False
+    bench: BenchSettings = field(default_factory=BenchSettings)
 
 
 # --------------------------------------------------------------------------- pipeline seam
@@ -108,13 +112,13 @@ def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, 
 
     bos = _bos(recipe, loaded)
     ev = recipe.evaluation
-    return {t.label: evaluation_windows(loaded.tokenizer, open_dataset(t.source), t.split, ev.seqlen, ev.max_windows, bos) for t in texts}
+    return {t.label: evaluation_windows(loaded.tokenizer, open_dataset(t.source, ev.encoding, ev.protocol), t.split, ev.seqlen,
+                                        ev.max_windows, bos) for t in texts}
 
 
 def _window_record(windows: Any) -> dict[str, Any]:
-    from .provenance import window_sha256
-
-    return {"sha256": window_sha256(windows.ids, windows.description), "windows": int(windows.ids.shape[0]),
+    """The windows' SHA-256 (core/data.py puts it in every description) with their shape and origin."""
+    return {"sha256": windows.description["sha256"], "windows": int(windows.ids.shape[0]),
             "seqlen": int(windows.ids.shape[1]), "description": windows.description}
 
 
@@ -141,7 +145,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
     from ..core.registry import get_registry
     from ..core.reports import environment
     from . import columns
-    from .provenance import now, plugin_info, window_sha256, worker_info
+    from .provenance import now, plugin_info, worker_info
 
     notes: list[str] = []
     out: dict[str, Any] = {"model": task.model.label}
@@ -152,16 +156,16 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         registry = get_registry()
         pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
         pipeline.prepare(loaded)
-        windows = {"calibration": {"sha256": window_sha256(pipeline.calibrator.input_ids, pipeline.calib_description),
-                                   "description": pipeline.calib_description}}
+        windows = {"calibration": {"sha256": pipeline.calib_description["sha256"], "description": pipeline.calib_description}}
         evaluation = _eval_windows(recipe, loaded, task.texts)
         windows.update({f"text:{label}": _window_record(w) for label, w in evaluation.items()})
+        dense_fingerprint = fingerprint(loaded.model)
         record: dict[str, Any] = {
             "record": "model",
             "model": task.model.label,
             "source": task.model.source,
             "description": loaded.description,
-            "fingerprint": fingerprint(loaded.model),
+            "fingerprint": dense_fingerprint,
             "windows": windows,
             "plugins": {"adapter": plugin_info(registry, "adapter", loaded.adapter.name)},
             "environment": environment(),
@@ -170,7 +174,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         if task.dense:
             start = time.perf_counter()
             ppl = {label: perplexity(loaded.model, w.ids, f"dense perplexity ({label})", task.show) for label, w in evaluation.items()}
-            acc = columns.accuracy(loaded, task.tasks, task.task_limit)
+            acc = columns.accuracy(loaded, task.tasks, task.task_limit, recipe.evaluation, cache_key=dense_fingerprint, show=task.show)
             times["dense evaluation"] = time.perf_counter() - start
             record["dense"] = {"perplexity": ppl, "accuracy": acc}
         observers = [registry.create("allocator", s.name, dict(s.params)) for s in task.observe]
@@ -194,13 +198,14 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
 
 def run_cell(task: CellTask) -> dict[str, Any]:
     """Allocate, prune, measure, evaluate and restore one cell; returns its record (ok or failed)."""
+    from ..core.evaluation import perplexity
     from ..core.memory import peak_rss_since_reset_mb, reset_peak_rss
     from ..core.pipeline import Pipeline
     from ..core.recipes import recipe_from_dict
     from ..core.registry import get_registry
     from ..core.reports import environment
     from . import columns
-    from .provenance import now, plugin_info, window_sha256, worker_info
+    from .provenance import now, plugin_info, worker_info
 
     cell = task.cell
     notes: list[str] = []
@@ -229,7 +234,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         registry = get_registry()
         pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
         calib_data = pipeline.prepare(loaded)
-        calib_sha = window_sha256(pipeline.calibrator.input_ids, pipeline.calib_description)
+        calib_sha = pipeline.calib_description["sha256"]
         _check(task.expected, "calibration", calib_sha, "calibration windows")
         allocator = pickle.loads(task.observed) if task.observed is not None else registry.create("allocator", cell.allocator.name, dict(cell.allocator.params))
         times: dict[str, float] = {"load": load_s}
@@ -237,32 +242,32 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         allocation = allocate(pipeline, allocator, calib_data)
         times["allocate"] = time.perf_counter() - t0
         layout = pipeline.calibrator.layout
+        t0 = time.perf_counter()
+        deploy = None
         with ExitStack() as stack:
-            t0 = time.perf_counter()
-            stack.enter_context(pipeline.pruned(allocation, desc=f"prune ({cell.method} @ {cell.sparsity})"))
-            times["prune"] = time.perf_counter() - t0
-            realised = _realised(pipeline)
-            t0 = time.perf_counter()
-            evaluation = _eval_windows(recipe, loaded, task.texts)
-            windows = {"calibration": {"sha256": calib_sha}}
-            ppl = {}
-            for label, w in evaluation.items():
-                windows[f"text:{label}"] = {"sha256": window_sha256(w.ids, w.description)}
-                _check(task.expected, f"text:{label}", windows[f"text:{label}"]["sha256"], f"evaluation windows of {label}")
-                from ..core.evaluation import perplexity
-
-                ppl[label] = perplexity(loaded.model, w.ids, f"perplexity ({label})", task.show)
-            acc = columns.accuracy(loaded, task.tasks, task.task_limit)
-            times["evaluate"] = time.perf_counter() - t0
-            deploy = None
-            if task.backend is not None:
-                import tempfile
-
+            # with a backend: the pruned cell is saved as a run folder, then measured by deploy's bench after
+            # the dense weights are back (the bench loads the dense and the pruned model from their folders)
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strataprune-leaderboard-"))) if task.backend else None
+            with pipeline.pruned(allocation, desc=f"prune ({cell.method} @ {cell.sparsity})"):
+                times["prune"] = time.perf_counter() - t0
+                realised = _realised(pipeline)
                 t0 = time.perf_counter()
-                with tempfile.TemporaryDirectory(prefix="strataprune-bench-") as workdir:
-                    from pathlib import Path
-
-                    deploy = columns.deployment(loaded, task.backend, Path(workdir))
+                evaluation = _eval_windows(recipe, loaded, task.texts)
+                windows = {"calibration": {"sha256": calib_sha}}
+                ppl = {}
+                for label, w in evaluation.items():
+                    windows[f"text:{label}"] = {"sha256": w.description["sha256"]}
+                    _check(task.expected, f"text:{label}", windows[f"text:{label}"]["sha256"], f"evaluation windows of {label}")
+                    ppl[label] = perplexity(loaded.model, w.ids, f"perplexity ({label})", task.show)
+                acc = columns.accuracy(loaded, task.tasks, task.task_limit, recipe.evaluation, show=task.show)
+                times["evaluate"] = time.perf_counter() - t0
+                if workdir is not None:
+                    t0 = time.perf_counter()
+                    run_dir = columns.save_run_folder(workdir / "cell", loaded, allocation, layout, recipe, realised)
+                    times["save for bench"] = time.perf_counter() - t0
+            if workdir is not None:
+                t0 = time.perf_counter()
+                deploy = columns.deployment(run_dir, str(task.backend), task.bench, torch.get_num_threads(), show=task.show)
                 times["deploy bench"] = time.perf_counter() - t0
         alloc = allocation.to_dict(layout)
         record.update(
