@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_word_text
 from strataprune.cli import main
 from strataprune.core.errors import ConfigError
 from strataprune.core.registry import get_registry
@@ -54,12 +55,7 @@ def register_allocators(register):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-    gen = torch.Generator().manual_seed(1)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen)) for _ in range(150)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_word_text(tmp_path_factory.mktemp("text") / "corpus.txt", lines=150, seed=1)
 
 
 def grid_dict(model: Path, text: Path, **over) -> dict:

@@ -89,12 +89,17 @@ def accuracy(loaded: Any, tasks: list[str], limit: int | None, evaluation: Any, 
 
 
 # --------------------------------------------------------------------------- latency and size
-def save_run_folder(folder: Path, loaded: Any, allocation: Any, layout: Any, recipe: Any, realised: dict[str, Any] | None) -> Path:
-    """The pruned model in memory as a run folder that ``deploy.rundir.open_run`` accepts."""
+def save_run_folder(folder: Path, loaded: Any, allocation: Any, layout: Any, recipe: Any, realised: dict[str, Any] | None,
+                    offload: Any = None) -> Path:
+    """The pruned model in memory as a run folder that ``deploy.rundir.open_run`` accepts.
+
+    A quantizing pruner's cell is saved with its weights as fp32 values (the run's INT4 grids, which
+    ``strataprune run`` saves for an INT4 deployment, stay inside the pipeline), so it is timed as fp32.
+    """
     from ..core.reports import environment, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(folder)
+    (offload or loaded.model).save_pretrained(folder)  # an offloaded model writes its blocks from disk
     loaded.tokenizer.save_pretrained(folder)
     allocation.save(folder / "allocation.json", layout)
     (folder / "recipe.yaml").write_text(recipe.to_yaml())

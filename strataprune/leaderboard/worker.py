@@ -263,7 +263,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
                 times["evaluate"] = time.perf_counter() - t0
                 if workdir is not None:
                     t0 = time.perf_counter()
-                    run_dir = columns.save_run_folder(workdir / "cell", loaded, allocation, layout, recipe, realised)
+                    run_dir = columns.save_run_folder(workdir / "cell", loaded, allocation, layout, recipe, realised,
+                                                      offload=pipeline.offload)
                     times["save for bench"] = time.perf_counter() - t0
             if workdir is not None:
                 t0 = time.perf_counter()
