@@ -348,10 +348,10 @@ def test_accuracy_through_zeroshot_and_latency_through_deploy_bench(tiny_llama_d
     # sparse-bitmask bytes at density d: 4d + 1/8 + 8/cols per pruned fp32 weight, the rest dense: smaller than dense
     assert dep["checkpoint_mb"] < dep["dense_checkpoint_mb"]
     md = (out / "leaderboard.md").read_text()
-    assert f"Zero-shot bbc_topic (acc; higher is better) (dense {model['dense']['accuracy']['tasks']['bbc_topic']['value']:.4f})" in md
+    assert f"Zero-shot bbc_topic (acc; higher is better; dense {model['dense']['accuracy']['tasks']['bbc_topic']['value']:.4f})" in md
     assert "Prefill latency, ms (torch, prompt 1x16, 2 decode tokens; median)" in md and "Sparse-bitmask checkpoint, MB" in md
     header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert {"acc_bbc_topic", "prefill_ms", "decode_ms_per_token", "speedup_prefill", "checkpoint_mb"} <= set(header)
+    assert {"acc_bbc_topic", "prefill_ms", "decode_ms_per_token", "speedup_prefill", "checkpoint_mb", "verdict"} <= set(header)
 
 
 # --------------------------------------------------------------------------- submissions

@@ -129,6 +129,8 @@ def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], An
             ("Decode speedup over the dense model timed in the same bench call (higher is better)", "speedup_decode",
              _deploy("speedup_decode"), False),
             ("Sparse-bitmask checkpoint, MB (what `strataprune deploy` writes)", "checkpoint_mb", _deploy("checkpoint_mb"), True),
+            ("Bench verdict (faster only beyond the noise rule of `strataprune bench`; reasons in the results file)", "verdict",
+             _deploy("verdict"), True),
         ]
     return out
 
@@ -192,7 +194,8 @@ def markdown(board: Board) -> str:
                 if text in dense:
                     caption += f" (dense {dense[text]['ppl']:.3f}; lower is better)"
             elif _dense_caption(record, key):
-                caption += f" ({_dense_caption(record, key)})"
+                dense_value = _dense_caption(record, key)
+                caption = f"{caption[:-1]}; {dense_value})" if caption.endswith(")") else f"{caption} ({dense_value})"
             lines += ["", f"### {caption}", "", "| method | " + " | ".join(sparsity_header(s) for s in cols) + " |",
                       "|---|" + "---|" * len(cols)]
             best: dict[str, float] = {}
