@@ -70,21 +70,17 @@ class CellTask:
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
-# --------------------------------------------------------------------------- pipeline seam
-def shared_dense_pass(pipeline: Any, allocators: list[Any]) -> None:
-    """One dense calibration pass observed by several allocators (Pipeline's shared-statistics step)."""
-    pipeline._dense_pass(allocators)
-
-
-def allocate(pipeline: Any, allocator: Any, calib_data: Any) -> Any:
-    """The checked Allocation of an (already observed) allocator for the pipeline's target and pruner."""
-    return pipeline._run_allocator(allocator, calib_data)
-
-
 # --------------------------------------------------------------------------- helpers
 def _set_threads(threads: int) -> None:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def _recipe(data: dict[str, Any], threads: int, where: str) -> Any:
+    """The recipe with this worker's share of the cores as its ``threads`` (Pipeline.prepare applies it)."""
+    from ..core.recipes import recipe_from_dict
+
+    return recipe_from_dict({**data, "threads": threads or data.get("threads")}, where=where)
 
 
 def _loaded(recipe: Any) -> tuple[Any, float]:
@@ -96,7 +92,7 @@ def _loaded(recipe: Any) -> tuple[Any, float]:
         gc.collect()
         start = time.perf_counter()
         m = recipe.model
-        loaded = load_model(m.source, m.adapter, m.dtype, m.device, offload=m.offload)
+        loaded = load_model(m.source, m.adapter, m.dtype, m.device, offload=m.offload, adapter_params=m.adapter_params)
         _CACHE.update(key=key, loaded=loaded)
         return loaded, time.perf_counter() - start
     return _CACHE["loaded"], 0.0
@@ -139,9 +135,7 @@ def _check(expected: dict[str, Any], name: str, actual: str, what: str) -> None:
 def prepare_model(task: ModelTask) -> dict[str, Any]:
     """Dense evaluation and the shared statistics pass of one model (see module docstring)."""
     from ..core.evaluation import perplexity
-    from ..core.models import fingerprint
     from ..core.pipeline import Pipeline
-    from ..core.recipes import recipe_from_dict
     from ..core.registry import get_registry
     from ..core.reports import environment
     from . import columns
@@ -151,7 +145,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
     out: dict[str, Any] = {"model": task.model.label}
     try:
         _set_threads(task.threads)
-        recipe = recipe_from_dict(task.recipe, where=f"model {task.model.label}")
+        recipe = _recipe(task.recipe, task.threads, f"model {task.model.label}")
         loaded, load_s = _loaded(recipe)
         registry = get_registry()
         pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
@@ -159,7 +153,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         windows = {"calibration": {"sha256": pipeline.calib_description["sha256"], "description": pipeline.calib_description}}
         evaluation = _eval_windows(recipe, loaded, task.texts)
         windows.update({f"text:{label}": _window_record(w) for label, w in evaluation.items()})
-        dense_fingerprint = fingerprint(loaded.model)
+        dense_fingerprint = pipeline.model_fingerprint()  # every tensor of the dense model (the zero-shot cache key too)
         record: dict[str, Any] = {
             "record": "model",
             "model": task.model.label,
@@ -181,7 +175,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         stats_s = 0.0
         if observers:
             start = time.perf_counter()
-            shared_dense_pass(pipeline, observers)
+            pipeline.dense_pass(observers)
             stats_s = time.perf_counter() - start
             times["shared statistics pass"] = stats_s
         record["statistics"] = {"observed_by": [s.spec for s in task.observe], "calibration_passes": pipeline.calibrator.passes}
@@ -201,7 +195,6 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     from ..core.evaluation import perplexity
     from ..core.memory import peak_rss_since_reset_mb, reset_peak_rss
     from ..core.pipeline import Pipeline
-    from ..core.recipes import recipe_from_dict
     from ..core.registry import get_registry
     from ..core.reports import environment
     from . import columns
@@ -224,22 +217,20 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     try:
         _set_threads(task.threads)
         torch.manual_seed(record["seed"])
-        recipe = recipe_from_dict(task.recipe, where=f"cell {cell.label}")
+        recipe = _recipe(task.recipe, task.threads, f"cell {cell.label}")
         loaded, load_s = _loaded(recipe)
-        if load_s:  # loaded in this process for this cell: the same weights as the model record?
-            from ..core.models import fingerprint
-
-            _check(task.expected, "fingerprint", fingerprint(loaded.model), "model weights")
         exact_peak = reset_peak_rss()
         registry = get_registry()
         pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
         calib_data = pipeline.prepare(loaded)
+        if load_s:  # loaded in this process for this cell: the same weights as the model record?
+            _check(task.expected, "fingerprint", pipeline.model_fingerprint(), "model weights")
         calib_sha = pipeline.calib_description["sha256"]
         _check(task.expected, "calibration", calib_sha, "calibration windows")
         allocator = pickle.loads(task.observed) if task.observed is not None else registry.create("allocator", cell.allocator.name, dict(cell.allocator.params))
         times: dict[str, float] = {"load": load_s}
         t0 = time.perf_counter()
-        allocation = allocate(pipeline, allocator, calib_data)
+        allocation = pipeline.run_allocator(allocator, calib_data)
         times["allocate"] = time.perf_counter() - t0
         layout = pipeline.calibrator.layout
         t0 = time.perf_counter()
