@@ -233,6 +233,20 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
     assert (copy / "results.jsonl").read_bytes() == (out / "results.jsonl").read_bytes()
 
 
+def test_kept_cells_of_another_plugin_version_are_named(baseline, tmp_path, capsys):
+    data, out = baseline
+    copy = tmp_path / "board"
+    copy.mkdir()
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    cells = [r for r in records if r["record"] == "cell"]
+    cells[0]["plugins"]["pruner"]["version"] = "0"  # as if computed before a change of Wanda
+    (copy / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["leaderboard", str(write_grid(tmp_path / "grid.yaml", data)), "--output", str(copy), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 kept cells were computed with pruner wanda version 0 vs 1 installed" in printed
+    assert "4 of 4 cells already" in printed
+
+
 # --------------------------------------------------------------------------- bad input before any work
 def test_unknown_plugin_or_parameter_is_found_before_the_first_cell(tiny_llama_dir, corpus, tmp_path, capsys):
     out = tmp_path / "board"

@@ -160,6 +160,26 @@ def _pending(grid: Grid, results: ResultsFile, retry_failed: bool) -> tuple[list
     return pending, len(grid.cells) - len(pending)
 
 
+def stale_versions(results: ResultsFile, registry: Any) -> list[str]:
+    """Kept cells whose allocator or pruner had another version than the one installed now: their numbers
+    may not be comparable with cells computed today (they are kept; a new results file recomputes them)."""
+    stale: dict[tuple[str, str, str], int] = {}
+    for record in results.cells().values():
+        if record.get("status") != "ok" or record.get("submitted"):
+            continue
+        for kind in ("allocator", "pruner"):
+            info = (record.get("plugins") or {}).get(kind) or {}
+            name = info.get("name")
+            if name is None or name not in registry.names(kind):
+                continue
+            now = registry.info(kind, name).as_dict().get("version")
+            if info.get("version") != now:
+                key = (kind, name, f"{info.get('version')} vs {now} installed")
+                stale[key] = stale.get(key, 0) + 1
+    return [f"{count} kept cells were computed with {kind} {name} version {versions}; their numbers may differ from a "
+            f"run today (use another --output to recompute them)" for (kind, name, versions), count in stale.items()]
+
+
 def _failed_cell(cell: Cell, error: str) -> dict[str, Any]:
     from .provenance import now
 
@@ -175,11 +195,13 @@ def _run_pending(
     from .results import differences, model_identity
 
     pending, result.kept = _pending(grid, results, retry_failed)
+    registry = get_registry()
     if result.kept:
         echo(f"{result.kept} of {len(grid.cells)} cells already in {results.path}; {len(pending)} to run")
+        for line in stale_versions(results, registry):
+            echo(f"warning: {line}")
     if not pending:
         return
-    registry = get_registry()
     by_model: dict[str, list[Cell]] = {}
     for cell in pending:
         by_model.setdefault(cell.model.label, []).append(cell)
