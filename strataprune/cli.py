@@ -5,6 +5,7 @@
     strataprune eval out/
     strataprune eval out/ --tasks bbc_topic,bbc_continuation --limit 100     # zero-shot accuracy (lm-eval)
     strataprune plugins --json
+    strataprune leaderboard grid.yaml --jobs 2
 
 Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback;
 they are found before the heavy imports and the work (core/preflight.py). Any other exception is a
@@ -242,6 +243,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard.grid import load_grid
+    from .leaderboard.run import run_leaderboard
+
+    grid = load_grid(args.grid)
+    run_leaderboard(
+        grid, args.output, jobs=args.jobs, executor=args.executor, threads=args.threads, ray_address=args.ray_address,
+        merge=args.merge, run=not args.no_run, retry_failed=args.retry_failed, show_progress=not args.quiet,
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- deploy, bench, doctor, backends
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
     from .core.errors import ConfigError
@@ -403,6 +416,20 @@ def make_parser() -> argparse.ArgumentParser:
     al.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=cmd_allocate)
+
+    lb = sub.add_parser("leaderboard", help="run a grid of models x allocators x pruners x sparsities into a leaderboard")
+    lb.add_argument("grid", help="grid YAML (see examples/leaderboard/smollm2.yaml)")
+    lb.add_argument("--output", help="leaderboard folder (default: the grid's output_dir, else strataprune-leaderboard/<name>)")
+    lb.add_argument("--jobs", type=int, default=1, help="cells at once (local processes, or Ray tasks with --executor ray)")
+    lb.add_argument("--executor", choices=["local", "process", "ray"], default="local",
+                    help="local (default; a process pool when --jobs > 1), process, or ray")
+    lb.add_argument("--threads", type=int, help="torch threads per cell (default: cores // jobs)")
+    lb.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: start a local Ray instance)")
+    lb.add_argument("--merge", action="append", default=[], metavar="RESULTS.jsonl", help="merge a results file made elsewhere")
+    lb.add_argument("--no-run", dest="no_run", action="store_true", help="run no cell: only merge and render")
+    lb.add_argument("--retry-failed", dest="retry_failed", action="store_true", help="run failed cells again")
+    lb.add_argument("--quiet", action="store_true", help="no progress bars")
+    lb.set_defaults(func=cmd_leaderboard)
     _deploy_parsers(sub)
     return parser
 
