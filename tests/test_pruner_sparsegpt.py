@@ -344,7 +344,7 @@ def test_config_types_and_defaults():
 
 
 def test_plugin_identity():
-    assert SparseGPT.name == "sparsegpt" and SparseGPT.version == "1" and SparseGPT.summary
+    assert SparseGPT.name == "sparsegpt" and SparseGPT.version == "2" and SparseGPT.summary
     assert SparseGPT.needs == frozenset({"hessian"}) and SparseGPT.updates_weights is True
     import strataprune.plugins.pruners.sparsegpt as mod
 
@@ -419,3 +419,21 @@ def test_matches_a_literal_port_of_the_reference_fasterprune(target):
     assert torch.equal(keep, ref != 0)
     assert bool((ref[:, 17] == 0).all()) and bool((ours[:, 17] == 0).all())
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [0.5, "2:4"])
+def test_matches_the_reference_when_the_hessian_is_rank_deficient(target):
+    # fewer calibration tokens than inputs (SmolLM2 at 4 x 128 tokens has 576-wide inputs): H is singular and the
+    # dampening carries it: the same masks as the reference, the same weights up to the scale of H^-1
+    X, W, _, _ = make_problem(seed=5, n=96, d_in=384, d_out=64)
+    H = 2 * X @ X.T / X.shape[1]
+    t = Target.of(pattern=target) if isinstance(target, str) else Target.of(target)
+    ours, keep, _, _, _ = sparsegpt_prune(W, H, t)
+    if t.pattern is None:
+        slab = W.shape[0] * 128
+        ref = reference_fasterprune(W, H, (int(slab * t.ratio) - 0.5) / slab)
+    else:
+        ref = reference_fasterprune(W, H, 0, prunen=t.pattern.m - t.pattern.n, prunem=t.pattern.m)
+    assert torch.equal(keep, ref != 0)
+    # H^-1 has entries ~1/damp here: ours forms it by a triangular solve, the reference by cholesky_inverse
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
