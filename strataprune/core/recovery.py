@@ -155,8 +155,8 @@ class RecoveryHost:
         p._dense_fingerprint = None
         try:
             if instance.needs:
-                p._dense_pass([instance])
-            return p._run_allocator(instance, self._calib_data)
+                p.dense_pass([instance])
+            return p.run_allocator(instance, self._calib_data)
         finally:
             p.target, p.dense_weights, p._dense_fingerprint = saved
 
@@ -202,11 +202,11 @@ class RecoveryHost:
         """Outputs of every block of the current model on the first ``samples`` calibration windows."""
         outputs: list[torch.Tensor] = []
 
-        def keep(stats: BlockStats) -> None:
-            assert stats.outputs is not None
-            outputs.append(stats.outputs[: max(1, samples)].clone())
+        def keep(stats: BlockStats) -> None:  # the pass keeps its outputs to itself: run the block on its inputs
+            assert stats.inputs is not None
+            outputs.append(self._forward_block(stats.block, stats.inputs[: max(1, samples)]))
 
-        self.calibrator.run(set(), visit=keep, desc=f"{self.recovery.name}: block outputs")
+        self.calibrator.run({"block_inputs"}, visit=keep, desc=f"{self.recovery.name}: block outputs")
         return outputs
 
     def perplexity(self, desc: str = "perplexity", windows: int | None = None) -> float:
