@@ -1,0 +1,57 @@
+// Portable kernels: plain C++ loops over the set bits of each mask, for CPUs without AVX2 (and the
+// reference the vector paths are tested against, beside dense matmul). Built with the compiler's
+// baseline flags only, so this file runs on any CPU the package installs on.
+#include "sparse_kernels.h"
+
+namespace sp {
+
+void gemv_portable(const Packed& w, const float* x, int64_t tokens, const float* bias, float* y, int64_t r0, int64_t r1) {
+  for (int64_t n = r0; n < r1; ++n) {
+    float acc[kMaxGemvTokens] = {0};
+    const float* v = w.values + w.offsets[n * w.chunks];
+    const uint16_t* masks = w.masks + n * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      for (uint32_t m = masks[g]; m; m &= m - 1) {
+        const int64_t k = g * kGroup + lowest_bit(m);
+        const float weight = *v++;
+        for (int64_t t = 0; t < tokens; ++t) acc[t] += weight * x[t * w.cols + k];
+      }
+    }
+    const float b = bias ? bias[n] : 0.0f;
+    for (int64_t t = 0; t < tokens; ++t) y[t * w.rows + n] = acc[t] + b;
+  }
+}
+
+void gemm_tile_portable(const GemmTile& tile) {
+  const Packed& w = *tile.w;
+  const int64_t g0 = tile.chunk * kGroupsPerChunk;
+  const int64_t g1 = g0 + kGroupsPerChunk < w.groups ? g0 + kGroupsPerChunk : w.groups;
+  int32_t count = 0;
+  for (int64_t n = tile.r0; n < tile.r1; ++n) {
+    tile.starts[n - tile.r0] = count;
+    const uint16_t* masks = w.masks + n * w.groups;
+    for (int64_t g = g0; g < g1; ++g)
+      for (uint32_t m = masks[g]; m; m &= m - 1)
+        tile.idx[count++] = static_cast<uint16_t>(((g - g0) * kGroup + lowest_bit(m)) * kTokenBlock);
+  }
+  tile.starts[tile.r1 - tile.r0] = count;
+  const int64_t width = tile.blocks * kTokenBlock;
+  for (int64_t b = 0; b < tile.blocks; ++b) {
+    const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
+    for (int64_t n = tile.r0; n < tile.r1; ++n) {
+      const int32_t s = tile.starts[n - tile.r0], e = tile.starts[n - tile.r0 + 1];
+      const float* v = w.values + w.offsets[n * w.chunks + tile.chunk];
+      float acc[kTokenBlock];
+      float* out = tile.yt + n * width + b * kTokenBlock;
+      for (int j = 0; j < kTokenBlock; ++j) acc[j] = out[j];
+      for (int32_t i = s; i < e; ++i) {
+        const float weight = v[i - s];
+        const float* xk = xb + tile.idx[i];
+        for (int j = 0; j < kTokenBlock; ++j) acc[j] += weight * xk[j];
+      }
+      for (int j = 0; j < kTokenBlock; ++j) out[j] = acc[j];
+    }
+  }
+}
+
+}  // namespace sp
