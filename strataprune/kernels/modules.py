@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.strataprune.sparse_linear)
+from . import ops  # also registers torch.ops.strataprune.sparse_linear
 from ._library import KernelInputError, set_num_threads
 from .format import PackedWeight, chunks_of, groups_of, pack, validate
 
@@ -48,6 +48,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("offsets", torch.zeros(out_features * chunks_of(in_features) + 1, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.register_load_state_dict_post_hook(SparseLinear._check_loaded)
+        self._checked: tuple = ()  # (buffers, their versions, their data pointers) when last checked
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> SparseLinear:
@@ -81,7 +82,27 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and not x.is_contiguous():
             x = x.contiguous()
+        if type(x) is torch.Tensor and not x.requires_grad and not torch.compiler.is_compiling():
+            return self._eager(x)
+        # tracing (torch.compile / export: fake tensors) or autograd: the registered op, one node in the graph
         return torch.ops.strataprune.sparse_linear(x, self.masks, self.values, self.offsets, self.bias, self.in_features)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The op's implementation without the dispatcher: on a small layer the dispatcher, buffer lookups and
+        argument conversions cost more than the matmul. The packed buffers are re-checked (and their pointers
+        taken) only when one of them was replaced or modified in place."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != self.in_features:
+            ops.check_input(x, self.in_features)  # raises, naming the problem
+        buffers = self._buffers
+        masks, values, offsets, bias = buffers["masks"], buffers["values"], buffers["offsets"], buffers["bias"]
+        versions = (masks._version, values._version, offsets._version, -1 if bias is None else bias._version)
+        checked = self._checked
+        if (not checked or checked[0] is not masks or checked[1] is not values or checked[2] is not offsets
+                or checked[3] is not bias or checked[4] != versions):
+            ops.check_weight(masks, values, offsets, bias, self.in_features)
+            pointers = (masks.data_ptr(), values.data_ptr(), offsets.data_ptr(), None if bias is None else bias.data_ptr())
+            self._checked = checked = (masks, values, offsets, bias, versions, pointers)
+        return ops.launch_pointers(x, checked[5], self.out_features, self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # the number of packed values depends on the weight: take the incoming sizes instead of failing on a mismatch

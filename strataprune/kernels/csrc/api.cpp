@@ -4,7 +4,8 @@
 //
 //   sp_linear(x[tokens, cols], packed W[rows, cols], bias[rows] or NULL, y[tokens, rows], isa, threads)
 //     y = x W^T + bias; tokens <= 8: GEMV kernel (weights streamed once, every token per weight load);
-//     more: GEMM in passes of 128 tokens, each (32-row tile x 256-column chunk) decoded once per pass.
+//     more: GEMM in passes of 128 tokens, each (32-row tile x 256-column chunk) decoded once per pass and
+//     reused for both 64-token blocks.
 //   isa: -1 best the CPU supports, 0 portable, 1 AVX2, 2 AVX-512; threads: <= 0 means OpenMP's default.
 #include <cstdlib>
 #include <cstring>
@@ -21,7 +22,7 @@
 #define SP_API extern "C" __attribute__((visibility("default")))
 #endif
 
-static_assert(sp::kTokenBlock == 32, "the AVX2 decode shifts column indices by 5 (x 32 tokens)");
+static_assert(sp::kTokenBlock == 64, "the AVX2 decode shifts column indices by 6 (x 64 tokens)");
 static_assert(sp::kChunk * sp::kTokenBlock <= 65536, "decoded column offsets are uint16");
 
 namespace sp {
@@ -35,7 +36,7 @@ enum Status : int {
   kBadFormat = -4,       // masks/offsets/values disagree (sp_validate)
 };
 
-constexpr int64_t kPassBlocks = 4;          // token blocks per GEMM pass (128 tokens): bounds scratch memory
+constexpr int64_t kPassBlocks = 2;          // token blocks per GEMM pass (128 tokens): bounds scratch memory
 constexpr int64_t kSerialWork = 48 * 1024;  // below this many (nonzeros x tokens + mask words), one thread is faster
 
 bool cpu_has(int isa) {
@@ -157,7 +158,7 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
   const size_t xp_bytes = round64(static_cast<size_t>(pass_blocks * kTokenBlock * w.cols) * sizeof(float));
   const size_t yt_bytes = round64(static_cast<size_t>(w.rows * pass_blocks * kTokenBlock) * sizeof(float));
   const size_t idx_bytes = round64((kTileRows * kChunk + kGroup) * sizeof(uint16_t));
-  const size_t starts_bytes = round64((kTileRows + 1) * sizeof(int32_t));
+  const size_t starts_bytes = round64((kTileRows * kSubs + 1) * sizeof(int32_t));
   char* mem = scratch(xp_bytes + yt_bytes + static_cast<size_t>(threads) * (idx_bytes + starts_bytes));
   if (!mem) return kNoMemory;
   float* xp = reinterpret_cast<float*>(mem);
@@ -197,7 +198,8 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
         const float b = bias ? bias[n] : 0.0f;
         for (int64_t j = 0; j < width; ++j) yt[n * width + j] = b;
       }
-      // 3. tiles: chunk-major so a chunk of xp (256 columns x 32 tokens = 32 KB) stays in L1 across a tile
+      // 3. tiles, row-major (the order the weights are stored, so they stream from memory); a tile reuses its
+      // decoded offsets for every token block, and one token block's 128-column slice of xp (32 KB) stays in L1
       GemmTile tile;
       tile.w = &w;
       tile.xp = xp;
@@ -205,11 +207,11 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
       tile.blocks = blocks;
       tile.idx = reinterpret_cast<uint16_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes));
       tile.starts = reinterpret_cast<int32_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes) + idx_bytes);
-      for (int64_t c = 0; c < w.chunks; ++c) {
-        tile.chunk = c;
-        for (int64_t n = r0; n < r1; n += kTileRows) {
-          tile.r0 = n;
-          tile.r1 = n + kTileRows < r1 ? n + kTileRows : r1;
+      for (int64_t n = r0; n < r1; n += kTileRows) {
+        tile.r0 = n;
+        tile.r1 = n + kTileRows < r1 ? n + kTileRows : r1;
+        for (int64_t c = 0; c < w.chunks; ++c) {
+          tile.chunk = c;
           fn(tile);
         }
       }

@@ -62,8 +62,10 @@ SP_AVX2 inline void gemv_rows(const Packed& w, const float* x, const float* bias
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   }
+  Prefetcher ahead(w, n0 + R, n0 + 2 * R);
   for (int64_t g = 0; g <= full; ++g) {
     if (g == full && rest == 0) break;
+    ahead.step();
     __m256 lo[T], hi[T];
     if (g < full) {
 #pragma GCC unroll 8
@@ -111,37 +113,19 @@ SP_AVX2 void gemv_range(const Packed& w, const float* x, const float* bias, floa
   for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
 }
 
-// out[0:32] += sum_i v[i] * xb[idx[i] : idx[i] + 32]; two accumulator sets hide the FMA latency
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero
 SP_AVX2 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
-  __m256 a0 = _mm256_loadu_ps(out), a1 = _mm256_loadu_ps(out + 8), a2 = _mm256_loadu_ps(out + 16),
-         a3 = _mm256_loadu_ps(out + 24);
-  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-  int32_t i = 0;
-  for (; i + 2 <= count; i += 2) {
-    const float* x0 = xb + idx[i];
-    const float* x1 = xb + idx[i + 1];
-    const __m256 w0 = _mm256_broadcast_ss(v + i), w1 = _mm256_broadcast_ss(v + i + 1);
-    a0 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0), a0);
-    a1 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8), a1);
-    a2 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 16), a2);
-    a3 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 24), a3);
-    b0 = _mm256_fmadd_ps(w1, _mm256_load_ps(x1), b0);
-    b1 = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8), b1);
-    b2 = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 16), b2);
-    b3 = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 24), b3);
-  }
-  if (i < count) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(out + 8 * j);
+  for (int32_t i = 0; i < count; ++i) {
     const float* x0 = xb + idx[i];
     const __m256 w0 = _mm256_broadcast_ss(v + i);
-    a0 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0), a0);
-    a1 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8), a1);
-    a2 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 16), a2);
-    a3 = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 24), a3);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * j), a[j]);
   }
-  _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));
-  _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
-  _mm256_storeu_ps(out + 16, _mm256_add_ps(a2, b2));
-  _mm256_storeu_ps(out + 24, _mm256_add_ps(a3, b3));
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, a[j]);
 }
 
 }  // namespace
@@ -164,32 +148,35 @@ SP_AVX2 void gemv_avx2(const Packed& w, const float* x, int64_t tokens, const fl
 SP_AVX2 void gemm_tile_avx2(const GemmTile& tile) {
   const Packed& w = *tile.w;
   const int64_t g0 = tile.chunk * kGroupsPerChunk;
-  const int64_t g1 = g0 + kGroupsPerChunk < w.groups ? g0 + kGroupsPerChunk : w.groups;
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
-    tile.starts[n - tile.r0] = count;
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint32_t m = masks[g];
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t m8 = (m >> (8 * half)) & 0xFFu;
-        const __m128i pos = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.compress[m8])));
-        const __m128i k = _mm_add_epi16(pos, _mm_set1_epi16(static_cast<short>((g - g0) * kGroup + 8 * half)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(tile.idx + count), _mm_slli_epi16(k, 5));
-        count += popcount16(m8);
+    for (int64_t s = 0; s < kSubs; ++s) {
+      tile.starts[(n - tile.r0) * kSubs + s] = count;
+      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
+      for (int64_t g = ga; g < gb; ++g) {
+        const uint32_t m = masks[g];
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t m8 = (m >> (8 * half)) & 0xFFu;
+          const __m128i pos = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.compress[m8])));
+          const __m128i k = _mm_add_epi16(pos, _mm_set1_epi16(static_cast<short>((g - g0) * kGroup + 8 * half)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(tile.idx + count), _mm_slli_epi16(k, 6));
+          count += popcount16(m8);
+        }
       }
     }
   }
-  tile.starts[tile.r1 - tile.r0] = count;
+  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
   const int64_t width = tile.blocks * kTokenBlock;
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t n = tile.r0; n < tile.r1; ++n) {
-      const int32_t s = tile.starts[n - tile.r0], e = tile.starts[n - tile.r0 + 1];
-      if (s == e) continue;
-      accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk], tile.idx + s, e - s, xb,
-                       tile.yt + n * width + b * kTokenBlock);
-    }
+    for (int64_t s = 0; s < kSubs; ++s)
+      for (int64_t n = tile.r0; n < tile.r1; ++n) {
+        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        if (seg[s] == seg[s + 1]) continue;
+        accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
+                         seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
+      }
   }
 }
 

@@ -5,7 +5,7 @@
 // (`vexpandps`), multiplied with the 16 matching input values, for up to 8 tokens at once; R rows
 // are walked together so their popcount pointer chains run in parallel.
 // GEMM tile: the masks of a tile are decoded once into column offsets (`vpcompressd` of an iota), then
-// reused for every 32-token block: per nonzero, one broadcast weight times two 16-token input vectors.
+// reused for every 64-token block: per nonzero, one broadcast weight times four 16-token input vectors.
 #include "sparse_kernels.h"
 
 #if SP_X86
@@ -41,7 +41,9 @@ SP_AVX512 inline void gemv_rows(const Packed& w, const float* x, const float* bi
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   }
+  Prefetcher ahead(w, n0 + R, n0 + 2 * R);
   for (int64_t g = 0; g < full; ++g) {
+    ahead.step();
     __m512 xv[T];
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + t * cols + g * kGroup);
@@ -80,36 +82,37 @@ SP_AVX512 void gemv_range(const Packed& w, const float* x, const float* bias, fl
   for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
 }
 
-// out[0:32] += sum_i v[i] * xb[idx[i] : idx[i] + 32]; four independent accumulator pairs hide the FMA latency
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; two accumulator sets of four hide the FMA latency
 SP_AVX512 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
-  __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16);
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-  __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+  __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16), a2 = _mm512_loadu_ps(out + 32),
+         a3 = _mm512_loadu_ps(out + 48);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
   int32_t i = 0;
-  for (; i + 4 <= count; i += 4) {
+  for (; i + 2 <= count; i += 2) {
     const float* x0 = xb + idx[i];
     const float* x1 = xb + idx[i + 1];
-    const float* x2 = xb + idx[i + 2];
-    const float* x3 = xb + idx[i + 3];
     const __m512 w0 = _mm512_set1_ps(v[i]), w1 = _mm512_set1_ps(v[i + 1]);
-    const __m512 w2 = _mm512_set1_ps(v[i + 2]), w3 = _mm512_set1_ps(v[i + 3]);
     a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
     a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
+    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
+    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
     b0 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1), b0);
     b1 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 16), b1);
-    c0 = _mm512_fmadd_ps(w2, _mm512_load_ps(x2), c0);
-    c1 = _mm512_fmadd_ps(w2, _mm512_load_ps(x2 + 16), c1);
-    d0 = _mm512_fmadd_ps(w3, _mm512_load_ps(x3), d0);
-    d1 = _mm512_fmadd_ps(w3, _mm512_load_ps(x3 + 16), d1);
+    b2 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 32), b2);
+    b3 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 48), b3);
   }
-  for (; i < count; ++i) {
+  if (i < count) {
     const float* x0 = xb + idx[i];
     const __m512 w0 = _mm512_set1_ps(v[i]);
     a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
     a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
+    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
+    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
   }
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0, d0)));
-  _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1)));
+  _mm512_storeu_ps(out, _mm512_add_ps(a0, b0));
+  _mm512_storeu_ps(out + 16, _mm512_add_ps(a1, b1));
+  _mm512_storeu_ps(out + 32, _mm512_add_ps(a2, b2));
+  _mm512_storeu_ps(out + 48, _mm512_add_ps(a3, b3));
 }
 
 }  // namespace
@@ -132,30 +135,34 @@ SP_AVX512 void gemv_avx512(const Packed& w, const float* x, int64_t tokens, cons
 SP_AVX512 void gemm_tile_avx512(const GemmTile& tile) {
   const Packed& w = *tile.w;
   const int64_t g0 = tile.chunk * kGroupsPerChunk;
-  const int64_t g1 = g0 + kGroupsPerChunk < w.groups ? g0 + kGroupsPerChunk : w.groups;
-  const __m512i lanes = _mm512_slli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 5);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(kTokenBlock));
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
-    tile.starts[n - tile.r0] = count;
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint32_t m = masks[g];
-      const __m512i k = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>((g - g0) * kGroup * kTokenBlock)));
-      const __m512i packed = _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), k);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.idx + count), _mm512_maskz_cvtepi32_epi16(0xFFFF, packed));
-      count += popcount16(m);
+    for (int64_t s = 0; s < kSubs; ++s) {
+      tile.starts[(n - tile.r0) * kSubs + s] = count;
+      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
+      for (int64_t g = ga; g < gb; ++g) {
+        const uint32_t m = masks[g];
+        const __m512i k = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>((g - g0) * kGroup * kTokenBlock)));
+        const __m512i packed = _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile.idx + count), _mm512_maskz_cvtepi32_epi16(0xFFFF, packed));
+        count += popcount16(m);
+      }
     }
   }
-  tile.starts[tile.r1 - tile.r0] = count;
+  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
   const int64_t width = tile.blocks * kTokenBlock;
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t n = tile.r0; n < tile.r1; ++n) {
-      const int32_t s = tile.starts[n - tile.r0], e = tile.starts[n - tile.r0 + 1];
-      if (s == e) continue;
-      accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk], tile.idx + s, e - s, xb,
-                       tile.yt + n * width + b * kTokenBlock);
-    }
+    for (int64_t s = 0; s < kSubs; ++s)
+      for (int64_t n = tile.r0; n < tile.r1; ++n) {
+        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        if (seg[s] == seg[s + 1]) continue;
+        accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
+                         seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
+      }
   }
 }
 

@@ -25,32 +25,37 @@ void gemv_portable(const Packed& w, const float* x, int64_t tokens, const float*
 void gemm_tile_portable(const GemmTile& tile) {
   const Packed& w = *tile.w;
   const int64_t g0 = tile.chunk * kGroupsPerChunk;
-  const int64_t g1 = g0 + kGroupsPerChunk < w.groups ? g0 + kGroupsPerChunk : w.groups;
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
-    tile.starts[n - tile.r0] = count;
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t g = g0; g < g1; ++g)
-      for (uint32_t m = masks[g]; m; m &= m - 1)
-        tile.idx[count++] = static_cast<uint16_t>(((g - g0) * kGroup + lowest_bit(m)) * kTokenBlock);
+    for (int64_t s = 0; s < kSubs; ++s) {
+      tile.starts[(n - tile.r0) * kSubs + s] = count;
+      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
+      for (int64_t g = ga; g < gb; ++g)
+        for (uint32_t m = masks[g]; m; m &= m - 1)
+          tile.idx[count++] = static_cast<uint16_t>(((g - g0) * kGroup + lowest_bit(m)) * kTokenBlock);
+    }
   }
-  tile.starts[tile.r1 - tile.r0] = count;
+  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
   const int64_t width = tile.blocks * kTokenBlock;
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t n = tile.r0; n < tile.r1; ++n) {
-      const int32_t s = tile.starts[n - tile.r0], e = tile.starts[n - tile.r0 + 1];
-      const float* v = w.values + w.offsets[n * w.chunks + tile.chunk];
-      float acc[kTokenBlock];
-      float* out = tile.yt + n * width + b * kTokenBlock;
-      for (int j = 0; j < kTokenBlock; ++j) acc[j] = out[j];
-      for (int32_t i = s; i < e; ++i) {
-        const float weight = v[i - s];
-        const float* xk = xb + tile.idx[i];
-        for (int j = 0; j < kTokenBlock; ++j) acc[j] += weight * xk[j];
+    for (int64_t s = 0; s < kSubs; ++s)
+      for (int64_t n = tile.r0; n < tile.r1; ++n) {
+        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        const int32_t first = seg[s], end = seg[s + 1];
+        if (first == end) continue;
+        const float* v = w.values + w.offsets[n * w.chunks + tile.chunk] + (first - seg[0]);
+        float acc[kTokenBlock];
+        float* out = tile.yt + n * width + b * kTokenBlock;
+        for (int j = 0; j < kTokenBlock; ++j) acc[j] = out[j];
+        for (int32_t i = first; i < end; ++i) {
+          const float weight = v[i - first];
+          const float* xk = xb + tile.idx[i];
+          for (int j = 0; j < kTokenBlock; ++j) acc[j] += weight * xk[j];
+        }
+        for (int j = 0; j < kTokenBlock; ++j) out[j] = acc[j];
       }
-      for (int j = 0; j < kTokenBlock; ++j) out[j] = acc[j];
-    }
   }
 }
 

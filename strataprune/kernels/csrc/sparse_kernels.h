@@ -26,9 +26,12 @@ namespace sp {
 constexpr int64_t kGroup = 16;                       // columns per mask word
 constexpr int64_t kChunk = 256;                      // columns per offsets entry
 constexpr int64_t kGroupsPerChunk = kChunk / kGroup;
-constexpr int64_t kTokenBlock = 32;                  // tokens per GEMM register block (layout of xp and yt)
+constexpr int64_t kTokenBlock = 64;                  // tokens per GEMM register block (layout of xp and yt)
+constexpr int64_t kSubChunk = 128;                  // columns of xp a GEMM pass over a tile reads: 128 x 64 x 4 B = 32 KB (L1)
+constexpr int64_t kSubs = kChunk / kSubChunk;
+constexpr int64_t kGroupsPerSub = kSubChunk / kGroup;
 constexpr int64_t kMaxGemvTokens = 8;                // up to this many tokens: GEMV kernel; above: GEMM
-constexpr int64_t kTileRows = 32;                    // rows decoded together in a GEMM tile
+constexpr int64_t kTileRows = 32;                   // rows decoded together in a GEMM tile
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -44,7 +47,8 @@ using GemvFn = void (*)(const Packed& w, const float* x, int64_t tokens, const f
                         int64_t r1);
 
 // One GEMM tile: rows [r0, r1) x column chunk `chunk`, every token block. Decodes the tile's masks into
-// column indices once, then for each token block adds W[n, chunk] . xp[block, chunk] into yt[n, block].
+// column offsets once (segments per row and 128-column sub-chunk), then for each token block and
+// sub-chunk adds W[n, sub-chunk] . xp[block, sub-chunk] into yt[n, block] for every row of the tile.
 struct GemmTile {
   const Packed* w;
   const float* xp;  // [blocks][cols][kTokenBlock]: the input, token-minor (zero-padded tokens)
@@ -53,7 +57,7 @@ struct GemmTile {
   int64_t chunk;
   int64_t r0, r1;
   uint16_t* idx;    // scratch: >= kTileRows * kChunk + kGroup entries (decoded offsets into xp, k * kTokenBlock)
-  int32_t* starts;  // scratch: >= kTileRows + 1 entries
+  int32_t* starts;  // scratch: >= kTileRows * kSubs + 1 entries (segment (row, sub-chunk) starts in idx)
 };
 using GemmTileFn = void (*)(const GemmTile& tile);
 
@@ -64,6 +68,34 @@ void gemv_avx2(const Packed&, const float*, int64_t, const float*, float*, int64
 void gemm_tile_avx2(const GemmTile&);
 void gemv_avx512(const Packed&, const float*, int64_t, const float*, float*, int64_t, int64_t);
 void gemm_tile_avx512(const GemmTile&);
+#endif
+
+#if SP_X86
+// Software prefetch for the GEMV loops: while rows [n0, n0 + R) are processed, one cache line per group
+// of the next rows' masks and values (contiguous in both arrays) is requested. A GEMV is memory bound,
+// a single core's memory parallelism is its limit, and the hardware prefetchers do not run far enough
+// ahead on R short interleaved streams (measured: +10-25% at 50-90% sparsity on 4096 x 4096 weights).
+struct Prefetcher {
+  const char *values, *values_end, *masks, *masks_end;
+  Prefetcher(const Packed& w, int64_t n0, int64_t n1) {
+    n0 = n0 < w.rows ? n0 : w.rows;
+    n1 = n1 < w.rows ? n1 : w.rows;
+    values = reinterpret_cast<const char*>(w.values + w.offsets[n0 * w.chunks]);
+    values_end = reinterpret_cast<const char*>(w.values + w.offsets[n1 * w.chunks]);
+    masks = reinterpret_cast<const char*>(w.masks + n0 * w.groups);
+    masks_end = reinterpret_cast<const char*>(w.masks + n1 * w.groups);
+  }
+  void step() {
+    if (values < values_end) {
+      __builtin_prefetch(values, 0, 3);
+      values += 64;
+    }
+    if (masks < masks_end) {
+      __builtin_prefetch(masks, 0, 3);
+      masks += 64;
+    }
+  }
+};
 #endif
 
 inline int popcount16(uint32_t m) {
