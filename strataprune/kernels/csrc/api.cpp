@@ -6,7 +6,7 @@
 //     y = x W^T + bias; tokens <= 8: GEMV kernel (weights streamed once, every token per weight load);
 //     more: GEMM in passes of 128 tokens, each (32-row tile x 256-column chunk) decoded once per pass and
 //     reused for both 64-token blocks.
-//   isa: -1 best the CPU supports, 0 portable, 1 AVX2, 2 AVX-512; threads: <= 0 means OpenMP's default.
+//   isa: -1 best the CPU supports, 0 portable, 1 AVX2, 2 AVX-512F; threads: <= 0 means OpenMP's default.
 #include <cstdlib>
 #include <cstring>
 
@@ -284,7 +284,7 @@ SP_API int sp_validate(const uint16_t* masks, const int32_t* offsets, int64_t ro
       for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
         const uint32_t m = masks[n * w.groups + g];
         if (g == w.groups - 1 && (m & ~tail)) return kBadFormat;
-        count += popcount16(m);
+        count += popcount(m);
       }
       const int64_t i = n * w.chunks + c;
       if (static_cast<int64_t>(offsets[i + 1]) - offsets[i] != count) return kBadFormat;

@@ -45,7 +45,7 @@ constexpr Tables kTables = make_tables();
 // the 8 weights of one mask byte, in column order (zero where the mask bit is clear)
 SP_AVX2 inline __m256 expand8(uint32_t m, const float* v) {
   const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.expand[m])));
-  const __m256i load = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.prefix[popcount16(m)]));
+  const __m256i load = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.prefix[popcount(m)]));
   return _mm256_permutevar8x32_ps(_mm256_maskload_ps(v, load), perm);
 }
 
@@ -86,9 +86,9 @@ SP_AVX2 inline void gemv_rows(const Packed& w, const float* x, const float* bias
     for (int r = 0; r < R; ++r) {
       const uint32_t m = masks[r][g], mlo = m & 0xFFu, mhi = m >> 8;
       const __m256 wlo = expand8(mlo, v[r]);
-      v[r] += popcount16(mlo);
+      v[r] += popcount(mlo);
       const __m256 whi = expand8(mhi, v[r]);
-      v[r] += popcount16(mhi);
+      v[r] += popcount(mhi);
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(whi, hi[t], _mm256_fmadd_ps(wlo, lo[t], acc[r][t]));
     }
@@ -161,7 +161,7 @@ SP_AVX2 void gemm_tile_avx2(const GemmTile& tile) {
           const __m128i pos = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.compress[m8])));
           const __m128i k = _mm_add_epi16(pos, _mm_set1_epi16(static_cast<short>((g - g0) * kGroup + 8 * half)));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(tile.idx + count), _mm_slli_epi16(k, 6));
-          count += popcount16(m8);
+          count += popcount(m8);
         }
       }
     }

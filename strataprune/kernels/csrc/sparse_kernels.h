@@ -98,7 +98,7 @@ struct Prefetcher {
 };
 #endif
 
-inline int popcount16(uint32_t m) {
+inline int popcount(uint32_t m) {
 #if defined(__GNUC__) || defined(__clang__)
   return __builtin_popcount(m);
 #else
