@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from strataprune import kernels
-from strataprune.kernels import ops  # noqa: F401  (registers torch.ops.strataprune.sparse_linear)
+from strataprune.kernels import ops  # also registers torch.ops.strataprune.sparse_linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
 
