@@ -19,7 +19,7 @@ from strataprune.kernels import ops  # also registers torch.ops.strataprune.spar
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
 
 EPS32 = torch.finfo(torch.float32).eps
-SHAPES = [(37, 53), (16, 16), (1, 1), (100, 300), (257, 700), (9, 0), (0, 7)]
+SHAPES = [(37, 53), (16, 16), (1, 1), (100, 300), (257, 700), (40, 1100), (9, 0), (0, 7)]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99]
 TOKENS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 128)
 

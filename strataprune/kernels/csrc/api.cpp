@@ -4,7 +4,7 @@
 //
 //   sp_linear(x[tokens, cols], packed W[rows, cols], bias[rows] or NULL, y[tokens, rows], isa, threads)
 //     y = x W^T + bias; tokens <= 8: GEMV kernel (weights streamed once, every token per weight load);
-//     more: GEMM in passes of 128 tokens, each (32-row tile x 256-column chunk) decoded once per pass and
+//     more: GEMM in passes of 128 tokens, each tile (32 rows x up to 1024 columns) decoded once per pass and
 //     reused for both 64-token blocks.
 //   isa: -1 best the CPU supports, 0 portable, 1 AVX2, 2 AVX-512F; threads: <= 0 means OpenMP's default.
 #include <cstdlib>
@@ -23,7 +23,7 @@
 #endif
 
 static_assert(sp::kTokenBlock == 64, "the AVX2 decode shifts column indices by 6 (x 64 tokens)");
-static_assert(sp::kChunk * sp::kTokenBlock <= 65536, "decoded column offsets are uint16");
+static_assert(sp::kMaxSpanGroups * sp::kGroup * sp::kTokenBlock <= 65536, "decoded column offsets are uint16");
 
 namespace sp {
 namespace {
@@ -157,8 +157,8 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
                                   ? (tokens + kTokenBlock - 1) / kTokenBlock : kPassBlocks;
   const size_t xp_bytes = round64(static_cast<size_t>(pass_blocks * kTokenBlock * w.cols) * sizeof(float));
   const size_t yt_bytes = round64(static_cast<size_t>(w.rows * pass_blocks * kTokenBlock) * sizeof(float));
-  const size_t idx_bytes = round64((kTileRows * kChunk + kGroup) * sizeof(uint16_t));
-  const size_t starts_bytes = round64((kTileRows * kSubs + 1) * sizeof(int32_t));
+  const size_t idx_bytes = round64((kTileRows * kMaxSpanGroups * kGroup + kGroup) * sizeof(uint16_t));
+  const size_t starts_bytes = round64((kTileRows * kMaxSpanGroups + 1) * sizeof(int32_t));
   char* mem = scratch(xp_bytes + yt_bytes + static_cast<size_t>(threads) * (idx_bytes + starts_bytes));
   if (!mem) return kNoMemory;
   float* xp = reinterpret_cast<float*>(mem);
@@ -199,7 +199,7 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
         for (int64_t j = 0; j < width; ++j) yt[n * width + j] = b;
       }
       // 3. tiles, row-major (the order the weights are stored, so they stream from memory); a tile reuses its
-      // decoded offsets for every token block, and one token block's 128-column slice of xp (32 KB) stays in L1
+      // decoded offsets for every token block
       GemmTile tile;
       tile.w = &w;
       tile.xp = xp;
@@ -207,11 +207,17 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
       tile.blocks = blocks;
       tile.idx = reinterpret_cast<uint16_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes));
       tile.starts = reinterpret_cast<int32_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes) + idx_bytes);
+      // Up to 1024 columns a tile spans the whole row with one segment per row (the input of a 64-token block,
+      // <= 256 KB, stays in L2, and short rows are not cut into tiny segments); wider rows go 256 columns per
+      // tile and 128 per segment, so that a block's slice of the input (32 KB) stays in L1.
+      const int64_t span = w.groups <= kMaxSpanGroups ? w.groups : kGroupsPerChunk;
+      tile.sub = w.groups <= kMaxSpanGroups ? (w.groups > 0 ? w.groups : 1) : kGroupsPerChunk / 2;
       for (int64_t n = r0; n < r1; n += kTileRows) {
         tile.r0 = n;
         tile.r1 = n + kTileRows < r1 ? n + kTileRows : r1;
-        for (int64_t c = 0; c < w.chunks; ++c) {
-          tile.chunk = c;
+        for (int64_t g = 0; g < w.groups; g += span) {
+          tile.g0 = g;
+          tile.g1 = g + span < w.groups ? g + span : w.groups;
           fn(tile);
         }
       }

@@ -146,35 +146,38 @@ SP_AVX2 void gemv_avx2(const Packed& w, const float* x, int64_t tokens, const fl
 }
 
 SP_AVX2 void gemm_tile_avx2(const GemmTile& tile) {
+  {
   const Packed& w = *tile.w;
-  const int64_t g0 = tile.chunk * kGroupsPerChunk;
+  const int64_t subs = tile.segments();
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t s = 0; s < kSubs; ++s) {
-      tile.starts[(n - tile.r0) * kSubs + s] = count;
-      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
+    for (int64_t s = 0; s < subs; ++s) {
+      tile.starts[(n - tile.r0) * subs + s] = count;
+      const int64_t ga = tile.g0 + s * tile.sub, gb = ga + tile.sub < tile.g1 ? ga + tile.sub : tile.g1;
       for (int64_t g = ga; g < gb; ++g) {
         const uint32_t m = masks[g];
         for (int half = 0; half < 2; ++half) {
           const uint32_t m8 = (m >> (8 * half)) & 0xFFu;
           const __m128i pos = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.compress[m8])));
-          const __m128i k = _mm_add_epi16(pos, _mm_set1_epi16(static_cast<short>((g - g0) * kGroup + 8 * half)));
+          const __m128i k = _mm_add_epi16(pos, _mm_set1_epi16(static_cast<short>((g - tile.g0) * kGroup + 8 * half)));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(tile.idx + count), _mm_slli_epi16(k, 6));
           count += popcount(m8);
         }
       }
     }
   }
-  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
-  const int64_t width = tile.blocks * kTokenBlock;
+  tile.starts[(tile.r1 - tile.r0) * subs] = count;
+  }
+  const Packed& w = *tile.w;
+  const int64_t subs = tile.segments(), width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
   for (int64_t b = 0; b < tile.blocks; ++b) {
-    const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t s = 0; s < kSubs; ++s)
+    const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
+    for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
-        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         if (seg[s] == seg[s + 1]) continue;
-        accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
+        accumulate_block(w.values + w.offsets[n * w.chunks + chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
                          seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
       }
   }

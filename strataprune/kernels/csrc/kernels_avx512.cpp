@@ -1,7 +1,8 @@
 // AVX-512 kernels (AVX-512F only). Every function carries its own target attribute, so this file is
 // compiled with the baseline flags and only ever entered after the dispatcher has checked the CPU.
-// (A VBMI2 variant of the GEMM mask decoder, 32 columns per 16-bit compress, was measured: 2.5% of a
-// 128-token GEMM at 70%, not worth a fourth path.)
+// Measured and not kept: a VBMI2 mask decoder (32 columns per 16-bit compress: 2.5% of a 128-token
+// GEMM at 70%), walking a segment once for both 64-token blocks (the doubled input footprint costs more
+// than the halved index/broadcast loads), software prefetch of the gathered input rows (slower).
 //
 // GEMV: one 16-column group of a row is one masked expand-load of its packed values
 // (`vexpandps`), multiplied with the 16 matching input values, for up to 8 tokens at once; R rows
@@ -136,21 +137,22 @@ SP_AVX512 void gemv_avx512(const Packed& w, const float* x, int64_t tokens, cons
 
 namespace {
 
-// Masks to column offsets (k * kTokenBlock, relative to the chunk), one segment per (row, sub-chunk):
+// Masks to column offsets (k * kTokenBlock, relative to the tile's first column), one segment per row and
+// `sub` groups:
 // a compress of the 16 column offsets of a group by its mask, widened to uint16.
 SP_AVX512 void decode_tile(const GemmTile& tile) {
-  const Packed& w = *tile.w;
-  const int64_t g0 = tile.chunk * kGroupsPerChunk;
   const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(kTokenBlock));
   const __m512i step = _mm512_set1_epi32(kGroup * kTokenBlock);
+  const Packed& w = *tile.w;
+  const int64_t subs = tile.segments();
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t s = 0; s < kSubs; ++s) {
-      tile.starts[(n - tile.r0) * kSubs + s] = count;
-      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
-      __m512i k = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>((ga - g0) * kGroup * kTokenBlock)));
+    for (int64_t s = 0; s < subs; ++s) {
+      tile.starts[(n - tile.r0) * subs + s] = count;
+      const int64_t ga = tile.g0 + s * tile.sub, gb = ga + tile.sub < tile.g1 ? ga + tile.sub : tile.g1;
+      __m512i k = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>((ga - tile.g0) * kGroup * kTokenBlock)));
       for (int64_t g = ga; g < gb; ++g, k = _mm512_add_epi32(k, step)) {
         const uint32_t m = masks[g];
         const __m512i packed = _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), k);
@@ -159,19 +161,19 @@ SP_AVX512 void decode_tile(const GemmTile& tile) {
       }
     }
   }
-  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
+  tile.starts[(tile.r1 - tile.r0) * subs] = count;
 }
 
 SP_AVX512 void compute_tile(const GemmTile& tile) {
   const Packed& w = *tile.w;
-  const int64_t width = tile.blocks * kTokenBlock;
+  const int64_t subs = tile.segments(), width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
   for (int64_t b = 0; b < tile.blocks; ++b) {
-    const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t s = 0; s < kSubs; ++s)
+    const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
+    for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
-        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         if (seg[s] == seg[s + 1]) continue;
-        accumulate_block(w.values + w.offsets[n * w.chunks + tile.chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
+        accumulate_block(w.values + w.offsets[n * w.chunks + chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
                          seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
       }
   }

@@ -24,28 +24,28 @@ void gemv_portable(const Packed& w, const float* x, int64_t tokens, const float*
 
 void gemm_tile_portable(const GemmTile& tile) {
   const Packed& w = *tile.w;
-  const int64_t g0 = tile.chunk * kGroupsPerChunk;
+  const int64_t subs = tile.segments();
   int32_t count = 0;
   for (int64_t n = tile.r0; n < tile.r1; ++n) {
     const uint16_t* masks = w.masks + n * w.groups;
-    for (int64_t s = 0; s < kSubs; ++s) {
-      tile.starts[(n - tile.r0) * kSubs + s] = count;
-      const int64_t ga = g0 + s * kGroupsPerSub, gb = ga + kGroupsPerSub < w.groups ? ga + kGroupsPerSub : w.groups;
+    for (int64_t s = 0; s < subs; ++s) {
+      tile.starts[(n - tile.r0) * subs + s] = count;
+      const int64_t ga = tile.g0 + s * tile.sub, gb = ga + tile.sub < tile.g1 ? ga + tile.sub : tile.g1;
       for (int64_t g = ga; g < gb; ++g)
         for (uint32_t m = masks[g]; m; m &= m - 1)
-          tile.idx[count++] = static_cast<uint16_t>(((g - g0) * kGroup + lowest_bit(m)) * kTokenBlock);
+          tile.idx[count++] = static_cast<uint16_t>(((g - tile.g0) * kGroup + lowest_bit(m)) * kTokenBlock);
     }
   }
-  tile.starts[(tile.r1 - tile.r0) * kSubs] = count;
-  const int64_t width = tile.blocks * kTokenBlock;
+  tile.starts[(tile.r1 - tile.r0) * subs] = count;
+  const int64_t width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
   for (int64_t b = 0; b < tile.blocks; ++b) {
-    const float* xb = tile.xp + (b * w.cols + tile.chunk * kChunk) * kTokenBlock;
-    for (int64_t s = 0; s < kSubs; ++s)
+    const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
+    for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
-        const int32_t* seg = tile.starts + (n - tile.r0) * kSubs;
+        const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         const int32_t first = seg[s], end = seg[s + 1];
         if (first == end) continue;
-        const float* v = w.values + w.offsets[n * w.chunks + tile.chunk] + (first - seg[0]);
+        const float* v = w.values + w.offsets[n * w.chunks + chunk] + (first - seg[0]);
         float acc[kTokenBlock];
         float* out = tile.yt + n * width + b * kTokenBlock;
         for (int j = 0; j < kTokenBlock; ++j) acc[j] = out[j];

@@ -27,9 +27,7 @@ constexpr int64_t kGroup = 16;                       // columns per mask word
 constexpr int64_t kChunk = 256;                      // columns per offsets entry
 constexpr int64_t kGroupsPerChunk = kChunk / kGroup;
 constexpr int64_t kTokenBlock = 64;                  // tokens per GEMM register block (layout of xp and yt)
-constexpr int64_t kSubChunk = 128;                  // columns of xp a GEMM pass over a tile reads: 128 x 64 x 4 B = 32 KB (L1)
-constexpr int64_t kSubs = kChunk / kSubChunk;
-constexpr int64_t kGroupsPerSub = kSubChunk / kGroup;
+constexpr int64_t kMaxSpanGroups = 64;               // a GEMM tile spans at most 1024 columns (uint16 offsets)
 constexpr int64_t kMaxGemvTokens = 8;                // up to this many tokens: GEMV kernel; above: GEMM
 constexpr int64_t kTileRows = 32;                   // rows decoded together in a GEMM tile
 
@@ -46,18 +44,21 @@ struct Packed {
 using GemvFn = void (*)(const Packed& w, const float* x, int64_t tokens, const float* bias, float* y, int64_t r0,
                         int64_t r1);
 
-// One GEMM tile: rows [r0, r1) x column chunk `chunk`, every token block. Decodes the tile's masks into
-// column offsets once (segments per row and 128-column sub-chunk), then for each token block and
-// sub-chunk adds W[n, sub-chunk] . xp[block, sub-chunk] into yt[n, block] for every row of the tile.
+// One GEMM tile: rows [r0, r1) x groups [g0, g1) (g0 a multiple of kGroupsPerChunk, at most kMaxSpanGroups
+// groups), every token block. Decodes the tile's masks into column offsets once, one segment per row and
+// `sub` groups, then for each token block and segment column range adds W[n, range] . xp[block, range]
+// into yt[n, block] for every row of the tile.
 struct GemmTile {
   const Packed* w;
   const float* xp;  // [blocks][cols][kTokenBlock]: the input, token-minor (zero-padded tokens)
   float* yt;        // [rows][blocks * kTokenBlock]: the output, token-minor, pre-filled with the bias
   int64_t blocks;
-  int64_t chunk;
-  int64_t r0, r1;
-  uint16_t* idx;    // scratch: >= kTileRows * kChunk + kGroup entries (decoded offsets into xp, k * kTokenBlock)
-  int32_t* starts;  // scratch: >= kTileRows * kSubs + 1 entries (segment (row, sub-chunk) starts in idx)
+  int64_t g0, g1;   // the tile's column groups
+  int64_t sub;      // groups per segment
+  int64_t r0, r1;   // row range
+  uint16_t* idx;    // scratch: >= kTileRows * kMaxSpanGroups * kGroup + kGroup entries (offsets into xp, k * kTokenBlock)
+  int32_t* starts;  // scratch: >= kTileRows * kMaxSpanGroups + 1 entries (segment starts in idx)
+  int64_t segments() const { return (g1 - g0 + sub - 1) / sub; }
 };
 using GemmTileFn = void (*)(const GemmTile& tile);
 
