@@ -16,6 +16,9 @@ _LAZY = {
     "ModelAdapter": "strataprune.core.plugin",
     "Dataset": "strataprune.core.plugin",
     "Backend": "strataprune.core.plugin",
+    "BackendAvailability": "strataprune.core.plugin",
+    "CompiledModel": "strataprune.core.plugin",
+    "DeploySettings": "strataprune.core.plugin",
     "AllocationContext": "strataprune.core.plugin",
     "BlockStats": "strataprune.core.plugin",
     "MatrixStats": "strataprune.core.plugin",
@@ -43,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.hookspecs import hookimpl  # noqa: F401
     from .core.pipeline import Pipeline, prune  # noqa: F401
     from .core.plugin import (  # noqa: F401
-        AllocationContext, Allocator, Backend, BlockStats, Dataset, MatrixInfo, MatrixStats, ModelAdapter,
+        AllocationContext, Allocator, Backend, BackendAvailability, BlockStats, CompiledModel, DeploySettings, Dataset, MatrixInfo, MatrixStats, ModelAdapter,
         ModelLayout, PruneResult, Pruner,
     )
     from .core.recipes import Recipe, load_recipe  # noqa: F401

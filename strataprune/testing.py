@@ -11,7 +11,8 @@
 Each check builds a small random problem (a layout of mixed-shape matrices in a few blocks, the
 statistics the plugin declares it ``needs``), runs the plugin the way the host runs it, and raises
 ``AssertionError`` with a message naming the broken rule. strataprune's own tests run them on every
-built-in. ``check_adapter`` checks a model adapter on a model you provide.
+built-in. ``check_adapter`` checks a model adapter on a model you provide; ``check_backend`` checks an
+inference backend on a saved (tiny) model folder you provide, parity against PyTorch included.
 """
 
 from __future__ import annotations
@@ -274,3 +275,47 @@ def _block_outputs(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], id
     finally:
         handle.remove()
     return outputs
+
+
+def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int = 16, steps: int = 3) -> dict[str, Any]:
+    """Contract checks of a Backend on a saved causal LM (e.g. a tiny random Llama from ``save_pretrained``).
+
+    Checks: the contract version, ``available()`` (never raises; a reason when not ok), ``prepare``
+    returns a CompiledModel whose prefill/decode give logits of the right shapes, parity with the
+    backend's reference within its ``parity_tolerance`` (logits and greedy tokens), and the timing
+    methods. Returns the parity figures. Skips nothing itself: call it only where ``available().ok``.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from .core.plugin import BACKEND_CONTRACT, Backend, BackendAvailability, CompiledModel, DeploySettings
+    from .deploy.parity import check_parity, reference_outputs
+
+    backend = _instantiate(backend, Backend)
+    assert backend.contract == BACKEND_CONTRACT, f"{backend.name}: contract {backend.contract}, host speaks {BACKEND_CONTRACT}"
+    state = backend.available()
+    assert isinstance(state, BackendAvailability) and (state.ok or state.reason), f"{backend.name}: available() must say why not"
+    assert state.ok, f"{backend.name} is not available here: {state.reason}"
+    settings = DeploySettings(batch=1, prompt_len=prompt_len, new_tokens=steps, threads=1)
+    ids = np.random.default_rng(0).integers(0, 32, size=(1, prompt_len), dtype=np.int64)
+    compiled = backend.prepare(Path(model_dir), Path(workdir) / "backend", settings)
+    try:
+        assert isinstance(compiled, CompiledModel), f"{backend.name}: prepare() must return a CompiledModel"
+        logits, state_ = compiled.prefill(ids)
+        assert np.asarray(logits).shape[:2] == (1, prompt_len), f"{backend.name}: prefill logits {np.asarray(logits).shape}"
+        step, _ = compiled.decode(np.asarray(logits)[:, -1:].argmax(-1).astype(np.int64), state_)
+        assert np.asarray(step).shape[:2] == (1, 1), f"{backend.name}: decode logits {np.asarray(step).shape}"
+        reference = backend.reference()
+        parity: dict[str, Any] = {"reference": "itself"}
+        if reference is not None:
+            ref_model = reference.prepare(Path(model_dir), Path(workdir) / "reference", settings)
+            try:
+                ref = reference_outputs(ref_model, ids, steps)
+            finally:
+                ref_model.close()
+            parity = {**check_parity(compiled, ref, backend.parity_tolerance, backend.name), "reference": reference.label()}
+        assert all(t > 0 for t in compiled.time_prefill(ids, 0, 2)) and all(t > 0 for t in compiled.time_decode(ids, 2, 0, 2))
+    finally:
+        compiled.close()
+    return parity

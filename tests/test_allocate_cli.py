@@ -62,9 +62,14 @@ def test_allocate_refuses_non_empty_output_and_bad_names(tiny_llama_dir, text_fi
     assert "owll" in err and "did you mean 'owl'" in err and not (tmp_path / "x").exists()
     assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "alpha:epsilon=2", "--output", str(tmp_path / "y")]) == 2
     assert "epsilon" in capsys.readouterr().err
-    # --overwrite replaces the directory atomically
-    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform,alpha", "--output", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "alpha" / "allocation.json").is_file()
+    # --overwrite never replaces a folder strataprune did not write ...
+    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(out), "--overwrite"]) == 2
+    assert "not written by strataprune" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
+    # ... and replaces its own outputs atomically
+    ours = tmp_path / "ours"
+    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(ours)]) == 0
+    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform,alpha", "--output", str(ours), "--overwrite"]) == 0
+    assert (ours / "alpha" / "allocation.json").is_file()
 
 
 def test_python_api_shared_pass_and_recipe_params(tiny_llama_dir, text_file):

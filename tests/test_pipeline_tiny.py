@@ -53,13 +53,17 @@ def test_non_empty_output_is_never_overwritten_without_flag(tiny_llama_dir, text
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     assert main(run_args(tiny_llama_dir, text_file, out)) == 2
-    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert "not empty and was not written by strataprune" in capsys.readouterr().err
+    assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite")) == 2  # not ours: never replaced
     assert (out / "precious.txt").read_text() == "keep me"
-    assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite")) == 0
-    assert not (out / "precious.txt").exists() and (out / "report.json").exists()
+    (out / "precious.txt").unlink()
+    assert main(run_args(tiny_llama_dir, text_file, out)) == 0  # an empty folder is fine
+    assert main(run_args(tiny_llama_dir, text_file, out)) == 2  # our own output: only with --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite")) == 0 and (out / "report.json").exists()
 
 
-def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(run_args(tiny_llama_dir, text_file, out)) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -69,8 +73,8 @@ def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, t
 
     monkeypatch.setattr("strataprune.core.reports.write_json", explode)
     monkeypatch.setattr("strataprune.core.pipeline.write_json", explode)
-    with pytest.raises(RuntimeError, match="disk full"):
-        main(run_args(tiny_llama_dir, text_file, out, "--overwrite", "--sparsity", "0.3"))
+    assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite", "--sparsity", "0.3")) == 1  # a bug, not bad input
+    assert "error: internal error: RuntimeError: disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temporary left behind
 

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .allocation import Allocation
-from .errors import ConfigError
 from .pipeline import Pipeline
 from .plugin import Allocator, LoadedModel
-from .recipes import Recipe
+from .recipes import Recipe, parse_allocator_specs, parse_spec  # noqa: F401 - parse_spec's old home
 from .registry import Registry, get_registry
 from .reports import atomic_output_dir, check_output_dir, environment, table, write_json
 
@@ -54,35 +53,14 @@ class Comparison:
         return table(rows, ["block"] + names)
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:key=value:key=value`` (values are YAML scalars: 3 -> int, 0.01 -> float, null)."""
-    import yaml
-
-    name, *pairs = [part.strip() for part in spec.split(":")]
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--allocators: {spec!r}: parameter {pair!r} must look like key=value (e.g. atp:beta=0.01)")
-        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return name, params
-
-
 def make_allocators(recipe: Recipe, specs: Sequence[str], registry: Registry) -> list[Allocator]:
     """Build each allocator from ``name`` or ``name:key=value...``.
 
     The recipe's own allocator keeps the recipe's parameters (inline ones override them); every
     other allocator starts from its defaults.
     """
-    if not specs:
-        raise ConfigError("--allocators: no allocator named; give a comma-separated list such as uniform,atp,owl")
-    parsed = [parse_spec(spec) for spec in specs]
-    names = [name for name, _ in parsed]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"--allocators: {', '.join(dupes)} named twice; each allocator is listed once")
     out = []
-    for name, inline in parsed:
+    for name, inline in parse_allocator_specs(specs):
         params = dict(recipe.allocator.params) if name == recipe.allocator.name else {}
         params.update(inline)
         out.append(registry.create("allocator", name, params))
@@ -173,6 +151,9 @@ def compare_allocators(
     times: dict[str, float] = {}
     start = time.perf_counter()
     calib_data = pipeline.prepare(loaded)
+    from .task_eval import check_statistics
+
+    check_statistics(pipeline.loaded, allocators)  # a statistic the model cannot provide fails before the dense pass
     times["load"] = time.perf_counter() - start
     allocations = run_allocators(pipeline, allocators, calib_data, times)
     layout = pipeline.calibrator.layout

@@ -102,6 +102,9 @@ class Calibrator:
         hidden = inputs.hidden
         for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):
             block = self.blocks[index]
+            if index in inputs.restarts:  # a new stack (CLIP's text tower, LLaVA's language model) starts here
+                restart = inputs.restarts[index]
+                hidden = restart() if callable(restart) else restart
             kwargs = inputs.block_kwargs[index]
             with self.hold(index):
                 stats = self._measure(index, block, hidden, kwargs, needs)
@@ -138,9 +141,18 @@ class Calibrator:
         return storage[:numel].view(*shape)
 
     def _forward(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        out = self.buffer(hidden.shape, hidden.dtype, hidden.device)
+        out: torch.Tensor | None = None
         for i in range(hidden.shape[0]):
-            out[i : i + 1] = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs).to(out.dtype)
+            result = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs)
+            out = self._output_buffer(out, hidden, result)
+            out[i : i + 1] = result.to(out.dtype)
+        assert out is not None
+        return out
+
+    def _output_buffer(self, out: torch.Tensor | None, hidden: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The block's output buffer, shaped by its first output (vision stages change width and resolution)."""
+        if out is None:
+            out = self.buffer((hidden.shape[0], *result.shape[1:]), hidden.dtype, hidden.device)
         return out
 
     @staticmethod
@@ -166,27 +178,30 @@ class Calibrator:
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: torch.nn.Module, args: tuple, _out: Any) -> None:
                 x = args[0]
+                rows = self.adapter.matrix_inputs(module, x)  # [tokens, in_features]; convolutions: im2col patches
                 if name not in group_of:
-                    key = (x.data_ptr(), tuple(x.shape))
+                    key = (x.data_ptr(), tuple(x.shape), tuple(rows.shape))
                     if key not in first_inputs:
                         first_inputs[key] = len(accumulators)
-                        accumulators.append(_Accumulator(x.shape[-1], want_hessian, want_norms, x.device))
+                        accumulators.append(_Accumulator(rows.shape[-1], want_hessian, want_norms, x.device))
                         alive.append(x)
                     group_of[name] = first_inputs[key]
                 group = group_of[name]
                 if group not in seen:
                     seen.add(group)
-                    accumulators[group].add(x)
+                    accumulators[group].add(rows)
 
             return hook
 
         if want_norms or want_hessian:
             handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
-        outputs = self.buffer(hidden.shape, hidden.dtype, hidden.device)
+        outputs: torch.Tensor | None = None
         try:
             for i in range(hidden.shape[0]):
                 seen.clear()
-                outputs[i : i + 1] = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs).to(outputs.dtype)
+                result = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs)
+                outputs = self._output_buffer(outputs, hidden, result)
+                outputs[i : i + 1] = result.to(outputs.dtype)
                 alive.clear()
         finally:
             for h in handles:

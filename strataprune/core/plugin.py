@@ -16,18 +16,21 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from .errors import ConfigError
 from .sparsity import Target
+
+if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
+    import torch
 
 #: statistics a plugin may ask the calibration engine for
 #: - ``input_norms``: per prunable matrix, the L2 norm of each input column over all calibration tokens (Wanda's ||X_j||_2)
 #: - ``hessian``: per prunable matrix, H = 2 X X^T / n in fp32 (SparseGPT's Hessian)
 #: - ``block_inputs`` / ``block_outputs``: the hidden states entering / leaving the block, [samples, tokens, hidden]
 STATISTICS = ("input_norms", "hessian", "block_inputs", "block_outputs")
+#: what a model adapter's ``task`` may be: each has its own data and evaluation
+TASKS = ("causal-lm", "image-classification", "image-embedding", "multimodal")
 
 
 @dataclass
@@ -76,7 +79,9 @@ class ModelLayout:
 
     matrices: tuple[MatrixInfo, ...]
     num_blocks: int
-    stack: str = "decoder"
+    #: the stack every block belongs to: one name for a single-stack model ("decoder", "vision"), or one
+    #: name per block for multimodal models (e.g. ("vision",) * 12 + ("text",) * 12); see ``stack_of``
+    stack: str | tuple[str, ...] = "decoder"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.matrices})
@@ -93,6 +98,15 @@ class ModelLayout:
 
     def block(self, index: int) -> list[MatrixInfo]:
         return [m for m in self.matrices if m.block == index]
+
+    def stack_of(self, block: int) -> str:
+        """The stack block ``block`` (and so each of its matrices) belongs to."""
+        return self.stack if isinstance(self.stack, str) else self.stack[block]
+
+    @property
+    def stacks(self) -> list[str]:
+        """Stack names in block order, each once."""
+        return list(dict.fromkeys(self.stack_of(b) for b in range(self.num_blocks)))
 
     def block_numel(self, index: int) -> int:
         return sum(m.numel for m in self.block(index))
@@ -136,6 +150,12 @@ class MatrixStats:
 
 
 # --------------------------------------------------------------------------- allocators
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass
 class AllocationContext:
     """Everything an allocator may use besides the statistics it observed."""
@@ -148,7 +168,7 @@ class AllocationContext:
     #: prune a copy with a candidate allocation and return held-out perplexity (lower is better);
     #: only set when the allocator declares ``searches = True``
     score: Callable[[Any], float] | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     cache_dir: Path | None = None
     model_fingerprint: str = ""
     progress: bool = True
@@ -209,13 +229,22 @@ class Pruner(Plugin):
 
 # --------------------------------------------------------------------------- datasets
 class Dataset(Plugin):
-    """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available)."""
+    """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available).
+
+    ``reference_protocol`` names how the papers turn this source into tokens (core/data.py:
+    'wikitext2', 'c4', or 'documents', the default); ``rows`` gives the records exactly as the
+    reference loader yields them (blank ones included), which the papers' protocols join.
+    """
 
     kind: ClassVar[str] = "dataset"
     splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
+    reference_protocol: str = "documents"
 
     def documents(self, split: str) -> list[str]:
         raise NotImplementedError
+
+    def rows(self, split: str) -> list[str]:
+        return self.documents(split)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -229,14 +258,20 @@ class LoadedModel:
     adapter: ModelAdapter
     source: str
     description: dict[str, Any] = field(default_factory=dict)
+    #: how inputs are prepared for non-text tasks (e.g. an ``images.ImageSpec``); None for language models
+    processor: Any = None
 
 
 @dataclass
 class BlockInputs:
     """Hidden states entering the first block, and the extra arguments each block is called with."""
 
-    hidden: torch.Tensor  # [samples, tokens, hidden]
+    hidden: torch.Tensor  # [samples, tokens, hidden] (any [samples, ...] shape for vision stacks)
     block_kwargs: list[dict[str, Any]]  # one per block (masks differ per block on e.g. Gemma-3)
+    #: multi-stack models: at block b the hidden states restart from ``restarts[b]`` instead of the previous
+    #: block's output (the first text block of CLIP); a callable is called when block b is reached, so it
+    #: can recompute the stack's input from the already pruned stacks before it (LLaVA's language model)
+    restarts: dict[int, torch.Tensor | Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelAdapter(Plugin):
@@ -253,6 +288,8 @@ class ModelAdapter(Plugin):
 
     kind: ClassVar[str] = "adapter"
     task: ClassVar[str] = "causal-lm"
+    #: models this adapter loads by name (no config.json), e.g. {"efficientnet-lite0": "pip install ..."}
+    embedded: ClassVar[dict[str, str]] = {}
 
     def matches(self, config: Any) -> bool:
         raise NotImplementedError
@@ -286,45 +323,178 @@ class ModelAdapter(Plugin):
     def run_block(self, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- optional, with defaults that fit language models (vision adapters override them) --
+    def matrix_inputs(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One prunable module's input as rows [tokens, in_features] matching ``get_weight``'s columns.
+
+        The calibration engine computes ``input_norms`` and ``hessian`` from these rows. Default: the
+        last dimension is the feature (Linear); a convolution returns its unfolded (im2col) patches.
+        """
+        return x.reshape(-1, x.shape[-1])
+
+    def unavailable_statistics(self, model: torch.nn.Module) -> dict[str, str]:
+        """Statistics (``STATISTICS``) this model cannot provide, each with the reason; checked before any work."""
+        return {}
+
+    def encode(self, loaded: LoadedModel, batch: Any) -> Any:
+        """Model inputs for a batch of the task's data (``capture`` and ``predict`` take them)."""
+        raise NotImplementedError(f"adapter '{self.name}' has no task data encoder")
+
+    def predict(self, loaded: LoadedModel, inputs: Any) -> dict[str, torch.Tensor]:
+        """The outputs the task's evaluation compares (see the class docstring)."""
+        raise NotImplementedError(f"adapter '{self.name}' has no task predictions")
+
+    def save(self, loaded: LoadedModel, folder: Path) -> None:
+        """Write the (pruned) model so that ``load`` reads it back."""
+        loaded.model.save_pretrained(folder)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- backends
+#: the version of the Backend contract below; a backend states the one it was written for in ``contract``
+#: (1: available/prepare only; 2: generation with a KV cache, timing, parity tolerance, settings)
+BACKEND_CONTRACT = 2
+
 
 @dataclass
 class BackendAvailability:
     ok: bool
-    reason: str = ""  # why not, and how to get it (e.g. "needs CUDA" or "pip install onnxruntime")
+    reason: str = ""  # why not, and how to get it (e.g. "needs CUDA" or "pip install 'strataprune[deploy]'")
+    version: str = ""  # the engine's version, when it can be found (also when it cannot run)
 
 
 @dataclass
-class CompiledModel:
-    """A model prepared for one engine: an artifact on disk (e.g. model.onnx) and a callable session."""
+class DeploySettings:
+    """What ``prepare`` may fix at compile time: fixed-shape engines compile for exactly these shapes."""
 
-    backend: str
-    artifact: Path | None
-    run: Callable[[dict[str, Any]], Any]  # inputs by name -> outputs (engine-native)
-    meta: dict[str, Any] = field(default_factory=dict)  # format, size on disk, sparse format used ...
+    batch: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 32  # tokens generated after the prompt (decode steps)
+    threads: int | None = None  # compute threads of the engine; None = the engine's default
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.new_tokens
+
+
+class CompiledModel:
+    """A causal language model ready on one engine, with a KV cache between calls.
+
+    Token ids are int64 numpy arrays ``[batch, tokens]``; logits come back as float32 numpy
+    ``[batch, tokens, vocab]``; ``state`` is whatever the engine keeps between calls (its KV cache).
+    An engine implements ``prefill`` and ``decode``; ``greedy`` and the timing methods follow from
+    them, and an engine that runs out of process overrides the timing methods so that the clock
+    runs where the work is (no inter-process copies in the figures).
+    """
+
+    def __init__(self, backend: str, artifact: Path | None = None, meta: dict[str, Any] | None = None) -> None:
+        self.backend = backend
+        self.artifact = artifact  # the file the engine runs (e.g. model.onnx), None when it runs the checkpoint
+        self.meta: dict[str, Any] = dict(meta or {})  # format, sizes, notes ...
+
+    def prefill(self, input_ids: Any) -> tuple[Any, Any]:
+        """Process a prompt: (logits [batch, tokens, vocab], state)."""
+        raise NotImplementedError
+
+    def decode(self, token_ids: Any, state: Any) -> tuple[Any, Any]:
+        """One step of generation: ``token_ids`` [batch, 1] after ``state`` -> (logits [batch, 1, vocab], new state)."""
+        raise NotImplementedError
+
+    def greedy(self, input_ids: Any, steps: int) -> Any:
+        """The ``steps`` tokens that greedy decoding appends to the prompt, [batch, steps] int64."""
+        import numpy as np
+
+        logits, state = self.prefill(input_ids)
+        tokens = []
+        for step in range(steps):
+            token = np.asarray(logits)[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+            tokens.append(token)
+            if step + 1 < steps:
+                logits, state = self.decode(token, state)
+        return np.concatenate(tokens, axis=1)
+
+    def time_prefill(self, input_ids: Any, warmup: int, repeats: int) -> list[float]:
+        """Seconds of each timed ``prefill`` of ``input_ids`` (after ``warmup`` untimed calls)."""
+        import time
+
+        times = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            self.prefill(input_ids)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return times
+
+    def time_decode(self, input_ids: Any, tokens: int, warmup: int, repeats: int) -> list[float]:
+        """Seconds per generated token of each timed repetition: prefill ``input_ids`` (untimed), then
+        ``tokens`` greedy decode steps with the KV cache (timed, divided by ``tokens``)."""
+        import time
+
+        import numpy as np
+
+        times = []
+        for i in range(warmup + repeats):
+            logits, state = self.prefill(input_ids)
+            start = time.perf_counter()
+            for _ in range(tokens):
+                token = np.asarray(logits)[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+                logits, state = self.decode(token, state)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) / tokens)
+        return times
+
+    def close(self) -> None:
+        """Free the engine's memory (sessions, worker processes)."""
 
 
 class Backend(Plugin):
     """An inference engine that runs a pruned model, measured end to end against its dense twin.
 
-    The contract (since 0.1; the deployment issue fills in the engines):
+    The contract (version ``BACKEND_CONTRACT`` = 2; a backend sets ``contract`` to the version it
+    implements, and the host refuses versions it does not know):
 
-    - ``available()`` says whether the engine can run here, and if not why; it must not import the
-      engine at ``import strataprune`` time (engines load lazily, inside these methods).
-    - ``prepare(model_dir, workdir, example)`` exports/compiles a saved model (the output folder of
-      ``strataprune run``) for the engine, with ``example`` a dict of example inputs fixing shapes.
-    - ``devices``: where it runs ("cpu", "cuda"); ``sparse_formats``: what sparsity it exploits
-      ("unstructured", "2:4", ...), empty for a dense engine.
+    - ``available()``: whether the engine can run here, and if not why and how to get it, with the
+      engine's version; it must not import the engine at ``import strataprune`` time (engines load
+      lazily, inside these methods) and must never raise.
+    - ``prepare(model_dir, workdir, settings) -> CompiledModel``: export/compile a saved causal LM
+      (the output folder of ``strataprune run`` or ``strataprune deploy``; the weights may be
+      dense safetensors or the sparse-bitmask format, see ``strataprune.deploy.storage``) for the
+      engine, writing whatever it needs under ``workdir``; ``settings`` fixes batch, prompt
+      length, generated tokens and threads.
+    - ``reference()``: the backend whose logits this one must reproduce (``parity_tolerance``:
+      largest allowed |logit difference| / max(1, largest |reference logit|)); by default PyTorch
+      eager fp32 on CPU.
+    - ``devices``: where it runs ("cpu", "cuda"); ``sparse_formats``: what it turns into speed
+      ("unstructured", "2:4", "int4"), empty for a dense engine (the verdict says so);
+      ``fixed_shapes``: prepared per prompt length (the host prepares once per length it times).
     """
 
     kind: ClassVar[str] = "backend"
+    contract: ClassVar[int] = BACKEND_CONTRACT
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     sparse_formats: ClassVar[tuple[str, ...]] = ()
+    parity_tolerance: ClassVar[float] = 1e-3
+    #: True when a prepared model runs only the batch and prompt length it was prepared for
+    fixed_shapes: ClassVar[bool] = False
 
     def available(self) -> BackendAvailability:
         return BackendAvailability(True)
 
-    def prepare(self, model_dir: Path, workdir: Path, example: dict[str, Any]) -> CompiledModel:
+    def prepare(self, model_dir: Path, workdir: Path, settings: DeploySettings) -> CompiledModel:
         raise NotImplementedError
+
+    def reference(self) -> Backend | None:
+        """The backend this one's parity is checked against (None: it is the reference itself)."""
+        from strataprune.backends.torch import TorchBackend
+
+        return TorchBackend()
+
+    def label(self) -> str:
+        """The name shown in reports: the plugin name plus any non-default parameter."""
+        defaults = self.Config() if dataclasses.is_dataclass(self.Config) else None
+        changed = [f"{k}={v}" for k, v in self.params().items() if defaults is None or getattr(defaults, k, None) != v]
+        return self.name + (":" + ":".join(changed) if changed else "")
 
 
 # --------------------------------------------------------------------------- config building

@@ -4,6 +4,7 @@
     model: {source: smollm2-135m, adapter: auto, dtype: float32, device: cpu}
     calibration: {source: bbc, split: train, nsamples: 32, seqlen: 512, seed: 0, propagate: pruned}
     evaluation: {source: bbc, split: test, seqlen: 512, max_windows: 40, dense: true, bos: auto}
+    # + zero-shot accuracy: evaluation.tasks: bbc (or papers7, any lm-eval task), task_limit: 100
     allocator: uniform                # or {name: atp, beta: 0.01}
     pruner: wanda                     # or {name: sparsegpt, percdamp: 0.01}
     sparsity: 0.5                     # a ratio in [0, 1) or an N:M pattern such as "2:4"
@@ -19,6 +20,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
@@ -26,6 +28,7 @@ import yaml
 from .errors import ConfigError, did_you_mean
 from .plugin import build_config
 from .sparsity import Target, parse_sparsity
+from .textfile import read_text_file
 
 RECIPE_VERSION = 1
 
@@ -39,6 +42,8 @@ class ModelSection:
     device: str = "cpu"
     #: keep only one block in memory, the rest read from the safetensors checkpoint (core/offload.py)
     offload: bool = False
+    #: parameters of the model adapter's Config, e.g. {prune: [vision, language]} for LLaVA-style models
+    adapter_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,10 +59,16 @@ class CalibrationSection:
     activation_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     #: keep calibration activations in memory-mapped files in this folder instead of RAM
     activation_dir: str | None = None
+    #: how text becomes token windows (core/data.py): auto (the source's own: the papers' protocol for
+    #: wikitext2, c4 and WikiText files), wikitext2, c4, or documents
+    protocol: Literal["auto", "wikitext2", "c4", "documents"] = "auto"
+    #: encoding of a text-file source (the embedded bbc reads its own)
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         _positive("calibration.nsamples", self.nsamples)
         _positive("calibration.seqlen", self.seqlen, minimum=2)
+        _encoding("calibration.encoding", self.encoding)
 
 
 @dataclass
@@ -71,12 +82,30 @@ class EvaluationSection:
     #: held-out selection data for searching allocators (ATP's beta); split of the calibration source
     selection_split: str = "validation"
     selection_windows: int = 8
+    protocol: Literal["auto", "wikitext2", "c4", "documents"] = "auto"
+    encoding: str = "utf-8"
+    #: zero-shot accuracy through lm-eval beside perplexity (core/zeroshot.py): task names or presets
+    #: (papers7, bbc), comma-separated or a list; null = none
+    tasks: str | list[str] | None = None
+    #: examples per zero-shot task (null = all)
+    task_limit: int | None = None
+    #: folder of extra lm-eval task YAML files (local data: dataset_path: json)
+    task_include_path: str | None = None
+    task_batch_size: int = 1
 
     def __post_init__(self) -> None:
         _positive("evaluation.seqlen", self.seqlen, minimum=2)
+        _encoding("evaluation.encoding", self.encoding)
         if self.max_windows is not None:
             _positive("evaluation.max_windows", self.max_windows)
         _positive("evaluation.selection_windows", self.selection_windows)
+        if self.tasks is not None:
+            items = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+            if not all(isinstance(t, str) for t in items) or not any(t.strip() for t in items):
+                raise ConfigError(f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a list")
+        if self.task_limit is not None:
+            _positive("evaluation.task_limit", self.task_limit)
+        _positive("evaluation.task_batch_size", self.task_batch_size)
 
 
 @dataclass
@@ -133,6 +162,15 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f"{key}: {value!r} must be an integer >= {minimum}")
 
 
+def _encoding(key: str, value: str) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ConfigError(f"{key}: {value!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252)") from None
+
+
 def _plugin_choice(key: str, value: Any) -> PluginChoice:
     if isinstance(value, str) and value:
         return PluginChoice(value)
@@ -179,13 +217,20 @@ def load_recipe(path: str | Path | None) -> Recipe:
     if path is None:
         return Recipe()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}") from None
+    text = read_text_file(path, "recipe file", error=ConfigError)
+    data = parse_yaml(text, f"recipe '{path}'")
     return recipe_from_dict(data, where=str(path))
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML -> data; a syntax error becomes one line with the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML: {where}{problem}") from None
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
@@ -208,8 +253,43 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
     """``--set key.path=value`` pairs; values are parsed as YAML scalars (8 -> int, 0.5 -> float, null)."""
     out: dict[str, Any] = {}
     for item in assignments or []:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} must look like key.path=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        out[key.strip()] = parse_value(raw, f"--set {item!r}")
     return out
+
+
+def parse_value(raw: str, what: str) -> Any:
+    """One command-line value as YAML (8 -> int, 0.5 -> float, null, [1, 2]); empty -> None."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what}: the value {raw!r} is not valid YAML ({problem}); quote text, e.g. key='[x'") from None
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value:key=value`` (values are YAML scalars: 3 -> int, 0.01 -> float, null)."""
+    name, *pairs = [part.strip() for part in spec.split(":")]
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--allocators: {spec!r}: parameter {pair!r} must look like key=value (e.g. atp:beta=0.01)")
+        params[key.strip()] = parse_value(raw, f"--allocators {spec!r}: {key.strip()}")
+    return name, params
+
+
+def parse_allocator_specs(specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """A comma-separated ``--allocators`` list, parsed; an empty list or a name given twice is an error."""
+    if not specs:
+        raise ConfigError("--allocators: no allocator named; give a comma-separated list such as uniform,atp,owl")
+    parsed = [parse_spec(spec) for spec in specs]
+    names = [name for name, _ in parsed]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"--allocators: {', '.join(dupes)} named twice; each allocator is listed once")
+    return parsed

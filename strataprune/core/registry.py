@@ -35,6 +35,7 @@ BUILTIN_MODULES = {
     "pruners": "strataprune.plugins.pruners",
     "adapters": "strataprune.plugins.adapters",
     "datasets": "strataprune.plugins.datasets",
+    "backends": "strataprune.backends",
 }
 
 #: kind -> (hook name, base class, methods a registered class must define)
@@ -46,6 +47,8 @@ KINDS: dict[str, tuple[str, type[Plugin], tuple[str, ...]]] = {
     "backend": ("register_backends", Backend, ("prepare",)),
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+#: backends may name a sparsity pattern, e.g. "torch-2:4"
+_BACKEND_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*(:[0-9]+)?$")
 SPEC_NAMES = tuple(name for name in dir(hookspecs) if name.startswith("register_"))
 
 
@@ -152,7 +155,7 @@ class Registry:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"register() got {cls!r}; a {kind} must be a subclass of strataprune.{base.__name__}")
         name = getattr(cls, "name", "")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not (_BACKEND_NAME_RE if kind == "backend" else _NAME_RE).match(name):
             raise PluginError(f"{cls.__name__}.name={name!r} must be a lower-case identifier like 'my_method'")
         for method in methods:
             if getattr(cls, method, None) is getattr(base, method, None):

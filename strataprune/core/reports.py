@@ -1,18 +1,16 @@
-"""Reports: report.json contents, console tables, and atomic output directories."""
+"""Reports: report.json contents, console tables, and atomic output directories (core/outputs.py)."""
 
 from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .outputs import atomic_output_dir, check_output_dir, release_output_locks  # noqa: F401 - their public home
 
 
 class StageTimer:
@@ -63,38 +61,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
     return str(value)
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory before any work starts, unless --overwrite."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir '{path}' exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir '{path}' is not empty; pass --overwrite to replace it or choose another --output")
-
-
-@contextmanager
-def atomic_output_dir(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path``, on failure it is removed.
-
-    A failed run therefore leaves earlier outputs in ``path`` untouched.
-    """
-    check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        old.rmdir()
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -2,6 +2,9 @@
 
 Convention (NVIDIA's, and the one the N:M checks use): ``n:m`` keeps at most ``n`` nonzeros in
 every group of ``m`` consecutive input weights of a row, so 2:4 is 50% sparse and 1:4 is 75%.
+The paper repos (Wanda, SparseGPT, OWL: ``prune_n, prune_m``) count *pruned* weights instead: their
+``1:4`` is our ``3:4``. Both readings agree only when n = m - n (2:4, 4:8); for any other pattern
+``paper_notation_warning`` gives the one-line warning the CLI prints.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -26,7 +31,9 @@ class NMPattern:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
-            raise ConfigError(f"N:M pattern {self.n}:{self.m} is invalid: need integers with 0 < n < m (e.g. 2:4, 4:8)")
+            raise ConfigError(
+                f"N:M pattern {self.n}:{self.m} is invalid: need integers with 0 < n < m, n weights kept of every m (e.g. 2:4, 4:8)"
+            )
 
     @classmethod
     def parse(cls, text: str | NMPattern) -> NMPattern:
@@ -34,7 +41,7 @@ class NMPattern:
             return text
         match = _NM_RE.match(str(text))
         if not match:
-            raise ConfigError(f"N:M pattern '{text}' is invalid: write it as 'n:m' with integers 0 < n < m (e.g. '2:4')")
+            raise ConfigError(f"N:M pattern '{text}' is invalid: write it as 'n:m' with integers 0 < n < m, n kept of every m (e.g. '2:4')")
         return cls(int(match.group(1)), int(match.group(2)))
 
     @property
@@ -62,6 +69,17 @@ class Target:
 
     def __str__(self) -> str:
         return str(self.pattern) if self.pattern else f"{self.ratio:.4g}"
+
+
+def paper_notation_warning(pattern: NMPattern | None) -> str | None:
+    """One line when ``pattern`` would mean the opposite sparsity in the paper repos (n pruned of m), else None."""
+    if pattern is None or 2 * pattern.n == pattern.m:
+        return None
+    flipped = NMPattern(pattern.m - pattern.n, pattern.m)
+    return (
+        f"warning: sparsity {pattern} keeps {pattern.n} of every {pattern.m} weights here ({100 * pattern.sparsity:g}% sparse, NVIDIA's notation); "
+        f"in the Wanda/SparseGPT/OWL repos '{pattern}' prunes {pattern.n} of {pattern.m} ({100 * flipped.sparsity:g}% sparse), which is {flipped} here"
+    )
 
 
 def check_ratio(value: object, what: str = "sparsity") -> float:

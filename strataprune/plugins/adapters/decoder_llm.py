@@ -15,6 +15,7 @@ models with sliding-window layers such as Gemma-3), then the remaining samples s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +25,16 @@ from torch import nn
 from strataprune.core.errors import DataError
 from strataprune.core.plugin import BlockInputs, LoadedModel, MatrixInfo, ModelAdapter, ModelLayout
 
-try:  # GPT-2 stores its projections as Conv1D with (in, out) weights
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment,misc]
+
+@functools.cache
+def _conv1d() -> tuple[type, ...]:
+    """GPT-2 stores its projections as Conv1D with (in, out) weights. Imported on first use, so that
+    registering the plugins (and checking a command line) does not import transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return (Conv1D,)
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 #: families whose evaluation windows each need a BOS token (Gemma: ppl 41 without, 17 with)
@@ -53,7 +60,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             classes = {type(child) for child in module}
-            has_linear = any(isinstance(m, (nn.Linear, Conv1D)) for m in module[0].modules())
+            has_linear = any(isinstance(m, (nn.Linear, *_conv1d())) for m in module[0].modules())
             if len(classes) == 1 and has_linear:
                 candidates.append((name, module))
     if not candidates:
@@ -109,7 +116,7 @@ class DecoderLLM(ModelAdapter):
         out: dict[str, nn.Module] = {}
         for index, block in enumerate(blocks):
             for name, module in block.named_modules():
-                if isinstance(module, (nn.Linear, Conv1D)):
+                if isinstance(module, (nn.Linear, *_conv1d())):
                     out[f"{prefix}.{index}.{name}"] = module
         return out
 
@@ -118,18 +125,18 @@ class DecoderLLM(ModelAdapter):
         matrices = []
         for index, block in enumerate(blocks):
             for name, module in block.named_modules():
-                if isinstance(module, (nn.Linear, Conv1D)):
+                if isinstance(module, (nn.Linear, *_conv1d())):
                     shape = tuple(self.get_weight(module).shape)
                     matrices.append(MatrixInfo(f"{prefix}.{index}.{name}", index, name, shape))  # type: ignore[arg-type]
         return ModelLayout(tuple(matrices), len(blocks))
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight.data
-        return weight.t() if isinstance(module, Conv1D) else weight
+        return weight.t() if isinstance(module, _conv1d()) else weight
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         target = module.weight.data
-        target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+        target.copy_(weight.t() if isinstance(module, _conv1d()) else weight)
 
     # ------------------------------------------------------------------ calibration
     def capture(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1) -> BlockInputs:

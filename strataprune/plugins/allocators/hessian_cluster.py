@@ -41,6 +41,7 @@ granularity = "matrix", normalize = "safe".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 from strataprune.core.allocation import Allocation, redistribute
-from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.errors import PluginError, require
 from strataprune.core.linalg import inverse_diagonal
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
 
@@ -60,9 +61,7 @@ CURVE_POINTS = 1000
 MAX_DAMP_RETRIES = 6
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"allocator 'hessian_cluster': {key}={value!r} is invalid; allowed: {allowed}")
+_require = functools.partial(require, where="allocator 'hessian_cluster'")
 
 
 def _number(value: Any) -> bool:

@@ -44,6 +44,7 @@ lam_nm = 2, normalize = "safe".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 
 from strataprune.core.allocation import Allocation, redistribute
-from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.errors import PluginError, require
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats, ModelLayout
 from strataprune.core.sparsity import NMPattern
 from strataprune.plugins.pruners.wanda import wanda_scores
@@ -62,9 +63,7 @@ from strataprune.plugins.pruners.wanda import wanda_scores
 PAPER_FLOOR = 0.01
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"allocator 'owl': {key}={value!r} is invalid; allowed: {allowed}")
+_require = functools.partial(require, where="allocator 'owl'")
 
 
 @dataclass

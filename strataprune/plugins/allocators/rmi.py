@@ -53,6 +53,7 @@ themselves, e.g. by running this allocator at each s_t.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ import torch
 from scipy.optimize import linprog
 
 from strataprune.core.allocation import MAX_RATIO, Allocation, redistribute
-from strataprune.core.errors import ConfigError, PluginError
+from strataprune.core.errors import ConfigError, PluginError, require
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
 
 #: official importance temperature per pruner
@@ -74,9 +75,7 @@ GRAM_CHUNK = 1 << 24
 DEGENERATE_RTOL = 1e-10
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"allocator 'rmi': {key}={value!r} is invalid; allowed: {allowed}")
+_require = functools.partial(require, where="allocator 'rmi'")
 
 
 @dataclass

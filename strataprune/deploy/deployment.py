@@ -1,0 +1,113 @@
+"""``strataprune deploy``: a run folder -> a compressed sparse checkpoint + an engine artifact, parity-checked.
+
+    from strataprune.deploy import deploy
+    info = deploy("strataprune-runs/smollm2-135m-wanda-uniform-0.7", "onnxruntime", "deployed/")
+
+The output folder (written atomically: a failure leaves nothing, and an earlier output intact):
+
+- ``config.json`` + ``model.safetensors``: the model in compressed-tensors' sparse-bitmask layout
+  (strataprune/deploy/storage.py), checked to load back to exactly the run's weights;
+- tokenizer files, ``report.json``, ``allocation.json``, ``recipe.yaml`` and (INT4 runs)
+  ``quantization.json``/``quantization.safetensors`` copied from the run, so the output is itself a
+  run folder that ``bench`` and ``deploy`` accept;
+- ``<backend>/``: what the engine runs (``model.onnx`` ...), prepared from the compressed checkpoint;
+- ``deploy.json``: backend and engine version, sizes and bytes per weight, parity figures, settings.
+
+Parity is checked before anything is committed: the engine, fed from the compressed checkpoint, must
+reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import ConfigError, PluginError
+from ..core.plugin import DeploySettings
+from ..core.reports import atomic_output_dir, check_output_dir, write_json
+from .bench import resolve_backends
+from .parity import check_parity, reference_outputs
+from .rundir import load_causal_lm, open_run, text_windows, weight_files
+from .storage import read_state_dict, write_sparse_checkpoint
+
+#: run-folder files that the compressed checkpoint replaces (everything else is copied)
+REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
+
+
+def deploy(run_dir: str | Path, backend: str, output: str | Path, *, overwrite: bool = False,
+           settings: DeploySettings | None = None, parity_windows: int = 2, parity_steps: int = 8,
+           text: str | None = None, log: Any = None) -> dict[str, Any]:
+    """Write ``output`` (see the module docstring); returns what ``deploy.json`` holds."""
+    say = log or (lambda message: None)
+    run = open_run(run_dir)
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    (engine,), _ = resolve_backends([backend])
+    settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
+    if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
+        raise ConfigError(f"--prompt-len {settings.prompt_len} + {parity_steps} parity steps must fit the model's context of "
+                          f"{run.context_length} tokens (and be >= 1)")
+    windows = text_windows(run, max(parity_windows, settings.batch), settings.prompt_len, text).numpy()
+    with atomic_output_dir(output, overwrite) as tmp:
+        say("writing the sparse-bitmask checkpoint")
+        model = load_causal_lm(run.path)
+        sizes = write_sparse_checkpoint(model, tmp)
+        _check_round_trip(model, tmp)
+        del model
+        for item in sorted(run.path.iterdir()):
+            if item.is_file() and item.name not in REPLACED and not item.name.startswith("model-"):
+                shutil.copy2(item, tmp / item.name)
+        write_json(tmp / "report.json", run.report)
+        say(f"preparing {engine.label()}")
+        compiled = engine.prepare(tmp, tmp / engine.name.replace(":", "-"), settings)
+        try:
+            reference = engine.reference()
+            if reference is None:
+                parity: dict[str, Any] = {"reference": "itself (the checkpoint round trip is checked tensor by tensor)"}
+            else:
+                say(f"checking parity against {reference.label()}")
+                ref_model = reference.prepare(run.path, tmp / ".reference", settings)
+                try:
+                    ref = reference_outputs(ref_model, windows, parity_steps, settings.batch)
+                finally:
+                    ref_model.close()
+                shutil.rmtree(tmp / ".reference", ignore_errors=True)
+                parity = {**check_parity(compiled, ref, engine.parity_tolerance, engine.label()), "reference": reference.label()}
+            artifact_bytes = compiled.meta.get("artifact_bytes")
+            meta = {k: v for k, v in compiled.meta.items() if k != "artifact_bytes"}
+        finally:
+            compiled.close()
+        state = engine.available()
+        info = {
+            "format_version": 1,
+            "run_dir": str(run.path.resolve()),
+            "backend": engine.label(),
+            "engine_version": state.version,
+            "artifact": str(compiled.artifact.relative_to(tmp)) if compiled.artifact and compiled.artifact.is_relative_to(tmp) else None,
+            "artifact_bytes": artifact_bytes,
+            "engine": meta,
+            "storage": sizes,
+            "original_weight_bytes": sum(f.stat().st_size for f in weight_files(run.path)),
+            "parity": parity,
+            "settings": {"batch": settings.batch, "prompt_len": settings.prompt_len, "new_tokens": settings.new_tokens,
+                         "threads": settings.threads},
+            "readers": "compressed-tensors 0.12.2 (BitmaskCompressor) and transformers with it installed; "
+                       "strataprune.deploy.storage.read_state_dict",
+        }
+        write_json(tmp / "deploy.json", info)
+    return info
+
+
+def _check_round_trip(model: torch.nn.Module, folder: Path) -> None:
+    """The written checkpoint must hold exactly the model's tensors (tied copies aside)."""
+    state = read_state_dict(folder)
+    for name, tensor in model.state_dict().items():
+        if name not in state:
+            if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False):
+                continue
+            raise PluginError(f"sparse checkpoint lacks '{name}'")
+        if not torch.equal(state[name], tensor.detach().cpu()):
+            raise PluginError(f"sparse checkpoint: '{name}' does not load back to the same values")

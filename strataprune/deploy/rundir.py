@@ -1,0 +1,181 @@
+"""A ``strataprune run`` output folder as the input of deploy/bench: checks, facts, model loading.
+
+    run = open_run("strataprune-runs/smollm2-135m-wanda-uniform-0.7")
+    model = load_causal_lm(run.path)            # dense safetensors or the sparse-bitmask format
+
+A run folder holds ``config.json``, the weights (``model.safetensors`` or an index with shards),
+``report.json`` and ``allocation.json`` (and, for a sparse+INT4 run, ``quantization.json`` and
+``quantization.safetensors``). ``strataprune deploy`` output folders hold the same files, so they
+are run folders too. Anything missing or unreadable is a DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import ConfigError, DataError
+from . import storage
+
+REQUIRED = ("config.json", "report.json", "allocation.json")
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    report: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def quantized(self) -> bool:
+        return (self.path / "quantization.json").is_file()
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.config.get("text_config", self.config)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+        return 2048
+
+    @property
+    def model_source(self) -> str:
+        return str(((self.report.get("recipe") or {}).get("model") or {}).get("source") or "")
+
+    def facts(self) -> dict[str, Any]:
+        """What the verdict needs: sparsity, how much of the work is prunable, matrix sizes."""
+        sp = self.report.get("sparsity") or {}
+        cfg = self.config.get("text_config", self.config)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+        vocab = int(cfg.get("vocab_size") or 0)
+        prunable = int(sp.get("prunable_parameters") or 0)
+        return {
+            "target": sp.get("target"),
+            "realised_sparsity": float(sp.get("realised_prunable") or 0.0),
+            "prunable_parameters": prunable,
+            "model_parameters": int(sp.get("model_parameters") or 0),
+            "lm_head_parameters": hidden * vocab,
+            "hidden_size": hidden,
+            "intermediate_size": int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden),
+            "quantized": self.quantized,
+            "nm": ":" in str(sp.get("target") or ""),
+        }
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"'{path.parent}' is not a strataprune run output: it has no {path.name} ({what})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"'{path}' is corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"'{path}' is corrupt: expected a JSON object")
+    return data
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding a folder's weights (one file, or the shards of an index)."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index, "weights index")
+        shards = sorted({folder / name for name in (data.get("weight_map") or {}).values()})
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing or not shards:
+            raise DataError(f"'{index}' names missing weight files: {', '.join(missing) or '(none)'}")
+        return shards
+    raise DataError(f"'{folder}' has no model.safetensors (nor model.safetensors.index.json): not a saved model")
+
+
+def open_run(path: str | Path) -> RunFolder:
+    """Check that ``path`` is a complete run output folder and read its report and config."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"RUN_DIR '{path}' is not a folder; pass the output folder of `strataprune run`")
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise DataError(
+            f"'{path}' is not a strataprune run output: it has no {', '.join(missing)} "
+            f"(a run folder holds {', '.join(REQUIRED)} and model.safetensors)"
+        )
+    report = _read_json(folder / "report.json", "the run report")
+    config = _read_json(folder / "config.json", "the model config")
+    _read_json(folder / "allocation.json", "the allocation")
+    for weights in weight_files(folder):
+        from ..core.tensorfile import read_header
+
+        try:
+            header, start = read_header(weights)
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise DataError(f"'{weights}' is corrupt: {exc}") from None
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if weights.stat().st_size < start + end:
+            raise DataError(f"'{weights}' is truncated: {weights.stat().st_size} bytes, its header needs {start + end}")
+    if (folder / "quantization.json").is_file() and not (folder / "quantization.safetensors").is_file():
+        raise DataError(f"'{path}' has quantization.json but no quantization.safetensors")
+    return RunFolder(folder, report, config)
+
+
+def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   attn: str = "eager") -> torch.nn.Module:
+    """A causal LM from a saved folder, dense or sparse-bitmask, in eval mode with its KV cache on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    try:
+        if storage.is_sparse_checkpoint(folder):
+            raw = json.loads((folder / "config.json").read_text())
+            raw.pop("quantization_config", None)
+            config = AutoConfig.for_model(**raw)
+            config._attn_implementation = attn
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            state = storage.read_state_dict(folder)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+            if unexpected or set(missing) - tied:
+                bad = sorted(unexpected) + sorted(set(missing) - tied)
+                raise DataError(f"'{folder}': the sparse checkpoint does not match its config ({', '.join(bad[:4])} ...)")
+            model.tie_weights()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"cannot load the model in '{folder}': {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    model.config.use_cache = True
+    return model
+
+
+def dense_twin(run: RunFolder, dense: str | None = None) -> Path:
+    """The dense model the run started from (``dense`` overrides), as a local folder."""
+    from ..core.models import resolve_model
+
+    source = dense or run.model_source
+    if not source:
+        raise DataError(f"'{run.path}/report.json' does not name the dense model; pass --dense MODEL")
+    location, _ = resolve_model(source)
+    if not Path(str(location)).is_dir():
+        raise DataError(f"the dense model '{source}' is not a local folder here; pass --dense FOLDER")
+    return Path(location)
+
+
+def text_windows(run: RunFolder, count: int, length: int, source: str | None = None) -> torch.Tensor:
+    """``count`` windows of ``length`` tokens of real text (the run's evaluation text unless ``source``)."""
+    from transformers import AutoTokenizer
+
+    from ..core.data import evaluation_windows, open_dataset
+
+    evaluation = (run.report.get("recipe") or {}).get("evaluation") or {}
+    name = source or evaluation.get("source") or "bbc"
+    split = evaluation.get("split", "test") if source is None else "test"
+    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    windows = evaluation_windows(tokenizer, open_dataset(name), split, length, count, bos=False)
+    if windows.ids.shape[0] < count:
+        raise DataError(f"text '{name}' has only {windows.ids.shape[0]} windows of {length} tokens; {count} are needed")
+    return windows.ids
