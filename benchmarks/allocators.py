@@ -10,6 +10,7 @@ plot go to benchmarks/results/allocators-<timestamp>.{json,md,png}.
     STRATAPRUNE_PROGRESS=0 python benchmarks/allocators.py                        # defaults below
     python benchmarks/allocators.py --nsamples 16 --seqlen 512 --eval-windows 16 --eval-seqlen 512
     python benchmarks/allocators.py --allocators uniform,owl,alpha --sparsity 0.6
+    python benchmarks/allocators.py --atp-search --selection-windows 8    # ATP: plain grid vs golden-section search
 
 Defaults are sized for a 2-core CPU in about 10 minutes (16 x 256 calibration tokens, 16 windows of 256
 evaluation tokens per text, ATP searching at most 3 betas on 4 held-out BBC validation windows).
@@ -19,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,17 +52,21 @@ def main() -> int:
     ap.add_argument("--selection-windows", type=int, default=4)
     ap.add_argument("--wikitext", default=str(WIKITEXT))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, core/threads.py)")
+    ap.add_argument("--atp-search", action="store_true",
+                    help="compare ATP's beta searches instead: the plain grid against the golden-section search (atp-search-*.md)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     recipe = apply_overrides(Recipe(), {
-        "sparsity": args.sparsity, "pruner": args.pruner,
+        "sparsity": args.sparsity, "pruner": args.pruner, "threads": args.threads,
         "calibration.source": "bbc", "calibration.split": "train",
         "calibration.nsamples": args.nsamples, "calibration.seqlen": args.seqlen,
         "evaluation.source": "bbc", "evaluation.split": "test", "evaluation.seqlen": args.eval_seqlen,
         "evaluation.max_windows": args.eval_windows, "evaluation.selection_windows": args.selection_windows,
     })
     registry = get_registry()
+    if args.atp_search:
+        return atp_search(args, recipe, registry)
     specs = [s.strip() for s in args.allocators.split(",") if s.strip()]
     make_allocators(recipe, specs, registry)  # fail on a bad name before loading anything
     log_lines: list[str] = []
@@ -72,7 +74,7 @@ def main() -> int:
     start = time.perf_counter()
     calib_data = pipeline.prepare()
     load_s = time.perf_counter() - start
-    tok, bos = pipeline.loaded.tokenizer, pipeline._bos()
+    tok, bos = pipeline.loaded.tokenizer, pipeline.bos()
     texts = {
         "wikitext2": evaluation_windows(tok, open_dataset(args.wikitext), "all", args.eval_seqlen, args.eval_windows, bos),
         "bbc": evaluation_windows(tok, open_dataset("bbc"), "test", args.eval_seqlen, args.eval_windows, bos),
@@ -85,9 +87,9 @@ def main() -> int:
         (allocator,) = make_allocators(recipe, [spec], registry)  # a fresh instance: no statistics carried over
         t0 = time.perf_counter()
         if allocator.needs:
-            pipeline._dense_pass([allocator])
+            pipeline.dense_pass([allocator])
         t1 = time.perf_counter()
-        allocation = pipeline._run_allocator(allocator, calib_data)
+        allocation = pipeline.run_allocator(allocator, calib_data)
         t2 = time.perf_counter()
         cold = None
         if allocation.meta.get("esd_cache") == "hit":
@@ -95,7 +97,7 @@ def main() -> int:
             from strataprune.plugins.allocators.alpha import esd_spectra
 
             c0 = time.perf_counter()
-            esd_spectra(pipeline._weights(), pipeline.recipe.model.device)
+            esd_spectra(pipeline.weights(), pipeline.device)
             cold = time.perf_counter() - c0
         with pipeline.pruned(allocation, desc="prune"):
             t3 = time.perf_counter()
@@ -138,7 +140,7 @@ def main() -> int:
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
         "evaluation": f"{args.eval_windows} windows x {args.eval_seqlen} tokens of WikiText-2 test (wiki.test.raw) and of BBC test",
         "atp_selection": f"{args.selection_windows} windows of BBC validation (held out; never the evaluation text)",
-        "threads": torch.get_num_threads(), "load_s": load_s,
+        "threads": pipeline.threads, "load_s": load_s,
     }
     payload = {"settings": settings, "dense_ppl": dense, "results": results, "environment": environment(),
                "command": " ".join([Path(sys.executable).name, *sys.argv])}
@@ -153,6 +155,88 @@ def main() -> int:
     stem.with_suffix(".md").write_text("\n".join(md))
     plot_profiles(profiles, args.sparsity, stem.with_suffix(".png"), f"SmolLM2-135M, {args.pruner} {args.sparsity:g}: per-block sparsity")
     print(f"\nwrote {stem}.json, .md, .png")
+    return 0
+
+
+def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
+    """ATP's beta on the same model, text and pruner: the plain grid (every candidate, as the paper's
+    search.sh) against the golden-section search (screening trials + full refinement), each trial timed."""
+    log_lines: list[str] = []
+    pipeline = Pipeline(recipe, registry=registry, show_progress=False, log=log_lines.append)
+    calib_data = pipeline.prepare()
+    timings: list[tuple[str, float]] = []
+    make_scorers = pipeline._make_scorers
+
+    def timed(fn, kind):
+        def inner(allocation, on="validation"):
+            start = time.perf_counter()
+            value = fn(allocation, on)
+            timings.append((kind, time.perf_counter() - start))
+            return value
+        return inner
+
+    def timed_scorers(calib, who=None):
+        score, screen = make_scorers(calib, who)
+        return timed(score, "full"), (timed(screen, "screen") if screen is not None else None)
+
+    pipeline._make_scorers = timed_scorers  # type: ignore[method-assign]
+    runs = {}
+    for label, spec in (("grid", "atp:search=grid:patience=1000:max_trials=100"), ("golden", "atp")):
+        (allocator,) = make_allocators(recipe, [spec], registry)
+        timings.clear()
+        start = time.perf_counter()
+        allocation = pipeline.run_allocator(allocator, calib_data)
+        runs[label] = {"spec": spec, "seconds": time.perf_counter() - start, "beta": allocation.meta["beta"],
+                       "trials": allocation.meta["trials"], "trial_seconds": list(timings), "stopped": allocation.meta.get("stopped")}
+        print(f"{label}: beta={allocation.meta['beta']:g}, {len(timings)} trials, {runs[label]['seconds']:.1f} s", flush=True)
+    full = [s for kind, s in runs["grid"]["trial_seconds"] if kind == "full"]
+    per_prune = sum(full) / len(full)
+    # the old default (grid, patience 2) visits the grid in order until two trials in a row do not improve:
+    # its trials are the first ones of the plain grid, so its cost is read off the same measurements
+    grid_trials = runs["grid"]["trials"]
+    best, stale, visited = float("inf"), 0, 0
+    for trial in grid_trials:
+        visited += 1
+        if trial["score"] < best:
+            best, stale, chosen = trial["score"], 0, trial["beta"]
+        else:
+            stale += 1
+            if stale >= 2:
+                break
+    runs["grid, patience 2 (old default)"] = {"beta": chosen, "seconds": sum(full[:visited]), "trials": grid_trials[:visited],
+                                             "trial_seconds": [("full", s) for s in full[:visited]], "derived_from": "grid"}
+    rows = []
+    for label in ("grid", "grid, patience 2 (old default)", "golden"):
+        r = runs[label]
+        kinds = [k for k, _ in r["trial_seconds"]]
+        own = [s for k, s in r["trial_seconds"] if k == "full"]
+        # the load of a shared machine drifts between the two searches: also measure each in its own full trials
+        rows.append([label, f"{kinds.count('screen')} + {kinds.count('full')}", r["seconds"], r["seconds"] / per_prune,
+                     r["seconds"] / (sum(own) / len(own)), r["beta"], r["beta"] == runs["grid"]["beta"]])
+    headers = ["search", "trials (screening + full)", "seconds", "prunes' worth (grid's mean trial)",
+               "prunes' worth (its own full trials)", "chosen beta", "same beta as the grid"]
+    print()
+    print(table(rows, headers))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"atp-search-{stamp}"
+    settings = {
+        "model": "smollm2-135m", "sparsity": args.sparsity, "pruner": args.pruner,
+        "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
+        "selection": f"{recipe.evaluation.selection_windows} windows of BBC validation ({args.seqlen} tokens); screening trials use a quarter of them and the dense statistics of half the calibration windows",
+        "threads": pipeline.threads, "one full trial (mean over the grid)": f"{per_prune:.1f} s",
+        "machine": "2 shared cores with other jobs running: the prunes' worth column (time / one full trial, same run) is the figure to compare",
+    }
+    grid_curve = [[t["beta"], t["score"]] for t in runs["grid"]["trials"]]
+    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "runs": runs, "environment": environment(),
+                                                     "command": " ".join([Path(sys.executable).name, *sys.argv])}, indent=2, default=str))
+    md = [f"# ATP beta search on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}", "",
+          *(f"- {k}: {v}" for k, v in settings.items()), "", markdown_table(rows, headers), "",
+          "Held-out perplexity of the plain grid (beta, score): " + ", ".join(f"{b:g}: {v:.1f}" for b, v in grid_curve), "",
+          "Golden trials in order: " + ", ".join(f"{t['beta']:g} ({t['fidelity']}) {t['score']:.1f}" for t in runs["golden"]["trials"]), ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print(f"\nwrote {stem}.json, .md")
     return 0
 
 

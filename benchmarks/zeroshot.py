@@ -89,8 +89,8 @@ def main() -> int:
         pipeline = Pipeline(apply_overrides(base, {"sparsity": sparsity, "allocator": allocator}), show_progress=False, log=lambda m: None)
         calib_data = pipeline.prepare(loaded)
         if pipeline.allocator.needs:
-            pipeline._dense_pass([pipeline.allocator])
-        return pipeline, pipeline._run_allocator(pipeline.allocator, calib_data)
+            pipeline.dense_pass([pipeline.allocator])
+        return pipeline, pipeline.run_allocator(pipeline.allocator, calib_data)
 
     # 1. cost per task, dense model
     timing = {}

@@ -5,6 +5,7 @@
     strataprune eval out/
     strataprune eval out/ --tasks bbc_topic,bbc_continuation --limit 100     # zero-shot accuracy (lm-eval)
     strataprune plugins --json
+    strataprune leaderboard grid.yaml --jobs 2
 
 Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback;
 they are found before the heavy imports and the work (core/preflight.py). Any other exception is a
@@ -41,6 +42,7 @@ FLAG_KEYS = {
     "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.max_windows",
     "output": "output_dir",
+    "threads": "threads",
     "tasks": "evaluation.tasks",
     "limit": "evaluation.task_limit",
     "include_path": "evaluation.task_include_path",
@@ -68,6 +70,11 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="tokens per evaluation window")
     parser.add_argument("--eval-windows", dest="eval_windows", type=int, help="number of evaluation windows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any recipe key, e.g. allocator.beta=0.01")
+    _threads_flag(parser)
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default: auto, the cores other processes leave free)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,10 +160,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.data import evaluation_windows, open_dataset
     from .core.evaluation import perplexity
     from .core.models import load_model, resolve_device
+    from .core.threads import apply_threads
 
     resolve_device(args.device)
+    threads = apply_threads(args.threads)
     if args.tasks is not None:
-        return _eval_tasks(args)
+        return _eval_tasks(args, threads)
     dataset = None if image_data else open_dataset(args.data, args.encoding, args.protocol)  # text errors before loading
     loaded = load_model(args.model_dir, device=args.device)
     if loaded.adapter.task != "causal-lm":  # vision and multimodal models: agreement with a reference, not perplexity
@@ -170,13 +179,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     windows = evaluation_windows(loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos)
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
     result["data"] = windows.description
+    result["threads"] = threads
     print(json.dumps(result, indent=2) if args.json else
           f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}; "
           f"protocol {windows.description['protocol']}; tokens sha256 {windows.description['sha256'][:16]})")
     return 0
 
 
-def _eval_tasks(args: argparse.Namespace) -> int:
+def _eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
     """``strataprune eval DIR --tasks ...``: zero-shot accuracy (and perplexity with --perplexity)."""
     from .core.models import load_model
     from .core.zeroshot import accuracy_table, check_settings, evaluate_tasks, resolve_tasks
@@ -193,6 +203,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
         windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data, args.encoding, args.protocol), args.split, args.seqlen, args.windows, bos)
         result["perplexity"] = {**perplexity(loaded.model, windows.ids, "perplexity", not args.quiet), "data": windows.description}
+    result["threads"] = threads
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -229,6 +240,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from .core.allocate import compare_allocators
 
     compare_allocators(recipe, specs, output, overwrite=args.overwrite, show_progress=not args.quiet)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard.grid import load_grid
+    from .leaderboard.run import run_leaderboard
+
+    grid = load_grid(args.grid)
+    run_leaderboard(
+        grid, args.output, jobs=args.jobs, executor=args.executor, threads=args.threads, ray_address=args.ray_address,
+        merge=args.merge, run=not args.no_run, retry_failed=args.retry_failed, show_progress=not args.quiet,
+    )
     return 0
 
 
@@ -376,6 +399,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", help="image models: the dense model to compare with (default: the run's model.source)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    _threads_flag(ev)
     _zeroshot_flags(ev)
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="zero-shot: requests per forward pass (default 1)")
     ev.add_argument("--perplexity", action="store_true", help="with --tasks: also compute perplexity")
@@ -392,6 +416,20 @@ def make_parser() -> argparse.ArgumentParser:
     al.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=cmd_allocate)
+
+    lb = sub.add_parser("leaderboard", help="run a grid of models x allocators x pruners x sparsities into a leaderboard")
+    lb.add_argument("grid", help="grid YAML (see examples/leaderboard/smollm2.yaml)")
+    lb.add_argument("--output", help="leaderboard folder (default: the grid's output_dir, else strataprune-leaderboard/<name>)")
+    lb.add_argument("--jobs", type=int, default=1, help="cells at once (local processes, or Ray tasks with --executor ray)")
+    lb.add_argument("--executor", choices=["local", "process", "ray"], default="local",
+                    help="local (default; a process pool when --jobs > 1), process, or ray")
+    lb.add_argument("--threads", type=int, help="torch threads per cell (default: cores // jobs)")
+    lb.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: start a local Ray instance)")
+    lb.add_argument("--merge", action="append", default=[], metavar="RESULTS.jsonl", help="merge a results file made elsewhere")
+    lb.add_argument("--no-run", dest="no_run", action="store_true", help="run no cell: only merge and render")
+    lb.add_argument("--retry-failed", dest="retry_failed", action="store_true", help="run failed cells again")
+    lb.add_argument("--quiet", action="store_true", help="no progress bars")
+    lb.set_defaults(func=cmd_leaderboard)
     _deploy_parsers(sub)
     return parser
 

@@ -27,7 +27,7 @@ from .core.allocation import MEAN_TOLERANCE, Allocation
 from .core.plugin import (
     AllocationContext, Allocator, BlockStats, MatrixInfo, MatrixStats, ModelAdapter, ModelLayout, Plugin, Pruner,
 )
-from .core.sparsity import Target, nm_violations
+from .core.sparsity import Target, nm_violations, realised_matches
 
 __all__ = ["check_allocator", "check_pruner", "check_adapter", "random_layout", "random_block_stats"]
 
@@ -209,8 +209,7 @@ def check_pruner(
             assert bad == 0, f"{who}: {bad} groups of {target.pattern.m} keep more than {target.pattern.n}"
             assert abs(realised - target.pattern.sparsity) < 1e-9, f"{who}: realised {realised:.4f}, expected exactly {target.ratio}"
         else:
-            slack = 1.0 / shape[1] + 1e-3
-            assert target.ratio - slack <= realised <= target.ratio + slack, f"{who}: realised sparsity {realised:.4f}"
+            assert realised_matches(realised, target.ratio, shape[1]), f"{who}: realised sparsity {realised:.4f}"
         if result.weight is not None:
             new = result.weight
             assert tuple(new.shape) == shape, f"{who}: returned weight has shape {tuple(new.shape)}"

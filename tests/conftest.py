@@ -75,11 +75,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def text_file(tmp_path) -> Path:
     """A small plain-text file of random word sequences, for tiny-model runs."""
+    return write_word_text(tmp_path / "text.txt")
+
+
+def write_word_text(path: Path, lines: int = 200, seed: int = 0) -> Path:
+    """``lines`` lines of 40 random words (seeded): text for tiny-model runs, in a file of its own."""
     words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
-    rng = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines))
+    rng = torch.Generator().manual_seed(seed)
+    path.write_text("\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(lines)))
     return path
 
 

@@ -39,7 +39,7 @@ def test_validate_rejects_each_broken_rule(layout):
         with pytest.raises(PluginError, match="must be in \\[0, 1\\)"):
             Allocation(ratios, 0.5, "x").validate(layout)
     off = Allocation({k: 0.52 for k in good.ratios}, 0.5, "x")
-    with pytest.raises(PluginError, match="parameter-weighted mean sparsity 0.52000 differs from the target 0.50000"):
+    with pytest.raises(PluginError, match="parameter-weighted mean of the matrix ratios is 0.52000, which differs from the target 0.50000"):
         off.validate(layout)
     Allocation({k: 0.5004 for k in good.ratios}, 0.5, "x").validate(layout)  # within 1e-3
 
@@ -56,12 +56,54 @@ def test_parameter_weighted_not_arithmetic_mean(layout):
         allocation.validate(layout)
 
 
+def test_meta_cannot_switch_the_mean_check_off(layout):
+    """The old escape hatch (meta['mean_not_exact']) and unknown rules are not accepted from any plugin."""
+    off = Allocation({k: 0.6 for k in layout.names}, 0.5, "third-party", meta={"mean_not_exact": True})
+    with pytest.raises(PluginError, match="differs from the target"):
+        off.validate(layout)
+    off.mean_rule = "anything"
+    with pytest.raises(PluginError, match="mean_rule 'anything' is not one of: weighted, block-mean"):
+        off.validate(layout)
+
+
+def test_block_mean_rule_is_checked_not_trusted(layout):
+    # the papers' rule: the unweighted block mean is S; the parameter-weighted mean may then differ
+    paper = Allocation.from_blocks(layout, [0.3, 0.5, 0.5, 0.7], 0.5, allocator="atp")
+    paper.mean_rule = "block-mean"
+    paper.validate(layout)
+    report = paper.mean_report(layout)
+    assert report["block_mean"] == pytest.approx(0.5) and report["weighted_mean"] > 0.5 + 1e-3
+    bad = Allocation.from_blocks(layout, [0.6, 0.6, 0.6, 0.6], 0.5, allocator="x")
+    bad.mean_rule = "block-mean"
+    with pytest.raises(PluginError, match=r"unweighted mean of the block ratios \(.*\) is 0.60000"):
+        bad.validate(layout)
+
+
+def test_nm_patterns_get_half_a_step_of_slack(layout):
+    from strataprune.core.sparsity import NMPattern
+
+    def with_patterns(texts):
+        patterns = {m.name: NMPattern.parse(texts[m.block]) for m in layout.matrices}
+        return Allocation({k: p.sparsity for k, p in patterns.items()}, 0.5, "x", patterns=patterns)
+
+    # block mean 0.53125 (one block one step sparser): within 1/(2*8) of 0.5 -- but not 1e-3
+    near = with_patterns(["4:8", "4:8", "4:8", "3:8"])
+    near.mean_rule = "block-mean"
+    near.validate(layout)
+    assert near.rounding_slack() == pytest.approx(1 / 16)
+    far = with_patterns(["2:8", "2:8", "4:8", "4:8"])  # block mean 0.625: more than half a step off
+    far.mean_rule = "block-mean"
+    with pytest.raises(PluginError, match="for N:M rounding"):
+        far.validate(layout)
+
+
 def test_json_round_trip(tmp_path, layout):
     allocation = Allocation.from_blocks(layout, [0.4, 0.5, 0.6, 0.5], 0.5, allocator="x", meta={"beta": 0.1})
     path = tmp_path / "allocation.json"
     allocation.save(path, layout)
     again = Allocation.load(path)
     assert again.ratios == allocation.ratios and again.meta == {"beta": 0.1} and again.allocator == "x"
+    assert again.mean_rule == "weighted" and "block_mean" in allocation.to_dict(layout)
     with pytest.raises(PluginError, match="format_version"):
         Allocation.from_dict({"format_version": 99, "ratios": {}, "target": 0.5})
 

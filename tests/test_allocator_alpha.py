@@ -160,3 +160,56 @@ def test_bad_config_are_errors():
     for params in ({"epsilon": 1.0}, {"xmin": "median"}, {"mapping": "row"}, {"normalize": "clip"}):
         with pytest.raises(ConfigError):
             AlphaPruning.from_params(params)
+
+
+# --------------------------------------------------------------------------- against the reference formula
+def net_esd_alpha(weight: torch.Tensor, fix_fingers: str | None, bins: int = 100, xmin_pos: int = 2) -> float:
+    """alpha of one nn.Linear weight as haiquanlu/AlphaPruning ``lib/esd_utils.py::net_esd_estimator``
+    computes it (filter_zeros=False), ported literally as a plain loop: fp32 svdvals squared, sorted,
+    torch.histc peak window for 'xmin_peak', N/2 for 'xmin_mid', every candidate for None."""
+    matrix = weight.detach().clone().cpu().to(torch.float32)
+    eigs = torch.square(torch.linalg.svdvals(matrix).flatten())
+    eigs, _ = torch.sort(eigs, descending=False)
+    nz_eigs = eigs
+    N = len(nz_eigs)
+    log_nz_eigs = torch.log(nz_eigs)
+    if fix_fingers == "xmin_mid":
+        i = int(len(nz_eigs) / xmin_pos)
+        n = float(N - i)
+        return float(1 + n / (torch.sum(log_nz_eigs[i:]) - n * log_nz_eigs[i]))
+    alphas = torch.zeros(N - 1)
+    Ds = torch.ones(N - 1)
+    if fix_fingers == "xmin_peak":
+        hist_nz_eigs = torch.log10(nz_eigs)
+        min_e, max_e = hist_nz_eigs.min(), hist_nz_eigs.max()
+        counts = torch.histc(hist_nz_eigs, bins, min=min_e, max=max_e)
+        boundaries = torch.linspace(min_e, max_e, bins + 1)
+        xmin2 = 10 ** boundaries[torch.argmax(counts)]
+        xmin_min = torch.log10(0.95 * xmin2)
+        xmin_max = 1.5 * xmin2
+    for i, xmin in enumerate(nz_eigs[:-1]):
+        if fix_fingers == "xmin_peak":
+            if xmin < xmin_min:
+                continue
+            if xmin > xmin_max:
+                break
+        n = float(N - i)
+        seq = torch.arange(n)
+        alpha = 1 + n / (torch.sum(log_nz_eigs[i:]) - n * log_nz_eigs[i])
+        alphas[i] = alpha
+        if alpha > 1:
+            Ds[i] = torch.max(torch.abs(1 - (nz_eigs[i:] / xmin) ** (-alpha + 1) - seq / n))
+    return float(alphas[torch.argmin(Ds)])
+
+
+@pytest.mark.parametrize("xmin, fingers", [("peak", "xmin_peak"), ("mid", "xmin_mid"), ("ks", None)])
+def test_alpha_matches_the_reference_estimator_on_fixed_matrices(xmin, fingers):
+    """Through the allocator (batched fp64 spectra + Hill fit), alpha of fixed weights equals the
+    reference's fp32 loop, and the reference alphas differ enough between matrices to tell them apart."""
+    layout = random_layout(2)
+    weights = random_weights(layout, seed=5)
+    alloc = AlphaPruning(AlphaConfig(xmin=xmin, mapping="matrix")).allocate(ctx_for(layout, 0.5, weights))
+    expected = {m.name: net_esd_alpha(weights[m.name], fingers) for m in layout.matrices}
+    assert np.ptp(list(expected.values())) > 0.5
+    for name, value in expected.items():
+        assert alloc.meta["alpha"][name] == pytest.approx(value, rel=1e-5), name

@@ -101,6 +101,39 @@ def test_higher_error_gets_lower_sparsity():
     assert any("RECONSTRUCTION" in n for n in ctx.notes)
 
 
+@pytest.mark.parametrize("granularity", ["matrix", "block"])
+def test_size_alone_does_not_decide_the_level(granularity):
+    """A matrix and its copy with every row repeated 4x have the same error per weight (4x the total):
+    with ``error: per_weight`` they share a level, with ``error: total`` the big one gets less sparsity."""
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn(8, 16, generator=g)
+    shapes = {"small": (8, 16), "big": (32, 16), "loud": (8, 16)}
+    weights = {"small": small, "big": small.repeat(4, 1), "loud": 3.0 * torch.randn(8, 16, generator=g)}
+    if granularity == "matrix":  # one block holding the three matrices
+        mats = [MatrixInfo(f"l.0.{k}", 0, k, shape) for k, shape in shapes.items()]
+        layout = ModelLayout(tuple(mats), 1)
+        groups = [mats]
+    else:  # one block per matrix
+        mats = [MatrixInfo(f"l.{b}.{k}", b, k, shape) for b, (k, shape) in enumerate(shapes.items())]
+        layout = ModelLayout(tuple(mats), 3)
+        groups = [[m] for m in mats]
+    h = spd(16, 4)
+    levels = {}
+    for error in ("per_weight", "total"):
+        hc = HessianCluster(HessianClusterConfig(levels=4, granularity=granularity, error=error))
+        for block, members in enumerate(groups):
+            hc.observe_block(BlockStats(block, members, {m.name: weights[m.short] for m in members}, hessians={m.name: h for m in members}))
+        alloc = hc.allocate(AllocationContext(layout=layout, target=Target.of(0.5)))
+        alloc.validate(layout)
+        levels[error] = {name.split(".")[-1]: v for name, v in alloc.meta["levels"].items()} if granularity == "matrix" else \
+            {mats[int(b)].short: v for b, v in alloc.meta["levels"].items()}
+        ratio = {m.short: alloc.ratios[m.name] for m in mats}
+        if error == "per_weight":
+            assert ratio["small"] == ratio["big"] > ratio["loud"]
+    assert levels["per_weight"]["small"] == levels["per_weight"]["big"] < levels["per_weight"]["loud"]
+    assert levels["total"]["small"] < levels["total"]["big"]  # the plain sum ranks the copy by its size
+
+
 def test_paper_mode_shift_error_and_config():
     layout = ModelLayout(tuple(MatrixInfo(f"l.{b}.w", b, "w", (8, 16)) for b in range(2)), 2)
     hc = HessianCluster(HessianClusterConfig(normalize="paper", span=0.5, levels=2))
@@ -109,6 +142,6 @@ def test_paper_mode_shift_error_and_config():
         hc.allocate(AllocationContext(layout=layout, target=Target.of(0.9)))
     ok = hc.allocate(AllocationContext(layout=layout, target=Target.of(0.5)))
     assert ok.block_profile(layout) == pytest.approx([0.75, 0.25]) and ok.meta["normalize"] == "paper"
-    for params in ({"levels": 0}, {"probe": 1.0}, {"cluster": "gmm"}, {"span": 1.0}, {"granularity": "row"}):
+    for params in ({"levels": 0}, {"probe": 1.0}, {"cluster": "gmm"}, {"span": 1.0}, {"granularity": "row"}, {"error": "mean"}):
         with pytest.raises(ConfigError, match="hessian_cluster"):
             HessianCluster.from_params(params)

@@ -79,10 +79,13 @@ def test_paper_mode_unweighted_mean_and_flag_on_unequal_blocks():
     alloc = observed(OWL(OWLConfig(normalize="paper")), layout).allocate(ctx)
     profile = alloc.block_profile(layout)
     assert np.mean(profile) == pytest.approx(0.7, abs=1e-12)
-    assert alloc.meta["normalize"] == "paper" and alloc.meta["mean_not_exact"] is True
+    assert alloc.meta["normalize"] == "paper" and alloc.mean_rule == "block-mean"
+    alloc.validate(layout)
     assert any("paper normalisation" in n for n in ctx.notes)
-    same = observed(OWL(OWLConfig(normalize="paper")), equal_layout()).allocate(AllocationContext(layout=equal_layout(), target=Target.of(0.7)))
-    assert same.weighted_mean(equal_layout()) == pytest.approx(0.7, abs=1e-12) and "mean_not_exact" not in same.meta
+    equal_ctx = AllocationContext(layout=equal_layout(), target=Target.of(0.7))
+    same = observed(OWL(OWLConfig(normalize="paper")), equal_layout()).allocate(equal_ctx)
+    assert same.weighted_mean(equal_layout()) == pytest.approx(0.7, abs=1e-12)
+    assert not any("parameter-weighted mean" in n for n in equal_ctx.notes)  # equal blocks: both means agree
 
 
 def test_safe_mode_clips_and_keeps_mean_where_paper_fails():

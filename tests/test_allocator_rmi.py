@@ -102,7 +102,8 @@ def test_paper_mode_unweighted_and_flagged_on_unequal_blocks():
     alloc = rmi.allocate(ctx)
     assert np.mean(alloc.block_profile(layout)) == pytest.approx(0.6, abs=1e-9)
     assert alloc.meta["normalize"] == "paper"
-    assert alloc.meta.get("mean_not_exact") is True and any("paper normalisation" in n for n in ctx.notes)
+    assert alloc.mean_rule == "block-mean" and any("paper normalisation" in n for n in ctx.notes)
+    alloc.validate(layout)
 
 
 def test_degenerate_inputs_fall_back_to_uniform_and_errors():

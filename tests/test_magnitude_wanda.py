@@ -85,3 +85,26 @@ def test_row_chunking_gives_the_same_mask(monkeypatch):
     whole = masks.keep_by_rows(scores, 0.6)
     monkeypatch.setattr(masks, "ROW_CHUNK_ELEMENTS", 7 * 70)  # 7 rows at a time, a ragged last chunk
     assert torch.equal(masks.keep_by_rows(scores, 0.6), whole)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan"])
+def test_selection_masks_equal_a_stable_sort(kind):
+    """keep_by_rows / keep_by_matrix select instead of sorting; they must prune exactly the entries a
+    stable sort's first k would: lowest values first, equal values by position, NaN last."""
+    from strataprune.core import masks
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(40, 96, generator=g)
+    if kind == "ties":
+        scores = torch.randint(0, 4, (40, 96), generator=g).float()  # many equal values at every threshold
+    if kind == "nan":
+        scores[3, :50] = float("nan")
+    for ratio in (0.1, 0.5, 0.7, 0.99):
+        k = int(96 * ratio)
+        by_row = torch.ones_like(scores, dtype=torch.bool)
+        by_row.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(masks.keep_by_rows(scores, ratio), by_row)
+        k = int(scores.numel() * ratio)
+        by_matrix = torch.ones(scores.numel(), dtype=torch.bool)
+        by_matrix[torch.sort(scores.flatten(), stable=True).indices[:k]] = False
+        assert torch.equal(masks.keep_by_matrix(scores, ratio), by_matrix.view_as(scores))

@@ -86,7 +86,7 @@ def test_activation_dtype_and_disk_storage(tiny_llama_dir, tmp_path):
 
     for dtype, folder in ((None, None), (torch.bfloat16, None), (torch.float16, tmp_path / "acts")):
         calibrator = Calibrator(loaded, ids, activation_dtype=dtype, activation_dir=folder, show_progress=False)
-        calibrator.run({"hessian"}, visit=visit)
+        calibrator.run({"hessian", "block_outputs"}, visit=visit)
         assert {v[0] for v in seen.values()} == {dtype or torch.float32}
         if dtype is None:
             reference = dict(seen)

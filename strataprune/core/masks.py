@@ -6,21 +6,38 @@ import torch
 
 from .sparsity import NMPattern, Target
 
-#: rows sorted at once by keep_by_rows, in elements (1M fp32 scores: ~12 MB of sort temporaries)
+#: rows handled at once by keep_by_rows, in elements (1M fp32 scores: ~15 MB of temporaries)
 ROW_CHUNK_ELEMENTS = 1 << 20
 
 
+def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries of every row of ``scores`` (rows, n), ties broken by position.
+
+    The same entries as a stable sort's first k, found by selection instead of sorting (about 3x
+    faster on the CPU): the k-th smallest value v of each row, every entry below v, and of the entries
+    equal to v the first ones until k are taken. NaN counts as the largest value, as in a sort.
+    """
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    at_most = scores <= kth
+    if bool((at_most.sum(dim=1) == k).all()):  # the usual case: no other entry equals a row's k-th value
+        return at_most
+    nan, nan_kth = torch.isnan(scores), torch.isnan(kth)
+    below = (scores < kth) | (nan_kth & ~nan)  # a NaN k-th value lies above every number
+    ties = (scores == kth) | (nan & nan_kth)
+    need = k - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= need))
+
+
 def keep_by_rows(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune the floor(d_in * ratio) lowest scores of every row (Wanda's comparison group)."""
+    """Prune the floor(d_in * ratio) lowest scores of every row (Wanda's comparison group), ties by position."""
     rows, cols = scores.shape
     k = int(cols * ratio)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
-        # a few rows at a time: a whole-matrix sort holds values and int64 indices, 3x the matrix
+        # a few rows at a time: the selection's temporaries (a copy, masks, an int64 tie count) stay small
         step = max(1, ROW_CHUNK_ELEMENTS // cols)
         for start in range(0, rows, step):
-            idx = torch.sort(scores[start : start + step], dim=1, stable=True).indices[:, :k]
-            keep[start : start + step].scatter_(1, idx, False)
+            keep[start : start + step] = ~_prune_lowest(scores[start : start + step], k)
     return keep
 
 
@@ -32,8 +49,14 @@ def keep_by_matrix(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     k = int(scores.numel() * ratio)
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
-        idx = torch.sort(scores.flatten(), stable=True).indices[:k]
-        keep[idx] = False
+        flat = scores.flatten()
+        kth = torch.kthvalue(flat, k).values
+        nan, nan_kth = torch.isnan(flat), bool(torch.isnan(kth))
+        below = (flat < kth) | (~nan if nan_kth else torch.zeros_like(nan))
+        ties = (flat == kth) | (nan & nan_kth)
+        need = k - int(below.sum())
+        keep &= ~below
+        keep[torch.nonzero(ties).squeeze(1)[:need]] = False  # ties are few: their positions, in order
     return keep.view_as(scores)
 
 

@@ -60,3 +60,29 @@ def return_freed_blocks_to_the_os(threshold_bytes: int = 1 << 16) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
     except (OSError, AttributeError):  # musl or another libc: no mallopt
         return False
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark of this process's resident set (Linux: /proc/self/clear_refs).
+
+    Lets a long-lived process (a leaderboard worker) report the peak of one piece of work; returns
+    False where the mark cannot be reset (then ``peak_rss_since_reset_mb`` is the whole-life peak).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float:
+    """Resident-set high-water mark since the last ``reset_peak_rss`` (VmHWM), in MiB; else ``peak_rss_mb``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_mb()

@@ -8,7 +8,6 @@ pruned model saves and reloads with ``from_pretrained``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -236,18 +235,3 @@ def _adapter_loaded_source(source: str, adapter_name: str, params: dict[str, Any
         adapter = info.cls.from_params(params) if params else info.cls()
         return adapter, source, {"source": source, "embedded": info.cls.embedded[source]}
     return None
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights, for caches keyed by checkpoint (e.g. AlphaPruning's spectra)."""
-    from .offload import offloader_of
-
-    offloader = offloader_of(model)
-    if offloader is not None:  # the blocks are on disk: identify the checkpoint files instead
-        return offloader.fingerprint()
-    digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        flat = tensor.detach().reshape(-1)
-        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -23,7 +23,6 @@ Limits: safetensors checkpoints only; checkpoint keys must equal the model's sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -74,11 +73,11 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 class BlockOffloader:
     """Loads, releases, rewrites and saves the blocks of a model that lives on the meta device."""
 
-    def __init__(self, model: nn.Module, folder: Path, prefix: str, num_blocks: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, folder: Path, block_names: list[str], device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.folder = folder
-        self.prefix = prefix
-        self.num_blocks = num_blocks
+        self.block_names = list(block_names)  # module name of every block, e.g. "model.layers.3"
+        self.num_blocks = len(self.block_names)
         self.device = device
         self.dtype = dtype
         self.base = checkpoint_files(folder)
@@ -88,12 +87,13 @@ class BlockOffloader:
         self.pinned: set[int] = set()
         self.dirty: set[int] = set()
         self.loads = 0
-        self._keys = {i: self._block_keys(i) for i in range(num_blocks)}
+        self._keys = {i: self._block_keys(i) for i in range(self.num_blocks)}
+        self._in_blocks = {key for keys in self._keys.values() for key in keys}
         self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
 
     # ---------------------------------------------------------------- keys
     def _block_keys(self, index: int) -> list[str]:
-        head = f"{self.prefix}.{index}."
+        head = f"{self.block_names[index]}."
         keys = [k for k, v in self.model.state_dict(keep_vars=True).items() if k.startswith(head) and v.is_meta]
         missing = [k for k in keys if k not in self.base]
         if missing:
@@ -166,13 +166,6 @@ class BlockOffloader:
         """A tensor of the original checkpoint, in the model's dtype."""
         return read_tensors(self.base, [key])[key].to(self._shapes[key][1])
 
-    def fingerprint(self) -> str:
-        digest = hashlib.sha1()
-        for path in sorted(set(self.base.values())):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return digest.hexdigest()[:16]
-
     # ---------------------------------------------------------------- save
     def save_pretrained(self, out: Path) -> None:
         """One shard per block plus one for everything else, with a standard index."""
@@ -184,7 +177,7 @@ class BlockOffloader:
         total = 0
         state = self.model.state_dict()
         # only what the checkpoint had: a tied lm_head and non-persistent buffers are rebuilt on load
-        rest = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in self.base and not k.startswith(self.prefix + ".")}
+        rest = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in self.base and k not in self._in_blocks}
         for index in range(self.num_blocks):
             name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
             tensors = {k: v.to(self._shapes[k][1]) for k, v in read_tensors(self.files(), self._keys[index]).items()}
@@ -215,17 +208,13 @@ class BlockOffloader:
 class DenseWeights(Mapping):
     """name -> dense (out, in) weight of a prunable matrix, read from the checkpoint on demand."""
 
-    def __init__(self, offloader: BlockOffloader, modules: Mapping[str, nn.Module]) -> None:
+    def __init__(self, offloader: BlockOffloader, modules: Mapping[str, nn.Module], adapter: Any) -> None:
         self.offloader = offloader
         self.modules = modules
+        self.adapter = adapter  # knows how a module stores its matrix (e.g. GPT-2's Conv1D keeps (in, out))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        weight = self.offloader.dense_tensor(f"{name}.weight")
-        try:
-            from transformers.pytorch_utils import Conv1D
-        except ImportError:  # pragma: no cover
-            Conv1D = ()  # type: ignore[assignment,misc]
-        return weight.t() if isinstance(self.modules[name], Conv1D) else weight
+        return self.adapter.as_matrix(self.modules[name], self.offloader.dense_tensor(f"{name}.weight"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
@@ -235,51 +224,49 @@ class DenseWeights(Mapping):
 
 
 def load_offloaded(folder: Path, adapter: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """Build ``adapter``'s model on the meta device with only the non-block tensors loaded."""
-    from accelerate import init_empty_weights
+    """Build ``adapter``'s model on the meta device (``adapter.load_empty``) and load only the non-block tensors.
 
+    The blocks are the adapter's (``adapter.blocks``); nothing here knows a model family.
+    """
     from .memory import return_freed_blocks_to_the_os
 
     return_freed_blocks_to_the_os()  # blocks are loaded and freed one after another
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .plugin import LoadedModel
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"model.offload needs a local model folder with safetensors weights, got '{folder}'")
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    model.config.use_cache = False
-    prefix, blocks = _block_list(model)
-    offloader = BlockOffloader(model, folder, prefix, len(blocks), device, dtype)
-    outside = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and not k.startswith(prefix + ".")]
+    try:
+        loaded = adapter.load_empty(str(folder), dtype=dtype)
+    except NotImplementedError:
+        raise ConfigError(f"model adapter '{adapter.name}' cannot build a model without its weights, so model.offload is not available for it") from None
+    model = loaded.model
+    names = block_names(model, adapter.blocks(model))
+    offloader = BlockOffloader(model, folder, names, device, dtype)
+    outside = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in offloader._in_blocks]
     present = [k for k in outside if k in offloader.base]
     for key, tensor in read_tensors(offloader.base, present).items():
         _set_tensor(model, key, tensor.to(device=device, dtype=dtype))
     model.tie_weights()
-    still_meta = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and not k.startswith(prefix + ".")]
+    still_meta = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in offloader._in_blocks]
     if still_meta:
         raise DataError(f"checkpoint '{folder}' has no tensor '{still_meta[0]}' (model.offload needs keys equal to the model's)")
     for buffer in model.buffers():  # rotary tables etc. were built on the CPU at init
         if buffer.device != device and not buffer.is_meta:
             buffer.data = buffer.data.to(device)
-    offloader.install_hooks(list(blocks))
+    offloader.install_hooks(list(adapter.blocks(model)))
     model.strataprune_offload = offloader  # type: ignore[assignment]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    loaded = LoadedModel(model, tokenizer, adapter, str(folder), adapter.describe(model))
-    loaded.description["offload"] = True
+    loaded.source = str(folder)
+    loaded.description = {**loaded.description, "offload": True}
     return loaded
 
 
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from strataprune.plugins.adapters.decoder_llm import find_block_list
-
-    return find_block_list(model)
+def block_names(model: nn.Module, blocks: Any) -> list[str]:
+    """The module name of every block the adapter returned (in its order)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    missing = [i for i, block in enumerate(blocks) if id(block) not in names]
+    if missing:
+        raise DataError(f"block {missing[0]} of the adapter's block list is not a submodule of the model")
+    return [names[id(block)] for block in blocks]
 
 
 def offloader_of(model: nn.Module) -> BlockOffloader | None:
     return getattr(model, "strataprune_offload", None)
-

@@ -9,8 +9,10 @@ only when the whole run succeeded, so a failed run leaves earlier outputs intact
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,18 +29,24 @@ from .evaluation import perplexity
 from .limits import check_recipe_limits, check_seqlen
 from .memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from .quantization import FORMULA, check_grid, save_grids
-from .models import DTYPES, cache_dir, fingerprint, load_model
+from .fingerprint import weights_fingerprint
+from .models import DTYPES, cache_dir, load_model
 from .offload import BlockOffloader, DenseWeights, offloader_of
 from .plugin import AllocationContext, Allocator, BlockStats, LoadedModel, MatrixInfo, Pruner
 from .recipes import Recipe
 from .registry import Registry, get_registry
 from .reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
-from .sparsity import NMPattern, Target, nm_violations
+from .sparsity import REALISED_SLACK, NMPattern, Target, nm_violations, realised_matches  # noqa: F401 (REALISED_SLACK: compatibility)
+from .threads import apply_threads
 from .zeroshot import ZeroShotStage
 from .zeroshot import summary as zeroshot_summary
 
-#: realised sparsity may sit below the asked ratio by row flooring (1/d_in) and above it by this much
-REALISED_SLACK = 1e-3
+
+#: screening trials keep the pruner's dense statistics of every block; above this many bytes (e.g.
+#: SparseGPT's Hessians of a 7B model, ~20 GB) searching allocators get full trials only
+SCREEN_STASH_LIMIT = 2 << 30
+#: screening trials score a quarter of the selection windows, but at least this many
+SCREEN_MIN_WINDOWS = 2
 
 
 def nm_for_ratio(ratio: float, m: int) -> NMPattern:
@@ -56,9 +64,10 @@ def nm_for_ratio(ratio: float, m: int) -> NMPattern:
       so ratios below 1/m become (m-1):m and ratios above (m-1)/m become 1:m;
     - a uniform allocation at the pattern's own ratio maps back to that pattern exactly
       (0.5 -> 2:4, 0.5 -> 4:8);
-    - the parameter-weighted mean of the rounded ratios is in general *not* the target (each
-      matrix moves by at most 1/(2m)); the allocation records this in ``meta['nm_rounding']``
-      and the report shows the realised mean.
+    - the parameter-weighted mean of the rounded ratios is in general *not* the target: each
+      matrix moves by at most 1/(2m), or up to 1/m where the clamp applies (ratios below 1/(2m) or
+      above 1 - 1/(2m)); the allocator's own output was validated exactly before, and
+      ``meta['nm_rounding']`` records the largest move and the means before and after.
 
     Allocators that want N:M per block themselves (OWL's mixed N:M, §5.4) set
     ``Allocation.patterns`` and this policy is not applied.
@@ -102,6 +111,9 @@ class Pipeline:
         self.offload: BlockOffloader | None = None
         self.memory: dict[str, float] = {}
         self._dense_fingerprint: str | None = None
+        self._whole_fingerprint: str | None = None
+        self.threads: dict[str, Any] = {}
+        self.device = torch.device("cpu")  # where allocators compute (set by prepare)
 
     # ------------------------------------------------------------------ public
     def run(self, output_dir: str | Path | None = None, overwrite: bool = False, save: bool = True) -> RunResult:
@@ -139,7 +151,7 @@ class Pipeline:
             self.log(f"dense perplexity: {ppl_dense['ppl']:.3f} ({ppl_dense['tokens']} tokens)")
             if zeroshot is not None:
                 with self.timer.stage("zero-shot dense"):
-                    zeroshot.dense(self.loaded, self._fingerprint())
+                    zeroshot.dense(self.loaded, self.model_fingerprint())
 
         self._memory("evaluate dense")
 
@@ -203,12 +215,14 @@ class Pipeline:
         allocators draw their held-out selection windows from it).
         """
         recipe = self.recipe
+        self.threads = apply_threads(recipe.threads)
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
                 recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload,
                 adapter_params=recipe.model.adapter_params,
             )
         self.offload = offloader_of(self.loaded.model)
+        self.device = self._compute_device()
         self._memory("load model")
         if self.loaded.adapter.task != "causal-lm":  # image data instead of token windows: core/task_eval.py
             from .task_eval import prepare_task
@@ -227,17 +241,22 @@ class Pipeline:
             self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
         )
         if self.offload is not None:  # the dense weights stay on disk: read them back on demand
-            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules)
+            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules, self.loaded.adapter)
         else:
             self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
         return calib_data
 
     @contextmanager
-    def pruned(self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial") -> Iterator[None]:
+    def pruned(
+        self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial", propagate: str | None = None
+    ) -> Iterator[None]:
         """Prune the model with ``allocation`` for the duration of the block, then restore the dense weights
-        (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations)."""
+        (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations).
+
+        ``propagate`` overrides the recipe's ('dense' with a ``stash`` of dense statistics prunes
+        without running any block: how screening trials work)."""
         try:
-            self._prune(allocation, _Record(), stash or {}, desc=desc)
+            self._prune(allocation, _Record(), stash or {}, desc=desc, propagate=propagate)
             yield
         finally:
             self._restore_dense()
@@ -258,30 +277,15 @@ class Pipeline:
             "note": "peak_rss_mb is the whole process's high-water mark (getrusage), interpreter and libraries included",
         }
 
-    # ------------------------------------------------------------------ stages
-    def _bos(self) -> bool:
-        mode = self.recipe.evaluation.bos
-        if mode == "auto":
-            return self.loaded.adapter.bos_per_window(self.loaded.model)
-        return mode == "always"
-
-    def _weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
-        for info in self.calibrator.layout.matrices:
-            yield info, self.dense_weights[info.name]
-
-    def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
-        stash: dict[int, BlockStats] = {}
-        if self.allocator.needs:
-            # with dense propagation the pruner's statistics come from this same pass and are reused
-            self._dense_pass([self.allocator], stash if self.recipe.calibration.propagate == "dense" else None)
-        return self._run_allocator(self.allocator, calib_data), stash
-
-    def _dense_pass(self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None) -> None:
+    def dense_pass(
+        self, allocators: Sequence[Allocator], stash: dict[int, BlockStats] | None = None, calibrator: Calibrator | None = None
+    ) -> None:
         """One calibration pass over the dense model for several allocators at once.
 
         The engine computes the union of what they need, each statistic once per block, and every
         allocator observes every block. With ``stash`` the pruner's statistics are computed in the same
-        pass and kept (without the hidden states) for a dense-propagation prune.
+        pass and kept (without the hidden states) for a dense-propagation prune. ``calibrator``
+        defaults to the run's (a ``Calibrator.subset`` measures on fewer windows).
         """
         needs: set[str] = set().union(*(a.needs for a in allocators))
         if stash is not None:
@@ -294,62 +298,145 @@ class Pipeline:
                 stats.inputs = stats.outputs = None  # keep only what the pruner reuses
                 stash[stats.block] = stats
 
-        names = ", ".join(a.name for a in allocators)
-        self.calibrator.run(needs, visit=visit, desc=f"{names}: dense statistics")
+        names = ", ".join(a.name for a in allocators) or self.pruner.name
+        (calibrator or self.calibrator).run(needs, visit=visit, desc=f"{names}: dense statistics")
 
-    def _fingerprint(self) -> str:
-        """Hash of the dense weights (cache key of e.g. AlphaPruning's spectra), computed once per run."""
-        if self._dense_fingerprint is None:
-            self._dense_fingerprint = fingerprint(self.loaded.model)
-        return self._dense_fingerprint
+    def run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
+        """Call ``allocator.allocate`` (after its dense pass, see ``dense_pass``) and return the checked Allocation.
 
-    def _run_allocator(self, allocator: Allocator, calib_data: Any) -> Allocation:
-        """Call ``allocator.allocate`` (after its dense pass) and turn the result into a checked Allocation."""
+        ``calib_data`` is what ``prepare`` returned (a searching allocator's selection windows come from it).
+        """
         layout = self.calibrator.layout
+        scorers = self._make_scorers(calib_data, allocator.name) if allocator.searches else (None, None)
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
             seed=self.recipe.calibration.seed,
             pruner=self.pruner.name,
-            weights=self._weights,
-            score=self._make_scorer(calib_data, allocator.name) if allocator.searches else None,
-            device=torch.device(self.recipe.model.device),
+            weights=self.weights,
+            score=scorers[0],
+            screen=scorers[1],
+            device=self.device,
             cache_dir=cache_dir() / "allocators",
-            model_fingerprint=self._fingerprint() if allocator.name != "uniform" else "",
             progress=self.show,
+            fingerprint_fn=self.fingerprint,
         )
         raw = allocator.allocate(ctx)
-        allocation = Allocation.coerce(raw, layout, self.target.ratio, allocator.name)
+        allocation = self.checked(raw, allocator.name)
         allocation.meta.setdefault("notes", []).extend(ctx.notes)
-        self._round_to_nm(allocation)
-        allocation.validate(layout)
         for note in ctx.notes:
             self.log(f"{allocator.name}: {note}")
         return allocation
+
+    def checked(self, raw: Any, who: str) -> Allocation:
+        """What an allocator returned, as an Allocation the run can prune with.
+
+        The host validates it exactly (keys, ratios in [0, 1), its mean rule within 1e-3, plus 1/(2m)
+        for N:M patterns it set itself; ``meta`` cannot switch this off), then applies its own N:M
+        rounding under an N:M run and records the realised means in ``meta``.
+        """
+        layout = self.calibrator.layout
+        allocation = Allocation.coerce(raw, layout, self.target.ratio, who)
+        allocation.validate(layout)
+        self._round_to_nm(allocation)
+        allocation.validate(layout, tolerance=None)  # the rounding keeps keys, ranges and patterns consistent
+        allocation.meta.update(allocation.mean_report(layout))
+        return allocation
+
+    def weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
+        """Every prunable matrix with its dense (out, in) weight, in layout order (read from disk when offloaded)."""
+        for info in self.calibrator.layout.matrices:
+            yield info, self.dense_weights[info.name]
+
+    def fingerprint(self) -> str:
+        """Content hash of the dense prunable weights (core/fingerprint.py), computed at most once per run."""
+        if self._dense_fingerprint is None:
+            start = time.perf_counter()
+            self._dense_fingerprint = weights_fingerprint(self.weights())
+            self.timer.times["fingerprint"] = self.timer.times.get("fingerprint", 0.0) + time.perf_counter() - start
+        return self._dense_fingerprint
+
+    def model_fingerprint(self) -> str:
+        """Content hash of the whole dense model (the zero-shot cache key): the prunable weights as in
+        ``fingerprint`` followed by every other tensor of the state dict that is in memory (embeddings,
+        norms, head; an offloaded model's released blocks are covered by their prunable weights only).
+        Call it before pruning."""
+        if self._whole_fingerprint is None:
+            rest = ((name, t) for name, t in sorted(self.loaded.model.state_dict().items()) if t.device.type != "meta")
+            self._whole_fingerprint = weights_fingerprint(itertools.chain(self.weights(), rest))
+        return self._whole_fingerprint
+
+    def bos(self) -> bool:
+        """Whether every evaluation window starts with BOS (recipe ``evaluation.bos``; auto asks the adapter)."""
+        mode = self.recipe.evaluation.bos
+        if mode == "auto":
+            return self.loaded.adapter.bos_per_window(self.loaded.model)
+        return mode == "always"
+
+    _bos = bos  # the name the stages below use
+
+    # ------------------------------------------------------------------ stages
+    def _compute_device(self) -> torch.device:
+        """Where allocators compute: the recipe's device, or under ``device: auto`` (accelerate's
+        device_map over several GPUs) the device holding the first block's weights."""
+        text = str(self.recipe.model.device).strip().lower()
+        if text != "auto":
+            return torch.device(text)
+        if self.offload is not None:
+            return self.offload.device
+        for module in self.loaded.adapter.prunable(self.loaded.model).values():
+            for parameter in module.parameters():
+                if parameter.device.type != "meta":
+                    return parameter.device
+        return torch.device("cpu")
+
+    def _allocate(self, calib_data: Any) -> tuple[Allocation, dict[int, BlockStats]]:
+        stash: dict[int, BlockStats] = {}
+        if self.allocator.needs:
+            # with dense propagation the pruner's statistics come from this same pass and are reused
+            self.dense_pass([self.allocator], stash if self.recipe.calibration.propagate == "dense" else None)
+        return self.run_allocator(self.allocator, calib_data), stash
 
     def _round_to_nm(self, allocation: Allocation) -> None:
         """Under an N:M run, give every matrix without a pattern the nearest n:m (``nm_for_ratio``)."""
         if self.target.pattern is None or allocation.patterns:
             return
+        layout = self.calibrator.layout
         m = self.target.pattern.m
+        before = allocation.weighted_mean(layout)
         allocation.patterns = {n: nm_for_ratio(r, m) for n, r in allocation.ratios.items()}
+        moves = [abs(allocation.patterns[n].sparsity - r) for n, r in allocation.ratios.items()]
         allocation.ratios = {n: p.sparsity for n, p in allocation.patterns.items()}
-        allocation.meta["nm_rounding"] = f"each ratio rounded to the nearest n:{m} (n = round((1 - ratio) * {m}), ties denser)"
-        allocation.meta["mean_not_exact"] = len(set(allocation.ratios.values())) > 1
+        allocation.meta["nm_rounding"] = {
+            "rule": f"each ratio rounded to the nearest n:{m} (n = round((1 - ratio) * {m}), ties denser, 1 <= n <= {m - 1})",
+            "largest_move": max(moves, default=0.0),
+            "weighted_mean_before": before,
+            "weighted_mean_after": allocation.weighted_mean(layout),
+        }
 
-    def _make_scorer(self, calib_data: Any, who: str | None = None) -> Callable[[Allocation, str], float]:
+    def _make_scorers(
+        self, calib_data: Any, who: str | None = None
+    ) -> tuple[Callable[[Allocation, str], float], Callable[[Allocation, str], float] | None]:
         """Prune-and-evaluate for searching allocators: held-out perplexity of a candidate allocation.
 
-        Nothing that is independent of the candidate is recomputed between trials: the block-0 inputs
-        (the calibrator keeps them), the tokenised selection windows, the dense weights and, with
-        dense propagation, the pruner's statistics of the dense model.
+        ``score`` prunes as the final run will (the recipe's propagation, every selection window).
+        ``screen`` is the cheap variant for screening many candidates: the pruner's statistics of the
+        DENSE model on the first half of the calibration windows, computed in one pass on first use and
+        reused by every call, so a screening trial runs no calibration forward at all, and a quarter of
+        the selection windows (at least 2). On SmolLM2 at 70% every such variant ranked beta within one
+        grid step of the full trials (benchmarks/results/atp-search-*.md), which the full refinement
+        trials then settle. Nothing that
+        is independent of the candidate is recomputed between trials: the block-0 inputs (the
+        calibrator keeps them), the tokenised selection windows, the dense weights and the dense
+        statistics. An offloaded model gets no ``screen`` (its dense statistics would hold released
+        blocks), nor does a run whose dense statistics would exceed SCREEN_STASH_LIMIT.
         """
         recipe = self.recipe
         who = who or self.allocator.name
         if self.loaded.adapter.task != "causal-lm":  # held-out divergence from the dense model instead of perplexity
             from .task_eval import task_scorer
 
-            return task_scorer(self, calib_data, who)
+            return task_scorer(self, calib_data, who), None
         cache: dict[str, torch.Tensor] = {}
         dense_stats: dict[int, BlockStats] = {}
 
@@ -372,19 +459,35 @@ class Pipeline:
             return cache[on]
 
         def score(allocation: Allocation, on: str = "validation") -> float:
-            allocation = Allocation.coerce(allocation, self.calibrator.layout, self.target.ratio, who)
-            allocation.validate(self.calibrator.layout)
-            self._round_to_nm(allocation)  # a trial is pruned exactly as the final run would be
+            allocation = self.checked(allocation, who)  # a trial is pruned exactly as the final run would be
             ids = windows(on)  # a bad `on` fails before any pruning
             stash: dict[int, BlockStats] = {}
             if recipe.calibration.propagate == "dense":
                 if not dense_stats:
-                    self._dense_pass([], dense_stats)
+                    self.dense_pass([], dense_stats)
                 stash = dict(dense_stats)  # _prune consumes its stash; the cached one stays whole
             with self.pruned(allocation, stash, desc="trial"):
                 return perplexity(self.loaded.model, ids, "trial perplexity", self.show)["ppl"]
 
-        return score
+        screen_stats: dict[int, BlockStats] = {}
+
+        def screen(allocation: Allocation, on: str = "validation") -> float:
+            allocation = self.checked(allocation, who)
+            ids = windows(on)
+            ids = ids[: max(SCREEN_MIN_WINDOWS, ids.shape[0] // 4)]
+            if not screen_stats:
+                samples = self.calibrator.input_ids.shape[0]
+                self.dense_pass([], screen_stats, calibrator=self.calibrator.subset(max(1, (samples + 1) // 2)))
+            with self.pruned(allocation, dict(screen_stats), desc="screening trial", propagate="dense"):
+                return perplexity(self.loaded.model, ids, "screening perplexity", self.show)["ppl"]
+
+        return score, (screen if self.offload is None and self._screen_stash_bytes() <= SCREEN_STASH_LIMIT else None)
+
+    def _screen_stash_bytes(self) -> int:
+        """An upper bound of what the screening trials keep: the pruner's dense statistics of every block."""
+        per_matrix = {"hessian": lambda d: 4 * d * d, "input_norms": lambda d: 4 * d}
+        return sum(per_matrix[need](info.shape[1]) for info in self.calibrator.layout.matrices
+                   for need in self.pruner.needs if need in per_matrix)
 
     def _restore_dense(self) -> None:
         if self.offload is not None:  # pruned blocks live in working shards: drop them
@@ -393,12 +496,14 @@ class Pipeline:
         for name, module in self.calibrator.modules.items():
             self.loaded.adapter.set_weight(module, self.dense_weights[name])
 
-    def _prune(self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune") -> None:
+    def _prune(
+        self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune", propagate: str | None = None
+    ) -> None:
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
                 self._prune_matrix(info, stats, allocation, record)
 
-        if self.recipe.calibration.propagate == "dense":
+        if (propagate or self.recipe.calibration.propagate) == "dense":
             if stash:
                 for index in range(self.calibrator.layout.num_blocks):
                     prune_block(stash.pop(index))
@@ -421,7 +526,7 @@ class Pipeline:
             bad = nm_violations(keep, pattern)
             if bad:
                 raise PluginError(f"{who}: {bad} groups of {pattern.m} keep more than {pattern.n} weights (pattern {pattern})")
-        elif not (target.ratio - 1.0 / weight.shape[1] - 1e-6 <= realised <= target.ratio + REALISED_SLACK + 1.0 / weight.shape[1]):
+        elif not realised_matches(realised, target.ratio, weight.shape[1]):
             raise PluginError(f"{who}: realised sparsity {realised:.4f} does not match the asked {target.ratio:.4f}")
         new = result.weight if result.weight is not None else weight * keep
         if result.weight is not None:
@@ -505,6 +610,7 @@ class Pipeline:
             "quantization": quantization,
             "pruner_loss": record.losses or None,
             "calibration_passes": self.calibrator.passes,
+            "threads": self.threads,
         }
 
 

@@ -119,7 +119,11 @@ class ModelLayout:
 # --------------------------------------------------------------------------- statistics
 @dataclass
 class BlockStats:
-    """What the calibration engine measured on one block (only the statistics that were asked for)."""
+    """What the calibration engine measured on one block (only the statistics that were asked for).
+
+    Statistics are read-only: matrices fed the same input (q/k/v, gate/up) share ONE tensor in
+    ``input_norms`` and ``hessians``, so an in-place edit would change their neighbours' too.
+    """
 
     block: int
     matrices: list[MatrixInfo]
@@ -168,11 +172,25 @@ class AllocationContext:
     #: prune a copy with a candidate allocation and return held-out perplexity (lower is better);
     #: only set when the allocator declares ``searches = True``
     score: Callable[[Any], float] | None = None
+    #: a cheaper ``score`` (same signature) for screening many candidates: the pruner's statistics come
+    #: from one dense pass (half the calibration windows) reused by every call and a quarter of the
+    #: selection windows are scored, so values are comparable with each other but not with ``score``;
+    #: None when the host offers none
+    screen: Callable[[Any], float] | None = None
     device: torch.device = field(default_factory=_cpu)
     cache_dir: Path | None = None
+    #: content hash of the dense prunable weights (core/fingerprint.py); read it through ``fingerprint()``
     model_fingerprint: str = ""
     progress: bool = True
     notes: list[str] = field(default_factory=list)  # lines the allocator wants in the report
+    #: computes ``model_fingerprint`` on first use (the host sets it, so runs that need no key pay nothing)
+    fingerprint_fn: Callable[[], str] | None = field(default=None, repr=False)
+
+    def fingerprint(self) -> str:
+        """The weights' content fingerprint, computed at most once ("" when the host gave none)."""
+        if not self.model_fingerprint and self.fingerprint_fn is not None:
+            self.model_fingerprint = self.fingerprint_fn()
+        return self.model_fingerprint
 
 
 class Allocator(Plugin):
@@ -180,7 +198,9 @@ class Allocator(Plugin):
 
     ``allocate`` may return an ``Allocation``, a mapping matrix-name -> ratio, or a sequence of
     per-block ratios (expanded to every matrix of the block). The host validates it: keys are the
-    prunable matrices, ratios in [0, 1), parameter-weighted mean equal to the target within 1e-3.
+    prunable matrices, ratios in [0, 1), and the mean its ``mean_rule`` names (default: the
+    parameter-weighted mean; "block-mean" for the papers' unweighted block mean) equal to the target
+    within 1e-3, plus 1/(2m) when it sets N:M patterns. Nothing in ``meta`` relaxes this.
     """
 
     kind: ClassVar[str] = "allocator"
@@ -297,6 +317,12 @@ class ModelAdapter(Plugin):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
         raise NotImplementedError
 
+    def load_empty(self, path: str, *, dtype: torch.dtype) -> LoadedModel:
+        """The model built from its config on the meta device, no weights read, with its tokenizer
+        (``model.offload`` then reads each block from the checkpoint when needed). Adapters that
+        cannot do this leave it unimplemented and offloading is refused for their models."""
+        raise NotImplementedError
+
     def bos_per_window(self, model: torch.nn.Module) -> bool:
         """Whether every evaluation window must start with BOS (Gemma: ppl 41 without, 17 with)."""
         return False
@@ -311,8 +337,12 @@ class ModelAdapter(Plugin):
     def layout(self, model: torch.nn.Module) -> ModelLayout:
         raise NotImplementedError
 
+    def as_matrix(self, module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """A tensor stored like ``module.weight``, seen as (out, in) (e.g. GPT-2's Conv1D stores (in, out))."""
+        return weight
+
     def get_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        return module.weight.data
+        return self.as_matrix(module, module.weight.data)
 
     def set_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         module.weight.data.copy_(weight)

@@ -9,6 +9,7 @@
     pruner: wanda                     # or {name: sparsegpt, percdamp: 0.01}
     sparsity: 0.5                     # a ratio in [0, 1) or an N:M pattern such as "2:4"
     output_dir: strataprune-runs/smollm2-wanda-uniform-0.5
+    threads: null                     # torch CPU threads; null = auto (free cores, see core/threads.py)
 
 Every key is validated (unknown keys, wrong types and out-of-range values are errors naming the
 key, the value and what is allowed); plugin parameters are validated against the plugin's Config.
@@ -127,6 +128,8 @@ class Recipe:
     pruner: PluginChoice = field(default_factory=lambda: PluginChoice("wanda"))
     sparsity: str | float = 0.5
     output_dir: str | None = None
+    #: torch CPU threads; None = auto (the cores the rest of the machine leaves free; core/threads.py)
+    threads: int | None = None
 
     @property
     def target(self) -> Target:
@@ -142,6 +145,7 @@ class Recipe:
             "pruner": self.pruner.as_yaml(),
             "sparsity": self.sparsity,
             "output_dir": self.output_dir,
+            "threads": self.threads,
         }
 
     def to_yaml(self) -> str:
@@ -154,7 +158,7 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelSection, "calibration": CalibrationSection, "evaluation": EvaluationSection}
-TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir")
+TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir", "threads")
 
 
 def _positive(key: str, value: Any, minimum: int = 1) -> None:
@@ -210,6 +214,10 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         if data["output_dir"] is not None and not isinstance(data["output_dir"], str):
             raise ConfigError(f"output_dir: {data['output_dir']!r} must be a path")
         recipe.output_dir = data["output_dir"]
+    if "threads" in data:
+        from .threads import check_threads
+
+        recipe.threads = check_threads(data["threads"])
     return recipe
 
 

@@ -120,3 +120,13 @@ def nm_violations(keep: torch.Tensor, pattern: NMPattern) -> int:
 
 def realised_sparsity(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / weight.numel()
+
+
+#: how far above an asked ratio a mask's realised sparsity may sit (ties, float rounding); below it only
+#: row flooring is allowed (one weight per row, 1/d_in); the host and strataprune.testing share it
+REALISED_SLACK = 1e-3
+
+
+def realised_matches(realised: float, ratio: float, cols: int) -> bool:
+    """Whether a realised sparsity is the asked ratio: at most 1/d_in below, 1/d_in + REALISED_SLACK above."""
+    return ratio - 1.0 / cols - 1e-6 <= realised <= ratio + REALISED_SLACK + 1.0 / cols

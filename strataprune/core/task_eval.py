@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .allocation import Allocation
 from .calibration import Calibrator
 from .errors import ConfigError
 from .images import crops, is_image_source, load_split
@@ -172,14 +171,12 @@ def task_scorer(pipe: Pipeline, calib_images: Any, who: str) -> Any:
         return cache[on]
 
     def score(allocation: Any, on: str = "validation") -> float:
-        allocation = Allocation.coerce(allocation, pipe.calibrator.layout, pipe.target.ratio, who)
-        allocation.validate(pipe.calibrator.layout)
-        pipe._round_to_nm(allocation)
+        allocation = pipe.checked(allocation, who)
         chosen, dense = data(on)
         stash: dict[int, BlockStats] = {}
         if recipe.calibration.propagate == "dense":
             if not dense_stats:
-                pipe._dense_pass([], dense_stats)
+                pipe.dense_pass([], dense_stats)
             stash = dict(dense_stats)
         with pipe.pruned(allocation, stash, desc="trial"):
             return float(compare(dense, predict(loaded, chosen), chosen.extra)["divergence"])

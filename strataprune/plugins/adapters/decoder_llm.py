@@ -95,6 +95,17 @@ class DecoderLLM(ModelAdapter):
         tokenizer = AutoTokenizer.from_pretrained(path)
         return LoadedModel(model, tokenizer, self, path, self.describe(model))
 
+    def load_empty(self, path: str, *, dtype: torch.dtype) -> LoadedModel:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        model.config.use_cache = False
+        return LoadedModel(model, AutoTokenizer.from_pretrained(path), self, path, self.describe(model))
+
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = model.config
         return {
@@ -130,8 +141,7 @@ class DecoderLLM(ModelAdapter):
                     matrices.append(MatrixInfo(f"{prefix}.{index}.{name}", index, name, shape))  # type: ignore[arg-type]
         return ModelLayout(tuple(matrices), len(blocks))
 
-    def get_weight(self, module: nn.Module) -> torch.Tensor:
-        weight = module.weight.data
+    def as_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return weight.t() if isinstance(module, _conv1d()) else weight
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:

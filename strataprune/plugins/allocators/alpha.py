@@ -32,8 +32,9 @@ Needs no calibration data. For every prunable matrix W (out x in):
    "safe" (default) clips to [0, 0.99] and redistributes with one parameter-weighted shift
    (core.allocation.redistribute), so the mean stays exactly S.
 
-Spectra are cached in ``{cache_dir}/esd-v1-{model_fingerprint}.npz`` so an epsilon sweep computes
-them once. Defaults: epsilon=0.3, xmin="peak", mapping="block", normalize="safe".
+Spectra are cached in ``{cache_dir}/esd-v2-{fingerprint}.npz`` so an epsilon sweep computes
+them once; the key is the SHA-256 of the full content of every prunable weight (core/fingerprint.py),
+so an edited checkpoint never reuses stale spectra. Defaults: epsilon=0.3, xmin="peak", mapping="block", normalize="safe".
 
     strataprune run --allocator alpha --sparsity 0.7
 """
@@ -66,7 +67,7 @@ NORMALIZATIONS = ("safe", "paper")
 PEAK_BINS = 100
 #: float64 bytes one batched eigvalsh call may hold (stacked weights + Gram matrices)
 DEFAULT_BATCH_BYTES = 2 << 30
-CACHE_FORMAT = "esd-v1"
+CACHE_FORMAT = "esd-v2"  # v2: keyed on the full weight content (v1 used a sampled hash)
 
 
 @dataclass
@@ -386,7 +387,8 @@ class AlphaPruning(Allocator):
         """Spectra of every prunable matrix, from the cache when it holds them; also 'hit'/'miss'/'off'."""
         layout = ctx.layout
         expected = {m.name: min(m.shape) for m in layout.matrices}
-        path = cache_path(ctx.cache_dir, ctx.model_fingerprint) if ctx.cache_dir and ctx.model_fingerprint else None
+        key = ctx.fingerprint() if ctx.cache_dir else ""
+        path = cache_path(ctx.cache_dir, key) if key else None
         if path is not None and path.exists():
             cached = load_spectra(path, expected)
             if cached is not None:

@@ -12,13 +12,21 @@ Error estimate per matrix at probe sparsity p (default: the target S), the OBS s
 SparseGPT's sequential updates:
 
     H <- H with dead inputs (H_jj = 0) set to H_jj = 1 (their weights count as 0, as SparseGPT zeroes them)
-    H <- H + percdamp * mean(diag H) * I                          (Cholesky; on failure x10, up to 6 times)
+    H <- H + percdamp * mean(diag H) * I                          (Cholesky; on failure x10, up to 4 times)
     E(W, p) = sum of the smallest floor(p * numel) values of  w_rq^2 / [H^-1]_qq   over the whole matrix
 
 The statistic is H = 2 X X^T / n from the DENSE calibration pass (the engine does not prune between
 blocks during it). Since p is only known at ``allocate`` time, ``observe_block`` keeps, per matrix,
 the cumulative sum of the sorted saliencies at 1001 evenly spaced fractions (8 KB): E(p) is exact when
 p is a multiple of 0.001 and linearly interpolated otherwise.
+
+Size normalisation (``error``): E sums over the floor(p * numel) pruned weights, so a matrix with 4x
+the weights has ~4x the error from its size alone and would land in a lower-sparsity level for
+that reason only (SmolLM2: the MLP matrices are 2.7x the attention ones). The paper's summaries
+speak of a layer-wise pruning-loss estimate and do not say how layers of different sizes compare;
+by default (``error="per_weight"``) a unit's error is divided by its parameter count, i.e. the mean
+OBS error per weight, so two units with the same weight and input statistics get the same level
+whatever their size. ``error="total"`` keeps the plain sum (the larger unit then looks worse).
 
 Allocation: e = log10 E per unit (a matrix, or a block with the errors of its matrices summed). Units
 are grouped into K levels, by equal-width bins on [min e, max e] (``cluster="bins"``) or by an exact,
@@ -34,7 +42,7 @@ Normalisation (``normalize``):
     [0, 1) is an error (PluginError).
 
 Defaults: probe = target, percdamp = 0.01, levels = 4, cluster = "bins", span = 0.2,
-granularity = "matrix", normalize = "safe".
+granularity = "matrix", error = "per_weight", normalize = "safe".
 
     strataprune run --allocator hessian_cluster --pruner sparsegpt --sparsity 0.7
 """
@@ -52,13 +60,11 @@ import torch
 
 from strataprune.core.allocation import Allocation, redistribute
 from strataprune.core.errors import PluginError, require
-from strataprune.core.linalg import inverse_diagonal
+from strataprune.core.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
 
 #: number of intervals of the stored cumulative-error curve (resolution 0.1% of sparsity)
 CURVE_POINTS = 1000
-#: how many times the dampening is multiplied by 10 after a failed Cholesky factorisation
-MAX_DAMP_RETRIES = 6
 
 
 _require = functools.partial(require, where="allocator 'hessian_cluster'")
@@ -73,13 +79,15 @@ class HessianClusterConfig:
     #: sparsity at which the pruning error is estimated; None -> the run's target
     probe: float | None = None
     #: dampening, as a fraction of the mean Hessian diagonal (SparseGPT's percdamp)
-    percdamp: float = 0.01
+    percdamp: float = PERCDAMP
     #: number of error levels K
     levels: int = 4
     cluster: Literal["bins", "kmeans"] = "bins"
     #: width of the sparsity grid, centred on the target
     span: float = 0.2
     granularity: Literal["matrix", "block"] = "matrix"
+    #: "per_weight": a unit's error divided by its parameter count (size alone does not decide); "total": the sum
+    error: Literal["per_weight", "total"] = "per_weight"
     normalize: Literal["safe", "paper"] = "safe"
 
     def __post_init__(self) -> None:
@@ -92,38 +100,28 @@ class HessianClusterConfig:
         _require(self.cluster in ("bins", "kmeans"), "cluster", self.cluster, "'bins' or 'kmeans'")
         _require(_number(self.span) and 0.0 <= self.span < 1.0, "span", self.span, "a number in [0, 1) (the paper's grid [0.6, 0.8] is span 0.2)")
         _require(self.granularity in ("matrix", "block"), "granularity", self.granularity, "'matrix' or 'block'")
+        _require(self.error in ("per_weight", "total"), "error", self.error, "'per_weight' or 'total'")
         _require(self.normalize in ("safe", "paper"), "normalize", self.normalize, "'safe' or 'paper'")
 
 
 # --------------------------------------------------------------------------- pure math: error estimate
 def inverse_hessian_diag(
-    hessian: torch.Tensor, percdamp: float = 0.01, max_retries: int = MAX_DAMP_RETRIES
+    hessian: torch.Tensor, percdamp: float = PERCDAMP, max_retries: int = DAMP_RETRIES
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """diag(H_damped^-1) via Cholesky, the dead-input mask, and how many x10 retries were needed.
+    """diag(H_damped^-1), the dead-input mask, and how many x10 retries were needed.
 
-    Dead inputs (H_jj == 0) get H_jj = 1 as in SparseGPT. The dampening is percdamp * mean |diag H|
-    (the absolute value only matters for a broken, non-PSD H, where a negative mean would make
-    dampening push the wrong way); it is multiplied by 10 after each failed factorisation.
+    Dead inputs and dampening follow SparseGPT through the shared ``core.linalg.damped_cholesky``.
     """
-    h = hessian.detach().to(torch.float32).clone()
-    idx = torch.arange(h.shape[0], device=h.device)
-    dead = torch.diagonal(h) == 0
-    h[idx[dead], idx[dead]] = 1.0
-    base = percdamp * float(torch.diagonal(h).abs().mean())
-    applied = 0.0
-    for attempt in range(max_retries + 1):
-        damp = base * 10.0**attempt
-        h[idx, idx] += damp - applied  # in place: a fresh copy per attempt would double peak memory
-        applied = damp
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0 and bool(torch.isfinite(chol).all()):
-            diag = inverse_diagonal(chol)
-            if bool((diag > 0).all()) and bool(torch.isfinite(diag).all()):
-                return diag, dead, attempt
-    raise PluginError(
-        f"allocator 'hessian_cluster': Cholesky factorisation failed even with dampening {applied:.3g} "
-        f"({max_retries} retries); the Hessian is not positive semi-definite"
-    )
+
+    def diagonal(lower: torch.Tensor) -> torch.Tensor | None:
+        diag = inverse_diagonal(lower)
+        return diag if finite_positive(diag) else None
+
+    try:
+        damped = damped_cholesky(hessian, percdamp, max_retries, then=diagonal)
+    except PluginError as exc:
+        raise PluginError(f"allocator 'hessian_cluster': {exc}; the Hessian is not positive semi-definite") from None
+    return damped.result, damped.dead, damped.retries
 
 
 def obs_saliency(weight: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +161,7 @@ def error_at(curve: np.ndarray, numel: int, p: float) -> float:
     return float(curve[i] + t * (curve[i + 1] - curve[i]))
 
 
-def matrix_error(weight: torch.Tensor, hessian: torch.Tensor, p: float, percdamp: float = 0.01) -> float:
+def matrix_error(weight: torch.Tensor, hessian: torch.Tensor, p: float, percdamp: float = PERCDAMP) -> float:
     """Direct E(W, p): the sum of the floor(p * numel) smallest OBS saliencies (no curve)."""
     diag, dead, _ = inverse_hessian_diag(hessian, percdamp)
     sal = obs_saliency(weight, diag, dead).flatten()
@@ -252,7 +250,7 @@ class HessianCluster(Allocator):
             if hessian is None:
                 raise PluginError(f"allocator 'hessian_cluster' needs the Hessian of {m.name}, which the calibration engine did not provide")
             with torch.no_grad():
-                inverse = next((inv for h, inv in seen if h.shape == hessian.shape and torch.equal(h, hessian)), None)
+                inverse = next((inv for h, inv in seen if h is hessian or (h.shape == hessian.shape and torch.equal(h, hessian))), None)
                 if inverse is None:
                     inverse = inverse_hessian_diag(hessian, self.config.percdamp)
                     seen.append((hessian, inverse))
@@ -281,6 +279,7 @@ class HessianCluster(Allocator):
             "probe": probe,
             "cluster": cfg.cluster,
             "granularity": cfg.granularity,
+            "error": cfg.error,
             "span": cfg.span,
             "percdamp": cfg.percdamp,
         }
@@ -299,6 +298,8 @@ class HessianCluster(Allocator):
             unit_err = np.array([sum(errors[m.name] for m in layout.block(b)) for b in blocks])
             weights = np.array([layout.block_numel(b) for b in blocks], dtype=np.float64)
 
+        if cfg.error == "per_weight":
+            unit_err = unit_err / weights
         positive = unit_err > 0
         if not positive.any():
             ctx.notes.append(f"hessian_cluster: every estimated error is 0 at probe {probe:g}; the allocation is uniform")

@@ -21,19 +21,22 @@ share s_l.
 Normalisation (``normalize``):
   * ``"safe"`` (default): ``redistribute(s, block parameter counts, S)``: clip to [0, 0.99] and shift so
     the parameter-weighted mean is exactly S.
-  * ``"paper"``: the official rule: the unweighted mean over blocks is S, and a ratio <= 0 becomes
-    0.01 (no upper clip). For models whose blocks differ in size the parameter-weighted mean then misses
-    S; the allocation says so (meta["mean_not_exact"]) instead of silently changing the method.
+  * ``"paper"``: the official rule: the unweighted mean over blocks is S (the allocation's mean rule is
+    "block-mean", which the host checks), and a ratio <= 0 becomes 0.01 (no upper clip). For models
+    whose blocks differ in size the parameter-weighted mean then misses S; a note and the report's
+    ``weighted_mean`` say by how much. If the 0.01 floor lifts the block mean above S by more than
+    the host's tolerance (targets below ~2*lam), paper mode refuses instead of missing the target.
 
 Mixed N:M (§5.4, ``wanda_owl_structure``), used when the run's target is an N:M pattern n:m (keep n of
 every m): u'_l = lam_nm * (D_l - min D) / (max D - min D) and block l keeps
 
     n_l = n + round(u'_l - mean(u'))        clamped to [1, m-1]
 
-"paper" keeps that plain rounding (the official code does not fix the average). "safe" then applies
-balanced rounding: blocks with the largest rounding residuals move by one until the parameter-weighted
-kept fraction equals n/m (always exact for equal-size blocks); if the greedy cannot close the gap the
-allocation is flagged meta["mean_not_exact"] and a note says so.
+"paper" keeps that plain rounding (the official code does not fix the average; its block mean is
+within 1/(2m) of n/m, the N:M slack the host allows). "safe" then applies balanced rounding: blocks
+with the largest rounding residuals move by one until the parameter-weighted kept fraction equals n/m
+(always exact for equal-size blocks); if the greedy cannot close the gap a note says so, and the host
+accepts the allocation only within 1/(2m) of the target.
 
 Defaults: M = 5 (README commands and the paper; the official argparse default is 3), lam = 0.08,
 lam_nm = 2, normalize = "safe".
@@ -53,11 +56,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from strataprune.core.allocation import Allocation, redistribute
+from strataprune.core.allocation import MEAN_TOLERANCE, Allocation, redistribute
 from strataprune.core.errors import PluginError, require
 from strataprune.core.plugin import AllocationContext, Allocator, BlockStats, ModelLayout
+from strataprune.core.scores import wanda_scores
 from strataprune.core.sparsity import NMPattern
-from strataprune.plugins.pruners.wanda import wanda_scores
 
 #: the official code replaces a sparsity <= 0 by this value
 PAPER_FLOOR = 0.01
@@ -229,10 +232,14 @@ class OWL(Allocator):
                 )
             if (raw <= 0.0).any():
                 ctx.notes.append(f"owl: paper normalisation raised {int((raw <= 0).sum())} block ratio(s) <= 0 to {PAPER_FLOOR}")
+            if float(ratios.mean()) - S > MEAN_TOLERANCE:
+                raise PluginError(
+                    f"allocator 'owl' (normalize='paper'): the 0.01 floor lifts the mean block sparsity to "
+                    f"{float(ratios.mean()):.4f} at target {S} with lam={cfg.lam}; use normalize='safe' or a smaller lam"
+                )
             weighted = float((ratios * numel).sum() / numel.sum())
             if abs(weighted - S) > 1e-6:
                 # the official rule fixes the unweighted mean only; we report the miss rather than hide it
-                meta["mean_not_exact"] = True
                 ctx.notes.append(
                     f"owl: paper normalisation gives a parameter-weighted mean of {weighted:.5f} instead of {S:.5f} "
                     "(unequal block sizes or the 0.01 floor); use normalize='safe' for an exact mean"
@@ -244,7 +251,10 @@ class OWL(Allocator):
         ctx.notes.append(
             f"owl: block sparsity {min(ratios):.4f} .. {max(ratios):.4f} around {S:.4f} (lam={cfg.lam:g}, {cfg.normalize} normalisation)"
         )
-        return Allocation.from_blocks(layout, block_ratios, S, allocator=self.name, meta=meta)
+        allocation = Allocation.from_blocks(layout, block_ratios, S, allocator=self.name, meta=meta)
+        if cfg.normalize == "paper":
+            allocation.mean_rule = "block-mean"
+        return allocation
 
     def _allocate_nm(
         self, ctx: AllocationContext, blocks: list[int], lod: np.ndarray, numel: np.ndarray, meta: dict[str, Any]
@@ -279,7 +289,6 @@ class OWL(Allocator):
         )
         weighted = float((counts * numel).sum() / numel.sum()) / m
         if not exact:
-            meta["mean_not_exact"] = True
             ctx.notes.append(
                 f"owl: mixed N:M keeps {weighted:.5f} of the weights instead of {n}/{m}={n / m:.5f}: "
                 + ("plain rounding (paper mode) does not fix the average" if cfg.normalize == "paper"
@@ -287,7 +296,10 @@ class OWL(Allocator):
             )
         hist = {f"{c}:{m}": int((counts == c).sum()) for c in sorted(set(counts.tolist()))}
         ctx.notes.append(f"owl: mixed N:M around {pattern} (lam_nm={cfg.lam_nm}): " + ", ".join(f"{k} x{v}" for k, v in hist.items()))
-        return Allocation(ratios, float(ctx.target.ratio), self.name, patterns=patterns, meta=meta)
+        return Allocation(
+            ratios, float(ctx.target.ratio), self.name, patterns=patterns, meta=meta,
+            mean_rule="block-mean" if cfg.normalize == "paper" else "weighted",
+        )
 
 
 __all__ = [

@@ -22,7 +22,8 @@ the linear program
 bang-bang: the most important blocks sit at S - delta, the rest at S + delta, at most one in between.
 
 Normalisation (``normalize``):
-  * ``"paper"``: w_l = 1 (the official unweighted mean and objective).
+  * ``"paper"``: w_l = 1 (the official unweighted mean and objective); the allocation's mean rule is
+    "block-mean", which the host checks.
   * ``"safe"`` (default): w_l = parameter count of block l, so the global parameter-weighted mean is S
     (identical to "paper" when all blocks have the same size, as in LLaMA/OPT); the LP solution is then
     passed through ``redistribute`` inside the box to make the mean exact to machine precision.
@@ -271,7 +272,6 @@ class RMI(Allocator):
             weighted = float((ratios * numel).sum() / numel.sum())
             if abs(weighted - S) > 1e-6:
                 # the official constraint is on the unweighted mean; report the miss rather than hide it
-                meta["mean_not_exact"] = True
                 ctx.notes.append(
                     f"rmi: paper normalisation (unweighted mean) gives a parameter-weighted mean of {weighted:.5f} "
                     f"instead of {S:.5f} because blocks differ in size; use normalize='safe' for an exact mean"
@@ -289,7 +289,10 @@ class RMI(Allocator):
             f"{at_lo} blocks at {lo:.4f}, {at_hi} at {hi:.4f}, {L - at_lo - at_hi} between; "
             f"least redundant block {least} (r={r[least]:.4f})"
         )
-        return Allocation.from_blocks(layout, [float(v) for v in ratios], S, allocator=self.name, meta=meta)
+        allocation = Allocation.from_blocks(layout, [float(v) for v in ratios], S, allocator=self.name, meta=meta)
+        if cfg.normalize == "paper":
+            allocation.mean_rule = "block-mean"  # the official equality constraint; the host checks it
+        return allocation
 
 
 __all__ = [

@@ -18,16 +18,13 @@ import torch
 from strataprune.core.errors import PluginError
 from strataprune.core.masks import keep_for_target
 from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
+from strataprune.core.scores import wanda_scores
 from strataprune.core.sparsity import Target
 
 
 @dataclass
 class WandaConfig:
     pass
-
-
-def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
-    return weight.abs().float() * input_norms.float().to(weight.device).unsqueeze(0)
 
 
 class Wanda(Pruner):
