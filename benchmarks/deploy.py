@@ -9,8 +9,16 @@ shared machine, whose load is recorded.
 
     python benchmarks/deploy.py                                  # 128-token prompt, 32 decode tokens, 2 threads
     python benchmarks/deploy.py --backends onnxruntime,torch --repeats 3 --runs 70
+    python benchmarks/deploy.py --backends onnxruntime,torch,sparse-cpu --runs 50,70,90    # strataprune's sparse kernels
+    python benchmarks/deploy.py --model llama1b --backends torch,sparse-cpu --runs 70       # ~1.07B random Llama
 
-Writes benchmarks/results/deploy-<timestamp>.json and .md and prints the table, throughput
+``--model llama1b``: a Llama with TinyLlama-1.1B's shapes (22 layers, hidden 2048, MLP 5632, 32 heads,
+4 KV heads) and SmolLM2's tokenizer (vocab 49152, tied embeddings): 1.07B parameters, 4.3 GB fp32,
+random N(0, 0.02) weights saved once to --workdir, magnitude-pruned per matrix by ``strataprune run``.
+Latency depends on the shapes and the zero pattern, not on the values, so random weights measure
+the speed of a real 1B model (its perplexity is meaningless and is not reported).
+
+Writes benchmarks/results/deploy-<model>-<timestamp>.json and .md and prints the table, throughput
 (tokens/s) and the speedup/size ratios. Pruned runs are kept in --workdir (default
 ~/.cache/strataprune/bench-runs) and reused when their report.json exists.
 """
@@ -39,12 +47,45 @@ RUNS = {
 }
 
 
+#: TinyLlama-1.1B's decoder shapes with SmolLM2's vocabulary (so its tokenizer and the BBC text serve as inputs)
+LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+
+
+def ensure_llama1b(args: argparse.Namespace) -> Path:
+    """The dense random ~1B Llama as a local model folder (config, safetensors, SmolLM2's tokenizer), built once."""
+    out = Path(args.workdir) / "llama1b-dense"
+    if (out / "model.safetensors").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from strataprune.core.models import resolve_model
+
+    print("[deploy-bench] building the random ~1B Llama (4.3 GB fp32)", file=sys.stderr, flush=True)
+    params = dict(LLAMA_1B)
+    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    smollm2, _ = resolve_model("smollm2-135m")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
 def ensure_run(name: str, args: argparse.Namespace) -> Path:
-    out = Path(args.workdir) / f"smollm2-{name.replace(':', 'of').replace('+int4', 'q4')}"
+    model = "smollm2-135m" if args.model == "smollm2" else str(ensure_llama1b(args))
+    out = Path(args.workdir) / f"{args.model}-{name.replace(':', 'of').replace('+int4', 'q4')}"
     if (out / "report.json").is_file():
         return out
     # latency depends on the sparsity pattern, not on how well the weights were chosen: small calibration, short evaluation
-    cmd = [sys.executable, "-m", "strataprune", "run", "--model", "smollm2-135m", "--nsamples", str(args.nsamples), *RUNS[name],
+    cmd = [sys.executable, "-m", "strataprune", "run", "--model", model, "--nsamples", str(args.nsamples), *RUNS[name],
            "--seqlen", "128", "--eval-seqlen", "256", "--eval-windows", "1", "--output", str(out), "--overwrite", "--quiet",
            "--set", "evaluation.dense=false"]
     print(f"[deploy-bench] pruning {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
@@ -70,6 +111,8 @@ def main() -> int:
     from strataprune.core.models import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
+                        help="SmolLM2-135M (real weights) or a random ~1B Llama (TinyLlama's shapes)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"which pruned runs (default: {','.join(RUNS)})")
     parser.add_argument("--backends", help="comma-separated backends (default: every available one)")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -100,12 +143,12 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / f"deploy-{stamp}.json").write_text(json.dumps(report, indent=2, default=str))
-    (results / f"deploy-{stamp}.md").write_text(format_markdown(report))
+    (results / f"deploy-{args.model}-{stamp}.json").write_text(json.dumps(report, indent=2, default=str))
+    (results / f"deploy-{args.model}-{stamp}.md").write_text(format_markdown(report))
     print(format_table(report))
     print()
     print("\n".join(summary_lines(report)))
-    print(f"\nwrote benchmarks/results/deploy-{stamp}.json and .md ({time.time() - start:.0f} s)")
+    print(f"\nwrote benchmarks/results/deploy-{args.model}-{stamp}.json and .md ({time.time() - start:.0f} s)")
     return 0
 
 

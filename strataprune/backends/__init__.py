@@ -10,6 +10,7 @@ from strataprune.core.hookspecs import hookimpl
 def register_backends(register):  # type: ignore[no-untyped-def]
     from .deepsparse import DeepSparseBackend
     from .onnxruntime import OnnxRuntimeBackend
+    from .sparse_cpu import SparseCpuBackend
     from .torch import TorchBackend
     from .torch_24 import TorchSemiStructured
 
@@ -17,3 +18,4 @@ def register_backends(register):  # type: ignore[no-untyped-def]
     register(OnnxRuntimeBackend)
     register(DeepSparseBackend)
     register(TorchSemiStructured)
+    register(SparseCpuBackend)
