@@ -400,11 +400,8 @@ def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, per
     return W
 
 
-@pytest.mark.parametrize("target", [0.5, 0.7, "2:4", "4:8"])
-def test_matches_a_literal_port_of_the_reference_fasterprune(target):
-    X, W, _, _ = make_problem(seed=3, n=512, d_in=256, d_out=48)
-    X[17] = 0.0  # one dead input: the reference zeroes its weights and sets H_jj = 1
-    H = 2 * X @ X.T / X.shape[1]
+def ours_and_reference(W, H, target):
+    """Our SparseGPT and the literal reference port on the same problem: (ours, keep, reference)."""
     t = Target.of(pattern=target) if isinstance(target, str) else Target.of(target)
     ours, keep, _, _, _ = sparsegpt_prune(W, H, t)
     if t.pattern is None:
@@ -416,6 +413,15 @@ def test_matches_a_literal_port_of_the_reference_fasterprune(target):
         ref = reference_fasterprune(W, H, (int(slab * t.ratio) - 0.5) / slab)
     else:
         ref = reference_fasterprune(W, H, 0, prunen=t.pattern.m - t.pattern.n, prunem=t.pattern.m)
+    return ours, keep, ref
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7, "2:4", "4:8"])
+def test_matches_a_literal_port_of_the_reference_fasterprune(target):
+    X, W, _, _ = make_problem(seed=3, n=512, d_in=256, d_out=48)
+    X[17] = 0.0  # one dead input: the reference zeroes its weights and sets H_jj = 1
+    H = 2 * X @ X.T / X.shape[1]
+    ours, keep, ref = ours_and_reference(W, H, target)
     assert torch.equal(keep, ref != 0)
     assert bool((ref[:, 17] == 0).all()) and bool((ours[:, 17] == 0).all())
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
@@ -426,14 +432,7 @@ def test_matches_the_reference_when_the_hessian_is_rank_deficient(target):
     # fewer calibration tokens than inputs (SmolLM2 at 4 x 128 tokens has 576-wide inputs): H is singular and the
     # dampening carries it: the same masks as the reference, the same weights up to the scale of H^-1
     X, W, _, _ = make_problem(seed=5, n=96, d_in=384, d_out=64)
-    H = 2 * X @ X.T / X.shape[1]
-    t = Target.of(pattern=target) if isinstance(target, str) else Target.of(target)
-    ours, keep, _, _, _ = sparsegpt_prune(W, H, t)
-    if t.pattern is None:
-        slab = W.shape[0] * 128
-        ref = reference_fasterprune(W, H, (int(slab * t.ratio) - 0.5) / slab)
-    else:
-        ref = reference_fasterprune(W, H, 0, prunen=t.pattern.m - t.pattern.n, prunem=t.pattern.m)
+    ours, keep, ref = ours_and_reference(W, 2 * X @ X.T / X.shape[1], target)
     assert torch.equal(keep, ref != 0)
     # H^-1 has entries ~1/damp here: ours forms it by a triangular solve, the reference by cholesky_inverse
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
