@@ -242,7 +242,8 @@ def save(model: Any, path: Path) -> None:
     """Save an ONNX model, weights inline unless they exceed protobuf's limit."""
     import onnx
 
-    large = model.ByteSize() > INLINE_LIMIT if hasattr(model, "ByteSize") else False
+    # sized per initializer: protobuf cannot even size (ByteSize) a whole message above 2 GB
+    large = sum(init.ByteSize() for init in model.graph.initializer) > INLINE_LIMIT
     for stale in artifact_files(path)[1:]:
         stale.unlink()
     onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
