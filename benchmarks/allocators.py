@@ -28,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strataprune.core.allocate import make_allocators, plot_profiles  # noqa: E402
-from strataprune.core.data import evaluation_windows, open_dataset  # noqa: E402
-from strataprune.core.evaluation import perplexity  # noqa: E402
-from strataprune.core.pipeline import Pipeline  # noqa: E402
-from strataprune.core.recipes import Recipe, apply_overrides  # noqa: E402
-from strataprune.core.registry import get_registry  # noqa: E402
-from strataprune.core.reports import environment, markdown_table, table  # noqa: E402
+from strataprune.engine.allocator_comparison import make_allocators, plot_profiles  # noqa: E402
+from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
+from strataprune.evaluate.perplexity import perplexity  # noqa: E402
+from strataprune.engine.pipeline import Pipeline  # noqa: E402
+from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
+from strataprune.contract.registry import get_registry  # noqa: E402
+from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
 DEFAULT_ALLOCATORS = "uniform,atp:max_trials=3:patience=1,alpha,owl,rmi,hessian_cluster"
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--selection-windows", type=int, default=4)
     ap.add_argument("--wikitext", default=str(WIKITEXT))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, core/threads.py)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, strataprune/runtime/threads.py)")
     ap.add_argument("--atp-search", action="store_true",
                     help="compare ATP's beta searches instead: the plain grid against the golden-section search (atp-search-*.md)")
     args = ap.parse_args()

@@ -8,7 +8,7 @@ Cases (16 x 256 BBC train tokens by default, each in a fresh subprocess so its p
   block a second time);
 - ``prune``: a pruning pass (SparseGPT's Hessians, the pruning itself replaced by a no-op so only
   the engine is timed);
-- ``fingerprint``: the content fingerprint of the prunable weights (core/fingerprint.py).
+- ``fingerprint``: the content fingerprint of the prunable weights (strataprune/engine/fingerprint.py).
 
 Peak memory is the rise of the process's resident high-water mark during the pass (VmHWM after
 resetting it through /proc/self/clear_refs), so the model load does not hide it. ``--baseline`` runs the same cases against another checkout (e.g. the code before a change),
@@ -55,9 +55,9 @@ def run_case(case: str, nsamples: int, seqlen: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from strataprune.core.calibration import Calibrator
-    from strataprune.core.data import calibration_windows, open_dataset
-    from strataprune.core.models import load_model
+    from strataprune.engine.calibration import Calibrator
+    from strataprune.data.text_windows import calibration_windows, open_dataset
+    from strataprune.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
     windows = calibration_windows(loaded.tokenizer, open_dataset("bbc"), "train", nsamples, seqlen, 0)
@@ -88,11 +88,11 @@ def run_case(case: str, nsamples: int, seqlen: int, threads: int) -> dict:
         calibrator.run({"hessian"}, prune=lambda stats: None)
     elif case == "fingerprint":
         try:
-            from strataprune.core.fingerprint import weights_fingerprint
+            from strataprune.engine.fingerprint import weights_fingerprint
 
             weights_fingerprint((info, loaded.adapter.get_weight(calibrator.modules[info.name])) for info in calibrator.layout.matrices)
         except ImportError:  # the code before the change: a sampled hash of the state dict
-            from strataprune.core.models import fingerprint
+            from strataprune.models.loading import fingerprint
 
             fingerprint(loaded.model)
     seconds = time.perf_counter() - start

@@ -63,7 +63,7 @@ def ensure_llama1b(args: argparse.Namespace) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from strataprune.core.models import resolve_model
+    from strataprune.models.loading import resolve_model
 
     print("[deploy-bench] building the random ~1B Llama (4.3 GB fp32)", file=sys.stderr, flush=True)
     params = dict(LLAMA_1B)
@@ -108,7 +108,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def main() -> int:
-    from strataprune.core.models import cache_dir
+    from strataprune.models.loading import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",

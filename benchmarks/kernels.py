@@ -205,7 +205,7 @@ def magnitude_prune_linears(model: torch.nn.Module, sparsity: float) -> None:
 
 def bench_e2e(args, clock) -> list[dict]:
     from strataprune import kernels
-    from strataprune.core.models import load_model
+    from strataprune.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
     dense = loaded.model.float().eval()

@@ -90,7 +90,7 @@ def run(model: Path, text: Path, out: Path, offload: bool, acts: Path) -> dict:
 
 
 def import_floor() -> float:
-    code = ("import resource, torch, transformers, strataprune.core.pipeline, strataprune.plugins.adapters.decoder_llm;"
+    code = ("import resource, torch, transformers, strataprune.engine.pipeline, strataprune.plugins.adapters.decoder_llm;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
 

@@ -2,7 +2,7 @@
 
 Each setting runs in a fresh subprocess (threads cannot be lowered reliably once OpenMP has
 started), the settings alternate so they see the same machine load, and the fastest of the repeats
-is kept. ``auto`` is strataprune's default (core/threads.py: the cores the rest of the machine
+is kept. ``auto`` is strataprune's default (strataprune/runtime/threads.py: the cores the rest of the machine
 leaves free); ``--competitor`` starts one extra 2-thread busy process for the duration, as in the
 issue's measurement (87 s with torch's default threads vs 9.7 s with one).
 
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_setting(setting: str) -> dict:
     sys.path.insert(0, str(ROOT))
-    from strataprune.core.models import load_model
-    from strataprune.core.threads import apply_threads
+    from strataprune.models.loading import load_model
+    from strataprune.runtime.threads import apply_threads
     from strataprune.plugins.allocators.alpha import esd_spectra
 
     chosen = apply_threads(None if setting == "auto" else int(setting))

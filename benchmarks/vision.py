@@ -38,11 +38,11 @@ ALLOCATORS = ("uniform", "owl", "alpha", "atp")
 def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from strataprune.core.models import load_model
-    from strataprune.core.pipeline import Pipeline
-    from strataprune.core.recipes import recipe_from_dict
-    from strataprune.core.task_eval import predict, task_data
-    from strataprune.core.task_metrics import compare
+    from strataprune.models.loading import load_model
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.recipe import recipe_from_dict
+    from strataprune.engine.image_run import predict, task_data
+    from strataprune.evaluate.vision_metrics import compare
 
     loaded = load_model(model)
     data = task_data(loaded, "photos", "test", args.eval, 2, "evaluation")
@@ -91,7 +91,7 @@ def add_time_ratios(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    from strataprune.core.reports import markdown_table
+    from strataprune.runtime.reports import markdown_table
 
     out = [f"# Vision benchmark ({meta['stamp']})", "",
            f"Calibration: {meta['nsamples']} crops of the calibration photos; evaluation: {meta['eval']} crops of the held-out photos; "

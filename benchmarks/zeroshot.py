@@ -1,6 +1,6 @@
 """Benchmark of zero-shot accuracy through lm-eval on SmolLM2-135M: cost per task, and what pruning does.
 
-1. Cost: dense SmolLM2 on each offline BBC task (core/bbc_tasks.py) alone, wall and CPU seconds per
+1. Cost: dense SmolLM2 on each offline BBC task (strataprune/evaluate/bbc_tasks.py) alone, wall and CPU seconds per
    100 examples, at batch size 1 (the default) and 4; the ratio is the speed-up batching gives.
 2. Quality: accuracy (each task's reported metric, with acc and acc_norm and the standard error) and
    BBC test perplexity for dense, 50% and 70% Wanda with uniform allocation, and 70% Wanda with the
@@ -30,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strataprune.core.data import evaluation_windows, open_dataset  # noqa: E402
-from strataprune.core.evaluation import perplexity  # noqa: E402
-from strataprune.core.pipeline import Pipeline  # noqa: E402
-from strataprune.core.recipes import Recipe, apply_overrides  # noqa: E402
-from strataprune.core.reports import environment, markdown_table, table  # noqa: E402
-from strataprune.core.zeroshot import evaluate_tasks, harness_version, resolve_tasks  # noqa: E402
+from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
+from strataprune.evaluate.perplexity import perplexity  # noqa: E402
+from strataprune.engine.pipeline import Pipeline  # noqa: E402
+from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
+from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
+from strataprune.evaluate.zeroshot import evaluate_tasks, harness_version, resolve_tasks  # noqa: E402
 
 TASKS = ("bbc_topic", "bbc_continuation")
 #: name -> (sparsity, allocator spec)
@@ -168,7 +168,7 @@ def main() -> int:
           *(f"- {k}: {v}" for k, v in settings.items()), "",
           "## Cost per task (dense)", "", markdown_table(timing_rows, timing_headers), "",
           "## Accuracy and perplexity", "", markdown_table(quality_rows, quality_headers), "",
-          "Reported metric: acc for bbc_topic, acc_norm for bbc_continuation (core/zeroshot.py REPORTED_METRIC); "
+          "Reported metric: acc for bbc_topic, acc_norm for bbc_continuation (strataprune/evaluate/zeroshot.py REPORTED_METRIC); "
           "± is the standard error; the change against dense is in brackets.", ""]
     stem.with_suffix(".md").write_text("\n".join(md))
     print(f"\nwrote {stem}.json, .md")

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
-from .core.allocation import MEAN_TOLERANCE, Allocation
-from .core.plugin import (
-    AllocationContext, Allocator, BlockStats, MatrixInfo, MatrixStats, ModelAdapter, ModelLayout, Plugin, Pruner,
-)
-from .core.sparsity import Target, nm_violations, realised_matches
+from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
+from strataprune.contract.adapter import ModelAdapter
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.base import Plugin
+from strataprune.contract.layout import BlockStats, MatrixInfo, MatrixStats, ModelLayout
+from strataprune.contract.pruner import Pruner
+from strataprune.contract.sparsity import Target, nm_violations, realised_matches
 
 __all__ = ["check_allocator", "check_pruner", "check_adapter", "check_recovery", "random_layout", "random_block_stats",
            "tiny_llama_dir"]
@@ -295,7 +297,7 @@ def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int
 
     import numpy as np
 
-    from .core.plugin import BACKEND_CONTRACT, Backend, BackendAvailability, CompiledModel, DeploySettings
+    from strataprune.contract.backend import BACKEND_CONTRACT, Backend, BackendAvailability, CompiledModel, DeploySettings
     from .deploy.parity import check_parity, reference_outputs
 
     backend = _instantiate(backend, Backend)
@@ -374,10 +376,10 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
 
     from transformers import AutoModelForCausalLM
 
-    from .core.pipeline import Pipeline
-    from .core.plugin import Recovery
-    from .core.recipes import recipe_from_dict
-    from .core.registry import Registry, get_registry
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.contract.recovery import Recovery
+    from strataprune.engine.recipe import recipe_from_dict
+    from strataprune.contract.registry import Registry, get_registry
 
     if isinstance(recovery, tuple):
         cls, params = recovery

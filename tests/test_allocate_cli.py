@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from strataprune.cli import main
-from strataprune.core.allocate import compare_allocators, parse_spec
-from strataprune.core.allocation import Allocation
-from strataprune.core.errors import ConfigError, UnknownPluginError
-from strataprune.core.recipes import Recipe, apply_overrides
+from strataprune.engine.allocator_comparison import compare_allocators, parse_spec
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.errors import ConfigError, UnknownPluginError
+from strataprune.engine.recipe import Recipe, apply_overrides
 
 ALL = ["uniform", "atp", "alpha", "owl", "rmi", "hessian_cluster"]
 

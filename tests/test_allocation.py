@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strataprune.core.allocation import Allocation, redistribute, scale_to_target
-from strataprune.core.errors import PluginError
+from strataprune.contract.allocation import Allocation, redistribute, scale_to_target
+from strataprune.contract.errors import PluginError
 from strataprune.plugins.allocators.uniform import Uniform
 from strataprune.testing import check_allocator, random_layout
 
@@ -80,7 +80,7 @@ def test_block_mean_rule_is_checked_not_trusted(layout):
 
 
 def test_nm_patterns_get_half_a_step_of_slack(layout):
-    from strataprune.core.sparsity import NMPattern
+    from strataprune.contract.sparsity import NMPattern
 
     def with_patterns(texts):
         patterns = {m.name: NMPattern.parse(texts[m.block]) for m in layout.matrices}

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, ModelLayout
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.layout import ModelLayout
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.allocators.alpha import (
     AlphaConfig, AlphaPruning, alpha_ratios, esd_spectra, hill_fit, linear_band, peak_bounds,
 )

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from strataprune.core.allocation import Allocation
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, MatrixInfo, ModelLayout
-from strataprune.core.sparsity import Target
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.layout import MatrixInfo, ModelLayout
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.allocators.atp import (
     ATP, ATPConfig, atp_beta_max, atp_block_ratios, atp_candidates, golden_section_min,
 )

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, BlockStats, MatrixInfo, ModelLayout
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.allocators.hessian_cluster import (
     HessianCluster, HessianClusterConfig, bin_levels, error_at, error_curve, inverse_hessian_diag, kmeans_levels,
     level_grid, matrix_error, obs_saliency,

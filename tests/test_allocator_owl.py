@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, BlockStats, MatrixInfo, ModelLayout
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.allocators.owl import OWL, OWLConfig, balanced_round, outlier_ratio, owl_ratios, paper_floor
 from strataprune.testing import check_allocator, random_block_stats, random_layout
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import requires_real
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import Recipe, apply_overrides
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import Recipe, apply_overrides
 
 SETTINGS = {
     "model.source": "smollm2-135m", "sparsity": 0.7, "pruner": "wanda",

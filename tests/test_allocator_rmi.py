@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, BlockStats, MatrixInfo, ModelLayout
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.allocators.rmi import (
     RMI, RMIConfig, cka_matrix, default_beta, default_delta, gram_matrix, linear_cka, losa_mean_ranks, losa_schedule,
     solve_rmi_lp,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from strataprune.cli import main
-from strataprune.core.reports import atomic_output_dir
+from strataprune.runtime.reports import atomic_output_dir
 
 TINY_RUN = ["--model", "{tiny}", "--calibration", "{text}", "--eval-data", "{text}", "--nsamples", "2", "--seqlen", "16",
             "--eval-seqlen", "16", "--eval-windows", "1", "--quiet", "--output", "{prior}", "--overwrite"]
@@ -149,7 +149,7 @@ CASES = [
 
 HOLD_LOCK = textwrap.dedent("""
     import sys
-    from strataprune.core.reports import check_output_dir
+    from strataprune.runtime.reports import check_output_dir
     check_output_dir(sys.argv[1], overwrite=True, command="run")
     print("locked", flush=True)
     sys.stdin.read()
@@ -207,8 +207,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, workspace, tiny_l
         def tripwire(*args, **kwargs):
             raise AssertionError("a model was loaded before the bad input was found")
 
-        monkeypatch.setattr("strataprune.core.pipeline.load_model", tripwire)  # first: importing pipeline binds load_model
-        monkeypatch.setattr("strataprune.core.models.load_model", tripwire)
+        monkeypatch.setattr("strataprune.engine.pipeline.load_model", tripwire)  # first: importing pipeline binds load_model
+        monkeypatch.setattr("strataprune.models.loading.load_model", tripwire)
     holder = prepare(case, workspace, tiny_llama_dir)
     before = snapshot(workspace)
     capsys.readouterr()
@@ -256,7 +256,7 @@ def test_internal_errors_are_one_line_with_status_1_and_debug_shows_the_tracebac
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("strataprune.core.registry.get_registry", bug)
+    monkeypatch.setattr("strataprune.contract.registry.get_registry", bug)
     assert main(["plugins"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: internal error: ZeroDivisionError: division by zero")

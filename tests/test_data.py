@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import has_bbc
 
-from strataprune.core.data import calibration_windows, evaluation_windows, open_dataset
-from strataprune.core.errors import DataError, UnknownPluginError
-from strataprune.core.models import resolve_model
-from strataprune.core.plugin import Dataset
+from strataprune.data.text_windows import calibration_windows, evaluation_windows, open_dataset
+from strataprune.contract.errors import DataError, UnknownPluginError
+from strataprune.models.loading import resolve_model
+from strataprune.contract.dataset import Dataset
 
 WIKITEXT_RAW = Path("/work/shared/data/wikitext-2/wiki.test.raw")
 
@@ -73,7 +73,7 @@ def test_missing_file_and_unknown_dataset_are_clear():
 @pytest.mark.parametrize("name", ["wikitext2", "c4"])
 def test_hub_datasets_fail_fast_and_clearly_offline(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from strataprune.core import hub
+    from strataprune.runtime import hub
 
     hub.hub_reachable.cache_clear()
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def test_hub_datasets_fail_fast_and_clearly_offline(name, monkeypatch):
 
 def test_hub_model_fails_fast_and_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from strataprune.core import hub
+    from strataprune.runtime import hub
 
     hub.hub_reachable.cache_clear()
     with pytest.raises(DataError, match="model 'someorg/some-model' must be downloaded"):
@@ -206,8 +206,8 @@ def test_wikitext_raw_with_smollm2_tokenizer_matches_the_reference(smollm2):
 
 
 def test_report_records_protocol_and_token_hashes(tiny_llama_dir, tmp_path):
-    from strataprune.core.pipeline import Pipeline
-    from strataprune.core.recipes import recipe_from_dict
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.recipe import recipe_from_dict
 
     wiki = tmp_path / "wiki.valid.raw"
     wiki.write_text((WIKI.replace("\r\n", "\n") * 40))

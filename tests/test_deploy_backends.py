@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from strataprune.cli import main
-from strataprune.core.errors import DataError
-from strataprune.core.plugin import BACKEND_CONTRACT, CompiledModel, DeploySettings
-from strataprune.core.registry import get_registry
+from strataprune.contract.errors import DataError
+from strataprune.contract.backend import BACKEND_CONTRACT, CompiledModel, DeploySettings
+from strataprune.contract.registry import get_registry
 from strataprune.deploy.parity import ParityError, check_parity, reference_outputs
 
 from conftest import save_tiny_model
@@ -55,7 +55,7 @@ def test_builtin_backends_register_through_the_hook_with_the_current_contract():
 
 def test_contract_checks_pass_for_a_torch_subclass_that_converts_linears(pruned_tiny, tmp_path):
     """What a third party (e.g. a `sparse-cpu` backend) writes: subclass TorchBackend, override convert()."""
-    from strataprune.backends.torch import TorchBackend
+    from strataprune.plugins.backends.torch import TorchBackend
     from strataprune.testing import check_backend
 
     class Reordered(torch.nn.Module):  # stands in for a SparseLinear: same function, other module
@@ -145,7 +145,7 @@ def test_parity_failure_names_the_tolerance_and_the_difference(pruned_tiny, wind
 
 # --------------------------------------------------------------------------- 2:4
 def test_2to4_validation_names_the_first_bad_matrix():
-    from strataprune.backends.torch_24 import check_2to4, first_2to4_violation
+    from strataprune.plugins.backends.torch_24 import check_2to4, first_2to4_violation
 
     good = torch.randn(4, 8)
     good[:, 0::4] = 0
@@ -192,7 +192,7 @@ def test_doctor_lists_every_backend_with_version_and_reason(capsys):
 
 def test_a_missing_engine_is_a_doctor_reason_not_a_traceback(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("STRATAPRUNE_CACHE", str(tmp_path / "empty-cache"))  # no deepsparse venv there
-    import strataprune.backends.onnxruntime as ort_backend
+    import strataprune.plugins.backends.onnxruntime as ort_backend
 
     monkeypatch.setattr(ort_backend, "engine_versions", lambda *p: {name: None for name in p})  # as if not installed
     assert main(["doctor"]) == 0

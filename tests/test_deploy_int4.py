@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import DataError
+from strataprune.contract.errors import DataError
 from strataprune.deploy import int4
 
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
@@ -22,7 +22,7 @@ def grid_weight(rows: int, cols: int, groupsize: int | None, sparsity: float = 0
     scale = torch.rand(rows, groups, generator=gen) * 0.05 + 0.01
     zero = torch.randint(0, 16, (rows, groups), generator=gen).float()
     codes = torch.randint(0, 16, (rows, cols), generator=gen).float()
-    from strataprune.core.quantization import expand
+    from strataprune.engine.quantization import expand
 
     s, z = expand(scale, cols, groupsize), expand(zero, cols, groupsize)
     pruned = torch.rand(rows, cols, generator=gen) < sparsity

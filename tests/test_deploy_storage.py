@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from strataprune.core.errors import DataError
+from strataprune.contract.errors import DataError
 from strataprune.deploy import storage
 
 from conftest import tiny_model

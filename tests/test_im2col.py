@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from strataprune.core.calibration import Calibrator
-from strataprune.core.im2col import conv_matrix, conv_patches, prunable_conv
-from strataprune.core.plugin import LoadedModel
-from strataprune.core.vision import Unit, VisionAdapter
+from strataprune.engine.calibration import Calibrator
+from strataprune.plugins.adapters.im2col import conv_matrix, conv_patches, prunable_conv
+from strataprune.contract.layout import LoadedModel
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from strataprune.cli import main
-from strataprune.core.errors import DataError
-from strataprune.core.images import ImageSpec, crops, list_images, load_split, photo_files, standard_view, to_tensor
+from strataprune.contract.errors import DataError
+from strataprune.data.images import ImageSpec, crops, list_images, load_split, photo_files, standard_view, to_tensor
 
 
 def test_calibration_and_evaluation_photos_never_overlap():

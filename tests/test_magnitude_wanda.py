@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strataprune.core.plugin import MatrixInfo, MatrixStats
-from strataprune.core.sparsity import Target
+from strataprune.contract.layout import MatrixInfo, MatrixStats
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.pruners.magnitude import Magnitude
 from strataprune.plugins.pruners.wanda import Wanda
 from strataprune.testing import check_pruner
@@ -71,7 +71,7 @@ def test_magnitude_row_group_option(problem):
 
 
 def test_wanda_without_norms_is_a_plugin_error(problem):
-    from strataprune.core.errors import PluginError
+    from strataprune.contract.errors import PluginError
 
     weight, _ = problem
     with pytest.raises(PluginError, match="input_norms"):
@@ -79,7 +79,7 @@ def test_wanda_without_norms_is_a_plugin_error(problem):
 
 
 def test_row_chunking_gives_the_same_mask(monkeypatch):
-    from strataprune.core import masks
+    from strataprune.plugins.common import masks
 
     scores = torch.rand(300, 70, generator=torch.Generator().manual_seed(3))
     whole = masks.keep_by_rows(scores, 0.6)
@@ -91,7 +91,7 @@ def test_row_chunking_gives_the_same_mask(monkeypatch):
 def test_selection_masks_equal_a_stable_sort(kind):
     """keep_by_rows / keep_by_matrix select instead of sorting; they must prune exactly the entries a
     stable sort's first k would: lowest values first, equal values by position, NaN last."""
-    from strataprune.core import masks
+    from strataprune.plugins.common import masks
 
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(40, 96, generator=g)

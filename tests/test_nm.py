@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from strataprune.cli import main
-from strataprune.core.allocation import Allocation
-from strataprune.core.errors import ConfigError
-from strataprune.core.pipeline import Pipeline, nm_for_ratio
-from strataprune.core.recipes import apply_overrides, recipe_from_dict
-from strataprune.core.sparsity import NMPattern, Target, nm_violations, parse_sparsity
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.errors import ConfigError
+from strataprune.engine.pipeline import Pipeline, nm_for_ratio
+from strataprune.engine.recipe import apply_overrides, recipe_from_dict
+from strataprune.contract.sparsity import NMPattern, Target, nm_violations, parse_sparsity
 from strataprune.plugins.allocators.uniform import Uniform
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -73,7 +73,7 @@ def test_pipeline_rejects_a_pruner_that_violates_the_pattern(tiny_llama_dir, tex
         return result
 
     pipe.pruner.prune = cheat
-    from strataprune.core.errors import PluginError
+    from strataprune.contract.errors import PluginError
 
     with pytest.raises(PluginError, match=r"groups of 4 keep more than 2 weights \(pattern 2:4\)"):
         pipe.run(save=False)

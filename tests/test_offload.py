@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from strataprune.core.calibration import Calibrator
-from strataprune.core.errors import ConfigError
-from strataprune.core.models import load_model, resolve_device
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.engine.calibration import Calibrator
+from strataprune.contract.errors import ConfigError
+from strataprune.models.loading import load_model, resolve_device
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
 
 
 def recipe(model_dir, text_file, pruner="sparsegpt", offload=False, **calibration):

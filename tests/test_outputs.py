@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from strataprune.core import outputs
-from strataprune.core.errors import OutputError
-from strataprune.core.reports import atomic_output_dir, check_output_dir
+from strataprune.runtime import outputs
+from strataprune.contract.errors import OutputError
+from strataprune.runtime.reports import atomic_output_dir, check_output_dir
 
 
 def write_output(dest: Path, content: str = "new", overwrite: bool = False) -> None:
@@ -112,7 +112,7 @@ def test_failed_work_leaves_the_old_output_and_no_temporary(tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys
-    from strataprune.core.reports import check_output_dir
+    from strataprune.runtime.reports import check_output_dir
     check_output_dir(sys.argv[1], overwrite=True, command="run")
     print("locked", flush=True)
     sys.stdin.read()
@@ -167,7 +167,7 @@ def test_a_commit_that_fails_mid_swap_loses_nothing(tmp_path, monkeypatch):
 
 KILLED_WHILE_SAVING = textwrap.dedent("""
     import os, sys
-    from strataprune.core.reports import atomic_output_dir
+    from strataprune.runtime.reports import atomic_output_dir
     with atomic_output_dir(sys.argv[1], overwrite=True, command="run") as tmp:
         (tmp / "model.safetensors").write_bytes(b"\\0" * 100000)
         os._exit(9)  # killed while saving: no cleanup runs

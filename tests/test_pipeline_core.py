@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
-from strataprune.core import models, threads
-from strataprune.core.calibration import Calibrator
-from strataprune.core.errors import ConfigError
-from strataprune.core.fingerprint import weights_fingerprint
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.models import loading as models
+from strataprune.runtime import threads
+from strataprune.engine.calibration import Calibrator
+from strataprune.contract.errors import ConfigError
+from strataprune.engine.fingerprint import weights_fingerprint
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
 
 QUIET = dict(show_progress=False, log=lambda _: None)
 
@@ -258,8 +259,8 @@ def test_auto_threads_leaves_the_busy_cores_alone(monkeypatch):
 
 
 def test_offload_asks_the_adapter_and_refuses_one_that_cannot_build_an_empty_model(tiny_llama_dir):
-    from strataprune.core.offload import load_offloaded
-    from strataprune.core.plugin import ModelAdapter
+    from strataprune.models.offload import load_offloaded
+    from strataprune.contract.adapter import ModelAdapter
     from strataprune.plugins.adapters.decoder_llm import DecoderLLM
 
     calls = []

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from strataprune.cli import main
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
 
 
 def run_args(model_dir, text_file, out, *extra):
@@ -71,8 +71,8 @@ def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, t
     def explode(self, *args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("strataprune.core.reports.write_json", explode)
-    monkeypatch.setattr("strataprune.core.pipeline.write_json", explode)
+    monkeypatch.setattr("strataprune.runtime.reports.write_json", explode)
+    monkeypatch.setattr("strataprune.engine.pipeline.write_json", explode)
     assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite", "--sparsity", "0.3")) == 1  # a bug, not bad input
     assert "error: internal error: RuntimeError: disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from strataprune.core.errors import PluginError
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.quantization import check_grid, grid_error, load_grids
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.contract.errors import PluginError
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.quantization import check_grid, grid_error, load_grids
+from strataprune.engine.recipe import recipe_from_dict
 from strataprune.plugins.pruners.sparsegpt import SparseGPT
 
 BROKEN = "model.layers.1.mlp.down_proj"

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import MatrixInfo, MatrixStats
-from strataprune.core.sparsity import Target, nm_violations
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.layout import MatrixInfo, MatrixStats
+from strataprune.contract.sparsity import Target, nm_violations
 from strataprune.plugins.pruners.magnitude import Magnitude
 from strataprune.plugins.pruners.sparsegpt import SparseGPT, SparseGPTConfig, quant_params, sparsegpt_prune
 from strataprune.plugins.pruners.wanda import Wanda

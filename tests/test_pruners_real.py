@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strataprune.core.plugin import MatrixInfo, MatrixStats
-from strataprune.core.sparsity import Target, nm_violations
+from strataprune.contract.layout import MatrixInfo, MatrixStats
+from strataprune.contract.sparsity import Target, nm_violations
 from strataprune.plugins.pruners.magnitude import Magnitude
 from strataprune.plugins.pruners.sparsegpt import SparseGPT
 from strataprune.plugins.pruners.wanda import Wanda

@@ -9,10 +9,10 @@ import torch
 from conftest import requires_real
 
 from strataprune.cli import main
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.plugin import MatrixInfo, MatrixStats
-from strataprune.core.recipes import recipe_from_dict
-from strataprune.core.sparsity import Target
+from strataprune.engine.pipeline import Pipeline
+from strataprune.contract.layout import MatrixInfo, MatrixStats
+from strataprune.engine.recipe import recipe_from_dict
+from strataprune.contract.sparsity import Target
 from strataprune.plugins.pruners.magnitude import Magnitude
 from strataprune.plugins.pruners.wanda import Wanda
 

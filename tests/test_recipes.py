@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from strataprune.cli import build_recipe, main, make_parser
-from strataprune.core.errors import ConfigError
-from strataprune.core.recipes import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from strataprune.cli import main, make_parser
+from strataprune.commands.flags import build_recipe
+from strataprune.contract.errors import ConfigError
+from strataprune.engine.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 
 def write(tmp_path, data) -> str:

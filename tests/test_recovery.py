@@ -12,12 +12,12 @@ import torch
 from conftest import tiny_model
 
 from strataprune.cli import main
-from strataprune.core import lora
-from strataprune.core.allocation import Allocation
-from strataprune.core.errors import ConfigError
-from strataprune.core.finetune import TrainingConfig, finetune, lr_factor
-from strataprune.core.plugin import MatrixInfo, ModelLayout
-from strataprune.core.recipes import apply_overrides, load_recipe, recipe_from_dict
+from strataprune.plugins.recovery import masked_lora as lora
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.errors import ConfigError
+from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, lr_factor
+from strataprune.contract.layout import MatrixInfo, ModelLayout
+from strataprune.engine.recipe import apply_overrides, load_recipe, recipe_from_dict
 from strataprune.plugins.adapters.decoder_llm import DecoderLLM
 from strataprune.plugins.recovery.lora import LoRA
 from strataprune.plugins.recovery.losa import LoSA, LoSAConfig, allocate_ranks, raise_to_floor, reconstruction_error

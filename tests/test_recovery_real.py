@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import requires_real
 
-from strataprune.core.data import calibration_windows, open_dataset, token_stream
-from strataprune.core.training_text import TrainingText
+from strataprune.data.text_windows import calibration_windows, open_dataset, token_stream
+from strataprune.data.training_text import TrainingText
 
 pytestmark = [pytest.mark.real_model, requires_real]
 
@@ -44,9 +44,9 @@ def one_thread():
 
 
 def test_losa_lowers_held_out_perplexity_of_wanda_70(smollm2, monkeypatch, one_thread):
-    from strataprune.core.pipeline import Pipeline
-    from strataprune.core.recipes import recipe_from_dict
-    from strataprune.core.recovery import RecoveryHost
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.recipe import recipe_from_dict
+    from strataprune.engine.recovery import RecoveryHost
 
     drawn = []
     original = RecoveryHost.training_windows

@@ -10,8 +10,8 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from strataprune.cli import main
-from strataprune.core.errors import UnknownPluginError
-from strataprune.core.registry import BUILTIN_MODULES, GROUP, PluginLoadWarning, Registry, get_registry
+from strataprune.contract.errors import UnknownPluginError
+from strataprune.contract.registry import BUILTIN_MODULES, GROUP, PluginLoadWarning, Registry, get_registry
 
 BUILTINS = [EntryPoint(name, module, GROUP) for name, module in BUILTIN_MODULES.items()]
 

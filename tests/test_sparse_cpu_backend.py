@@ -11,9 +11,9 @@ import torch
 
 from strataprune import kernels
 from strataprune.cli import main
-from strataprune.core.errors import ConfigError
-from strataprune.core.plugin import DeploySettings
-from strataprune.core.registry import get_registry
+from strataprune.contract.errors import ConfigError
+from strataprune.contract.backend import DeploySettings
+from strataprune.contract.registry import get_registry
 
 from conftest import save_tiny_model
 
@@ -49,7 +49,7 @@ def test_registered_through_the_hook_with_the_current_contract():
 
 @needs_kernels
 def test_contract_checks_and_parity_against_eager_pytorch(pruned70, tmp_path):
-    from strataprune.backends.sparse_cpu import SparseCpuBackend
+    from strataprune.plugins.backends.sparse_cpu import SparseCpuBackend
     from strataprune.testing import check_backend
 
     parity = check_backend(SparseCpuBackend, pruned70, tmp_path)
@@ -80,7 +80,7 @@ def test_saved_packed_model_loads_back_exactly(pruned70, tmp_path):
     by buffer against an independent pack of the original, and the same logits as converting in memory."""
     from transformers import AutoModelForCausalLM
 
-    from strataprune.backends.sparse_cpu import load_packed_model
+    from strataprune.plugins.backends.sparse_cpu import load_packed_model
     from strataprune.kernels import SparseLinear, pack, sparsify_model
 
     compiled = _backend().prepare(pruned70, tmp_path / "w", DeploySettings(prompt_len=16, new_tokens=2))
@@ -110,7 +110,7 @@ def test_generate_with_the_kv_cache_equals_dense_generate(pruned70, tmp_path):
     """transformers' own generate() (its KV cache, no strataprune code path) on the packed model vs the dense one."""
     from transformers import AutoModelForCausalLM
 
-    from strataprune.backends.sparse_cpu import load_packed_model
+    from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
     _backend().prepare(pruned70, tmp_path / "w", DeploySettings(prompt_len=16, new_tokens=2))
     ids = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(1, 12)))
@@ -180,7 +180,7 @@ def test_deploy_and_bench_run_the_backend(tiny_llama_dir, tmp_path, capsys):
     info = json.loads((out / "deploy.json").read_text())
     assert info["artifact"] == "sparse-cpu/model.safetensors" and info["parity"]["greedy_identical"]
     assert info["engine"]["converted_linears"] == 21  # q/k/v/o/gate/up/down of the 3 blocks; the tied lm_head stays dense
-    from strataprune.backends.sparse_cpu import load_packed_model
+    from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
     assert load_packed_model(out / "sparse-cpu").config.model_type == "llama"
     bench = tmp_path / "bench"

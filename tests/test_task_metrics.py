@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from strataprune.core.task_metrics import accuracy, compare, distribution_metrics, embedding_metrics, retrieval_metrics, same_source_at_1
+from strataprune.evaluate.vision_metrics import accuracy, compare, distribution_metrics, embedding_metrics, retrieval_metrics, same_source_at_1
 
 
 def test_distribution_metrics_match_a_loop():

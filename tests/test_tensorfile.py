@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from strataprune.core.errors import DataError
-from strataprune.core.tensorfile import load_tensors, read_header, save_tensors
+from strataprune.contract.errors import DataError
+from strataprune.models.tensorfile import load_tensors, read_header, save_tensors
 
 TENSORS = {
     "w": torch.randn(6, 10),

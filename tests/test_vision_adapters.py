@@ -9,11 +9,11 @@ import torch
 from vision_models import ADAPTER_OF, VISION_KINDS, save_tiny_vision_model, tiny_vision_model
 
 from strataprune.cli import main
-from strataprune.core.images import crops, load_split
-from strataprune.core.models import load_model
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
-from strataprune.core.registry import get_registry
+from strataprune.data.images import crops, load_split
+from strataprune.models.loading import load_model
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
+from strataprune.contract.registry import get_registry
 
 
 def _adapter(kind: str):  # type: ignore[no-untyped-def]
@@ -171,7 +171,7 @@ def test_a_model_no_adapter_matches_lists_the_adapters(tmp_path, capsys):
 def test_every_recipe_in_examples_is_valid():
     from pathlib import Path
 
-    from strataprune.core.recipes import load_recipe
+    from strataprune.engine.recipe import load_recipe
 
     recipes = sorted((Path(__file__).resolve().parent.parent / "examples" / "recipes").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"vit", "deit", "swin", "convnext", "dinov2-small", "efficientnet-lite0", "clip", "llava"}

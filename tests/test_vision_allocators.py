@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from vision_models import save_tiny_vision_model
 
-from strataprune.core.allocate import compare_allocators
-from strataprune.core.errors import ConfigError
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
+from strataprune.engine.allocator_comparison import compare_allocators
+from strataprune.contract.errors import ConfigError
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
 
 ALLOCATORS = ["uniform", "atp:max_trials=2", "alpha", "owl", "rmi", "hessian_cluster"]
 
@@ -56,7 +56,7 @@ def test_a_statistic_the_model_cannot_provide_fails_before_any_work(tmp_path, mo
     def no_work(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("calibration ran before the check")
 
-    monkeypatch.setattr("strataprune.core.calibration.Calibrator.run", no_work)
+    monkeypatch.setattr("strataprune.engine.calibration.Calibrator.run", no_work)
     with pytest.raises(ConfigError, match="allocator 'rmi' cannot run on this model: it needs block_inputs, which adapter 'vit' "
                                           r"cannot provide here \(its blocks are fused\)"):
         Pipeline(_recipe(folder, allocator="rmi"), show_progress=False).run(save=False)

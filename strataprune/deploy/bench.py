@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import ConfigError, PluginError
-from ..core.plugin import BACKEND_CONTRACT, Backend, CompiledModel, DeploySettings
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.backend import BACKEND_CONTRACT, Backend, CompiledModel, DeploySettings
 from .parity import Reference, check_parity, reference_outputs
 from .rundir import RunFolder, dense_twin, open_run, text_windows
 
@@ -65,7 +65,7 @@ class BenchConfig:
 # --------------------------------------------------------------------------- backends
 def parse_backend_spec(spec: str, names: list[str]) -> tuple[str, dict[str, Any]]:
     """'onnxruntime:weights=fp32:accuracy_level=4' -> ('onnxruntime', {...}); names may contain ':' ('torch-2:4')."""
-    from ..core.recipes import parse_set
+    from strataprune.engine.recipe import parse_set
 
     spec = spec.strip()
     for name in sorted(names, key=len, reverse=True):
@@ -81,7 +81,7 @@ def parse_backend_spec(spec: str, names: list[str]) -> tuple[str, dict[str, Any]
 
 def resolve_backends(specs: list[str] | None, log: Any = None) -> tuple[list[Backend], list[dict[str, str]]]:
     """Backend instances for the specs (all available ones when None) and the skipped ones with reasons."""
-    from ..core.registry import get_registry
+    from strataprune.contract.registry import get_registry
 
     registry = get_registry()
     names = registry.names("backend")
@@ -444,7 +444,7 @@ def table_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    from ..core.reports import table
+    from strataprune.runtime.reports import table
 
     lines = [table(table_rows(report), HEADERS)]
     lines += _why_lines(report)
@@ -465,7 +465,7 @@ def _why_lines(report: dict[str, Any]) -> list[str]:
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    from ..core.reports import markdown_table
+    from strataprune.runtime.reports import markdown_table
 
     s, m = report["settings"], report["machine"]
     parts = [
@@ -488,7 +488,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], folder: Path, overwrite: bool = False) -> Path:
     """bench.json + bench.md into ``folder`` (atomically)."""
-    from ..core.reports import atomic_output_dir, write_json
+    from strataprune.runtime.reports import atomic_output_dir, write_json
 
     folder = Path(folder)
     with atomic_output_dir(folder, overwrite) as tmp:

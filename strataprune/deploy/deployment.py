@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError, PluginError
-from ..core.plugin import DeploySettings
-from ..core.reports import atomic_output_dir, check_output_dir, write_json
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.backend import DeploySettings
+from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
 from .bench import resolve_backends
 from .parity import check_parity, reference_outputs
 from .rundir import load_causal_lm, open_run, text_windows, weight_files

@@ -16,8 +16,8 @@ from typing import Any
 def doctor() -> dict[str, Any]:
     import torch
 
-    from ..core.plugin import BACKEND_CONTRACT
-    from ..core.registry import get_registry
+    from strataprune.contract.backend import BACKEND_CONTRACT
+    from strataprune.contract.registry import get_registry
 
     registry = get_registry()
     rows = []
@@ -53,7 +53,7 @@ def doctor() -> dict[str, Any]:
 
 
 def format_doctor(report: dict[str, Any]) -> str:
-    from ..core.reports import table
+    from strataprune.runtime.reports import table
 
     rows = [[r["backend"], "yes" if r["available"] else "no", r["version"] or "-", ",".join(r["sparse_formats"]) or "dense",
              r["provided_by"], r["reason"] or "-"] for r in report["backends"]]

@@ -4,7 +4,7 @@
 
 DeepSparse 1.8.0 (the last real release; end of life since 2025-06-02, evaluation-only licence)
 has wheels for Python <= 3.11 only and pins numpy < 2 and onnx 1.14, so it lives in its own venv
-under ``<cache>/venvs/deepsparse-1.8.0`` (``$STRATAPRUNE_CACHE``, see core/models.py). The venv is
+under ``<cache>/venvs/deepsparse-1.8.0`` (``$STRATAPRUNE_CACHE``, see strataprune/models/loading.py). The venv is
 built in a temporary sibling folder and renamed into place only when the install and an import
 check succeeded, so a failed install leaves nothing behind. Installing needs the package registry;
 running never touches the network (telemetry is disabled in the worker).
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ConfigError, DataError
+from strataprune.contract.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class EngineEnv:
 
     @property
     def folder(self) -> Path:
-        from ..core.models import cache_dir
+        from strataprune.models.loading import cache_dir
 
         return cache_dir() / "venvs" / f"{self.name}-{self.requirements[0].split('==')[1]}"
 

@@ -3,7 +3,7 @@
     rewrite_matmuls(onnx_model, weights, grids)     # MatMul(x, W^T) -> com.microsoft.MatMulNBits
 
 A sparse+INT4 run (``pruner.wbits: 4``) saves dequantized values ``w = scale * (q - zero)`` and the
-grids (``quantization.safetensors``, see core/quantization.py). Here the integer codes are recovered
+grids (``quantization.safetensors``, see strataprune/engine/quantization.py). Here the integer codes are recovered
 (``q = round(w / scale + zero)``, checked to reproduce w) and packed the way ONNX Runtime's
 ``MatMulNBits`` (com.microsoft, ORT >= 1.17) reads them, for a weight in torch's (N = out, K = in)
 layout and blocks of ``block_size`` consecutive input columns:
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.errors import DataError
-from ..core.quantization import expand
+from strataprune.contract.errors import DataError
+from strataprune.engine.quantization import expand
 
 BITS = 4
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import DataError
+from strataprune.contract.errors import DataError
 
 OPSET = 18
 #: above this, weights go to a separate ``.data`` file (protobuf's 2 GB limit)

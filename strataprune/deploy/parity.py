@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import StrataPruneError
-from ..core.plugin import CompiledModel
+from strataprune.contract.errors import StrataPruneError
+from strataprune.contract.backend import CompiledModel
 
 
 class ParityError(StrataPruneError):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError, DataError
+from strataprune.contract.errors import ConfigError, DataError
 from . import storage
 
 REQUIRED = ("config.json", "report.json", "allocation.json")
@@ -109,7 +109,7 @@ def open_run(path: str | Path) -> RunFolder:
     config = _read_json(folder / "config.json", "the model config")
     _read_json(folder / "allocation.json", "the allocation")
     for weights in weight_files(folder):
-        from ..core.tensorfile import read_header
+        from strataprune.models.tensorfile import read_header
 
         try:
             header, start = read_header(weights)
@@ -154,7 +154,7 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32, devic
 
 def dense_twin(run: RunFolder, dense: str | None = None) -> Path:
     """The dense model the run started from (``dense`` overrides), as a local folder."""
-    from ..core.models import resolve_model
+    from strataprune.models.loading import resolve_model
 
     source = dense or run.model_source
     if not source:
@@ -169,7 +169,7 @@ def text_windows(run: RunFolder, count: int, length: int, source: str | None = N
     """``count`` windows of ``length`` tokens of real text (the run's evaluation text unless ``source``)."""
     from transformers import AutoTokenizer
 
-    from ..core.data import evaluation_windows, open_dataset
+    from strataprune.data.text_windows import evaluation_windows, open_dataset
 
     evaluation = (run.report.get("recipe") or {}).get("evaluation") or {}
     name = source or evaluation.get("source") or "bbc"

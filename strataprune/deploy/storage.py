@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.errors import DataError
-from ..core.tensorfile import load_tensors, read_header, save_tensors
+from strataprune.contract.errors import DataError
+from strataprune.models.tensorfile import load_tensors, read_header, save_tensors
 
 FORMAT = "sparse-bitmask"
 #: the compressed-tensors release whose layout we write (0.12.2 registers its compressor; 0.20.0 no longer does)

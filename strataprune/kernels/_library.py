@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import StrataPruneError
+from strataprune.contract.errors import StrataPruneError
 
 #: instruction-set paths of the library, in the order of its ``isa`` argument (sparse_kernels.h: enum Isa)
 ISA_NAMES = ("portable", "avx2", "avx512")

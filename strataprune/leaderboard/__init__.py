@@ -8,7 +8,7 @@
 Modules: ``grid`` (the YAML and its checks), ``results`` (the append-only JSONL file), ``worker``
 (model preparation and one cell), ``executors`` (local / process pool / Ray), ``run`` (the driver),
 ``merge`` (submissions), ``render`` and ``plots`` (outputs), ``columns`` (zero-shot accuracy through
-core/zeroshot.py, latency and size through deploy/bench.py), ``provenance`` (versions, worker, times).
+strataprune/evaluate/zeroshot.py, latency and size through deploy/bench.py), ``provenance`` (versions, worker, times).
 """
 
 from __future__ import annotations

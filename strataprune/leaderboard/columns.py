@@ -5,7 +5,7 @@
     backend: onnxruntime                      # latency/size columns
     bench: {prompt_len: 128, decode_tokens: 16, repeats: 3}
 
-- Accuracy is ``strataprune.core.zeroshot.evaluate_tasks`` on the model in memory (lm-eval, 0-shot,
+- Accuracy is ``strataprune.evaluate.zeroshot.evaluate_tasks`` on the model in memory (lm-eval, 0-shot,
   each task's reported metric; the grid's ``recipe.evaluation.task_include_path`` and
   ``task_batch_size`` apply). Tasks and their data are checked before the first cell
   (``zeroshot.resolve_tasks``); the dense model's accuracy is cached by its fingerprint.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from strataprune.contract.errors import ConfigError
 
 BENCH_KEYS = ("prompt_len", "decode_tokens", "warmup", "repeats", "parity_steps")
 
@@ -47,7 +47,7 @@ class BenchSettings:
             raise ConfigError(f"{where}: bench must be a mapping with keys {', '.join(BENCH_KEYS)}")
         for key, item in value.items():
             if key not in BENCH_KEYS:
-                from ..core.errors import did_you_mean
+                from strataprune.contract.errors import did_you_mean
 
                 raise ConfigError(f"{where}: bench: unknown key '{key}'{did_you_mean(str(key), BENCH_KEYS)}; allowed: {', '.join(BENCH_KEYS)}")
             low = 1 if key in ("prompt_len", "repeats") else 0
@@ -63,7 +63,7 @@ class BenchSettings:
 def check_tasks(tasks: list[str], include_path: str | None) -> None:
     """Harness installed, every task known and its data loadable: one error line, before any model work."""
     if tasks:
-        from ..core.zeroshot import resolve_tasks
+        from strataprune.evaluate.zeroshot import resolve_tasks
 
         resolve_tasks(tasks, include_path)
 
@@ -82,7 +82,7 @@ def accuracy(loaded: Any, tasks: list[str], limit: int | None, evaluation: Any, 
     """``evaluate_tasks`` on the model as it is now (None without tasks); ``cache_key``: the dense fingerprint."""
     if not tasks:
         return None
-    from ..core.zeroshot import evaluate_tasks
+    from strataprune.evaluate.zeroshot import evaluate_tasks
 
     return evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit, include_path=evaluation.task_include_path,
                           batch_size=evaluation.task_batch_size, adapter=loaded.adapter, cache_key=cache_key, show_progress=show)
@@ -96,7 +96,7 @@ def save_run_folder(folder: Path, loaded: Any, allocation: Any, layout: Any, rec
     A quantizing pruner's cell is saved with its weights as fp32 values (the run's INT4 grids, which
     ``strataprune run`` saves for an INT4 deployment, stay inside the pipeline), so it is timed as fp32.
     """
-    from ..core.reports import environment, write_json
+    from strataprune.runtime.reports import environment, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     (offload or loaded.model).save_pretrained(folder)  # an offloaded model writes its blocks from disk

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from ..core.errors import ConfigError, StrataPruneError
+from strataprune.contract.errors import ConfigError, StrataPruneError
 
 EXECUTORS = ("local", "process", "ray")
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import ConfigError, StrataPruneError, did_you_mean
-from ..core.recipes import Recipe, recipe_from_dict
-from ..core.sparsity import parse_sparsity
+from strataprune.contract.errors import ConfigError, StrataPruneError, did_you_mean
+from strataprune.engine.recipe import Recipe, recipe_from_dict
+from strataprune.contract.sparsity import parse_sparsity
 from .columns import BenchSettings
 
 GRID_VERSION = 1
@@ -186,7 +186,7 @@ def source_label(source: str) -> str:
 def parse_plugin(value: Any, where: str) -> PluginSpec:
     """``name``, ``name:key=value:...`` (the syntax of ``strataprune allocate --allocators``) or ``{name: ..., key: value}``."""
     if isinstance(value, str):
-        from ..core.allocate import parse_spec
+        from strataprune.engine.allocator_comparison import parse_spec
 
         try:
             name, params = parse_spec(value)
@@ -362,12 +362,12 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
 
     The error names the first cell (in grid order) that the bad value affects.
     """
-    from ..core.data import open_dataset
-    from ..core.limits import check_recipe_limits
-    from ..core.modelfiles import inspect_model
-    from ..core.preflight import check_text_sources
-    from ..core.registry import get_registry
-    from ..core.textfile import looks_like_path
+    from strataprune.data.text_windows import open_dataset
+    from strataprune.engine.limits import check_recipe_limits
+    from strataprune.models.files import inspect_model
+    from strataprune.engine.preflight import check_text_sources
+    from strataprune.contract.registry import get_registry
+    from strataprune.data.textfile import looks_like_path
     from .columns import check_backend, check_tasks
 
     registry = registry or get_registry()
@@ -388,7 +388,7 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
     try:
         recipe = recipe_from_dict(grid.recipe)
         ev = recipe.evaluation
-        for text in grid.texts:  # every text as the evaluation text (core/preflight.py checks files, then datasets)
+        for text in grid.texts:  # every text as the evaluation text (strataprune/engine/preflight.py checks files, then datasets)
             text_recipe = recipe_from_dict({**grid.recipe, "evaluation": {**grid.recipe.get("evaluation", {}), "source": text.source}})
             check_text_sources(text_recipe)
             if not looks_like_path(text.source):

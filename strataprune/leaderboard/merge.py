@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from strataprune.contract.errors import ConfigError
 from .grid import Grid
 from .results import FORMAT_NAME, ResultsFile, differences, model_identity, read_records
 

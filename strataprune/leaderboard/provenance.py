@@ -1,7 +1,7 @@
 """What a leaderboard records about where each number came from: times, plugin versions, the worker.
 
-The token windows' SHA-256 comes from core/data.py (``windows_sha256``, in every windows'
-description), the environment from core/reports.py (``environment``).
+The token windows' SHA-256 comes from strataprune/data/text_windows.py (``windows_sha256``, in every windows'
+description), the environment from strataprune/runtime/reports.py (``environment``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Safety:
 - a record is one line written with a single ``write`` on a file opened for appending, then
   ``fsync``; a kill can only leave a torn *last* line, which the next open detects (no trailing
   newline, or not JSON) and drops, saying so;
-- one writer: the leaderboard folder holding the file is locked by core/outputs.py's output lock
+- one writer: the leaderboard folder holding the file is locked by strataprune/runtime/outputs.py's output lock
   (``check_output_dir``, released by the kernel when the process dies) while a grid uses it, so a
   second grid on the same folder gets an error instead of interleaved lines;
 - a results file whose header names another grid or another protocol is refused, naming the
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from strataprune.contract.errors import ConfigError
 
 FORMAT_NAME = "strataprune-leaderboard"
 
@@ -183,7 +183,7 @@ class ResultsFile:
 
 
 def header_record(grid_name: str, protocol: dict[str, Any], protocol_sha256: str) -> dict[str, Any]:
-    from ..core.reports import environment
+    from strataprune.runtime.reports import environment
     from .provenance import now
 
     return {

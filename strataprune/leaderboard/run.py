@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
-from ..core.outputs import release_output_lock
-from ..core.progress import progress
+from strataprune.contract.errors import ConfigError
+from strataprune.runtime.outputs import release_output_lock
+from strataprune.runtime.progress import progress
 from .executors import make_executor
 from .grid import Cell, Grid, validate_cells
 from .results import ResultsFile, header_record
@@ -48,7 +48,7 @@ def open_leaderboard_dir(out: Path) -> None:
     """Make ``out`` this process's leaderboard folder: refuse a folder strataprune may not write, lock it.
 
     A leaderboard folder grows (results are appended, tables re-rendered), so it is not committed
-    atomically like a run's output; it uses core/outputs.py's ownership marker and its one-writer lock
+    atomically like a run's output; it uses strataprune/runtime/outputs.py's ownership marker and its one-writer lock
     instead: an empty or new folder, or one holding the marker of an earlier leaderboard (or, from
     before markers, a leaderboard ``results.jsonl`` and nothing else), is accepted and locked until
     ``release_output_lock``; a second grid on the same folder, a folder of another strataprune command,
@@ -56,7 +56,7 @@ def open_leaderboard_dir(out: Path) -> None:
     """
     import json
 
-    from ..core.outputs import MARKER, check_output_dir, output_owner
+    from strataprune.runtime.outputs import MARKER, check_output_dir, output_owner
     from .provenance import now
     from .render import write_atomic
     from .results import FORMAT_NAME
@@ -78,7 +78,7 @@ def open_leaderboard_dir(out: Path) -> None:
         raise ConfigError(f"output '{out}' holds a strataprune {owner.get('command', 'run')} output, not a leaderboard; choose another --output")
 
     def mark() -> None:
-        from strataprune import __version__
+        from strataprune.version import __version__
 
         marker = {"tool": "strataprune", "version": __version__, "command": "leaderboard", "state": "appending",
                   "started": now(), "destination": str(out.resolve()), "files": list(LEADERBOARD_FILES)}
@@ -191,7 +191,7 @@ def _run_pending(
     grid: Grid, results: ResultsFile, result: LeaderboardResult, *, jobs: int, executor: str, threads: int | None,
     ray_address: str | None, retry_failed: bool, show: bool, echo: Callable[[str], None],
 ) -> None:
-    from ..core.registry import get_registry
+    from strataprune.contract.registry import get_registry
     from .results import differences, model_identity
 
     pending, result.kept = _pending(grid, results, retry_failed)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import DataError, StrataPruneError
+from strataprune.contract.errors import DataError, StrataPruneError
 from .columns import BenchSettings
 from .grid import Cell, ModelSpec, PluginSpec, TextSpec
 
@@ -78,13 +78,13 @@ def _set_threads(threads: int) -> None:
 
 def _recipe(data: dict[str, Any], threads: int, where: str) -> Any:
     """The recipe with this worker's share of the cores as its ``threads`` (Pipeline.prepare applies it)."""
-    from ..core.recipes import recipe_from_dict
+    from strataprune.engine.recipe import recipe_from_dict
 
     return recipe_from_dict({**data, "threads": threads or data.get("threads")}, where=where)
 
 
 def _loaded(recipe: Any) -> tuple[Any, float]:
-    from ..core.models import load_model
+    from strataprune.models.loading import load_model
 
     key = json.dumps(dataclasses.asdict(recipe.model), sort_keys=True)
     if _CACHE.get("key") != key:
@@ -104,7 +104,7 @@ def _bos(recipe: Any, loaded: Any) -> bool:
 
 
 def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, Any]:
-    from ..core.data import evaluation_windows, open_dataset
+    from strataprune.data.text_windows import evaluation_windows, open_dataset
 
     bos = _bos(recipe, loaded)
     ev = recipe.evaluation
@@ -113,7 +113,7 @@ def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, 
 
 
 def _window_record(windows: Any) -> dict[str, Any]:
-    """The windows' SHA-256 (core/data.py puts it in every description) with their shape and origin."""
+    """The windows' SHA-256 (strataprune/data/text_windows.py puts it in every description) with their shape and origin."""
     return {"sha256": windows.description["sha256"], "windows": int(windows.ids.shape[0]),
             "seqlen": int(windows.ids.shape[1]), "description": windows.description}
 
@@ -134,10 +134,10 @@ def _check(expected: dict[str, Any], name: str, actual: str, what: str) -> None:
 # --------------------------------------------------------------------------- tasks
 def prepare_model(task: ModelTask) -> dict[str, Any]:
     """Dense evaluation and the shared statistics pass of one model (see module docstring)."""
-    from ..core.evaluation import perplexity
-    from ..core.pipeline import Pipeline
-    from ..core.registry import get_registry
-    from ..core.reports import environment
+    from strataprune.evaluate.perplexity import perplexity
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.contract.registry import get_registry
+    from strataprune.runtime.reports import environment
     from . import columns
     from .provenance import now, plugin_info, worker_info
 
@@ -192,11 +192,11 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
 
 def run_cell(task: CellTask) -> dict[str, Any]:
     """Allocate, prune, measure, evaluate and restore one cell; returns its record (ok or failed)."""
-    from ..core.evaluation import perplexity
-    from ..core.memory import peak_rss_since_reset_mb, reset_peak_rss
-    from ..core.pipeline import Pipeline
-    from ..core.registry import get_registry
-    from ..core.reports import environment
+    from strataprune.evaluate.perplexity import perplexity
+    from strataprune.runtime.memory import peak_rss_since_reset_mb, reset_peak_rss
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.contract.registry import get_registry
+    from strataprune.runtime.reports import environment
     from . import columns
     from .provenance import now, plugin_info, worker_info
 

@@ -1,6 +1,6 @@
 """Built-in model adapters, registered through the same hook as third-party ones."""
 
-from strataprune.core.hookspecs import hookimpl
+from strataprune.contract.hookspecs import hookimpl
 
 
 @hookimpl

@@ -12,7 +12,7 @@ Calibration and evaluation pair every image crop with its caption (``photos`` ca
 folder / file name); captions are padded after their end-of-text token without an attention mask
 (the causal mask keeps the pooled end-of-text state independent of the padding). Evaluation:
 image->text and text->image retrieval agreement with the dense model, and the cosine of the image
-and text embeddings to the dense ones (core/task_metrics.py). No CLIP weights install offline: the
+and text embeddings to the dense ones (strataprune/evaluate/vision_metrics.py). No CLIP weights install offline: the
 tests use tiny random configs.
 
     strataprune run --model path/to/clip-folder --calibration photos --eval-data photos --allocator owl
@@ -27,10 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from strataprune.core.errors import ConfigError
-from strataprune.core.images import ImageBatch, ImageSpec
-from strataprune.core.plugin import LoadedModel
-from strataprune.core.vision import Unit, VisionAdapter, find_module_list
+from strataprune.contract.errors import ConfigError
+from strataprune.data.images import ImageBatch, ImageSpec
+from strataprune.contract.layout import LoadedModel
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 TOWERS = ("vision", "text")
 

@@ -1,7 +1,7 @@
 """ConvNeXt image classifiers from transformers (Liu et al. 2022, ``ConvNextForImageClassification``).
 
 Blocks are the ConvNeXt layers of every stage (``convnext.encoder.stages.S.layers.L``): a depthwise
-7x7 convolution (dense: see the depthwise rule in core/im2col.py), LayerNorm and two pointwise
+7x7 convolution (dense: see the depthwise rule in strataprune/plugins/adapters/im2col.py), LayerNorm and two pointwise
 Linears (pruned). A stage's downsampling layer (LayerNorm + 2x2 stride-2 convolution) is the
 transition into its first block and its convolution is pruned with that block through the im2col
 view (weights (out, in*2*2), statistics from unfolded 2x2 patches). The stem convolution and the
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from strataprune.core.images import ImageSpec
-from strataprune.core.vision import Unit, VisionAdapter, find_module_list
+from strataprune.data.images import ImageSpec
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 
 class ConvNeXt(VisionAdapter):

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from strataprune.core.errors import DataError
-from strataprune.core.plugin import BlockInputs, LoadedModel, MatrixInfo, ModelAdapter, ModelLayout
+from strataprune.contract.errors import DataError
+from strataprune.contract.adapter import ModelAdapter
+from strataprune.contract.layout import BlockInputs, LoadedModel, MatrixInfo, ModelLayout
 
 
 @functools.cache

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from strataprune.core.images import ImageSpec
-from strataprune.core.vision import Unit, VisionAdapter, sequential_units
+from strataprune.data.images import ImageSpec
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, sequential_units
 
 
 class DeiT(VisionAdapter):

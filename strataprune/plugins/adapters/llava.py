@@ -11,7 +11,7 @@ calibration engine reaches it, so the language model's statistics see a pruned v
 
 Data: every image crop followed by its caption (``[BOS] <image> x N caption``, N the number of image
 features). Evaluation: top-1/top-5 agreement and KL divergence of the next-token distributions over
-the caption positions, against the dense model (core/task_metrics.py). No LLaVA weights install
+the caption positions, against the dense model (strataprune/evaluate/vision_metrics.py). No LLaVA weights install
 offline: tests use tiny random configs.
 
     strataprune run --model path/to/llava-folder --calibration photos --eval-data photos --allocator atp
@@ -26,10 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from strataprune.core.errors import ConfigError
-from strataprune.core.images import ImageBatch, ImageSpec
-from strataprune.core.plugin import LoadedModel
-from strataprune.core.vision import Unit, VisionAdapter, find_module_list
+from strataprune.contract.errors import ConfigError
+from strataprune.data.images import ImageBatch, ImageSpec
+from strataprune.contract.layout import LoadedModel
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 PARTS = ("vision", "projector", "language")
 

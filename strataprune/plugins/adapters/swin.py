@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from strataprune.core.images import ImageSpec
-from strataprune.core.vision import Unit, VisionAdapter, find_module_list
+from strataprune.data.images import ImageSpec
+from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 
 class Swin(VisionAdapter):

@@ -4,7 +4,7 @@ uniform (baseline), atp (§3), alpha (AlphaPruning, §4), owl (§5), rmi (LoSA's
 hessian_cluster (reconstruction of arXiv 2409.20094, §7); section numbers refer to algorithms.md.
 """
 
-from strataprune.core.hookspecs import hookimpl
+from strataprune.contract.hookspecs import hookimpl
 
 
 @hookimpl

@@ -33,7 +33,7 @@ Needs no calibration data. For every prunable matrix W (out x in):
    (core.allocation.redistribute), so the mean stays exactly S.
 
 Spectra are cached in ``{cache_dir}/esd-v2-{fingerprint}.npz`` so an epsilon sweep computes
-them once; the key is the SHA-256 of the full content of every prunable weight (core/fingerprint.py),
+them once; the key is the SHA-256 of the full content of every prunable weight (strataprune/engine/fingerprint.py),
 so an edited checkpoint never reuses stale spectra. Defaults: epsilon=0.3, xmin="peak", mapping="block", normalize="safe".
 
     strataprune run --allocator alpha --sparsity 0.7
@@ -54,9 +54,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from strataprune.core.allocation import MAX_RATIO, Allocation, redistribute, scale_to_target
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, Allocator, MatrixInfo
+from strataprune.contract.allocation import MAX_RATIO, Allocation, redistribute, scale_to_target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.layout import MatrixInfo
 
 log = logging.getLogger(__name__)
 

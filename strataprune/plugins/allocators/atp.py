@@ -66,9 +66,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from strataprune.core.allocation import Allocation
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.plugin import AllocationContext, Allocator, ModelLayout
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.layout import ModelLayout
 
 log = logging.getLogger(__name__)
 

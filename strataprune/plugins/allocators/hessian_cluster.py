@@ -58,10 +58,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from strataprune.core.allocation import Allocation, redistribute
-from strataprune.core.errors import PluginError, require
-from strataprune.core.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
-from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
+from strataprune.contract.allocation import Allocation, redistribute
+from strataprune.contract.errors import PluginError, require
+from strataprune.plugins.common.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.layout import BlockStats
 
 #: number of intervals of the stored cumulative-error curve (resolution 0.1% of sparsity)
 CURVE_POINTS = 1000

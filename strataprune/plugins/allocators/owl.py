@@ -56,11 +56,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from strataprune.core.allocation import MEAN_TOLERANCE, Allocation, redistribute
-from strataprune.core.errors import PluginError, require
-from strataprune.core.plugin import AllocationContext, Allocator, BlockStats, ModelLayout
-from strataprune.core.scores import wanda_scores
-from strataprune.core.sparsity import NMPattern
+from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation, redistribute
+from strataprune.contract.errors import PluginError, require
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.layout import BlockStats, ModelLayout
+from strataprune.plugins.common.scores import wanda_scores
+from strataprune.contract.sparsity import NMPattern
 
 #: the official code replaces a sparsity <= 0 by this value
 PAPER_FLOOR = 0.01

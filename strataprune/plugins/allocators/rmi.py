@@ -64,9 +64,10 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from strataprune.core.allocation import MAX_RATIO, Allocation, redistribute
-from strataprune.core.errors import ConfigError, PluginError, require
-from strataprune.core.plugin import AllocationContext, Allocator, BlockStats
+from strataprune.contract.allocation import MAX_RATIO, Allocation, redistribute
+from strataprune.contract.errors import ConfigError, PluginError, require
+from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.layout import BlockStats
 
 #: official importance temperature per pruner
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0}

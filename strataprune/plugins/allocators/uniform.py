@@ -7,8 +7,8 @@ The baseline every non-uniform allocator is compared with (Wanda and SparseGPT a
 
 from __future__ import annotations
 
-from strataprune.core.allocation import Allocation
-from strataprune.core.plugin import AllocationContext, Allocator
+from strataprune.contract.allocation import Allocation
+from strataprune.contract.allocator import AllocationContext, Allocator
 
 
 class Uniform(Allocator):

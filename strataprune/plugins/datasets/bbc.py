@@ -12,8 +12,8 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from strataprune.core.errors import DataError
-from strataprune.core.plugin import Dataset
+from strataprune.contract.errors import DataError
+from strataprune.contract.dataset import Dataset
 
 SPLIT_OF_INDEX = {0: "test", 5: "validation"}
 
@@ -55,7 +55,7 @@ class BBCNews(Dataset):
 
     def labelled_documents(self, split: str) -> list[tuple[str, str]]:
         """(topic, text) of the split's articles, in the same order as ``documents(split)`` (the zero-shot
-        BBC tasks, core/bbc_tasks.py, read the test split through this)."""
+        BBC tasks, strataprune/evaluate/bbc_tasks.py, read the test split through this)."""
         return [pair for i, pair in enumerate(_labelled_articles()) if split_of(i) == split]
 
     def describe(self) -> dict[str, object]:

@@ -14,9 +14,10 @@ from typing import Literal
 
 import torch
 
-from strataprune.core.masks import keep_for_target
-from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
-from strataprune.core.sparsity import Target
+from strataprune.plugins.common.masks import keep_for_target
+from strataprune.contract.layout import MatrixStats
+from strataprune.contract.pruner import Pruner, PruneResult
+from strataprune.contract.sparsity import Target
 
 
 @dataclass

@@ -44,10 +44,11 @@ from typing import Any
 
 import torch
 
-from strataprune.core.errors import ConfigError, PluginError
-from strataprune.core.linalg import DAMP_RETRIES, PERCDAMP, cholesky_inverse, damped_cholesky, damping_note, finite_positive, single_thread
-from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import ConfigError, PluginError
+from strataprune.plugins.common.linalg import DAMP_RETRIES, PERCDAMP, cholesky_inverse, damped_cholesky, damping_note, finite_positive, single_thread
+from strataprune.contract.layout import MatrixStats
+from strataprune.contract.pruner import Pruner, PruneResult
+from strataprune.contract.sparsity import Target
 
 _WHERE = "pruner 'sparsegpt'"
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from strataprune.core.errors import PluginError
-from strataprune.core.masks import keep_for_target
-from strataprune.core.plugin import MatrixStats, Pruner, PruneResult
-from strataprune.core.scores import wanda_scores
-from strataprune.core.sparsity import Target
+from strataprune.contract.errors import PluginError
+from strataprune.plugins.common.masks import keep_for_target
+from strataprune.contract.layout import MatrixStats
+from strataprune.contract.pruner import Pruner, PruneResult
+from strataprune.plugins.common.scores import wanda_scores
+from strataprune.contract.sparsity import Target
 
 
 @dataclass

@@ -4,7 +4,7 @@ losa (LoSA: rounds of pruning and sparsity-aware masked LoRA, algorithms.md §6)
 LoRA after pruning, the comparison).
 """
 
-from strataprune.core.hookspecs import hookimpl
+from strataprune.contract.hookspecs import hookimpl
 
 
 @hookimpl

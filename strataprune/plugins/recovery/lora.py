@@ -1,11 +1,11 @@
 """Masked LoRA after pruning: the plain recovery LoSA is compared against.
 
 LoRA (Hu et al., ICLR 2022, arXiv 2106.09685) on every prunable matrix of the pruned model, with the
-update multiplied by the weight's mask as in LoSA (core/lora.py):
+update multiplied by the weight's mask as in LoSA (strataprune/plugins/recovery/masked_lora.py):
 
     W_eff = W + s ((B A) ⊙ 1[W != 0]),   B A of one uniform rank r,   s = ``scale``
 
-trained ``steps`` AdamW steps on the training text (core/finetune.py), then merged,
+trained ``steps`` AdamW steps on the training text (strataprune/plugins/recovery/finetune.py), then merged,
 W <- W + s ((B A) ⊙ M): the run's allocation, mask and N:M pattern are kept exactly and the saved
 model has no extra parameters. One round; the model is pruned once by the run (its allocator and
 pruner), so the difference to ``losa`` is LoSA's gradual schedule, RMI allocation and per-block ranks.
@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from strataprune.core import lora
-from strataprune.core.errors import ConfigError
-from strataprune.core.finetune import TrainingConfig, finetune, windows_needed
-from strataprune.core.plugin import Recovery, RecoveryContext, RecoveryResult
+from strataprune.plugins.recovery import masked_lora as lora
+from strataprune.contract.errors import ConfigError
+from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
+from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryResult
 
 _WHERE = "recovery 'lora'"
 

@@ -1,0 +1,99 @@
+"""Local text: reading files safely, and any text file as a dataset (e.g. ../shared/data/wikitext-2/wiki.test.raw).
+
+    strataprune eval out/ --data /work/shared/data/wikitext-2/wiki.test.raw   # the papers' WikiText-2 protocol
+    strataprune eval out/ --data notes.txt --encoding latin-1
+
+A file is decoded strictly: binary data (NUL bytes) and bytes that are not valid in the named encoding
+(UTF-8 unless told otherwise) are refused with the offset of the first bad byte, never turned into
+replacement characters. A file has no splits: it is one ``all`` split (calibration on a file keeps
+its last 10% of tokens for selection, strataprune/data/text_windows.py). Files named like WikiText's own
+(``wiki.test.raw``, ``wiki.valid.tokens`` ...) default to the papers' ``wikitext2`` protocol, others
+to ``documents``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from strataprune.contract.errors import ConfigError, DataError, StrataPruneError
+from strataprune.contract.dataset import Dataset
+
+#: file names of the WikiText distribution (wikitext-2-raw-v1 / wikitext-2-v1)
+WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")
+
+
+def looks_like_path(source: str) -> bool:
+    """A text source that names a file (it exists, has a suffix or a '/') rather than a registered dataset."""
+    path = Path(source).expanduser()
+    return path.exists() or bool(path.suffix) or "/" in source
+
+
+def is_image_source(source: str) -> bool:
+    """Whether ``source`` names image data (``photos`` or an existing folder) rather than text; kept here,
+    beside ``looks_like_path``, so the checks before the heavy imports can tell the two apart."""
+    return source == "photos" or Path(source).expanduser().is_dir()
+
+
+def decode_text(raw: bytes, what: str, encoding: str = "utf-8", error: type[StrataPruneError] = DataError) -> str:
+    """Bytes -> text, refusing binary data (NUL bytes) and bytes that are not valid ``encoding``."""
+    if b"\0" in raw[:65536] and not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32")):
+        raise error(f"{what} is a binary file, not text")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what} is not valid {encoding} text (byte 0x{raw[exc.start:exc.start + 1].hex()} at offset {exc.start}); "
+            "convert it to UTF-8 or name its encoding (recipe key calibration.encoding / evaluation.encoding, eval --encoding)"
+        ) from None
+    except LookupError:
+        raise ConfigError(f"{what}: {encoding!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252)") from None
+
+
+def read_text_file(path: Path, what: str, encoding: str = "utf-8", error: type[StrataPruneError] = DataError) -> str:
+    """A text file's contents, or one error saying why not: missing, a folder, unreadable, binary, wrong encoding."""
+    if path.is_dir():
+        raise error(f"{what} '{path}' is a directory, not a file")  # not "does not exist": it does
+    if not path.exists():
+        raise error(f"{what} '{path}' does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+    return decode_text(raw, f"{what} '{path}'", encoding, error)
+
+
+class TextFile(Dataset):
+    name = "textfile"
+    version = "2"
+    summary = "a local text file (UTF-8 unless an encoding is given), one split 'all'"
+    splits = ("all",)
+
+    def __init__(self, path: str | Path, encoding: str = "utf-8") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.encoding = encoding
+        self.text = read_text_file(self.path, "text file", encoding)  # read once, checked before any model loads
+        if not self.text.strip():
+            raise DataError(f"text file '{self.path}' has no text")
+        self.reference_protocol = "wikitext2" if WIKITEXT_FILE.match(self.path.name) else "documents"
+        raw = self.text.encode(encoding)  # the file's bytes again (decoding checked they round-trip)
+        self._size, self._sha256 = len(raw), hashlib.sha256(raw).hexdigest()
+
+    def rows(self, split: str) -> list[str]:
+        """The lines as the Hugging Face text loaders yield them: each with its "\\n" (any line ending
+        becomes "\\n"), blank lines as "" (WikiText's loader: ``row if row.strip() else ""``)."""
+        parts = self.text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+        return [line if line.strip() else "" for line in lines]
+
+    def documents(self, split: str) -> list[str]:
+        # the per-document protocol: one paragraph a line, blank lines dropped
+        return [line.strip() for line in self.text.splitlines() if line.strip()]
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": "textfile", "path": str(self.path.resolve()), "bytes": self._size,
+            "encoding": self.encoding, "file_sha256": self._sha256,
+        }

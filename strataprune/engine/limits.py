@@ -1,0 +1,119 @@
+"""Limits a run must fit in, checked before the work: the model's context, and memory for the activations.
+
+    check_recipe_limits(config, recipe)     # config: config.json as a dict, or a transformers config
+
+- ``seqlen`` (calibration and evaluation windows) must not exceed the model's context
+  (``max_position_embeddings``, or ``n_positions`` / ``n_ctx`` / ``max_sequence_length``): longer
+  windows index past learned position tables or run positions the model never saw.
+- Calibration keeps the inputs and the outputs of one block for every sample, so it needs about
+  ``2 x nsamples x seqlen x hidden x bytes(activation dtype)``: in memory (``MemAvailable``, and the
+  cgroup limit where one is set), on the GPU, or on disk with ``calibration.activation_dir``. A run
+  asking for more than is available is refused with the numbers, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from strataprune.contract.errors import ConfigError
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+
+
+def _first(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, int] | None:
+    for source in (config, config.get("text_config") or {}):
+        for key in keys:
+            value = source.get(key) if isinstance(source, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+    return None
+
+
+def context_length(config: Any) -> tuple[str, int] | None:
+    """(config key, tokens) of the model's context, or None when the config does not say."""
+    return _first(_as_dict(config), CONTEXT_KEYS)
+
+
+def check_seqlen(config: Any, seqlen: int, what: str) -> None:
+    found = context_length(config)
+    if found is not None and seqlen > found[1]:
+        raise ConfigError(f"{what} {seqlen} is longer than the model's context ({found[0]} = {found[1]}); use at most {found[1]}")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a new allocation can get: MemAvailable, capped by the cgroup's limit; None if unknown."""
+    best = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    best = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            best = min(best if best is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_activation_memory(config: Any, nsamples: int, seqlen: int, dtype: str, device: str = "cpu",
+                            activation_dir: str | None = None) -> None:
+    hidden = _first(_as_dict(config), HIDDEN_KEYS)
+    if hidden is None:
+        return
+    need = 2 * nsamples * seqlen * hidden[1] * DTYPE_BYTES.get(dtype, 4)
+    formula = f"2 x nsamples {nsamples} x seqlen {seqlen} x hidden {hidden[1]} x {DTYPE_BYTES.get(dtype, 4)} bytes ({dtype})"
+    if activation_dir:
+        folder = Path(activation_dir).expanduser().absolute()
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        have, where = shutil.disk_usage(folder).free, f"free on the disk of {folder}"
+    elif str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        index = torch.device(device).index or 0
+        have, where = torch.cuda.mem_get_info(index)[0], f"free on {device}"
+    else:
+        memory = available_memory_bytes()
+        if memory is None:
+            return
+        have, where = memory, "of memory available"
+    if need > have:
+        raise ConfigError(
+            f"calibration needs about {_gib(need)} for its activations ({formula}: a block's inputs and outputs), "
+            f"more than the {_gib(have)} {where}; lower calibration.nsamples or seqlen, use --activation-dtype bfloat16, "
+            "or keep them on disk with --activation-dir DIR"
+        )
+
+
+def check_recipe_limits(config: Any, recipe: Any, evaluation: bool = True) -> None:
+    """Every limit of a recipe against the model's config (cheap; call it before loading data).
+    ``evaluation=False`` for commands that do not evaluate (``allocate``)."""
+    check_seqlen(config, recipe.calibration.seqlen, "calibration.seqlen")
+    if evaluation:
+        check_seqlen(config, recipe.evaluation.seqlen, "evaluation.seqlen")
+    check_activation_memory(
+        config, recipe.calibration.nsamples, recipe.calibration.seqlen,
+        recipe.calibration.activation_dtype or recipe.model.dtype, recipe.model.device, recipe.calibration.activation_dir,
+    )
