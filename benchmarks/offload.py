@@ -38,8 +38,7 @@ def write_random_llama(folder: Path, target_bytes: int, seed: int = 0) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import _tiny_tokenizer  # byte-level tokenizer with ids < 256
+    from strataprune.testing import byte_level_tokenizer  # ids < 256
 
     hidden, inter = 1536, 4096
     per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 4
@@ -68,7 +67,7 @@ def write_random_llama(folder: Path, target_bytes: int, seed: int = 0) -> dict:
         del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
     return {"layers": layers, "hidden": hidden, "intermediate": inter, "bytes": total}
 
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
 from strataprune.contract.adapter import ModelAdapter
+from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
 from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.base import Plugin
 from strataprune.contract.layout import BlockStats, MatrixInfo, MatrixStats, ModelLayout
@@ -38,7 +38,7 @@ from strataprune.contract.pruner import Pruner
 from strataprune.contract.sparsity import Target, nm_violations, realised_matches
 
 __all__ = ["check_allocator", "check_pruner", "check_adapter", "check_recovery", "random_layout", "random_block_stats",
-           "tiny_llama_dir"]
+           "tiny_llama_dir", "byte_level_tokenizer"]
 
 #: a few blocks of unequal size, like a decoder with attention and MLP matrices of several shapes
 DEFAULT_SHAPES: tuple[tuple[str, tuple[int, int]], ...] = (
@@ -298,6 +298,7 @@ def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int
     import numpy as np
 
     from strataprune.contract.backend import BACKEND_CONTRACT, Backend, BackendAvailability, CompiledModel, DeploySettings
+
     from .deploy.parity import check_parity, reference_outputs
 
     backend = _instantiate(backend, Backend)
@@ -329,24 +330,31 @@ def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int
     return parity
 
 
-# --------------------------------------------------------------------------- recoveries (issue 18)
+# --------------------------------------------------------------------------- tiny models and text
+def byte_level_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges: every id is below 256, so it fits any tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!")
+
+
 def tiny_llama_dir(folder: Any, seed: int = 0) -> Any:
     """A tiny random Llama (3 blocks, hidden 64) with a byte-level tokenizer, saved to ``folder``."""
     from pathlib import Path
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!").save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -376,10 +384,10 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
 
     from transformers import AutoModelForCausalLM
 
-    from strataprune.engine.pipeline import Pipeline
     from strataprune.contract.recovery import Recovery
-    from strataprune.engine.recipe import recipe_from_dict
     from strataprune.contract.registry import Registry, get_registry
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.recipe import recipe_from_dict
 
     if isinstance(recovery, tuple):
         cls, params = recovery

@@ -26,7 +26,8 @@ def _clip_config(tokenizer):  # type: ignore[no-untyped-def]
 def tiny_vision_model(kind: str, seed: int = 0):  # type: ignore[no-untyped-def]
     """(model, tokenizer or None) of a tiny random config of ``kind``."""
     import transformers as T
-    from conftest import _tiny_tokenizer
+
+    from strataprune.testing import byte_level_tokenizer
 
     torch.manual_seed(seed)
     vit = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=IMAGE, patch_size=8)
@@ -44,7 +45,7 @@ def tiny_vision_model(kind: str, seed: int = 0):  # type: ignore[no-untyped-def]
     if kind == "convnext":
         return T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_stages=2, image_size=IMAGE,
                                                                  **labels)).eval(), None
-    tokenizer = _tiny_tokenizer()
+    tokenizer = byte_level_tokenizer()
     if kind == "clip":
         return T.CLIPModel(_clip_config(tokenizer)).eval(), tokenizer
     if kind == "llava":

@@ -1,0 +1,200 @@
+"""Output folders: only our own outputs are replaced, one writer at a time, a commit that never loses data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from strataprune.contract.errors import OutputError
+from strataprune.runtime import outputs
+from strataprune.runtime.reports import atomic_output_dir, check_output_dir
+
+
+def write_output(dest: Path, content: str = "new", overwrite: bool = False) -> None:
+    with atomic_output_dir(dest, overwrite, command="test") as tmp:
+        (tmp / "report.json").write_text(json.dumps({"content": content}))
+        (tmp / "model.safetensors").write_bytes(b"\0" * 64)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (and its siblings' names), to show nothing changed."""
+    out = {p.name: b"<sibling>" for p in folder.parent.iterdir() if p != folder}
+    out.update({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {})
+    return out
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_fresh_output_has_marker_and_usual_permissions(tmp_path):
+    dest = tmp_path / "a" / "b" / "out"
+    old_umask = os.umask(0o022)
+    try:
+        write_output(dest)
+    finally:
+        os.umask(old_umask)
+    assert (dest.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    marker = json.loads((dest / outputs.MARKER).read_text())
+    assert marker["tool"] == "strataprune" and marker["command"] == "test" and marker["state"] == "complete"
+    assert marker["files"] == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["out"]  # no lock file or temporary left beside it
+
+
+def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    before = tree(foreign)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="not written by strataprune.*left untouched"):
+            write_output(foreign, overwrite=overwrite)
+    assert tree(foreign) == before
+
+    ours = tmp_path / "ours"
+    write_output(ours, "first")
+    with pytest.raises(OutputError, match="already holds strataprune test; pass --overwrite"):
+        write_output(ours, "second")
+    write_output(ours, "second", overwrite=True)
+    assert json.loads((ours / "report.json").read_text())["content"] == "second"
+
+    (ours / "notes.txt").write_text("added by hand")
+    with pytest.raises(OutputError, match=r"holds files strataprune did not write \(notes.txt\)"):
+        write_output(ours, "third", overwrite=True)
+    assert (ours / "notes.txt").read_text() == "added by hand"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_output(empty)  # an empty folder holds nothing to lose
+    assert (empty / "report.json").is_file()
+
+    legacy = tmp_path / "legacy"  # an output of strataprune 0.1.0: no marker, a recognisable report
+    legacy.mkdir()
+    (legacy / "report.json").write_text(json.dumps({"format_version": 1, "environment": {"strataprune": "0.1.0"}}))
+    (legacy / "alpha").mkdir()
+    (legacy / "alpha" / "allocation.json").write_text("{}")
+    write_output(legacy, overwrite=True)
+    assert not (legacy / "alpha").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc", "root", "symlink"])
+def test_unwritable_destinations_are_refused_before_work(tmp_path, where):
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path)
+    dest = {"file": tmp_path / "f.txt", "under_file": tmp_path / "f.txt" / "out", "proc": Path("/proc/strataprune-x"),
+            "root": Path("/"), "symlink": tmp_path / "link"}[where]
+    if where == "proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+    message = {"file": "exists and is not a folder", "under_file": "which is a file, not a folder",
+               "proc": "cannot create files in '/proc'", "root": "filesystem root", "symlink": "is a symbolic link"}[where]
+    with pytest.raises(OutputError, match=message):
+        check_output_dir(dest, overwrite=True)
+    assert (tmp_path / "f.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "link"]
+
+
+def test_failed_work_leaves_the_old_output_and_no_temporary(tmp_path):
+    dest = tmp_path / "out"
+    write_output(dest, "old")
+    before = tree(dest)
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(dest, True) as tmp:
+            (tmp / "report.json").write_text("half")
+            raise RuntimeError("pruning failed")
+    assert tree(dest) == before
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys
+    from strataprune.runtime.reports import check_output_dir
+    check_output_dir(sys.argv[1], overwrite=True, command="run")
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_second_writer_gets_one_clear_error_before_its_work(tmp_path):
+    dest = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputError, match=rf"being written by another strataprune run \(pid {holder.pid} .*strataprune run"):
+            check_output_dir(dest, overwrite=True)
+    finally:
+        holder.communicate("")
+    write_output(dest)  # the lock died with its holder
+    assert (dest / "report.json").is_file()
+
+
+def test_a_commit_that_fails_mid_swap_loses_nothing(tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    write_output(dest, "old")
+    before = tree(dest)
+
+    def broken_exchange(a, b):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(outputs, "_exchange", broken_exchange)
+    with pytest.raises(OutputError, match="previous output is unchanged, the new one is kept in") as info:
+        write_output(dest, "new", overwrite=True)
+    assert tree(dest) == {**before, **{k: v for k, v in tree(dest).items() if v == b"<sibling>"}}
+    kept = Path(str(info.value).rsplit("kept in '", 1)[1].rstrip("'"))
+    assert json.loads((kept / "report.json").read_text())["content"] == "new"
+
+    # no atomic exchange on this system: two renames, and the second one fails -> the first is undone
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".strataprune-tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(OutputError, match="previous output is back in place"):
+        write_output(dest, "newer", overwrite=True)
+    assert json.loads((dest / "report.json").read_text())["content"] == "old"
+    monkeypatch.setattr(outputs.os, "rename", real_rename)
+    write_output(dest, "newest", overwrite=True)  # the two-rename path itself works
+    assert json.loads((dest / "report.json").read_text())["content"] == "newest"
+
+
+KILLED_WHILE_SAVING = textwrap.dedent("""
+    import os, sys
+    from strataprune.runtime.reports import atomic_output_dir
+    with atomic_output_dir(sys.argv[1], overwrite=True, command="run") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"\\0" * 100000)
+        os._exit(9)  # killed while saving: no cleanup runs
+""")
+
+
+def test_leftovers_of_killed_runs_are_cleaned_or_reported(tmp_path):
+    dest = tmp_path / "out"
+    write_output(dest, "old")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(dest)])
+    assert proc.returncode == 9
+    leftovers = [p.name for p in tmp_path.iterdir() if ".strataprune-tmp-" in p.name]
+    assert len(leftovers) == 1 and json.loads((dest / "report.json").read_text())["content"] == "old"
+
+    # a commit killed between its two renames: the destination is gone, the old output sits aside
+    pid = dead_pid()
+    aside = tmp_path / f".other.strataprune-old-{pid}-0123abcd"
+    write_output(aside, "aside")
+    legacy = tmp_path / ".out.tmp-abcd1234"  # strataprune 0.1.0's mkdtemp name: not provably ours
+    legacy.mkdir()
+    notes: list[str] = []
+    check_output_dir(dest, overwrite=True, log=notes.append)
+    check_output_dir(tmp_path / "other", overwrite=True, log=notes.append)
+    outputs.release_output_locks()
+    assert not any(".strataprune-tmp-" in p.name for p in tmp_path.iterdir())
+    assert json.loads((tmp_path / "other" / "report.json").read_text())["content"] == "aside" and not aside.exists()
+    assert legacy.is_dir()
+    assert any("removed" in n and "interrupted strataprune run" in n for n in notes)
+    assert any("restored the previous output" in n for n in notes)
+    assert any(".out.tmp-abcd1234" in n and "not removed" in n for n in notes)
