@@ -115,7 +115,8 @@ def test_every_link_to_a_repository_file_or_heading_resolves() -> None:
 
 
 def test_github_slug_matches_githubs_rule() -> None:
-    assert github_slug("Text protocols: the papers' WikiText-2 and C4, exactly") == "text-protocols-the-papers-wikitext-2-and-c4-exactly"
+    heading = "Text protocols: the papers' WikiText-2 and C4, exactly"
+    assert github_slug(heading) == "text-protocols-the-papers-wikitext-2-and-c4-exactly"
     assert github_slug("2.3 SparseGPT") == "23-sparsegpt"
     assert github_slug("Comparing allocators: `strataprune allocate`") == "comparing-allocators-strataprune-allocate"
 
@@ -233,9 +234,13 @@ def test_every_documented_strataprune_command_parses() -> None:
 def test_schema_check_catches_a_misspelt_key() -> None:
     from strataprune.cli import make_parser
 
-    good = make_parser().parse_args(["run", "--allocator", "atp", "--set", "allocator.max_trials=3", "--set", "evaluation.max_windows=null"])
+    good = make_parser().parse_args(
+        ["run", "--allocator", "atp", "--set", "allocator.max_trials=3", "--set", "evaluation.max_windows=null"]
+    )
     assert _schema_problems(good) == []
-    bad = make_parser().parse_args(["run", "--allocator", "atp", "--set", "allocator.max_trial=3", "--set", "evaluation.windows=2"])
+    bad = make_parser().parse_args(
+        ["run", "--allocator", "atp", "--set", "allocator.max_trial=3", "--set", "evaluation.windows=2"]
+    )
     assert len(_schema_problems(bad)) == 2
 
 
@@ -277,19 +282,24 @@ def test_every_module_and_path_the_docs_name_exists() -> None:
 # --------------------------------------------------------------------------- algorithms.md sections
 def test_every_cited_algorithms_section_exists() -> None:
     text = (ROOT / "docs" / "algorithms.md").read_text(encoding="utf-8")
-    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, flags=re.M))
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, flags=re.MULTILINE))
     assert {"1", "2.3", "6.2", "9", "10.4"} <= sections
     missing: list[str] = []
     files = [*DOCS, *ROOT.glob("strataprune/**/*.py"), *ROOT.glob("benchmarks/**/*.py"), *ROOT.glob("tests/*.py")]
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if "algorithms" in line and path.name != "test_docs.py":
-                missing += [f"{_where(path, number)}: §{s}" for s in re.findall(r"§\s?(\d+(?:\.\d+)?)", line) if s not in sections]
+                cited = re.findall(r"§\s?(\d+(?:\.\d+)?)", line)
+                missing += [f"{_where(path, number)}: §{s}" for s in cited if s not in sections]
     assert not missing, "sections cited but absent from docs/algorithms.md:\n" + "\n".join(missing)
 
 
 # --------------------------------------------------------------------------- (c) nothing outside the repository
-OUTSIDE = re.compile(r"\.\./shared|/work/|\bissues? ?#?\d+|\b[\w.-]+/[\w.-]+#\d+(?![\w-])|(?<![\w(/])#\d+\b(?![\w-])", re.I)
+OUTSIDE = re.compile(
+    r"\.\./shared|/work/"  # files outside the repository
+    r"|\bissues? ?#?\d+|\b[\w.-]+/[\w.-]+#\d+(?![\w-])|(?<![\w(/])#\d+\b(?![\w-])",  # issue numbers: issue 18, owner/repo#31, #12
+    re.IGNORECASE,
+)
 
 
 def _offenders(paths: list[Path]) -> list[str]:
@@ -355,8 +365,10 @@ def test_runnable_doc_blocks_run(block: Block, tmp_path: Path) -> None:
     for line, words in _command_lines(block):
         program = {"strataprune": [sys.executable, "-m", "strataprune"], "python": [sys.executable]}.get(words[0])
         assert program is not None, f"{_where(block.doc, line)}: a runnable block may only call strataprune or python"
-        done = subprocess.run([*program, *words[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{_where(block.doc, line)}: {shlex.join(words)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+        command = [*program, *words[1:]]
+        done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        where = _where(block.doc, line)
+        assert done.returncode == 0, f"{where}: {shlex.join(words)} exited {done.returncode}:\n{done.stderr[-3000:]}"
         if words[:2] == ["strataprune", "eval"]:
             assert "perplexity" in done.stdout
         if words[:2] == ["strataprune", "run"]:
