@@ -3,7 +3,7 @@
 For every allocator: the time of its statistics (its own dense calibration pass, so the number is what
 a run with that allocator alone pays) plus its allocation (for ATP: the beta search, each trial one
 prune + held-out evaluation), then the perplexity after pruning with Wanda at that allocation, on
-WikiText-2 test (../shared/data/wikitext-2/wiki.test.raw, read in place) and on BBC News held-out
+WikiText-2 test (a local copy of wiki.test.raw, given by --wikitext) and on BBC News held-out
 (test split) text. Calibration text: BBC train. One table (JSON + Markdown) and the per-block profile
 plot go to benchmarks/results/allocators-<timestamp>.{json,md,png}.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,15 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strataprune.engine.allocator_comparison import make_allocators, plot_profiles  # noqa: E402
+from strataprune.contract.registry import get_registry  # noqa: E402
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
-from strataprune.evaluate.perplexity import perplexity  # noqa: E402
+from strataprune.engine.allocator_comparison import make_allocators, plot_profiles  # noqa: E402
 from strataprune.engine.pipeline import Pipeline  # noqa: E402
 from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
-from strataprune.contract.registry import get_registry  # noqa: E402
+from strataprune.evaluate.perplexity import perplexity  # noqa: E402
 from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+#: WikiText-2 raw test text: --wikitext, else $STRATAPRUNE_WIKITEXT2
+WIKITEXT = os.environ.get("STRATAPRUNE_WIKITEXT2")
 DEFAULT_ALLOCATORS = "uniform,atp:max_trials=3:patience=1,alpha,owl,rmi,hessian_cluster"
 
 
@@ -50,7 +52,7 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--selection-windows", type=int, default=4)
-    ap.add_argument("--wikitext", default=str(WIKITEXT))
+    ap.add_argument("--wikitext", default=WIKITEXT, required=WIKITEXT is None, help="a local copy of WikiText-2's wiki.test.raw")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, strataprune/runtime/threads.py)")
     ap.add_argument("--atp-search", action="store_true",

@@ -116,7 +116,7 @@ def build_recipe(args: argparse.Namespace) -> Any:
         name = getattr(args, kind, None)
         if name is not None and name != getattr(recipe, kind).name:
             overrides[kind] = name  # another plugin: its own defaults, not the recipe's parameters
-    recovery = getattr(args, "recovery", None)  # `run --recovery losa|lora|none` (issue 18)
+    recovery = getattr(args, "recovery", None)  # `run --recovery losa|lora|none`
     if recovery is not None and recovery != "none" and (recipe.recovery is None or recovery != recipe.recovery.name):
         overrides["recovery"] = recovery
     overrides.update(parse_set(args.set))

@@ -58,4 +58,4 @@ def register_backends(register):  # type: ignore[no-untyped-def]
 @hookspec
 def register_recoveries(register):  # type: ignore[no-untyped-def]
     """Register accuracy recoveries (fine-tuning after or between pruning, e.g. LoSA, LoRA):
-    ``register(cls)`` with cls a subclass of ``strataprune.Recovery``. Since 0.1 (issue 18)."""
+    ``register(cls)`` with cls a subclass of ``strataprune.Recovery``. Since 0.1."""

@@ -1,13 +1,13 @@
 """Text -> token windows: the papers' protocols for WikiText-2 and C4, and a per-document protocol.
 
-    strataprune run --eval-data /work/shared/data/wikitext-2/wiki.test.raw --set evaluation.max_windows=null
+    strataprune run --eval-data path/to/wikitext-2/wiki.test.raw --set evaluation.max_windows=null
 
 A ``source`` is a registered dataset name (``bbc``, ``wikitext2``, ``c4`` or a plugin's) or a path
 to a text file (strataprune/data/textfile.py). The protocol (recipe keys ``calibration.protocol`` and
 ``evaluation.protocol``; ``auto`` = the source's own ``reference_protocol``) says how text becomes
 tokens:
 
-- ``wikitext2`` (algorithms.md §9; the default for ``wikitext2`` and for WikiText files such as
+- ``wikitext2`` (docs/algorithms.md §9; the default for ``wikitext2`` and for WikiText files such as
   ``wiki.test.raw``): the split's rows exactly as the Hugging Face loader yields them (each line with
   its newline, blank lines as "") are joined into ONE string and tokenised once with the tokenizer's
   defaults. Evaluation joins with "\\n\\n" (``"\\n\\n".join(test["text"])``), calibration with " "
@@ -176,7 +176,7 @@ def calibration_windows(
 def _c4_documents_windows(
     tokenizer: Any, dataset: Dataset, split: str, nsamples: int, seqlen: int, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The papers' C4 calibration (algorithms.md §1): for each sample, random documents until one has
+    """The papers' C4 calibration (docs/algorithms.md §1): for each sample, random documents until one has
     more than ``seqlen`` tokens, then a random window of it; one seeded generator for both draws."""
     documents = dataset.rows(split)
     if not documents:

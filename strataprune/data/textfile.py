@@ -1,6 +1,6 @@
-"""Local text: reading files safely, and any text file as a dataset (e.g. ../shared/data/wikitext-2/wiki.test.raw).
+"""Local text: reading files safely, and any text file as a dataset (e.g. a local copy of WikiText-2's wiki.test.raw).
 
-    strataprune eval out/ --data /work/shared/data/wikitext-2/wiki.test.raw   # the papers' WikiText-2 protocol
+    strataprune eval out/ --data path/to/wikitext-2/wiki.test.raw   # the papers' WikiText-2 protocol
     strataprune eval out/ --data notes.txt --encoding latin-1
 
 A file is decoded strictly: binary data (NUL bytes) and bytes that are not valid in the named encoding

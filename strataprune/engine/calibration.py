@@ -1,4 +1,4 @@
-"""Block-sequential calibration (algorithms.md §1).
+"""Block-sequential calibration (docs/algorithms.md §1).
 
 The inputs of block l are the outputs of blocks < l as they are *now*: during a pruning pass
 that means already pruned, so each block's statistics see the errors of the blocks before it.

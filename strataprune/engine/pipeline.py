@@ -111,7 +111,7 @@ class Pipeline:
         self.pruner: Pruner = self.registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
         if self.target.pattern is not None and not self.pruner.supports_nm:
             raise ConfigError(f"pruner '{self.pruner.name}' does not support N:M sparsity ({self.target.pattern})")
-        self.recovery = make_recovery(self.registry, recipe, self.pruner, self.target)  # None without recovery (issue 18)
+        self.recovery = make_recovery(self.registry, recipe, self.pruner, self.target)  # None without recovery
         self.offload: BlockOffloader | None = None
         self.memory: dict[str, float] = {}
         self._dense_fingerprint: str | None = None
@@ -132,7 +132,7 @@ class Pipeline:
         if zeroshot is not None:
             zeroshot.check_model(self.loaded)  # language-model tasks on another kind of model: one error line
         if self.loaded.adapter.task != "causal-lm":  # vision and multimodal models: strataprune/engine/image_run.py
-            if self.recovery is not None:  # issue 18: text fine-tuning only
+            if self.recovery is not None:  # text fine-tuning only
                 raise ConfigError(f"recovery '{self.recovery.name}' fine-tunes causal language models; "
                                   f"this model's task is '{self.loaded.adapter.task}' (drop --recovery)")
             from strataprune.engine.image_run import run_task
@@ -188,7 +188,7 @@ class Pipeline:
         self._memory("evaluate sparse")
         self.log(f"sparse perplexity: {ppl_sparse['ppl']:.3f}")
 
-        # recovery (issue 18): fine-tune (LoSA: re-prune in rounds); what it leaves is what is reported and saved
+        # recovery: fine-tune (LoSA: re-prune in rounds); what it leaves is what is reported and saved
         recovered = None
         if self.recovery is not None:
             with self.timer.stage("recover"):
@@ -649,13 +649,13 @@ def summary(report: dict[str, Any]) -> str:
         dense = ppl["dense"]["ppl"] if ppl["dense"] else None
         sparse = ppl["sparse"]["ppl"]
         rows = [["dense", dense if dense is not None else "-"], [f"sparse ({report['sparsity']['target']})", sparse]]
-        if "before_recovery" in ppl:  # issue 18: the saved model is the recovered one
+        if "before_recovery" in ppl:  # the saved model is the recovered one
             rows[1][0] = f"sparse ({report['sparsity']['target']}), after {report['recovery']['name']}"
             rows.insert(1, [f"sparse ({report['sparsity']['target']}), before recovery", ppl["before_recovery"]["ppl"]])
         if dense:
             rows.append(["ratio sparse/dense", sparse / dense])
         lines.append(table(rows, ["perplexity", f"{ppl['sparse']['tokens']} tokens"]))
-        if report.get("recovery"):  # issue 18: one line per round
+        if report.get("recovery"):  # one line per round
             from strataprune.engine.recovery import rounds_table
 
             lines += ["", rounds_table(report["recovery"])]

@@ -8,7 +8,7 @@
     result = evaluate_tasks(loaded.model, loaded.tokenizer, "bbc_topic,arc_easy", limit=100)
     result["tasks"]["bbc_topic"]["acc"], result["mean"]
 
-Protocol (algorithms notes §9): 0-shot log-likelihood multiple choice, run by ``lm-eval`` (the
+Protocol (docs/algorithms.md §9): 0-shot log-likelihood multiple choice, run by ``lm-eval`` (the
 ``eval`` extra, pinned 0.4.13) on ``HFLM(pretrained=model, tokenizer=tokenizer)``: the model object
 in memory, no save and reload, no fork of the harness. For every item the harness scores each
 choice c after the context x by its summed log-likelihood log p(c | x):
@@ -19,7 +19,7 @@ choice c after the context x by its summed log-likelihood log p(c | x):
 Both are kept with their standard errors. Each task is *reported* with one pinned metric
 (``REPORTED_METRIC``): ``acc`` for all seven papers' tasks (BoolQ, RTE, HellaSwag, WinoGrande,
 ARC-e, ARC-c, OpenBookQA), because that is what the Wanda paper reports (its maintainer in
-locuslab/wanda#31: "In the paper, we report the acc metric"; OWL and AlphaPruning reuse its
+the Wanda authors state that the paper reports the acc metric; OWL and AlphaPruning reuse its
 evaluation) - so HellaSwag is about 57 for dense LLaMA-2-7B there, not the 76 of acc_norm. The
 preset's "average" is the mean of the reported metrics, as in the papers' tables.
 
@@ -68,7 +68,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 #: the metric each task is reported with; acc and acc_norm both stay in the JSON
 REPORTED_METRIC: dict[str, str] = {
-    **{task: "acc" for task in PAPERS7},  # the Wanda paper (locuslab/wanda#31), followed by OWL and AlphaPruning
+    **{task: "acc" for task in PAPERS7},  # the Wanda paper (Sun et al., ICLR 2024), followed by OWL and AlphaPruning
     "piqa": "acc",  # ATP's replacement for RTE, reported like the others
     "bbc_topic": "acc",  # one-word choices: length normalisation would only favour short topic words
     "bbc_continuation": "acc_norm",  # whole sentences of different lengths, as HellaSwag is usually reported

@@ -14,7 +14,7 @@ import yaml
 
 from strataprune.testing import check_allocator
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strataprune-example-plugin"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "strataprune-example-plugin"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ the papers' WikiText-2 and C4 protocols against the reference loops, encodings, 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
 import time
@@ -18,7 +19,8 @@ from strataprune.contract.errors import DataError, UnknownPluginError
 from strataprune.data.text_windows import calibration_windows, evaluation_windows, open_dataset
 from strataprune.models.loading import resolve_model
 
-WIKITEXT_RAW = Path("/work/shared/data/wikitext-2/wiki.test.raw")
+#: a local copy of WikiText-2 raw test text, when the machine has one (the tests that need it skip otherwise)
+WIKITEXT_RAW = Path(os.environ.get("STRATAPRUNE_WIKITEXT2", "wikitext-2/wiki.test.raw"))
 
 
 class CharTokenizer:
@@ -162,7 +164,7 @@ class FakeC4(Dataset):
 def test_c4_protocol_matches_the_reference_loops():
     dataset, tok = FakeC4(), BosCharTokenizer()
     calib = calibration_windows(tok, dataset, "train", nsamples=6, seqlen=40, seed=0)
-    # the reference get_c4 trainloader, ported literally from algorithms.md §1
+    # the reference get_c4 trainloader, ported literally from docs/algorithms.md §1
     random.seed(0)
     expected = []
     for _ in range(6):

@@ -110,7 +110,7 @@ def test_dense_pass_runs_each_block_once_and_shares_one_hessian_per_input(tiny_l
 def reference_dense_wanda_masks(model, ids, ratio):
     """Wanda's masks with every matrix's statistics taken on the DENSE model: one plain forward per
     window with hooks on every Linear of the blocks, ||X_j||_2 accumulated in fp64, then the lowest
-    floor(d_in * ratio) scores |W_ij| * ||X_j|| of each row pruned (algorithms.md §2.2)."""
+    floor(d_in * ratio) scores |W_ij| * ||X_j|| of each row pruned (docs/algorithms.md §2.2)."""
     sums, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
@@ -282,7 +282,7 @@ def test_offload_asks_the_adapter_and_refuses_one_that_cannot_build_an_empty_mod
 
 
 def test_core_imports_no_plugin_and_no_allocator_imports_a_pruner():
-    """Shape of the code (issue 13): core reaches plugins only through the registry (which names the
+    """Shape of the code: core reaches plugins only through the registry (which names the
     built-in packages as strings), and allocators share statistics through core, not a pruner."""
     import ast
     from pathlib import Path

@@ -106,7 +106,7 @@ def test_dense_accuracy_is_cached_by_fingerprint(tiny, tmp_path, monkeypatch):
 def test_presets_and_reported_metrics_are_pinned():
     selection = parse_tasks("papers7, bbc_topic,papers7")
     assert selection.names == [*PAPERS7, "bbc_topic"] and selection.presets == {"papers7": list(PAPERS7)}
-    assert {REPORTED_METRIC[t] for t in PAPERS7} == {"acc"}  # the Wanda paper's choice (locuslab/wanda#31)
+    assert {REPORTED_METRIC[t] for t in PAPERS7} == {"acc"}  # the Wanda paper's choice (Sun et al., ICLR 2024)
     with pytest.raises(ConfigError, match="names no task"):
         parse_tasks(" , ")
 

@@ -26,7 +26,7 @@ from strataprune.contract.registry import get_registry
 from strataprune.leaderboard.grid import grid_from_dict, load_grid
 from strataprune.leaderboard.run import run_leaderboard
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "strataprune-example-plugin"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "strataprune-example-plugin"
 
 BRITTLE = '''
 from dataclasses import dataclass
@@ -451,7 +451,7 @@ def test_grid_parsing_and_protocol():
         grid_from_dict(dict(data, pruners=["wanda", "wanda"]))
     with pytest.raises(ConfigError, match="'models' is missing"):
         grid_from_dict({k: v for k, v in data.items() if k != "models"})
-    example = Path(__file__).resolve().parents[1] / "examples" / "leaderboard" / "smollm2.yaml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "leaderboard" / "smollm2.yaml"
     grid = load_grid(example)
     assert {a.name for a in grid.allocators} == {"uniform", "owl", "alpha", "atp", "rmi", "hessian_cluster"}
     assert {p.name for p in grid.pruners} == {"wanda", "sparsegpt"} and grid.sparsities == ["0.5", "0.6", "0.7", "2:4"]

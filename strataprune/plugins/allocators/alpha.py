@@ -2,7 +2,7 @@
 
 Paper: "AlphaPruning: Using Heavy-Tailed Self Regularization Theory for Improved Layer-wise
 Pruning of Large Language Models", H. Lu, Y. Zhou, S. Liu, Z. Wang, M. W. Mahoney, Y. Yang,
-NeurIPS 2024, arXiv 2410.10912 (code: haiquanlu/AlphaPruning). See algorithms.md §4.
+NeurIPS 2024, arXiv 2410.10912 (code: haiquanlu/AlphaPruning). See docs/algorithms.md §4.
 
 Needs no calibration data. For every prunable matrix W (out x in):
 

@@ -2,7 +2,7 @@
 
 Paper: "Determining Layer-wise Sparsity for Large Language Models Through a Theoretical
 Perspective", W. Huang, Y. Hu, G. Jian, Y. Chen, K. Yang, X. Zhang et al., ICML 2025,
-arXiv 2502.14770 (code: wzhuang-xmu/ATP). See algorithms.md §3.
+arXiv 2502.14770 (code: wzhuang-xmu/ATP). See docs/algorithms.md §3.
 
 Formula, for L blocks indexed l = 0..L-1 and a global target S:
 

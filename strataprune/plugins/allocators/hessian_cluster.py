@@ -5,7 +5,7 @@ Extremely Large Language Models", arXiv 2409.20094 (2024). It explains why Spars
 prune all" assumption holds, estimates each layer's pruning loss from the inverse Hessian, and clusters
 the estimates on a log scale to set layer-wise sparsities (OPT-66B, BLOOM-176B, > 0.7 sparsity).
 No code is published and the full text could not be read, so this allocator is a RECONSTRUCTION
-following algorithms.md §7, not a faithful replica: every allocation it returns carries
+following docs/algorithms.md §7, not a faithful replica: every allocation it returns carries
 meta["reconstruction"] = True and a note saying so.
 
 Error estimate per matrix at probe sparsity p (default: the target S), the OBS saliency without
@@ -270,7 +270,7 @@ class HessianCluster(Allocator):
             raise PluginError(f"allocator 'hessian_cluster' has no error estimate for {len(missing)} matrices (e.g. {missing[0]})")
         probe = cfg.probe if cfg.probe is not None else S
         ctx.notes.append(
-            "hessian_cluster: RECONSTRUCTION of arXiv 2409.20094 (no public code; algorithms.md §7), not a faithful replica"
+            "hessian_cluster: RECONSTRUCTION of arXiv 2409.20094 (no public code; docs/algorithms.md §7), not a faithful replica"
         )
         for name, retries in self._retries.items():
             ctx.notes.append(f"hessian_cluster: Cholesky of {name} needed the dampening raised {10**retries}x")

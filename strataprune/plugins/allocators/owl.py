@@ -3,7 +3,7 @@
 Paper: "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to High
 Sparsity", Lu Yin, You Wu, Zhenyu Zhang, Cheng-Yu Hsieh, Yaqing Wang, Yiling Jia, Gen Li, Ajay Jaiswal,
 Mykola Pechenizkiy, Yi Liang, Michael Bendersky, Zhangyang Wang, Shiwei Liu. ICML 2024, arXiv 2310.05175.
-Official code: luuyin/OWL (``lib/prune_all.py``; algorithms.md §5).
+Official code: luuyin/OWL (``lib/prune_all.py``; docs/algorithms.md §5).
 
 Statistic (one dense calibration pass): for block l, the Wanda scores A = |W_ij| * ||X_j||_2 of all its
 prunable matrices, pooled element-wise, give the Layerwise Outlier Distribution

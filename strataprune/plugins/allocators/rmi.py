@@ -2,7 +2,7 @@
 
 Paper: "Dynamic Low-Rank Sparse Adaptation for Large Language Models", Weizhong Huang, Yuxin Zhang,
 Xiawu Zheng, Yang Liu, Jing Lin, Yiwu Yao, Rongrong Ji. ICLR 2025, arXiv 2502.14816.
-Official code: wzhuang-xmu/LoSA (``lib/prune.py``, ``CKA/cka.py``; algorithms.md §6.2).
+Official code: wzhuang-xmu/LoSA (``lib/prune.py``, ``CKA/cka.py``; docs/algorithms.md §6.2).
 
 Statistic: the hidden states entering every block, on n calibration samples (default at most 64).
 Each sample is flattened to one vector, F_l in R^{n x (tokens*hidden)}; only the n x n Gram matrix

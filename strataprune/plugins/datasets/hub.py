@@ -1,7 +1,7 @@
 """Hugging Face ``datasets`` sources used by the papers: ``wikitext2`` and ``c4``.
 
 They need the hub; with no network they fail at once with a message saying how to run offline
-(a local file such as ../shared/data/wikitext-2/wiki.test.raw, or the embedded ``bbc``).
+(a local file such as a copy of WikiText-2's wiki.test.raw, or the embedded ``bbc``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from strataprune.contract.dataset import Dataset
 def _load(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
     require_hub(
         "dataset " + str(args[0]),
-        "a local text file (e.g. ../shared/data/wikitext-2/wiki.test.raw for WikiText-2) or the embedded dataset 'bbc'",
+        "a local text file (e.g. a local copy of WikiText-2's wiki.test.raw) or the embedded dataset 'bbc'",
     )
     try:
         import datasets

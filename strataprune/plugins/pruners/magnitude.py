@@ -1,7 +1,7 @@
 """Magnitude pruning: remove the weights of smallest |W|.
 
 Score |W_ij|, compared over the whole matrix (one threshold per matrix, as in the AlphaPruning and
-OWL code, algorithms.md §2.1). Exactly floor(numel * s) weights are removed, ties broken by
+OWL code, docs/algorithms.md §2.1). Exactly floor(numel * s) weights are removed, ties broken by
 position. N:M keeps the n largest |W| of every m consecutive inputs of a row. Needs no data.
 
     strataprune run --pruner magnitude --sparsity 0.5

@@ -1,7 +1,7 @@
 """SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh, ICML 2023, arXiv 2301.00774).
 
 Inputs: the weight W (d_out x d_in) and the Hessian H = 2 X X^T / n of its calibration inputs,
-accumulated in fp32 by the host during block-sequential calibration (algorithms.md §1, §2.3).
+accumulated in fp32 by the host during block-sequential calibration (docs/algorithms.md §1, §2.3).
 
 1. Dead inputs (H_jj == 0): set H_jj = 1 and zero W[:, j].
 2. Dampening: add percdamp * mean(diag H) to the diagonal (percdamp = 0.01).

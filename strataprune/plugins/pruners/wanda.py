@@ -2,7 +2,7 @@
 
 Score S_ij = |W_ij| * ||X_j||_2, where ||X_j||_2 is the L2 norm of input channel j over all
 calibration tokens (collected block-sequentially). Comparison group: each output row; the
-floor(d_in * s) lowest scores of every row are removed (algorithms.md §2.2), so the realised
+floor(d_in * s) lowest scores of every row are removed (docs/algorithms.md §2.2), so the realised
 sparsity is floor(d_in * s) / d_in. N:M keeps the n best scores of every m consecutive inputs.
 No weight update.
 

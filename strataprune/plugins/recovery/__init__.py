@@ -1,6 +1,6 @@
 """Built-in recoveries, registered through the same hook as third-party ones.
 
-losa (LoSA: rounds of pruning and sparsity-aware masked LoRA, algorithms.md §6), lora (plain masked
+losa (LoSA: rounds of pruning and sparsity-aware masked LoRA, docs/algorithms.md §6), lora (plain masked
 LoRA after pruning, the comparison).
 """
 

@@ -5,7 +5,7 @@
     lr(k) = lr · (k+1)/w for k < w (w = ceil(warmup_ratio · steps)), then lr · (steps-k)/(steps-w)
     gradient norm clipped to max_grad_norm (none when null)
 
-LoSA's official settings (algorithms.md §6.1): lr 2e-4, weight decay 0.001, warm-up ratio 0.3, linear
+LoSA's official settings (docs/algorithms.md §6.1): lr 2e-4, weight decay 0.001, warm-up ratio 0.3, linear
 schedule, max_grad_norm 0.3, one epoch per round of 1000 instruction rows. Here every optimizer step
 draws ``batch`` fresh windows of ``seqlen`` tokens (seeded random offsets in the training text), so a
 round is ``steps`` steps. The default lr is 2e-3, ten times the official value, which is set for 7B

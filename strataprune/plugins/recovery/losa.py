@@ -2,7 +2,7 @@
 
 Paper: "Dynamic Low-Rank Sparse Adaptation for Large Language Models", Weizhong Huang, Yuxin Zhang,
 Xiawu Zheng, Yang Liu, Jing Lin, Yiwu Yao, Rongrong Ji. ICLR 2025, arXiv 2502.14816.
-Official code: wzhuang-xmu/LoSA (``main.py``, ``lib/prune.py``, modified PEFT; algorithms.md §6).
+Official code: wzhuang-xmu/LoSA (``main.py``, ``lib/prune.py``, modified PEFT; docs/algorithms.md §6).
 
 Starting from the dense model, for round t = 1..T:
 

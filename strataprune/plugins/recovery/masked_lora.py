@@ -1,4 +1,4 @@
-"""Masked LoRA: low-rank adapters that can never revive a pruned weight (LoSA §6.5, algorithms.md).
+"""Masked LoRA: low-rank adapters that can never revive a pruned weight (LoSA §6.5, docs/algorithms.md).
 
 LoRA (Hu et al., ICLR 2022, arXiv 2106.09685) trains W_eff = W + s · B A with W frozen,
 A ∈ R^{r×d_in}, B ∈ R^{d_out×r}, B = 0 at the start. LoSA (Huang et al., ICLR 2025, arXiv 2502.14816)

@@ -173,7 +173,7 @@ def test_every_recipe_in_examples_is_valid():
 
     from strataprune.engine.recipe import load_recipe
 
-    recipes = sorted((Path(__file__).resolve().parent.parent / "examples" / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"vit", "deit", "swin", "convnext", "dinov2-small", "efficientnet-lite0", "clip", "llava"}
     for path in recipes:
         recipe = load_recipe(path)

@@ -1,4 +1,4 @@
-"""AlphaPruning: spectra, Hill fit with the x_min rules, the epsilon map and normalisation (algorithms.md §4)."""
+"""AlphaPruning: spectra, Hill fit with the x_min rules, the epsilon map and normalisation (docs/algorithms.md §4)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from strataprune.testing import check_allocator, random_layout
 
 
 def reference_alpha(eigs: np.ndarray, peak: bool = True, bins: int = 100) -> float:
-    """The official net_esd_estimator loop (algorithms.md §4.1), written out literally."""
+    """The official net_esd_estimator loop (docs/algorithms.md §4.1), written out literally."""
     nz = np.sort(eigs)
     N = nz.size
     logs = np.log(nz)

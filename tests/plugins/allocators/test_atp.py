@@ -1,4 +1,4 @@
-"""ATP allocator: progression, legality, weighted shift and the beta search (algorithms.md §3, §10.4)."""
+"""ATP allocator: progression, legality, weighted shift and the beta search (docs/algorithms.md §3, §10.4)."""
 
 from __future__ import annotations
 

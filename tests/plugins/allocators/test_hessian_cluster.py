@@ -1,4 +1,4 @@
-"""Hessian-cluster (reconstruction of arXiv 2409.20094): OBS error estimate, log-level clustering (algorithms.md §7)."""
+"""Hessian-cluster (reconstruction of arXiv 2409.20094): OBS error estimate, log-level clustering (docs/algorithms.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OWL: layerwise outlier distribution, the lambda map, normalisation modes and mixed N:M (algorithms.md §5)."""
+"""OWL: layerwise outlier distribution, the lambda map, normalisation modes and mixed N:M (docs/algorithms.md §5)."""
 
 from __future__ import annotations
 

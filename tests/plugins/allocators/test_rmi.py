@@ -1,4 +1,4 @@
-"""RMI (LoSA's allocation): linear CKA, importance, the +-delta LP and the schedule (algorithms.md §6.2, §10.4)."""
+"""RMI (LoSA's allocation): linear CKA, importance, the +-delta LP and the schedule (docs/algorithms.md §6.2, §10.4)."""
 
 from __future__ import annotations
 

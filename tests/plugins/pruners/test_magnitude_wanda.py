@@ -42,7 +42,7 @@ def test_wanda_prunes_exactly_floor_per_row_the_lowest_scores(problem, ratio):
 def test_wanda_realised_sparsity_is_floored_like_the_paper():
     weight = torch.randn(4, 4096)
     keep = Wanda().prune(weight, Target.of(0.7), stats(weight, torch.ones(4096))).keep
-    assert int((~keep[0]).sum()) == 2867  # floor(4096 * 0.7), algorithms.md §10.4
+    assert int((~keep[0]).sum()) == 2867  # floor(4096 * 0.7), docs/algorithms.md §10.4
 
 
 def test_wanda_uses_activations_not_only_weights(problem):

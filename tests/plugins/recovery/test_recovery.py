@@ -1,4 +1,4 @@
-"""Recovery (issue 18): masked LoRA, LoSA's rank allocation and reconstruction error, the host's checks,
+"""Recovery: masked LoRA, LoSA's rank allocation and reconstruction error, the host's checks,
 recipes and the CLI, on tiny random models (the real SmolLM2 run is in test_recovery_real.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recovery on the real SmolLM2-135M (issue 18): LoSA beats the pruned model it started from, and its
+"""Recovery on the real SmolLM2-135M: LoSA beats the pruned model it started from, and its
 training text never overlaps the evaluation text."""
 
 from __future__ import annotations
