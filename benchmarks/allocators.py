@@ -55,17 +55,30 @@ def main() -> int:
     ap.add_argument("--wikitext", default=WIKITEXT, required=WIKITEXT is None, help="a local copy of WikiText-2's wiki.test.raw")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, strataprune/runtime/threads.py)")
-    ap.add_argument("--atp-search", action="store_true",
-                    help="compare ATP's beta searches instead: the plain grid against the golden-section search (atp-search-*.md)")
+    ap.add_argument(
+        "--atp-search",
+        action="store_true",
+        help="compare ATP's beta searches instead: the plain grid against the golden-section search (atp-search-*.md)",
+    )
     args = ap.parse_args()
 
-    recipe = apply_overrides(Recipe(), {
-        "sparsity": args.sparsity, "pruner": args.pruner, "threads": args.threads,
-        "calibration.source": "bbc", "calibration.split": "train",
-        "calibration.nsamples": args.nsamples, "calibration.seqlen": args.seqlen,
-        "evaluation.source": "bbc", "evaluation.split": "test", "evaluation.seqlen": args.eval_seqlen,
-        "evaluation.max_windows": args.eval_windows, "evaluation.selection_windows": args.selection_windows,
-    })
+    recipe = apply_overrides(
+        Recipe(),
+        {
+            "sparsity": args.sparsity,
+            "pruner": args.pruner,
+            "threads": args.threads,
+            "calibration.source": "bbc",
+            "calibration.split": "train",
+            "calibration.nsamples": args.nsamples,
+            "calibration.seqlen": args.seqlen,
+            "evaluation.source": "bbc",
+            "evaluation.split": "test",
+            "evaluation.seqlen": args.eval_seqlen,
+            "evaluation.max_windows": args.eval_windows,
+            "evaluation.selection_windows": args.selection_windows,
+        },
+    )
     registry = get_registry()
     if args.atp_search:
         return atp_search(args, recipe, registry)
@@ -120,16 +133,38 @@ def main() -> int:
             "trials": allocation.meta.get("trials"),
             "notes": allocation.meta.get("notes", []),
         }
-        print(f"{allocator.name}: stats {t1 - t0:.1f}s, allocate {t2 - t1:.1f}s, prune {t3 - t2:.1f}s, "
-              + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
+        print(
+            f"{allocator.name}: stats {t1 - t0:.1f}s, allocate {t2 - t1:.1f}s, prune {t3 - t2:.1f}s, "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()),
+            flush=True,
+        )
 
     base = results.get("uniform", {}).get("ppl")
-    headers = ["allocator", "stats + alloc (s)", "WikiText-2 ppl", "vs uniform", "BBC ppl", "vs uniform", "min..max block sparsity", "normalize"]
+    headers = [
+        "allocator",
+        "stats + alloc (s)",
+        "WikiText-2 ppl",
+        "vs uniform",
+        "BBC ppl",
+        "vs uniform",
+        "min..max block sparsity",
+        "normalize",
+    ]
     for name, r in results.items():
         ratio = {k: (r["ppl"][k] / base[k] if base else float("nan")) for k in texts}
         cost = r["stats_s"] + r["allocate_s"] + (r["spectra_cold_s"] or 0.0)
-        rows.append([name, cost, r["ppl"]["wikitext2"], ratio["wikitext2"], r["ppl"]["bbc"], ratio["bbc"],
-                     f"{min(r['profile']):.3f}..{max(r['profile']):.3f}", r["normalize"] or "-"])
+        rows.append(
+            [
+                name,
+                cost,
+                r["ppl"]["wikitext2"],
+                ratio["wikitext2"],
+                r["ppl"]["bbc"],
+                ratio["bbc"],
+                f"{min(r['profile']):.3f}..{max(r['profile']):.3f}",
+                r["normalize"] or "-",
+            ]
+        )
     print()
     print(table(rows, headers))
 
@@ -138,24 +173,40 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"allocators-{stamp}"
     settings = {
-        "model": "smollm2-135m", "sparsity": args.sparsity, "pruner": args.pruner,
+        "model": "smollm2-135m",
+        "sparsity": args.sparsity,
+        "pruner": args.pruner,
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
         "evaluation": f"{args.eval_windows} windows x {args.eval_seqlen} tokens of WikiText-2 test (wiki.test.raw) and of BBC test",
         "atp_selection": f"{args.selection_windows} windows of BBC validation (held out; never the evaluation text)",
-        "threads": pipeline.threads, "load_s": load_s,
+        "threads": pipeline.threads,
+        "load_s": load_s,
     }
-    payload = {"settings": settings, "dense_ppl": dense, "results": results, "environment": environment(),
-               "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    payload = {
+        "settings": settings,
+        "dense_ppl": dense,
+        "results": results,
+        "environment": environment(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
-    md = [f"# Allocators on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}", "",
-          *(f"- {k}: {v}" for k, v in settings.items()),
-          f"- dense perplexity: WikiText-2 {dense['wikitext2']:.2f}, BBC {dense['bbc']:.2f}", "",
-          markdown_table(rows, headers), "",
-          "Time = the allocator's own dense statistics pass + its allocation (AlphaPruning: with its spectra "
-          "computed cold, not from the cache; ATP: its beta search, "
-          f"{len((results.get('atp') or {}).get('trials') or [])} trials). Profile plot: {stem.name}.png", ""]
+    md = [
+        f"# Allocators on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}",
+        "",
+        *(f"- {k}: {v}" for k, v in settings.items()),
+        f"- dense perplexity: WikiText-2 {dense['wikitext2']:.2f}, BBC {dense['bbc']:.2f}",
+        "",
+        markdown_table(rows, headers),
+        "",
+        "Time = the allocator's own dense statistics pass + its allocation (AlphaPruning: with its spectra "
+        "computed cold, not from the cache; ATP: its beta search, "
+        f"{len((results.get('atp') or {}).get('trials') or [])} trials). Profile plot: {stem.name}.png",
+        "",
+    ]
     stem.with_suffix(".md").write_text("\n".join(md))
-    plot_profiles(profiles, args.sparsity, stem.with_suffix(".png"), f"SmolLM2-135M, {args.pruner} {args.sparsity:g}: per-block sparsity")
+    plot_profiles(
+        profiles, args.sparsity, stem.with_suffix(".png"), f"SmolLM2-135M, {args.pruner} {args.sparsity:g}: per-block sparsity"
+    )
     print(f"\nwrote {stem}.json, .md, .png")
     return 0
 
@@ -175,6 +226,7 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
             value = fn(allocation, on)
             timings.append((kind, time.perf_counter() - start))
             return value
+
         return inner
 
     def timed_scorers(calib, who=None):
@@ -188,8 +240,14 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
         timings.clear()
         start = time.perf_counter()
         allocation = pipeline.run_allocator(allocator, calib_data)
-        runs[label] = {"spec": spec, "seconds": time.perf_counter() - start, "beta": allocation.meta["beta"],
-                       "trials": allocation.meta["trials"], "trial_seconds": list(timings), "stopped": allocation.meta.get("stopped")}
+        runs[label] = {
+            "spec": spec,
+            "seconds": time.perf_counter() - start,
+            "beta": allocation.meta["beta"],
+            "trials": allocation.meta["trials"],
+            "trial_seconds": list(timings),
+            "stopped": allocation.meta.get("stopped"),
+        }
         print(f"{label}: beta={allocation.meta['beta']:g}, {len(timings)} trials, {runs[label]['seconds']:.1f} s", flush=True)
     full = [s for kind, s in runs["grid"]["trial_seconds"] if kind == "full"]
     per_prune = sum(full) / len(full)
@@ -205,18 +263,39 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
             stale += 1
             if stale >= 2:
                 break
-    runs["grid, patience 2 (old default)"] = {"beta": chosen, "seconds": sum(full[:visited]), "trials": grid_trials[:visited],
-                                             "trial_seconds": [("full", s) for s in full[:visited]], "derived_from": "grid"}
+    runs["grid, patience 2 (old default)"] = {
+        "beta": chosen,
+        "seconds": sum(full[:visited]),
+        "trials": grid_trials[:visited],
+        "trial_seconds": [("full", s) for s in full[:visited]],
+        "derived_from": "grid",
+    }
     rows = []
     for label in ("grid", "grid, patience 2 (old default)", "golden"):
         r = runs[label]
         kinds = [k for k, _ in r["trial_seconds"]]
         own = [s for k, s in r["trial_seconds"] if k == "full"]
         # the load of a shared machine drifts between the two searches: also measure each in its own full trials
-        rows.append([label, f"{kinds.count('screen')} + {kinds.count('full')}", r["seconds"], r["seconds"] / per_prune,
-                     r["seconds"] / (sum(own) / len(own)), r["beta"], r["beta"] == runs["grid"]["beta"]])
-    headers = ["search", "trials (screening + full)", "seconds", "prunes' worth (grid's mean trial)",
-               "prunes' worth (its own full trials)", "chosen beta", "same beta as the grid"]
+        rows.append(
+            [
+                label,
+                f"{kinds.count('screen')} + {kinds.count('full')}",
+                r["seconds"],
+                r["seconds"] / per_prune,
+                r["seconds"] / (sum(own) / len(own)),
+                r["beta"],
+                r["beta"] == runs["grid"]["beta"],
+            ]
+        )
+    headers = [
+        "search",
+        "trials (screening + full)",
+        "seconds",
+        "prunes' worth (grid's mean trial)",
+        "prunes' worth (its own full trials)",
+        "chosen beta",
+        "same beta as the grid",
+    ]
     print()
     print(table(rows, headers))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -224,19 +303,41 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"atp-search-{stamp}"
     settings = {
-        "model": "smollm2-135m", "sparsity": args.sparsity, "pruner": args.pruner,
+        "model": "smollm2-135m",
+        "sparsity": args.sparsity,
+        "pruner": args.pruner,
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
         "selection": f"{recipe.evaluation.selection_windows} windows of BBC validation ({args.seqlen} tokens); screening trials use a quarter of them and the dense statistics of half the calibration windows",
-        "threads": pipeline.threads, "one full trial (mean over the grid)": f"{per_prune:.1f} s",
+        "threads": pipeline.threads,
+        "one full trial (mean over the grid)": f"{per_prune:.1f} s",
         "machine": "2 shared cores with other jobs running: the prunes' worth column (time / one full trial, same run) is the figure to compare",
     }
     grid_curve = [[t["beta"], t["score"]] for t in runs["grid"]["trials"]]
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "runs": runs, "environment": environment(),
-                                                     "command": " ".join([Path(sys.executable).name, *sys.argv])}, indent=2, default=str))
-    md = [f"# ATP beta search on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}", "",
-          *(f"- {k}: {v}" for k, v in settings.items()), "", markdown_table(rows, headers), "",
-          "Held-out perplexity of the plain grid (beta, score): " + ", ".join(f"{b:g}: {v:.1f}" for b, v in grid_curve), "",
-          "Golden trials in order: " + ", ".join(f"{t['beta']:g} ({t['fidelity']}) {t['score']:.1f}" for t in runs["golden"]["trials"]), ""]
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "runs": runs,
+                "environment": environment(),
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    md = [
+        f"# ATP beta search on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}",
+        "",
+        *(f"- {k}: {v}" for k, v in settings.items()),
+        "",
+        markdown_table(rows, headers),
+        "",
+        "Held-out perplexity of the plain grid (beta, score): " + ", ".join(f"{b:g}: {v:.1f}" for b, v in grid_curve),
+        "",
+        "Golden trials in order: "
+        + ", ".join(f"{t['beta']:g} ({t['fidelity']}) {t['score']:.1f}" for t in runs["golden"]["trials"]),
+        "",
+    ]
     stem.with_suffix(".md").write_text("\n".join(md))
     print(f"\nwrote {stem}.json, .md")
     return 0

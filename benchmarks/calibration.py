@@ -55,8 +55,8 @@ def run_case(case: str, nsamples: int, seqlen: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from strataprune.engine.calibration import Calibrator
     from strataprune.data.text_windows import calibration_windows, open_dataset
+    from strataprune.engine.calibration import Calibrator
     from strataprune.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
@@ -90,7 +90,9 @@ def run_case(case: str, nsamples: int, seqlen: int, threads: int) -> dict:
         try:
             from strataprune.engine.fingerprint import weights_fingerprint
 
-            weights_fingerprint((info, loaded.adapter.get_weight(calibrator.modules[info.name])) for info in calibrator.layout.matrices)
+            weights_fingerprint(
+                (info, loaded.adapter.get_weight(calibrator.modules[info.name])) for info in calibrator.layout.matrices
+            )
         except ImportError:  # the code before the change: a sampled hash of the state dict
             from strataprune.models.loading import fingerprint
 
@@ -116,8 +118,20 @@ def run_case(case: str, nsamples: int, seqlen: int, threads: int) -> dict:
 
 def _measure(root: str, case: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "STRATAPRUNE_PROGRESS": "0", "PYTHONPATH": root}
-    cmd = [sys.executable, __file__, "--case", case, "--root", root, "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--root",
+        root,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,7 +143,9 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="runs per case and checkout; the fastest is kept (a shared machine is noisy)")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs per case and checkout; the fastest is kept (a shared machine is noisy)"
+    )
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -154,39 +170,57 @@ def main() -> int:
                 rate = 4 * best["prunable_weights"] / best["seconds"] / 1e6
                 print(f"{label:6} {case}: {best['seconds']:.2f} s ({rate:.0f} MB/s of fp32 weights)", flush=True)
                 continue
-            print(f"{label:6} {case}: {best['seconds']:.2f} s, {best['tokens_per_s']:.0f} tokens/s, "
-                  f"{best['forwards_per_block_and_sample']:.0f} forward(s) per block and sample "
-                  f"(efficiency {1 / best['forwards_per_block_and_sample']:.2f} of one pass), peak +{best['peak_rise_mb']:.1f} MB, "
-                  f"statistics kept {best['kept_statistics_mb']:.1f} MB", flush=True)
+            print(
+                f"{label:6} {case}: {best['seconds']:.2f} s, {best['tokens_per_s']:.0f} tokens/s, "
+                f"{best['forwards_per_block_and_sample']:.0f} forward(s) per block and sample "
+                f"(efficiency {1 / best['forwards_per_block_and_sample']:.2f} of one pass), peak +{best['peak_rise_mb']:.1f} MB, "
+                f"statistics kept {best['kept_statistics_mb']:.1f} MB",
+                flush=True,
+            )
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"calibration-{stamp}"
-    settings = {"model": "smollm2-135m", "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens", "threads": args.threads,
-                "roots": roots, "repeats": args.repeats, "load_average_at_end": os.getloadavg(),
-                "machine": "2 shared cores (other engineers' jobs running); before/after alternate, compare their ratio"}
+    settings = {
+        "model": "smollm2-135m",
+        "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens",
+        "threads": args.threads,
+        "roots": roots,
+        "repeats": args.repeats,
+        "load_average_at_end": os.getloadavg(),
+        "machine": "2 shared cores (other engineers' jobs running); before/after alternate, compare their ratio",
+    }
     stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
     lines = ["# Calibration engine on SmolLM2-135M", "", *(f"- {k}: {v}" for k, v in settings.items()), ""]
     if "before" in results:
-        lines += ["| case | seconds before | seconds after | after/before | forwards per block and sample, before / after "
-                  "| peak rise MB, before / after | statistics kept MB, before / after |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| case | seconds before | seconds after | after/before | forwards per block and sample, before / after "
+            "| peak rise MB, before / after | statistics kept MB, before / after |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for case, a in results["after"].items():
             b = results["before"][case]
-            lines.append(f"| {case} | {b['seconds']:.2f} | {a['seconds']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
-                         f"{b['forwards_per_block_and_sample']:.0f} / {a['forwards_per_block_and_sample']:.0f} | "
-                         f"{b['peak_rise_mb']:.1f} / {a['peak_rise_mb']:.1f} | "
-                         f"{b['kept_statistics_mb']:.1f} / {a['kept_statistics_mb']:.1f} |")
+            lines.append(
+                f"| {case} | {b['seconds']:.2f} | {a['seconds']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
+                f"{b['forwards_per_block_and_sample']:.0f} / {a['forwards_per_block_and_sample']:.0f} | "
+                f"{b['peak_rise_mb']:.1f} / {a['peak_rise_mb']:.1f} | "
+                f"{b['kept_statistics_mb']:.1f} / {a['kept_statistics_mb']:.1f} |"
+            )
     else:
         lines += ["| case | seconds | forwards per block and sample | peak rise MB |", "|---|---|---|---|"]
-        lines += [f"| {c} | {r['seconds']:.2f} | {r['forwards_per_block_and_sample']:.0f} | {r['peak_rise_mb']:.1f} |"
-                  for c, r in results["after"].items()]
-    lines += ["", "Seconds are the best of the repeats; the fingerprint case before the change is the old sampled hash "
-              "(every 4096th value), after it the SHA-256 of every prunable weight's bytes. 'Statistics kept' counts every "
-              "distinct tensor storage the dense-propagation stash holds (one Hessian per shared input after the change, "
-              "one per projection before); the peak rise is the resident high-water mark, which glibc's heap reuse "
-              "also moves."]
+        lines += [
+            f"| {c} | {r['seconds']:.2f} | {r['forwards_per_block_and_sample']:.0f} | {r['peak_rise_mb']:.1f} |"
+            for c, r in results["after"].items()
+        ]
+    lines += [
+        "",
+        "Seconds are the best of the repeats; the fingerprint case before the change is the old sampled hash "
+        "(every 4096th value), after it the SHA-256 of every prunable weight's bytes. 'Statistics kept' counts every "
+        "distinct tensor storage the dense-propagation stash holds (one Hessian per shared input after the change, "
+        "one per projection before); the peak rise is the resident high-water mark, which glibc's heap reuse "
+        "also moves.",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json, .md")
     return 0

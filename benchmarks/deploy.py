@@ -42,15 +42,37 @@ RUNS = {
     "70": ["--pruner", "magnitude", "--sparsity", "0.7"],
     "90": ["--pruner", "magnitude", "--sparsity", "0.9"],
     "2:4": ["--pruner", "magnitude", "--sparsity", "2:4"],
-    "50+int4": ["--pruner", "sparsegpt", "--sparsity", "0.5", "--set", "pruner.wbits=4", "--set", "pruner.groupsize=128",
-                "--nsamples", "4"],
+    "50+int4": [
+        "--pruner",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--set",
+        "pruner.wbits=4",
+        "--set",
+        "pruner.groupsize=128",
+        "--nsamples",
+        "4",
+    ],
 }
 
 
 #: TinyLlama-1.1B's decoder shapes with SmolLM2's vocabulary (so its tokenizer and the BBC text serve as inputs)
-LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
-                rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+LLAMA_1B = dict(
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def ensure_llama1b(args: argparse.Namespace) -> Path:
@@ -85,9 +107,29 @@ def ensure_run(name: str, args: argparse.Namespace) -> Path:
     if (out / "report.json").is_file():
         return out
     # latency depends on the sparsity pattern, not on how well the weights were chosen: small calibration, short evaluation
-    cmd = [sys.executable, "-m", "strataprune", "run", "--model", model, "--nsamples", str(args.nsamples), *RUNS[name],
-           "--seqlen", "128", "--eval-seqlen", "256", "--eval-windows", "1", "--output", str(out), "--overwrite", "--quiet",
-           "--set", "evaluation.dense=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "strataprune",
+        "run",
+        "--model",
+        model,
+        "--nsamples",
+        str(args.nsamples),
+        *RUNS[name],
+        "--seqlen",
+        "128",
+        "--eval-seqlen",
+        "256",
+        "--eval-windows",
+        "1",
+        "--output",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--set",
+        "evaluation.dense=false",
+    ]
     print(f"[deploy-bench] pruning {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STRATAPRUNE_PROGRESS": "0"})
     if done.returncode:
@@ -111,8 +153,12 @@ def main() -> int:
     from strataprune.models.loading import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
-                        help="SmolLM2-135M (real weights) or a random ~1B Llama (TinyLlama's shapes)")
+    parser.add_argument(
+        "--model",
+        choices=("smollm2", "llama1b"),
+        default="smollm2",
+        help="SmolLM2-135M (real weights) or a random ~1B Llama (TinyLlama's shapes)",
+    )
     parser.add_argument("--runs", default=",".join(RUNS), help=f"which pruned runs (default: {','.join(RUNS)})")
     parser.add_argument("--backends", help="comma-separated backends (default: every available one)")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -134,12 +180,20 @@ def main() -> int:
     start = time.time()
     runs = [ensure_run(name, args) for name in names]
     config = BenchConfig(
-        backends=[b.strip() for b in args.backends.split(",")] if args.backends else None, prompt_lens=(args.prompt_len,),
-        decode_tokens=args.decode_tokens, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+        backends=[b.strip() for b in args.backends.split(",")] if args.backends else None,
+        prompt_lens=(args.prompt_len,),
+        decode_tokens=args.decode_tokens,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
         parity_steps=args.parity_steps,
     )
     report = benchmark(runs, config)
-    report["benchmark"] = {"runs": dict(zip(names, map(str, runs))), "wall_s": time.time() - start, "script": "benchmarks/deploy.py"}
+    report["benchmark"] = {
+        "runs": dict(zip(names, map(str, runs))),
+        "wall_s": time.time() - start,
+        "script": "benchmarks/deploy.py",
+    }
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = HERE / "results"
     results.mkdir(exist_ok=True)

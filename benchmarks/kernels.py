@@ -49,8 +49,13 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SHAPES = {"576x576": (576, 576), "192x576": (192, 576), "1536x576": (1536, 576), "576x1536": (576, 1536),
-          "4096x4096": (4096, 4096)}
+SHAPES = {
+    "576x576": (576, 576),
+    "192x576": (192, 576),
+    "1536x576": (1536, 576),
+    "576x1536": (576, 1536),
+    "4096x4096": (4096, 4096),
+}
 TARGETS = {1: 2.0, 128: 1.3}  # at 70%: kernel vs the fastest dense engine
 
 
@@ -66,7 +71,7 @@ def race(engines: dict[str, Callable[[], object]], reps: int, clock: Callable[[]
     times: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             start = clock()
             engines[name]()
@@ -93,8 +98,9 @@ def ort_session(weights: list[torch.Tensor], threads: int):
         inits.append(numpy_helper.from_array(w.T.contiguous().numpy(), name=f"w{i}"))
         nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["tokens", rows]))
-    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -130,10 +136,21 @@ def bench_shape(label: str, rows: int, cols: int, args, clock, have_ort: bool) -
 
     def row(engine, tokens, sparsity, timing, weight_bytes, nnz):
         t = timing["best_s"]
-        return {"shape": label, "rows": rows, "cols": cols, "stack": stack, "tokens": tokens, "engine": engine,
-                "sparsity": sparsity, "best_s": t, "median_s": timing["median_s"], "weight_bytes": weight_bytes,
-                "GBps": weight_bytes / t / 1e9, "dense_GFLOPs": 2 * tokens * rows * cols * stack / t / 1e9,
-                "useful_GFLOPs": 2 * tokens * nnz / t / 1e9}
+        return {
+            "shape": label,
+            "rows": rows,
+            "cols": cols,
+            "stack": stack,
+            "tokens": tokens,
+            "engine": engine,
+            "sparsity": sparsity,
+            "best_s": t,
+            "median_s": timing["median_s"],
+            "weight_bytes": weight_bytes,
+            "GBps": weight_bytes / t / 1e9,
+            "dense_GFLOPs": 2 * tokens * rows * cols * stack / t / 1e9,
+            "useful_GFLOPs": 2 * tokens * nnz / t / 1e9,
+        }
 
     # dense engines (values do not change their speed)
     session = ort_session(weights, args.threads) if have_ort else None
@@ -163,9 +180,11 @@ def bench_shape(label: str, rows: int, cols: int, args, clock, have_ort: bool) -
         for tokens, x in inputs.items():
             engines = {}
             for isa in isas:
+
                 def run(x=x, isa=isa, pointers=pointers):
                     with kernels.use_isa(isa):
                         return [launch_pointers(x, ptr, rows, cols) for ptr in pointers]
+
                 engines[f"sparse-cpu ({isa})"] = run
             if csrs:
                 xt = x.T.contiguous()
@@ -221,16 +240,18 @@ def bench_e2e(args, clock) -> list[dict]:
 
         def generate(n):
             with torch.no_grad():
-                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                               pad_token_id=0)
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
 
         reps = max(3, args.reps // 2)
         t_prefill = race({"p": prefill}, reps, clock)["p"]
         t_first = race({"g": lambda: generate(1)}, reps, clock)["g"]
         t_all = race({"g": lambda: generate(new_tokens + 1)}, reps, clock)["g"]
         decode_s = (t_all["best_s"] - t_first["best_s"]) / new_tokens
-        return {"prefill_128_ms": t_prefill["best_s"] * 1e3, "decode_ms_per_token": decode_s * 1e3,
-                "decode_tokens_per_s": 1 / decode_s}
+        return {
+            "prefill_128_ms": t_prefill["best_s"] * 1e3,
+            "decode_ms_per_token": decode_s * 1e3,
+            "decode_tokens_per_s": 1 / decode_s,
+        }
 
     base = measure(dense)
     results.append({"model": "SmolLM2-135M", "engine": "torch dense", "sparsity": 0.0, **base, "converted": 0})
@@ -240,9 +261,19 @@ def bench_e2e(args, clock) -> list[dict]:
         magnitude_prune_linears(model, sparsity)
         report = kernels.sparsify_model(model, min_sparsity=min(0.5, sparsity), threads=args.threads)
         m = measure(model)
-        results.append({"model": "SmolLM2-135M", "engine": "sparse-cpu (sparsify_model)", "sparsity": sparsity, **m,
-                        "converted": len(report.converted), "packed_over_dense_bytes": report.packed_bytes / report.dense_bytes})
-        print(f"  e2e {sparsity:.0%}: prefill {m['prefill_128_ms']:.1f} ms, decode {m['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        results.append(
+            {
+                "model": "SmolLM2-135M",
+                "engine": "sparse-cpu (sparsify_model)",
+                "sparsity": sparsity,
+                **m,
+                "converted": len(report.converted),
+                "packed_over_dense_bytes": report.packed_bytes / report.dense_bytes,
+            }
+        )
+        print(
+            f"  e2e {sparsity:.0%}: prefill {m['prefill_128_ms']:.1f} ms, decode {m['decode_tokens_per_s']:.1f} tok/s", flush=True
+        )
         del model
         gc.collect()
     for r in results:
@@ -261,8 +292,11 @@ def verdicts(rows: list[dict], meta: dict) -> list[str]:
     meta["read_ceiling_GBps"] = stream
     for tokens, target in TARGETS.items():
         for shape in dict.fromkeys(r["shape"] for r in rows):
-            ours = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens and r["sparsity"] == 0.7
-                    and r["engine"].startswith("sparse-cpu")]
+            ours = [
+                r
+                for r in rows
+                if r["shape"] == shape and r["tokens"] == tokens and r["sparsity"] == 0.7 and r["engine"].startswith("sparse-cpu")
+            ]
             dense = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens and "dense" in r["engine"]]
             if not ours or not dense:
                 continue
@@ -270,43 +304,57 @@ def verdicts(rows: list[dict], meta: dict) -> list[str]:
             fastest = min(dense, key=lambda r: r["best_s"])
             ratio = best["vs_fastest_dense"]
             kind = "GEMV" if tokens == 1 else f"{tokens}-token GEMM"
-            head = (f"- {shape} {kind} at 70%: {ratio:.2f}x {fastest['engine']} (target {target}x; "
-                    f"{best['best_s'] / best['stack'] * 1e6:.1f} us per matrix): "
-                    f"{'met' if ratio >= target else f'missed by {target / ratio:.2f}x'}")
+            head = (
+                f"- {shape} {kind} at 70%: {ratio:.2f}x {fastest['engine']} (target {target}x; "
+                f"{best['best_s'] / best['stack'] * 1e6:.1f} us per matrix): "
+                f"{'met' if ratio >= target else f'missed by {target / ratio:.2f}x'}"
+            )
             if tokens == 1:
-                detail = (f"reads {best['weight_bytes'] / fastest['weight_bytes']:.3f} of the dense bytes at {best['GBps']:.1f} GB/s "
-                          f"({best['GBps'] / stream:.0%} of the {stream:.1f} GB/s best read bandwidth measured in this run; "
-                          f"{fastest['engine']} streams {fastest['GBps']:.1f} GB/s = {fastest['GBps'] / stream:.0%})")
+                detail = (
+                    f"reads {best['weight_bytes'] / fastest['weight_bytes']:.3f} of the dense bytes at {best['GBps']:.1f} GB/s "
+                    f"({best['GBps'] / stream:.0%} of the {stream:.1f} GB/s best read bandwidth measured in this run; "
+                    f"{fastest['engine']} streams {fastest['GBps']:.1f} GB/s = {fastest['GBps'] / stream:.0%})"
+                )
                 if ratio < target:
                     ideal = (fastest["weight_bytes"] / best["weight_bytes"]) * (best["GBps"] / fastest["GBps"])
-                    detail += (f"; at the dense engine's bandwidth the byte ratio alone would give "
-                               f"{fastest['weight_bytes'] / best['weight_bytes']:.2f}x, the kernel reaches {ideal:.2f}x because "
-                               f"it streams {best['GBps'] / fastest['GBps']:.0%} as fast (per-16-column mask/expand work and "
-                               f"short per-row streams, not DRAM bandwidth, bound it)")
+                    detail += (
+                        f"; at the dense engine's bandwidth the byte ratio alone would give "
+                        f"{fastest['weight_bytes'] / best['weight_bytes']:.2f}x, the kernel reaches {ideal:.2f}x because "
+                        f"it streams {best['GBps'] / fastest['GBps']:.0%} as fast (per-16-column mask/expand work and "
+                        f"short per-row streams, not DRAM bandwidth, bound it)"
+                    )
             else:
-                detail = (f"{best['useful_GFLOPs']:.0f} GFLOP/s on the nonzeros vs {fastest['dense_GFLOPs']:.0f} GFLOP/s dense "
-                          f"({best['useful_GFLOPs'] / fastest['dense_GFLOPs']:.0%} of the dense engine's FLOP rate on 30% of the "
-                          f"FLOPs)")
+                detail = (
+                    f"{best['useful_GFLOPs']:.0f} GFLOP/s on the nonzeros vs {fastest['dense_GFLOPs']:.0f} GFLOP/s dense "
+                    f"({best['useful_GFLOPs'] / fastest['dense_GFLOPs']:.0%} of the dense engine's FLOP rate on 30% of the "
+                    f"FLOPs)"
+                )
                 if ratio < target:
-                    detail += ("; each nonzero costs a broadcast, an index load and four 16-token loads of the input "
-                               "(gathered, L1/L2 bound) where a dense GEMM reuses registers, and the masks are "
-                               "decoded once per 128 tokens")
+                    detail += (
+                        "; each nonzero costs a broadcast, an index load and four 16-token loads of the input "
+                        "(gathered, L1/L2 bound) where a dense GEMM reuses registers, and the masks are "
+                        "decoded once per 128 tokens"
+                    )
             lines.append(f"{head}; {detail}.")
     return lines
 
 
 def markdown(rows: list[dict], e2e: list[dict], meta: dict) -> str:
     targets = verdicts(rows, meta)
-    setup = (f"{meta['cpu']}, {meta['threads']} thread(s), clock: {meta['clock']}, best of {meta['reps']} round-robin "
-             f"repetitions; torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; kernels ISA {meta['isa']}. "
-             f"Load average at start {meta['load_start']}, at end {meta['load_end']} (the machine is shared: "
-             f"compare ratios within this run). Streaming read (torch.sum over 256 MB) measured here: "
-             f"{meta['stream_read_GBps']:.1f} GB/s; the read ceiling used below is the faster of it and the best dense "
-             f"GEMV: {meta.get('read_ceiling_GBps', meta['stream_read_GBps']):.1f} GB/s.")
-    legend = ("Each row multiplies a stack of S [out x in] fp32 weights (>= the stack size below in dense bytes) by the "
-              "same input. GB/s: weight bytes read per second (dense 4 B/weight, packed format 0.14 + 4 x density "
-              "B/weight, CSR 12 B/nonzero); dense-eq GFLOP/s: 2 x tokens x out x in / time; useful: 2 x tokens x nnz "
-              "/ time; x fastest dense: the fastest dense engine's time for the same shape and tokens / this time.")
+    setup = (
+        f"{meta['cpu']}, {meta['threads']} thread(s), clock: {meta['clock']}, best of {meta['reps']} round-robin "
+        f"repetitions; torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; kernels ISA {meta['isa']}. "
+        f"Load average at start {meta['load_start']}, at end {meta['load_end']} (the machine is shared: "
+        f"compare ratios within this run). Streaming read (torch.sum over 256 MB) measured here: "
+        f"{meta['stream_read_GBps']:.1f} GB/s; the read ceiling used below is the faster of it and the best dense "
+        f"GEMV: {meta.get('read_ceiling_GBps', meta['stream_read_GBps']):.1f} GB/s."
+    )
+    legend = (
+        "Each row multiplies a stack of S [out x in] fp32 weights (>= the stack size below in dense bytes) by the "
+        "same input. GB/s: weight bytes read per second (dense 4 B/weight, packed format 0.14 + 4 x density "
+        "B/weight, CSR 12 B/nonzero); dense-eq GFLOP/s: 2 x tokens x out x in / time; useful: 2 x tokens x nnz "
+        "/ time; x fastest dense: the fastest dense engine's time for the same shape and tokens / this time."
+    )
     lines = [f"# CPU sparse kernels benchmark ({meta['timestamp']})", "", setup, "", legend, ""]
     lines += ["## Targets (70% unstructured)", ""] + targets + [""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -314,25 +362,39 @@ def markdown(rows: list[dict], e2e: list[dict], meta: dict) -> str:
             sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
             if not sel:
                 continue
-            lines += [f"## {shape}, {tokens} token{'s' if tokens > 1 else ''} (stack of {sel[0]['stack']})", "",
-                      "| engine | sparsity | ms / stack | median ms | us / matrix | GB/s | dense-eq GFLOP/s | useful GFLOP/s | x fastest dense |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## {shape}, {tokens} token{'s' if tokens > 1 else ''} (stack of {sel[0]['stack']})",
+                "",
+                "| engine | sparsity | ms / stack | median ms | us / matrix | GB/s | dense-eq GFLOP/s | useful GFLOP/s | x fastest dense |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in sel:
-                lines.append(f"| {r['engine']} | {r['sparsity']:.0%} | {r['best_s'] * 1e3:.2f} | {r['median_s'] * 1e3:.2f} | "
-                             f"{r['best_s'] / r['stack'] * 1e6:.1f} | "
-                             f"{r['GBps']:.1f} | {r['dense_GFLOPs']:.1f} | {r['useful_GFLOPs']:.1f} | {r['vs_fastest_dense']:.2f} |")
+                lines.append(
+                    f"| {r['engine']} | {r['sparsity']:.0%} | {r['best_s'] * 1e3:.2f} | {r['median_s'] * 1e3:.2f} | "
+                    f"{r['best_s'] / r['stack'] * 1e6:.1f} | "
+                    f"{r['GBps']:.1f} | {r['dense_GFLOPs']:.1f} | {r['useful_GFLOPs']:.1f} | {r['vs_fastest_dense']:.2f} |"
+                )
             lines.append("")
     if e2e:
-        how = ("Magnitude-pruned per decoder Linear, converted with `sparsify_model` (lm_head, tied to the "
-               "embeddings, stays dense). Prefill: one forward of 128 tokens; decode: greedy generate, 32 new "
-               "tokens after a 128-token prompt, (time(33) - time(1)) / 32.")
-        lines += ["## SmolLM2-135M end to end (torch + transformers generate, KV cache)", "", how, "",
-                  "| engine | sparsity | Linears converted | prefill 128 (ms) | x dense | decode (ms/token) | tokens/s | x dense |",
-                  "|---|---|---|---|---|---|---|---|"]
+        how = (
+            "Magnitude-pruned per decoder Linear, converted with `sparsify_model` (lm_head, tied to the "
+            "embeddings, stays dense). Prefill: one forward of 128 tokens; decode: greedy generate, 32 new "
+            "tokens after a 128-token prompt, (time(33) - time(1)) / 32."
+        )
+        lines += [
+            "## SmolLM2-135M end to end (torch + transformers generate, KV cache)",
+            "",
+            how,
+            "",
+            "| engine | sparsity | Linears converted | prefill 128 (ms) | x dense | decode (ms/token) | tokens/s | x dense |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in e2e:
-            lines.append(f"| {r['engine']} | {r['sparsity']:.0%} | {r['converted']} | {r['prefill_128_ms']:.1f} | "
-                         f"{r['prefill_speedup']:.2f} | {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                         f"{r['decode_speedup']:.2f} |")
+            lines.append(
+                f"| {r['engine']} | {r['sparsity']:.0%} | {r['converted']} | {r['prefill_128_ms']:.1f} | "
+                f"{r['prefill_speedup']:.2f} | {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                f"{r['decode_speedup']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -402,9 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_num_threads(args.threads)
     clock = clock_for(args.clock)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    meta = {"timestamp": stamp, "cpu": cpu_name(), "threads": args.threads, "clock": args.clock, "reps": args.reps,
-            "torch": torch.__version__, "onnxruntime": ort_version, "isa": kernels.best_isa(), "isas": kernels.isas(),
-            "stack_mb": args.stack_mb, "load_start": load_average(), "python": platform.python_version()}
+    meta = {
+        "timestamp": stamp,
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "clock": args.clock,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "isa": kernels.best_isa(),
+        "isas": kernels.isas(),
+        "stack_mb": args.stack_mb,
+        "load_start": load_average(),
+        "python": platform.python_version(),
+    }
     meta["stream_read_GBps"] = stream_bandwidth(args.threads, args.reps, clock)
     print(f"streaming read: {meta['stream_read_GBps']:.1f} GB/s ({args.threads} threads)", flush=True)
 

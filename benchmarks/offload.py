@@ -43,8 +43,16 @@ def write_random_llama(folder: Path, target_bytes: int, seed: int = 0) -> dict:
     hidden, inter = 1536, 4096
     per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 4
     layers = max(1, round((target_bytes - 2 * 256 * hidden * 4) / per_layer))
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=256,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -65,16 +73,43 @@ def write_random_llama(folder: Path, target_bytes: int, seed: int = 0) -> dict:
         total += sum(t.numel() * 4 for t in tensors.values())
         weight_map.update({k: name for k in keys})
         del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return {"layers": layers, "hidden": hidden, "intermediate": inter, "bytes": total}
 
 
 def run(model: Path, text: Path, out: Path, offload: bool, acts: Path) -> dict:
-    cmd = [sys.executable, "-m", "strataprune", "run", "--model", str(model), "--calibration", str(text), "--eval-data", str(text),
-           "--pruner", "wanda", "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "128", "--eval-seqlen", "128",
-           "--eval-windows", "2", "--output", str(out), "--quiet", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "strataprune",
+        "run",
+        "--model",
+        str(model),
+        "--calibration",
+        str(text),
+        "--eval-data",
+        str(text),
+        "--pruner",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "128",
+        "--eval-seqlen",
+        "128",
+        "--eval-windows",
+        "2",
+        "--output",
+        str(out),
+        "--quiet",
+        "--overwrite",
+    ]
     if offload:
         cmd += ["--offload", "--activation-dir", str(acts)]
     start = time.perf_counter()
@@ -83,14 +118,22 @@ def run(model: Path, text: Path, out: Path, offload: bool, acts: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
-    return {"path": "offload" if offload else "in-memory", "wall_s": wall, "peak_rss_mb": report["memory"]["peak_rss_mb"],
-            "rss_after_stage_mb": report["memory"]["rss_mb_after_stage"], "times_s": report["times_s"],
-            "ppl_sparse": report["perplexity"]["sparse"]["ppl"], "realised": report["sparsity"]["realised_prunable"]}
+    return {
+        "path": "offload" if offload else "in-memory",
+        "wall_s": wall,
+        "peak_rss_mb": report["memory"]["peak_rss_mb"],
+        "rss_after_stage_mb": report["memory"]["rss_mb_after_stage"],
+        "times_s": report["times_s"],
+        "ppl_sparse": report["perplexity"]["sparse"]["ppl"],
+        "realised": report["sparsity"]["realised_prunable"],
+    }
 
 
 def import_floor() -> float:
-    code = ("import resource, torch, transformers, strataprune.engine.pipeline, strataprune.plugins.adapters.decoder_llm;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (
+        "import resource, torch, transformers, strataprune.engine.pipeline, strataprune.plugins.adapters.decoder_llm;"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
 
 
@@ -112,24 +155,41 @@ def main() -> None:
         floor = import_floor()
         offloaded = run(model, text, work / "out-offload", True, work / "acts")
         naive = run(model, text, work / "out-memory", False, work / "acts")
-        same = json.loads((work / "out-offload" / "report.json").read_text())["sparsity"]["per_matrix"] == \
-            json.loads((work / "out-memory" / "report.json").read_text())["sparsity"]["per_matrix"]
+        same = (
+            json.loads((work / "out-offload" / "report.json").read_text())["sparsity"]["per_matrix"]
+            == json.loads((work / "out-memory" / "report.json").read_text())["sparsity"]["per_matrix"]
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = {"timestamp": stamp, "cap_mb": args.cap_mb, "model_mb_on_disk": shape["bytes"] / 2**20, "model": shape,
-              "write_model_s": write_s, "import_floor_rss_mb": floor, "runs": [naive, offloaded],
-              "offload_within_cap": offloaded["peak_rss_mb"] - floor <= args.cap_mb, "same_realised_per_matrix": same}
-    md = [f"# Offload benchmark ({stamp})", "",
-          f"Random Llama, {shape['layers']} blocks x (hidden {shape['hidden']}, MLP {shape['intermediate']}), "
-          f"{shape['bytes'] / 2**20:.0f} MB fp32 on disk = {shape['bytes'] / 2**20 / args.cap_mb:.1f} x the cap of {args.cap_mb:.0f} MB. "
-          f"Wanda 50%, 4 x 128 calibration tokens. Peak RSS is the whole process; the floor ({floor:.0f} MB) is a process that only "
-          f"imports torch/transformers/strataprune, and the cap applies to peak - floor.", "",
-          "| path | peak RSS (MB) | above floor (MB) | within cap | wall (s) | prune stage (s) |", "|---|---|---|---|---|---|"]
+    result = {
+        "timestamp": stamp,
+        "cap_mb": args.cap_mb,
+        "model_mb_on_disk": shape["bytes"] / 2**20,
+        "model": shape,
+        "write_model_s": write_s,
+        "import_floor_rss_mb": floor,
+        "runs": [naive, offloaded],
+        "offload_within_cap": offloaded["peak_rss_mb"] - floor <= args.cap_mb,
+        "same_realised_per_matrix": same,
+    }
+    md = [
+        f"# Offload benchmark ({stamp})",
+        "",
+        f"Random Llama, {shape['layers']} blocks x (hidden {shape['hidden']}, MLP {shape['intermediate']}), "
+        f"{shape['bytes'] / 2**20:.0f} MB fp32 on disk = {shape['bytes'] / 2**20 / args.cap_mb:.1f} x the cap of {args.cap_mb:.0f} MB. "
+        f"Wanda 50%, 4 x 128 calibration tokens. Peak RSS is the whole process; the floor ({floor:.0f} MB) is a process that only "
+        f"imports torch/transformers/strataprune, and the cap applies to peak - floor.",
+        "",
+        "| path | peak RSS (MB) | above floor (MB) | within cap | wall (s) | prune stage (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in (naive, offloaded):
         extra = r["peak_rss_mb"] - floor
-        md.append(f"| {r['path']} | {r['peak_rss_mb']:.0f} | {extra:.0f} | {'yes' if extra <= args.cap_mb else 'no'} | {r['wall_s']:.1f} | {r['times_s']['prune']:.1f} |")
+        md.append(
+            f"| {r['path']} | {r['peak_rss_mb']:.0f} | {extra:.0f} | {'yes' if extra <= args.cap_mb else 'no'} | {r['wall_s']:.1f} | {r['times_s']['prune']:.1f} |"
+        )
     md.append("")
     md.append(f"Same realised sparsity per matrix on both paths: {same}.")
     results = HERE / "results"

@@ -29,10 +29,31 @@ HERE = Path(__file__).resolve().parent
 def run_one(pruner: str, sparsity: str, args: argparse.Namespace, dense: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-pruners-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "strataprune", "run", "--model", args.model, "--pruner", pruner, "--sparsity", sparsity,
-               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-seqlen", str(args.seqlen),
-               "--eval-windows", str(args.eval_windows), "--output", str(out), "--quiet",
-               "--set", f"evaluation.dense={'true' if dense else 'false'}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "strataprune",
+            "run",
+            "--model",
+            args.model,
+            "--pruner",
+            pruner,
+            "--sparsity",
+            sparsity,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--eval-seqlen",
+            str(args.seqlen),
+            "--eval-windows",
+            str(args.eval_windows),
+            "--output",
+            str(out),
+            "--quiet",
+            "--set",
+            f"evaluation.dense={'true' if dense else 'false'}",
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STRATAPRUNE_PROGRESS": "0"})
         wall = time.perf_counter() - start
@@ -56,14 +77,20 @@ def run_one(pruner: str, sparsity: str, args: argparse.Namespace, dense: bool) -
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Pruner benchmark ({meta['model']}, {meta['timestamp']})", "",
-             f"Calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on {meta['eval_windows']} x {meta['seqlen']} "
-             f"BBC test tokens; dense perplexity {meta['ppl_dense']:.3f}; {meta['threads']} CPU threads; uniform allocation.", "",
-             "| pruner | sparsity | prune time (s) | calib tokens/s | x Wanda (time) | peak RSS (MB) | x Wanda | perplexity | x Wanda |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Pruner benchmark ({meta['model']}, {meta['timestamp']})",
+        "",
+        f"Calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on {meta['eval_windows']} x {meta['seqlen']} "
+        f"BBC test tokens; dense perplexity {meta['ppl_dense']:.3f}; {meta['threads']} CPU threads; uniform allocation.",
+        "",
+        "| pruner | sparsity | prune time (s) | calib tokens/s | x Wanda (time) | peak RSS (MB) | x Wanda | perplexity | x Wanda |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['calib_tokens_per_s']:.0f} | {r['time_vs_wanda']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['rss_vs_wanda']:.2f} | {r['ppl']:.3f} | {r['ppl_vs_wanda']:.3f} |")
+        lines.append(
+            f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['calib_tokens_per_s']:.0f} | {r['time_vs_wanda']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['rss_vs_wanda']:.2f} | {r['ppl']:.3f} | {r['ppl_vs_wanda']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -83,8 +110,11 @@ def main() -> None:
             row = run_one(pruner, sparsity, args, dense=first)
             first = False
             rows.append(row)
-            print(f"{pruner:10s} {sparsity:5s} prune {row['prune_s']:7.1f} s ({row['calib_tokens_per_s']:.0f} calib tok/s)  "
-                  f"peak {row['peak_rss_mb']:7.0f} MB  ppl {row['ppl']:9.3f}", flush=True)
+            print(
+                f"{pruner:10s} {sparsity:5s} prune {row['prune_s']:7.1f} s ({row['calib_tokens_per_s']:.0f} calib tok/s)  "
+                f"peak {row['peak_rss_mb']:7.0f} MB  ppl {row['ppl']:9.3f}",
+                flush=True,
+            )
     ppl_dense = next(r["ppl_dense"] for r in rows if r["ppl_dense"])
     for r in rows:
         ref = next((w for w in rows if w["pruner"] == "wanda" and w["sparsity"] == r["sparsity"]), None)
@@ -94,9 +124,17 @@ def main() -> None:
     import torch
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"timestamp": stamp, "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "eval_windows": args.eval_windows, "ppl_dense": ppl_dense, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "command": " ".join(sys.argv)}
+    meta = {
+        "timestamp": stamp,
+        "model": args.model,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "eval_windows": args.eval_windows,
+        "ppl_dense": ppl_dense,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"pruners-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_setting(setting: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from strataprune.models.loading import load_model
-    from strataprune.runtime.threads import apply_threads
     from strataprune.plugins.allocators.alpha import esd_spectra
+    from strataprune.runtime.threads import apply_threads
 
     chosen = apply_threads(None if setting == "auto" else int(setting))
     loaded = load_model("smollm2-135m")
@@ -44,7 +44,7 @@ def run_setting(setting: str) -> dict:
 
 def spin(threads: int) -> subprocess.Popen:
     """A competing process keeping ``threads`` cores busy with large matrix products."""
-    code = ("import torch; torch.set_num_threads(%d); a = torch.randn(1500, 1500)\nwhile True: a @ a" % threads)
+    code = "import torch; torch.set_num_threads(%d); a = torch.randn(1500, 1500)\nwhile True: a @ a" % threads
     return subprocess.Popen([sys.executable, "-c", code])
 
 
@@ -66,8 +66,13 @@ def main() -> int:
         for _ in range(args.repeats):
             for setting in runs:
                 loads.append(os.getloadavg()[0])
-                out = subprocess.run([sys.executable, __file__, "--setting", setting], capture_output=True, text=True, check=True,
-                                     env={**os.environ, "STRATAPRUNE_PROGRESS": "0"})
+                out = subprocess.run(
+                    [sys.executable, __file__, "--setting", setting],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, "STRATAPRUNE_PROGRESS": "0"},
+                )
                 runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
         if competitor is not None:
@@ -80,21 +85,34 @@ def main() -> int:
     for s, r in best.items():
         ratio = best[default]["seconds"] / r["seconds"] if default in best else float("nan")
         rows.append((s, r["threads"]["torch_threads"], r["seconds"], ratio, r["threads"]["reason"]))
-        print(f"threads {s:>4} (torch {r['threads']['torch_threads']}): {r['seconds']:.1f} s, "
-              f"{ratio:.2f}x the speed of torch's default ({default}); {r['threads']['reason']}", flush=True)
+        print(
+            f"threads {s:>4} (torch {r['threads']['torch_threads']}): {r['seconds']:.1f} s, "
+            f"{ratio:.2f}x the speed of torch's default ({default}); {r['threads']['reason']}",
+            flush=True,
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"threads-{stamp}"
-    settings = {"work": "AlphaPruning cold spectra (esd_spectra) of SmolLM2-135M's 210 prunable matrices",
-                "cpus": cpus, "competitor": "one extra 2-thread busy process" if args.competitor else "none added",
-                "load_average_1min_during": [round(x, 1) for x in loads], "repeats": args.repeats,
-                "machine": "2 cores shared with other engineers' jobs"}
+    settings = {
+        "work": "AlphaPruning cold spectra (esd_spectra) of SmolLM2-135M's 210 prunable matrices",
+        "cpus": cpus,
+        "competitor": "one extra 2-thread busy process" if args.competitor else "none added",
+        "load_average_1min_during": [round(x, 1) for x in loads],
+        "repeats": args.repeats,
+        "machine": "2 cores shared with other engineers' jobs",
+    }
     stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "runs": runs}, indent=2))
-    md = ["# torch threads on a busy machine: AlphaPruning cold spectra, SmolLM2-135M", "",
-          *(f"- {k}: {v}" for k, v in settings.items()), "",
-          "| setting | torch threads | seconds (best) | speed vs torch default | auto's reason |", "|---|---|---|---|---|",
-          *(f"| {s} | {t} | {sec:.1f} | {ratio:.2f} | {reason} |" for s, t, sec, ratio, reason in rows), ""]
+    md = [
+        "# torch threads on a busy machine: AlphaPruning cold spectra, SmolLM2-135M",
+        "",
+        *(f"- {k}: {v}" for k, v in settings.items()),
+        "",
+        "| setting | torch threads | seconds (best) | speed vs torch default | auto's reason |",
+        "|---|---|---|---|---|",
+        *(f"| {s} | {t} | {sec:.1f} | {ratio:.2f} | {reason} |" for s, t, sec, ratio, reason in rows),
+        "",
+    ]
     stem.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {stem}.json, .md")
     return 0

@@ -38,11 +38,11 @@ ALLOCATORS = ("uniform", "owl", "alpha", "atp")
 def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from strataprune.models.loading import load_model
+    from strataprune.engine.image_run import predict, task_data
     from strataprune.engine.pipeline import Pipeline
     from strataprune.engine.recipe import recipe_from_dict
-    from strataprune.engine.image_run import predict, task_data
     from strataprune.evaluate.vision_metrics import compare
+    from strataprune.models.loading import load_model
 
     loaded = load_model(model)
     data = task_data(loaded, "photos", "test", args.eval, 2, "evaluation")
@@ -56,11 +56,16 @@ def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
             if pruner not in args.pruners or allocator not in args.allocators:
                 continue
             params = {"max_trials": args.atp_trials} if allocator == "atp" else {}
-            recipe = recipe_from_dict({
-                "model": model, "pruner": pruner, "allocator": {"name": allocator, **params}, "sparsity": sparsity,
-                "calibration": {"source": "photos", "nsamples": args.nsamples},
-                "evaluation": {"source": "photos", "max_windows": args.eval, "selection_windows": args.selection},
-            })
+            recipe = recipe_from_dict(
+                {
+                    "model": model,
+                    "pruner": pruner,
+                    "allocator": {"name": allocator, **params},
+                    "sparsity": sparsity,
+                    "calibration": {"source": "photos", "nsamples": args.nsamples},
+                    "evaluation": {"source": "photos", "max_windows": args.eval, "selection_windows": args.selection},
+                }
+            )
             pipe = Pipeline(recipe, show_progress=False, log=lambda msg: None)
             start = time.perf_counter()
             calib = pipe.prepare(loaded)
@@ -70,10 +75,18 @@ def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
                 prune_s = time.perf_counter() - start - allocate_s
                 vs = compare(dense, predict(loaded, data), data.extra)
             profile = allocation.block_profile(pipe.calibrator.layout)
-            row = {"model": model, "sparsity": sparsity, "pruner": pruner, "allocator": allocator,
-                   **{k: v for k, v in vs.items() if isinstance(v, float)},
-                   "allocate_s": round(allocate_s, 2), "prune_s": round(prune_s, 2),
-                   "block_min": min(profile), "block_max": max(profile), "dense_crops_per_s": round(throughput, 2)}
+            row = {
+                "model": model,
+                "sparsity": sparsity,
+                "pruner": pruner,
+                "allocator": allocator,
+                **{k: v for k, v in vs.items() if isinstance(v, float)},
+                "allocate_s": round(allocate_s, 2),
+                "prune_s": round(prune_s, 2),
+                "block_min": min(profile),
+                "block_max": max(profile),
+                "dense_crops_per_s": round(throughput, 2),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             del pipe
@@ -85,17 +98,32 @@ def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
 def add_time_ratios(rows: list[dict]) -> None:
     """Allocation + prune time relative to magnitude's at the same model and sparsity (same run, same machine load)."""
     for row in rows:
-        base = next((r for r in rows if r["model"] == row["model"] and r["sparsity"] == row["sparsity"] and r["pruner"] == "magnitude"
-                     and r["allocator"] == "uniform"), None)
-        row["time_vs_magnitude"] = round((row["allocate_s"] + row["prune_s"]) / max(base["allocate_s"] + base["prune_s"], 1e-9), 2) if base else None
+        base = next(
+            (
+                r
+                for r in rows
+                if r["model"] == row["model"]
+                and r["sparsity"] == row["sparsity"]
+                and r["pruner"] == "magnitude"
+                and r["allocator"] == "uniform"
+            ),
+            None,
+        )
+        row["time_vs_magnitude"] = (
+            round((row["allocate_s"] + row["prune_s"]) / max(base["allocate_s"] + base["prune_s"], 1e-9), 2) if base else None
+        )
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     from strataprune.runtime.reports import markdown_table
 
-    out = [f"# Vision benchmark ({meta['stamp']})", "",
-           f"Calibration: {meta['nsamples']} crops of the calibration photos; evaluation: {meta['eval']} crops of the held-out photos; "
-           f"torch threads {meta['threads']}; {meta['machine']}. Shared machine: times are noisy, compare within a model and sparsity.", ""]
+    out = [
+        f"# Vision benchmark ({meta['stamp']})",
+        "",
+        f"Calibration: {meta['nsamples']} crops of the calibration photos; evaluation: {meta['eval']} crops of the held-out photos; "
+        f"torch threads {meta['threads']}; {meta['machine']}. Shared machine: times are noisy, compare within a model and sparsity.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         chosen = [r for r in rows if r["model"] == model]
         if "kl" in chosen[0]:
@@ -103,10 +131,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         else:
             keys = ["cosine", "cosine_min", "nn_agreement", "nn_photo_agreement"]
         out += [f"## {model} (dense: {chosen[0]['dense_crops_per_s']} crops/s)", ""]
-        out.append(markdown_table(
-            [[r["sparsity"], r["pruner"], r["allocator"], *[r.get(k) for k in keys], r["allocate_s"] + r["prune_s"], r["time_vs_magnitude"],
-              f"{r['block_min']:.3f}..{r['block_max']:.3f}"] for r in chosen],
-            ["sparsity", "pruner", "allocator", *keys, "time s", "time / magnitude", "block range"]))
+        out.append(
+            markdown_table(
+                [
+                    [
+                        r["sparsity"],
+                        r["pruner"],
+                        r["allocator"],
+                        *[r.get(k) for k in keys],
+                        r["allocate_s"] + r["prune_s"],
+                        r["time_vs_magnitude"],
+                        f"{r['block_min']:.3f}..{r['block_max']:.3f}",
+                    ]
+                    for r in chosen
+                ],
+                ["sparsity", "pruner", "allocator", *keys, "time s", "time / magnitude", "block range"],
+            )
+        )
         out.append("")
     return "\n".join(out)
 
@@ -122,7 +163,9 @@ def main() -> None:
     parser.add_argument("--selection", type=int, default=8, help="ATP selection crops")
     parser.add_argument("--atp-trials", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--render", metavar="LOG", help="write the results from the JSON rows a run printed (an interrupted long run)")
+    parser.add_argument(
+        "--render", metavar="LOG", help="write the results from the JSON rows a run printed (an interrupted long run)"
+    )
     args = parser.parse_args()
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.pruners, args.allocators = args.pruners.split(","), args.allocators.split(",")
@@ -138,8 +181,15 @@ def main() -> None:
     else:
         for model in args.models.split(","):
             rows += evaluate_model(model, args)
-    meta = {"stamp": stamp, "nsamples": args.nsamples, "eval": args.eval, "threads": args.threads, "atp_trials": args.atp_trials,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "torch": torch.__version__}
+    meta = {
+        "stamp": stamp,
+        "nsamples": args.nsamples,
+        "eval": args.eval,
+        "threads": args.threads,
+        "atp_trials": args.atp_trials,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "torch": torch.__version__,
+    }
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"vision-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

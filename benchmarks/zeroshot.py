@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
-from strataprune.evaluate.perplexity import perplexity  # noqa: E402
 from strataprune.engine.pipeline import Pipeline  # noqa: E402
 from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
-from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
+from strataprune.evaluate.perplexity import perplexity  # noqa: E402
 from strataprune.evaluate.zeroshot import evaluate_tasks, harness_version, resolve_tasks  # noqa: E402
+from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
 
 TASKS = ("bbc_topic", "bbc_continuation")
 #: name -> (sparsity, allocator spec)
@@ -73,10 +73,16 @@ def main() -> int:
         return 2
 
     resolved = resolve_tasks(list(TASKS))
-    base = apply_overrides(Recipe(), {
-        "pruner": "wanda", "calibration.source": "bbc", "calibration.split": "train",
-        "calibration.nsamples": args.nsamples, "calibration.seqlen": args.seqlen,
-    })
+    base = apply_overrides(
+        Recipe(),
+        {
+            "pruner": "wanda",
+            "calibration.source": "bbc",
+            "calibration.split": "train",
+            "calibration.nsamples": args.nsamples,
+            "calibration.seqlen": args.seqlen,
+        },
+    )
     first = Pipeline(base, show_progress=False, log=lambda message: None)
     _, load_s, _ = timed(first.prepare)
     loaded = first.loaded
@@ -86,7 +92,9 @@ def main() -> int:
 
     def pruned_with(sparsity: float, allocator):
         """A pipeline on the loaded model and the allocation it makes (statistics pass included)."""
-        pipeline = Pipeline(apply_overrides(base, {"sparsity": sparsity, "allocator": allocator}), show_progress=False, log=lambda m: None)
+        pipeline = Pipeline(
+            apply_overrides(base, {"sparsity": sparsity, "allocator": allocator}), show_progress=False, log=lambda m: None
+        )
         calib_data = pipeline.prepare(loaded)
         if pipeline.allocator.needs:
             pipeline.dense_pass([pipeline.allocator])
@@ -96,10 +104,19 @@ def main() -> int:
     timing = {}
     for task in TASKS:
         for batch in (1, 4):
-            result, wall, cpu = timed(lambda: evaluate_tasks(model, tokenizer, task, args.timing_limit, batch_size=batch, show_progress=False))
+            result, wall, cpu = timed(
+                lambda: evaluate_tasks(model, tokenizer, task, args.timing_limit, batch_size=batch, show_progress=False)
+            )
             n = result["tasks"][task]["n"]
-            timing[f"{task}@{batch}"] = {"task": task, "batch_size": batch, "n": n, "wall_s": wall, "cpu_s": cpu,
-                                         "wall_s_per_100": wall / n * 100, "cpu_s_per_100": cpu / n * 100}
+            timing[f"{task}@{batch}"] = {
+                "task": task,
+                "batch_size": batch,
+                "n": n,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "wall_s_per_100": wall / n * 100,
+                "cpu_s_per_100": cpu / n * 100,
+            }
             print(f"{task} batch {batch}: {wall / n * 100:.1f} s wall, {cpu / n * 100:.1f} s CPU per 100 examples", flush=True)
 
     # 2. quality per configuration
@@ -121,11 +138,23 @@ def main() -> int:
                 scores = evaluate_tasks(model, tokenizer, resolved, args.limit, show_progress=False)
                 ppl = perplexity(model, windows, name, False)["ppl"]
             del pipeline
-        results[name] = {"sparsity": sparsity, "allocator": allocator, "allocation": allocation_meta, "bbc_ppl": ppl,
-                         "tasks": scores["tasks"], "mean": scores["presets"].get("bbc", {}).get("mean") or scores["mean"],
-                         "prune_s": prune_s, "eval_s": scores["time_s"], "total_s": time.perf_counter() - t0}
-        print(f"{name}: " + ", ".join(f"{t} {r['metric']} {r['value']:.3f}" for t, r in scores["tasks"].items())
-              + f", BBC ppl {ppl:.2f}", flush=True)
+        results[name] = {
+            "sparsity": sparsity,
+            "allocator": allocator,
+            "allocation": allocation_meta,
+            "bbc_ppl": ppl,
+            "tasks": scores["tasks"],
+            "mean": scores["presets"].get("bbc", {}).get("mean") or scores["mean"],
+            "prune_s": prune_s,
+            "eval_s": scores["time_s"],
+            "total_s": time.perf_counter() - t0,
+        }
+        print(
+            f"{name}: "
+            + ", ".join(f"{t} {r['metric']} {r['value']:.3f}" for t, r in scores["tasks"].items())
+            + f", BBC ppl {ppl:.2f}",
+            flush=True,
+        )
 
     timing_rows = [[t["task"], t["batch_size"], t["n"], t["wall_s_per_100"], t["cpu_s_per_100"]] for t in timing.values()]
     for task in TASKS:
@@ -142,8 +171,15 @@ def main() -> int:
             row += [f"{t['value']:.3f} ± {t['stderr']:.3f}{change}", f"{t['acc']:.3f} / {t['acc_norm']:.3f}"]
         row.append(f"{r['mean']:.3f}")
         quality_rows.append(row)
-    quality_headers = ["model", "BBC ppl", "bbc_topic acc", "topic acc / acc_norm", "bbc_continuation acc_norm",
-                       "continuation acc / acc_norm", "mean"]
+    quality_headers = [
+        "model",
+        "BBC ppl",
+        "bbc_topic acc",
+        "topic acc / acc_norm",
+        "bbc_continuation acc_norm",
+        "continuation acc / acc_norm",
+        "mean",
+    ]
     print()
     print(table(timing_rows, timing_headers))
     print()
@@ -154,22 +190,40 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"zeroshot-{stamp}"
     settings = {
-        "model": "smollm2-135m (fp32)", "harness": f"lm-eval {harness_version()}, 0-shot",
+        "model": "smollm2-135m (fp32)",
+        "harness": f"lm-eval {harness_version()}, 0-shot",
         "tasks": f"{', '.join(TASKS)} (held-out BBC test split; first {args.limit} items of the seeded order; chance 0.2 / 0.25)",
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation, Wanda",
         "perplexity": f"{args.eval_windows} windows x {args.eval_seqlen} tokens of BBC test",
-        "threads": args.threads, "load_s": round(load_s, 2),
+        "threads": args.threads,
+        "load_s": round(load_s, 2),
         "machine": "2-core CPU shared with other jobs: compare ratios within this run",
     }
-    payload = {"settings": settings, "timing": timing, "results": results, "environment": environment(),
-               "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    payload = {
+        "settings": settings,
+        "timing": timing,
+        "results": results,
+        "environment": environment(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
-    md = ["# Zero-shot accuracy on SmolLM2-135M (lm-eval, offline BBC tasks)", "",
-          *(f"- {k}: {v}" for k, v in settings.items()), "",
-          "## Cost per task (dense)", "", markdown_table(timing_rows, timing_headers), "",
-          "## Accuracy and perplexity", "", markdown_table(quality_rows, quality_headers), "",
-          "Reported metric: acc for bbc_topic, acc_norm for bbc_continuation (strataprune/evaluate/zeroshot.py REPORTED_METRIC); "
-          "± is the standard error; the change against dense is in brackets.", ""]
+    md = [
+        "# Zero-shot accuracy on SmolLM2-135M (lm-eval, offline BBC tasks)",
+        "",
+        *(f"- {k}: {v}" for k, v in settings.items()),
+        "",
+        "## Cost per task (dense)",
+        "",
+        markdown_table(timing_rows, timing_headers),
+        "",
+        "## Accuracy and perplexity",
+        "",
+        markdown_table(quality_rows, quality_headers),
+        "",
+        "Reported metric: acc for bbc_topic, acc_norm for bbc_continuation (strataprune/evaluate/zeroshot.py REPORTED_METRIC); "
+        "± is the standard error; the change against dense is in brackets.",
+        "",
+    ]
     stem.with_suffix(".md").write_text("\n".join(md))
     print(f"\nwrote {stem}.json, .md")
     return 0

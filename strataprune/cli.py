@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{exc} (an operating-system error; STRATAPRUNE_DEBUG=1 shows the traceback)", 1)
         return fail(
             f"internal error: {type(exc).__name__}: {exc} (a bug in strataprune or a plugin, please report it; "
-            "run with STRATAPRUNE_DEBUG=1 for the traceback)", 1,
+            "run with STRATAPRUNE_DEBUG=1 for the traceback)",
+            1,
         )
     finally:
         release_output_locks()

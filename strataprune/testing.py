@@ -37,8 +37,16 @@ from strataprune.contract.layout import BlockStats, MatrixInfo, MatrixStats, Mod
 from strataprune.contract.pruner import Pruner
 from strataprune.contract.sparsity import Target, nm_violations, realised_matches
 
-__all__ = ["check_allocator", "check_pruner", "check_adapter", "check_recovery", "random_layout", "random_block_stats",
-           "tiny_llama_dir", "byte_level_tokenizer"]
+__all__ = [
+    "check_allocator",
+    "check_pruner",
+    "check_adapter",
+    "check_recovery",
+    "random_layout",
+    "random_block_stats",
+    "tiny_llama_dir",
+    "byte_level_tokenizer",
+]
 
 #: a few blocks of unequal size, like a decoder with attention and MLP matrices of several shapes
 DEFAULT_SHAPES: tuple[tuple[str, tuple[int, int]], ...] = (
@@ -125,8 +133,14 @@ def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats],
         return 10.0 + (slope - 0.1) ** 2
 
     return AllocationContext(
-        layout=layout, target=target, seed=seed, weights=iterate_weights, score=score if searches else None,
-        cache_dir=None, model_fingerprint=f"testing-{seed}", progress=False,
+        layout=layout,
+        target=target,
+        seed=seed,
+        weights=iterate_weights,
+        score=score if searches else None,
+        cache_dir=None,
+        model_fingerprint=f"testing-{seed}",
+        progress=False,
     )
 
 
@@ -199,8 +213,9 @@ def check_pruner(
     stats = random_block_stats(layout, {"input_norms", "hessian"}, seed=seed)[0]
     info = layout.matrices[0]
     weight = stats.weights[info.name]
-    matrix_stats = MatrixStats(info=info, ntokens=stats.ntokens, input_norms=stats.input_norms[info.name],
-                               hessian=stats.hessians[info.name])
+    matrix_stats = MatrixStats(
+        info=info, ntokens=stats.ntokens, input_norms=stats.input_norms[info.name], hessian=stats.hessians[info.name]
+    )
     targets = [Target.of(r) for r in ratios]
     if instance.supports_nm:
         targets += [Target.of(pattern=p) for p in patterns]
@@ -216,7 +231,9 @@ def check_pruner(
         if target.pattern is not None:
             bad = nm_violations(keep, target.pattern)
             assert bad == 0, f"{who}: {bad} groups of {target.pattern.m} keep more than {target.pattern.n}"
-            assert abs(realised - target.pattern.sparsity) < 1e-9, f"{who}: realised {realised:.4f}, expected exactly {target.ratio}"
+            assert abs(realised - target.pattern.sparsity) < 1e-9, (
+                f"{who}: realised {realised:.4f}, expected exactly {target.ratio}"
+            )
         else:
             assert realised_matches(realised, target.ratio, shape[1]), f"{who}: realised sparsity {realised:.4f}"
         if result.weight is not None:
@@ -249,10 +266,16 @@ def check_adapter(adapter: Any, model: torch.nn.Module, input_ids: torch.Tensor 
         assert tuple(weight.shape) == info.shape, f"{info.name}: layout shape {info.shape} != weight {tuple(weight.shape)}"
         original = weight.clone()
         instance.set_weight(modules[info.name], original * 2)
-        assert torch.allclose(instance.get_weight(modules[info.name]), original * 2), f"{info.name}: set_weight does not round-trip"
+        assert torch.allclose(instance.get_weight(modules[info.name]), original * 2), (
+            f"{info.name}: set_weight does not round-trip"
+        )
         instance.set_weight(modules[info.name], original)
     vocab = getattr(model.config, "vocab_size", 100)
-    ids = input_ids if input_ids is not None else torch.randint(0, min(vocab, 200), (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = (
+        input_ids
+        if input_ids is not None
+        else torch.randint(0, min(vocab, 200), (2, 12), generator=torch.Generator().manual_seed(0))
+    )
     with torch.no_grad():
         captured = instance.capture(model, ids)
         assert tuple(captured.hidden.shape[:2]) == tuple(ids.shape), "captured block-0 inputs must be [samples, tokens, hidden]"
@@ -350,8 +373,17 @@ def tiny_llama_dir(folder: Any, seed: int = 0) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
@@ -416,12 +448,16 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
             params["data"] = str(train)
 
         def run(out: str, with_recovery: bool) -> dict[str, Any]:
-            recipe = recipe_from_dict({
-                "model": str(model_dir), "sparsity": sparsity, "output_dir": str(root / out),
-                "calibration": {"source": str(train), "nsamples": 4, "seqlen": 32},
-                "evaluation": {"source": str(evaluation), "seqlen": 32, "max_windows": 4, "dense": False},
-                "recovery": {"name": cls.name, **params} if with_recovery else None,
-            })
+            recipe = recipe_from_dict(
+                {
+                    "model": str(model_dir),
+                    "sparsity": sparsity,
+                    "output_dir": str(root / out),
+                    "calibration": {"source": str(train), "nsamples": 4, "seqlen": 32},
+                    "evaluation": {"source": str(evaluation), "seqlen": 32, "max_windows": 4, "dense": False},
+                    "recovery": {"name": cls.name, **params} if with_recovery else None,
+                }
+            )
             return Pipeline(recipe, registry=registry, show_progress=False, log=lambda _msg: None).run(root / out).report
 
         report = run("recovered", True)
@@ -438,7 +474,8 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
         saved = AutoModelForCausalLM.from_pretrained(root / "recovered")
         shapes = {n: tuple(p.shape) for n, p in saved.state_dict().items()}
         assert shapes == {n: tuple(p.shape) for n, p in dense.state_dict().items()}, (
-            f"{who}: the saved model's parameters differ from the dense model's (an adapter or extra parameter was saved)")
+            f"{who}: the saved model's parameters differ from the dense model's (an adapter or extra parameter was saved)"
+        )
         allocation = json.loads((root / "recovered" / "allocation.json").read_text())
         realised = report["sparsity"]["per_matrix"]
         weights = saved.state_dict()
@@ -446,10 +483,12 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
             weight = weights[f"{name}.weight"]
             zeros = int((weight == 0).sum())
             assert zeros == round(realised[name] * weight.numel()), (
-                f"{who}: {name} holds {zeros} zeros but the report says sparsity {realised[name]:.6f}")
+                f"{who}: {name} holds {zeros} zeros but the report says sparsity {realised[name]:.6f}"
+            )
             slack = 1.0 / weight.shape[1] + 1e-3
             assert ratio - slack <= zeros / weight.numel() <= ratio + slack, (
-                f"{who}: {name} has sparsity {zeros / weight.numel():.4f}, its final allocation says {ratio:.4f}")
+                f"{who}: {name} has sparsity {zeros / weight.numel():.4f}, its final allocation says {ratio:.4f}"
+            )
         if cls.starts_from == "pruned":
             run("pruned", False)
             pruned = AutoModelForCausalLM.from_pretrained(root / "pruned").state_dict()
@@ -458,7 +497,9 @@ def check_recovery(recovery: Any, *, workdir: Any = None, sparsity: float = 0.5,
                 assert revived == 0, f"{who} revived {revived} pruned weights of {name}"
         run("again", True)
         again = AutoModelForCausalLM.from_pretrained(root / "again").state_dict()
-        assert all(torch.equal(again[n], weights[n]) for n in weights), f"{who} is not deterministic: the same run gave other weights"
+        assert all(torch.equal(again[n], weights[n]) for n in weights), (
+            f"{who} is not deterministic: the same run gave other weights"
+        )
         return report
     finally:
         if own is not None:

@@ -31,7 +31,6 @@ def text_file(tmp_path) -> Path:
     return write_word_text(tmp_path / "text.txt")
 
 
-
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (fp32), loaded once per test session. Tests must not keep it pruned:

@@ -12,18 +12,61 @@ from strataprune.testing import byte_level_tokenizer
 
 #: tiny random configs of every decoder layout the adapter must handle
 TINY_CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True),
-    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, sliding_window=32),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
-    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=256,
-                        max_position_embeddings=256, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-                max_position_embeddings=256, word_embed_proj_dim=64),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        sliding_window=32,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=256,
+        max_position_embeddings=256,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "opt": dict(
+        model_type="opt",
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
 }
 
@@ -51,7 +94,9 @@ def write_word_text(path: Path, lines: int = 200, seed: int = 0) -> Path:
     """``lines`` lines of 40 random words (seeded): text for tiny-model runs, in a file of its own."""
     words = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
     rng = torch.Generator().manual_seed(seed)
-    path.write_text("\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(lines)))
+    path.write_text(
+        "\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(lines))
+    )
     return path
 
 

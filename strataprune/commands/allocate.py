@@ -11,9 +11,15 @@ from strataprune.commands.flags import build_recipe, recipe_flags
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("allocate", help="compute and compare allocations without pruning")
     recipe_flags(parser)
-    parser.add_argument("--allocators", help="comma-separated allocators, each NAME or NAME:key=value:... (default: the recipe's)")
+    parser.add_argument(
+        "--allocators", help="comma-separated allocators, each NAME or NAME:key=value:... (default: the recipe's)"
+    )
     parser.add_argument("--output", help="output directory (default: strataprune-allocations)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier strataprune output (never a folder strataprune did not write)",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=run)
 

@@ -12,11 +12,17 @@ from strataprune.commands.flags import int_list
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("bench", help="latency of dense vs pruned on every engine, parity first, with a verdict")
-    parser.add_argument("run_dir", nargs="+", help="output folder(s) of `strataprune run` (or `deploy`), pruned from one dense model")
-    parser.add_argument("--backends", help="comma-separated backends (default: every available one), NAME:key=value for parameters")
+    parser.add_argument(
+        "run_dir", nargs="+", help="output folder(s) of `strataprune run` (or `deploy`), pruned from one dense model"
+    )
+    parser.add_argument(
+        "--backends", help="comma-separated backends (default: every available one), NAME:key=value for parameters"
+    )
     parser.add_argument("--prompt-len", dest="prompt_len", default="128", help="prompt lengths, comma-separated (default 128)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32, help="greedy tokens timed after the prompt")
+    parser.add_argument(
+        "--decode-tokens", dest="decode_tokens", type=int, default=32, help="greedy tokens timed after the prompt"
+    )
     parser.add_argument("--threads", type=int, help="threads of every engine (default: min(4, CPUs))")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -36,9 +42,17 @@ def run(args: argparse.Namespace) -> int:
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     config = BenchConfig(
-        backends=backends, prompt_lens=int_list(args.prompt_len, "--prompt-len"), batch=args.batch,
-        decode_tokens=args.decode_tokens, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-        parity_steps=args.parity_steps, text=args.text, dense=args.dense, progress=not args.quiet,
+        backends=backends,
+        prompt_lens=int_list(args.prompt_len, "--prompt-len"),
+        batch=args.batch,
+        decode_tokens=args.decode_tokens,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        parity_steps=args.parity_steps,
+        text=args.text,
+        dense=args.dense,
+        progress=not args.quiet,
     )
     if args.output:
         from strataprune.runtime.reports import check_output_dir

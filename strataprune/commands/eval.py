@@ -13,13 +13,26 @@ from strataprune.commands.flags import at_least, threads_flag, zeroshot_flags
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("eval", help="perplexity (or, with --tasks, zero-shot accuracy) of a saved model")
     parser.add_argument("model_dir", help="model folder (e.g. the output of `strataprune run`), .gguf file or embedded name")
-    parser.add_argument("--data", default="bbc", help="dataset name or text file (default: bbc); image models: photos or an image folder")
+    parser.add_argument(
+        "--data", default="bbc", help="dataset name or text file (default: bbc); image models: photos or an image folder"
+    )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--seqlen", type=at_least(2), default=512, help="tokens per window (default 512; at most the model's context)")
-    parser.add_argument("--windows", type=at_least(1, allow_all=True), default=40, help="number of windows, or 'all' (default 40); image models: number of crops")
+    parser.add_argument(
+        "--seqlen", type=at_least(2), default=512, help="tokens per window (default 512; at most the model's context)"
+    )
+    parser.add_argument(
+        "--windows",
+        type=at_least(1, allow_all=True),
+        default=40,
+        help="number of windows, or 'all' (default 40); image models: number of crops",
+    )
     parser.add_argument("--encoding", default="utf-8", help="encoding of a text file given as --data (default utf-8)")
-    parser.add_argument("--protocol", choices=["auto", "wikitext2", "c4", "documents"], default="auto",
-                    help="how text becomes tokens (default auto: the papers' protocol for wikitext2, c4 and WikiText files)")
+    parser.add_argument(
+        "--protocol",
+        choices=["auto", "wikitext2", "c4", "documents"],
+        default="auto",
+        help="how text becomes tokens (default auto: the papers' protocol for wikitext2, c4 and WikiText files)",
+    )
     parser.add_argument("--bos", choices=["auto", "always", "never"], default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reference", help="image models: the dense model to compare with (default: the run's model.source)")
@@ -27,7 +40,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--quiet", action="store_true")
     threads_flag(parser)
     zeroshot_flags(parser)
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="zero-shot: requests per forward pass (default 1)")
+    parser.add_argument(
+        "--batch-size", dest="batch_size", type=int, default=1, help="zero-shot: requests per forward pass (default 1)"
+    )
     parser.add_argument("--perplexity", action="store_true", help="with --tasks: also compute perplexity")
     parser.set_defaults(func=run)
 
@@ -68,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
     result["data"] = windows.description
     result["threads"] = threads
-    print(json.dumps(result, indent=2) if args.json else
-          f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}; "
-          f"protocol {windows.description['protocol']}; tokens sha256 {windows.description['sha256'][:16]})")
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}; "
+        f"protocol {windows.description['protocol']}; tokens sha256 {windows.description['sha256'][:16]})"
+    )
     return 0
 
 
@@ -82,21 +100,35 @@ def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
     check_settings(args.limit, args.batch_size)
     resolved = resolve_tasks(args.tasks, args.include_path)  # unknown task or missing data: fail before loading the model
     loaded = load_model(args.model_dir, device=args.device)
-    result = evaluate_tasks(loaded.model, loaded.tokenizer, resolved, args.limit, batch_size=args.batch_size,
-                            adapter=loaded.adapter, show_progress=not args.quiet)
+    result = evaluate_tasks(
+        loaded.model,
+        loaded.tokenizer,
+        resolved,
+        args.limit,
+        batch_size=args.batch_size,
+        adapter=loaded.adapter,
+        show_progress=not args.quiet,
+    )
     if args.perplexity:
         from strataprune.data.text_windows import evaluation_windows, open_dataset
         from strataprune.evaluate.perplexity import perplexity
 
         bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
-        windows = evaluation_windows(loaded.tokenizer, open_dataset(args.data, args.encoding, args.protocol), args.split, args.seqlen, args.windows, bos)
-        result["perplexity"] = {**perplexity(loaded.model, windows.ids, "perplexity", not args.quiet), "data": windows.description}
+        windows = evaluation_windows(
+            loaded.tokenizer, open_dataset(args.data, args.encoding, args.protocol), args.split, args.seqlen, args.windows, bos
+        )
+        result["perplexity"] = {
+            **perplexity(loaded.model, windows.ids, "perplexity", not args.quiet),
+            "data": windows.description,
+        }
     result["threads"] = threads
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     harness = result["harness"]
-    print(f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, {result['time_s']:.1f} s)")
+    print(
+        f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, {result['time_s']:.1f} s)"
+    )
     print(accuracy_table(result))
     if "perplexity" in result:
         ppl = result["perplexity"]

@@ -37,14 +37,21 @@ def recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (default: the embedded default job)")
     parser.add_argument("--model", help="embedded name (smollm2-135m), model folder, .gguf file or hub id")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N, or auto (spread over all GPUs)")
-    parser.add_argument("--offload", action="store_true", default=None, help="one block in memory at a time, the rest read from disk")
-    parser.add_argument("--activation-dtype", dest="activation_dtype", help="calibration activations: float32, bfloat16 or float16")
+    parser.add_argument(
+        "--offload", action="store_true", default=None, help="one block in memory at a time, the rest read from disk"
+    )
+    parser.add_argument(
+        "--activation-dtype", dest="activation_dtype", help="calibration activations: float32, bfloat16 or float16"
+    )
     parser.add_argument("--activation-dir", dest="activation_dir", help="keep calibration activations in files in this folder")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--allocator", help="allocator name (see `strataprune plugins`)")
     parser.add_argument("--pruner", help="pruner name (see `strataprune plugins`)")
-    parser.add_argument("--sparsity", help="target ratio in [0, 1), or N:M = keep N of every M weights (NVIDIA's notation: "
-                        "2:4 is 50%%, 1:4 is 75%% sparse; the paper repos' n:m counts pruned weights instead)")
+    parser.add_argument(
+        "--sparsity",
+        help="target ratio in [0, 1), or N:M = keep N of every M weights (NVIDIA's notation: "
+        "2:4 is 50%%, 1:4 is 75%% sparse; the paper repos' n:m counts pruned weights instead)",
+    )
     parser.add_argument("--calibration", help="calibration text: dataset name (bbc) or text file path")
     parser.add_argument("--nsamples", type=int, help="calibration samples")
     parser.add_argument("--seqlen", type=int, help="calibration tokens per sample")
@@ -53,12 +60,16 @@ def recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", dest="eval_data", help="evaluation text: dataset name or text file path")
     parser.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="tokens per evaluation window")
     parser.add_argument("--eval-windows", dest="eval_windows", type=int, help="number of evaluation windows")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any recipe key, e.g. allocator.beta=0.01")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="set any recipe key, e.g. allocator.beta=0.01"
+    )
     threads_flag(parser)
 
 
 def threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: auto, the cores other processes leave free)")
+    parser.add_argument(
+        "--threads", type=at_least(1), help="torch CPU threads (default: auto, the cores other processes leave free)"
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -84,9 +95,13 @@ def at_least(minimum: int, allow_all: bool = False) -> Any:
 
 
 def zeroshot_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", help="zero-shot accuracy (lm-eval) on these tasks: names, groups or presets (papers7, bbc), comma-separated")
+    parser.add_argument(
+        "--tasks", help="zero-shot accuracy (lm-eval) on these tasks: names, groups or presets (papers7, bbc), comma-separated"
+    )
     parser.add_argument("--limit", type=int, help="zero-shot: examples per task (default: all)")
-    parser.add_argument("--include-path", dest="include_path", help="zero-shot: folder of extra lm-eval task YAML files (local data)")
+    parser.add_argument(
+        "--include-path", dest="include_path", help="zero-shot: folder of extra lm-eval task YAML files (local data)"
+    )
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -111,7 +126,9 @@ def build_recipe(args: argparse.Namespace) -> Any:
         try:
             overrides["sparsity"] = float(overrides["sparsity"])
         except ValueError:
-            raise ConfigError(f"--sparsity {overrides['sparsity']!r} must be a number in [0, 1) or an N:M pattern like 2:4") from None
+            raise ConfigError(
+                f"--sparsity {overrides['sparsity']!r} must be a number in [0, 1) or an N:M pattern like 2:4"
+            ) from None
     for kind in ("allocator", "pruner"):
         name = getattr(args, kind, None)
         if name is not None and name != getattr(recipe, kind).name:

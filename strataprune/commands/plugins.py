@@ -22,5 +22,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plugins": infos, "skipped": [{"plugin": p, "reason": r} for p, r in registry.skipped]}, indent=2))
     else:
-        print(table([[i["name"], i["kind"], i["provided_by"], i["version"]] for i in infos], ["name", "kind", "provided by", "version"]))
+        print(
+            table(
+                [[i["name"], i["kind"], i["provided_by"], i["version"]] for i in infos],
+                ["name", "kind", "provided by", "version"],
+            )
+        )
     return 0

@@ -12,7 +12,11 @@ def add_parser(sub: Any) -> None:
     parser = sub.add_parser("run", help="prune a model (the main job)")
     recipe_flags(parser)
     parser.add_argument("--output", help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier strataprune output (never a folder strataprune did not write)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier strataprune output (never a folder strataprune did not write)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--recovery", help="fine-tune to recover accuracy: losa, lora or none (see `strataprune plugins`)")
     zeroshot_flags(parser)

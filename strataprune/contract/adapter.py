@@ -12,6 +12,7 @@ from strataprune.contract.layout import BlockInputs, LoadedModel, ModelLayout
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     import torch
 
+
 class ModelAdapter(Plugin):
     """Knows one family of model structures: sequential blocks and their prunable matrices.
 

@@ -76,7 +76,9 @@ class Allocation:
             return cls({str(k): float(v) for k, v in raw.items()}, target, allocator)
         if isinstance(raw, (Sequence, np.ndarray)) and not isinstance(raw, str):
             return cls.from_blocks(layout, [float(x) for x in raw], target, allocator=allocator)
-        raise PluginError(f"allocator '{allocator}' returned {type(raw).__name__}; expected an Allocation, a mapping or a list of block ratios")
+        raise PluginError(
+            f"allocator '{allocator}' returned {type(raw).__name__}; expected an Allocation, a mapping or a list of block ratios"
+        )
 
     # ---------------------------------------------------------------- queries
     def weighted_mean(self, layout: ModelLayout) -> float:
@@ -170,7 +172,9 @@ class Allocation:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
         if data.get("format_version") != FORMAT_VERSION:
-            raise PluginError(f"allocation format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+            raise PluginError(
+                f"allocation format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            )
         return cls(
             ratios={k: float(v) for k, v in data["ratios"].items()},
             target=float(data["target"]),

@@ -14,6 +14,7 @@ from strataprune.contract.sparsity import Target
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     import torch
 
+
 # --------------------------------------------------------------------------- allocators
 def _cpu() -> torch.device:
     import torch

@@ -14,6 +14,7 @@ from strataprune.contract.errors import ConfigError
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     pass
 
+
 @dataclass
 class NoConfig:
     """A plugin without parameters."""
@@ -37,6 +38,7 @@ class Plugin:
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
 
 # --------------------------------------------------------------------------- config building
 def _type_ok(value: Any, hint: Any) -> bool:

@@ -9,6 +9,7 @@ from strataprune.contract.base import Plugin
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     pass
 
+
 # --------------------------------------------------------------------------- datasets
 class Dataset(Plugin):
     """A named text source split into documents. Splits: 'train', 'validation', 'test' (as available).

@@ -18,6 +18,7 @@ STATISTICS = ("input_norms", "hessian", "block_inputs", "block_outputs")
 #: what a model adapter's ``task`` may be: each has its own data and evaluation
 TASKS = ("causal-lm", "image-classification", "image-embedding", "multimodal")
 
+
 # --------------------------------------------------------------------------- model structure
 @dataclass(frozen=True)
 class MatrixInfo:
@@ -111,6 +112,7 @@ class MatrixStats:
     ntokens: int = 0
     input_norms: torch.Tensor | None = None  # (in,) fp32: ||X_j||_2
     hessian: torch.Tensor | None = None  # (in, in) fp32: 2 X X^T / n
+
 
 # --------------------------------------------------------------------------- model adapters
 @dataclass

@@ -12,6 +12,7 @@ from strataprune.contract.sparsity import Target
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     import torch
 
+
 # --------------------------------------------------------------------------- pruners
 @dataclass
 class PruneResult:

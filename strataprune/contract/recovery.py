@@ -13,6 +13,7 @@ from strataprune.contract.sparsity import Target
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     import torch
 
+
 # --------------------------------------------------------------------------- recoveries
 @dataclass
 class RecoveryContext:

@@ -24,12 +24,12 @@ from typing import Any, Callable
 import pluggy
 
 from strataprune.contract import hookspecs
-from strataprune.contract.errors import PluginError, did_you_mean, unknown
 from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.allocator import Allocator
 from strataprune.contract.backend import Backend
 from strataprune.contract.base import Plugin
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import PluginError, did_you_mean, unknown
 from strataprune.contract.pruner import Pruner
 from strataprune.contract.recovery import Recovery
 
@@ -144,6 +144,7 @@ class Registry:
         for kind, (hook_name, _base, _methods) in KINDS.items():
             impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is module]
             for impl in impls:
+
                 def register(cls: Any, *, _kind: str = kind) -> None:
                     staged.append(self._validate(_kind, cls, label, dist, ep_name, staged))
 
@@ -214,7 +215,9 @@ class Registry:
 def _unknown_hooks(module: Any) -> list[str]:
     """Hook implementations whose name no hookspec has (pluggy would accept them silently)."""
     marker = f"{GROUP}_impl"
-    return [name for name in dir(module) if getattr(getattr(module, name, None), marker, None) is not None and name not in SPEC_NAMES]
+    return [
+        name for name in dir(module) if getattr(getattr(module, name, None), marker, None) is not None and name not in SPEC_NAMES
+    ]
 
 
 def _dist_name(ep: EntryPoint) -> str:

@@ -41,7 +41,9 @@ class NMPattern:
             return text
         match = _NM_RE.match(str(text))
         if not match:
-            raise ConfigError(f"N:M pattern '{text}' is invalid: write it as 'n:m' with integers 0 < n < m, n kept of every m (e.g. '2:4')")
+            raise ConfigError(
+                f"N:M pattern '{text}' is invalid: write it as 'n:m' with integers 0 < n < m, n kept of every m (e.g. '2:4')"
+            )
         return cls(int(match.group(1)), int(match.group(2)))
 
     @property

@@ -108,12 +108,21 @@ class ImageSpec:
 
     def to_processor_config(self) -> dict[str, Any]:
         """The spec in transformers' ``preprocessor_config.json`` format (written next to a saved model)."""
-        cfg: dict[str, Any] = {"do_normalize": True, "image_mean": list(self.mean), "image_std": list(self.std),
-                               "do_rescale": True, "rescale_factor": 1 / 255, "resample": self.resample, "do_resize": True}
+        cfg: dict[str, Any] = {
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "resample": self.resample,
+            "do_resize": True,
+        }
         if self.resize is None:
             cfg.update(size={"height": self.size, "width": self.size}, do_center_crop=False)
         else:
-            cfg.update(size={"shortest_edge": self.resize}, do_center_crop=True, crop_size={"height": self.size, "width": self.size})
+            cfg.update(
+                size={"shortest_edge": self.resize}, do_center_crop=True, crop_size={"height": self.size, "width": self.size}
+            )
         return cfg
 
 
@@ -165,8 +174,6 @@ def photo_files() -> list[tuple[Path, str]]:
         if root is not None and (root / relative).is_file():
             out.append((root / relative, caption))
     return out
-
-
 
 
 _decoded: dict[tuple[str, int, int], Any] = {}
@@ -326,7 +333,13 @@ def crops(images: ImageSet, spec: ImageSpec, count: int | None, seed: int, role:
         torch.tensor(sources, dtype=torch.long),
         [im.label for im in chosen],
         [im.caption for im in chosen],
-        {**images.description, "role": role, "crops": n, "seed": seed, "size": spec.size,
-         "crop_rule": f"first crop of each image: processor view (resize {spec.resize}, center crop {spec.size}); "
-                      f"others: random-resized crop (area {CROP_SCALE}, aspect {CROP_RATIO[0]:.2f}-{CROP_RATIO[1]:.2f}) + mirror"},
+        {
+            **images.description,
+            "role": role,
+            "crops": n,
+            "seed": seed,
+            "size": spec.size,
+            "crop_rule": f"first crop of each image: processor view (resize {spec.resize}, center crop {spec.size}); "
+            f"others: random-resized crop (area {CROP_SCALE}, aspect {CROP_RATIO[0]:.2f}-{CROP_RATIO[1]:.2f}) + mirror",
+        },
     )

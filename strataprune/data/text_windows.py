@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from strataprune.contract.errors import ConfigError, DataError, unknown
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import ConfigError, DataError, unknown
 from strataprune.data.textfile import TextFile, looks_like_path
 
 #: share of a split-less text's tokens held out from calibration for selection (ATP's beta search)
@@ -45,10 +45,10 @@ PROTOCOLS = ("auto", "wikitext2", "c4", "documents")
 #: C4 validation perplexity in the papers: the first 1100 documents, at most 256 windows
 C4_EVAL_DOCUMENTS, C4_EVAL_WINDOWS = 1100, 256
 RULES = {
-    "wikitext2": 'rows (blank ones included) joined into one string, tokenised once with the tokenizer defaults: '
-                 '"\\n\\n".join for evaluation, " ".join for calibration (the papers\' WikiText-2 loader)',
+    "wikitext2": "rows (blank ones included) joined into one string, tokenised once with the tokenizer defaults: "
+    '"\\n\\n".join for evaluation, " ".join for calibration (the papers\' WikiText-2 loader)',
     "c4": "calibration: random document with more than seqlen tokens, random seqlen window (the papers' C4 loader); "
-          "evaluation: first 1100 documents joined with ' ', tokenised once, first 256*seqlen tokens",
+    "evaluation: first 1100 documents joined with ' ', tokenised once, first 256*seqlen tokens",
     "documents": 'each non-blank document tokenised alone without special tokens, joined by the tokens of "\\n\\n"',
 }
 SHA256_OF = "token ids as int64 little-endian, row-major [windows, seqlen]"
@@ -77,8 +77,10 @@ def protocol_of(dataset: Dataset, wanted: str | None = None) -> str:
     wanted = wanted or getattr(dataset, "protocol", "auto")
     protocol = getattr(dataset, "reference_protocol", "documents") if wanted == "auto" else wanted
     if protocol == "c4" and tuple(dataset.splits) == ("all",):
-        raise ConfigError(f"protocol 'c4' draws whole documents from train/validation splits; '{dataset.name}' has one split 'all' "
-                          "(use protocol wikitext2 or documents for a text file)")
+        raise ConfigError(
+            f"protocol 'c4' draws whole documents from train/validation splits; '{dataset.name}' has one split 'all' "
+            "(use protocol wikitext2 or documents for a text file)"
+        )
     return protocol
 
 
@@ -167,9 +169,20 @@ def calibration_windows(
         extra = {"stream_tokens": len(stream)}
     return TokenWindows(
         ids,
-        {**dataset.describe(), "split": actual_split, "role": role, "nsamples": nsamples, "seqlen": seqlen,
-         "seed": seed, "tokens": int(ids.numel()), **extra, "protocol": protocol, "protocol_rule": RULES.get(protocol, protocol),
-         "sha256": windows_sha256(ids), "sha256_of": SHA256_OF},
+        {
+            **dataset.describe(),
+            "split": actual_split,
+            "role": role,
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "seed": seed,
+            "tokens": int(ids.numel()),
+            **extra,
+            "protocol": protocol,
+            "protocol_rule": RULES.get(protocol, protocol),
+            "sha256": windows_sha256(ids),
+            "sha256_of": SHA256_OF,
+        },
     )
 
 
@@ -229,7 +242,16 @@ def evaluation_windows(
         windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
     return TokenWindows(
         windows,
-        {**dataset.describe(), "split": _split_for(dataset, split), "windows": count, "seqlen": seqlen,
-         "bos_per_window": bos, "available_windows": len(stream) // body, "protocol": protocol,
-         "protocol_rule": RULES.get(protocol, protocol), "sha256": windows_sha256(windows), "sha256_of": SHA256_OF},
+        {
+            **dataset.describe(),
+            "split": _split_for(dataset, split),
+            "windows": count,
+            "seqlen": seqlen,
+            "bos_per_window": bos,
+            "available_windows": len(stream) // body,
+            "protocol": protocol,
+            "protocol_rule": RULES.get(protocol, protocol),
+            "sha256": windows_sha256(windows),
+            "sha256_of": SHA256_OF,
+        },
     )

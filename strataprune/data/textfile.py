@@ -17,8 +17,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from strataprune.contract.errors import ConfigError, DataError, StrataPruneError
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import ConfigError, DataError, StrataPruneError
 
 #: file names of the WikiText distribution (wikitext-2-raw-v1 / wikitext-2-v1)
 WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")
@@ -44,7 +44,7 @@ def decode_text(raw: bytes, what: str, encoding: str = "utf-8", error: type[Stra
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise error(
-            f"{what} is not valid {encoding} text (byte 0x{raw[exc.start:exc.start + 1].hex()} at offset {exc.start}); "
+            f"{what} is not valid {encoding} text (byte 0x{raw[exc.start : exc.start + 1].hex()} at offset {exc.start}); "
             "convert it to UTF-8 or name its encoding (recipe key calibration.encoding / evaluation.encoding, eval --encoding)"
         ) from None
     except LookupError:
@@ -94,6 +94,9 @@ class TextFile(Dataset):
 
     def describe(self) -> dict[str, object]:
         return {
-            "name": "textfile", "path": str(self.path.resolve()), "bytes": self._size,
-            "encoding": self.encoding, "file_sha256": self._sha256,
+            "name": "textfile",
+            "path": str(self.path.resolve()),
+            "bytes": self._size,
+            "encoding": self.encoding,
+            "file_sha256": self._sha256,
         }

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from strataprune.data.text_windows import calibration_windows, open_dataset
-from strataprune.contract.errors import ConfigError, DataError
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import ConfigError, DataError
+from strataprune.data.text_windows import calibration_windows, open_dataset
 
 #: a training document sharing this many consecutive words with the evaluation text is dropped
 OVERLAP_WORDS = 13
@@ -99,7 +99,9 @@ class TrainingText:
     def __init__(self, tokenizer: Any, eval_data: Dataset, eval_split: str) -> None:
         self.tokenizer = tokenizer
         self.eval_data = eval_data
-        self.eval_split = eval_split if eval_split in eval_data.splits else ("all" if eval_data.splits == ("all",) else eval_split)
+        self.eval_split = (
+            eval_split if eval_split in eval_data.splits else ("all" if eval_data.splits == ("all",) else eval_split)
+        )
         self._kept: dict[tuple[str, str], _Kept] = {}
         self.descriptions: list[dict[str, Any]] = []
 

@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.backend import BACKEND_CONTRACT, Backend, CompiledModel, DeploySettings
+from strataprune.contract.errors import ConfigError, PluginError
+
 from .parity import Reference, check_parity, reference_outputs
 from .rundir import RunFolder, dense_twin, open_run, text_windows
 
@@ -72,7 +73,7 @@ def parse_backend_spec(spec: str, names: list[str]) -> tuple[str, dict[str, Any]
         if spec == name:
             return name, {}
         if spec.startswith(name + ":"):
-            pairs = [p for p in spec[len(name) + 1:].split(":") if p]
+            pairs = [p for p in spec[len(name) + 1 :].split(":") if p]
             if all("=" in p for p in pairs):
                 return name, parse_set(pairs)
     head = spec.split(":")[0]
@@ -106,7 +107,9 @@ def resolve_backends(specs: list[str] | None, log: Any = None) -> tuple[list[Bac
 def check_contract(backend: Backend) -> None:
     version = getattr(backend, "contract", 1)
     if version != BACKEND_CONTRACT:
-        raise PluginError(f"backend '{backend.name}' implements Backend contract {version}; this strataprune speaks {BACKEND_CONTRACT}")
+        raise PluginError(
+            f"backend '{backend.name}' implements Backend contract {version}; this strataprune speaks {BACKEND_CONTRACT}"
+        )
 
 
 def _int4_variant(backend: Backend, int4: bool) -> Backend | None:
@@ -136,8 +139,9 @@ class _References:
         self.cache: dict[tuple[str, str, int], Reference] = {}
         self.windows_for, self.steps, self.batch, self.settings_for = windows_for, steps, batch, settings_for
 
-    def get(self, backend: Backend, model_dir: Path, variant: str, length: int, workdir: Path,
-            compiled: CompiledModel | None = None) -> Reference:
+    def get(
+        self, backend: Backend, model_dir: Path, variant: str, length: int, workdir: Path, compiled: CompiledModel | None = None
+    ) -> Reference:
         key = (backend.label(), variant, length)
         if key not in self.cache:
             own = compiled is not None
@@ -194,7 +198,9 @@ def benchmark(run_dir: str | Path | list[str | Path], config: BenchConfig | None
         return window_cache[length]
 
     def settings_for(length: int) -> DeploySettings:
-        return DeploySettings(batch=cfg.batch, prompt_len=length, new_tokens=max(cfg.decode_tokens, cfg.parity_steps), threads=threads)
+        return DeploySettings(
+            batch=cfg.batch, prompt_len=length, new_tokens=max(cfg.decode_tokens, cfg.parity_steps), threads=threads
+        )
 
     import torch
 
@@ -232,17 +238,25 @@ def benchmark(run_dir: str | Path | list[str | Path], config: BenchConfig | None
         "rows": rows,
         "skipped": skipped,
         "parity_rule": "max |logit - reference| / max(1, max |reference logit|) <= tolerance on real text windows, "
-                       "and identical greedy tokens for parity_steps steps through the KV cache",
+        "and identical greedy tokens for parity_steps steps through the KV cache",
         "speedup_rule": "median latency of the fastest dense engine at the same prompt length / this row's median",
     }
 
 
-def _measure(engine: Backend, model: _Model, cfg: BenchConfig, tmp_root: Path, refs: _References, windows_for: Any,
-             settings_for: Any, checkpoints: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _measure(
+    engine: Backend,
+    model: _Model,
+    cfg: BenchConfig,
+    tmp_root: Path,
+    refs: _References,
+    windows_for: Any,
+    settings_for: Any,
+    checkpoints: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
     """Prepare ``model`` on ``engine``, check parity, time it: one row per prompt length."""
     rows = []
     fixed = bool(getattr(engine, "fixed_shapes", False))
-    for compile_len in (list(cfg.prompt_lens) if fixed else [cfg.prompt_lens[0]]):
+    for compile_len in list(cfg.prompt_lens) if fixed else [cfg.prompt_lens[0]]:
         work = tmp_root / f"{engine.label().replace(':', '_')}-{model.variant}-{compile_len}"
         _say(f"{engine.label()} / {model.variant}: prepare", cfg.progress)
         compiled = engine.prepare(model.folder, work, settings_for(compile_len))
@@ -256,23 +270,36 @@ def _measure(engine: Backend, model: _Model, cfg: BenchConfig, tmp_root: Path, r
                 _say(f"{engine.label()} / {model.variant}: parity against {reference.label()}", cfg.progress)
                 parity = check_parity(compiled, ref, engine.parity_tolerance, f"{engine.label()} ({model.variant})")
                 parity["reference"] = reference.label()
-            for length in ([compile_len] if fixed else list(cfg.prompt_lens)):
+            for length in [compile_len] if fixed else list(cfg.prompt_lens):
                 ids = windows_for(length)[: cfg.batch]
                 _say(f"{engine.label()} / {model.variant}: timing prompt {cfg.batch}x{length}", cfg.progress)
                 prefill = compiled.time_prefill(ids, cfg.warmup, cfg.repeats)
                 decode = compiled.time_decode(ids, cfg.decode_tokens, cfg.warmup, cfg.repeats) if cfg.decode_tokens else []
-                rows.append({
-                    "backend": engine.label(), "engine": engine.name, "variant": model.variant, "run_variant": model.reference_variant,
-                    "int4": model.int4, "batch": cfg.batch,
-                    "prompt_len": length, "prefill_ms": _stats(prefill),
-                    "prefill_tokens_per_s": cfg.batch * length / statistics.median(prefill),
-                    "decode_ms_per_token": _stats(decode) if decode else None,
-                    "decode_tokens_per_s": cfg.batch / statistics.median(decode) if decode else None,
-                    "artifact_bytes": compiled.meta.get("artifact_bytes"), "format": compiled.meta.get("format"),
-                    "checkpoint_bytes": checkpoints[model.reference_variant]["file_bytes"],
-                    "parity": parity, "sparse_formats": list(engine.sparse_formats),
-                    "notes": {k: v for k, v in compiled.meta.items() if k in ("decode_timing", "fraction_supported_ops", "compile_s", "int4")},
-                })
+                rows.append(
+                    {
+                        "backend": engine.label(),
+                        "engine": engine.name,
+                        "variant": model.variant,
+                        "run_variant": model.reference_variant,
+                        "int4": model.int4,
+                        "batch": cfg.batch,
+                        "prompt_len": length,
+                        "prefill_ms": _stats(prefill),
+                        "prefill_tokens_per_s": cfg.batch * length / statistics.median(prefill),
+                        "decode_ms_per_token": _stats(decode) if decode else None,
+                        "decode_tokens_per_s": cfg.batch / statistics.median(decode) if decode else None,
+                        "artifact_bytes": compiled.meta.get("artifact_bytes"),
+                        "format": compiled.meta.get("format"),
+                        "checkpoint_bytes": checkpoints[model.reference_variant]["file_bytes"],
+                        "parity": parity,
+                        "sparse_formats": list(engine.sparse_formats),
+                        "notes": {
+                            k: v
+                            for k, v in compiled.meta.items()
+                            if k in ("decode_timing", "fraction_supported_ops", "compile_s", "int4")
+                        },
+                    }
+                )
         finally:
             compiled.close()
     return rows
@@ -322,8 +349,14 @@ def _machine(threads: int) -> dict[str, Any]:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "load_average_1m": load, "python": platform.python_version(),
-            "note": "timings on a machine shared with other jobs are noisy; compare ratios within one run"}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "load_average_1m": load,
+        "python": platform.python_version(),
+        "note": "timings on a machine shared with other jobs are noisy; compare ratios within one run",
+    }
 
 
 # --------------------------------------------------------------------------- verdict
@@ -397,15 +430,21 @@ def _reasons(row: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     int4 = bool(row.get("int4"))
     pattern = "2:4" if facts.get("nm") else "unstructured"
     if not int4 and pattern not in formats:
-        why.append(f"{row['engine']} has no {pattern} sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs "
-                   "and bytes as nonzeros (unstructured zeros on a dense engine)")
+        why.append(
+            f"{row['engine']} has no {pattern} sparse kernels: the {facts['realised_sparsity']:.0%} zeros cost the same FLOPs "
+            "and bytes as nonzeros (unstructured zeros on a dense engine)"
+        )
     if int4:
-        why.append("4-bit weights: decode reads about 1/8 of the fp32 weight bytes; prefill dequantizes blocks on the fly; "
-                   "zeros are stored as codes, not skipped")
+        why.append(
+            "4-bit weights: decode reads about 1/8 of the fp32 weight bytes; prefill dequantizes blocks on the fly; "
+            "zeros are stored as codes, not skipped"
+        )
     widest = max(facts.get("hidden_size", 0), facts.get("intermediate_size", 0))
     if widest and widest < SMALL_MATRIX:
-        why.append(f"shapes too small: matrices at most {widest} wide stay in cache, so dense GEMM is cheap and per-operator "
-                   "overhead weighs as much as FLOPs")
+        why.append(
+            f"shapes too small: matrices at most {widest} wide stay in cache, so dense GEMM is cheap and per-operator "
+            "overhead weighs as much as FLOPs"
+        )
     if row["decode_ms_per_token"] is not None:
         why.append("decode is memory-bound: one token per step gains only if the engine reads fewer weight bytes")
     why.append(f"lm_head/embeddings stay dense: even perfect sparse kernels give at most {amdahl_cap(facts):.2f}x end to end")
@@ -428,8 +467,19 @@ def _mb(value: int | None) -> str:
     return f"{value / 1e6:.1f}" if value else "-"
 
 
-HEADERS = ["backend", "model", "prompt", "prefill ms (med [min-max])", "decode ms/token", "engine file MB", "sparse ckpt MB",
-           "parity (rel. diff / tol)", "speedup prefill", "speedup decode", "verdict"]
+HEADERS = [
+    "backend",
+    "model",
+    "prompt",
+    "prefill ms (med [min-max])",
+    "decode ms/token",
+    "engine file MB",
+    "sparse ckpt MB",
+    "parity (rel. diff / tol)",
+    "speedup prefill",
+    "speedup decode",
+    "verdict",
+]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[Any]]:
@@ -437,9 +487,21 @@ def table_rows(report: dict[str, Any]) -> list[list[Any]]:
     for row in report["rows"]:
         parity = row["parity"]
         par = "reference" if parity.get("reference") == "itself" else f"{parity['relative']:.1e} / {parity['tolerance']:g}"
-        out.append([row["backend"], row["variant"], f"{row['batch']}x{row['prompt_len']}", _ms(row["prefill_ms"]),
-                    _ms(row["decode_ms_per_token"]), _mb(row["artifact_bytes"]), _mb(row["checkpoint_bytes"]), par,
-                    _x(row["speedup_prefill"]), _x(row["speedup_decode"]), row["verdict"]])
+        out.append(
+            [
+                row["backend"],
+                row["variant"],
+                f"{row['batch']}x{row['prompt_len']}",
+                _ms(row["prefill_ms"]),
+                _ms(row["decode_ms_per_token"]),
+                _mb(row["artifact_bytes"]),
+                _mb(row["checkpoint_bytes"]),
+                par,
+                _x(row["speedup_prefill"]),
+                _x(row["speedup_decode"]),
+                row["verdict"],
+            ]
+        )
     return out
 
 
@@ -472,8 +534,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"# strataprune bench: {', '.join(report['run_dirs'])}",
         "",
         f"Dense model: `{report['dense_model']}`. Pruned: "
-        + ", ".join(f"{name} = {f['realised_sparsity']:.1%} of the prunable weights (target {f['target']}"
-                    f"{', INT4' if f['quantized'] else ''})" for name, f in report["models"].items())
+        + ", ".join(
+            f"{name} = {f['realised_sparsity']:.1%} of the prunable weights (target {f['target']}"
+            f"{', INT4' if f['quantized'] else ''})"
+            for name, f in report["models"].items()
+        )
         + f". {m['cpu']}, {m['threads']} threads, 1-minute load average {m['load_average_1m']}. "
         f"batch {s['batch']}, {s['decode_tokens']} decode tokens, {s['warmup']} warm-up + {s['repeats']} timed runs. {m['note']}.",
         "",

@@ -42,11 +42,18 @@ def main() -> int:
                 answer = {"ok": True, "version": deepsparse.__version__, "numpy": np.__version__}
             elif cmd == "compile":
                 start = time.perf_counter()
-                engine = Engine(request["path"], batch_size=request["batch"], num_cores=request.get("threads"),
-                                input_shapes=request.get("shapes"))
+                engine = Engine(
+                    request["path"],
+                    batch_size=request["batch"],
+                    num_cores=request.get("threads"),
+                    input_shapes=request.get("shapes"),
+                )
                 engines[request["key"]] = engine
-                answer = {"ok": True, "seconds": time.perf_counter() - start,
-                          "fraction_supported": getattr(engine, "fraction_of_supported_ops", None)}
+                answer = {
+                    "ok": True,
+                    "seconds": time.perf_counter() - start,
+                    "fraction_supported": getattr(engine, "fraction_of_supported_ops", None),
+                }
             elif cmd == "run":
                 data = np.load(request["inputs"])
                 outputs = engines[request["key"]].run([data[f"arr_{i}"] for i in range(len(data.files))])

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.backend import DeploySettings
+from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
+
 from .bench import resolve_backends
 from .parity import check_parity, reference_outputs
 from .rundir import load_causal_lm, open_run, text_windows, weight_files
@@ -37,9 +38,18 @@ from .storage import read_state_dict, write_sparse_checkpoint
 REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
 
 
-def deploy(run_dir: str | Path, backend: str, output: str | Path, *, overwrite: bool = False,
-           settings: DeploySettings | None = None, parity_windows: int = 2, parity_steps: int = 8,
-           text: str | None = None, log: Any = None) -> dict[str, Any]:
+def deploy(
+    run_dir: str | Path,
+    backend: str,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    settings: DeploySettings | None = None,
+    parity_windows: int = 2,
+    parity_steps: int = 8,
+    text: str | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
     """Write ``output`` (see the module docstring); returns what ``deploy.json`` holds."""
     say = log or (lambda message: None)
     run = open_run(run_dir)
@@ -48,8 +58,10 @@ def deploy(run_dir: str | Path, backend: str, output: str | Path, *, overwrite: 
     (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
-        raise ConfigError(f"--prompt-len {settings.prompt_len} + {parity_steps} parity steps must fit the model's context of "
-                          f"{run.context_length} tokens (and be >= 1)")
+        raise ConfigError(
+            f"--prompt-len {settings.prompt_len} + {parity_steps} parity steps must fit the model's context of "
+            f"{run.context_length} tokens (and be >= 1)"
+        )
     windows = text_windows(run, max(parity_windows, settings.batch), settings.prompt_len, text).numpy()
     with atomic_output_dir(output, overwrite) as tmp:
         say("writing the sparse-bitmask checkpoint")
@@ -86,16 +98,22 @@ def deploy(run_dir: str | Path, backend: str, output: str | Path, *, overwrite: 
             "run_dir": str(run.path.resolve()),
             "backend": engine.label(),
             "engine_version": state.version,
-            "artifact": str(compiled.artifact.relative_to(tmp)) if compiled.artifact and compiled.artifact.is_relative_to(tmp) else None,
+            "artifact": str(compiled.artifact.relative_to(tmp))
+            if compiled.artifact and compiled.artifact.is_relative_to(tmp)
+            else None,
             "artifact_bytes": artifact_bytes,
             "engine": meta,
             "storage": sizes,
             "original_weight_bytes": sum(f.stat().st_size for f in weight_files(run.path)),
             "parity": parity,
-            "settings": {"batch": settings.batch, "prompt_len": settings.prompt_len, "new_tokens": settings.new_tokens,
-                         "threads": settings.threads},
+            "settings": {
+                "batch": settings.batch,
+                "prompt_len": settings.prompt_len,
+                "new_tokens": settings.new_tokens,
+                "threads": settings.threads,
+            },
             "readers": "compressed-tensors 0.12.2 (BitmaskCompressor) and transformers with it installed; "
-                       "strataprune.deploy.storage.read_state_dict",
+            "strataprune.deploy.storage.read_state_dict",
         }
         write_json(tmp / "deploy.json", info)
     return info

@@ -32,11 +32,18 @@ def doctor() -> dict[str, Any]:
         contract = getattr(info.cls, "contract", 1)
         if ok and contract != BACKEND_CONTRACT:
             ok, reason = False, f"implements Backend contract {contract}; this strataprune speaks {BACKEND_CONTRACT}"
-        rows.append({
-            "backend": name, "available": ok, "version": version, "reason": reason, "provided_by": info.provided_by,
-            "devices": list(getattr(info.cls, "devices", ())), "sparse_formats": list(getattr(info.cls, "sparse_formats", ())),
-            "contract": contract,
-        })
+        rows.append(
+            {
+                "backend": name,
+                "available": ok,
+                "version": version,
+                "reason": reason,
+                "provided_by": info.provided_by,
+                "devices": list(getattr(info.cls, "devices", ())),
+                "sparse_formats": list(getattr(info.cls, "sparse_formats", ())),
+                "contract": contract,
+            }
+        )
     flags = set()
     try:
         for line in open("/proc/cpuinfo"):
@@ -46,7 +53,9 @@ def doctor() -> dict[str, Any]:
     except OSError:
         pass
     machine = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
         "cpu_features": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")),
     }
     return {"backends": rows, "machine": machine}
@@ -55,8 +64,19 @@ def doctor() -> dict[str, Any]:
 def format_doctor(report: dict[str, Any]) -> str:
     from strataprune.runtime.reports import table
 
-    rows = [[r["backend"], "yes" if r["available"] else "no", r["version"] or "-", ",".join(r["sparse_formats"]) or "dense",
-             r["provided_by"], r["reason"] or "-"] for r in report["backends"]]
+    rows = [
+        [
+            r["backend"],
+            "yes" if r["available"] else "no",
+            r["version"] or "-",
+            ",".join(r["sparse_formats"]) or "dense",
+            r["provided_by"],
+            r["reason"] or "-",
+        ]
+        for r in report["backends"]
+    ]
     m = report["machine"]
-    head = f"python {m['python']}, torch {m['torch']}, CUDA {'yes' if m['cuda'] else 'no'}, CPU {' '.join(m['cpu_features']) or '-'}"
+    head = (
+        f"python {m['python']}, torch {m['torch']}, CUDA {'yes' if m['cuda'] else 'no'}, CPU {' '.join(m['cpu_features']) or '-'}"
+    )
     return head + "\n" + table(rows, ["backend", "runs here", "version", "exploits", "provided by", "why not / note"])

@@ -46,7 +46,9 @@ class EngineEnv:
 
 ENVS = {
     "deepsparse": EngineEnv(
-        "deepsparse", ("deepsparse==1.8.0", "numpy<2"), (3, 11),
+        "deepsparse",
+        ("deepsparse==1.8.0", "numpy<2"),
+        (3, 11),
         "import os; os.environ['NM_DISABLE_ANALYTICS'] = '1'; import deepsparse; print(deepsparse.__version__)",
     ),
 }
@@ -73,20 +75,27 @@ def install(name: str, log=print) -> Path:  # type: ignore[no-untyped-def]
         return env.folder
     python = find_python(env.python_max)
     if python is None:
-        raise DataError(f"{name} needs Python <= {env.python_max[0]}.{env.python_max[1]}; none was found on PATH (e.g. python3.11)")
+        raise DataError(
+            f"{name} needs Python <= {env.python_max[0]}.{env.python_max[1]}; none was found on PATH (e.g. python3.11)"
+        )
     env.folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{env.folder.name}.tmp-", dir=env.folder.parent))
     try:
         log(f"creating a venv for {name} with {python} ...")
         subprocess.run([python, "-m", "venv", str(tmp)], check=True, capture_output=True, text=True)
         log(f"installing {' '.join(env.requirements)} (a few minutes) ...")
-        pip = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", *env.requirements],
-                             capture_output=True, text=True)
+        pip = subprocess.run(
+            [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", *env.requirements], capture_output=True, text=True
+        )
         if pip.returncode != 0:
             tail = (pip.stderr or pip.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise DataError(f"pip could not install {name}: {tail[0]}")
-        check = subprocess.run([str(tmp / "bin" / "python"), "-I", "-c", env.import_check], capture_output=True, text=True,
-                               env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
+        check = subprocess.run(
+            [str(tmp / "bin" / "python"), "-I", "-c", env.import_check],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NM_DISABLE_ANALYTICS": "1"},
+        )
         if check.returncode != 0:
             tail = check.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise DataError(f"{name} installed but does not import: {tail[0]}")

@@ -52,7 +52,9 @@ def codes_of(weight: torch.Tensor, quant: dict[str, Any], name: str) -> torch.Te
     q = torch.clamp(torch.round(w / scale + zero), 0, 2**BITS - 1)
     err = float(((q - zero) * scale - w).abs().max()) if w.numel() else 0.0
     if err > 1e-5 * max(1.0, float(w.abs().max())):
-        raise DataError(f"INT4 weight '{name}' is off its recorded grid by {err:.3g}; the run folder's quantization files do not match its weights")
+        raise DataError(
+            f"INT4 weight '{name}' is off its recorded grid by {err:.3g}; the run folder's quantization files do not match its weights"
+        )
     if not bool((zero == torch.round(zero)).all()) or float(zero.min()) < 0 or float(zero.max()) > 2**BITS - 1:
         raise DataError(f"INT4 weight '{name}': zero points must be integers in [0, 15] for MatMulNBits")
     return q.to(torch.uint8)
@@ -85,8 +87,15 @@ def pack_weight(weight: torch.Tensor, quant: dict[str, Any], name: str = "weight
     zp_cols = blocks + (blocks % 2)
     zp = np.zeros((n, zp_cols), dtype=np.uint8)
     zp[:, :blocks] = zeros
-    return {"B": b, "scales": scales.reshape(-1), "zero_points": pack_nibbles(zp).reshape(-1),
-            "K": k, "N": n, "block_size": block, "blocks": blocks}
+    return {
+        "B": b,
+        "scales": scales.reshape(-1),
+        "zero_points": pack_nibbles(zp).reshape(-1),
+        "K": k,
+        "N": n,
+        "block_size": block,
+        "blocks": blocks,
+    }
 
 
 def unpack_weight(packed: dict[str, Any]) -> np.ndarray:
@@ -99,8 +108,9 @@ def unpack_weight(packed: dict[str, Any]) -> np.ndarray:
     return w[:, :k]
 
 
-def rewrite_matmuls(model: Any, weights: dict[str, torch.Tensor], grids: dict[str, dict[str, Any]],
-                    accuracy_level: int = 0) -> dict[str, Any]:
+def rewrite_matmuls(
+    model: Any, weights: dict[str, torch.Tensor], grids: dict[str, dict[str, Any]], accuracy_level: int = 0
+) -> dict[str, Any]:
     """Replace every ``MatMul(x, W^T)`` whose constant operand is a quantized weight by ``MatMulNBits``.
 
     The exporter folds each Linear's transposed weight into an anonymous initializer, so weights are
@@ -140,17 +150,28 @@ def rewrite_matmuls(model: Any, weights: dict[str, torch.Tensor], grids: dict[st
         key = f"{matrix}.weight" if f"{matrix}.weight" in weights else matrix
         packed = pack_weight(weights[key], grids[matrix], matrix)
         base = f"{init.name}_q4"
-        graph.initializer.extend([
-            numpy_helper.from_array(packed["B"], base),
-            numpy_helper.from_array(packed["scales"], base + "_scales"),
-            numpy_helper.from_array(packed["zero_points"], base + "_zp"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(packed["B"], base),
+                numpy_helper.from_array(packed["scales"], base + "_scales"),
+                numpy_helper.from_array(packed["zero_points"], base + "_zp"),
+            ]
+        )
         packed_bytes += packed["B"].nbytes + packed["scales"].nbytes + packed["zero_points"].nbytes
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], base, base + "_scales", base + "_zp"], list(node.output),
-            name=(node.name or base) + "_nbits", domain="com.microsoft",
-            K=packed["K"], N=packed["N"], bits=BITS, block_size=packed["block_size"], accuracy_level=accuracy_level,
-        ))
+        new_nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], base, base + "_scales", base + "_zp"],
+                list(node.output),
+                name=(node.name or base) + "_nbits",
+                domain="com.microsoft",
+                K=packed["K"],
+                N=packed["N"],
+                bits=BITS,
+                block_size=packed["block_size"],
+                accuracy_level=accuracy_level,
+            )
+        )
         consumers[init.name] -= 1
         replaced[matrix] = node.name
     del graph.node[:]

@@ -103,8 +103,14 @@ def _keep_copy(path: Path) -> Path:
 def _template_key(model: torch.nn.Module, **shape: Any) -> str:
     import json
 
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
-    return json.dumps({"config": config, "shape": shape, "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+    }
+    return json.dumps(
+        {"config": config, "shape": shape, "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str
+    )
 
 
 def _digest(array: Any) -> str:
@@ -159,16 +165,26 @@ def _from_template(model: torch.nn.Module, key: str, path: Path, ir_version: int
             values.append(array.T if transposed else array)
         if any(not np.array_equal(values[0], other) for other in values[1:]):
             return None  # the template shared one initializer for parameters that now differ
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[0]).astype(numpy_helper.to_array(init).dtype), init.name))
+        init.CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(values[0]).astype(numpy_helper.to_array(init).dtype), init.name)
+        )
     if ir_version is not None:
         graph_model.ir_version = ir_version
     save(graph_model, path)
     return {**info, "files": [str(f.name) for f in artifact_files(path)], "from_template": True}
 
 
-def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = True, batch: int | None = None,
-                   length: int | None = None, past_length: int | None = None, ir_version: int | None = None,
-                   reuse: bool = True) -> dict[str, Any]:
+def export_decoder(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    past: bool = True,
+    batch: int | None = None,
+    length: int | None = None,
+    past_length: int | None = None,
+    ir_version: int | None = None,
+    reuse: bool = True,
+) -> dict[str, Any]:
     """Export ``model`` (fp32, eager attention, on CPU) to ``path``; shapes fixed where given.
 
     Dynamic when ``batch``/``length``/``past_length`` are None; with all given, every shape is
@@ -205,13 +221,27 @@ def export_decoder(model: torch.nn.Module, path: str | Path, *, past: bool = Tru
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, (ids, *pasts), str(path), input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
-                dynamo=True, opset_version=OPSET, external_data=size > INLINE_LIMIT, verbose=False,
+                wrapper,
+                (ids, *pasts),
+                str(path),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=size > INLINE_LIMIT,
+                verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; say which model and why
         raise DataError(f"ONNX export of {type(model).__name__} failed: {_summary(exc)}") from None
-    info = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": inputs, "outputs": outputs,
-            "files": [str(f.name) for f in artifact_files(path)]}
+    info = {
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "inputs": inputs,
+        "outputs": outputs,
+        "files": [str(f.name) for f in artifact_files(path)],
+    }
     if reuse:
         _TEMPLATES[key] = (_keep_copy(path), _learn_template(model, path), info)
     if ir_version is not None:
@@ -223,7 +253,7 @@ def _summary(exc: BaseException) -> str:
     """The one line of torch.onnx's long export error that says what went wrong."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if "## Exception summary" in lines:
-        after = lines[lines.index("## Exception summary") + 1:]
+        after = lines[lines.index("## Exception summary") + 1 :]
         if after:
             return after[0]
     return lines[0] if lines else type(exc).__name__

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from strataprune.contract.errors import StrataPruneError
 from strataprune.contract.backend import CompiledModel
+from strataprune.contract.errors import StrataPruneError
 
 
 class ParityError(StrataPruneError):
@@ -39,7 +39,7 @@ class Reference:
 
 
 def _chunks(windows: np.ndarray, batch: int) -> list[np.ndarray]:
-    return [windows[i:i + batch] for i in range(0, len(windows) - batch + 1, batch)]
+    return [windows[i : i + batch] for i in range(0, len(windows) - batch + 1, batch)]
 
 
 def reference_outputs(model: CompiledModel, windows: Any, steps: int, batch: int = 1) -> Reference:
@@ -77,5 +77,12 @@ def check_parity(model: CompiledModel, ref: Reference, tolerance: float, who: st
                 f"parity failed on {who}: greedy token {step + 1} of {ref.steps} differs on window {row} "
                 f"({int(tokens[row, step])} vs reference {int(ref.tokens[row, step])}), tolerance: identical tokens"
             )
-    return {"max_abs_logit_diff": worst, "relative": relative, "tolerance": tolerance, "windows": int(len(ref.windows)),
-            "length": int(ref.windows.shape[1]), "greedy_steps": ref.steps, "greedy_identical": True}
+    return {
+        "max_abs_logit_diff": worst,
+        "relative": relative,
+        "tolerance": tolerance,
+        "windows": int(len(ref.windows)),
+        "length": int(ref.windows.shape[1]),
+        "greedy_steps": ref.steps,
+        "greedy_identical": True,
+    }

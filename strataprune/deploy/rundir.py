@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import ConfigError, DataError
+
 from . import storage
 
 REQUIRED = ("config.json", "report.json", "allocation.json")
@@ -123,8 +124,9 @@ def open_run(path: str | Path) -> RunFolder:
     return RunFolder(folder, report, config)
 
 
-def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   attn: str = "eager") -> torch.nn.Module:
+def load_causal_lm(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn: str = "eager"
+) -> torch.nn.Module:
     """A causal LM from a saved folder, dense or sparse-bitmask, in eval mode with its KV cache on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

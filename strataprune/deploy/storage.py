@@ -72,7 +72,9 @@ def decompress(parts: dict[str, torch.Tensor], name: str = "weight") -> torch.Te
     keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=cols, bitorder="little").astype(bool))
     values = parts["compressed"]
     if int(keep.sum()) != values.numel():
-        raise DataError(f"sparse weight '{name}': the bitmask marks {int(keep.sum())} nonzeros but {values.numel()} values are stored")
+        raise DataError(
+            f"sparse weight '{name}': the bitmask marks {int(keep.sum())} nonzeros but {values.numel()} values are stored"
+        )
     counts = keep.sum(dim=1)
     if not torch.equal(parts["row_offsets"].to(torch.int64), torch.cumsum(counts, 0) - counts):
         raise DataError(f"sparse weight '{name}': row_offsets disagree with the bitmask")
@@ -100,8 +102,11 @@ def write_sparse_checkpoint(model: torch.nn.Module, folder: Path, candidates: li
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if candidates is None:
-        candidates = [f"{name}.weight" for name, module in model.named_modules()
-                      if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+        candidates = [
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+        ]
     candidate_set = set(candidates)
     state = model.state_dict()
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
@@ -158,8 +163,12 @@ def write_sparse_checkpoint(model: torch.nn.Module, folder: Path, candidates: li
         "ratio_whole_model": file_bytes / dense_bytes if dense_bytes else 1.0,
         "compressed_matrices_dense_bytes": sparse_dense_bytes,
         "compressed_matrices_bytes": compressed_total - (dense_bytes - sparse_dense_bytes),
-        "ratio_compressed_matrices": (compressed_total - (dense_bytes - sparse_dense_bytes)) / sparse_dense_bytes if sparse_dense_bytes else 1.0,
-        "bytes_per_weight_compressed_matrices": (compressed_total - (dense_bytes - sparse_dense_bytes)) / sparse_numel if sparse_numel else None,
+        "ratio_compressed_matrices": (compressed_total - (dense_bytes - sparse_dense_bytes)) / sparse_dense_bytes
+        if sparse_dense_bytes
+        else 1.0,
+        "bytes_per_weight_compressed_matrices": (compressed_total - (dense_bytes - sparse_dense_bytes)) / sparse_numel
+        if sparse_numel
+        else None,
         "bytes_per_weight_formula": "4 d + 1/8 + 8/cols per fp32 weight (d = density; values, mask bits, row offsets)",
     }
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.allocation import Allocation
-from strataprune.engine.pipeline import Pipeline
 from strataprune.contract.allocator import Allocator
 from strataprune.contract.layout import LoadedModel
-from strataprune.engine.recipe import Recipe, parse_allocator_specs, parse_spec  # noqa: F401 - parse_spec's old home
 from strataprune.contract.registry import Registry, get_registry
+from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.recipe import Recipe, parse_allocator_specs, parse_spec  # noqa: F401 - parse_spec's old home
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, environment, table, write_json
 
 
@@ -47,7 +47,9 @@ class Comparison:
 
     def table(self) -> str:
         names = list(self.allocations)
-        rows: list[list[Any]] = [[b] + [self.profiles[n][b] for n in names] for b in range(len(next(iter(self.profiles.values()))))]
+        rows: list[list[Any]] = [
+            [b] + [self.profiles[n][b] for n in names] for b in range(len(next(iter(self.profiles.values()))))
+        ]
         rows.append(["min"] + [min(self.profiles[n]) for n in names])
         rows.append(["max"] + [max(self.profiles[n]) for n in names])
         rows.append(["mean (param.)"] + [self.allocations[n].meta.get("weighted_mean", self.target) for n in names])
@@ -159,7 +161,11 @@ def compare_allocators(
     layout = pipeline.calibrator.layout
     profiles = {name: a.block_profile(layout) for name, a in allocations.items()}
     comparison = Comparison(
-        allocations, profiles, times, recipe.target.ratio, out,
+        allocations,
+        profiles,
+        times,
+        recipe.target.ratio,
+        out,
         notes={name: list(a.meta.get("notes", [])) for name, a in allocations.items()},
     )
     echo(comparison.table())
@@ -170,23 +176,30 @@ def compare_allocators(
             for name, allocation in allocations.items():
                 (tmp / name).mkdir()
                 allocation.save(tmp / name / "allocation.json", layout)
-            write_json(tmp / "summary.json", {
-                "format_version": 1,
-                "target": recipe.target.ratio,
-                "sparsity": str(recipe.target),
-                "allocators": list(allocations),
-                "block_profiles": profiles,
-                "normalize": {name: a.meta.get("normalize") for name, a in allocations.items()},
-                "notes": comparison.notes,
-                "times_s": times,
-                "calibration": pipeline.calib_description,
-                "calibration_passes": pipeline.calibrator.passes,
-                "threads": pipeline.threads,
-                "model": pipeline.loaded.description,
-                "recipe": recipe.to_dict(),
-                "environment": environment(),
-            })
-            plot_profiles(profiles, recipe.target.ratio, tmp / "profiles.png",
-                          f"{recipe.model.source}: per-block sparsity at {recipe.target}")
+            write_json(
+                tmp / "summary.json",
+                {
+                    "format_version": 1,
+                    "target": recipe.target.ratio,
+                    "sparsity": str(recipe.target),
+                    "allocators": list(allocations),
+                    "block_profiles": profiles,
+                    "normalize": {name: a.meta.get("normalize") for name, a in allocations.items()},
+                    "notes": comparison.notes,
+                    "times_s": times,
+                    "calibration": pipeline.calib_description,
+                    "calibration_passes": pipeline.calibrator.passes,
+                    "threads": pipeline.threads,
+                    "model": pipeline.loaded.description,
+                    "recipe": recipe.to_dict(),
+                    "environment": environment(),
+                },
+            )
+            plot_profiles(
+                profiles,
+                recipe.target.ratio,
+                tmp / "profiles.png",
+                f"{recipe.model.source}: per-block sparsity at {recipe.target}",
+            )
         echo(f"\nwrote {out}/ ({', '.join(f'{n}/allocation.json' for n in allocations)}, summary.json, profiles.png)")
     return comparison

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from strataprune.models.offload import offloader_of
 from strataprune.contract.layout import BlockInputs, BlockStats, LoadedModel, ModelLayout
+from strataprune.models.offload import offloader_of
 from strataprune.runtime.progress import progress
 
 

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from strataprune.engine.calibration import Calibrator
 from strataprune.contract.errors import ConfigError
-from strataprune.data.images import crops, is_image_source, load_split
-from strataprune.models.loading import DTYPES
 from strataprune.contract.layout import STATISTICS, BlockStats, LoadedModel
-from strataprune.runtime.reports import atomic_output_dir, table, write_json
+from strataprune.data.images import crops, is_image_source, load_split
+from strataprune.engine.calibration import Calibrator
 from strataprune.evaluate.vision_metrics import compare, standalone
+from strataprune.models.loading import DTYPES
+from strataprune.runtime.reports import atomic_output_dir, table, write_json
 
 if TYPE_CHECKING:
     from strataprune.engine.pipeline import Pipeline, RunResult
@@ -135,7 +135,9 @@ def prepare_task(pipe: Pipeline) -> Any:
     """The calibration part of ``Pipeline.prepare`` for image tasks; returns the calibration photos."""
     recipe, loaded = pipe.recipe, pipe.loaded
     if recipe.model.offload:
-        raise ConfigError(f"model.offload is for decoder language models; adapter '{loaded.adapter.name}' keeps the model in memory")
+        raise ConfigError(
+            f"model.offload is for decoder language models; adapter '{loaded.adapter.name}' keeps the model in memory"
+        )
     check_statistics(loaded, [pipe.allocator, pipe.pruner])
     with pipe.timer.stage("load data"):
         source = image_source(recipe.calibration.source, "calibration.source")
@@ -144,8 +146,9 @@ def prepare_task(pipe: Pipeline) -> Any:
         inputs = loaded.adapter.encode(loaded, batch)
     pipe.calib_description = batch.description
     act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
-    pipe.calibrator = Calibrator(loaded, inputs, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir,
-                                 show_progress=pipe.show)
+    pipe.calibrator = Calibrator(
+        loaded, inputs, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=pipe.show
+    )
     pipe.dense_weights = {name: loaded.adapter.get_weight(mod).detach().clone() for name, mod in pipe.calibrator.modules.items()}
     return images
 
@@ -159,12 +162,23 @@ def task_scorer(pipe: Pipeline, calib_images: Any, who: str) -> Any:
     def data(on: str) -> tuple[TaskData, dict[str, torch.Tensor]]:
         if on not in cache:
             if on == "validation":  # other crops (another seed) of the calibration photos
-                batch = crops(calib_images, loaded.processor, recipe.evaluation.selection_windows, recipe.calibration.seed + 1, "selection")
-                chosen = TaskData(loaded.adapter.encode(loaded, batch), {"text_rows": list(range(len(batch.captions))),
-                                  "text_of_image": torch.arange(len(batch.captions))}, batch.description)
+                batch = crops(
+                    calib_images, loaded.processor, recipe.evaluation.selection_windows, recipe.calibration.seed + 1, "selection"
+                )
+                chosen = TaskData(
+                    loaded.adapter.encode(loaded, batch),
+                    {"text_rows": list(range(len(batch.captions))), "text_of_image": torch.arange(len(batch.captions))},
+                    batch.description,
+                )
             elif on == "test":
-                chosen = task_data(loaded, image_source(recipe.evaluation.source, "evaluation.source"), recipe.evaluation.split,
-                                   recipe.evaluation.selection_windows, recipe.calibration.seed + 2, "selection")
+                chosen = task_data(
+                    loaded,
+                    image_source(recipe.evaluation.source, "evaluation.source"),
+                    recipe.evaluation.split,
+                    recipe.evaluation.selection_windows,
+                    recipe.calibration.seed + 2,
+                    "selection",
+                )
             else:
                 raise ConfigError(f"selection data '{on}' is not one of: validation, test")
             cache[on] = (chosen, predict(loaded, chosen))  # the model is dense between trials
@@ -191,8 +205,14 @@ def run_task(pipe: Pipeline, calib_images: Any, out: Path | None, overwrite: boo
     recipe, loaded = pipe.recipe, pipe.loaded
     layout = pipe.calibrator.layout
     with pipe.timer.stage("load data"):
-        evaluation = task_data(loaded, image_source(recipe.evaluation.source, "evaluation.source"), recipe.evaluation.split,
-                               recipe.evaluation.max_windows, recipe.calibration.seed + 2, "evaluation")
+        evaluation = task_data(
+            loaded,
+            image_source(recipe.evaluation.source, "evaluation.source"),
+            recipe.evaluation.split,
+            recipe.evaluation.max_windows,
+            recipe.calibration.seed + 2,
+            "evaluation",
+        )
     if recipe.calibration.source == recipe.evaluation.source and recipe.calibration.split == recipe.evaluation.split:
         pipe.log("warning: calibration and evaluation read the same images; the comparison is not held out")
     with pipe.timer.stage("evaluate dense"):
@@ -232,7 +252,8 @@ def run_task(pipe: Pipeline, calib_images: Any, out: Path | None, overwrite: boo
     report["task"] = loaded.adapter.task
     report["metrics"] = metrics
     report["data"]["skipped_images"] = {
-        "calibration": pipe.calib_description.get("skipped", 0), "evaluation": evaluation.description.get("skipped", 0),
+        "calibration": pipe.calib_description.get("skipped", 0),
+        "evaluation": evaluation.description.get("skipped", 0),
     }
     if out is not None:
         with atomic_output_dir(out, overwrite) as tmp:
@@ -257,10 +278,18 @@ def run_task(pipe: Pipeline, calib_images: Any, out: Path | None, overwrite: boo
 #: (key, label) of the comparison figures shown per task, most important first
 SHOWN = {
     "logits": [("top1_agreement", "top-1 agreement"), ("top5_agreement", "top-5 agreement"), ("kl", "KL(dense || sparse), nats")],
-    "embeddings": [("cosine", "embedding cosine (mean)"), ("cosine_min", "embedding cosine (min)"), ("nn_agreement", "nearest-neighbour agreement"),
-                   ("nn_photo_agreement", "nearest-neighbour photo agreement")],
-    "clip": [("image_to_text_agreement", "image->text agreement"), ("text_to_image_agreement", "text->image agreement"),
-             ("image_cosine", "image embedding cosine"), ("text_cosine", "text embedding cosine")],
+    "embeddings": [
+        ("cosine", "embedding cosine (mean)"),
+        ("cosine_min", "embedding cosine (min)"),
+        ("nn_agreement", "nearest-neighbour agreement"),
+        ("nn_photo_agreement", "nearest-neighbour photo agreement"),
+    ],
+    "clip": [
+        ("image_to_text_agreement", "image->text agreement"),
+        ("text_to_image_agreement", "text->image agreement"),
+        ("image_cosine", "image embedding cosine"),
+        ("text_cosine", "text embedding cosine"),
+    ],
 }
 
 
@@ -280,14 +309,23 @@ def metrics_table(report: dict[str, Any]) -> str:
     for who in ("dense", "sparse"):
         alone = metrics[who]
         if "accuracy" in alone:
-            rows.append([f"{who} accuracy top-1 / top-5 ({alone['accuracy']['labelled']} labelled)",
-                         f"{alone['accuracy']['top1']:.4f} / {alone['accuracy']['top5']:.4f}"])
+            rows.append(
+                [
+                    f"{who} accuracy top-1 / top-5 ({alone['accuracy']['labelled']} labelled)",
+                    f"{alone['accuracy']['top1']:.4f} / {alone['accuracy']['top5']:.4f}",
+                ]
+            )
         for key, label in (("same_source_at_1", "same-photo retrieval@1"), ("caption_retrieval_top1", "own-caption retrieval@1")):
             if key in alone:
                 rows.append([f"{who} {label}", alone[key]])
     skipped = report.get("data", {}).get("skipped_images", {})
     if any(skipped.values()):
-        rows.append(["unreadable images skipped (calibration / evaluation)", f"{skipped.get('calibration', 0)} / {skipped.get('evaluation', 0)}"])
+        rows.append(
+            [
+                "unreadable images skipped (calibration / evaluation)",
+                f"{skipped.get('calibration', 0)} / {skipped.get('evaluation', 0)}",
+            ]
+        )
     crops_n = report["data"]["evaluation"].get("crops")
     return table(rows, [f"{report['task']} vs dense ({report['sparsity']['target']})", f"{crops_n} held-out crops"])
 
@@ -295,8 +333,8 @@ def metrics_table(report: dict[str, Any]) -> str:
 def eval_command(loaded: LoadedModel, args: argparse.Namespace) -> int:
     """``strataprune eval DIR`` for an image model: compare with a reference (``--reference``, else the
     model the run started from, read from DIR/recipe.yaml); without one, what the model scores alone."""
-    from strataprune.models.loading import load_model
     from strataprune.engine.recipe import load_recipe
+    from strataprune.models.loading import load_model
 
     reference = getattr(args, "reference", None)
     recipe_file = Path(args.model_dir) / "recipe.yaml"
@@ -306,8 +344,12 @@ def eval_command(loaded: LoadedModel, args: argparse.Namespace) -> int:
     split = "test" if args.split is None else args.split
     data = task_data(loaded, source, split, args.windows, 2, "evaluation")
     outputs = predict(loaded, data)
-    result: dict[str, Any] = {"task": loaded.adapter.task, "model": str(args.model_dir), "data": data.description,
-                              "model_alone": standalone(outputs, data.extra)}
+    result: dict[str, Any] = {
+        "task": loaded.adapter.task,
+        "model": str(args.model_dir),
+        "data": data.description,
+        "model_alone": standalone(outputs, data.extra),
+    }
     if reference:
         dense = load_model(reference, device=args.device)
         ref_data = task_data(dense, source, split, args.windows, 2, "evaluation")

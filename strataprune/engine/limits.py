@@ -75,8 +75,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_activation_memory(config: Any, nsamples: int, seqlen: int, dtype: str, device: str = "cpu",
-                            activation_dir: str | None = None) -> None:
+def check_activation_memory(
+    config: Any, nsamples: int, seqlen: int, dtype: str, device: str = "cpu", activation_dir: str | None = None
+) -> None:
     hidden = _first(_as_dict(config), HIDDEN_KEYS)
     if hidden is None:
         return
@@ -114,6 +115,10 @@ def check_recipe_limits(config: Any, recipe: Any, evaluation: bool = True) -> No
     if evaluation:
         check_seqlen(config, recipe.evaluation.seqlen, "evaluation.seqlen")
     check_activation_memory(
-        config, recipe.calibration.nsamples, recipe.calibration.seqlen,
-        recipe.calibration.activation_dtype or recipe.model.dtype, recipe.model.device, recipe.calibration.activation_dir,
+        config,
+        recipe.calibration.nsamples,
+        recipe.calibration.seqlen,
+        recipe.calibration.activation_dtype or recipe.model.dtype,
+        recipe.model.device,
+        recipe.calibration.activation_dir,
     )

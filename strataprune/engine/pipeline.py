@@ -22,28 +22,27 @@ from typing import Any
 import torch
 
 from strataprune.contract.allocation import Allocation
-from strataprune.engine.calibration import Calibrator
-from strataprune.data.text_windows import calibration_windows, evaluation_windows, open_dataset
-from strataprune.contract.errors import ConfigError, PluginError
-from strataprune.evaluate.perplexity import perplexity
-from strataprune.engine.limits import check_recipe_limits, check_seqlen
-from strataprune.runtime.memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
-from strataprune.engine.quantization import FORMULA, check_grid, save_grids
-from strataprune.engine.fingerprint import weights_fingerprint
-from strataprune.models.loading import DTYPES, cache_dir, load_model
-from strataprune.models.offload import BlockOffloader, DenseWeights, offloader_of
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import BlockStats, LoadedModel, MatrixInfo
 from strataprune.contract.pruner import Pruner
+from strataprune.contract.registry import Registry, get_registry
+from strataprune.contract.sparsity import REALISED_SLACK, NMPattern, Target, nm_violations, realised_matches  # noqa: F401 (REALISED_SLACK: compatibility)
+from strataprune.data.text_windows import calibration_windows, evaluation_windows, open_dataset
+from strataprune.engine.calibration import Calibrator
+from strataprune.engine.fingerprint import weights_fingerprint
+from strataprune.engine.limits import check_recipe_limits, check_seqlen
+from strataprune.engine.quantization import FORMULA, check_grid, save_grids
 from strataprune.engine.recipe import Recipe
 from strataprune.engine.recovery import RecoveryHost, make_recovery
-from strataprune.contract.registry import Registry, get_registry
-from strataprune.runtime.reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
-from strataprune.contract.sparsity import REALISED_SLACK, NMPattern, Target, nm_violations, realised_matches  # noqa: F401 (REALISED_SLACK: compatibility)
-from strataprune.runtime.threads import apply_threads
+from strataprune.evaluate.perplexity import perplexity
 from strataprune.evaluate.zeroshot import ZeroShotStage
 from strataprune.evaluate.zeroshot import summary as zeroshot_summary
-
+from strataprune.models.loading import DTYPES, cache_dir, load_model
+from strataprune.models.offload import BlockOffloader, DenseWeights, offloader_of
+from strataprune.runtime.memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
+from strataprune.runtime.reports import StageTimer, atomic_output_dir, check_output_dir, environment, table, write_json
+from strataprune.runtime.threads import apply_threads
 
 #: screening trials keep the pruner's dense statistics of every block; above this many bytes (e.g.
 #: SparseGPT's Hessians of a 7B model, ~20 GB) searching allocators get full trials only
@@ -99,7 +98,14 @@ class _Record:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, *, registry: Registry | None = None, show_progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        registry: Registry | None = None,
+        show_progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.recipe = recipe
         self.registry = registry or get_registry()
         self.show = show_progress
@@ -126,15 +132,21 @@ class Pipeline:
         if out is not None:
             check_output_dir(out, overwrite)
         if recipe.model.offload and recipe.calibration.propagate == "dense":
-            raise ConfigError("model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)")
-        zeroshot = ZeroShotStage(recipe.evaluation, self.log, self.show) if recipe.evaluation.tasks else None  # tasks and data checked now
+            raise ConfigError(
+                "model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)"
+            )
+        zeroshot = (
+            ZeroShotStage(recipe.evaluation, self.log, self.show) if recipe.evaluation.tasks else None
+        )  # tasks and data checked now
         calib_data = self.prepare()
         if zeroshot is not None:
             zeroshot.check_model(self.loaded)  # language-model tasks on another kind of model: one error line
         if self.loaded.adapter.task != "causal-lm":  # vision and multimodal models: strataprune/engine/image_run.py
             if self.recovery is not None:  # text fine-tuning only
-                raise ConfigError(f"recovery '{self.recovery.name}' fine-tunes causal language models; "
-                                  f"this model's task is '{self.loaded.adapter.task}' (drop --recovery)")
+                raise ConfigError(
+                    f"recovery '{self.recovery.name}' fine-tunes causal language models; "
+                    f"this model's task is '{self.loaded.adapter.task}' (drop --recovery)"
+                )
             from strataprune.engine.image_run import run_task
 
             return run_task(self, calib_data, out, overwrite)
@@ -144,11 +156,18 @@ class Pipeline:
         with self.timer.stage("load data"):
             eval_data = open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol)
             evaluation = evaluation_windows(
-                tokenizer, eval_data, recipe.evaluation.split, recipe.evaluation.seqlen,
-                recipe.evaluation.max_windows, self._bos(),
+                tokenizer,
+                eval_data,
+                recipe.evaluation.split,
+                recipe.evaluation.seqlen,
+                recipe.evaluation.max_windows,
+                self._bos(),
             )
         calib_description = self.calib_description
-        if calib_description.get("split") == evaluation.description.get("split") and calib_data.describe() == eval_data.describe():
+        if (
+            calib_description.get("split") == evaluation.description.get("split")
+            and calib_data.describe() == eval_data.describe()
+        ):
             self.log("warning: calibration and evaluation read the same text; perplexity is not held out")
 
         ppl_dense = None
@@ -200,7 +219,9 @@ class Pipeline:
             with self.timer.stage("zero-shot sparse"):
                 zeroshot.sparse(self.loaded)
 
-        report = self._report(allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized)
+        report = self._report(
+            allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized
+        )
         if recovered is not None:
             report["perplexity"]["before_recovery"] = ppl_before_recovery
             report["recovery"] = recovered.report
@@ -241,7 +262,11 @@ class Pipeline:
         self.threads = apply_threads(recipe.threads)
         with self.timer.stage("load model"):
             self.loaded = loaded or load_model(
-                recipe.model.source, recipe.model.adapter, recipe.model.dtype, recipe.model.device, offload=recipe.model.offload,
+                recipe.model.source,
+                recipe.model.adapter,
+                recipe.model.dtype,
+                recipe.model.device,
+                offload=recipe.model.offload,
                 adapter_params=recipe.model.adapter_params,
             )
         self.offload = offloader_of(self.loaded.model)
@@ -255,23 +280,39 @@ class Pipeline:
         with self.timer.stage("load data"):
             calib_data = open_dataset(recipe.calibration.source, recipe.calibration.encoding, recipe.calibration.protocol)
             calib = calibration_windows(
-                self.loaded.tokenizer, calib_data, recipe.calibration.split, recipe.calibration.nsamples,
-                recipe.calibration.seqlen, recipe.calibration.seed,
+                self.loaded.tokenizer,
+                calib_data,
+                recipe.calibration.split,
+                recipe.calibration.nsamples,
+                recipe.calibration.seqlen,
+                recipe.calibration.seed,
             )
         self.calib_description = calib.description
         act_dtype = DTYPES[recipe.calibration.activation_dtype] if recipe.calibration.activation_dtype else None
         self.calibrator = Calibrator(
-            self.loaded, calib.ids, activation_dtype=act_dtype, activation_dir=recipe.calibration.activation_dir, show_progress=self.show
+            self.loaded,
+            calib.ids,
+            activation_dtype=act_dtype,
+            activation_dir=recipe.calibration.activation_dir,
+            show_progress=self.show,
         )
         if self.offload is not None:  # the dense weights stay on disk: read them back on demand
-            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(self.offload, self.calibrator.modules, self.loaded.adapter)
+            self.dense_weights: Mapping[str, torch.Tensor] = DenseWeights(
+                self.offload, self.calibrator.modules, self.loaded.adapter
+            )
         else:
-            self.dense_weights = {name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()}
+            self.dense_weights = {
+                name: self.loaded.adapter.get_weight(mod).detach().clone() for name, mod in self.calibrator.modules.items()
+            }
         return calib_data
 
     @contextmanager
     def pruned(
-        self, allocation: Allocation, stash: dict[int, BlockStats] | None = None, desc: str = "trial", propagate: str | None = None
+        self,
+        allocation: Allocation,
+        stash: dict[int, BlockStats] | None = None,
+        desc: str = "trial",
+        propagate: str | None = None,
     ) -> Iterator[None]:
         """Prune the model with ``allocation`` for the duration of the block, then restore the dense weights
         (ATP's trials, the sparse-only reference of a quantized run, benchmarks comparing allocations).
@@ -467,14 +508,21 @@ class Pipeline:
             if on not in cache:
                 if on == "test":
                     cache[on] = evaluation_windows(
-                        self.loaded.tokenizer, open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol),
+                        self.loaded.tokenizer,
+                        open_dataset(recipe.evaluation.source, recipe.evaluation.encoding, recipe.evaluation.protocol),
                         recipe.evaluation.split,
-                        recipe.evaluation.seqlen, recipe.evaluation.selection_windows, self._bos(),
+                        recipe.evaluation.seqlen,
+                        recipe.evaluation.selection_windows,
+                        self._bos(),
                     ).ids
                 elif on == "validation":
                     cache[on] = calibration_windows(
-                        self.loaded.tokenizer, calib_data, recipe.evaluation.selection_split,
-                        recipe.evaluation.selection_windows, recipe.calibration.seqlen, recipe.calibration.seed + 1,
+                        self.loaded.tokenizer,
+                        calib_data,
+                        recipe.evaluation.selection_split,
+                        recipe.evaluation.selection_windows,
+                        recipe.calibration.seqlen,
+                        recipe.calibration.seed + 1,
                         role="selection",
                     ).ids
                 else:
@@ -509,8 +557,12 @@ class Pipeline:
     def _screen_stash_bytes(self) -> int:
         """An upper bound of what the screening trials keep: the pruner's dense statistics of every block."""
         per_matrix = {"hessian": lambda d: 4 * d * d, "input_norms": lambda d: 4 * d}
-        return sum(per_matrix[need](info.shape[1]) for info in self.calibrator.layout.matrices
-                   for need in self.pruner.needs if need in per_matrix)
+        return sum(
+            per_matrix[need](info.shape[1])
+            for info in self.calibrator.layout.matrices
+            for need in self.pruner.needs
+            if need in per_matrix
+        )
 
     def _restore_dense(self) -> None:
         if self.offload is not None:  # pruned blocks live in working shards: drop them
@@ -520,7 +572,12 @@ class Pipeline:
             self.loaded.adapter.set_weight(module, self.dense_weights[name])
 
     def _prune(
-        self, allocation: Allocation, record: _Record, stash: dict[int, BlockStats], desc: str = "prune", propagate: str | None = None
+        self,
+        allocation: Allocation,
+        record: _Record,
+        stash: dict[int, BlockStats],
+        desc: str = "prune",
+        propagate: str | None = None,
     ) -> None:
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
@@ -572,18 +629,27 @@ class Pipeline:
 
     # ------------------------------------------------------------------ report
     def _report(
-        self, allocation: Allocation, record: _Record, calib: dict, evaluation: dict, dense: Any, sparse: Any, unquantized: Any = None
+        self,
+        allocation: Allocation,
+        record: _Record,
+        calib: dict,
+        evaluation: dict,
+        dense: Any,
+        sparse: Any,
+        unquantized: Any = None,
     ) -> dict[str, Any]:
         layout = self.calibrator.layout
         per_block = []
         for b in range(layout.num_blocks):
             mats = layout.block(b)
             numel = sum(m.numel for m in mats)
-            per_block.append({
-                "block": b,
-                "allocated": sum(allocation.ratios[m.name] * m.numel for m in mats) / numel,
-                "realised": sum(record.realised[m.name] * m.numel for m in mats) / numel,
-            })
+            per_block.append(
+                {
+                    "block": b,
+                    "allocated": sum(allocation.ratios[m.name] * m.numel for m in mats) / numel,
+                    "realised": sum(record.realised[m.name] * m.numel for m in mats) / numel,
+                }
+            )
         realised_global = sum(record.realised[m.name] * m.numel for m in layout.matrices) / layout.numel
         model_params = sum(p.numel() for p in self.loaded.model.parameters())
         zero_params = sum(record.zeros[m.name] * m.numel for m in layout.matrices)
@@ -613,7 +679,11 @@ class Pipeline:
             "model": self.loaded.description,
             "plugins": {
                 kind: registry.info(kind, name).as_dict()
-                for kind, name in (("allocator", self.allocator.name), ("pruner", self.pruner.name), ("adapter", self.loaded.adapter.name))
+                for kind, name in (
+                    ("allocator", self.allocator.name),
+                    ("pruner", self.pruner.name),
+                    ("adapter", self.loaded.adapter.name),
+                )
             },
             "plugin_params": {"allocator": self.allocator.params(), "pruner": self.pruner.params()},
             "data": {"calibration": calib, "evaluation": evaluation},
@@ -664,8 +734,10 @@ def summary(report: dict[str, Any]) -> str:
         lines += [zeroshot_summary(report["zeroshot"]), ""]
     blocks = report["sparsity"]["per_block"]
     lines.append(table([[b["block"], b["allocated"], b["realised"]] for b in blocks], ["block", "allocated", "realised"]))
-    lines.append(f"realised sparsity of prunable matrices: {report['sparsity']['realised_prunable']:.4f}"
-                 f" (whole model incl. embeddings: {report['sparsity']['zeros_whole_model']:.4f})")
+    lines.append(
+        f"realised sparsity of prunable matrices: {report['sparsity']['realised_prunable']:.4f}"
+        f" (whole model incl. embeddings: {report['sparsity']['zeros_whole_model']:.4f})"
+    )
     lines.append("")
     lines.append(table([[k, v] for k, v in report.get("times_s", {}).items()], ["stage", "seconds"]))
     return "\n".join(lines)
@@ -673,4 +745,6 @@ def summary(report: dict[str, Any]) -> str:
 
 def prune(recipe: Recipe | None = None, output_dir: str | Path | None = None, overwrite: bool = False, **kw: Any) -> RunResult:
     """Run a recipe end to end (the Python face of ``strataprune run``)."""
-    return Pipeline(recipe or Recipe(), **kw).run(output_dir, overwrite=overwrite, save=output_dir is not None or (recipe is not None and recipe.output_dir is not None))
+    return Pipeline(recipe or Recipe(), **kw).run(
+        output_dir, overwrite=overwrite, save=output_dir is not None or (recipe is not None and recipe.output_dir is not None)
+    )

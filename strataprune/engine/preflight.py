@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
+from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
 from strataprune.engine.limits import check_recipe_limits
+from strataprune.engine.recipe import Recipe
 from strataprune.models.files import inspect_model, model_kind
 from strataprune.runtime.outputs import check_output_dir
-from strataprune.engine.recipe import Recipe
-from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
 
 
 def language_model(source: str, config: dict[str, Any] | None) -> bool:
@@ -41,19 +41,23 @@ def language_model(source: str, config: dict[str, Any] | None) -> bool:
 
 def check_text_sources(recipe: Recipe, text_model: bool = True) -> None:
     for key, section in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
-        if not text_model and is_image_source(section.source):  # checked by the image model's task (strataprune/engine/image_run.py)
+        if not text_model and is_image_source(
+            section.source
+        ):  # checked by the image model's task (strataprune/engine/image_run.py)
             continue
         if looks_like_path(section.source):
             TextFile(Path(section.source).expanduser(), section.encoding)
             if section.protocol == "c4":
-                raise ConfigError(f"{key}.protocol 'c4' draws whole documents from train/validation splits; "
-                                  f"the text file '{section.source}' has one split (use wikitext2 or documents)")
+                raise ConfigError(
+                    f"{key}.protocol 'c4' draws whole documents from train/validation splits; "
+                    f"the text file '{section.source}' has one split (use wikitext2 or documents)"
+                )
 
 
 def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]]] = (), text_model: bool = True) -> None:
+    from strataprune.contract.registry import get_registry
     from strataprune.data.text_windows import open_dataset
     from strataprune.models.loading import resolve_device
-    from strataprune.contract.registry import get_registry
 
     registry = get_registry()
     for name, params in allocators or [(recipe.allocator.name, recipe.allocator.params)]:
@@ -75,7 +79,11 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
 
 
 def preflight(
-    recipe: Recipe, output: str | Path | None, overwrite: bool, *, command: str = "run",
+    recipe: Recipe,
+    output: str | Path | None,
+    overwrite: bool,
+    *,
+    command: str = "run",
     allocators: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> dict[str, Any] | None:
     """Steps 2-5 above; returns the model's config when it was on disk (None: checked after loading)."""

@@ -71,7 +71,9 @@ def check_grid(weight: torch.Tensor, quant: dict[str, Any], who: str) -> float:
     err = grid_error(weight, quant)
     allowed = tolerance(weight.dtype, int(quant["bits"]))
     if not err <= allowed:
-        raise PluginError(f"{who}: quantized weights lie up to {err:.3g} grid steps off the recorded grid (allowed {allowed:.3g})")
+        raise PluginError(
+            f"{who}: quantized weights lie up to {err:.3g} grid steps off the recorded grid (allowed {allowed:.3g})"
+        )
     return err
 
 
@@ -98,7 +100,10 @@ def load_grids(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]
         if key.endswith(".scale"):
             name = key[: -len(".scale")]
             grids[name] = {
-                "bits": summary["bits"], "groupsize": summary["groupsize"], "sym": summary["sym"],
-                "scale": tensors[key], "zero": tensors[f"{name}.zero"],
+                "bits": summary["bits"],
+                "groupsize": summary["groupsize"],
+                "sym": summary["sym"],
+                "scale": tensors[key],
+                "zero": tensors[f"{name}.zero"],
             }
     return summary, grids

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
 
-from strataprune.contract.errors import ConfigError, did_you_mean
 from strataprune.contract.base import build_config
+from strataprune.contract.errors import ConfigError, did_you_mean
 from strataprune.contract.sparsity import Target, parse_sparsity
 from strataprune.data.textfile import read_text_file
 
@@ -104,7 +104,9 @@ class EvaluationSection:
         if self.tasks is not None:
             items = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
             if not all(isinstance(t, str) for t in items) or not any(t.strip() for t in items):
-                raise ConfigError(f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a list")
+                raise ConfigError(
+                    f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a list"
+                )
         if self.task_limit is not None:
             _positive("evaluation.task_limit", self.task_limit)
         _positive("evaluation.task_batch_size", self.task_batch_size)
@@ -163,7 +165,18 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelSection, "calibration": CalibrationSection, "evaluation": EvaluationSection}
-TOP_KEYS = ("version", "model", "calibration", "evaluation", "allocator", "pruner", "sparsity", "output_dir", "threads", "recovery")
+TOP_KEYS = (
+    "version",
+    "model",
+    "calibration",
+    "evaluation",
+    "allocator",
+    "pruner",
+    "sparsity",
+    "output_dir",
+    "threads",
+    "recovery",
+)
 
 
 def _positive(key: str, value: Any, minimum: int = 1) -> None:

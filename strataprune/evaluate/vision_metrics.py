@@ -87,7 +87,9 @@ def embedding_metrics(dense: torch.Tensor, sparse: torch.Tensor, source: torch.T
     return out
 
 
-def retrieval_metrics(dense: dict[str, torch.Tensor], sparse: dict[str, torch.Tensor], text_of_image: torch.Tensor) -> dict[str, float]:
+def retrieval_metrics(
+    dense: dict[str, torch.Tensor], sparse: dict[str, torch.Tensor], text_of_image: torch.Tensor
+) -> dict[str, float]:
     """CLIP: ``image_embeds`` [N, D] and ``text_embeds`` [T, D] of each model; ``text_of_image`` [N] the caption index."""
 
     def sims(out: dict[str, torch.Tensor]) -> torch.Tensor:

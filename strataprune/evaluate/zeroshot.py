@@ -77,8 +77,14 @@ REPORTED_METRIC: dict[str, str] = {
 #: a fraction of a second, indexing all ~15,000 bundled task files several seconds (a drifted layout
 #: falls back to the full index)
 TASK_FOLDERS: dict[str, str] = {
-    "boolq": "super_glue/boolq", "rte": "glue/rte", "hellaswag": "hellaswag", "winogrande": "winogrande",
-    "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "openbookqa", "piqa": "piqa",
+    "boolq": "super_glue/boolq",
+    "rte": "glue/rte",
+    "hellaswag": "hellaswag",
+    "winogrande": "winogrande",
+    "arc_easy": "arc",
+    "arc_challenge": "arc",
+    "openbookqa": "openbookqa",
+    "piqa": "piqa",
 }
 CHANCE: dict[str, float] = {"bbc_topic": 0.2, "bbc_continuation": 0.25}
 LOCAL_DATA_HINT = (
@@ -109,7 +115,9 @@ def parse_tasks(tasks: str | Sequence[str]) -> TaskSelection:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     requested = [str(item).strip() for item in items if str(item).strip()]
     if not requested:
-        raise ConfigError(f"tasks: {tasks!r} names no task; give lm-eval task names or presets ({', '.join(PRESETS)}), comma-separated")
+        raise ConfigError(
+            f"tasks: {tasks!r} names no task; give lm-eval task names or presets ({', '.join(PRESETS)}), comma-separated"
+        )
     names: list[str] = []
     presets: dict[str, list[str]] = {}
     for item in requested:
@@ -137,8 +145,11 @@ def _offline_unless_hub_reachable() -> bool:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     # both read the variables when imported: correct modules imported before this call
-    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                              ("datasets.config", "HF_DATASETS_OFFLINE")):
+    for module, attribute in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ):
         if module in sys.modules and hasattr(sys.modules[module], attribute):
             setattr(sys.modules[module], attribute, True)
     return False
@@ -225,7 +236,9 @@ class ResolvedTasks:
         return digest.hexdigest()[:16]
 
 
-def resolve_tasks(tasks: str | Sequence[str] | TaskSelection, include_path: str | Path | Sequence[str | Path] | None = None) -> ResolvedTasks:
+def resolve_tasks(
+    tasks: str | Sequence[str] | TaskSelection, include_path: str | Path | Sequence[str | Path] | None = None
+) -> ResolvedTasks:
     """Check names and data before any model work: an unknown task or unavailable data fails in
     seconds with one line, not after an hour of pruning. Loads each task once (its data included)."""
     selection = tasks if isinstance(tasks, TaskSelection) else parse_tasks(tasks)
@@ -272,7 +285,9 @@ def resolve_tasks(tasks: str | Sequence[str] | TaskSelection, include_path: str 
             docs = task.eval_docs
             sizes[task_name] = len(docs) if docs is not None else 0
             splits = getattr(task, "dataset", None) or {}
-            data[task_name] = sorted(str(getattr(splits[s], "_fingerprint", "")) for s in splits) if hasattr(splits, "keys") else []
+            data[task_name] = (
+                sorted(str(getattr(splits[s], "_fingerprint", "")) for s in splits) if hasattr(splits, "keys") else []
+            )
     return ResolvedTasks(selection, include_paths, defaults, versions, sizes, data)
 
 
@@ -282,7 +297,9 @@ def check_settings(limit: Any, batch_size: Any = 1) -> None:
         if value is None and optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"zero-shot {name}: {value!r} must be a whole number >= 1" + (" (or none for all)" if optional else ""))
+            raise ConfigError(
+                f"zero-shot {name}: {value!r} must be a whole number >= 1" + (" (or none for all)" if optional else "")
+            )
 
 
 def check_causal_lm(adapter: Any) -> None:
@@ -333,12 +350,14 @@ def _shape(raw: dict[str, Any], resolved: ResolvedTasks) -> dict[str, Any]:
             group_rows[name] = row
             continue
         samples = raw.get("n-samples", {}).get(name, {})
-        row.update({
-            "version": raw.get("versions", {}).get(name),
-            "n": samples.get("effective"),
-            "n_available": samples.get("original"),
-            "chance": CHANCE.get(name),
-        })
+        row.update(
+            {
+                "version": raw.get("versions", {}).get(name),
+                "n": samples.get("effective"),
+                "n_available": samples.get("original"),
+                "chance": CHANCE.get(name),
+            }
+        )
         tasks[name] = row
     presets = {}
     for preset, members in resolved.selection.presets.items():
@@ -406,11 +425,20 @@ def evaluate_tasks(
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     cache_file = None
     if cache_key:
-        cache_file = _cache_file({
-            "fingerprint": cache_key, "tasks": sorted(resolved.selection.names), "presets": resolved.selection.presets,
-            "versions": resolved.versions, "limit": limit, "dtype": dtype, "harness": version, "protocol": PROTOCOL_VERSION,
-            "definitions": resolved.definitions_digest(), "data": resolved.data,
-        })
+        cache_file = _cache_file(
+            {
+                "fingerprint": cache_key,
+                "tasks": sorted(resolved.selection.names),
+                "presets": resolved.selection.presets,
+                "versions": resolved.versions,
+                "limit": limit,
+                "dtype": dtype,
+                "harness": version,
+                "protocol": PROTOCOL_VERSION,
+                "definitions": resolved.definitions_digest(),
+                "data": resolved.data,
+            }
+        )
         if cache_file.is_file():
             try:
                 cached = json.loads(cache_file.read_text())
@@ -428,23 +456,30 @@ def evaluate_tasks(
         with _quiet_harness(), _progress(show_progress):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             raw = lm_eval.simple_evaluate(
-                model=lm, tasks=list(resolved.selection.names), task_manager=resolved.manager, limit=limit, num_fewshot=0,
-                log_samples=False, bootstrap_iters=1000,
+                model=lm,
+                tasks=list(resolved.selection.names),
+                task_manager=resolved.manager,
+                limit=limit,
+                num_fewshot=0,
+                log_samples=False,
+                bootstrap_iters=1000,
             )
     finally:
         model.train(was_training)
     result = _shape(raw, resolved)
-    result.update({
-        "harness": {"name": HARNESS, "version": version},
-        "requested": resolved.selection.requested,
-        "limit": limit,
-        "num_fewshot": 0,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "time_s": round(time.perf_counter() - start, 2),
-        "fingerprint": cache_key,
-        "cached": False,
-    })
+    result.update(
+        {
+            "harness": {"name": HARNESS, "version": version},
+            "requested": resolved.selection.requested,
+            "limit": limit,
+            "num_fewshot": 0,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "time_s": round(time.perf_counter() - start, 2),
+            "fingerprint": cache_key,
+            "cached": False,
+        }
+    )
     if cache_file is not None:
         _write_atomic(cache_file, result)
     return result
@@ -480,8 +515,18 @@ def accuracy_table(result: dict[str, Any]) -> str:
     """One evaluation: task, examples, reported metric and value +- stderr, acc, acc_norm; preset means below."""
     from strataprune.runtime.reports import table
 
-    rows = [[name, row["n"], row["metric"], f"{_num(row['value'])} ± {_num(row['stderr'])}", _num(row.get("acc")),
-             _num(row.get("acc_norm")), _num(row.get("chance"))] for name, row in result["tasks"].items()]
+    rows = [
+        [
+            name,
+            row["n"],
+            row["metric"],
+            f"{_num(row['value'])} ± {_num(row['stderr'])}",
+            _num(row.get("acc")),
+            _num(row.get("acc_norm")),
+            _num(row.get("chance")),
+        ]
+        for name, row in result["tasks"].items()
+    ]
     rows += [[f"{preset} (mean)", "", "reported", _num(info["mean"]), "", "", ""] for preset, info in result["presets"].items()]
     return table(rows, ["task", "n", "metric", "value ± stderr", "acc", "acc_norm", "chance"])
 
@@ -494,12 +539,28 @@ def comparison_table(dense: dict[str, Any] | None, sparse: dict[str, Any], spars
     for name, row in sparse["tasks"].items():
         before = dense["tasks"].get(name, {}).get("value") if dense else None
         delta = row["value"] - before if before is not None and row["value"] is not None else None
-        rows.append([name, row["metric"], row["n"], _num(before), f"{_num(row['value'])} ± {_num(row['stderr'])}",
-                     "-" if delta is None else f"{delta:+.4f}"])
+        rows.append(
+            [
+                name,
+                row["metric"],
+                row["n"],
+                _num(before),
+                f"{_num(row['value'])} ± {_num(row['stderr'])}",
+                "-" if delta is None else f"{delta:+.4f}",
+            ]
+        )
     for preset, info in sparse["presets"].items():
         before = dense["presets"].get(preset, {}).get("mean") if dense else None
-        rows.append([f"{preset} (mean)", "reported", "", _num(before), _num(info["mean"]),
-                     "-" if before is None or info["mean"] is None else f"{info['mean'] - before:+.4f}"])
+        rows.append(
+            [
+                f"{preset} (mean)",
+                "reported",
+                "",
+                _num(before),
+                _num(info["mean"]),
+                "-" if before is None or info["mean"] is None else f"{info['mean'] - before:+.4f}",
+            ]
+        )
     return table(rows, ["task", "metric", "n", "dense", sparse_label, "change"])
 
 
@@ -521,8 +582,16 @@ class ZeroShotStage:
         check_causal_lm(loaded.adapter)
 
     def _evaluate(self, which: str, loaded: Any, cache_key: str | None = None) -> dict[str, Any]:
-        result = evaluate_tasks(loaded.model, loaded.tokenizer, self.resolved, self.limit, batch_size=self.batch_size,
-                                adapter=loaded.adapter, cache_key=cache_key, show_progress=self.show)
+        result = evaluate_tasks(
+            loaded.model,
+            loaded.tokenizer,
+            self.resolved,
+            self.limit,
+            batch_size=self.batch_size,
+            adapter=loaded.adapter,
+            cache_key=cache_key,
+            show_progress=self.show,
+        )
         scores = ", ".join(f"{name} {row['metric']} {_num(row['value'])}" for name, row in result["tasks"].items())
         self.log(f"{which} zero-shot accuracy: {scores}" + (" (cached)" if result.get("cached") else ""))
         self.results[which] = result
@@ -535,8 +604,13 @@ class ZeroShotStage:
         return self._evaluate("sparse", loaded)
 
     def report(self) -> dict[str, Any]:
-        return {**self.results, "tasks": self.resolved.selection.names, "task_versions": self.resolved.versions,
-                "limit": self.limit, "harness": {"name": HARNESS, "version": harness_version()}}
+        return {
+            **self.results,
+            "tasks": self.resolved.selection.names,
+            "task_versions": self.resolved.versions,
+            "limit": self.limit,
+            "harness": {"name": HARNESS, "version": harness_version()},
+        }
 
 
 def summary(zeroshot: dict[str, Any]) -> str:

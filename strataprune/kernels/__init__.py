@@ -17,8 +17,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._library import (
-    ISA_NAMES, Availability, KernelInputError, KernelUnavailableError, available, best_isa, get_isa, get_num_threads, isas,
-    set_isa, set_num_threads, use_isa,
+    ISA_NAMES,
+    Availability,
+    KernelInputError,
+    KernelUnavailableError,
+    available,
+    best_isa,
+    get_isa,
+    get_num_threads,
+    isas,
+    set_isa,
+    set_num_threads,
+    use_isa,
 )
 
 _LAZY = {
@@ -30,8 +40,21 @@ _LAZY = {
     "SparsifyReport": "modules",
     "sparsify_model": "modules",
 }
-__all__ = ["ISA_NAMES", "Availability", "KernelInputError", "KernelUnavailableError", "available", "best_isa", "get_isa",
-           "get_num_threads", "isas", "set_isa", "set_num_threads", "use_isa", *_LAZY]
+__all__ = [
+    "ISA_NAMES",
+    "Availability",
+    "KernelInputError",
+    "KernelUnavailableError",
+    "available",
+    "best_isa",
+    "get_isa",
+    "get_num_threads",
+    "isas",
+    "set_isa",
+    "set_num_threads",
+    "use_isa",
+    *_LAZY,
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .format import PackedWeight, pack, unpack  # noqa: F401

@@ -61,9 +61,12 @@ def load_library(folder: Path = _HERE) -> tuple[ctypes.CDLL | None, Availability
     """Load the library from ``folder``; never raises: a failure comes back as an Availability with a reason."""
     candidates = library_candidates(folder)
     if not candidates:
-        return None, Availability(False, f"the compiled kernels are missing from {folder} (the package was installed "
-                                         "without a working C++ compiler or OpenMP; install g++ or clang++ and reinstall "
-                                         "strataprune, e.g. `pip install -e .`)")
+        return None, Availability(
+            False,
+            f"the compiled kernels are missing from {folder} (the package was installed "
+            "without a working C++ compiler or OpenMP; install g++ or clang++ and reinstall "
+            "strataprune, e.g. `pip install -e .`)",
+        )
     try:
         import torch  # noqa: F401  -- first, so the library shares torch's OpenMP runtime (same soname libgomp.so.1)
     except ImportError:

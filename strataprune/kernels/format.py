@@ -72,8 +72,10 @@ class PackedWeight:
         validate(self.masks, self.values, self.offsets, self.shape)
 
     def __repr__(self) -> str:
-        return (f"PackedWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
-                f"bytes={self.nbytes} = {self.nbytes / max(1, self.dense_nbytes):.3f} of dense fp32)")
+        return (
+            f"PackedWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
+            f"bytes={self.nbytes} = {self.nbytes / max(1, self.dense_nbytes):.3f} of dense fp32)"
+        )
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:

@@ -97,8 +97,14 @@ class SparseLinear(nn.Module):
         masks, values, offsets, bias = buffers["masks"], buffers["values"], buffers["offsets"], buffers["bias"]
         versions = (masks._version, values._version, offsets._version, -1 if bias is None else bias._version)
         checked = self._checked
-        if (not checked or checked[0] is not masks or checked[1] is not values or checked[2] is not offsets
-                or checked[3] is not bias or checked[4] != versions):
+        if (
+            not checked
+            or checked[0] is not masks
+            or checked[1] is not values
+            or checked[2] is not offsets
+            or checked[3] is not bias
+            or checked[4] != versions
+        ):
             ops.check_weight(masks, values, offsets, bias, self.in_features)
             pointers = (masks.data_ptr(), values.data_ptr(), offsets.data_ptr(), None if bias is None else bias.data_ptr())
             self._checked = checked = (masks, values, offsets, bias, versions, pointers)
@@ -117,8 +123,10 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.packed
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"sparsity={p.sparsity:.3f}, bytes={p.nbytes / max(1, p.dense_nbytes):.3f} of dense")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity={p.sparsity:.3f}, bytes={p.nbytes / max(1, p.dense_nbytes):.3f} of dense"
+        )
 
 
 @dataclass
@@ -132,8 +140,10 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         ratio = self.packed_bytes / self.dense_bytes if self.dense_bytes else 1.0
-        return (f"{len(self.converted)} Linear layers converted to SparseLinear ({self.packed_bytes / 1e6:.1f} MB packed vs "
-                f"{self.dense_bytes / 1e6:.1f} MB dense fp32, {ratio:.3f}); {len(self.kept_dense)} kept dense")
+        return (
+            f"{len(self.converted)} Linear layers converted to SparseLinear ({self.packed_bytes / 1e6:.1f} MB packed vs "
+            f"{self.dense_bytes / 1e6:.1f} MB dense fp32, {ratio:.3f}); {len(self.kept_dense)} kept dense"
+        )
 
 
 def sparsify_model(model: nn.Module, min_sparsity: float = 0.5, threads: int | None = None) -> SparsifyReport:

@@ -61,8 +61,15 @@ def check_weight(masks: object, values: torch.Tensor, offsets: torch.Tensor, bia
     return rows
 
 
-def launch(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
-           rows: int, in_features: int) -> torch.Tensor:
+def launch(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    in_features: int,
+) -> torch.Tensor:
     """One ``sp_linear`` call on already checked tensors (``x`` contiguous float32 CPU ``[..., in_features]``)."""
     pointers = (masks.data_ptr(), values.data_ptr(), offsets.data_ptr(), None if bias is None else bias.data_ptr())
     return launch_pointers(x, pointers, rows, in_features)
@@ -73,15 +80,17 @@ def launch_pointers(x: torch.Tensor, pointers: tuple[int, int, int, int | None],
     tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
     masks, values, offsets, bias = pointers
-    code = library().sp_linear(x.data_ptr(), tokens, masks, values, offsets, rows, in_features, bias, y.data_ptr(),
-                               isa_index(), get_num_threads())
+    code = library().sp_linear(
+        x.data_ptr(), tokens, masks, values, offsets, rows, in_features, bias, y.data_ptr(), isa_index(), get_num_threads()
+    )
     if code:
         raise KernelInputError(f"sparse_linear failed: {status_message(code)}")
     return y
 
 
-def linear(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
-           in_features: int) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, in_features: int
+) -> torch.Tensor:
     """The eager implementation: every check, then one ``sp_linear`` call. ``x``: ``[..., in_features]``."""
     library()
     check_input(x, in_features)
@@ -90,8 +99,9 @@ def linear(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: 
 
 
 @torch.library.custom_op("strataprune::sparse_linear", mutates_args=())
-def sparse_linear_op(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                     bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+def sparse_linear_op(
+    x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, in_features: int
+) -> torch.Tensor:
     return linear(x, masks, values, offsets, bias, in_features)
 
 

@@ -49,7 +49,9 @@ class BenchSettings:
             if key not in BENCH_KEYS:
                 from strataprune.contract.errors import did_you_mean
 
-                raise ConfigError(f"{where}: bench: unknown key '{key}'{did_you_mean(str(key), BENCH_KEYS)}; allowed: {', '.join(BENCH_KEYS)}")
+                raise ConfigError(
+                    f"{where}: bench: unknown key '{key}'{did_you_mean(str(key), BENCH_KEYS)}; allowed: {', '.join(BENCH_KEYS)}"
+                )
             low = 1 if key in ("prompt_len", "repeats") else 0
             if isinstance(item, bool) or not isinstance(item, int) or item < low:
                 raise ConfigError(f"{where}: bench.{key} {item!r} must be a whole number >= {low}")
@@ -77,20 +79,31 @@ def check_backend(backend: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- accuracy
-def accuracy(loaded: Any, tasks: list[str], limit: int | None, evaluation: Any, cache_key: str | None = None,
-             show: bool = False) -> dict[str, Any] | None:
+def accuracy(
+    loaded: Any, tasks: list[str], limit: int | None, evaluation: Any, cache_key: str | None = None, show: bool = False
+) -> dict[str, Any] | None:
     """``evaluate_tasks`` on the model as it is now (None without tasks); ``cache_key``: the dense fingerprint."""
     if not tasks:
         return None
     from strataprune.evaluate.zeroshot import evaluate_tasks
 
-    return evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit, include_path=evaluation.task_include_path,
-                          batch_size=evaluation.task_batch_size, adapter=loaded.adapter, cache_key=cache_key, show_progress=show)
+    return evaluate_tasks(
+        loaded.model,
+        loaded.tokenizer,
+        tasks,
+        limit,
+        include_path=evaluation.task_include_path,
+        batch_size=evaluation.task_batch_size,
+        adapter=loaded.adapter,
+        cache_key=cache_key,
+        show_progress=show,
+    )
 
 
 # --------------------------------------------------------------------------- latency and size
-def save_run_folder(folder: Path, loaded: Any, allocation: Any, layout: Any, recipe: Any, realised: dict[str, Any] | None,
-                    offload: Any = None) -> Path:
+def save_run_folder(
+    folder: Path, loaded: Any, allocation: Any, layout: Any, recipe: Any, realised: dict[str, Any] | None, offload: Any = None
+) -> Path:
     """The pruned model in memory as a run folder that ``deploy.rundir.open_run`` accepts.
 
     A quantizing pruner's cell is saved with its weights as fp32 values (the run's INT4 grids, which
@@ -104,13 +117,20 @@ def save_run_folder(folder: Path, loaded: Any, allocation: Any, layout: Any, rec
     allocation.save(folder / "allocation.json", layout)
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
     model_parameters = sum(p.numel() for p in loaded.model.parameters())
-    write_json(folder / "report.json", {
-        "recipe": recipe.to_dict(),
-        "sparsity": {"target": str(recipe.target), "realised_prunable": (realised or {}).get("prunable", allocation.weighted_mean(layout)),
-                     "prunable_parameters": layout.numel, "model_parameters": model_parameters},
-        "environment": environment(),
-        "written_by": "strataprune leaderboard, for strataprune.deploy.bench",
-    })
+    write_json(
+        folder / "report.json",
+        {
+            "recipe": recipe.to_dict(),
+            "sparsity": {
+                "target": str(recipe.target),
+                "realised_prunable": (realised or {}).get("prunable", allocation.weighted_mean(layout)),
+                "prunable_parameters": layout.numel,
+                "model_parameters": model_parameters,
+            },
+            "environment": environment(),
+            "written_by": "strataprune leaderboard, for strataprune.deploy.bench",
+        },
+    )
     return folder
 
 
@@ -118,10 +138,19 @@ def deployment(run_dir: Path, backend: str, settings: BenchSettings, threads: in
     """Latency and size of the cell saved in ``run_dir`` on ``backend`` (``deploy.bench.benchmark``), dense in the same call."""
     from ..deploy.bench import BenchConfig, benchmark
 
-    report = benchmark(run_dir, BenchConfig(
-        backends=[backend], prompt_lens=(settings.prompt_len,), decode_tokens=settings.decode_tokens, threads=threads,
-        warmup=settings.warmup, repeats=settings.repeats, parity_steps=settings.parity_steps, progress=show,
-    ))
+    report = benchmark(
+        run_dir,
+        BenchConfig(
+            backends=[backend],
+            prompt_lens=(settings.prompt_len,),
+            decode_tokens=settings.decode_tokens,
+            threads=threads,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            parity_steps=settings.parity_steps,
+            progress=show,
+        ),
+    )
     rows = {row["variant"]: row for row in report["rows"]}
     pruned, dense = rows["pruned"], rows["dense"]
 

@@ -73,8 +73,9 @@ class ProcessExecutor:
         import multiprocessing
 
         self.jobs, self.threads = jobs, threads
-        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(threads,))
+        self.pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        )
         self._futures: dict[Future, Any] = {}
         # the pool starts workers on demand, one per submit that finds none idle: ask for all of them at once,
         # so every worker pays its imports now, in parallel, instead of one worker taking every task meanwhile
@@ -122,8 +123,12 @@ class RayExecutor:
         self.jobs, self.threads = jobs, threads
         self._started = False
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"STRATAPRUNE_PROGRESS": "0"}})
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"STRATAPRUNE_PROGRESS": "0"}},
+            )
             self._started = True
         self._remote: dict[Callable[[Any], Any], Any] = {}
         self._refs: dict[Any, Any] = {}

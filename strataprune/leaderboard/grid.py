@@ -39,15 +39,29 @@ from typing import Any
 import yaml
 
 from strataprune.contract.errors import ConfigError, StrataPruneError, did_you_mean
-from strataprune.engine.recipe import Recipe, recipe_from_dict
 from strataprune.contract.sparsity import parse_sparsity
+from strataprune.engine.recipe import Recipe, recipe_from_dict
+
 from .columns import BenchSettings
 
 GRID_VERSION = 1
 #: version of the results format (header, model and cell records); merges need the same
 RESULTS_FORMAT = 1
-GRID_KEYS = ("version", "name", "models", "allocators", "pruners", "sparsities", "recipe", "texts", "tasks", "task_limit",
-             "backend", "bench", "output_dir")
+GRID_KEYS = (
+    "version",
+    "name",
+    "models",
+    "allocators",
+    "pruners",
+    "sparsities",
+    "recipe",
+    "texts",
+    "tasks",
+    "task_limit",
+    "backend",
+    "bench",
+    "output_dir",
+)
 #: recipe sections a grid may set for all its cells (the axes set the rest)
 RECIPE_KEYS = ("model", "calibration", "evaluation")
 
@@ -157,10 +171,21 @@ class Grid:
         protocol = {
             "results_format": RESULTS_FORMAT,
             "model": {"dtype": recipe.model.dtype},
-            "calibration": {"source": source_label(cal.source), "split": cal.split, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
-                            "seed": cal.seed, "propagate": cal.propagate},
-            "evaluation": {"seqlen": ev.seqlen, "max_windows": ev.max_windows, "bos": ev.bos,
-                           "selection_split": ev.selection_split, "selection_windows": ev.selection_windows},
+            "calibration": {
+                "source": source_label(cal.source),
+                "split": cal.split,
+                "nsamples": cal.nsamples,
+                "seqlen": cal.seqlen,
+                "seed": cal.seed,
+                "propagate": cal.propagate,
+            },
+            "evaluation": {
+                "seqlen": ev.seqlen,
+                "max_windows": ev.max_windows,
+                "bos": ev.bos,
+                "selection_split": ev.selection_split,
+                "selection_windows": ev.selection_windows,
+            },
             "texts": {t.label: {"split": t.split} for t in self.texts},
             "tasks": list(self.tasks),
             "task_limit": self.task_limit,
@@ -204,7 +229,9 @@ def parse_plugin(value: Any, where: str) -> PluginSpec:
         try:
             json.dumps(param)
         except TypeError:
-            raise ConfigError(f"{where}: {name}: parameter {key}={param!r} must be a plain value (number, text, list, null)") from None
+            raise ConfigError(
+                f"{where}: {name}: parameter {key}={param!r} must be a plain value (number, text, list, null)"
+            ) from None
     return PluginSpec(name, tuple(sorted(params.items())))
 
 
@@ -232,7 +259,9 @@ def _model_spec(value: Any, where: str, base: Path) -> ModelSpec:
         allowed = ("adapter", "dtype", "device", "offload")
         for key in settings:
             if key not in allowed:
-                raise ConfigError(f"{where}: unknown model key '{key}'{did_you_mean(key, allowed)}; allowed: source, label, {', '.join(allowed)}")
+                raise ConfigError(
+                    f"{where}: unknown model key '{key}'{did_you_mean(key, allowed)}; allowed: source, label, {', '.join(allowed)}"
+                )
     else:
         raise ConfigError(f"{where}: {value!r} must be a model source or a mapping with 'source'")
     label = label or Path(source.rstrip("/")).name.removesuffix(".gguf") or source
@@ -278,7 +307,9 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
         if key not in GRID_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(str(key), GRID_KEYS)}; allowed: {', '.join(GRID_KEYS)}")
     if data.get("version", GRID_VERSION) != GRID_VERSION:
-        raise ConfigError(f"{where}: version {data.get('version')!r} is not supported; this strataprune reads grid version {GRID_VERSION}")
+        raise ConfigError(
+            f"{where}: version {data.get('version')!r} is not supported; this strataprune reads grid version {GRID_VERSION}"
+        )
     name = data.get("name", Path(where).stem if where != "grid" else "grid")
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{where}: name {name!r} must be a non-empty text without '/'")
@@ -287,7 +318,11 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
         raise ConfigError(f"{where}: recipe must be a mapping of recipe sections ({', '.join(RECIPE_KEYS)})")
     for key in recipe:
         if key not in RECIPE_KEYS:
-            hint = " (it is an axis of the grid: list it under the grid's own key)" if key in ("allocator", "pruner", "sparsity") else ""
+            hint = (
+                " (it is an axis of the grid: list it under the grid's own key)"
+                if key in ("allocator", "pruner", "sparsity")
+                else ""
+            )
             raise ConfigError(f"{where}: recipe.{key}: not allowed here{hint}; a grid's recipe sets {', '.join(RECIPE_KEYS)}")
     recipe = copy.deepcopy(dict(recipe))
     if isinstance(recipe.get("model"), Mapping) and "source" in recipe["model"]:
@@ -334,7 +369,9 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
     output_dir = data.get("output_dir")
     if output_dir is not None and not isinstance(output_dir, str):
         raise ConfigError(f"{where}: output_dir {output_dir!r} must be a path")
-    return Grid(name, models, allocators, pruners, sparsities, recipe, texts, list(tasks), limit, backend, output_dir, bench=bench)
+    return Grid(
+        name, models, allocators, pruners, sparsities, recipe, texts, list(tasks), limit, backend, output_dir, bench=bench
+    )
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -350,7 +387,9 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"grid '{path}' is not valid YAML{at}: {getattr(exc, 'problem', None) or exc.__class__.__name__}") from None
+        raise ConfigError(
+            f"grid '{path}' is not valid YAML{at}: {getattr(exc, 'problem', None) or exc.__class__.__name__}"
+        ) from None
     grid = grid_from_dict(data, where=str(path), base=path.parent)
     grid.path = path
     return grid
@@ -362,12 +401,13 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
 
     The error names the first cell (in grid order) that the bad value affects.
     """
-    from strataprune.data.text_windows import open_dataset
-    from strataprune.engine.limits import check_recipe_limits
-    from strataprune.models.files import inspect_model
-    from strataprune.engine.preflight import check_text_sources
     from strataprune.contract.registry import get_registry
+    from strataprune.data.text_windows import open_dataset
     from strataprune.data.textfile import looks_like_path
+    from strataprune.engine.limits import check_recipe_limits
+    from strataprune.engine.preflight import check_text_sources
+    from strataprune.models.files import inspect_model
+
     from .columns import check_backend, check_tasks
 
     registry = registry or get_registry()
@@ -389,7 +429,9 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
         recipe = recipe_from_dict(grid.recipe)
         ev = recipe.evaluation
         for text in grid.texts:  # every text as the evaluation text (strataprune/engine/preflight.py checks files, then datasets)
-            text_recipe = recipe_from_dict({**grid.recipe, "evaluation": {**grid.recipe.get("evaluation", {}), "source": text.source}})
+            text_recipe = recipe_from_dict(
+                {**grid.recipe, "evaluation": {**grid.recipe.get("evaluation", {}), "source": text.source}}
+            )
             check_text_sources(text_recipe)
             if not looks_like_path(text.source):
                 open_dataset(text.source, ev.encoding, ev.protocol)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
+
 from .grid import Grid
 from .results import FORMAT_NAME, ResultsFile, differences, model_identity, read_records
 
@@ -41,7 +42,9 @@ def merge_submission(results: ResultsFile, grid: Grid, path: Path, echo: Callabl
     header = records[0]
     diff = differences(grid.protocol(), header.get("protocol", {}))
     if diff:
-        raise ConfigError(f"--merge '{path}' was measured with another protocol; refused. Fields that differ (this grid vs the file): {'; '.join(diff)}")
+        raise ConfigError(
+            f"--merge '{path}' was measured with another protocol; refused. Fields that differ (this grid vs the file): {'; '.join(diff)}"
+        )
     ours = results.models()
     theirs: dict[str, dict[str, Any]] = {}
     for record in records:

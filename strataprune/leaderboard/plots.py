@@ -60,12 +60,15 @@ def plot_perplexity(board: Board, model: str, text: str, path: Path) -> bool:
         line = sorted((x, y) for x, y, nm, _ in points if not nm)
         color = None
         if line:
-            (handle,) = ax.plot([x for x, _ in line], [y for _, y in line], marker=marker, markersize=4, linewidth=1.3, label=method)
+            (handle,) = ax.plot(
+                [x for x, _ in line], [y for _, y in line], marker=marker, markersize=4, linewidth=1.3, label=method
+            )
             color = handle.get_color()
         for x, y, nm, s in points:
             if nm:
-                ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color, s=40,
-                           label=None if line else f"{method} ({s})")
+                ax.scatter(
+                    [x], [y], marker=marker, facecolors="none", edgecolors=color, s=40, label=None if line else f"{method} ({s})"
+                )
     dense = ((board.models.get(model, {}).get("dense") or {}).get("perplexity") or {}).get(text)
     if dense:
         ax.axhline(dense["ppl"], color="grey", linestyle="--", linewidth=0.9, label=f"dense {dense['ppl']:.2f}")
@@ -84,8 +87,11 @@ def plot_perplexity(board: Board, model: str, text: str, path: Path) -> bool:
 
 def plot_profiles(board: Board, model: str, path: Path) -> bool:
     plt = _pyplot()
-    cols = [s for s in board.sparsities if any(
-        (r := board.get(model, m, s)) and r.get("status") == "ok" for m in board.methods_of(model))]
+    cols = [
+        s
+        for s in board.sparsities
+        if any((r := board.get(model, m, s)) and r.get("status") == "ok" for m in board.methods_of(model))
+    ]
     if not cols:
         return False
     n = len(cols)

@@ -114,23 +114,42 @@ def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], An
     ]
     if board.grid.tasks or any(_acc(c) is not None for c in board.cells):
         tasks = _task_metrics(board)
-        out += [(f"Zero-shot {name} ({metric}; higher is better)", f"acc_{name}", _task(name), False) for name, metric in tasks.items()]
+        out += [
+            (f"Zero-shot {name} ({metric}; higher is better)", f"acc_{name}", _task(name), False)
+            for name, metric in tasks.items()
+        ]
         if len(tasks) != 1:
-            out.append(("Zero-shot accuracy, mean of the tasks' reported metrics (higher is better)", "accuracy_mean", _acc, False))
+            out.append(
+                ("Zero-shot accuracy, mean of the tasks' reported metrics (higher is better)", "accuracy_mean", _acc, False)
+            )
     out.append(("Prune time, s (allocation + pruning)", "prune_s", lambda r: (r.get("times_s") or {}).get("prune time"), True))
-    out.append(("Peak resident memory of the cell, MiB", "peak_rss_mb", lambda r: (r.get("memory") or {}).get("peak_rss_mb"), True))
+    out.append(
+        ("Peak resident memory of the cell, MiB", "peak_rss_mb", lambda r: (r.get("memory") or {}).get("peak_rss_mb"), True)
+    )
     if board.grid.backend or any(c.get("deployment") for c in board.cells):
         bench = _bench_setting(board)
         out += [
             (f"Prefill latency, ms ({bench}; median)", "prefill_ms", _deploy("prefill_ms"), True),
             (f"Decode latency, ms per token ({bench}; median)", "decode_ms_per_token", _deploy("decode_ms_per_token"), True),
-            ("Prefill speedup over the dense model timed in the same bench call (higher is better)", "speedup_prefill",
-             _deploy("speedup_prefill"), False),
-            ("Decode speedup over the dense model timed in the same bench call (higher is better)", "speedup_decode",
-             _deploy("speedup_decode"), False),
+            (
+                "Prefill speedup over the dense model timed in the same bench call (higher is better)",
+                "speedup_prefill",
+                _deploy("speedup_prefill"),
+                False,
+            ),
+            (
+                "Decode speedup over the dense model timed in the same bench call (higher is better)",
+                "speedup_decode",
+                _deploy("speedup_decode"),
+                False,
+            ),
             ("Sparse-bitmask checkpoint, MB (what `strataprune deploy` writes)", "checkpoint_mb", _deploy("checkpoint_mb"), True),
-            ("Bench verdict (faster only beyond the noise rule of `strataprune bench`; reasons in the results file)", "verdict",
-             _deploy("verdict"), True),
+            (
+                "Bench verdict (faster only beyond the noise rule of `strataprune bench`; reasons in the results file)",
+                "verdict",
+                _deploy("verdict"),
+                True,
+            ),
         ]
     return out
 
@@ -196,8 +215,13 @@ def markdown(board: Board) -> str:
             elif _dense_caption(record, key):
                 dense_value = _dense_caption(record, key)
                 caption = f"{caption[:-1]}; {dense_value})" if caption.endswith(")") else f"{caption} ({dense_value})"
-            lines += ["", f"### {caption}", "", "| method | " + " | ".join(sparsity_header(s) for s in cols) + " |",
-                      "|---|" + "---|" * len(cols)]
+            lines += [
+                "",
+                f"### {caption}",
+                "",
+                "| method | " + " | ".join(sparsity_header(s) for s in cols) + " |",
+                "|---|" + "---|" * len(cols),
+            ]
             best: dict[str, float] = {}
             for s in cols:
                 vals = [value(r) for m in methods if (r := board.get(model, m, s)) and r.get("status") == "ok"]
@@ -218,7 +242,9 @@ def markdown(board: Board) -> str:
                 lines.append(f"| {m} | " + " | ".join(row) + " |")
     if failed:
         lines += ["", "## Failed cells", ""]
-        lines += [f"- {c['model']} × {c['method']} × {c['sparsity']}: {str(c.get('error', '')).splitlines()[0][:300]}" for c in failed]
+        lines += [
+            f"- {c['model']} × {c['method']} × {c['sparsity']}: {str(c.get('error', '')).splitlines()[0][:300]}" for c in failed
+        ]
     submitted = sorted({c["submitted"]["file"] for c in board.cells if c.get("submitted")})
     if submitted:
         lines += ["", f"Merged submissions: {', '.join(submitted)}."]
@@ -235,7 +261,11 @@ def rows(board: Board) -> list[dict[str, Any]]:
                 if r is None:
                     continue
                 row: dict[str, Any] = {
-                    "model": model, "method": m, "allocator": r["allocator"]["spec"], "pruner": r["pruner"]["spec"], "sparsity": s,
+                    "model": model,
+                    "method": m,
+                    "allocator": r["allocator"]["spec"],
+                    "pruner": r["pruner"]["spec"],
+                    "sparsity": s,
                     "status": r.get("status"),
                 }
                 for _title, key, value, _lower in measures(board):
@@ -264,13 +294,29 @@ def render(results: ResultsFile, grid: Grid, out: Path) -> list[str]:
         writer.writeheader()
         writer.writerows(table)
     write_atomic(out / "leaderboard.csv", buffer.getvalue())
-    models = {label: {"fingerprint": r.get("fingerprint"), "dense": r.get("dense"),
-                      "windows": {k: w.get("sha256") for k, w in r.get("windows", {}).items()},
-                      "shared_statistics_s": (r.get("times_s") or {}).get("shared statistics pass")}
-              for label, r in board.models.items()}
-    write_atomic(out / "leaderboard.json", json.dumps(
-        {"grid": grid.name, "protocol": grid.protocol(), "protocol_sha256": grid.protocol_sha256(), "models": models, "cells": table},
-        indent=2, default=str))
+    models = {
+        label: {
+            "fingerprint": r.get("fingerprint"),
+            "dense": r.get("dense"),
+            "windows": {k: w.get("sha256") for k, w in r.get("windows", {}).items()},
+            "shared_statistics_s": (r.get("times_s") or {}).get("shared statistics pass"),
+        }
+        for label, r in board.models.items()
+    }
+    write_atomic(
+        out / "leaderboard.json",
+        json.dumps(
+            {
+                "grid": grid.name,
+                "protocol": grid.protocol(),
+                "protocol_sha256": grid.protocol_sha256(),
+                "models": models,
+                "cells": table,
+            },
+            indent=2,
+            default=str,
+        ),
+    )
     names = ["leaderboard.md", "leaderboard.csv", "leaderboard.json"]
     names += plot_all(board, out / "plots")
     return names

@@ -60,8 +60,10 @@ def _short(value: Any) -> str:
 
 def model_identity(record: Mapping[str, Any]) -> dict[str, Any]:
     """What proves two model records measured the same thing: the weights' fingerprint and every window hash."""
-    return {"fingerprint": record.get("fingerprint"),
-            **{f"windows.{name}": w.get("sha256") for name, w in sorted(record.get("windows", {}).items())}}
+    return {
+        "fingerprint": record.get("fingerprint"),
+        **{f"windows.{name}": w.get("sha256") for name, w in sorted(record.get("windows", {}).items())},
+    }
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -81,7 +83,9 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
                 raise ValueError("not an object")
         except ValueError:
             if end + 1 < len(data):  # a bad line with more after it is not a torn write: refuse
-                raise ConfigError(f"results file '{path}' is corrupt at line {len(records) + 1}; it was not written by strataprune alone") from None
+                raise ConfigError(
+                    f"results file '{path}' is corrupt at line {len(records) + 1}; it was not written by strataprune alone"
+                ) from None
             break
         records.append(record)
         good = end + 1
@@ -184,6 +188,7 @@ class ResultsFile:
 
 def header_record(grid_name: str, protocol: dict[str, Any], protocol_sha256: str) -> dict[str, Any]:
     from strataprune.runtime.reports import environment
+
     from .provenance import now
 
     return {

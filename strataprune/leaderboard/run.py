@@ -22,6 +22,7 @@ from typing import Any
 from strataprune.contract.errors import ConfigError
 from strataprune.runtime.outputs import release_output_lock
 from strataprune.runtime.progress import progress
+
 from .executors import make_executor
 from .grid import Cell, Grid, validate_cells
 from .results import ResultsFile, header_record
@@ -57,6 +58,7 @@ def open_leaderboard_dir(out: Path) -> None:
     import json
 
     from strataprune.runtime.outputs import MARKER, check_output_dir, output_owner
+
     from .provenance import now
     from .render import write_atomic
     from .results import FORMAT_NAME
@@ -72,16 +74,27 @@ def open_leaderboard_dir(out: Path) -> None:
             )
         unknown = [name for name in entries if name not in LEADERBOARD_FILES]
         if unknown:
-            raise ConfigError(f"output '{out}' holds files a leaderboard did not write ({', '.join(unknown[:5])}); "
-                              "move them away or choose another --output")
+            raise ConfigError(
+                f"output '{out}' holds files a leaderboard did not write ({', '.join(unknown[:5])}); "
+                "move them away or choose another --output"
+            )
     elif owner is not None and owner.get("command") != "leaderboard":
-        raise ConfigError(f"output '{out}' holds a strataprune {owner.get('command', 'run')} output, not a leaderboard; choose another --output")
+        raise ConfigError(
+            f"output '{out}' holds a strataprune {owner.get('command', 'run')} output, not a leaderboard; choose another --output"
+        )
 
     def mark() -> None:
         from strataprune.version import __version__
 
-        marker = {"tool": "strataprune", "version": __version__, "command": "leaderboard", "state": "appending",
-                  "started": now(), "destination": str(out.resolve()), "files": list(LEADERBOARD_FILES)}
+        marker = {
+            "tool": "strataprune",
+            "version": __version__,
+            "command": "leaderboard",
+            "state": "appending",
+            "started": now(),
+            "destination": str(out.resolve()),
+            "files": list(LEADERBOARD_FILES),
+        }
         write_atomic(out / MARKER, json.dumps(marker, indent=2))
 
     if entries and owner is None:
@@ -141,8 +154,18 @@ def run_leaderboard(
             for path in merge:
                 result.merged += merge_submission(results, grid, Path(path), echo)
             if run:
-                _run_pending(grid, results, result, jobs=jobs, executor=executor, threads=threads, ray_address=ray_address,
-                             retry_failed=retry_failed, show=show_progress, echo=echo)
+                _run_pending(
+                    grid,
+                    results,
+                    result,
+                    jobs=jobs,
+                    executor=executor,
+                    threads=threads,
+                    ray_address=ray_address,
+                    retry_failed=retry_failed,
+                    show=show_progress,
+                    echo=echo,
+                )
             result.files = render(results, grid, out)
     finally:
         release_output_lock(out)
@@ -176,22 +199,45 @@ def stale_versions(results: ResultsFile, registry: Any) -> list[str]:
             if info.get("version") != now:
                 key = (kind, name, f"{info.get('version')} vs {now} installed")
                 stale[key] = stale.get(key, 0) + 1
-    return [f"{count} kept cells were computed with {kind} {name} version {versions}; their numbers may differ from a "
-            f"run today (use another --output to recompute them)" for (kind, name, versions), count in stale.items()]
+    return [
+        f"{count} kept cells were computed with {kind} {name} version {versions}; their numbers may differ from a "
+        f"run today (use another --output to recompute them)"
+        for (kind, name, versions), count in stale.items()
+    ]
 
 
 def _failed_cell(cell: Cell, error: str) -> dict[str, Any]:
     from .provenance import now
 
-    return {"record": "cell", "key": cell.key, "model": cell.model.label, "method": cell.method, "allocator": cell.allocator.as_dict(),
-            "pruner": cell.pruner.as_dict(), "sparsity": cell.sparsity, "status": "failed", "error": error, "finished": now()}
+    return {
+        "record": "cell",
+        "key": cell.key,
+        "model": cell.model.label,
+        "method": cell.method,
+        "allocator": cell.allocator.as_dict(),
+        "pruner": cell.pruner.as_dict(),
+        "sparsity": cell.sparsity,
+        "status": "failed",
+        "error": error,
+        "finished": now(),
+    }
 
 
 def _run_pending(
-    grid: Grid, results: ResultsFile, result: LeaderboardResult, *, jobs: int, executor: str, threads: int | None,
-    ray_address: str | None, retry_failed: bool, show: bool, echo: Callable[[str], None],
+    grid: Grid,
+    results: ResultsFile,
+    result: LeaderboardResult,
+    *,
+    jobs: int,
+    executor: str,
+    threads: int | None,
+    ray_address: str | None,
+    retry_failed: bool,
+    show: bool,
+    echo: Callable[[str], None],
 ) -> None:
     from strataprune.contract.registry import get_registry
+
     from .results import differences, model_identity
 
     pending, result.kept = _pending(grid, results, retry_failed)
@@ -216,8 +262,16 @@ def _run_pending(
         for cell in by_model[label]:
             if registry.get("allocator", cell.allocator.name).needs and cell.allocator not in observe:
                 observe.append(cell.allocator)
-        return ModelTask(specs[label], grid.base_recipe(specs[label]).to_dict(), grid.texts, observe, label not in stored_models,
-                         grid.tasks, grid.task_limit, **common)
+        return ModelTask(
+            specs[label],
+            grid.base_recipe(specs[label]).to_dict(),
+            grid.texts,
+            observe,
+            label not in stored_models,
+            grid.tasks,
+            grid.task_limit,
+            **common,
+        )
 
     ready: deque[tuple[str, Any, Any]] = deque([("model", order[0], model_task(order[0]))])
     bar = progress(range(len(pending)), desc="leaderboard cells", unit="cell", enable=show)
@@ -241,8 +295,10 @@ def _run_pending(
                         stored_models[label] = stored = record
                     diff = differences(model_identity(stored), model_identity(record))
                     if diff:
-                        error = (f"model {label} changed since the results file was started ({'; '.join(diff)}); "
-                                 "use another --output for the new model or data")
+                        error = (
+                            f"model {label} changed since the results file was started ({'; '.join(diff)}); "
+                            "use another --output for the new model or data"
+                        )
                 if error is not None:
                     for cell in cells:
                         results.append(_failed_cell(cell, error))
@@ -254,10 +310,25 @@ def _run_pending(
                     expected = {name: w.get("sha256") for name, w in stored.get("windows", {}).items()}
                     expected["fingerprint"] = stored.get("fingerprint")
                     for cell in cells:
-                        ready.append(("cell", cell, CellTask(
-                            cell, grid.cell_recipe(cell).to_dict(), grid.texts, out["observed"].get(cell.allocator.spec), expected,
-                            out.get("stats_s", 0.0), grid.tasks, grid.task_limit, grid.backend, bench=grid.bench, **common,
-                        )))
+                        ready.append(
+                            (
+                                "cell",
+                                cell,
+                                CellTask(
+                                    cell,
+                                    grid.cell_recipe(cell).to_dict(),
+                                    grid.texts,
+                                    out["observed"].get(cell.allocator.spec),
+                                    expected,
+                                    out.get("stats_s", 0.0),
+                                    grid.tasks,
+                                    grid.task_limit,
+                                    grid.backend,
+                                    bench=grid.bench,
+                                    **common,
+                                ),
+                            )
+                        )
                 position = order.index(label)
                 if position + 1 < len(order):
                     ready.append(("model", order[position + 1], model_task(order[position + 1])))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import DataError, StrataPruneError
+
 from .columns import BenchSettings
 from .grid import Cell, ModelSpec, PluginSpec, TextSpec
 
@@ -108,14 +109,22 @@ def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, 
 
     bos = _bos(recipe, loaded)
     ev = recipe.evaluation
-    return {t.label: evaluation_windows(loaded.tokenizer, open_dataset(t.source, ev.encoding, ev.protocol), t.split, ev.seqlen,
-                                        ev.max_windows, bos) for t in texts}
+    return {
+        t.label: evaluation_windows(
+            loaded.tokenizer, open_dataset(t.source, ev.encoding, ev.protocol), t.split, ev.seqlen, ev.max_windows, bos
+        )
+        for t in texts
+    }
 
 
 def _window_record(windows: Any) -> dict[str, Any]:
     """The windows' SHA-256 (strataprune/data/text_windows.py puts it in every description) with their shape and origin."""
-    return {"sha256": windows.description["sha256"], "windows": int(windows.ids.shape[0]),
-            "seqlen": int(windows.ids.shape[1]), "description": windows.description}
+    return {
+        "sha256": windows.description["sha256"],
+        "windows": int(windows.ids.shape[0]),
+        "seqlen": int(windows.ids.shape[1]),
+        "description": windows.description,
+    }
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -127,17 +136,20 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 def _check(expected: dict[str, Any], name: str, actual: str, what: str) -> None:
     want = expected.get(name)
     if want is not None and want != actual:
-        raise DataError(f"{what} differ from the model's record in the results file ({actual[:12]} vs {want[:12]}): "
-                        "the model or the text changed since the grid started; use another --output")
+        raise DataError(
+            f"{what} differ from the model's record in the results file ({actual[:12]} vs {want[:12]}): "
+            "the model or the text changed since the grid started; use another --output"
+        )
 
 
 # --------------------------------------------------------------------------- tasks
 def prepare_model(task: ModelTask) -> dict[str, Any]:
     """Dense evaluation and the shared statistics pass of one model (see module docstring)."""
-    from strataprune.evaluate.perplexity import perplexity
-    from strataprune.engine.pipeline import Pipeline
     from strataprune.contract.registry import get_registry
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.evaluate.perplexity import perplexity
     from strataprune.runtime.reports import environment
+
     from . import columns
     from .provenance import now, plugin_info, worker_info
 
@@ -167,8 +179,13 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         times = {"load": load_s}
         if task.dense:
             start = time.perf_counter()
-            ppl = {label: perplexity(loaded.model, w.ids, f"dense perplexity ({label})", task.show) for label, w in evaluation.items()}
-            acc = columns.accuracy(loaded, task.tasks, task.task_limit, recipe.evaluation, cache_key=dense_fingerprint, show=task.show)
+            ppl = {
+                label: perplexity(loaded.model, w.ids, f"dense perplexity ({label})", task.show)
+                for label, w in evaluation.items()
+            }
+            acc = columns.accuracy(
+                loaded, task.tasks, task.task_limit, recipe.evaluation, cache_key=dense_fingerprint, show=task.show
+            )
             times["dense evaluation"] = time.perf_counter() - start
             record["dense"] = {"perplexity": ppl, "accuracy": acc}
         observers = [registry.create("allocator", s.name, dict(s.params)) for s in task.observe]
@@ -183,8 +200,12 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         record["notes"] = notes
         record["finished"] = now()
         record["worker"] = worker_info(task.executor, torch.get_num_threads())
-        out.update(status="ok", record=record, stats_s=stats_s,
-                   observed={s.spec: pickle.dumps(o) for s, o in zip(task.observe, observers)})
+        out.update(
+            status="ok",
+            record=record,
+            stats_s=stats_s,
+            observed={s.spec: pickle.dumps(o) for s, o in zip(task.observe, observers)},
+        )
     except Exception as exc:  # noqa: BLE001 - any failure becomes the record of the model's cells
         out.update(_failure(exc))
     return out
@@ -192,11 +213,12 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
 
 def run_cell(task: CellTask) -> dict[str, Any]:
     """Allocate, prune, measure, evaluate and restore one cell; returns its record (ok or failed)."""
+    from strataprune.contract.registry import get_registry
+    from strataprune.engine.pipeline import Pipeline
     from strataprune.evaluate.perplexity import perplexity
     from strataprune.runtime.memory import peak_rss_since_reset_mb, reset_peak_rss
-    from strataprune.engine.pipeline import Pipeline
-    from strataprune.contract.registry import get_registry
     from strataprune.runtime.reports import environment
+
     from . import columns
     from .provenance import now, plugin_info, worker_info
 
@@ -227,7 +249,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
             _check(task.expected, "fingerprint", pipeline.model_fingerprint(), "model weights")
         calib_sha = pipeline.calib_description["sha256"]
         _check(task.expected, "calibration", calib_sha, "calibration windows")
-        allocator = pickle.loads(task.observed) if task.observed is not None else registry.create("allocator", cell.allocator.name, dict(cell.allocator.params))
+        allocator = (
+            pickle.loads(task.observed)
+            if task.observed is not None
+            else registry.create("allocator", cell.allocator.name, dict(cell.allocator.params))
+        )
         times: dict[str, float] = {"load": load_s}
         t0 = time.perf_counter()
         allocation = pipeline.run_allocator(allocator, calib_data)
@@ -238,7 +264,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         with ExitStack() as stack:
             # with a backend: the pruned cell is saved as a run folder, then measured by deploy's bench after
             # the dense weights are back (the bench loads the dense and the pruned model from their folders)
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strataprune-leaderboard-"))) if task.backend else None
+            workdir = (
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strataprune-leaderboard-")))
+                if task.backend
+                else None
+            )
             with pipeline.pruned(allocation, desc=f"prune ({cell.method} @ {cell.sparsity})"):
                 times["prune"] = time.perf_counter() - t0
                 realised = _realised(pipeline)
@@ -254,8 +284,9 @@ def run_cell(task: CellTask) -> dict[str, Any]:
                 times["evaluate"] = time.perf_counter() - t0
                 if workdir is not None:
                     t0 = time.perf_counter()
-                    run_dir = columns.save_run_folder(workdir / "cell", loaded, allocation, layout, recipe, realised,
-                                                      offload=pipeline.offload)
+                    run_dir = columns.save_run_folder(
+                        workdir / "cell", loaded, allocation, layout, recipe, realised, offload=pipeline.offload
+                    )
                     times["save for bench"] = time.perf_counter() - t0
             if workdir is not None:
                 t0 = time.perf_counter()
@@ -268,17 +299,26 @@ def run_cell(task: CellTask) -> dict[str, Any]:
             accuracy=acc,
             deployment=deploy,
             sparsity_realised=realised,
-            allocation={"block_profile": alloc["block_profile"], "weighted_mean": alloc["weighted_mean"],
-                        "patterns": sorted(set(alloc.get("patterns", {}).values())), "meta": alloc["meta"]},
+            allocation={
+                "block_profile": alloc["block_profile"],
+                "weighted_mean": alloc["weighted_mean"],
+                "patterns": sorted(set(alloc.get("patterns", {}).values())),
+                "meta": alloc["meta"],
+            },
             times_s={**times, "prune time": times["allocate"] + times["prune"], "shared statistics pass": task.shared_stats_s},
-            memory={"peak_rss_mb": round(peak_rss_since_reset_mb(), 1),
-                    "scope": "this cell (VmHWM reset at its start), model and interpreter included" if exact_peak
-                    else "whole worker process since it started (the peak could not be reset here)"},
+            memory={
+                "peak_rss_mb": round(peak_rss_since_reset_mb(), 1),
+                "scope": "this cell (VmHWM reset at its start), model and interpreter included"
+                if exact_peak
+                else "whole worker process since it started (the peak could not be reset here)",
+            },
             windows=windows,
             fingerprint=task.expected.get("fingerprint"),
-            plugins={"allocator": plugin_info(registry, "allocator", cell.allocator.name),
-                     "pruner": plugin_info(registry, "pruner", cell.pruner.name),
-                     "adapter": plugin_info(registry, "adapter", loaded.adapter.name)},
+            plugins={
+                "allocator": plugin_info(registry, "allocator", cell.allocator.name),
+                "pruner": plugin_info(registry, "pruner", cell.pruner.name),
+                "adapter": plugin_info(registry, "adapter", loaded.adapter.name),
+            },
             environment=environment(),
         )
     except Exception as exc:  # noqa: BLE001 - a failing cell is recorded and the grid goes on

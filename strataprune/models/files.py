@@ -75,12 +75,16 @@ def check_safetensors(path: Path, source: str) -> None:
         head = handle.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
         if length < 0 or 8 + length > size:
-            raise DataError(f"model '{source}': {path.name} is truncated or not a safetensors file ({size} bytes, header cut off)")
+            raise DataError(
+                f"model '{source}': {path.name} is truncated or not a safetensors file ({size} bytes, header cut off)"
+            )
         try:
             header = json.loads(handle.read(length))
         except ValueError:
             raise DataError(f"model '{source}': {path.name} is not a safetensors file (its header is not JSON)") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = [
+        t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t
+    ]
     needed = 8 + length + max(ends, default=0)
     if needed > size:
         raise DataError(

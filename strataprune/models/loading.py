@@ -19,12 +19,19 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import ConfigError, DataError, did_you_mean
+from strataprune.contract.layout import LoadedModel
 from strataprune.models.files import (  # noqa: F401 - cache_dir, DEFAULT_MODEL, EmbeddedModel: their former home
-    DEFAULT_MODEL, EMBEDDED, EmbeddedModel, cache_dir, check_gguf, check_model_folder, converted_folder, model_kind, read_config,
+    DEFAULT_MODEL,
+    EMBEDDED,
+    EmbeddedModel,
+    cache_dir,
+    check_gguf,
+    check_model_folder,
+    converted_folder,
+    model_kind,
+    read_config,
 )
 from strataprune.runtime.outputs import pid_alive
-from strataprune.contract.layout import LoadedModel
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,7 +150,11 @@ def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
 
 
 def load_model(
-    source: str, adapter_name: str = "auto", dtype: str = "float32", device: str = "cpu", offload: bool = False,
+    source: str,
+    adapter_name: str = "auto",
+    dtype: str = "float32",
+    device: str = "cpu",
+    offload: bool = False,
     adapter_params: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model through its adapter.
@@ -210,7 +221,9 @@ def check_model_type(model_type: str, source: str) -> None:
         )
 
 
-def _adapter_loaded_source(source: str, adapter_name: str, params: dict[str, Any] | None) -> tuple[Any, str, dict[str, Any]] | None:
+def _adapter_loaded_source(
+    source: str, adapter_name: str, params: dict[str, Any] | None
+) -> tuple[Any, str, dict[str, Any]] | None:
     """An adapter that loads ``source`` itself: a name in some adapter's ``embedded`` models, or a saved
     folder whose config.json names its adapter (``"strataprune_adapter": name``). None otherwise."""
     import json

@@ -47,7 +47,9 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return {key: single for key in read_header(single)[0]}
-    raise DataError(f"model.offload needs a safetensors checkpoint; '{folder}' has neither model.safetensors nor model.safetensors.index.json")
+    raise DataError(
+        f"model.offload needs a safetensors checkpoint; '{folder}' has neither model.safetensors nor model.safetensors.index.json"
+    )
 
 
 def read_tensors(files: Mapping[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
@@ -97,7 +99,9 @@ class BlockOffloader:
         keys = [k for k, v in self.model.state_dict(keep_vars=True).items() if k.startswith(head) and v.is_meta]
         missing = [k for k in keys if k not in self.base]
         if missing:
-            raise DataError(f"checkpoint '{self.folder}' has no tensor '{missing[0]}' (model.offload needs keys equal to the model's)")
+            raise DataError(
+                f"checkpoint '{self.folder}' has no tensor '{missing[0]}' (model.offload needs keys equal to the model's)"
+            )
         return keys
 
     def files(self) -> dict[str, Path]:
@@ -189,7 +193,9 @@ class BlockOffloader:
         save_tensors(rest, out / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in rest.values())
         weight_map.update({k: name for k in rest})
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
         self.model.config.save_pretrained(out)
         generation = getattr(self.model, "generation_config", None)
         if generation is not None:
@@ -237,7 +243,9 @@ def load_offloaded(folder: Path, adapter: Any, dtype: torch.dtype, device: torch
     try:
         loaded = adapter.load_empty(str(folder), dtype=dtype)
     except NotImplementedError:
-        raise ConfigError(f"model adapter '{adapter.name}' cannot build a model without its weights, so model.offload is not available for it") from None
+        raise ConfigError(
+            f"model adapter '{adapter.name}' cannot build a model without its weights, so model.offload is not available for it"
+        ) from None
     model = loaded.model
     names = block_names(model, adapter.blocks(model))
     offloader = BlockOffloader(model, folder, names, device, dtype)

@@ -80,7 +80,11 @@ _held: dict[Path, _Lock] = {}
 
 # --------------------------------------------------------------------------- public
 def check_output_dir(
-    path: str | Path, overwrite: bool, *, lock: bool = True, command: str | None = None,
+    path: str | Path,
+    overwrite: bool,
+    *,
+    lock: bool = True,
+    command: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> None:
     """Refuse an output folder strataprune may not write, before any work; then lock it for this run.
@@ -185,7 +189,9 @@ def _check_location(dest: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".strataprune-probe-", dir=ancestor)
     except OSError as exc:
-        raise OutputError(f"output '{dest}': cannot create files in '{ancestor}' ({exc.strerror}); choose another --output") from None
+        raise OutputError(
+            f"output '{dest}': cannot create files in '{ancestor}' ({exc.strerror}); choose another --output"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -300,7 +306,9 @@ def _acquire(dest: Path, command: str | None) -> None:
 def _verify_lock(dest: Path) -> None:
     held = _held.get(dest)
     if held is None or not _same_file(held.fd, held.file):
-        raise OutputError(f"output '{dest}': its lock file {dest.parent / f'.{dest.name}.{_LOCK}'} was removed during the run; not committing")
+        raise OutputError(
+            f"output '{dest}': its lock file {dest.parent / f'.{dest.name}.{_LOCK}'} was removed during the run; not committing"
+        )
 
 
 # --------------------------------------------------------------------------- temporaries and leftovers
@@ -321,8 +329,15 @@ def _new_temporary(dest: Path, command: str | None) -> Path:
     tmp.mkdir()  # mode 0o777 minus the umask
     from strataprune.version import __version__
 
-    marker = {"tool": "strataprune", "version": __version__, "command": command or current_command.get(),
-              "pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "state": "writing"}
+    marker = {
+        "tool": "strataprune",
+        "version": __version__,
+        "command": command or current_command.get(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _now(),
+        "state": "writing",
+    }
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     return tmp
 
@@ -348,7 +363,7 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
         return
     # old outputs first: one may have to go back to the destination before anything else is removed
     for entry in sorted(siblings, key=lambda e: _TMP in e.name):
-        rest = entry.name[len(prefix):]
+        rest = entry.name[len(prefix) :]
         match = _LEFTOVER.match(rest)
         if match and entry.is_dir() and not entry.is_symlink():
             kind, pid = match.group(1), int(match.group(2))
@@ -356,17 +371,23 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
                 log(f"'{entry}' belongs to process {pid}, which is still running; left alone")
                 continue
             if output_owner(entry) is None:
-                log(f"'{entry}' has a strataprune temporary's name but no strataprune marker; left alone, delete it if you do not need it")
+                log(
+                    f"'{entry}' has a strataprune temporary's name but no strataprune marker; left alone, delete it if you do not need it"
+                )
                 continue
             if kind == _OLD and not dest.exists():
                 os.rename(entry, dest)
-                log(f"restored the previous output '{dest}' from '{entry.name}', where an interrupted commit (pid {pid}) had moved it")
+                log(
+                    f"restored the previous output '{dest}' from '{entry.name}', where an interrupted commit (pid {pid}) had moved it"
+                )
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             log(f"removed '{entry}', left by an interrupted strataprune run (pid {pid})")
         elif _LEGACY_LEFTOVER.match(rest) and entry.is_dir():
             note = " (it may hold the previous output)" if rest.startswith("old") else ""
-            log(f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; not removed, delete it if you do not need it")
+            log(
+                f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; not removed, delete it if you do not need it"
+            )
 
 
 # --------------------------------------------------------------------------- commit
@@ -400,8 +421,9 @@ def _keep(tmp: Path, dest: Path) -> Path:
 
 def _finish_marker(tmp: Path, dest: Path) -> None:
     marker = _read_json(tmp / MARKER) or {}
-    marker.update(state="complete", finished=_now(), destination=str(dest),
-                  files=sorted(name for name in _entries(tmp) if name != MARKER))
+    marker.update(
+        state="complete", finished=_now(), destination=str(dest), files=sorted(name for name in _entries(tmp) if name != MARKER)
+    )
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
 
 
@@ -417,7 +439,9 @@ def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
         try:
             os.rename(tmp, dest)
         except OSError as exc:
-            raise OutputError(f"could not move the new output to '{dest}' ({exc.strerror}); it is kept in '{_keep(tmp, dest)}'") from None
+            raise OutputError(
+                f"could not move the new output to '{dest}' ({exc.strerror}); it is kept in '{_keep(tmp, dest)}'"
+            ) from None
         return
     try:
         exchanged = _exchange(tmp, dest)

@@ -26,8 +26,27 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def tiny_args(model: Path, text: Path) -> list[str]:
-    return ["--model", str(model), "--calibration", str(text), "--eval-data", str(text), "--nsamples", "4", "--seqlen", "32",
-            "--eval-seqlen", "32", "--eval-windows", "2", "--set", "evaluation.selection_windows=2", "--sparsity", "0.6", "--quiet"]
+    return [
+        "--model",
+        str(model),
+        "--calibration",
+        str(text),
+        "--eval-data",
+        str(text),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--set",
+        "evaluation.selection_windows=2",
+        "--sparsity",
+        "0.6",
+        "--quiet",
+    ]
 
 
 def test_allocate_all_builtins_writes_outputs(tiny_llama_dir, text_file, tmp_path, capsys):
@@ -59,26 +78,64 @@ def test_allocate_refuses_non_empty_output_and_bad_names(tiny_llama_dir, text_fi
     (out / "keep.txt").write_text("precious")
     assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
-    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform,owll", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform,owll", "--output", str(tmp_path / "x")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "owll" in err and "did you mean 'owl'" in err and not (tmp_path / "x").exists()
-    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "alpha:epsilon=2", "--output", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "allocate",
+                *tiny_args(tiny_llama_dir, text_file),
+                "--allocators",
+                "alpha:epsilon=2",
+                "--output",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "epsilon" in capsys.readouterr().err
     # --overwrite never replaces a folder strataprune did not write ...
-    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(out), "--overwrite"]) == 2
+    assert (
+        main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(out), "--overwrite"])
+        == 2
+    )
     assert "not written by strataprune" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
     # ... and replaces its own outputs atomically
     ours = tmp_path / "ours"
     assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform", "--output", str(ours)]) == 0
-    assert main(["allocate", *tiny_args(tiny_llama_dir, text_file), "--allocators", "uniform,alpha", "--output", str(ours), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "allocate",
+                *tiny_args(tiny_llama_dir, text_file),
+                "--allocators",
+                "uniform,alpha",
+                "--output",
+                str(ours),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert (ours / "alpha" / "allocation.json").is_file()
 
 
 def test_python_api_shared_pass_and_recipe_params(tiny_llama_dir, text_file):
-    recipe = apply_overrides(Recipe(), {
-        "model.source": str(tiny_llama_dir), "calibration.source": str(text_file), "calibration.nsamples": 4,
-        "calibration.seqlen": 32, "sparsity": 0.5, "allocator": {"name": "owl", "lam": 0.02},
-    })
+    recipe = apply_overrides(
+        Recipe(),
+        {
+            "model.source": str(tiny_llama_dir),
+            "calibration.source": str(text_file),
+            "calibration.nsamples": 4,
+            "calibration.seqlen": 32,
+            "sparsity": 0.5,
+            "allocator": {"name": "owl", "lam": 0.02},
+        },
+    )
     result = compare_allocators(recipe, ["owl", "rmi", "hessian_cluster"], None, show_progress=False, echo=lambda s: None)
     owl = result.allocations["owl"]
     assert owl.meta["params"]["lam"] == 0.02  # the recipe's allocator keeps the recipe's parameters

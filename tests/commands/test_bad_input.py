@@ -23,8 +23,26 @@ import pytest
 from strataprune.cli import main
 from strataprune.runtime.reports import atomic_output_dir
 
-TINY_RUN = ["--model", "{tiny}", "--calibration", "{text}", "--eval-data", "{text}", "--nsamples", "2", "--seqlen", "16",
-            "--eval-seqlen", "16", "--eval-windows", "1", "--quiet", "--output", "{prior}", "--overwrite"]
+TINY_RUN = [
+    "--model",
+    "{tiny}",
+    "--calibration",
+    "{text}",
+    "--eval-data",
+    "{text}",
+    "--nsamples",
+    "2",
+    "--seqlen",
+    "16",
+    "--eval-seqlen",
+    "16",
+    "--eval-windows",
+    "1",
+    "--quiet",
+    "--output",
+    "{prior}",
+    "--overwrite",
+]
 
 
 @dataclass
@@ -73,8 +91,18 @@ CASES = [
     Case("recipe_missing", ["run", "{ws}/nope.yaml"], "recipe file '{ws}/nope.yaml' does not exist"),
     Case("recipe_is_a_directory", ["run", "{ws}/adir"], "is a directory, not a file", {"adir": "dir"}),
     Case("recipe_binary", ["run", "{ws}/r.yaml"], "is a binary file, not text", {"r.yaml": BINARY}),
-    Case("recipe_not_utf8", ["run", "{ws}/r.yaml"], "is not valid utf-8 text (byte 0xe9 at offset 10)", {"r.yaml": b"model: caf\xe9\n"}),
-    Case("recipe_yaml_syntax", ["run", "{ws}/r.yaml"], "is not valid YAML: line 3, column 1", {"r.yaml": b"sparsity: 0.5\nmodel: {source: x\n"}),
+    Case(
+        "recipe_not_utf8",
+        ["run", "{ws}/r.yaml"],
+        "is not valid utf-8 text (byte 0xe9 at offset 10)",
+        {"r.yaml": b"model: caf\xe9\n"},
+    ),
+    Case(
+        "recipe_yaml_syntax",
+        ["run", "{ws}/r.yaml"],
+        "is not valid YAML: line 3, column 1",
+        {"r.yaml": b"sparsity: 0.5\nmodel: {source: x\n"},
+    ),
     Case("recipe_not_a_mapping", ["run", "{ws}/r.yaml"], "must be a mapping", {"r.yaml": b"- a\n- b\n"}),
     Case("recipe_unknown_key", ["run", "{ws}/r.yaml"], "did you mean 'sparsity'", {"r.yaml": b"sparsty: 0.5\n"}),
     Case("recipe_unquoted_nm", ["run", "{ws}/r.yaml"], "quote it ('2:4')", {"r.yaml": b"sparsity: 2:4\n"}),
@@ -105,7 +133,12 @@ CASES = [
     Case("text_missing", run("--calibration", "{ws}/none.txt"), "text file '{ws}/none.txt' does not exist"),
     Case("text_is_a_directory", run("--calibration", "{ws}/adir"), "text file '{ws}/adir' is a directory", {"adir": "dir"}),
     Case("text_binary", run("--calibration", "{ws}/bin.txt"), "is a binary file, not text", {"bin.txt": BINARY}),
-    Case("text_not_utf8", run("--eval-data", "{ws}/latin.txt"), "is not valid utf-8 text (byte 0xe9 at offset 3)", {"latin.txt": LATIN1}),
+    Case(
+        "text_not_utf8",
+        run("--eval-data", "{ws}/latin.txt"),
+        "is not valid utf-8 text (byte 0xe9 at offset 3)",
+        {"latin.txt": LATIN1},
+    ),
     Case("text_empty", run("--eval-data", "{ws}/empty.txt"), "has no text", {"empty.txt": b"\n \n\n"}),
     Case("dataset_unknown", run("--calibration", "bcc"), "unknown dataset 'bcc' (did you mean 'bbc'?)"),
     Case("c4_protocol_on_a_file", run("--set", "calibration.protocol=c4"), "protocol 'c4' draws whole documents"),
@@ -122,29 +155,89 @@ CASES = [
     Case("model_missing", run("--model", "{ws}/none"), "is not a model folder"),
     Case("model_unknown_name", run("--model", "smolm2-135m"), "did you mean 'smollm2-135m'"),
     Case("model_without_config", run("--model", "{ws}/adir"), "has no config.json", {"adir": "dir"}),
-    Case("model_config_not_json", run("--model", "{ws}/m"), "config.json is not valid JSON", {"m/config.json": b"{", "m/model.safetensors": b""}),
-    Case("model_without_weights", run("--model", "{ws}/m"), "has config.json but no weights", {"m": tiny_model_with(drop_weights)}),
-    Case("model_truncated", run("--model", "{ws}/m"), "model.safetensors is truncated: it holds", {"m": tiny_model_with(truncate_weights)}),
-    Case("model_not_safetensors", run("--model", "{ws}/m"), "truncated or not a safetensors file",
-         {"m": tiny_model_with(lambda f: (f / "model.safetensors").write_bytes(b"GIF89a" * 3))}),
-    Case("model_fake_gguf", run("--model", "{ws}/fake.gguf"), "is not a GGUF file (it starts with b'<htm'", {"fake.gguf": b"<html>404</html>"}),
-    Case("model_type_unknown", run("--model", "{ws}/m"), "model_type 'frobnitz' is not known to transformers",
-         {"m": tiny_model_with(unknown_model_type)}, loads_model=True),
+    Case(
+        "model_config_not_json",
+        run("--model", "{ws}/m"),
+        "config.json is not valid JSON",
+        {"m/config.json": b"{", "m/model.safetensors": b""},
+    ),
+    Case(
+        "model_without_weights", run("--model", "{ws}/m"), "has config.json but no weights", {"m": tiny_model_with(drop_weights)}
+    ),
+    Case(
+        "model_truncated",
+        run("--model", "{ws}/m"),
+        "model.safetensors is truncated: it holds",
+        {"m": tiny_model_with(truncate_weights)},
+    ),
+    Case(
+        "model_not_safetensors",
+        run("--model", "{ws}/m"),
+        "truncated or not a safetensors file",
+        {"m": tiny_model_with(lambda f: (f / "model.safetensors").write_bytes(b"GIF89a" * 3))},
+    ),
+    Case(
+        "model_fake_gguf",
+        run("--model", "{ws}/fake.gguf"),
+        "is not a GGUF file (it starts with b'<htm'",
+        {"fake.gguf": b"<html>404</html>"},
+    ),
+    Case(
+        "model_type_unknown",
+        run("--model", "{ws}/m"),
+        "model_type 'frobnitz' is not known to transformers",
+        {"m": tiny_model_with(unknown_model_type)},
+        loads_model=True,
+    ),
     # limits
-    Case("seqlen_beyond_context", run("--seqlen", "300"), "calibration.seqlen 300 is longer than the model's context (max_position_embeddings = 256)"),
+    Case(
+        "seqlen_beyond_context",
+        run("--seqlen", "300"),
+        "calibration.seqlen 300 is longer than the model's context (max_position_embeddings = 256)",
+    ),
     Case("eval_seqlen_beyond_context", run("--eval-seqlen", "300"), "evaluation.seqlen 300 is longer than the model's context"),
-    Case("nsamples_beyond_memory", run("--nsamples", "1000000000"), "for its activations (2 x nsamples 1000000000 x seqlen 16 x hidden 64"),
+    Case(
+        "nsamples_beyond_memory",
+        run("--nsamples", "1000000000"),
+        "for its activations (2 x nsamples 1000000000 x seqlen 16 x hidden 64",
+    ),
     # eval
     Case("eval_cmd_seqlen_negative", ["eval", "{tiny}", "--seqlen", "-3"], "argument --seqlen: '-3' must be an integer >= 2"),
     Case("eval_cmd_seqlen_one", ["eval", "{tiny}", "--seqlen", "1"], "argument --seqlen: '1' must be an integer >= 2"),
-    Case("eval_cmd_windows_negative", ["eval", "{tiny}", "--windows", "-1"], "argument --windows: '-1' must be an integer >= 1 or 'all'"),
+    Case(
+        "eval_cmd_windows_negative",
+        ["eval", "{tiny}", "--windows", "-1"],
+        "argument --windows: '-1' must be an integer >= 1 or 'all'",
+    ),
     Case("eval_cmd_windows_zero", ["eval", "{tiny}", "--windows", "0"], "argument --windows: '0' must be an integer >= 1"),
-    Case("eval_cmd_seqlen_beyond_context", ["eval", "{tiny}", "--data", "{text}", "--seqlen", "300"], "--seqlen 300 is longer than the model's context"),
-    Case("eval_cmd_text_binary", ["eval", "{tiny}", "--seqlen", "16", "--data", "{ws}/bin.txt"], "is a binary file", {"bin.txt": BINARY}),
-    Case("eval_cmd_text_not_utf8", ["eval", "{tiny}", "--seqlen", "16", "--data", "{ws}/latin.txt"], "not valid utf-8", {"latin.txt": LATIN1}),
-    Case("eval_cmd_encoding_unknown", ["eval", "{tiny}", "--seqlen", "16", "--data", "{text}", "--encoding", "klingon"], "'klingon' is not a known text encoding"),
+    Case(
+        "eval_cmd_seqlen_beyond_context",
+        ["eval", "{tiny}", "--data", "{text}", "--seqlen", "300"],
+        "--seqlen 300 is longer than the model's context",
+    ),
+    Case(
+        "eval_cmd_text_binary",
+        ["eval", "{tiny}", "--seqlen", "16", "--data", "{ws}/bin.txt"],
+        "is a binary file",
+        {"bin.txt": BINARY},
+    ),
+    Case(
+        "eval_cmd_text_not_utf8",
+        ["eval", "{tiny}", "--seqlen", "16", "--data", "{ws}/latin.txt"],
+        "not valid utf-8",
+        {"latin.txt": LATIN1},
+    ),
+    Case(
+        "eval_cmd_encoding_unknown",
+        ["eval", "{tiny}", "--seqlen", "16", "--data", "{text}", "--encoding", "klingon"],
+        "'klingon' is not a known text encoding",
+    ),
     Case("eval_cmd_model_missing", ["eval", "{ws}/none", "--data", "{text}"], "is not a model folder"),
-    Case("eval_cmd_c4_protocol_on_a_file", ["eval", "{tiny}", "--seqlen", "16", "--data", "{text}", "--protocol", "c4"], "protocol 'c4' draws whole documents"),
+    Case(
+        "eval_cmd_c4_protocol_on_a_file",
+        ["eval", "{tiny}", "--seqlen", "16", "--data", "{text}", "--protocol", "c4"],
+        "protocol 'c4' draws whole documents",
+    ),
 ]
 
 HOLD_LOCK = textwrap.dedent("""
@@ -184,7 +277,9 @@ def prepare(case: Case, ws: Path, tiny: Path) -> subprocess.Popen | None:
             path.mkdir()
             path.chmod(0o555)
         elif content == "locked":
-            holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLD_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
             assert holder.stdout.readline().strip() == "locked"
         elif isinstance(content, tuple):
             shutil.copytree(tiny, path)
@@ -204,6 +299,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, workspace, tiny_l
     if not case.root_can_do_it and os.geteuid() == 0:
         pytest.skip("root may write into read-only folders")
     if not case.loads_model:  # a tripwire: these must fail before any model is loaded
+
         def tripwire(*args, **kwargs):
             raise AssertionError("a model was loaded before the bad input was found")
 
@@ -237,15 +333,20 @@ SUBPROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("argv, imported", [
-    (["run", "--set", "sparsity=["], []),
-    (["allocate", "--allocators", "alpha,alpha"], []),
-    (["run", "--output", "/proc/strataprune-x"], []),
-    (["run", "--allocator", "owll"], ["torch"]),  # plugin names need the plugin modules, not transformers
-])
+@pytest.mark.parametrize(
+    "argv, imported",
+    [
+        (["run", "--set", "sparsity=["], []),
+        (["allocate", "--allocators", "alpha,alpha"], []),
+        (["run", "--output", "/proc/strataprune-x"], []),
+        (["run", "--allocator", "owll"], ["torch"]),  # plugin names need the plugin modules, not transformers
+    ],
+)
 def test_argument_errors_come_before_heavy_imports_and_never_as_a_traceback(argv, imported, tmp_path):
     env = {**os.environ, "STRATAPRUNE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert proc.stdout.strip() == str(imported)
@@ -270,6 +371,9 @@ def test_nm_notation_warning_is_one_line_not_an_error(capsys):
     assert main(["run", "--sparsity", "1:4", "--output", "/proc/strataprune-x"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[1].startswith("error: ")
-    assert lines[0].startswith("warning: sparsity 1:4 keeps 1 of every 4 weights here (75% sparse") and "which is 3:4 here" in lines[0]
+    assert (
+        lines[0].startswith("warning: sparsity 1:4 keeps 1 of every 4 weights here (75% sparse")
+        and "which is 3:4 here" in lines[0]
+    )
     assert main(["run", "--sparsity", "2:4", "--output", "/proc/strataprune-x"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1  # 2:4 means the same in both notations

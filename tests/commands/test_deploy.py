@@ -27,17 +27,56 @@ def text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run70(tiny_llama_dir, text, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run70"
-    assert main(["run", "--model", str(tiny_llama_dir), "--calibration", str(text), "--eval-data", str(text),
-                 "--sparsity", "0.7", "--output", str(out), *RUN_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tiny_llama_dir),
+                "--calibration",
+                str(text),
+                "--eval-data",
+                str(text),
+                "--sparsity",
+                "0.7",
+                "--output",
+                str(out),
+                *RUN_FLAGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def run_int4(tiny_llama_dir, text, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run50q"
-    assert main(["run", "--model", str(tiny_llama_dir), "--calibration", str(text), "--eval-data", str(text),
-                 "--pruner", "sparsegpt", "--sparsity", "0.5", "--set", "pruner.wbits=4", "--set", "pruner.groupsize=32",
-                 "--output", str(out), *RUN_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tiny_llama_dir),
+                "--calibration",
+                str(text),
+                "--eval-data",
+                str(text),
+                "--pruner",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--set",
+                "pruner.wbits=4",
+                "--set",
+                "pruner.groupsize=32",
+                "--output",
+                str(out),
+                *RUN_FLAGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -51,7 +90,9 @@ def test_deploy_writes_a_compressed_checkpoint_an_engine_artifact_and_parity(run
     assert info["parity"]["relative"] <= info["parity"]["tolerance"] == 1e-3 and info["parity"]["greedy_identical"]
     assert info["storage"]["format"] == "sparse-bitmask" and info["storage"]["compressed_matrices"] == 21
     assert info["storage"]["sparsity_of_compressed"] == pytest.approx(0.69, abs=0.02)
-    assert {"tokenizer.json", "allocation.json", "report.json", "recipe.yaml", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "allocation.json", "report.json", "recipe.yaml", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
 
     from strataprune.deploy.rundir import load_causal_lm, open_run
 
@@ -75,8 +116,32 @@ def test_int4_run_deploys_as_matmulnbits_with_parity(run_int4, tmp_path, capsys)
 
 def test_bench_reports_dense_and_pruned_on_each_engine_with_speedups(run70, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", str(run70), "--backends", "torch,onnxruntime", "--prompt-len", "16", "--decode-tokens", "3",
-                 "--repeats", "2", "--warmup", "0", "--parity-steps", "3", "--threads", "1", "--output", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(run70),
+                "--backends",
+                "torch,onnxruntime",
+                "--prompt-len",
+                "16",
+                "--decode-tokens",
+                "3",
+                "--repeats",
+                "2",
+                "--warmup",
+                "0",
+                "--parity-steps",
+                "3",
+                "--threads",
+                "1",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "speedup prefill" in printed and "verdict" in printed
     report = json.loads((out / "bench.json").read_text())
@@ -96,16 +161,35 @@ def test_bench_reports_dense_and_pruned_on_each_engine_with_speedups(run70, tmp_
 
 
 def _row(backend, variant, prefill, decode, formats=()):
-    return {"backend": backend, "engine": backend, "variant": variant, "batch": 1, "prompt_len": 128,
-            "prefill_ms": {"median": prefill[1], "min": prefill[0], "max": prefill[2], "n": 3},
-            "decode_ms_per_token": {"median": decode[1], "min": decode[0], "max": decode[2], "n": 3},
-            "artifact_bytes": 1000, "checkpoint_bytes": 500, "format": "x", "sparse_formats": list(formats),
-            "parity": {"relative": 1e-6, "tolerance": 1e-3, "reference": "torch"}, "notes": {}}
+    return {
+        "backend": backend,
+        "engine": backend,
+        "variant": variant,
+        "batch": 1,
+        "prompt_len": 128,
+        "prefill_ms": {"median": prefill[1], "min": prefill[0], "max": prefill[2], "n": 3},
+        "decode_ms_per_token": {"median": decode[1], "min": decode[0], "max": decode[2], "n": 3},
+        "artifact_bytes": 1000,
+        "checkpoint_bytes": 500,
+        "format": "x",
+        "sparse_formats": list(formats),
+        "parity": {"relative": 1e-6, "tolerance": 1e-3, "reference": "torch"},
+        "notes": {},
+    }
 
 
 def test_verdict_compares_with_the_fastest_dense_engine_and_ignores_overlapping_noise():
-    facts = {"target": "0.7", "realised_sparsity": 0.7, "prunable_parameters": 900, "model_parameters": 1000,
-             "lm_head_parameters": 100, "hidden_size": 576, "intermediate_size": 1536, "quantized": False, "nm": False}
+    facts = {
+        "target": "0.7",
+        "realised_sparsity": 0.7,
+        "prunable_parameters": 900,
+        "model_parameters": 1000,
+        "lm_head_parameters": 100,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "quantized": False,
+        "nm": False,
+    }
     rows = [
         _row("onnxruntime", "dense", (9, 10, 11), (4, 5, 6)),
         _row("sparse", "dense", (14, 15, 16), (9, 10, 11), ("unstructured",)),
@@ -120,9 +204,17 @@ def test_verdict_compares_with_the_fastest_dense_engine_and_ignores_overlapping_
     assert ort["verdict"] == "slower at prefill" and any("dense engine" in w for w in ort["why"])
     assert not any("dense engine" in w for w in sparse["why"]) and any("too small" in w for w in sparse["why"])
     assert amdahl_cap(facts) == pytest.approx(1 / (0.1 + 0.9 * 0.3))
-    report = {"rows": rows, "skipped": [{"backend": "deepsparse", "reason": "not installed"}], "run_dirs": ["r"],
-              "dense_model": "d", "models": {"pruned": facts}, "settings": {"batch": 1, "decode_tokens": 3, "warmup": 1, "repeats": 3},
-              "machine": {"cpu": "cpu", "threads": 2, "load_average_1m": 0.5, "note": "n"}, "speedup_rule": "s", "parity_rule": "p"}
+    report = {
+        "rows": rows,
+        "skipped": [{"backend": "deepsparse", "reason": "not installed"}],
+        "run_dirs": ["r"],
+        "dense_model": "d",
+        "models": {"pruned": facts},
+        "settings": {"batch": 1, "decode_tokens": 3, "warmup": 1, "repeats": 3},
+        "machine": {"cpu": "cpu", "threads": 2, "load_average_1m": 0.5, "note": "n"},
+        "speedup_rule": "s",
+        "parity_rule": "p",
+    }
     table = format_table(report)
     assert "1.43x" in table and "skipped deepsparse: not installed" in table
     assert format_markdown(report).count("\n| ") == 5

@@ -39,7 +39,9 @@ def test_validate_rejects_each_broken_rule(layout):
         with pytest.raises(PluginError, match="must be in \\[0, 1\\)"):
             Allocation(ratios, 0.5, "x").validate(layout)
     off = Allocation({k: 0.52 for k in good.ratios}, 0.5, "x")
-    with pytest.raises(PluginError, match="parameter-weighted mean of the matrix ratios is 0.52000, which differs from the target 0.50000"):
+    with pytest.raises(
+        PluginError, match="parameter-weighted mean of the matrix ratios is 0.52000, which differs from the target 0.50000"
+    ):
         off.validate(layout)
     Allocation({k: 0.5004 for k in good.ratios}, 0.5, "x").validate(layout)  # within 1e-3
 

@@ -31,8 +31,14 @@ def installed(tmp_path_factory) -> Path:
 
 
 def strataprune(site: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), "STRATAPRUNE_PROGRESS": "0"}
-    return subprocess.run([sys.executable, "-m", "strataprune", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "STRATAPRUNE_PROGRESS": "0",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "strataprune", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_discovered_through_its_entry_point(installed):
@@ -42,7 +48,10 @@ def test_discovered_through_its_entry_point(installed):
     info = rows[("allocator", "depth_ramp")]
     assert info["provided_by"] == "strataprune-example-plugin" and info["version"] == "0.1.0"
     blocked = subprocess.run(
-        [sys.executable, "-m", "strataprune", "plugins", "--json"], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "strataprune", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(installed), "STRATAPRUNE_BLOCK_PLUGINS": "strataprune-example-plugin"},
     )
     assert ("allocator", "depth_ramp") not in {(p["kind"], p["name"]) for p in json.loads(blocked.stdout)["plugins"]}
@@ -52,14 +61,18 @@ def test_used_by_name_in_a_recipe(installed, tiny_llama_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"line {i} of some plain text for a tiny model to read" for i in range(400)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"source": str(tiny_llama_dir)},
-        "calibration": {"source": str(text), "nsamples": 2, "seqlen": 32},
-        "evaluation": {"source": str(text), "seqlen": 32, "max_windows": 2},
-        "allocator": {"name": "depth_ramp", "spread": 0.1},
-        "sparsity": 0.5,
-        "output_dir": str(tmp_path / "out"),
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"source": str(tiny_llama_dir)},
+                "calibration": {"source": str(text), "nsamples": 2, "seqlen": 32},
+                "evaluation": {"source": str(text), "seqlen": 32, "max_windows": 2},
+                "allocator": {"name": "depth_ramp", "spread": 0.1},
+                "sparsity": 0.5,
+                "output_dir": str(tmp_path / "out"),
+            }
+        )
+    )
     done = strataprune(installed, "run", str(recipe), "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     allocation = json.loads((tmp_path / "out" / "allocation.json").read_text())

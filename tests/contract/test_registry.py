@@ -15,7 +15,7 @@ from strataprune.contract.registry import BUILTIN_MODULES, GROUP, PluginLoadWarn
 
 BUILTINS = [EntryPoint(name, module, GROUP) for name, module in BUILTIN_MODULES.items()]
 
-GOOD = '''
+GOOD = """
 from dataclasses import dataclass
 from strataprune import Allocator, Allocation, hookimpl
 
@@ -32,7 +32,7 @@ class Flat(Allocator):
 @hookimpl
 def register_allocators(register):
     register(Flat)
-'''
+"""
 
 BROKEN = {
     "import_error": "import not_a_module_anywhere\n",
@@ -42,7 +42,7 @@ BROKEN = {
     "bad_name": GOOD.replace('"{name}"', '"Bad Name"'),
     "duplicate": GOOD.replace("{name}", "uniform"),
     "no_allocate": "from strataprune import Allocator, hookimpl\nclass A(Allocator):\n    name = 'no_allocate'\n"
-                   "@hookimpl\ndef register_allocators(register):\n    register(A)\n",
+    "@hookimpl\ndef register_allocators(register):\n    register(A)\n",
 }
 
 
@@ -95,7 +95,10 @@ def test_a_broken_plugin_is_skipped_with_one_warning(plugin_dir, broken):
 
 
 def test_allow_and_block_lists(plugin_dir, monkeypatch):
-    eps = BUILTINS + [plugin_dir("plug_a", GOOD.replace("{name}", "alpha_a")), plugin_dir("plug_b", GOOD.replace("{name}", "beta_b"))]
+    eps = BUILTINS + [
+        plugin_dir("plug_a", GOOD.replace("{name}", "alpha_a")),
+        plugin_dir("plug_b", GOOD.replace("{name}", "beta_b")),
+    ]
     monkeypatch.setenv("STRATAPRUNE_LOAD_PLUGINS", "plug_a")
     names = Registry(eps).names("allocator")
     assert "alpha_a" in names and "beta_b" not in names and "uniform" in names  # built-ins always load

@@ -19,12 +19,15 @@ PRUNERS = ("magnitude", "wanda", "sparsegpt")
 
 
 def tiny_recipe(model_dir, text_file, pruner, sparsity, **model):
-    return recipe_from_dict({
-        "model": {"source": str(model_dir), **model},
-        "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32},
-        "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2, "dense": False},
-        "pruner": pruner, "sparsity": sparsity,
-    })
+    return recipe_from_dict(
+        {
+            "model": {"source": str(model_dir), **model},
+            "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2, "dense": False},
+            "pruner": pruner,
+            "sparsity": sparsity,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- parsing and errors
@@ -83,9 +86,30 @@ def test_pipeline_rejects_a_pruner_that_violates_the_pattern(tiny_llama_dir, tex
 @pytest.mark.parametrize("pruner,pattern", [("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"), ("sparsegpt", "1:4")])
 def test_every_pruner_realises_the_pattern_end_to_end(tiny_llama_dir, text_file, tmp_path, pruner, pattern):
     out = tmp_path / "out"
-    args = ["run", "--model", str(tiny_llama_dir), "--calibration", str(text_file), "--eval-data", str(text_file),
-            "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2", "--output", str(out),
-            "--quiet", "--pruner", pruner, "--sparsity", pattern]
+    args = [
+        "run",
+        "--model",
+        str(tiny_llama_dir),
+        "--calibration",
+        str(text_file),
+        "--eval-data",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--output",
+        str(out),
+        "--quiet",
+        "--pruner",
+        pruner,
+        "--sparsity",
+        pattern,
+    ]
     assert main(args) == 0
     p = NMPattern.parse(pattern)
     from transformers import AutoModelForCausalLM
@@ -107,14 +131,23 @@ def test_every_pruner_realises_the_pattern_end_to_end(tiny_llama_dir, text_file,
 
 
 # --------------------------------------------------------------------------- rounding policy
-@pytest.mark.parametrize("ratio,m,expected", [
-    (0.5, 4, "2:4"), (0.5, 8, "4:8"), (0.7, 4, "1:4"), (0.6, 4, "2:4"), (0.3, 4, "3:4"),
-    (0.625, 4, "2:4"),  # tie between 1:4 and 2:4 -> the denser one
-    (0.375, 4, "3:4"),  # tie between 2:4 and 3:4 -> the denser one (round() would say 2:4)
-    (0.1, 4, "3:4"),    # below 1/m -> clamped to (m-1):m, a group always prunes one
-    (0.95, 4, "1:4"),   # above (m-1)/m -> clamped to 1:m, a group always keeps one
-    (0.7, 8, "2:8"), (0.6875, 8, "3:8"), (0.3, 8, "6:8"),
-])
+@pytest.mark.parametrize(
+    "ratio,m,expected",
+    [
+        (0.5, 4, "2:4"),
+        (0.5, 8, "4:8"),
+        (0.7, 4, "1:4"),
+        (0.6, 4, "2:4"),
+        (0.3, 4, "3:4"),
+        (0.625, 4, "2:4"),  # tie between 1:4 and 2:4 -> the denser one
+        (0.375, 4, "3:4"),  # tie between 2:4 and 3:4 -> the denser one (round() would say 2:4)
+        (0.1, 4, "3:4"),  # below 1/m -> clamped to (m-1):m, a group always prunes one
+        (0.95, 4, "1:4"),  # above (m-1)/m -> clamped to 1:m, a group always keeps one
+        (0.7, 8, "2:8"),
+        (0.6875, 8, "3:8"),
+        (0.3, 8, "6:8"),
+    ],
+)
 def test_nm_rounding_policy(ratio, m, expected):
     assert str(nm_for_ratio(ratio, m)) == expected
 
@@ -186,8 +219,9 @@ def test_mixed_nm_patterns_from_the_allocator_are_applied_per_block(tiny_llama_d
 def test_searching_allocator_trials_are_pruned_with_the_rounded_patterns(tiny_llama_dir, text_file, monkeypatch):
     """ATP's beta trials under a 4:8 run are scored on N:M-pruned models, exactly as the final run."""
     recipe = tiny_recipe(tiny_llama_dir, text_file, "wanda", "4:8")
-    recipe = apply_overrides(recipe, {"allocator": "atp", "allocator.max_trials": 2, "allocator.step": 0.2,
-                                      "evaluation.selection_windows": 2})
+    recipe = apply_overrides(
+        recipe, {"allocator": "atp", "allocator.max_trials": 2, "allocator.step": 0.2, "evaluation.selection_windows": 2}
+    )
     pipe = Pipeline(recipe, show_progress=False, log=lambda _: None)
     seen = []
     original = Pipeline._prune_matrix

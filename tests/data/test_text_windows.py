@@ -154,8 +154,9 @@ class FakeC4(Dataset):
     def __init__(self):
         super().__init__()
         rng = random.Random(0)
-        self.docs = {s: ["".join(rng.choice("abcdef ") for _ in range(rng.randint(3, 60))) for _ in range(1300)]
-                     for s in self.splits}
+        self.docs = {
+            s: ["".join(rng.choice("abcdef ") for _ in range(rng.randint(3, 60))) for _ in range(1300)] for s in self.splits
+        }
 
     def documents(self, split):
         return self.docs[split]
@@ -213,10 +214,13 @@ def test_report_records_protocol_and_token_hashes(tiny_llama_dir, tmp_path):
 
     wiki = tmp_path / "wiki.valid.raw"
     wiki.write_text((WIKI.replace("\r\n", "\n") * 40))
-    recipe = recipe_from_dict({
-        "model": str(tiny_llama_dir), "calibration": {"source": str(wiki), "nsamples": 2, "seqlen": 16},
-        "evaluation": {"source": str(wiki), "seqlen": 16, "max_windows": 2, "dense": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "calibration": {"source": str(wiki), "nsamples": 2, "seqlen": 16},
+            "evaluation": {"source": str(wiki), "seqlen": 16, "max_windows": 2, "dense": False},
+        }
+    )
     report = Pipeline(recipe, show_progress=False).run(save=False).report
     for role in ("calibration", "evaluation"):
         data = report["data"][role]

@@ -11,8 +11,10 @@ import torch
 from strataprune.contract.errors import DataError
 from strataprune.deploy import int4
 
-needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
-                               reason="needs onnx and onnxruntime: pip install 'strataprune[deploy]'")
+needs_ort = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="needs onnx and onnxruntime: pip install 'strataprune[deploy]'",
+)
 
 
 def grid_weight(rows: int, cols: int, groupsize: int | None, sparsity: float = 0.5, seed: int = 0):
@@ -81,7 +83,8 @@ def test_matmulnbits_in_onnxruntime_computes_with_the_dequantized_weight(groupsi
     rows, cols = 48, 160
     weight, quant, _ = grid_weight(rows, cols, groupsize, seed=3)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")], "g",
+        [helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cols])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])],
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "wt")],

@@ -33,4 +33,6 @@ def test_save_goes_external_by_the_weights_size(tmp_path, monkeypatch, limit, ex
     onnx_export.save(model, path)
     assert (tmp_path / "model.onnx.data").exists() is external
     back = onnx.load(str(path))
-    assert {i.name: numpy_helper.to_array(i).tolist() for i in back.graph.initializer} == {k: v.tolist() for k, v in weights.items()}
+    assert {i.name: numpy_helper.to_array(i).tolist() for i in back.graph.initializer} == {
+        k: v.tolist() for k, v in weights.items()
+    }

@@ -103,8 +103,10 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         storage.read_state_dict(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
-                    reason="compressed-tensors is not installed (pip install compressed-tensors==0.12.2 to check its reader)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("compressed_tensors") is None,
+    reason="compressed-tensors is not installed (pip install compressed-tensors==0.12.2 to check its reader)",
+)
 def test_compressed_tensors_reads_our_files(tmp_path):  # pragma: no cover - optional package
     from compressed_tensors.compressors import ModelCompressor
 

@@ -56,7 +56,9 @@ def test_device_auto_runs_through_allocation_on_cpu(tiny_llama_dir, text_file, m
         return original(self, path, dtype=dtype, device=device, **kwargs)
 
     monkeypatch.setattr(DecoderLLM, "load", load)
-    pipe = Pipeline(recipe(tiny_llama_dir, text_file, model={"device": "auto"}, allocator={"name": "alpha", "epsilon": 0.2}), **QUIET)
+    pipe = Pipeline(
+        recipe(tiny_llama_dir, text_file, model={"device": "auto"}, allocator={"name": "alpha", "epsilon": 0.2}), **QUIET
+    )
     result = pipe.run(save=False)
     assert seen["device_map"] == "auto" and getattr(result.model.model, "hf_device_map", None) == {"": "cpu"}
     assert pipe.device == torch.device("cpu")
@@ -70,7 +72,9 @@ def test_dense_pass_runs_each_block_once_and_shares_one_hessian_per_input(tiny_l
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     run_block = loaded.adapter.run_block
-    monkeypatch.setattr(loaded.adapter, "run_block", lambda block, hidden, kwargs: (calls.append(1), run_block(block, hidden, kwargs))[1])
+    monkeypatch.setattr(
+        loaded.adapter, "run_block", lambda block, hidden, kwargs: (calls.append(1), run_block(block, hidden, kwargs))[1]
+    )
     calibrator = Calibrator(loaded, ids, show_progress=False)
     seen = []
     kept = {}
@@ -78,9 +82,13 @@ def test_dense_pass_runs_each_block_once_and_shares_one_hessian_per_input(tiny_l
     def visit(stats):
         names = {m.short: m.name for m in stats.matrices}
         h = stats.hessians
-        seen.append((h[names["self_attn.q_proj"]] is h[names["self_attn.k_proj"]] is h[names["self_attn.v_proj"]],
-                     h[names["mlp.gate_proj"]] is h[names["mlp.up_proj"]],
-                     h[names["self_attn.q_proj"]] is not h[names["mlp.up_proj"]]))
+        seen.append(
+            (
+                h[names["self_attn.q_proj"]] is h[names["self_attn.k_proj"]] is h[names["self_attn.v_proj"]],
+                h[names["mlp.gate_proj"]] is h[names["mlp.up_proj"]],
+                h[names["self_attn.q_proj"]] is not h[names["mlp.up_proj"]],
+            )
+        )
         stats.outputs = None  # what the dense-propagation stash does: the pass must not run the block again
         kept[stats.block] = {k: v.clone() for k, v in h.items()}
 
@@ -91,7 +99,9 @@ def test_dense_pass_runs_each_block_once_and_shares_one_hessian_per_input(tiny_l
     # the shared Hessian is the one of the shared input: 2 X X^T / n of q_proj's input, checked by hand
     captured = {}
     block0 = calibrator.blocks[0]
-    handle = block0.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = block0.self_attn.q_proj.register_forward_hook(
+        lambda m, a, o: captured.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     inputs = calibrator.captured()
     with torch.no_grad():
         for i in range(3):
@@ -114,9 +124,11 @@ def reference_dense_wanda_masks(model, ids, ratio):
     sums, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
+
             def hook(m, args, out, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 sums[name] = sums.get(name, 0.0) + (x**2).sum(0)
+
             handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         for i in range(ids.shape[0]):
@@ -136,9 +148,15 @@ def reference_dense_wanda_masks(model, ids, ratio):
 
 
 def test_dense_propagation_end_to_end_matches_masks_from_dense_statistics(tiny_llama_dir, text_file):
-    pipe = Pipeline(recipe(tiny_llama_dir, text_file, allocator="owl", pruner="wanda", calibration={"propagate": "dense"}), **QUIET)
+    pipe = Pipeline(
+        recipe(tiny_llama_dir, text_file, allocator="owl", pruner="wanda", calibration={"propagate": "dense"}), **QUIET
+    )
     result = pipe.run(save=False)
-    pruned = {name: module.weight.detach() != 0 for name, module in result.model.model.named_modules() if name in pipe.calibrator.modules}
+    pruned = {
+        name: module.weight.detach() != 0
+        for name, module in result.model.model.named_modules()
+        if name in pipe.calibrator.modules
+    }
     assert result.report["calibration_passes"] == 1  # OWL's dense pass also gave Wanda its statistics
     allocation = result.allocation
     assert len(set(allocation.ratios.values())) > 1
@@ -148,8 +166,13 @@ def test_dense_propagation_end_to_end_matches_masks_from_dense_statistics(tiny_l
     ratios = {name: allocation.ratios[name] for name in pruned}
     references = {}
     for ratio in sorted(set(ratios.values())):
-        references.update({n: m for n, m in reference_dense_wanda_masks(result.model.model, pipe.calibrator.input_ids, ratio).items()
-                           if ratios.get(n) == ratio})
+        references.update(
+            {
+                n: m
+                for n, m in reference_dense_wanda_masks(result.model.model, pipe.calibrator.input_ids, ratio).items()
+                if ratios.get(n) == ratio
+            }
+        )
     assert set(references) == set(pruned)
     for name in pruned:
         assert torch.equal(pruned[name], references[name]), name
@@ -163,12 +186,16 @@ def test_dense_propagation_end_to_end_matches_masks_from_dense_statistics(tiny_l
 
 # --------------------------------------------------------------------------- searched allocations leave no trace
 def test_atp_searched_beta_gives_the_same_weights_as_a_fixed_beta_run(tiny_llama_dir, text_file):
-    searched = Pipeline(recipe(tiny_llama_dir, text_file, allocator={"name": "atp", "step": 0.05}, pruner="sparsegpt"), **QUIET).run(save=False)
+    searched = Pipeline(
+        recipe(tiny_llama_dir, text_file, allocator={"name": "atp", "step": 0.05}, pruner="sparsegpt"), **QUIET
+    ).run(save=False)
     meta = searched.allocation.meta
     assert meta["search"] is True and len(meta["trials"]) >= 3 and len({t["beta"] for t in meta["trials"]}) >= 3
     assert {t["fidelity"] for t in meta["trials"]} == {"screen", "full"}
     searched_state = state(searched)
-    fixed = Pipeline(recipe(tiny_llama_dir, text_file, allocator={"name": "atp", "beta": meta["beta"]}, pruner="sparsegpt"), **QUIET).run(save=False)
+    fixed = Pipeline(
+        recipe(tiny_llama_dir, text_file, allocator={"name": "atp", "beta": meta["beta"]}, pruner="sparsegpt"), **QUIET
+    ).run(save=False)
     assert fixed.allocation.ratios == searched.allocation.ratios
     fixed_state = state(fixed)
     assert searched_state.keys() == fixed_state.keys()
@@ -231,9 +258,28 @@ def test_threads_setting_is_applied_and_reported(tiny_llama_dir, text_file, tmp_
     before = torch.get_num_threads()
     try:
         out = tmp_path / "out"
-        args = ["run", "--model", str(tiny_llama_dir), "--calibration", str(text_file), "--eval-data", str(text_file),
-                "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "1", "--output", str(out),
-                "--quiet", "--threads", "1"]
+        args = [
+            "run",
+            "--model",
+            str(tiny_llama_dir),
+            "--calibration",
+            str(text_file),
+            "--eval-data",
+            str(text_file),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--eval-seqlen",
+            "16",
+            "--eval-windows",
+            "1",
+            "--output",
+            str(out),
+            "--quiet",
+            "--threads",
+            "1",
+        ]
         assert main(args) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["threads"] == {"torch_threads": 1, "setting": 1, "reason": "set by the recipe or --threads"}

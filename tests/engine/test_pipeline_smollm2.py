@@ -61,7 +61,20 @@ def test_wanda_reconstructs_a_layer_better_than_magnitude(smollm2, layer_inputs,
 
 def test_main_job_at_small_settings(tmp_path, capsys):
     out = tmp_path / "wanda50"
-    argv = ["run", "--nsamples", "8", "--seqlen", "256", "--eval-seqlen", "256", "--eval-windows", "8", "--output", str(out), "--quiet"]
+    argv = [
+        "run",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "256",
+        "--eval-seqlen",
+        "256",
+        "--eval-windows",
+        "8",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())

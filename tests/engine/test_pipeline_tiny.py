@@ -13,9 +13,27 @@ from strataprune.engine.recipe import recipe_from_dict
 
 
 def run_args(model_dir, text_file, out, *extra):
-    return ["run", "--model", str(model_dir), "--calibration", str(text_file), "--eval-data", str(text_file),
-            "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--output", str(out),
-            "--quiet", *extra]
+    return [
+        "run",
+        "--model",
+        str(model_dir),
+        "--calibration",
+        str(text_file),
+        "--eval-data",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "4",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_run_end_to_end_writes_a_loadable_sparse_model(tiny_llama_dir, text_file, tmp_path, capsys):
@@ -23,7 +41,9 @@ def test_run_end_to_end_writes_a_loadable_sparse_model(tiny_llama_dir, text_file
     assert main(run_args(tiny_llama_dir, text_file, out, "--sparsity", "0.6")) == 0
     printed = capsys.readouterr().out
     assert "dense" in printed and "sparse (0.6)" in printed and "realised" in printed and "seconds" in printed
-    assert {"config.json", "model.safetensors", "allocation.json", "report.json", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "allocation.json", "report.json", "recipe.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
 
     from transformers import AutoModelForCausalLM
 
@@ -80,11 +100,14 @@ def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, t
 
 
 def test_n_m_run_realises_the_pattern(tiny_llama_dir, text_file, tmp_path):
-    recipe = recipe_from_dict({
-        "model": str(tiny_llama_dir), "sparsity": "2:4",
-        "calibration": {"source": str(text_file), "nsamples": 2, "seqlen": 32},
-        "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2, "dense": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "sparsity": "2:4",
+            "calibration": {"source": str(text_file), "nsamples": 2, "seqlen": 32},
+            "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2, "dense": False},
+        }
+    )
     result = Pipeline(recipe, show_progress=False).run(save=False)
     model = result.model.model
     weight = model.model.layers[1].self_attn.o_proj.weight
@@ -94,10 +117,13 @@ def test_n_m_run_realises_the_pattern(tiny_llama_dir, text_file, tmp_path):
 
 
 def test_calibration_length_is_a_setting_not_max_position_embeddings(tiny_llama_dir, text_file):
-    recipe = recipe_from_dict({
-        "model": str(tiny_llama_dir), "calibration": {"source": str(text_file), "nsamples": 3, "seqlen": 24},
-        "evaluation": {"source": str(text_file), "seqlen": 16, "max_windows": 2, "dense": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "calibration": {"source": str(text_file), "nsamples": 3, "seqlen": 24},
+            "evaluation": {"source": str(text_file), "seqlen": 16, "max_windows": 2, "dense": False},
+        }
+    )
     report = Pipeline(recipe, show_progress=False).run(save=False).report
     assert report["data"]["calibration"]["seqlen"] == 24 and report["data"]["calibration"]["tokens"] == 72
     assert report["perplexity"]["sparse"]["seqlen"] == 16

@@ -47,7 +47,11 @@ def test_validation_errors_name_key_value_and_allowed(tmp_path, data, expected):
 def test_defaults_are_the_embedded_main_job():
     recipe = Recipe()
     assert (recipe.model.source, recipe.calibration.source, recipe.pruner.name, recipe.allocator.name) == (
-        "smollm2-135m", "bbc", "wanda", "uniform")
+        "smollm2-135m",
+        "bbc",
+        "wanda",
+        "uniform",
+    )
     assert recipe.target.ratio == 0.5
     assert load_recipe(None) == recipe
 
@@ -60,14 +64,52 @@ def test_round_trip_through_yaml(tmp_path):
 
 
 def test_every_run_flag_overrides_its_recipe_key(tmp_path):
-    path = write(tmp_path, {"sparsity": 0.3, "calibration": {"nsamples": 64, "seqlen": 128}, "pruner": "magnitude",
-                            "allocator": {"name": "uniform"}, "output_dir": "a"})
-    args = make_parser().parse_args([
-        "run", path, "--sparsity", "0.6", "--nsamples", "4", "--seqlen", "32", "--pruner", "wanda", "--model", "m",
-        "--device", "cpu", "--dtype", "bfloat16", "--seed", "3", "--propagate", "dense", "--calibration", "c.txt",
-        "--eval-data", "e.txt", "--eval-seqlen", "64", "--eval-windows", "2", "--output", "b",
-        "--set", "evaluation.dense=false",
-    ])
+    path = write(
+        tmp_path,
+        {
+            "sparsity": 0.3,
+            "calibration": {"nsamples": 64, "seqlen": 128},
+            "pruner": "magnitude",
+            "allocator": {"name": "uniform"},
+            "output_dir": "a",
+        },
+    )
+    args = make_parser().parse_args(
+        [
+            "run",
+            path,
+            "--sparsity",
+            "0.6",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--pruner",
+            "wanda",
+            "--model",
+            "m",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--seed",
+            "3",
+            "--propagate",
+            "dense",
+            "--calibration",
+            "c.txt",
+            "--eval-data",
+            "e.txt",
+            "--eval-seqlen",
+            "64",
+            "--eval-windows",
+            "2",
+            "--output",
+            "b",
+            "--set",
+            "evaluation.dense=false",
+        ]
+    )
     recipe = build_recipe(args)
     assert recipe.sparsity == 0.6 and recipe.calibration.nsamples == 4 and recipe.calibration.seqlen == 32
     assert recipe.pruner.name == "wanda" and recipe.model.source == "m" and recipe.model.dtype == "bfloat16"

@@ -49,10 +49,12 @@ def test_embedding_metrics_and_nearest_neighbours():
     out = embedding_metrics(dense, sparse)
     cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(dense, sparse)]
     assert out["cosine"] == pytest.approx(sum(cos) / 4) and out["cosine_min"] == pytest.approx(min(cos))
+
     # dense neighbours: 0<->1, 2<->3; sparse: 3's nearest other is 1 (and 1's is 3 or 0)
     def nearest(e, i):  # type: ignore[no-untyped-def]
         sims = [(float(torch.nn.functional.cosine_similarity(e[i], e[j], dim=0)), j) for j in range(4) if j != i]
         return max(sims)[1]
+
     expected = sum(nearest(dense, i) == nearest(sparse, i) for i in range(4)) / 4
     assert out["nn_agreement"] == pytest.approx(expected) and expected < 1
     source = torch.tensor([0, 0, 1, 1])
@@ -67,7 +69,11 @@ def test_retrieval_agreement_and_divergence():
     dense = {"image_embeds": torch.randn(6, 4), "text_embeds": torch.randn(3, 4)}
     sparse = {k: v.clone() for k, v in dense.items()}
     same = retrieval_metrics(dense, sparse, torch.tensor([0, 1, 2, 0, 1, 2]))
-    assert same["image_to_text_agreement"] == 1.0 and same["text_to_image_agreement"] == 1.0 and same["image_cosine"] == pytest.approx(1.0)
+    assert (
+        same["image_to_text_agreement"] == 1.0
+        and same["text_to_image_agreement"] == 1.0
+        and same["image_cosine"] == pytest.approx(1.0)
+    )
     sparse["text_embeds"] = -sparse["text_embeds"]  # every image now prefers its least similar text
     flipped = compare(dense, sparse, {"text_of_image": torch.tensor([0, 1, 2, 0, 1, 2])})
     assert flipped["image_to_text_agreement"] < 1.0 and flipped["divergence"] == pytest.approx(1 - (1 + -1) / 2)

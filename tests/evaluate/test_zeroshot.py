@@ -19,8 +19,16 @@ pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'strata
 
 #: a prompt and choices of very different lengths, so acc (summed log-likelihood) and acc_norm
 #: (per character) pick different answers on some items
-PROMPTS = ["the quick brown fox", "a model learns to", "over the lazy dog", "predict the next", "while the fox",
-           "jumps over", "the dog sleeps", "brown and quick"]
+PROMPTS = [
+    "the quick brown fox",
+    "a model learns to",
+    "over the lazy dog",
+    "predict the next",
+    "while the fox",
+    "jumps over",
+    "the dog sleeps",
+    "brown and quick",
+]
 CHOICES = ["jumps", "runs far away from here", "x", "sleeps all day long"]
 
 
@@ -28,7 +36,9 @@ def write_task(folder: Path, labels: list[int], name: str = "tiny_choice") -> Pa
     """An lm-eval task YAML over local JSON lines (dataset_path: json), like a user's own task."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": CHOICES, "label": label}) + "\n" for q, label in zip(PROMPTS, labels)))
+    data.write_text(
+        "".join(json.dumps({"question": q, "choices": CHOICES, "label": label}) + "\n" for q, label in zip(PROMPTS, labels))
+    )
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\noutput_type: multiple_choice\n"
         "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
@@ -45,7 +55,7 @@ def reference_loglikelihoods(model, tokenizer, context: str, choices: list[str])
     context_ids = tokenizer(context)["input_ids"]
     for choice in choices:
         whole = tokenizer(context + " " + choice)["input_ids"]
-        continuation = whole[len(context_ids):]
+        continuation = whole[len(context_ids) :]
         logits = model(torch.tensor([whole[:-1]])).logits[0].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         start = len(whole) - 1 - len(continuation)
@@ -85,21 +95,33 @@ def test_harness_scores_the_model_in_memory_like_a_plain_loop(tiny, tmp_path):
 
     # the worst choice as label: accuracy 0, and limit takes the first items only
     worst = [min(range(len(CHOICES)), key=lambda k: s[k]) for s in scores]
-    result = evaluate_tasks(model, tokenizer, "tiny_choice", 3, include_path=write_task(tmp_path / "worst", worst), show_progress=False)
+    result = evaluate_tasks(
+        model, tokenizer, "tiny_choice", 3, include_path=write_task(tmp_path / "worst", worst), show_progress=False
+    )
     assert result["tasks"]["tiny_choice"]["acc"] == 0.0 and result["tasks"]["tiny_choice"]["n"] == 3
 
 
 def test_dense_accuracy_is_cached_by_fingerprint(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("STRATAPRUNE_CACHE", str(tmp_path / "cache"))
     folder = write_task(tmp_path / "tasks", [0, 1, 2, 3, 0, 1, 2, 3])
-    first = evaluate_tasks(tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False)
-    again = evaluate_tasks(tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False)
+    first = evaluate_tasks(
+        tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False
+    )
+    again = evaluate_tasks(
+        tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False
+    )
     assert not first["cached"] and again["cached"] and again["tasks"] == first["tasks"]
     # another limit, model or task definition is another key
-    assert not evaluate_tasks(tiny.model, tiny.tokenizer, "tiny_choice", 3, include_path=folder, cache_key="abc", show_progress=False)["cached"]
-    assert not evaluate_tasks(tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abd", show_progress=False)["cached"]
+    assert not evaluate_tasks(
+        tiny.model, tiny.tokenizer, "tiny_choice", 3, include_path=folder, cache_key="abc", show_progress=False
+    )["cached"]
+    assert not evaluate_tasks(
+        tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abd", show_progress=False
+    )["cached"]
     write_task(folder, [1, 1, 1, 1, 1, 1, 1, 1])
-    assert not evaluate_tasks(tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False)["cached"]
+    assert not evaluate_tasks(
+        tiny.model, tiny.tokenizer, "tiny_choice", 4, include_path=folder, cache_key="abc", show_progress=False
+    )["cached"]
     assert len(list((tmp_path / "cache" / "zeroshot" / "results").glob("*.json"))) == 4
 
 
@@ -118,11 +140,14 @@ def test_hub_task_without_network_fails_in_one_line(tiny_llama_dir, capsys):
     assert "Rowan/hellaswag" in err and "--include-path" in err and "dataset_path: json" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "helaswag"], "did you mean 'hellaswag'"),
-    (["--tasks", "bbc_topic", "--limit", "0"], "limit: 0 must be a whole number >= 1"),
-    (["--tasks", "tiny_choice", "--include-path", "/no/such/folder"], "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "helaswag"], "did you mean 'hellaswag'"),
+        (["--tasks", "bbc_topic", "--limit", "0"], "limit: 0 must be a whole number >= 1"),
+        (["--tasks", "tiny_choice", "--include-path", "/no/such/folder"], "is not a folder"),
+    ],
+)
 def test_bad_task_input_is_one_line(tiny_llama_dir, capsys, argv, message):
     assert main(["eval", str(tiny_llama_dir), *argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -140,9 +165,32 @@ def test_tasks_on_a_non_language_model_are_refused():
 def test_run_with_tasks_reports_dense_and_sparse_accuracy(tiny_llama_dir, text_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STRATAPRUNE_CACHE", str(tmp_path / "cache"))
     folder = write_task(tmp_path / "tasks", [0, 1, 2, 3, 0, 1, 2, 3])
-    argv = ["run", "--model", str(tiny_llama_dir), "--calibration", str(text_file), "--eval-data", str(text_file),
-            "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2", "--quiet", "--sparsity", "0.5",
-            "--tasks", "tiny_choice", "--limit", "4", "--include-path", str(folder)]
+    argv = [
+        "run",
+        "--model",
+        str(tiny_llama_dir),
+        "--calibration",
+        str(text_file),
+        "--eval-data",
+        str(text_file),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--quiet",
+        "--sparsity",
+        "0.5",
+        "--tasks",
+        "tiny_choice",
+        "--limit",
+        "4",
+        "--include-path",
+        str(folder),
+    ]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "zero-shot accuracy (lm-eval 0.4.13" in printed and "tiny_choice" in printed
@@ -189,7 +237,7 @@ def test_bbc_suite_is_generated_from_the_test_split(tmp_path, monkeypatch):
         true = item["choices"][item["label"]]
         body = " ".join(" ".join(article.splitlines()[1:]).split())
         context_body = " ".join(" ".join(item["context"].splitlines()[1:]).split())
-        assert body.startswith(context_body) and body[len(context_body):].lstrip().startswith(true)
+        assert body.startswith(context_body) and body[len(context_body) :].lstrip().startswith(true)
         for k, other in enumerate(item["choices"]):
             if k != item["label"]:  # a distractor: from another test article of the same topic
                 sources = [t for t, a in test if other in a and a is not article]
@@ -203,8 +251,12 @@ REAL_LIMITS = {"bbc_topic": 40, "bbc_continuation": 20}
 
 
 def bbc_accuracy(loaded) -> dict[str, dict]:
-    return {task: evaluate_tasks(loaded.model, loaded.tokenizer, task, limit, adapter=loaded.adapter, show_progress=False)["tasks"][task]
-            for task, limit in REAL_LIMITS.items()}
+    return {
+        task: evaluate_tasks(loaded.model, loaded.tokenizer, task, limit, adapter=loaded.adapter, show_progress=False)["tasks"][
+            task
+        ]
+        for task, limit in REAL_LIMITS.items()
+    }
 
 
 @requires_real

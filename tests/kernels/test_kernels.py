@@ -148,7 +148,10 @@ def test_bad_inputs_are_python_exceptions_naming_the_problem():
         (lambda: op(x.double(), p.masks, p.values, p.offsets, None, 40), "float32"),
         (lambda: op(torch.randn(3, 41), p.masks, p.values, p.offsets, None, 40), "40 features"),
         (lambda: op(torch.randn(40, 3).T, p.masks, p.values, p.offsets, None, 40), "contiguous"),
-        (lambda: ops.linear(x.to("meta"), p.masks, p.values, p.offsets, None, 40), "CPU"),  # the eager kernel (meta goes to the fake)
+        (
+            lambda: ops.linear(x.to("meta"), p.masks, p.values, p.offsets, None, 40),
+            "CPU",
+        ),  # the eager kernel (meta goes to the fake)
         (lambda: op(x, p.masks.int(), p.values, p.offsets, None, 40), "int16"),
         (lambda: op(x, p.masks, p.values, p.offsets[:-1].contiguous(), None, 40), "shape"),
         (lambda: op(x, p.masks, p.values[:-1].contiguous(), p.offsets, None, 40), "inconsistent"),
@@ -183,8 +186,7 @@ def test_custom_op_passes_opcheck_and_exports():
     w = sparse_weight(24, 40, 0.7)
     p = kernels.pack(w)
     args = (torch.randn(5, 40), p.masks, p.values, p.offsets, torch.randn(24), 40)
-    torch.library.opcheck(torch.ops.strataprune.sparse_linear.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.strataprune.sparse_linear.default, args, test_utils=("test_schema", "test_faketensor"))
     layer = kernels.SparseLinear.from_packed(p, torch.randn(24))
     exported = torch.export.export(layer, (torch.randn(3, 40),))
     assert any("strataprune.sparse_linear" in str(node.target) for node in exported.graph.nodes)

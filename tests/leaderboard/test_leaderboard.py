@@ -65,8 +65,10 @@ def grid_dict(model: Path, text: Path, **over) -> dict:
         "allocators": ["uniform", "owl"],
         "pruners": ["wanda"],
         "sparsities": [0.5, "2:4"],
-        "recipe": {"calibration": {"source": str(text), "nsamples": 4, "seqlen": 32},
-                   "evaluation": {"source": str(text), "seqlen": 32, "max_windows": 2, "selection_windows": 2}},
+        "recipe": {
+            "calibration": {"source": str(text), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"source": str(text), "seqlen": 32, "max_windows": 2, "selection_windows": 2},
+        },
     }
     data.update(over)
     return data
@@ -99,7 +101,9 @@ def _site_with_brittle(tmp: Path) -> Path:
     site = tmp / "site"
     (site / "brittle_plugin-0.0.1.dist-info").mkdir(parents=True)
     (site / "brittle_plugin.py").write_text(BRITTLE)
-    (site / "brittle_plugin-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: brittle-plugin\nVersion: 0.0.1\n")
+    (site / "brittle_plugin-0.0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: brittle-plugin\nVersion: 0.0.1\n"
+    )
     (site / "brittle_plugin-0.0.1.dist-info" / "entry_points.txt").write_text("[strataprune]\nbrittle = brittle_plugin\n")
     return site
 
@@ -139,7 +143,8 @@ def test_cells_match_an_independent_run_and_record_provenance(baseline):
         label = "corpus.txt"
         assert record["perplexity"][label]["ppl"] == pytest.approx(reference["perplexity"]["sparse"]["ppl"], rel=1e-6)
         assert record["allocation"]["block_profile"] == pytest.approx(
-            [b["allocated"] for b in reference["sparsity"]["per_block"]], abs=1e-9)
+            [b["allocated"] for b in reference["sparsity"]["per_block"]], abs=1e-9
+        )
         assert record["sparsity_realised"]["prunable"] == pytest.approx(reference["sparsity"]["realised_prunable"], abs=1e-9)
         assert model["dense"]["perplexity"][label]["ppl"] == pytest.approx(reference["perplexity"]["dense"]["ppl"], rel=1e-9)
         # provenance: versions, seed, window hashes, the recipe as run
@@ -161,12 +166,17 @@ def test_cells_match_an_independent_run_and_record_provenance(baseline):
 
 # --------------------------------------------------------------------------- resume, torn lines, locking
 def test_killed_grid_resumes_without_recomputing(tiny_llama_dir, corpus, tmp_path, capsys):
-    grid = write_grid(tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus, allocators=["uniform", "owl", "rmi"],
-                                                        sparsities=[0.5, 0.6]))
+    grid = write_grid(
+        tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus, allocators=["uniform", "owl", "rmi"], sparsities=[0.5, 0.6])
+    )
     out = tmp_path / "board"
     env = {**os.environ, "STRATAPRUNE_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "strataprune", "leaderboard", str(grid), "--output", str(out), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "strataprune", "leaderboard", str(grid), "--output", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     results = out / "results.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -208,9 +218,17 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
     assert main(["leaderboard", str(grid), "--output", str(copy), "--no-run", "--quiet"]) == 0
     assert json.loads((copy / ".strataprune-output.json").read_text())["command"] == "leaderboard"
     # a second grid on a folder in use: another process holds strataprune/runtime/outputs.py's lock on it
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from strataprune.runtime.outputs import check_output_dir; "
-                               f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from strataprune.runtime.outputs import check_output_dir; "
+            f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["leaderboard", str(grid), "--output", str(copy), "--no-run"]) == 2
@@ -251,8 +269,14 @@ def test_kept_cells_of_another_plugin_version_are_named(baseline, tmp_path, caps
 def test_unknown_plugin_or_parameter_is_found_before_the_first_cell(tiny_llama_dir, corpus, tmp_path, capsys):
     out = tmp_path / "board"
     cases = [
-        ({"allocators": ["uniform", "owll"]}, "cell tiny-llama0 × owll × wanda × 0.5: unknown allocator 'owll' (did you mean 'owl'?)"),
-        ({"pruners": ["wanda", "sparsegpt:percdam=0.1"]}, "× sparsegpt(percdam=0.1) × 0.5: pruner 'sparsegpt': unknown parameter 'percdam'"),
+        (
+            {"allocators": ["uniform", "owll"]},
+            "cell tiny-llama0 × owll × wanda × 0.5: unknown allocator 'owll' (did you mean 'owl'?)",
+        ),
+        (
+            {"pruners": ["wanda", "sparsegpt:percdam=0.1"]},
+            "× sparsegpt(percdam=0.1) × 0.5: pruner 'sparsegpt': unknown parameter 'percdam'",
+        ),
         ({"pruners": [{"name": "wandaa"}]}, "unknown pruner 'wandaa'"),
         ({"sparsities": [0.5, 124]}, "quote it ('2:4')"),
         ({"sparsities": [1.5]}, "sparsities[0]: sparsity: 1.5 must be in [0, 1)"),
@@ -288,8 +312,13 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tiny_llama_dir, corpus, t
     assert ok["plugins"]["allocator"] == {"name": "brittle", "version": "0.0.1", "provided_by": "brittle-plugin"}
     # the cell after the failure ran on dense weights: uniform at 60% equals a fresh run
     uniform = cells["tiny-llama0 | uniform | wanda | 0.6"]
-    alone = run_leaderboard(grid_from_dict(dict(data, allocators=["uniform"], sparsities=[0.6])), tmp_path / "alone",
-                            show_progress=False, echo=lambda s: None, log=lambda s: None)
+    alone = run_leaderboard(
+        grid_from_dict(dict(data, allocators=["uniform"], sparsities=[0.6])),
+        tmp_path / "alone",
+        show_progress=False,
+        echo=lambda s: None,
+        log=lambda s: None,
+    )
     assert alone.ran == 1
     assert uniform["perplexity"] == by_key(tmp_path / "alone")["tiny-llama0 | uniform | wanda | 0.6"]["perplexity"]
     md = (out / "leaderboard.md").read_text()
@@ -297,7 +326,9 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tiny_llama_dir, corpus, t
     # failed cells are not retried unless asked
     again = run_leaderboard(grid_from_dict(data), out, show_progress=False, echo=lambda s: None, log=lambda s: None)
     assert (again.ran, again.failed, again.kept) == (0, 0, 4)
-    retry = run_leaderboard(grid_from_dict(data), out, retry_failed=True, show_progress=False, echo=lambda s: None, log=lambda s: None)
+    retry = run_leaderboard(
+        grid_from_dict(data), out, retry_failed=True, show_progress=False, echo=lambda s: None, log=lambda s: None
+    )
     assert (retry.ran, retry.failed, retry.kept) == (0, 1, 3)
     assert len(cells_of(out)) == 5 and by_key(out)[failed[0]["key"]]["finished"] >= failed[0]["finished"]
 
@@ -338,8 +369,16 @@ def test_accuracy_through_zeroshot_and_latency_through_deploy_bench(tiny_llama_d
     from strataprune.engine.pipeline import Pipeline
     from strataprune.engine.recipe import recipe_from_dict
 
-    data = grid_dict(tiny_llama_dir, corpus, allocators=["uniform"], sparsities=[0.5], tasks=["bbc_topic"], task_limit=6,
-                     backend="torch", bench={"prompt_len": 16, "decode_tokens": 2, "warmup": 0, "repeats": 1, "parity_steps": 2})
+    data = grid_dict(
+        tiny_llama_dir,
+        corpus,
+        allocators=["uniform"],
+        sparsities=[0.5],
+        tasks=["bbc_topic"],
+        task_limit=6,
+        backend="torch",
+        bench={"prompt_len": 16, "decode_tokens": 2, "warmup": 0, "repeats": 1, "parity_steps": 2},
+    )
     out = tmp_path / "board"
     run_leaderboard(grid_from_dict(data), out, show_progress=False, echo=lambda s: None, log=lambda s: None)
     model = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"record": "model"' in line)
@@ -362,7 +401,10 @@ def test_accuracy_through_zeroshot_and_latency_through_deploy_bench(tiny_llama_d
     # sparse-bitmask bytes at density d: 4d + 1/8 + 8/cols per pruned fp32 weight, the rest dense: smaller than dense
     assert dep["checkpoint_mb"] < dep["dense_checkpoint_mb"]
     md = (out / "leaderboard.md").read_text()
-    assert f"Zero-shot bbc_topic (acc; higher is better; dense {model['dense']['accuracy']['tasks']['bbc_topic']['value']:.4f})" in md
+    assert (
+        f"Zero-shot bbc_topic (acc; higher is better; dense {model['dense']['accuracy']['tasks']['bbc_topic']['value']:.4f})"
+        in md
+    )
     assert "Prefill latency, ms (torch, prompt 1x16, 2 decode tokens; median)" in md and "Sparse-bitmask checkpoint, MB" in md
     header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert {"acc_bbc_topic", "prefill_ms", "decode_ms_per_token", "speedup_prefill", "checkpoint_mb", "verdict"} <= set(header)
@@ -387,7 +429,10 @@ def test_merge_accepts_a_matching_submission_and_refuses_a_mismatch(baseline, ti
     before = (ours / "results.jsonl").read_bytes()
 
     # another protocol is refused, naming the fields
-    other = write_grid(tmp_path / "other.yaml", dict(mine, recipe={**mine["recipe"], "evaluation": {**mine["recipe"]["evaluation"], "max_windows": 3}}))
+    other = write_grid(
+        tmp_path / "other.yaml",
+        dict(mine, recipe={**mine["recipe"], "evaluation": {**mine["recipe"]["evaluation"], "max_windows": 3}}),
+    )
     other_out = tmp_path / "other"
     assert main(["leaderboard", str(other), "--output", str(other_out), "--merge", str(submission), "--no-run"]) == 2
     err = capsys.readouterr().err
@@ -409,8 +454,10 @@ def test_merge_accepts_a_matching_submission_and_refuses_a_mismatch(baseline, ti
 
 # --------------------------------------------------------------------------- parallel executors
 def _numbers(out: Path) -> dict[str, tuple]:
-    return {k: (json.dumps(c["perplexity"], sort_keys=True), c["allocation"]["block_profile"], c["sparsity_realised"])
-            for k, c in by_key(out).items()}
+    return {
+        k: (json.dumps(c["perplexity"], sort_keys=True), c["allocation"]["block_profile"], c["sparsity_realised"])
+        for k, c in by_key(out).items()
+    }
 
 
 def test_jobs_2_gives_the_same_results_as_jobs_1(baseline, tmp_path):
@@ -428,8 +475,15 @@ def test_ray_executor_on_a_local_instance(baseline, tmp_path):
     data, out = baseline
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = run_leaderboard(grid_from_dict(data), tmp_path / "ray", executor="ray", jobs=2, show_progress=False,
-                                 echo=lambda s: None, log=lambda s: None)
+        result = run_leaderboard(
+            grid_from_dict(data),
+            tmp_path / "ray",
+            executor="ray",
+            jobs=2,
+            show_progress=False,
+            echo=lambda s: None,
+            log=lambda s: None,
+        )
     finally:
         ray.shutdown()
     assert result.ran == 4
@@ -438,9 +492,14 @@ def test_ray_executor_on_a_local_instance(baseline, tmp_path):
 
 
 def test_grid_parsing_and_protocol():
-    data = {"name": "g", "models": ["smollm2-135m", {"source": "smollm2-135m", "label": "again", "dtype": "bfloat16"}],
-            "allocators": ["atp:max_trials=4:beta=null", {"name": "owl", "lam": 0.1}], "pruners": ["wanda"],
-            "sparsities": [0.7, "2:4"], "texts": ["bbc", {"source": "/data/wiki.test.raw", "label": "wikitext2"}]}
+    data = {
+        "name": "g",
+        "models": ["smollm2-135m", {"source": "smollm2-135m", "label": "again", "dtype": "bfloat16"}],
+        "allocators": ["atp:max_trials=4:beta=null", {"name": "owl", "lam": 0.1}],
+        "pruners": ["wanda"],
+        "sparsities": [0.7, "2:4"],
+        "texts": ["bbc", {"source": "/data/wiki.test.raw", "label": "wikitext2"}],
+    }
     grid = grid_from_dict(data)
     assert [a.spec for a in grid.allocators] == ["atp:beta=null:max_trials=4", "owl:lam=0.1"]
     assert grid.sparsities == ["0.7", "2:4"] and len(grid.cells) == 8

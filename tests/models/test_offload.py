@@ -15,12 +15,15 @@ from strataprune.models.loading import load_model, resolve_device
 
 
 def recipe(model_dir, text_file, pruner="sparsegpt", offload=False, **calibration):
-    return recipe_from_dict({
-        "model": {"source": str(model_dir), "offload": offload},
-        "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32, **calibration},
-        "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2},
-        "pruner": pruner, "sparsity": 0.5,
-    })
+    return recipe_from_dict(
+        {
+            "model": {"source": str(model_dir), "offload": offload},
+            "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32, **calibration},
+            "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2},
+            "pruner": pruner,
+            "sparsity": 0.5,
+        }
+    )
 
 
 def saved_state(folder):
@@ -32,7 +35,9 @@ def saved_state(folder):
 def test_offloaded_path_gives_the_same_masks_and_weights(tiny_llama_dir, text_file, tmp_path):
     quiet = dict(show_progress=False, log=lambda _: None)
     a = Pipeline(recipe(tiny_llama_dir, text_file), **quiet).run(tmp_path / "memory")
-    b = Pipeline(recipe(tiny_llama_dir, text_file, offload=True, activation_dir=str(tmp_path / "acts")), **quiet).run(tmp_path / "offload")
+    b = Pipeline(recipe(tiny_llama_dir, text_file, offload=True, activation_dir=str(tmp_path / "acts")), **quiet).run(
+        tmp_path / "offload"
+    )
     sa, sb = saved_state(tmp_path / "memory"), saved_state(tmp_path / "offload")
     assert sa.keys() == sb.keys()
     pruned = 0

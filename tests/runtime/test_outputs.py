@@ -25,7 +25,9 @@ def write_output(dest: Path, content: str = "new", overwrite: bool = False) -> N
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (and its siblings' names), to show nothing changed."""
     out = {p.name: b"<sibling>" for p in folder.parent.iterdir() if p != folder}
-    out.update({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {})
+    out.update(
+        {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+    )
     return out
 
 
@@ -88,12 +90,22 @@ def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
 def test_unwritable_destinations_are_refused_before_work(tmp_path, where):
     (tmp_path / "f.txt").write_text("x")
     (tmp_path / "link").symlink_to(tmp_path)
-    dest = {"file": tmp_path / "f.txt", "under_file": tmp_path / "f.txt" / "out", "proc": Path("/proc/strataprune-x"),
-            "root": Path("/"), "symlink": tmp_path / "link"}[where]
+    dest = {
+        "file": tmp_path / "f.txt",
+        "under_file": tmp_path / "f.txt" / "out",
+        "proc": Path("/proc/strataprune-x"),
+        "root": Path("/"),
+        "symlink": tmp_path / "link",
+    }[where]
     if where == "proc" and not Path("/proc/self").exists():
         pytest.skip("no /proc on this system")
-    message = {"file": "exists and is not a folder", "under_file": "which is a file, not a folder",
-               "proc": "cannot create files in '/proc'", "root": "filesystem root", "symlink": "is a symbolic link"}[where]
+    message = {
+        "file": "exists and is not a folder",
+        "under_file": "which is a file, not a folder",
+        "proc": "cannot create files in '/proc'",
+        "root": "filesystem root",
+        "symlink": "is a symbolic link",
+    }[where]
     with pytest.raises(OutputError, match=message):
         check_output_dir(dest, overwrite=True)
     assert (tmp_path / "f.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "link"]
@@ -121,7 +133,9 @@ HOLD_LOCK = textwrap.dedent("""
 
 def test_second_writer_gets_one_clear_error_before_its_work(tmp_path):
     dest = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputError, match=rf"being written by another strataprune run \(pid {holder.pid} .*strataprune run"):

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.errors import ConfigError
-from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.contract.layout import LoadedModel
+from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 TOWERS = ("vision", "text")
@@ -53,7 +53,9 @@ class CLIP(VisionAdapter):
     task = "multimodal"
     Config = CLIPConfig
     model_types = ("clip",)
-    default_spec = ImageSpec(size=224, resize=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), resample=3)
+    default_spec = ImageSpec(
+        size=224, resize=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), resample=3
+    )
 
     def model_class(self, config: Any) -> type:
         from transformers import CLIPModel
@@ -80,10 +82,14 @@ class CLIP(VisionAdapter):
         if tokenizer is None:
             raise ConfigError("adapter 'clip' needs the model's tokenizer (tokenizer files in the model folder)")
         limit = int(loaded.model.config.text_config.max_position_embeddings)
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id  # EOS: the pooled position stays the first EOS
+        pad = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        )  # EOS: the pooled position stays the first EOS
         ids = [tokenizer(c)["input_ids"][:limit] for c in batch.captions]
         if tokenizer.eos_token_id is not None:  # every caption ends with end-of-text (the pooled position)
-            ids = [row if row and row[-1] == tokenizer.eos_token_id else (row[: limit - 1] + [tokenizer.eos_token_id]) for row in ids]
+            ids = [
+                row if row and row[-1] == tokenizer.eos_token_id else (row[: limit - 1] + [tokenizer.eos_token_id]) for row in ids
+            ]
         width = max(len(row) for row in ids)
         input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], dtype=torch.long)
         return {"pixel_values": batch.pixels.to(self._dtype(loaded.model)), "input_ids": input_ids}

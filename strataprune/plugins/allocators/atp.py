@@ -67,8 +67,8 @@ from typing import Any, Literal
 import numpy as np
 
 from strataprune.contract.allocation import Allocation
-from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ class ATPConfig:
         if not (isinstance(self.max_trials, int) and not isinstance(self.max_trials, bool) and self.max_trials >= 1):
             raise ConfigError(f"atp: max_trials={self.max_trials!r} must be an integer >= 1")
         if not (isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 1):
-            raise ConfigError(f"atp: patience={self.patience!r} must be an integer >= 1 (use a large value to disable early stopping)")
+            raise ConfigError(
+                f"atp: patience={self.patience!r} must be an integer >= 1 (use a large value to disable early stopping)"
+            )
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"atp: select_on={self.select_on!r} must be one of {', '.join(repr(s) for s in SELECT_ON)}")
         if self.normalize not in ("safe", "paper"):
@@ -337,8 +339,15 @@ class ATP(Allocator):
             scorer = screen if fidelity == "screen" else ctx.score
             value = float(scorer(candidate, cfg.select_on))
             log.info("atp trial %d (%s): beta=%g score=%.6g", len(trials), fidelity, legal[i], value)
-            trials.append({"beta": legal[i], "score": value, "fidelity": fidelity,
-                           "first_block": float(ratios[0]), "last_block": float(ratios[-1])})
+            trials.append(
+                {
+                    "beta": legal[i],
+                    "score": value,
+                    "fidelity": fidelity,
+                    "first_block": float(ratios[0]),
+                    "last_block": float(ratios[-1]),
+                }
+            )
             return value if math.isfinite(value) else math.inf
 
         def full_at(i: int) -> float:
@@ -356,7 +365,9 @@ class ATP(Allocator):
         if not legal:
             meta["stopped"] = "no legal candidate"
             meta["best_score"] = None
-            ctx.notes.append(f"ATP: no legal candidate (beta_max={beta_max:.6f}, step={cfg.step:g}); falling back to uniform sparsity (beta=0)")
+            ctx.notes.append(
+                f"ATP: no legal candidate (beta_max={beta_max:.6f}, step={cfg.step:g}); falling back to uniform sparsity (beta=0)"
+            )
             return 0.0
         memo = screened if screen is not None else full
         best = golden_section_min(screen_at, len(legal), memo if screen is not None else None)

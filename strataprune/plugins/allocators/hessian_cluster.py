@@ -59,10 +59,10 @@ import numpy as np
 import torch
 
 from strataprune.contract.allocation import Allocation, redistribute
-from strataprune.contract.errors import PluginError, require
-from strataprune.plugins.common.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import PluginError, require
 from strataprune.contract.layout import BlockStats
+from strataprune.plugins.common.linalg import DAMP_RETRIES, PERCDAMP, damped_cholesky, finite_positive, inverse_diagonal
 
 #: number of intervals of the stored cumulative-error curve (resolution 0.1% of sparsity)
 CURVE_POINTS = 1000
@@ -92,14 +92,26 @@ class HessianClusterConfig:
     normalize: Literal["safe", "paper"] = "safe"
 
     def __post_init__(self) -> None:
-        _require(self.probe is None or (_number(self.probe) and 0.0 < self.probe < 1.0), "probe", self.probe, "null (the target) or a number in (0, 1)")
+        _require(
+            self.probe is None or (_number(self.probe) and 0.0 < self.probe < 1.0),
+            "probe",
+            self.probe,
+            "null (the target) or a number in (0, 1)",
+        )
         _require(_number(self.percdamp) and self.percdamp > 0, "percdamp", self.percdamp, "a number > 0 (SparseGPT uses 0.01)")
         _require(
             isinstance(self.levels, int) and not isinstance(self.levels, bool) and 1 <= self.levels <= 64,
-            "levels", self.levels, "an integer in [1, 64]",
+            "levels",
+            self.levels,
+            "an integer in [1, 64]",
         )
         _require(self.cluster in ("bins", "kmeans"), "cluster", self.cluster, "'bins' or 'kmeans'")
-        _require(_number(self.span) and 0.0 <= self.span < 1.0, "span", self.span, "a number in [0, 1) (the paper's grid [0.6, 0.8] is span 0.2)")
+        _require(
+            _number(self.span) and 0.0 <= self.span < 1.0,
+            "span",
+            self.span,
+            "a number in [0, 1) (the paper's grid [0.6, 0.8] is span 0.2)",
+        )
         _require(self.granularity in ("matrix", "block"), "granularity", self.granularity, "'matrix' or 'block'")
         _require(self.error in ("per_weight", "total"), "error", self.error, "'per_weight' or 'total'")
         _require(self.normalize in ("safe", "paper"), "normalize", self.normalize, "'safe' or 'paper'")
@@ -249,9 +261,13 @@ class HessianCluster(Allocator):
         for m in stats.matrices:
             hessian = stats.hessians.get(m.name)
             if hessian is None:
-                raise PluginError(f"allocator 'hessian_cluster' needs the Hessian of {m.name}, which the calibration engine did not provide")
+                raise PluginError(
+                    f"allocator 'hessian_cluster' needs the Hessian of {m.name}, which the calibration engine did not provide"
+                )
             with torch.no_grad():
-                inverse = next((inv for h, inv in seen if h is hessian or (h.shape == hessian.shape and torch.equal(h, hessian))), None)
+                inverse = next(
+                    (inv for h, inv in seen if h is hessian or (h.shape == hessian.shape and torch.equal(h, hessian))), None
+                )
                 if inverse is None:
                     inverse = inverse_hessian_diag(hessian, self.config.percdamp)
                     seen.append((hessian, inverse))
@@ -267,7 +283,9 @@ class HessianCluster(Allocator):
         S = float(ctx.target.ratio)
         missing = [n for n in layout.names if n not in self._curves]
         if missing:
-            raise PluginError(f"allocator 'hessian_cluster' has no error estimate for {len(missing)} matrices (e.g. {missing[0]})")
+            raise PluginError(
+                f"allocator 'hessian_cluster' has no error estimate for {len(missing)} matrices (e.g. {missing[0]})"
+            )
         probe = cfg.probe if cfg.probe is not None else S
         ctx.notes.append(
             "hessian_cluster: RECONSTRUCTION of arXiv 2409.20094 (no public code; docs/algorithms.md §7), not a faithful replica"
@@ -308,7 +326,9 @@ class HessianCluster(Allocator):
             return Allocation.uniform(layout, S, allocator=self.name, meta=meta)
         if not positive.all():
             # log10(0) is -inf; an error-free unit simply belongs to the lowest level
-            ctx.notes.append(f"hessian_cluster: {int((~positive).sum())} unit(s) have zero estimated error; counted at the smallest positive error")
+            ctx.notes.append(
+                f"hessian_cluster: {int((~positive).sum())} unit(s) have zero estimated error; counted at the smallest positive error"
+            )
         log_err = np.log10(np.where(positive, unit_err, unit_err[positive].min()))
 
         if cfg.cluster == "bins":

@@ -57,11 +57,11 @@ import numpy as np
 import torch
 
 from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation, redistribute
-from strataprune.contract.errors import PluginError, require
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import PluginError, require
 from strataprune.contract.layout import BlockStats, ModelLayout
-from strataprune.plugins.common.scores import wanda_scores
 from strataprune.contract.sparsity import NMPattern
+from strataprune.plugins.common.scores import wanda_scores
 
 #: the official code replaces a sparsity <= 0 by this value
 PAPER_FLOOR = 0.01
@@ -81,14 +81,23 @@ class OWLConfig:
     normalize: Literal["safe", "paper"] = "safe"
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.M, (int, float)) and math.isfinite(self.M) and self.M > 0, "M", self.M, "a finite number > 0 (the paper uses 5)")
+        _require(
+            isinstance(self.M, (int, float)) and math.isfinite(self.M) and self.M > 0,
+            "M",
+            self.M,
+            "a finite number > 0 (the paper uses 5)",
+        )
         _require(
             isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and 0.0 <= self.lam <= 0.5,
-            "lam", self.lam, "a number in [0, 0.5] (the window is 2*lam wide; the paper uses 0.08)",
+            "lam",
+            self.lam,
+            "a number in [0, 0.5] (the window is 2*lam wide; the paper uses 0.08)",
         )
         _require(
             isinstance(self.lam_nm, int) and not isinstance(self.lam_nm, bool) and self.lam_nm >= 0,
-            "lam_nm", self.lam_nm, "an integer >= 0 (the README example uses 2)",
+            "lam_nm",
+            self.lam_nm,
+            "an integer >= 0 (the README example uses 2)",
         )
         _require(self.normalize in ("safe", "paper"), "normalize", self.normalize, "'safe' or 'paper'")
 
@@ -136,9 +145,7 @@ def nm_offsets(lod: Sequence[float] | np.ndarray, lam_nm: int) -> np.ndarray:
     return u - u.mean()
 
 
-def balanced_round(
-    offsets: np.ndarray, n: int, lo: int, hi: int, weights: Sequence[int] | np.ndarray
-) -> tuple[np.ndarray, bool]:
+def balanced_round(offsets: np.ndarray, n: int, lo: int, hi: int, weights: Sequence[int] | np.ndarray) -> tuple[np.ndarray, bool]:
     """Integers c_l = n + round(offset_l) in [lo, hi] whose weighted sum equals n * sum(weights).
 
     Start from plain rounding, then move one block at a time by +-1, always the block whose rounding
@@ -194,7 +201,9 @@ class OWL(Allocator):
         blocks = [b for b in range(layout.num_blocks) if layout.block(b)]
         missing = [b for b in blocks if b not in self._lod]
         if missing:
-            raise PluginError(f"allocator 'owl' has no outlier statistics for blocks {missing[:5]} (observe_block was not called for them)")
+            raise PluginError(
+                f"allocator 'owl' has no outlier statistics for blocks {missing[:5]} (observe_block was not called for them)"
+            )
         return blocks, np.array([self._lod[b] for b in blocks], dtype=np.float64)
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
@@ -273,7 +282,9 @@ class OWL(Allocator):
             counts = np.clip(plain, 1, m - 1).astype(np.int64)
             exact = int((counts * numel).sum()) == n * int(numel.sum())
         if (plain < 1).any() or (plain > m - 1).any():
-            ctx.notes.append(f"owl: mixed N:M clamped {int(((plain < 1) | (plain > m - 1)).sum())} block(s) to keep between 1 and {m - 1} of {m}")
+            ctx.notes.append(
+                f"owl: mixed N:M clamped {int(((plain < 1) | (plain > m - 1)).sum())} block(s) to keep between 1 and {m - 1} of {m}"
+            )
         patterns_by_block = {b: NMPattern(int(c), m) for b, c in zip(blocks, counts)}
         ratios: dict[str, float] = {}
         patterns: dict[str, NMPattern] = {}
@@ -292,13 +303,22 @@ class OWL(Allocator):
         if not exact:
             ctx.notes.append(
                 f"owl: mixed N:M keeps {weighted:.5f} of the weights instead of {n}/{m}={n / m:.5f}: "
-                + ("plain rounding (paper mode) does not fix the average" if cfg.normalize == "paper"
-                   else "balanced rounding could not close the gap with these block sizes")
+                + (
+                    "plain rounding (paper mode) does not fix the average"
+                    if cfg.normalize == "paper"
+                    else "balanced rounding could not close the gap with these block sizes"
+                )
             )
         hist = {f"{c}:{m}": int((counts == c).sum()) for c in sorted(set(counts.tolist()))}
-        ctx.notes.append(f"owl: mixed N:M around {pattern} (lam_nm={cfg.lam_nm}): " + ", ".join(f"{k} x{v}" for k, v in hist.items()))
+        ctx.notes.append(
+            f"owl: mixed N:M around {pattern} (lam_nm={cfg.lam_nm}): " + ", ".join(f"{k} x{v}" for k, v in hist.items())
+        )
         return Allocation(
-            ratios, float(ctx.target.ratio), self.name, patterns=patterns, meta=meta,
+            ratios,
+            float(ctx.target.ratio),
+            self.name,
+            patterns=patterns,
+            meta=meta,
             mean_rule="block-mean" if cfg.normalize == "paper" else "weighted",
         )
 

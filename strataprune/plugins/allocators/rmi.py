@@ -65,8 +65,8 @@ import torch
 from scipy.optimize import linprog
 
 from strataprune.contract.allocation import MAX_RATIO, Allocation, redistribute
-from strataprune.contract.errors import ConfigError, PluginError, require
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.errors import ConfigError, PluginError, require
 from strataprune.contract.layout import BlockStats
 
 #: official importance temperature per pruner
@@ -93,15 +93,22 @@ class RMIConfig:
     def __post_init__(self) -> None:
         _require(
             isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool) and self.max_samples >= 2,
-            "max_samples", self.max_samples, "an integer >= 2 (CKA needs at least two samples; the paper uses 64 for 7B)",
+            "max_samples",
+            self.max_samples,
+            "an integer >= 2 (CKA needs at least two samples; the paper uses 64 for 7B)",
         )
         _require(
             self.beta is None or (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0),
-            "beta", self.beta, "null (1 for wanda, 100 for sparsegpt) or a finite number > 0",
+            "beta",
+            self.beta,
+            "null (1 for wanda, 100 for sparsegpt) or a finite number > 0",
         )
         _require(
-            self.delta is None or (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and 0.0 <= self.delta <= 0.5),
-            "delta", self.delta, "null (0.01/0.02/0.03 by target) or a number in [0, 0.5]",
+            self.delta is None
+            or (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and 0.0 <= self.delta <= 0.5),
+            "delta",
+            self.delta,
+            "null (0.01/0.02/0.03 by target) or a number in [0, 0.5]",
         )
         _require(self.normalize in ("safe", "paper"), "normalize", self.normalize, "'safe' or 'paper'")
 
@@ -225,7 +232,9 @@ class RMI(Allocator):
 
     def observe_block(self, stats: BlockStats) -> None:
         if stats.inputs is None:
-            raise PluginError(f"allocator 'rmi' needs block_inputs for block {stats.block}, which the calibration engine did not provide")
+            raise PluginError(
+                f"allocator 'rmi' needs block_inputs for block {stats.block}, which the calibration engine did not provide"
+            )
         with torch.no_grad():
             self._grams[stats.block] = gram_matrix(stats.inputs, self.config.max_samples).numpy()
 
@@ -236,11 +245,15 @@ class RMI(Allocator):
         L = layout.num_blocks
         missing = [b for b in range(L) if b not in self._grams]
         if missing:
-            raise PluginError(f"allocator 'rmi' has no block inputs for blocks {missing[:5]} (observe_block was not called for them)")
+            raise PluginError(
+                f"allocator 'rmi' has no block inputs for blocks {missing[:5]} (observe_block was not called for them)"
+            )
         grams = [self._grams[b] for b in range(L)]
         sizes = {g.shape[0] for g in grams}
         if len(sizes) != 1:
-            raise PluginError(f"allocator 'rmi': blocks saw different sample counts {sorted(sizes)}; CKA needs the same samples everywhere")
+            raise PluginError(
+                f"allocator 'rmi': blocks saw different sample counts {sorted(sizes)}; CKA needs the same samples everywhere"
+            )
         n = sizes.pop()
         beta = cfg.beta if cfg.beta is not None else default_beta(ctx.pruner)
         delta = cfg.delta if cfg.delta is not None else default_delta(S)
@@ -253,8 +266,10 @@ class RMI(Allocator):
         similarity = cka.sum(axis=1) - np.diag(cka) if not bad else np.zeros(L)
         if bad or similarity.sum() <= 0:
             why = (
-                f"only {n} calibration sample" if n < 2
-                else f"the inputs of blocks {bad[:5]} do not vary across samples" if bad
+                f"only {n} calibration sample"
+                if n < 2
+                else f"the inputs of blocks {bad[:5]} do not vary across samples"
+                if bad
                 else "no block is similar to any other"
             )
             ctx.notes.append(f"rmi: CKA is undefined ({why}); falling back to the uniform allocation")

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from strataprune.contract.errors import ConfigError, DataError
 from strataprune.contract.backend import Backend, BackendAvailability, CompiledModel, DeploySettings
+from strataprune.contract.errors import ConfigError, DataError
 
 IR_VERSION = 8
 WORKER = Path(__file__).resolve().parent.parent / "deploy" / "deepsparse_worker.py"
@@ -51,8 +51,15 @@ class Worker:
         self.folder = folder
         self.stderr = deque(maxlen=20)
         env = {**os.environ, "NM_DISABLE_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([str(python), "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=str(folder))
+        self.proc = subprocess.Popen(
+            [str(python), "-I", str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(folder),
+        )
         import threading
 
         threading.Thread(target=self._drain, daemon=True).start()
@@ -70,7 +77,9 @@ class Worker:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             self.proc.wait()
-            raise DataError(f"the deepsparse worker died during '{request.get('cmd')}' (status {self.proc.returncode}): {self._last()}")
+            raise DataError(
+                f"the deepsparse worker died during '{request.get('cmd')}' (status {self.proc.returncode}): {self._last()}"
+            )
         answer = json.loads(line)
         if not answer.get("ok"):
             raise DataError(f"deepsparse {request.get('cmd')} failed: {answer.get('error')}")
@@ -111,8 +120,15 @@ class Worker:
 class DeepSparseModel(CompiledModel):
     """Prefill and decode graphs compiled in the worker; the state is (present arrays, past length)."""
 
-    def __init__(self, worker: Worker, settings: DeploySettings, kv: tuple[int, int, int], paths: dict[str, Path],
-                 meta: dict[str, Any], keep: int) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        settings: DeploySettings,
+        kv: tuple[int, int, int],
+        paths: dict[str, Path],
+        meta: dict[str, Any],
+        keep: int,
+    ) -> None:
         super().__init__("deepsparse", paths["prefill"], meta)
         self.worker, self.settings, self.paths, self.keep = worker, settings, paths, keep
         self.layers, self.kv_heads, self.head_dim = kv
@@ -133,7 +149,9 @@ class DeepSparseModel(CompiledModel):
         if key not in self.decode_keys:
             b = self.settings.batch
             shapes = [[b, 1]] + [[b, self.kv_heads, past, self.head_dim]] * (2 * self.layers)
-            self.worker.call(cmd="compile", key=key, path=str(self.paths["decode"]), batch=b, threads=self.settings.threads, shapes=shapes)
+            self.worker.call(
+                cmd="compile", key=key, path=str(self.paths["decode"]), batch=b, threads=self.settings.threads, shapes=shapes
+            )
             self.decode_keys.append(key)
             while len(self.decode_keys) > self.keep + 1:  # free graphs of earlier steps (each holds the weights)
                 old = self.decode_keys.popleft()
@@ -153,7 +171,9 @@ class DeepSparseModel(CompiledModel):
     def time_prefill(self, input_ids: Any, warmup: int, repeats: int) -> list[float]:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         self._check(ids, self.settings.prompt_len)
-        return self.worker.call(cmd="time", key="prefill", inputs=self.worker.arrays([ids]), warmup=warmup, repeats=repeats)["times"]
+        return self.worker.call(cmd="time", key="prefill", inputs=self.worker.arrays([ids]), warmup=warmup, repeats=repeats)[
+            "times"
+        ]
 
     def time_decode(self, input_ids: Any, tokens: int, warmup: int, repeats: int) -> list[float]:
         """Per-token time of a decode step at past length = the prompt length (one compiled graph)."""
@@ -162,7 +182,7 @@ class DeepSparseModel(CompiledModel):
         key = self._decode_engine(length)
         inputs = self.worker.arrays([token, *past])
         times = self.worker.call(cmd="time", key=key, inputs=inputs, warmup=warmup, repeats=repeats * tokens)["times"]
-        return [float(np.mean(times[i * tokens:(i + 1) * tokens])) for i in range(repeats)]
+        return [float(np.mean(times[i * tokens : (i + 1) * tokens])) for i in range(repeats)]
 
     def close(self) -> None:
         self.worker.close()
@@ -182,8 +202,11 @@ class DeepSparseBackend(Backend):
 
         env = ENVS["deepsparse"]
         if not env.installed():
-            return BackendAvailability(False, "not installed: run `strataprune backends install deepsparse` (a venv with "
-                                              "deepsparse==1.8.0, Python <= 3.11, evaluation-only licence)")
+            return BackendAvailability(
+                False,
+                "not installed: run `strataprune backends install deepsparse` (a venv with "
+                "deepsparse==1.8.0, Python <= 3.11, evaluation-only licence)",
+            )
         version = (env.folder / ".complete").read_text().strip()
         if sys.platform != "linux":
             return BackendAvailability(False, "DeepSparse runs on Linux only", version)
@@ -214,16 +237,24 @@ class DeepSparseBackend(Backend):
         worker = Worker(ENVS["deepsparse"].python, workdir)
         try:
             hello = worker.call(cmd="hello")
-            compiled = worker.call(cmd="compile", key="prefill", path=str(paths["prefill"]), batch=b, threads=settings.threads, shapes=[[b, p]])
+            compiled = worker.call(
+                cmd="compile", key="prefill", path=str(paths["prefill"]), batch=b, threads=settings.threads, shapes=[[b, p]]
+            )
         except BaseException:
             worker.close()
             raise
-        meta = {"format": "onnx fp32 (IR 8, shapes fixed at compile)", "artifact_bytes": artifact_bytes(paths["prefill"]),
-                "engine": hello.get("version"), "fraction_supported_ops": compiled.get("fraction_supported"),
-                "compile_s": compiled.get("seconds"), "threads": settings.threads,
-                "decode_timing": f"one decode step at a fixed past length of {p} tokens (fixed-shape engine)"}
-        return DeepSparseModel(worker, settings, (info["layers"], info["kv_heads"], info["head_dim"]), paths, meta,
-                               self.config.keep_decode_engines)
+        meta = {
+            "format": "onnx fp32 (IR 8, shapes fixed at compile)",
+            "artifact_bytes": artifact_bytes(paths["prefill"]),
+            "engine": hello.get("version"),
+            "fraction_supported_ops": compiled.get("fraction_supported"),
+            "compile_s": compiled.get("seconds"),
+            "threads": settings.threads,
+            "decode_timing": f"one decode step at a fixed past length of {p} tokens (fixed-shape engine)",
+        }
+        return DeepSparseModel(
+            worker, settings, (info["layers"], info["kv_heads"], info["head_dim"]), paths, meta, self.config.keep_decode_engines
+        )
 
 
 def _cpu_flags() -> set[str]:

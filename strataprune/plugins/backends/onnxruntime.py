@@ -26,15 +26,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from strataprune.contract.errors import ConfigError, DataError
 from strataprune.contract.backend import Backend, BackendAvailability, CompiledModel, DeploySettings
+from strataprune.contract.errors import ConfigError, DataError
 
 INSTALL = "pip install 'strataprune[deploy]' (onnx, onnxruntime, onnxscript)"
 
 
 @dataclass
 class OnnxRuntimeConfig:
-    weights: Literal["auto", "int4", "fp32"] = "auto"  # int4: MatMulNBits from the run's INT4 grids; auto: int4 when the run has them
+    weights: Literal["auto", "int4", "fp32"] = (
+        "auto"  # int4: MatMulNBits from the run's INT4 grids; auto: int4 when the run has them
+    )
     accuracy_level: int = 0  # MatMulNBits compute: 0 = fp32, 4 = int8 activations
 
 
@@ -51,8 +53,16 @@ def engine_versions(*packages: str) -> dict[str, str | None]:
 class OrtModel(CompiledModel):
     """An ORT session over the exported graph; the state is the list of present key/value arrays."""
 
-    def __init__(self, session: Any, layers: int, kv_heads: int, head_dim: int, artifact: Path, meta: dict[str, Any],
-                 backend: str = "onnxruntime") -> None:
+    def __init__(
+        self,
+        session: Any,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        artifact: Path,
+        meta: dict[str, Any],
+        backend: str = "onnxruntime",
+    ) -> None:
         super().__init__(backend, artifact, meta)
         self.session = session
         self.past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
@@ -91,13 +101,17 @@ class OnnxRuntimeBackend(Backend):
         try:
             import onnxruntime  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - a broken install must not break `doctor`
-            return BackendAvailability(False, f"onnxruntime fails to import ({type(exc).__name__}: {exc})", versions["onnxruntime"] or "")
+            return BackendAvailability(
+                False, f"onnxruntime fails to import ({type(exc).__name__}: {exc})", versions["onnxruntime"] or ""
+            )
         return BackendAvailability(True, "", versions["onnxruntime"] or "")
 
     def uses_int4(self, model_dir: Path) -> bool:
         has_grids = (Path(model_dir) / "quantization.json").is_file()
         if self.config.weights == "int4" and not has_grids:
-            raise ConfigError(f"backend onnxruntime: weights=int4 but '{model_dir}' has no quantization.json (run with pruner.wbits=4)")
+            raise ConfigError(
+                f"backend onnxruntime: weights=int4 but '{model_dir}' has no quantization.json (run with pruner.wbits=4)"
+            )
         return has_grids and self.config.weights != "fp32"
 
     def export(self, model_dir: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
@@ -116,12 +130,16 @@ class OnnxRuntimeBackend(Backend):
 
             summary, grids = load_grids(Path(model_dir))
             if int(summary.get("bits", 0)) != 4:
-                raise DataError(f"'{model_dir}/quantization.json' has bits={summary.get('bits')}; MatMulNBits here packs 4-bit grids")
+                raise DataError(
+                    f"'{model_dir}/quantization.json' has bits={summary.get('bits')}; MatMulNBits here packs 4-bit grids"
+                )
             graph = onnx.load(str(path))
             info["int4"] = int4.rewrite_matmuls(graph, dict(model.state_dict()), grids, self.config.accuracy_level)
             if info["int4"]["missing"]:
-                raise DataError(f"INT4 export: {len(info['int4']['missing'])} quantized matrices were not found in the graph "
-                                f"(first: {info['int4']['missing'][0]})")
+                raise DataError(
+                    f"INT4 export: {len(info['int4']['missing'])} quantized matrices were not found in the graph "
+                    f"(first: {info['int4']['missing'][0]})"
+                )
             save(graph, path)
         return path, info
 
@@ -147,6 +165,12 @@ class OnnxRuntimeBackend(Backend):
         if not available.ok:
             raise ConfigError(f"backend onnxruntime is not available here: {available.reason}")
         path, info = self.export(Path(model_dir), Path(workdir))
-        meta = {"format": "onnx" + (" + MatMulNBits int4" if "int4" in info else " fp32"), "artifact_bytes": artifact_bytes(path),
-                "threads": settings.threads, **({"int4": info["int4"]} if "int4" in info else {})}
-        return OrtModel(self.session(path, settings.threads), info["layers"], info["kv_heads"], info["head_dim"], path, meta, self.label())
+        meta = {
+            "format": "onnx" + (" + MatMulNBits int4" if "int4" in info else " fp32"),
+            "artifact_bytes": artifact_bytes(path),
+            "threads": settings.threads,
+            **({"int4": info["int4"]} if "int4" in info else {}),
+        }
+        return OrtModel(
+            self.session(path, settings.threads), info["layers"], info["kv_heads"], info["head_dim"], path, meta, self.label()
+        )

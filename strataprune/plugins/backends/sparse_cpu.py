@@ -36,9 +36,8 @@ from typing import Any, Literal
 
 import torch
 
-from strataprune.contract.errors import ConfigError, DataError
 from strataprune.contract.backend import BackendAvailability, CompiledModel, DeploySettings
-
+from strataprune.contract.errors import ConfigError, DataError
 from strataprune.plugins.backends.torch import TorchBackend, TorchModel
 
 #: the packed model's files in a prepared folder (``deploy``: OUTPUT/sparse-cpu/)
@@ -70,8 +69,8 @@ def kernels_version() -> str:
 
 def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a model whose pruned Linears are SparseLinear into ``folder``; returns the manifest (sizes included)."""
-    from strataprune.models.tensorfile import save_tensors
     from strataprune.kernels import SparseLinear
+    from strataprune.models.tensorfile import save_tensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,9 +97,16 @@ def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "layout": "per SparseLinear M: M.masks int16 [rows, ceil(cols/16)], M.values float32 [nnz], "
-                  "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias",
-        "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                           "sparsity": round(m.packed.sparsity, 6)} for name, m in sparse.items()},
+        "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias",
+        "modules": {
+            name: {
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "bias": m.bias is not None,
+                "sparsity": round(m.packed.sparsity, 6),
+            }
+            for name, m in sparse.items()
+        },
         **(extra or {}),
         "sizes": {
             "file_bytes": file_bytes,
@@ -122,8 +128,8 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
-    from strataprune.models.tensorfile import load_tensors, read_header
     from strataprune.kernels import SparseLinear
+    from strataprune.models.tensorfile import load_tensors, read_header
 
     folder = Path(folder)
     try:
@@ -132,8 +138,10 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise DataError(f"'{folder}' is not a sparse-cpu model folder ({MANIFEST} + config.json): {exc}") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"'{folder / MANIFEST}': format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                        f"this strataprune reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise DataError(
+            f"'{folder / MANIFEST}': format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this strataprune reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
     try:
         header, _ = read_header(folder / WEIGHTS_FILE)
         state = load_tensors(folder / WEIGHTS_FILE, list(header))
@@ -172,10 +180,15 @@ class SparseCpuBackend(TorchBackend):
 
             state = kernels.available()
             if not state.ok:
-                return BackendAvailability(False, f"strataprune's CPU sparse kernels are not built: {state.reason}", kernels_version())
+                return BackendAvailability(
+                    False, f"strataprune's CPU sparse kernels are not built: {state.reason}", kernels_version()
+                )
             if self.config.isa != "auto" and self.config.isa not in kernels.isas():
-                return BackendAvailability(False, f"isa={self.config.isa} is not supported on this CPU (it has: "
-                                                  f"{', '.join(kernels.isas())}); use isa=auto", kernels_version())
+                return BackendAvailability(
+                    False,
+                    f"isa={self.config.isa} is not supported on this CPU (it has: {', '.join(kernels.isas())}); use isa=auto",
+                    kernels_version(),
+                )
             return BackendAvailability(True, "", kernels_version())
         except Exception as exc:  # noqa: BLE001 -- available() must never raise
             return BackendAvailability(False, f"the CPU sparse kernels cannot be loaded: {exc}")
@@ -211,15 +224,27 @@ class SparseCpuBackend(TorchBackend):
         kernels.set_isa(self.config.isa)
         model = self.convert(self.load(Path(model_dir)), Path(model_dir))
         report = self.last_report
-        manifest = save_packed_model(model, Path(workdir), {
-            "min_sparsity": self.config.min_sparsity, "kept_dense": report.kept_dense, "source": str(model_dir)})
+        manifest = save_packed_model(
+            model,
+            Path(workdir),
+            {"min_sparsity": self.config.min_sparsity, "kept_dense": report.kept_dense, "source": str(model_dir)},
+        )
         del model
         gc.collect()
         model = load_packed_model(workdir)  # run what is on disk
         sizes = manifest["sizes"]
-        meta = {"compiled": False, "device": "cpu", "dtype": "float32", "format": f"{FORMAT} (packed Linears) + dense fp32 rest",
-                "artifact_bytes": sizes["file_bytes"], "converted_linears": len(manifest["modules"]),
-                "kept_dense_linears": len(report.kept_dense), "ratio_packed_matrices": sizes["ratio_packed_matrices"],
-                "bytes_per_weight_packed_matrices": sizes["bytes_per_weight_packed_matrices"],
-                "ratio_whole_model": sizes["ratio_whole_model"], "isa": kernels.get_isa(), "threads": kernels.get_num_threads()}
+        meta = {
+            "compiled": False,
+            "device": "cpu",
+            "dtype": "float32",
+            "format": f"{FORMAT} (packed Linears) + dense fp32 rest",
+            "artifact_bytes": sizes["file_bytes"],
+            "converted_linears": len(manifest["modules"]),
+            "kept_dense_linears": len(report.kept_dense),
+            "ratio_packed_matrices": sizes["ratio_packed_matrices"],
+            "bytes_per_weight_packed_matrices": sizes["bytes_per_weight_packed_matrices"],
+            "ratio_whole_model": sizes["ratio_whole_model"],
+            "isa": kernels.get_isa(),
+            "threads": kernels.get_num_threads(),
+        }
         return TorchModel(model, self.name, Path(workdir) / WEIGHTS_FILE, meta)

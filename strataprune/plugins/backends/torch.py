@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from strataprune.contract.errors import ConfigError
 from strataprune.contract.backend import Backend, BackendAvailability, CompiledModel, DeploySettings
+from strataprune.contract.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +82,9 @@ class TorchBackend(Backend):
         if type(self) is TorchBackend and not self.config.compile:
             return None  # eager PyTorch is the reference itself
         # compiled, or a subclass that converts modules: checked against plain eager PyTorch, same device and dtype
-        return TorchBackend(TorchConfig(device=getattr(self.config, "device", "cpu"), dtype=getattr(self.config, "dtype", "float32")))
+        return TorchBackend(
+            TorchConfig(device=getattr(self.config, "device", "cpu"), dtype=getattr(self.config, "dtype", "float32"))
+        )
 
     def load(self, model_dir: Path) -> torch.nn.Module:
         from strataprune.deploy.rundir import load_causal_lm
@@ -102,6 +104,11 @@ class TorchBackend(Backend):
             torch.set_num_threads(settings.threads)
         model = self.convert(self.load(Path(model_dir)), Path(model_dir))
         files = weight_files(Path(model_dir))
-        meta = {"compiled": bool(self.config.compile), "device": self.config.device, "dtype": self.config.dtype,
-                "artifact_bytes": sum(f.stat().st_size for f in files), "format": "safetensors checkpoint"}
+        meta = {
+            "compiled": bool(self.config.compile),
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+            "artifact_bytes": sum(f.stat().st_size for f in files),
+            "format": "safetensors checkpoint",
+        }
         return TorchModel(model, self.name, files[0], meta)

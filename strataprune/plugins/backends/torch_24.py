@@ -21,9 +21,8 @@ from typing import Literal
 
 import torch
 
-from strataprune.contract.errors import DataError
 from strataprune.contract.backend import Backend, BackendAvailability
-
+from strataprune.contract.errors import DataError
 from strataprune.plugins.backends.torch import TorchBackend, TorchConfig
 
 #: the shapes semi-structured kernels accept: rows and columns multiples of these (fp16/bf16)
@@ -59,7 +58,9 @@ def check_2to4(linears: dict[str, torch.nn.Module]) -> None:
             continue
         row, col, count = found
         if count < 0:
-            raise DataError(f"'{name}' ({tuple(weight.shape)}) cannot be 2:4: its {weight.shape[1]} input columns are not a multiple of 4")
+            raise DataError(
+                f"'{name}' ({tuple(weight.shape)}) cannot be 2:4: its {weight.shape[1]} input columns are not a multiple of 4"
+            )
         raise DataError(
             f"'{name}' ({tuple(weight.shape)}) is not 2:4 sparse: row {row}, columns {col}-{col + 3} hold {count} nonzeros "
             "(at most 2 of every 4 allowed); prune with --sparsity 2:4"
@@ -81,11 +82,16 @@ class TorchSemiStructured(TorchBackend):
             return BackendAvailability(False, "this torch has no torch.sparse.to_sparse_semi_structured", version)
         if not torch.cuda.is_available():
             why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
-            return BackendAvailability(False, f"needs a CUDA GPU with compute capability >= 8.0 ({why}); "
-                                              "to_sparse_semi_structured supports only CUDA tensors", version)
+            return BackendAvailability(
+                False,
+                f"needs a CUDA GPU with compute capability >= 8.0 ({why}); to_sparse_semi_structured supports only CUDA tensors",
+                version,
+            )
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
-            return BackendAvailability(False, f"needs compute capability >= 8.0 for 2:4 sparse tensor cores; this GPU has {major}.{minor}", version)
+            return BackendAvailability(
+                False, f"needs compute capability >= 8.0 for 2:4 sparse tensor cores; this GPU has {major}.{minor}", version
+            )
         return BackendAvailability(True, "", version)
 
     def reference(self) -> Backend | None:
@@ -105,6 +111,8 @@ class TorchSemiStructured(TorchBackend):
         for name, module in linears.items():
             rows, cols = module.weight.shape
             if rows % MIN_ROWS or cols % MIN_COLS:
-                raise DataError(f"'{name}' ({rows}x{cols}): semi-structured kernels need rows % {MIN_ROWS} == 0 and columns % {MIN_COLS} == 0")
+                raise DataError(
+                    f"'{name}' ({rows}x{cols}): semi-structured kernels need rows % {MIN_ROWS} == 0 and columns % {MIN_COLS} == 0"
+                )
             module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
         return model

@@ -139,6 +139,14 @@ def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
 
 
 __all__ = [
-    "DAMP_RETRIES", "PERCDAMP", "Damped", "cholesky_inverse", "damped_cholesky", "damping_note", "finite_positive",
-    "inverse_diagonal", "inverse_lower_cholesky", "single_thread",
+    "DAMP_RETRIES",
+    "PERCDAMP",
+    "Damped",
+    "cholesky_inverse",
+    "damped_cholesky",
+    "damping_note",
+    "finite_positive",
+    "inverse_diagonal",
+    "inverse_lower_cholesky",
+    "single_thread",
 ]

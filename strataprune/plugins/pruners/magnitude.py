@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from strataprune.plugins.common.masks import keep_for_target
 from strataprune.contract.layout import MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
 from strataprune.contract.sparsity import Target
+from strataprune.plugins.common.masks import keep_for_target
 
 
 @dataclass

@@ -45,10 +45,18 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import ConfigError, PluginError
-from strataprune.plugins.common.linalg import DAMP_RETRIES, PERCDAMP, cholesky_inverse, damped_cholesky, damping_note, finite_positive, single_thread
 from strataprune.contract.layout import MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
 from strataprune.contract.sparsity import Target
+from strataprune.plugins.common.linalg import (
+    DAMP_RETRIES,
+    PERCDAMP,
+    cholesky_inverse,
+    damped_cholesky,
+    damping_note,
+    finite_positive,
+    single_thread,
+)
 
 _WHERE = "pruner 'sparsegpt'"
 
@@ -128,9 +136,7 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, target: Target, n
         raise PluginError(f"sparsegpt: {name} must be a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
     if tuple(hessian.shape) != (cols, cols):
-        raise PluginError(
-            f"sparsegpt: the Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})"
-        )
+        raise PluginError(f"sparsegpt: the Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if target.pattern is not None and cols % target.pattern.m:
         raise ConfigError(
             f"N:M {target.pattern} needs the input dimension ({cols}) of {name} to be a multiple of {target.pattern.m}"
@@ -310,9 +316,7 @@ class SparseGPT(Pruner):
     def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
         name = stats.info.name
         if stats.hessian is None:
-            raise PluginError(
-                f"sparsegpt needs hessian statistics for {name}, which the calibration engine did not provide"
-            )
+            raise PluginError(f"sparsegpt needs hessian statistics for {name}, which the calibration engine did not provide")
         c = self.config
         new_weight, keep, loss, notes, quant = sparsegpt_prune(
             weight,

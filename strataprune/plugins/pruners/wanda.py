@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from strataprune.contract.errors import PluginError
-from strataprune.plugins.common.masks import keep_for_target
 from strataprune.contract.layout import MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
-from strataprune.plugins.common.scores import wanda_scores
 from strataprune.contract.sparsity import Target
+from strataprune.plugins.common.masks import keep_for_target
+from strataprune.plugins.common.scores import wanda_scores
 
 
 @dataclass

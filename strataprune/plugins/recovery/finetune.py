@@ -63,11 +63,20 @@ class TrainingConfig:
         _check(where, _is_int(self.batch) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
         _check(where, _is_int(self.seqlen) and self.seqlen >= 2, "seqlen", self.seqlen, "an integer >= 2")
         _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
-        _check(where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(
+            where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"
+        )
         _check(where, 0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", self.warmup_ratio, "a number in [0, 1]")
-        _check(where, self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
-               "max_grad_norm", self.max_grad_norm, "null or a number > 0")
-        _check(where, isinstance(self.data, str) and bool(self.data), "data", self.data, "a dataset name (bbc) or a text file path")
+        _check(
+            where,
+            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+            "max_grad_norm",
+            self.max_grad_norm,
+            "null or a number > 0",
+        )
+        _check(
+            where, isinstance(self.data, str) and bool(self.data), "data", self.data, "a dataset name (bbc) or a text file path"
+        )
         _check(where, isinstance(self.split, str) and bool(self.split), "split", self.split, "a split name (train)")
         _check(where, _is_int(self.seed), "seed", self.seed, "an integer")
 
@@ -118,7 +127,9 @@ def finetune(
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise PluginError(f"{desc}: the training loss is {value} at step {step + 1}; lower the learning rate (lr={config.lr:g})")
+                    raise PluginError(
+                        f"{desc}: the training loss is {value} at step {step + 1}; lower the learning rate (lr={config.lr:g})"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.max_grad_norm is not None:

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from strataprune.plugins.recovery import masked_lora as lora
 from strataprune.contract.errors import ConfigError
-from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
 from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryResult
+from strataprune.plugins.recovery import masked_lora as lora
+from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
 
 _WHERE = "recovery 'lora'"
 

@@ -63,13 +63,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from strataprune.plugins.recovery import masked_lora as lora
 from strataprune.contract.allocation import MAX_RATIO, Allocation
 from strataprune.contract.errors import ConfigError
-from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
 from strataprune.contract.layout import ModelLayout
 from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryResult
 from strataprune.plugins.allocators.rmi import losa_schedule
+from strataprune.plugins.recovery import masked_lora as lora
+from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
 
 _WHERE = "recovery 'losa'"
 
@@ -110,16 +110,26 @@ class LoSAConfig(TrainingConfig):
         need(_is_int(self.min_rank) and self.min_rank >= 1, "min_rank", "an integer >= 1")
         need(_is_int(self.max_rank) and self.max_rank >= self.min_rank, "max_rank", f"an integer >= min_rank ({self.min_rank})")
         need(_is_int(self.rank_step) and self.rank_step >= 0, "rank_step", "an integer >= 0")
-        need(_is_int(self.mean_rank) and self.min_rank <= self.mean_rank <= self.max_rank, "mean_rank",
-             f"an integer in [min_rank, max_rank] = [{self.min_rank}, {self.max_rank}]")
+        need(
+            _is_int(self.mean_rank) and self.min_rank <= self.mean_rank <= self.max_rank,
+            "mean_rank",
+            f"an integer in [min_rank, max_rank] = [{self.min_rank}, {self.max_rank}]",
+        )
         last = self.mean_rank + self.rank_step * (self.rounds - 1)
         if _is_int(last) and last > self.max_rank:
-            raise ConfigError(f"{_WHERE}: the last round's mean rank {self.mean_rank} + {self.rank_step} x {self.rounds - 1} = {last} "
-                              f"exceeds max_rank={self.max_rank}; lower mean_rank/rank_step or raise max_rank")
-        need(isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0, "scale", "a finite number > 0")
+            raise ConfigError(
+                f"{_WHERE}: the last round's mean rank {self.mean_rank} + {self.rank_step} x {self.rounds - 1} = {last} "
+                f"exceeds max_rank={self.max_rank}; lower mean_rank/rank_step or raise max_rank"
+            )
+        need(
+            isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0, "scale", "a finite number > 0"
+        )
         need(_is_int(self.error_samples) and self.error_samples >= 1, "error_samples", "an integer >= 1")
-        need(self.round_eval_windows is None or (_is_int(self.round_eval_windows) and self.round_eval_windows >= 0),
-             "round_eval_windows", "null (all), 0 (none) or a number of windows")
+        need(
+            self.round_eval_windows is None or (_is_int(self.round_eval_windows) and self.round_eval_windows >= 0),
+            "round_eval_windows",
+            "null (all), 0 (none) or a number of windows",
+        )
 
     def mean_ranks(self) -> list[int]:
         return [self.mean_rank + self.rank_step * t for t in range(self.rounds)]
@@ -230,8 +240,10 @@ class LoSA(Recovery):
             ctx.log(f"losa: {label}: sparsity {s_t:.4f}, mean rank {mean_rank}")
             allocation, raised = raise_to_floor(ctx.allocate(s_t, allocator), current, layout)
             if raised:
-                notes.append(f"{label}: {raised} matrices raised to their current sparsity (a pruned weight never comes back); "
-                             "the others shifted so the mean stays exactly at the round's target")
+                notes.append(
+                    f"{label}: {raised} matrices raised to their current sparsity (a pruned weight never comes back); "
+                    "the others shifted so the mean stays exactly at the round's target"
+                )
             errors: dict[int, float] = {}
 
             def observe(block: int, outputs: torch.Tensor) -> None:
@@ -248,37 +260,48 @@ class LoSA(Recovery):
             windows = ctx.training_windows(cfg.data, cfg.split, windows_needed(cfg), cfg.seqlen, cfg.seed + 1 + t)
             with lora.masked_lora(ctx.modules, ranks, cfg.scale, seed=cfg.seed + t) as adapters:
                 trainable = lora.parameter_count(adapters)
-                steps = finetune(ctx.model, lora.parameters(adapters), windows, cfg, desc=f"losa {label}",
-                                 show=ctx.progress, round_index=t + 1)
+                steps = finetune(
+                    ctx.model, lora.parameters(adapters), windows, cfg, desc=f"losa {label}", show=ctx.progress, round_index=t + 1
+                )
             history.extend(steps)
             ppl_trained = self._round_perplexity(ctx, f"{label} fine-tuned")
             realised = _weighted(current, layout)
-            rounds.append({
-                "round": t + 1,
-                "target": s_t,
-                "realised": realised,
-                "block_sparsity": allocation.block_profile(layout),
-                "raised_matrices": raised,
-                "mean_rank": mean_rank,
-                "block_ranks": block_ranks,
-                "rank_sum": int(sum(block_ranks)),
-                "block_losses": block_losses,
-                "trainable_parameters": trainable,
-                "steps": len(steps),
-                "loss_first": steps[0]["loss"] if steps else None,
-                "loss_last": steps[-1]["loss"] if steps else None,
-                "perplexity_pruned": ppl_pruned,
-                "perplexity_trained": ppl_trained,
-                "perplexity_windows": cfg.round_eval_windows,
-                "seconds": time.perf_counter() - start,
-            })
-            ctx.log(f"losa: {label}: realised {realised:.4f}, ranks {min(block_ranks)}..{max(block_ranks)} (sum {sum(block_ranks)}), "
-                    + (f"perplexity {ppl_pruned:.2f} pruned -> {ppl_trained:.2f} fine-tuned" if ppl_trained is not None else ""))
+            rounds.append(
+                {
+                    "round": t + 1,
+                    "target": s_t,
+                    "realised": realised,
+                    "block_sparsity": allocation.block_profile(layout),
+                    "raised_matrices": raised,
+                    "mean_rank": mean_rank,
+                    "block_ranks": block_ranks,
+                    "rank_sum": int(sum(block_ranks)),
+                    "block_losses": block_losses,
+                    "trainable_parameters": trainable,
+                    "steps": len(steps),
+                    "loss_first": steps[0]["loss"] if steps else None,
+                    "loss_last": steps[-1]["loss"] if steps else None,
+                    "perplexity_pruned": ppl_pruned,
+                    "perplexity_trained": ppl_trained,
+                    "perplexity_windows": cfg.round_eval_windows,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            ctx.log(
+                f"losa: {label}: realised {realised:.4f}, ranks {min(block_ranks)}..{max(block_ranks)} (sum {sum(block_ranks)}), "
+                + (f"perplexity {ppl_pruned:.2f} pruned -> {ppl_trained:.2f} fine-tuned" if ppl_trained is not None else "")
+            )
         assert allocation is not None
         allocation.meta.setdefault("notes", []).append(
-            f"losa: final round of {cfg.rounds} ({cfg.allocator if allocator else 'the run allocator'} at the target)")
-        return RecoveryResult(allocation=allocation, rounds=rounds, history=history, notes=notes,
-                              extra={"schedule": schedule, "mean_ranks": cfg.mean_ranks()})
+            f"losa: final round of {cfg.rounds} ({cfg.allocator if allocator else 'the run allocator'} at the target)"
+        )
+        return RecoveryResult(
+            allocation=allocation,
+            rounds=rounds,
+            history=history,
+            notes=notes,
+            extra={"schedule": schedule, "mean_ranks": cfg.mean_ranks()},
+        )
 
     def _round_perplexity(self, ctx: RecoveryContext, desc: str) -> float | None:
         windows = self.config.round_eval_windows

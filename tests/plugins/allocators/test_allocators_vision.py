@@ -15,8 +15,12 @@ ALLOCATORS = ["uniform", "atp:max_trials=2", "alpha", "owl", "rmi", "hessian_clu
 
 
 def _recipe(folder, **over):  # type: ignore[no-untyped-def]
-    data = {"model": str(folder), "sparsity": 0.6, "calibration": {"source": "photos", "nsamples": 6},
-            "evaluation": {"source": "photos", "max_windows": 6, "selection_windows": 4}}
+    data = {
+        "model": str(folder),
+        "sparsity": 0.6,
+        "calibration": {"source": "photos", "nsamples": 6},
+        "evaluation": {"source": "photos", "max_windows": 6, "selection_windows": 4},
+    }
     data.update(over)
     return recipe_from_dict(data)
 
@@ -57,6 +61,9 @@ def test_a_statistic_the_model_cannot_provide_fails_before_any_work(tmp_path, mo
         raise AssertionError("calibration ran before the check")
 
     monkeypatch.setattr("strataprune.engine.calibration.Calibrator.run", no_work)
-    with pytest.raises(ConfigError, match="allocator 'rmi' cannot run on this model: it needs block_inputs, which adapter 'vit' "
-                                          r"cannot provide here \(its blocks are fused\)"):
+    with pytest.raises(
+        ConfigError,
+        match="allocator 'rmi' cannot run on this model: it needs block_inputs, which adapter 'vit' "
+        r"cannot provide here \(its blocks are fused\)",
+    ):
         Pipeline(_recipe(folder, allocator="rmi"), show_progress=False).run(save=False)

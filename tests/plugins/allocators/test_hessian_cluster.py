@@ -99,7 +99,7 @@ def test_higher_error_gets_lower_sparsity():
     g = torch.Generator().manual_seed(0)
     for b in range(4):
         m = layout.block(b)[0]
-        w = torch.randn(m.shape, generator=g) * (10.0 ** b)  # error grows by 100x per block
+        w = torch.randn(m.shape, generator=g) * (10.0**b)  # error grows by 100x per block
         hc.observe_block(BlockStats(b, [m], {m.name: w}, hessians={m.name: spd(16, b)}))
     ctx = AllocationContext(layout=layout, target=Target.of(0.7))
     alloc = hc.allocate(ctx)
@@ -131,11 +131,16 @@ def test_size_alone_does_not_decide_the_level(granularity):
     for error in ("per_weight", "total"):
         hc = HessianCluster(HessianClusterConfig(levels=4, granularity=granularity, error=error))
         for block, members in enumerate(groups):
-            hc.observe_block(BlockStats(block, members, {m.name: weights[m.short] for m in members}, hessians={m.name: h for m in members}))
+            hc.observe_block(
+                BlockStats(block, members, {m.name: weights[m.short] for m in members}, hessians={m.name: h for m in members})
+            )
         alloc = hc.allocate(AllocationContext(layout=layout, target=Target.of(0.5)))
         alloc.validate(layout)
-        levels[error] = {name.split(".")[-1]: v for name, v in alloc.meta["levels"].items()} if granularity == "matrix" else \
-            {mats[int(b)].short: v for b, v in alloc.meta["levels"].items()}
+        levels[error] = (
+            {name.split(".")[-1]: v for name, v in alloc.meta["levels"].items()}
+            if granularity == "matrix"
+            else {mats[int(b)].short: v for b, v in alloc.meta["levels"].items()}
+        )
         ratio = {m.short: alloc.ratios[m.name] for m in mats}
         if error == "per_weight":
             assert ratio["small"] == ratio["big"] > ratio["loud"]

@@ -70,7 +70,9 @@ def test_lp_is_bang_bang_by_importance_with_exact_mean():
     s = solve_rmi_lp(importance, 0.7, 0.03)
     assert s.mean() == pytest.approx(0.7, abs=1e-9)
     assert set(np.round(s, 9)) == {0.67, 0.73}
-    assert (s[importance > np.median(importance)] == pytest.approx(0.67)) and (s[importance < np.median(importance)] == pytest.approx(0.73))
+    assert (s[importance > np.median(importance)] == pytest.approx(0.67)) and (
+        s[importance < np.median(importance)] == pytest.approx(0.73)
+    )
 
 
 def test_delta_and_beta_defaults_and_schedule():

@@ -87,8 +87,9 @@ def test_torch_backend_greedy_tokens_equal_transformers_generate(pruned_tiny, wi
     compiled = _backend("torch").prepare(pruned_tiny, tmp_path, DeploySettings(prompt_len=24, new_tokens=6))
     tokens = compiled.greedy(windows, 6)
     model = AutoModelForCausalLM.from_pretrained(pruned_tiny)
-    expected = model.generate(torch.from_numpy(windows), max_new_tokens=6, do_sample=False, min_new_tokens=6,
-                              pad_token_id=0, eos_token_id=None)[:, windows.shape[1]:]
+    expected = model.generate(
+        torch.from_numpy(windows), max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0, eos_token_id=None
+    )[:, windows.shape[1] :]
     assert np.array_equal(tokens, expected.numpy())
     with torch.no_grad():
         full = model(torch.from_numpy(windows)).logits.numpy()
@@ -153,11 +154,15 @@ def test_2to4_validation_names_the_first_bad_matrix():
     bad = good.clone()
     bad[2, 5] = 1.0  # row 2, group of columns 4-7 now holds 3 nonzeros
     assert first_2to4_violation(bad) == (2, 4, 3)
-    linears = {"model.layers.0.self_attn.q_proj": torch.nn.Linear(8, 4, bias=False),
-               "model.layers.0.self_attn.k_proj": torch.nn.Linear(8, 4, bias=False)}
+    linears = {
+        "model.layers.0.self_attn.q_proj": torch.nn.Linear(8, 4, bias=False),
+        "model.layers.0.self_attn.k_proj": torch.nn.Linear(8, 4, bias=False),
+    }
     linears["model.layers.0.self_attn.q_proj"].weight.data = good
     linears["model.layers.0.self_attn.k_proj"].weight.data = bad
-    with pytest.raises(DataError, match=r"'model\.layers\.0\.self_attn\.k_proj' \(\(4, 8\)\) is not 2:4 sparse: row 2, columns 4-7 hold 3"):
+    with pytest.raises(
+        DataError, match=r"'model\.layers\.0\.self_attn\.k_proj' \(\(4, 8\)\) is not 2:4 sparse: row 2, columns 4-7 hold 3"
+    ):
         check_2to4(linears)
     odd = {"x": torch.nn.Linear(6, 2, bias=False)}
     with pytest.raises(DataError, match="not a multiple of 4"):

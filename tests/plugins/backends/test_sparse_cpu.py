@@ -156,8 +156,11 @@ def test_unavailable_kernels_are_reported_not_raised(monkeypatch, tmp_path):
 
 @needs_kernels
 def test_bad_settings_are_config_errors(pruned70, tmp_path):
-    for params, match in (({"min_sparsity": 0.0}, "min_sparsity"), ({"min_sparsity": 1.5}, "min_sparsity"),
-                          ({"threads": 0}, "threads")):
+    for params, match in (
+        ({"min_sparsity": 0.0}, "min_sparsity"),
+        ({"min_sparsity": 1.5}, "min_sparsity"),
+        ({"threads": 0}, "threads"),
+    ):
         with pytest.raises(ConfigError, match=match):
             _backend(**params).prepare(pruned70, tmp_path / "bad", DeploySettings())
     with pytest.raises(ConfigError):
@@ -171,9 +174,33 @@ def test_deploy_and_bench_run_the_backend(tiny_llama_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, 40)) for _ in range(100)))
     run = tmp_path / "run70"
-    assert main(["run", "--model", str(tiny_llama_dir), "--calibration", str(text), "--eval-data", str(text), "--sparsity", "0.7",
-                 "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--output", str(run),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tiny_llama_dir),
+                "--calibration",
+                str(text),
+                "--eval-data",
+                str(text),
+                "--sparsity",
+                "0.7",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--eval-seqlen",
+                "32",
+                "--eval-windows",
+                "4",
+                "--output",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "deployed"
     assert main(["deploy", str(run), "--backend", "sparse-cpu", "--output", str(out), "--prompt-len", "24", "--quiet"]) == 0
     info = json.loads((out / "deploy.json").read_text())
@@ -183,8 +210,32 @@ def test_deploy_and_bench_run_the_backend(tiny_llama_dir, tmp_path, capsys):
 
     assert load_packed_model(out / "sparse-cpu").config.model_type == "llama"
     bench = tmp_path / "bench"
-    assert main(["bench", str(run), "--backends", "torch,sparse-cpu", "--prompt-len", "16", "--decode-tokens", "2", "--repeats", "1",
-                 "--warmup", "0", "--parity-steps", "2", "--threads", "1", "--output", str(bench), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(run),
+                "--backends",
+                "torch,sparse-cpu",
+                "--prompt-len",
+                "16",
+                "--decode-tokens",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--parity-steps",
+                "2",
+                "--threads",
+                "1",
+                "--output",
+                str(bench),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = {(r["backend"], r["variant"]): r for r in json.loads((bench / "bench.json").read_text())["rows"]}
     assert set(rows) == {("torch", "dense"), ("torch", "pruned"), ("sparse-cpu", "dense"), ("sparse-cpu", "pruned")}
     pruned = rows[("sparse-cpu", "pruned")]

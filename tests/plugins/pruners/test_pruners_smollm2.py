@@ -21,8 +21,10 @@ def real_inputs(smollm2, bbc_windows):
     calib, _ = bbc_windows
     modules = dict(smollm2.model.named_modules())
     captured = {name: [] for name in LAYERS}
-    handles = [modules[name].register_forward_hook(lambda m, a, o, n=name: captured[n].append(a[0].reshape(-1, a[0].shape[-1]).detach()))
-               for name in LAYERS]
+    handles = [
+        modules[name].register_forward_hook(lambda m, a, o, n=name: captured[n].append(a[0].reshape(-1, a[0].shape[-1]).detach()))
+        for name in LAYERS
+    ]
     try:
         with torch.no_grad():
             for row in calib:

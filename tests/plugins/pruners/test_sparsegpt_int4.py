@@ -31,12 +31,15 @@ class IndefiniteHessian(SparseGPT):
 
 
 def test_int4_and_cholesky_recovery_end_to_end(tiny_llama_dir, text_file, tmp_path):
-    recipe = recipe_from_dict({
-        "model": str(tiny_llama_dir),
-        "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32},
-        "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2},
-        "pruner": {"name": "sparsegpt", "wbits": 4, "groupsize": 32}, "sparsity": "2:4",
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "calibration": {"source": str(text_file), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"source": str(text_file), "seqlen": 32, "max_windows": 2},
+            "pruner": {"name": "sparsegpt", "wbits": 4, "groupsize": 32},
+            "sparsity": "2:4",
+        }
+    )
     logged = []
     pipe = Pipeline(recipe, show_progress=False, log=logged.append)
     pipe.pruner = IndefiniteHessian(pipe.pruner.config)

@@ -78,10 +78,14 @@ def prune_by_magnitude(modules, ratio=0.5):
 
 
 # --------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("plugin", [
-    (LoSA, {"rounds": 2, "steps": 3, "seqlen": 32, "lr": 0.01, "error_samples": 2, "round_eval_windows": 2}),
-    (LoRA, {"steps": 4, "seqlen": 32, "lr": 0.01, "rank": 4}),
-], ids=["losa", "lora"])
+@pytest.mark.parametrize(
+    "plugin",
+    [
+        (LoSA, {"rounds": 2, "steps": 3, "seqlen": 32, "lr": 0.01, "error_samples": 2, "round_eval_windows": 2}),
+        (LoRA, {"steps": 4, "seqlen": 32, "lr": 0.01, "rank": 4}),
+    ],
+    ids=["losa", "lora"],
+)
 def test_check_recovery(plugin, tmp_path, tiny_llama_dir):
     report = check_recovery(plugin, workdir=tmp_path, sparsity=0.6, model_dir=tiny_llama_dir)
     section = report["recovery"]
@@ -138,8 +142,13 @@ def test_masked_lora_never_revives_a_pruned_weight(masked):
             revived = sum(int((m.weight.detach()[masks[n]] != 0).sum()) for n, m in modules.items())
             assert (revived == 0) == masked
             assert all(torch.equal(m.parametrizations.weight.original, frozen[n]) for n, m in modules.items())
-        history = finetune(model, lora.parameters(adapters), ids.repeat(3, 1), TrainingConfig(steps=3, batch=2, lr=0.05, weight_decay=0.5),
-                           show=False)
+        history = finetune(
+            model,
+            lora.parameters(adapters),
+            ids.repeat(3, 1),
+            TrainingConfig(steps=3, batch=2, lr=0.05, weight_decay=0.5),
+            show=False,
+        )
         assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     for name, module in modules.items():
         zeros = module.weight.detach() == 0
@@ -226,9 +235,27 @@ def test_losa_config_is_checked():
 
 # --------------------------------------------------------------------------- the run
 def run_args(model_dir, train, evaluation, out, *extra):
-    return ["run", "--model", str(model_dir), "--calibration", str(train), "--eval-data", str(evaluation),
-            "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--output", str(out),
-            "--quiet", *extra]
+    return [
+        "run",
+        "--model",
+        str(model_dir),
+        "--calibration",
+        str(train),
+        "--eval-data",
+        str(evaluation),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "4",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture()
@@ -241,9 +268,31 @@ def texts(tmp_path):
 def test_losa_run_follows_the_schedule_and_the_saved_model_is_exactly_sparse(tiny_llama_dir, texts, tmp_path, capsys):
     train, evaluation = texts
     out = tmp_path / "losa"
-    assert main(run_args(tiny_llama_dir, train, evaluation, out, "--sparsity", "0.7", "--recovery", "losa",
-                         "--set", f"recovery.data={train}", "--set", "recovery.rounds=3", "--set", "recovery.steps=2",
-                         "--set", "recovery.seqlen=32", "--set", "recovery.round_eval_windows=1")) == 0
+    assert (
+        main(
+            run_args(
+                tiny_llama_dir,
+                train,
+                evaluation,
+                out,
+                "--sparsity",
+                "0.7",
+                "--recovery",
+                "losa",
+                "--set",
+                f"recovery.data={train}",
+                "--set",
+                "recovery.rounds=3",
+                "--set",
+                "recovery.steps=2",
+                "--set",
+                "recovery.seqlen=32",
+                "--set",
+                "recovery.round_eval_windows=1",
+            )
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "before recovery" in printed and "after losa" in printed and "losa round" in printed
     report = json.loads((out / "report.json").read_text())
@@ -289,15 +338,19 @@ def test_recovery_recipe_key_and_overrides(tmp_path):
         recipe_from_dict({"recovery": 3})
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--recovery", "losaa"], "unknown recovery 'losaa' (did you mean 'losa'?)"),
-    (["--recovery", "losa", "--set", "recovery.stpes=3"], "unknown parameter 'stpes'"),
-    (["--recovery", "losa", "--set", "recovery.allocator=owll"], "unknown allocator 'owll'"),
-    (["--recovery", "losa", "--sparsity", "2:4"], "does not support N:M"),
-    (["--recovery", "lora", "--set", "recovery.lr=-1"], "lr=-1.0 is invalid"),
-    (["--recovery", "lora", "--pruner", "sparsegpt", "--set", "pruner.wbits=4"], "quantization grid"),
-    (["--recovery", "lora", "--offload"], "offload must be false"),
-], ids=["name", "parameter", "allocator", "nm", "lr", "int4", "offload"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--recovery", "losaa"], "unknown recovery 'losaa' (did you mean 'losa'?)"),
+        (["--recovery", "losa", "--set", "recovery.stpes=3"], "unknown parameter 'stpes'"),
+        (["--recovery", "losa", "--set", "recovery.allocator=owll"], "unknown allocator 'owll'"),
+        (["--recovery", "losa", "--sparsity", "2:4"], "does not support N:M"),
+        (["--recovery", "lora", "--set", "recovery.lr=-1"], "lr=-1.0 is invalid"),
+        (["--recovery", "lora", "--pruner", "sparsegpt", "--set", "pruner.wbits=4"], "quantization grid"),
+        (["--recovery", "lora", "--offload"], "offload must be false"),
+    ],
+    ids=["name", "parameter", "allocator", "nm", "lr", "int4", "offload"],
+)
 def test_bad_recovery_input_is_one_line_and_exit_2(extra, message, tiny_llama_dir, texts, tmp_path, capsys):
     train, evaluation = texts
     assert main(run_args(tiny_llama_dir, train, evaluation, tmp_path / "out", *extra)) == 2
@@ -312,8 +365,24 @@ def test_training_on_the_evaluation_text_is_refused_and_earlier_output_kept(tiny
     assert main(run_args(tiny_llama_dir, train, evaluation, out)) == 0  # an earlier strataprune output
     earlier = (out / "report.json").read_bytes()
     capsys.readouterr()
-    assert main(run_args(tiny_llama_dir, train, evaluation, out, "--overwrite", "--recovery", "lora",
-                         "--set", f"recovery.data={evaluation}", "--set", "recovery.steps=1")) == 2
+    assert (
+        main(
+            run_args(
+                tiny_llama_dir,
+                train,
+                evaluation,
+                out,
+                "--overwrite",
+                "--recovery",
+                "lora",
+                "--set",
+                f"recovery.data={evaluation}",
+                "--set",
+                "recovery.steps=1",
+            )
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is the evaluation text" in err and len(err.strip().splitlines()) == 1  # before any work
     assert (out / "report.json").read_bytes() == earlier

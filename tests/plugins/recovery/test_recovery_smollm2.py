@@ -57,13 +57,24 @@ def test_losa_lowers_held_out_perplexity_of_wanda_70(smollm2, monkeypatch, one_t
         return ids
 
     monkeypatch.setattr(RecoveryHost, "training_windows", spy)
-    recipe = recipe_from_dict({
-        "sparsity": 0.7, "pruner": "wanda",
-        "calibration": {"nsamples": 4, "seqlen": 128},
-        "evaluation": {"seqlen": 256, "max_windows": 4, "dense": False},
-        "recovery": {"name": "losa", "rounds": 2, "steps": 5, "batch": 1, "seqlen": 128, "lr": 0.003,
-                     "error_samples": 2, "round_eval_windows": 0},
-    })
+    recipe = recipe_from_dict(
+        {
+            "sparsity": 0.7,
+            "pruner": "wanda",
+            "calibration": {"nsamples": 4, "seqlen": 128},
+            "evaluation": {"seqlen": 256, "max_windows": 4, "dense": False},
+            "recovery": {
+                "name": "losa",
+                "rounds": 2,
+                "steps": 5,
+                "batch": 1,
+                "seqlen": 128,
+                "lr": 0.003,
+                "error_samples": 2,
+                "round_eval_windows": 0,
+            },
+        }
+    )
     report = Pipeline(recipe, show_progress=False, log=lambda _m: None).run(save=False).report
     before, after = report["perplexity"]["before_recovery"]["ppl"], report["perplexity"]["sparse"]["ppl"]
     assert after < 0.6 * before, f"LoSA {after:.1f} vs one-shot Wanda 70% {before:.1f}"
