@@ -43,7 +43,7 @@ def check_text_sources(recipe: Recipe, text_model: bool = True) -> None:
     for key, section in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
         if not text_model and is_image_source(
             section.source
-        ):  # checked by the image model's task (strataprune/engine/image_run.py)
+        ):  # checked by the image model's task (strataprune/engine/tasks/images.py)
             continue
         if looks_like_path(section.source):
             TextFile(Path(section.source).expanduser(), section.encoding)
