@@ -323,8 +323,8 @@ def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
         total = length + max(cfg.decode_tokens, cfg.parity_steps)
         if total > context:
             raise ConfigError(
-                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} "
-                "exceeds the model's "
+                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} exceeds the "
+                "model's "
                 f"context of {context} tokens; use a prompt of at most {context - max(cfg.decode_tokens, cfg.parity_steps)}"
             )
 

@@ -23,8 +23,8 @@ Starting from the dense model, for round t = 1..T:
    Every adapter of block l gets rank r_l (at most min(d_out, d_in) of its matrix; a cut is reported).
 5. Masked LoRA on every prunable matrix (strataprune/plugins/recovery/masked_lora.py):
    W_eff = W + s ((B A) ⊙ 1[W != 0]), s = ``scale`` (2: the official α/r = 16/8 whatever r_l), trained
-   ``steps`` AdamW steps (strataprune/plugins/recovery/finetune.py), then merged: W <- W + s ((B A) ⊙ M),
-   so the round's mask is kept exactly.
+   ``steps`` AdamW steps (strataprune/plugins/recovery/finetune.py), then merged:
+   W <- W + s ((B A) ⊙ M), so the round's mask is kept exactly.
 
 After round T the weights hold exactly the final allocation's sparsity and no extra parameter.
 
