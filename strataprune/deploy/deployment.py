@@ -28,6 +28,7 @@ import torch
 from strataprune.contract.backend import DeploySettings
 from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
+from strataprune.runtime.run_folder import REPORT, RunFolder
 
 from .bench import resolve_backends
 from .parity import check_parity, reference_backend, reference_outputs
@@ -35,7 +36,7 @@ from .rundir import load_causal_lm, open_run, text_windows, weight_files
 from .storage import read_state_dict, write_sparse_checkpoint
 
 #: run-folder files that the compressed checkpoint replaces (everything else is copied)
-REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
+REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", REPORT)
 
 
 def deploy(
@@ -72,7 +73,7 @@ def deploy(
         for item in sorted(run.path.iterdir()):
             if item.is_file() and item.name not in REPLACED and not item.name.startswith("model-"):
                 shutil.copy2(item, tmp / item.name)
-        write_json(tmp / "report.json", run.report)
+        RunFolder(tmp).save_report(run.report)
         say(f"preparing {engine.label()}")
         compiled = engine.prepare(tmp, tmp / engine.name.replace(":", "-"), settings)
         try:
