@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         from strataprune.runtime.reports import check_output_dir
 
-        check_output_dir(Path(args.output), args.overwrite)
+        inputs = {f"the run '{path}'": path for path in args.run_dir}
+        inputs.update({"the dense model (--dense)": args.dense, "the text (--text)": args.text})
+        check_output_dir(Path(args.output), args.overwrite, inputs=inputs)
     report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)
     print(format_table(report))
     if args.output:

@@ -54,7 +54,7 @@ def deploy(
     say = log or (lambda message: None)
     run = open_run(run_dir)
     output = Path(output)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs={"the run": run.path, "the parity text (--text)": text})
     (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:

@@ -223,7 +223,8 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
             sys.executable,
             "-c",
             "import sys; from strataprune.runtime.outputs import check_output_dir; "
-            f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()",
+            f"check_output_dir({str(copy)!r}, True, command='leaderboard', appending=True); "
+            "print('locked', flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
