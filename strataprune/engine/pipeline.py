@@ -183,6 +183,7 @@ class Pipeline:
 
         self._memory("evaluate dense")
 
+        dense_fingerprint = self.fingerprint()  # before pruning: which dense model this run started from (bench checks it)
         with self.timer.stage("allocate"):
             allocation, stash = self._allocate(calib_data)
         self._memory("allocate")
@@ -224,6 +225,7 @@ class Pipeline:
         report = self._report(
             allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized
         )
+        report["model"] = {**report["model"], "dense_fingerprint": dense_fingerprint}
         if recovered is not None:
             report["perplexity"]["before_recovery"] = ppl_before_recovery
             report["recovery"] = recovered.report
