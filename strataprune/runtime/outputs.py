@@ -292,10 +292,16 @@ def _check_replaceable(dest: Path, overwrite: bool) -> None:
         )
     foreign = foreign_files(dest, owner)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        added = [name for name in foreign if not name.endswith(_CHANGED)]
+        changed = [name[: -len(_CHANGED)] for name in foreign if name.endswith(_CHANGED)]
+        parts = [f"files strataprune did not write ({shown(added)})"] if added else []
+        parts += [f"files changed since strataprune wrote them ({shown(changed)})"] if changed else []
         raise OutputError(
-            f"--overwrite refused: output '{dest}' holds files strataprune did not write or that changed since ({shown}); "
-            "move them away or choose another --output"
+            f"--overwrite refused: output '{dest}' holds {' and '.join(parts)}; move them away or choose another --output"
         )
 
 
@@ -324,7 +330,7 @@ def foreign_files(dest: Path, owner: dict[str, Any]) -> list[str]:
                 entry = files[rel]
                 stat = child.stat(follow_symlinks=False)
                 if stat.st_size != entry.get("size") or _sha256(Path(child.path), stat) != entry.get("sha256"):
-                    found.append(f"{rel} (changed)")
+                    found.append(rel + _CHANGED)
             else:  # not listed, or a link / device / pipe, which strataprune never writes
                 found.append(rel)
 
@@ -332,6 +338,7 @@ def foreign_files(dest: Path, owner: dict[str, Any]) -> list[str]:
     return found
 
 
+_CHANGED = " (changed)"
 _hash_cache: dict[tuple[int, int, int, int, int], str] = {}
 
 

@@ -88,7 +88,7 @@ def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
     assert json.loads((ours / "report.json").read_text())["content"] == "second"
 
     (ours / "notes.txt").write_text("added by hand")
-    with pytest.raises(OutputError, match=r"holds files strataprune did not write or that changed since \(notes.txt\)"):
+    with pytest.raises(OutputError, match=r"holds files strataprune did not write \(notes.txt\); move them away"):
         write_output(ours, "third", overwrite=True)
     assert (ours / "notes.txt").read_text() == "added by hand"
 
@@ -135,7 +135,10 @@ def test_overwrite_is_decided_by_the_manifest_alone(tmp_path):
     before = tree(ours)
     with pytest.raises(OutputError) as info:
         write_output(ours, overwrite=True)
-    assert "alpha/MY_ANALYSIS.md, plots/, summary.json (changed)" in str(info.value)
+    assert (
+        "holds files strataprune did not write (alpha/MY_ANALYSIS.md, plots/) "
+        "and files changed since strataprune wrote them (summary.json)"
+    ) in str(info.value)
     assert tree(ours) == before
     (ours / "alpha" / "MY_ANALYSIS.md").unlink()
     (ours / "plots").rmdir()
