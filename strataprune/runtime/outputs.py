@@ -188,6 +188,7 @@ def atomic_output_dir(
         tmp = _new_temporary(dest, command)
         try:
             yield tmp
+            _finish_marker(tmp, dest)  # hashing a large model takes a while: an interrupt here removes tmp too
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -590,7 +591,6 @@ def _finish_marker(tmp: Path, dest: Path) -> None:
 
 
 def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
-    _finish_marker(tmp, dest)
     try:
         _verify_lock(dest)
         _check_location(dest)

@@ -299,3 +299,17 @@ def test_leftovers_of_killed_runs_are_cleaned_or_reported(tmp_path):
     assert any("removed" in n and "interrupted strataprune run" in n for n in notes)
     assert any("restored the previous output" in n for n in notes)
     assert any(".out.tmp-abcd1234" in n and "not removed" in n for n in notes)
+
+
+def test_an_interrupt_while_the_manifest_is_hashed_removes_the_temporary(tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    write_output(dest, "old")
+    before = tree(dest)
+
+    def interrupted(path, stat=None):
+        raise KeyboardInterrupt  # what SIGTERM becomes (strataprune/runtime/signals.py)
+
+    monkeypatch.setattr(outputs, "_sha256", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_output(tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and tree(dest) == before
