@@ -60,8 +60,8 @@ def open_leaderboard_dir(out: Path, inputs: dict[str, str | Path | None] | None 
 
     from strataprune.runtime.outputs import MARKER, check_apart, check_output_dir, output_owner
 
+    from .board import write_atomic
     from .provenance import now
-    from .render import write_atomic
     from .results import FORMAT_NAME
 
     check_apart(out, inputs or {})
