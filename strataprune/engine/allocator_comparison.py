@@ -147,7 +147,7 @@ def compare_allocators(
     allocators = make_allocators(recipe, names, registry)  # bad names/parameters fail first
     out = Path(output) if output is not None else None
     if out is not None:
-        from strataprune.engine.preflight import recipe_inputs
+        from strataprune.engine.inputs import recipe_inputs
 
         check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

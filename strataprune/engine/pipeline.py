@@ -130,7 +130,7 @@ class Pipeline:
         recipe = self.recipe
         out = Path(output_dir or recipe.output_dir or recipe.default_output_dir()) if save else None
         if out is not None:
-            from strataprune.engine.preflight import recipe_inputs
+            from strataprune.engine.inputs import recipe_inputs
 
             check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
         if recipe.model.offload and recipe.calibration.propagate == "dense":

@@ -26,6 +26,7 @@ from typing import Any
 
 from strataprune.contract.errors import ConfigError
 from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
+from strataprune.engine.inputs import recipe_inputs
 from strataprune.engine.limits import check_recipe_limits
 from strataprune.engine.recipe import Recipe
 from strataprune.models.files import inspect_model, model_kind
@@ -77,17 +78,6 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
         if not looks_like_path(section.source) and (text_model or not is_image_source(section.source)):  # files: step 3
             open_dataset(section.source, section.encoding, section.protocol)
     resolve_device(recipe.model.device)
-
-
-def recipe_inputs(recipe: Recipe) -> dict[str, str | None]:
-    """What a run of ``recipe`` reads from disk, by label: its output may overlap none of them
-    (strataprune/runtime/outputs.py skips the names that are not paths on disk)."""
-    return {
-        "the model (model.source)": recipe.model.source,
-        "the calibration text (calibration.source)": recipe.calibration.source,
-        "the evaluation text (evaluation.source)": recipe.evaluation.source,
-        "the lm-eval task folder (evaluation.task_include_path)": recipe.evaluation.task_include_path,
-    }
 
 
 def preflight(
