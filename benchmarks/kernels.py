@@ -165,7 +165,7 @@ def bench_shape(label: str, rows: int, cols: int, args, clock, have_ort: bool) -
     gc.collect()
 
     # sparse engines, one sparsity at a time (pruned copies are dropped once packed)
-    isas = kernels.isas()[1:] or ["portable"] if args.isas == "all" else [kernels.best_isa()]
+    isas = (kernels.isas()[1:] or ["portable"]) if args.isas == "all" else [kernels.best_isa()]
     for sparsity in args.sparsities:
         packs, csrs = [], []
         for i, w in enumerate(weights):
