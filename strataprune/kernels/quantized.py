@@ -51,7 +51,7 @@ GROUP_SIZES = (32, 64, 128)  #: allowed columns per scale besides one scale per 
 #: the quantized kernels' paths, in the order of the library's isa argument (quant_api.cpp)
 QUANT_ISA_NAMES = ("portable", "avx2", "avx512", "avx2-novnni")
 _STATUS = {
-    -1: "the CPU or this build lacks the instruction set (the quantized AVX-512 path needs AVX-512 F/BW/VL/VBMI2/VNNI)",
+    -1: "the CPU or this build lacks the instruction set (the quantized AVX-512 path needs AVX-512 F/BW/VL/VBMI/VBMI2/VNNI)",
     -2: "a negative size or bits other than 4 and 8",
     -3: "out of memory for the kernel's scratch buffers",
     -4: "masks, offsets and codes disagree (not produced by strataprune.kernels.quantized.pack_*?)",
@@ -374,6 +374,30 @@ def linear(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, codes: t
     code = lib.sq_linear(x.data_ptr(), tokens, masks.data_ptr(), offsets.data_ptr(), codes.data_ptr(), scales.data_ptr(),
                          None if zeros is None else zeros.data_ptr(), rows, in_features, bits, group_size,
                          None if bias is None else bias.data_ptr(), y.data_ptr(), _isa_for_call(), get_num_threads())
+    if code:
+        raise KernelInputError(f"sparse_linear_quantized failed: {status_message(code)}")
+    return y
+
+
+def pointers(packed: QuantizedWeight, bias: torch.Tensor | None = None) -> tuple:
+    """The validated weight's data pointers and sizes for :func:`launch_pointers` (the caller keeps ``packed``
+    and ``bias`` alive and unmodified while they are used)."""
+    validate(packed)
+    if bias is not None:
+        check_tensor("bias", bias, torch.float32, (packed.shape[0],))
+    return (packed.masks.data_ptr(), packed.offsets.data_ptr(), packed.codes.data_ptr(), packed.scales.data_ptr(),
+            None if packed.zeros is None else packed.zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+            packed.shape[0], packed.shape[1], packed.bits, packed.group_size)
+
+
+def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
+    """One ``sq_linear`` call on a contiguous float32 CPU ``x`` and :func:`pointers` (no per-call checks of the
+    weight: the path for modules and benchmarks, where dispatcher and validation would cost more than the matmul)."""
+    masks, offsets, codes, scales, zeros, bias, rows, cols, bits, group_size = ptrs
+    tokens = x.numel() // cols if cols else math.prod(x.shape[:-1])
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+    code = _lib().sq_linear(x.data_ptr(), tokens, masks, offsets, codes, scales, zeros, rows, cols, bits, group_size, bias,
+                            y.data_ptr(), _isa_for_call(), get_num_threads())
     if code:
         raise KernelInputError(f"sparse_linear_quantized failed: {status_message(code)}")
     return y

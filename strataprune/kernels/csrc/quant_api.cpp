@@ -3,7 +3,7 @@
 // every vector path is tested against (beside a plain Python loop over the format).
 //
 //   sq_linear(x[tokens, cols], packed W[rows, cols], bias[rows] or NULL, y[tokens, rows], isa, threads)
-//     isa: -1 best, 0 portable, 1 AVX2 (with AVX-VNNI when the CPU has it), 2 AVX-512 (F, BW, VL, VBMI2, VNNI),
+//     isa: -1 best, 0 portable, 1 AVX2 (with AVX-VNNI when the CPU has it), 2 AVX-512 (F, BW, VL, VBMI, VBMI2, VNNI),
 //          3 AVX2 without AVX-VNNI (to measure and test that path on a CPU that has AVX-VNNI).
 #include <cmath>
 #include <cstdlib>
@@ -108,7 +108,8 @@ bool qcpu_has(int isa) {
   if (isa == kQAvx2 || isa == kQAvx2NoVnni) return avx2;
   if (isa == kQAvx512)
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vbmi2") &&
            __builtin_cpu_supports("avx512vnni");
 #endif
   return false;
@@ -237,6 +238,7 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   w.bits = bits;
   w.group = group;
   w.ngroups = (cols + group - 1) / group;
+  w.group_shift = group == cols ? 62 : (group == 32 ? 5 : group == 64 ? 6 : 7);
   w.unit = group < kActBlock && group != cols ? group : kActBlock;  // per row: units are the activation blocks
   w.masks = masks;
   w.offsets = offsets;
@@ -280,7 +282,12 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
     const int t = 0, nt = 1;
 #endif
     const int64_t t0 = tokens * t / nt, t1 = tokens * (t + 1) / nt;
-    quantize_tokens(x, cols, in, xq, sx, quad, block, t0, t1);
+#if SP_X86
+    if (isa != kQPortable)
+      quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, t0, t1);
+    else
+#endif
+      quantize_tokens(x, cols, in, xq, sx, quad, block, t0, t1);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif

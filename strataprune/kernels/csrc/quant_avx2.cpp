@@ -120,6 +120,49 @@ SQ_AVX2 uint8_t* unpack_row_nibbles_avx2(const QPacked& w, int64_t n, uint8_t* b
   return buf + (first & 1);
 }
 
+// quant_api.cpp's quantize_tokens, 32 columns at a time (same arithmetic: fp32 division, round half to even)
+SQ_AVX2 void quantize_tokens_avx2(const float* x, int64_t cols, const QInput& in, int8_t* xq, float* sx, int32_t* quad,
+                                  int32_t* block, int64_t t0, int64_t t1) {
+  const int64_t ablocks = in.cols_pad / kActBlock;
+  const __m256 sign = _mm256_set1_ps(-0.0f), limit = _mm256_set1_ps(127.0f), low = _mm256_set1_ps(-127.0f);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float tmp[kActBlock];
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* src = x + t * cols;
+    int8_t* dst = xq + t * in.cols_pad;
+    for (int64_t b = 0; b < ablocks; ++b) {
+      const int64_t k0 = b * kActBlock, n = cols - k0 < kActBlock ? cols - k0 : kActBlock;
+      for (int64_t k = 0; k < kActBlock; ++k) tmp[k] = k < n ? src[k0 + k] : 0.0f;
+      __m256 amax = _mm256_setzero_ps();
+      for (int k = 0; k < kActBlock; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_load_ps(tmp + k)));
+      const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float scale = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2))) / 127.0f;
+      sx[t * ablocks + b] = scale;
+      const __m256 div = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+      const __m256 keep = scale > 0.0f ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_setzero_ps();
+      for (int k = 0; k < kActBlock; k += 32) {
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) {
+          __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_load_ps(tmp + k + 8 * i), div), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          r = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(r, low), limit), keep);
+          q[i] = _mm256_cvtps_epi32(r);
+        }
+        // packs work per 128-bit lane: the dword permutation restores column order
+        const __m256i packed = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k0 + k), packed);
+        const __m256i sums = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, packed), ones16), 7);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(quad + t * (in.cols_pad / 4) + (k0 + k) / 4), sums);
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+        const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        block[t * (in.cols_pad / 32) + (k0 + k) / 32] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+      }
+    }
+  }
+}
+
 SQ_AVX2 void qgemv_avx2(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   if (w.bits == 8) plain::gemv<8>(w, in, bias, y, r0, r1); else plain::gemv<4>(w, in, bias, y, r0, r1);
 }

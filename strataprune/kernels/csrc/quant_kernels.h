@@ -34,6 +34,7 @@ struct QPacked {
   int64_t rows, cols, words;  // words = ceil(cols / 16)
   int bits;                   // 8 or 4
   int64_t group;              // columns per scale group (cols when per row)
+  int group_shift;            // k >> group_shift = k / group (62 when per row: every column in group 0)
   int64_t ngroups;
   int64_t unit;               // min(group, kActBlock): columns summed exactly in int32
   const uint16_t* masks;
@@ -93,6 +94,8 @@ inline int64_t row_buffer_bytes(const QPacked& w) { return w.cols + 128; }
 uint8_t* unpack_row_nibbles(const QPacked& w, int64_t n, uint8_t* buf);
 #if SP_X86
 uint8_t* unpack_row_nibbles_avx2(const QPacked& w, int64_t n, uint8_t* buf);
+void quantize_tokens_avx2(const float* x, int64_t cols, const QInput& in, int8_t* xq, float* sx, int32_t* quad,
+                          int32_t* block, int64_t t0, int64_t t1);
 #endif
 
 }  // namespace sp
