@@ -271,6 +271,18 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   const int64_t work = static_cast<int64_t>(offsets[rows]) * tokens + rows * w.words;
   if (work < 48 * 1024 || rows < 32) threads = 1;
   const int64_t align = gemm ? 16 : 4;
+  if (threads == 1) {  // no parallel region: its start costs more than a small layer's whole GEMV
+    const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
+    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) return kNoMemory;
+#if SP_X86
+    if (isa != kQPortable)
+      quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, 0, tokens);
+    else
+#endif
+      quantize_tokens(x, cols, in, xq, sx, quad, block, 0, tokens);
+    fn(w, in, bias, y, 0, rows);
+    return kOk;
+  }
   int status = kOk;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
