@@ -355,20 +355,21 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
                          inputs[args.tokens[0]], q8.float() * sc8.unsqueeze(1))
         del int8_weights
     for tokens, x in inputs.items():
-        engines = {"torch dense fp32": lambda x=x: [torch.nn.functional.linear(x, w) for w in dense]}
+        engines = {"torch dense fp32": lambda x=x, dense=dense: [torch.nn.functional.linear(x, w) for w in dense]}
         stacks = {"torch dense fp32": (s_fp32, rows * cols * 4 * s_fp32, "dense fp32")}
         if have_ort:
             feed = {"x": x.numpy()}
-            engines["onnxruntime MatMul fp32"] = lambda feed=feed: fp32_session.run(None, feed)
-            engines["onnxruntime MatMulNBits int4 (dense)"] = lambda feed=feed: int4_session.run(None, feed)
-            engines["onnxruntime DynamicQuantizeMatMul int8 (dense)"] = lambda feed=feed: int8_session.run(None, feed)
+            engines["onnxruntime MatMul fp32"] = lambda feed=feed, s=fp32_session: s.run(None, feed)
+            engines["onnxruntime MatMulNBits int4 (dense)"] = lambda feed=feed, s=int4_session: s.run(None, feed)
+            engines["onnxruntime DynamicQuantizeMatMul int8 (dense)"] = lambda feed=feed, s=int8_session: s.run(None, feed)
             stacks["onnxruntime MatMul fp32"] = (s_fp32, rows * cols * 4 * s_fp32, "dense fp32")
-            stacks["onnxruntime MatMulNBits int4 (dense)"] = (s_int4, rows * cols * (0.5 + 4.5 / ORT_INT4_BLOCK) * s_int4, "dense int4")
+            int4_bytes = rows * cols * (0.5 + 4.5 / ORT_INT4_BLOCK) * s_int4
+            stacks["onnxruntime MatMulNBits int4 (dense)"] = (s_int4, int4_bytes, "dense int4")
             stacks["onnxruntime DynamicQuantizeMatMul int8 (dense)"] = (s_int8, (rows * cols + rows * 4) * s_int8, "dense int8")
         for engine, timing in race_both(engines, args.reps).items():
             stack, nbytes, kind = stacks[engine]
             out.append(record(engine, kind, tokens, 0.0, timing, stack, nbytes, rows * cols * stack))
-    del dense, fp32_session, int4_session, int8_session
+    dense = fp32_session = int4_session = int8_session = None  # free the dense stacks before the sparse ones
     gc.collect()
 
     # sparse: fp32 bitmask (best ISA, for reference) and the quantized formats on every quantized path
@@ -402,7 +403,8 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
         fp = [kernels.pack(prune_random(variant(i), sparsity, seed=i)) for i in range(stack)]
         fptrs = [(p.masks.data_ptr(), p.values.data_ptr(), p.offsets.data_ptr(), None) for p in fp]
         for tokens, x in inputs.items():
-            timing = race_both({"f": lambda x=x: [launch_pointers(x, ptr, rows, cols) for ptr in fptrs]}, args.reps)["f"]
+            timing = race_both({"f": lambda x=x, fptrs=fptrs: [launch_pointers(x, ptr, rows, cols) for ptr in fptrs]},
+                               args.reps)["f"]
             out.append(record(f"sparse-cpu fp32 ({kernels.best_isa()})", "sparse fp32", tokens, sparsity, timing, stack,
                               sum(p.nbytes for p in fp), sum(p.nnz for p in fp)))
         del fp, fptrs
@@ -443,8 +445,8 @@ def quantized_markdown(rows: list[dict], meta: dict) -> str:
             if not sel:
                 continue
             lines += [f"## {shape}, {'GEMV (1 token)' if tokens == 1 else f'GEMM ({tokens} tokens)'}", "",
-                      "| engine | sparsity | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x fp32 (CPU) | "
-                      "x fp32 (wall) | x same width (CPU) | x same width (wall) |",
+                      ("| engine | sparsity | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x fp32 (CPU) | "
+                       "x fp32 (wall) | x same width (CPU) | x same width (wall) |"),
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
                 same = ("-" if r["vs_dense_same_width_cpu"] is None else
@@ -471,7 +473,7 @@ def cache_sizes() -> str:
     try:
         import subprocess
 
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        text = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
         return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip().startswith(("L1d", "L2", "L3")))
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -265,8 +265,8 @@ def test_bad_inputs_are_python_exceptions_naming_the_problem():
     p = Q.pack_int4(w, group_size=32)
     x = torch.randn(3, 64)
     op = torch.ops.strataprune.sparse_linear_quantized
-    args = dict(masks=p.masks, offsets=p.offsets, codes=p.codes, scales=p.scales, zeros=p.zeros, bias=None,
-                in_features=64, bits=4, group_size=32)
+    args = {"masks": p.masks, "offsets": p.offsets, "codes": p.codes, "scales": p.scales, "zeros": p.zeros, "bias": None,
+            "in_features": 64, "bits": 4, "group_size": 32}
 
     def call(**changes):
         a = {**args, **changes}
@@ -293,9 +293,8 @@ def test_bad_inputs_are_python_exceptions_naming_the_problem():
     for fn, message in cases:
         with pytest.raises(kernels.KernelInputError, match=message):
             fn()
-    with pytest.raises(kernels.KernelInputError, match="sse9"):
-        with Q.use_quantized_isa("sse9"):
-            pass
+    with pytest.raises(kernels.KernelInputError, match="sse9"), Q.use_quantized_isa("sse9"):
+        pass
 
 
 def test_custom_op_passes_opcheck_and_exports():

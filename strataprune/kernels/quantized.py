@@ -279,7 +279,8 @@ def pack_from_grid(weight: torch.Tensor, quant: dict) -> QuantizedWeight:
     """Pack a jointly pruned + quantized weight with the grid record a pruner saved
     (``{"bits": 4, "groupsize": G or None, "scale": [rows, ngroups], "zero": [rows, ngroups], ...}``)."""
     if not isinstance(quant, dict) or quant.get("bits") != 4:
-        raise KernelInputError(f"pack_from_grid takes a 4-bit grid record, got bits={quant.get('bits') if isinstance(quant, dict) else quant!r}")
+        got = quant.get("bits") if isinstance(quant, dict) else quant
+        raise KernelInputError(f"pack_from_grid takes a 4-bit grid record, got bits={got!r}")
     return pack_int4(weight, None, quant.get("groupsize"), quant["scale"], quant["zero"])
 
 

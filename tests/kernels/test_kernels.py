@@ -129,7 +129,7 @@ def test_every_path_matches_dense_matmul(cases, isa, threads):
 def loop_linear(p, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[list[float]], list[list[float]]]:
     """y = x W^T + b straight from the packed buffers with plain loops (format.py's definition: bit j of mask
     word g is column 16 g + j, values in storage order), in float64, and the fp32 bound of each entry."""
-    rows, cols = p.shape
+    rows = p.shape[0]
     masks, values = p.masks.tolist(), p.values.tolist()
     xs = x.tolist()
     y = [[0.0] * rows for _ in xs]
