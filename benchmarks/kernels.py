@@ -224,14 +224,21 @@ def race_both(engines: dict[str, Callable[[], object]], reps: int) -> dict[str, 
     cpu: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             w0, c0 = time.perf_counter(), time.thread_time()
             engines[name]()
             c1, w1 = time.thread_time(), time.perf_counter()
             wall[name].append(w1 - w0)
             cpu[name].append(c1 - c0)
-    return {name: {"wall_s": min(wall[name]), "wall_median_s": statistics.median(wall[name]), "cpu_s": min(cpu[name]),
-                   "cpu_median_s": statistics.median(cpu[name])} for name in names}
+    return {
+        name: {
+            "wall_s": min(wall[name]),
+            "wall_median_s": statistics.median(wall[name]),
+            "cpu_s": min(cpu[name]),
+            "cpu_median_s": statistics.median(cpu[name]),
+        }
+        for name in names
+    }
 
 
 def int4_grid(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,21 +262,47 @@ def ort_matmulnbits_session(grids: list[tuple[torch.Tensor, torch.Tensor, torch.
     blocks = -(-cols // ORT_INT4_BLOCK)
     inits, nodes, outputs = [], [], []
     for i, (q, scale, zero) in enumerate(grids):
-        padded = torch.nn.functional.pad(q, (0, blocks * ORT_INT4_BLOCK - cols)).view(rows, blocks, ORT_INT4_BLOCK).to(torch.int32)
+        padded = (
+            torch.nn.functional.pad(q, (0, blocks * ORT_INT4_BLOCK - cols)).view(rows, blocks, ORT_INT4_BLOCK).to(torch.int32)
+        )
         packed = (padded[..., 0::2] | (padded[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
         z = torch.nn.functional.pad(zero.to(torch.int32), (0, blocks % 2))
         zp = (z[:, 0::2] | (z[:, 1::2] << 4)).to(torch.uint8).flatten()
-        inits += [numpy_helper.from_array(packed.numpy(), f"b{i}"), numpy_helper.from_array(scale.flatten().numpy(), f"s{i}"),
-                  numpy_helper.from_array(zp.numpy(), f"z{i}")]
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"b{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain="com.microsoft",
-                                      K=cols, N=rows, bits=4, block_size=ORT_INT4_BLOCK, accuracy_level=4))
+        inits += [
+            numpy_helper.from_array(packed.numpy(), f"b{i}"),
+            numpy_helper.from_array(scale.flatten().numpy(), f"s{i}"),
+            numpy_helper.from_array(zp.numpy(), f"z{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["x", f"b{i}", f"s{i}", f"z{i}"],
+                [f"y{i}"],
+                domain="com.microsoft",
+                K=cols,
+                N=rows,
+                bits=4,
+                block_size=ORT_INT4_BLOCK,
+                accuracy_level=4,
+            )
+        )
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["tokens", rows]))
-    return _ort_run_session(helper, TensorProto, nodes, inits, outputs, cols, threads,
-                            [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ort)
+    return _ort_run_session(
+        helper,
+        TensorProto,
+        nodes,
+        inits,
+        outputs,
+        cols,
+        threads,
+        [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ort,
+    )
 
 
 def ort_dynamic_int8_session(weights: list[tuple[torch.Tensor, torch.Tensor]], cols: int, threads: int):
-    """ONNX Runtime's dense int8 MatMul (com.microsoft DynamicQuantizeMatMul: input quantized per call, per-column weight scales)."""
+    """ONNX Runtime's dense int8 MatMul (com.microsoft DynamicQuantizeMatMul: input quantized per call, per-column
+    weight scales)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -279,13 +312,23 @@ def ort_dynamic_int8_session(weights: list[tuple[torch.Tensor, torch.Tensor]], c
         inits += [numpy_helper.from_array(q.T.contiguous().numpy(), f"b{i}"), numpy_helper.from_array(scale.numpy(), f"s{i}")]
         nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft"))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["tokens", rows]))
-    return _ort_run_session(helper, TensorProto, nodes, inits, outputs, cols, threads,
-                            [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ort)
+    return _ort_run_session(
+        helper,
+        TensorProto,
+        nodes,
+        inits,
+        outputs,
+        cols,
+        threads,
+        [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ort,
+    )
 
 
 def _ort_run_session(helper, TensorProto, nodes, inits, outputs, cols, threads, opsets, ort):
-    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -321,12 +364,24 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
 
     def record(engine, kind, tokens, sparsity, timing, stack, weight_bytes, nnz):
         per = {clock: timing[f"{clock}_s"] / stack for clock in ("wall", "cpu")}
-        return {"shape": label, "rows": rows, "cols": cols, "tokens": tokens, "engine": engine, "kind": kind,
-                "sparsity": sparsity, "stack": stack, "weight_bytes_per_matrix": weight_bytes / stack,
-                "bytes_per_weight": weight_bytes / stack / (rows * cols), **timing,
-                "us_per_matrix_wall": per["wall"] * 1e6, "us_per_matrix_cpu": per["cpu"] * 1e6,
-                "GBps_wall": weight_bytes / timing["wall_s"] / 1e9, "GBps_cpu": weight_bytes / timing["cpu_s"] / 1e9,
-                "useful_GFLOPs_cpu": 2 * tokens * nnz / timing["cpu_s"] / 1e9}
+        return {
+            "shape": label,
+            "rows": rows,
+            "cols": cols,
+            "tokens": tokens,
+            "engine": engine,
+            "kind": kind,
+            "sparsity": sparsity,
+            "stack": stack,
+            "weight_bytes_per_matrix": weight_bytes / stack,
+            "bytes_per_weight": weight_bytes / stack / (rows * cols),
+            **timing,
+            "us_per_matrix_wall": per["wall"] * 1e6,
+            "us_per_matrix_cpu": per["cpu"] * 1e6,
+            "GBps_wall": weight_bytes / timing["wall_s"] / 1e9,
+            "GBps_cpu": weight_bytes / timing["cpu_s"] / 1e9,
+            "useful_GFLOPs_cpu": 2 * tokens * nnz / timing["cpu_s"] / 1e9,
+        }
 
     # dense references: fp32 (torch, ORT MatMul), int4 (ORT MatMulNBits), int8 (ORT DynamicQuantizeMatMul)
     s_fp32 = count(rows * cols * 4, args.stack_mb)
@@ -339,10 +394,12 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
         grids = [int4_grid(variant(i), ORT_INT4_BLOCK) for i in range(s_int4)]
         int4_session = ort_matmulnbits_session(grids, cols, 1)
         q, scale, zero = grids[0]
-        deq = ((q.float().view(rows, -1) - zero.float().repeat_interleave(ORT_INT4_BLOCK, 1)[:, :cols])
-               * scale.repeat_interleave(ORT_INT4_BLOCK, 1)[:, :cols])
-        _check_reference("ORT MatMulNBits", int4_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0],
-                         inputs[args.tokens[0]], deq)
+        deq = (q.float().view(rows, -1) - zero.float().repeat_interleave(ORT_INT4_BLOCK, 1)[:, :cols]) * scale.repeat_interleave(
+            ORT_INT4_BLOCK, 1
+        )[:, :cols]
+        _check_reference(
+            "ORT MatMulNBits", int4_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0], inputs[args.tokens[0]], deq
+        )
         del grids
         int8_weights = []
         for i in range(s_int8):
@@ -351,8 +408,12 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
             int8_weights.append((torch.round(w / sc.unsqueeze(1)).clamp(-127, 127).to(torch.int8), sc))
         int8_session = ort_dynamic_int8_session(int8_weights, cols, 1)
         q8, sc8 = int8_weights[0]
-        _check_reference("ORT DynamicQuantizeMatMul", int8_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0],
-                         inputs[args.tokens[0]], q8.float() * sc8.unsqueeze(1))
+        _check_reference(
+            "ORT DynamicQuantizeMatMul",
+            int8_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0],
+            inputs[args.tokens[0]],
+            q8.float() * sc8.unsqueeze(1),
+        )
         del int8_weights
     for tokens, x in inputs.items():
         engines = {"torch dense fp32": lambda x=x, dense=dense: [torch.nn.functional.linear(x, w) for w in dense]}
@@ -390,9 +451,11 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
                 for path in paths:
                     if path == "portable" and tokens > Q_PORTABLE_MAX_TOKENS:
                         continue  # the scalar reference path: minutes per repetition at 128 tokens
+
                     def run(x=x, path=path, ptrs=ptrs):
                         with Q.use_quantized_isa(path):
                             return [Q.launch_pointers(x, ptr) for ptr in ptrs]
+
                     engines[f"sparse-cpu {fmt} ({path})"] = run
                 for engine, timing in race_both(engines, args.reps).items():
                     out.append(record(engine, f"sparse {fmt}", tokens, sparsity, timing, stack, nbytes, nnz))
@@ -403,10 +466,21 @@ def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool
         fp = [kernels.pack(prune_random(variant(i), sparsity, seed=i)) for i in range(stack)]
         fptrs = [(p.masks.data_ptr(), p.values.data_ptr(), p.offsets.data_ptr(), None) for p in fp]
         for tokens, x in inputs.items():
-            timing = race_both({"f": lambda x=x, fptrs=fptrs: [launch_pointers(x, ptr, rows, cols) for ptr in fptrs]},
-                               args.reps)["f"]
-            out.append(record(f"sparse-cpu fp32 ({kernels.best_isa()})", "sparse fp32", tokens, sparsity, timing, stack,
-                              sum(p.nbytes for p in fp), sum(p.nnz for p in fp)))
+            timing = race_both({"f": lambda x=x, fptrs=fptrs: [launch_pointers(x, ptr, rows, cols) for ptr in fptrs]}, args.reps)[
+                "f"
+            ]
+            out.append(
+                record(
+                    f"sparse-cpu fp32 ({kernels.best_isa()})",
+                    "sparse fp32",
+                    tokens,
+                    sparsity,
+                    timing,
+                    stack,
+                    sum(p.nbytes for p in fp),
+                    sum(p.nnz for p in fp),
+                )
+            )
         del fp, fptrs
         gc.collect()
     # ratios per clock: against the fastest dense fp32 engine, and against the dense engine of the same width
@@ -426,36 +500,50 @@ Q_PORTABLE_MAX_TOKENS = 1
 
 
 def quantized_markdown(rows: list[dict], meta: dict) -> str:
-    setup = (f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread; best of {meta['reps']} round-robin "
-             f"repetitions, both clocks read around every repetition (wall: perf_counter; CPU: this thread's CPU time); "
-             f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}. Load average at start {meta['load_start']}, at end "
-             f"{meta['load_end']} (2 cores shared by several people: trust the CPU-clock ratios within one shape first).")
-    legend = ("Per engine a stack of S distinct [out x in] matrices is multiplied by the same input (dense fp32 stacks "
-              f"{meta['stack_mb']:.0f} MB, quantized stacks >= {meta['quant_stack_mb']:.0f} MB of their own bytes); times are "
-              "per matrix. B/w: bytes read per weight (ours: masks + codes + scales [+ zeros] + row offsets; MatMulNBits: "
-              "4-bit codes + fp32 scale + 4-bit zero per 128; DynamicQuantizeMatMul: int8 + fp32 scale per column). "
-              "x fp32: the fastest dense fp32 engine's time / this time; x same width: the dense ORT int4 (for int4) or "
-              "int8 (for int8) engine's time / this time. The sparse engines quantize the input to int8 per token and "
-              "128-column block on every call (time included), as MatMulNBits accuracy_level 4 and DynamicQuantizeMatMul do. "
-              "The portable path is run for GEMV only: it is the scalar reference, minutes per repetition at 128 tokens.")
+    setup = (
+        f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread; best of {meta['reps']} round-robin "
+        f"repetitions, both clocks read around every repetition (wall: perf_counter; CPU: this thread's CPU time); "
+        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}. Load average at start {meta['load_start']}, at end "
+        f"{meta['load_end']} (2 cores shared by several people: trust the CPU-clock ratios within one shape first)."
+    )
+    legend = (
+        "Per engine a stack of S distinct [out x in] matrices is multiplied by the same input (dense fp32 stacks "
+        f"{meta['stack_mb']:.0f} MB, quantized stacks >= {meta['quant_stack_mb']:.0f} MB of their own bytes); times are "
+        "per matrix. B/w: bytes read per weight (ours: masks + codes + scales [+ zeros] + row offsets; MatMulNBits: "
+        "4-bit codes + fp32 scale + 4-bit zero per 128; DynamicQuantizeMatMul: int8 + fp32 scale per column). "
+        "x fp32: the fastest dense fp32 engine's time / this time; x same width: the dense ORT int4 (for int4) or "
+        "int8 (for int8) engine's time / this time. The sparse engines quantize the input to int8 per token and "
+        "128-column block on every call (time included), as MatMulNBits accuracy_level 4 and DynamicQuantizeMatMul do. "
+        "The portable path is run for GEMV only: it is the scalar reference, minutes per repetition at 128 tokens."
+    )
     lines = [f"# Quantized sparse kernels benchmark ({meta['timestamp']})", "", setup, "", legend, ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for tokens in dict.fromkeys(r["tokens"] for r in rows):
             sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
             if not sel:
                 continue
-            lines += [f"## {shape}, {'GEMV (1 token)' if tokens == 1 else f'GEMM ({tokens} tokens)'}", "",
-                      ("| engine | sparsity | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x fp32 (CPU) | "
-                       "x fp32 (wall) | x same width (CPU) | x same width (wall) |"),
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## {shape}, {'GEMV (1 token)' if tokens == 1 else f'GEMM ({tokens} tokens)'}",
+                "",
+                (
+                    "| engine | sparsity | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x fp32 (CPU) | "
+                    "x fp32 (wall) | x same width (CPU) | x same width (wall) |"
+                ),
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in sel:
-                same = ("-" if r["vs_dense_same_width_cpu"] is None else
-                        f"{r['vs_dense_same_width_cpu']:.2f} | {r['vs_dense_same_width_wall']:.2f}")
+                same = (
+                    "-"
+                    if r["vs_dense_same_width_cpu"] is None
+                    else f"{r['vs_dense_same_width_cpu']:.2f} | {r['vs_dense_same_width_wall']:.2f}"
+                )
                 if r["vs_dense_same_width_cpu"] is None:
                     same = "- | -"
-                lines.append(f"| {r['engine']} | {r['sparsity']:.0%} | {r['bytes_per_weight']:.3f} | {r['us_per_matrix_cpu']:.1f} | "
-                             f"{r['us_per_matrix_wall']:.1f} | {r['GBps_cpu']:.1f} | {r['GBps_wall']:.1f} | "
-                             f"{r['vs_dense_fp32_cpu']:.2f} | {r['vs_dense_fp32_wall']:.2f} | {same} |")
+                lines.append(
+                    f"| {r['engine']} | {r['sparsity']:.0%} | {r['bytes_per_weight']:.3f} | {r['us_per_matrix_cpu']:.1f} | "
+                    f"{r['us_per_matrix_wall']:.1f} | {r['GBps_cpu']:.1f} | {r['GBps_wall']:.1f} | "
+                    f"{r['vs_dense_fp32_cpu']:.2f} | {r['vs_dense_fp32_wall']:.2f} | {same} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -465,7 +553,18 @@ def cpu_flags() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return "flags unknown"
-    wanted = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi", "avx512_vbmi2", "avx512_vnni", "amx_int8")
+    wanted = (
+        "avx2",
+        "fma",
+        "avx_vnni",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vbmi",
+        "avx512_vbmi2",
+        "avx512_vnni",
+        "amx_int8",
+    )
     return ", ".join(f for f in wanted if f in flags)
 
 
@@ -485,9 +584,20 @@ def run_quantized(args, have_ort: bool, ort_version: str) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
-    meta = {"timestamp": stamp, "cpu": cpu_name(), "cpu_flags": cpu_flags(), "caches": cache_sizes(), "threads": 1,
-            "reps": args.reps, "torch": torch.__version__, "onnxruntime": ort_version, "stack_mb": args.stack_mb,
-            "quant_stack_mb": args.quant_stack_mb, "load_start": load_average(), "python": platform.python_version()}
+    meta = {
+        "timestamp": stamp,
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "caches": cache_sizes(),
+        "threads": 1,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "stack_mb": args.stack_mb,
+        "quant_stack_mb": args.quant_stack_mb,
+        "load_start": load_average(),
+        "python": platform.python_version(),
+    }
     from strataprune.kernels.quantized import quantized_isas
 
     meta["quantized_isas"] = quantized_isas()
@@ -729,11 +839,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-sparsities", dest="e2e_sparsities", default="0.5,0.7,0.9")
     parser.add_argument("--no-kernels", dest="no_kernels", action="store_true", help="only the end-to-end part")
     parser.add_argument("--quick", action="store_true", help="4096x4096 only, 64 MB stacks, 3 repetitions")
-    parser.add_argument("--quantized", action="store_true",
-                        help="the int8/int4 sparse kernels (1 thread, every path) against dense fp32, int4 and int8 engines; "
-                             f"default shapes {','.join(QUANT_SHAPES)}, sparsities 0.5,0.7,0.9")
-    parser.add_argument("--quant-stack-mb", dest="quant_stack_mb", type=float, default=64.0,
-                        help="quantized stacks: at least this many MB of their own bytes")
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="the int8/int4 sparse kernels (1 thread, every path) against dense fp32, int4 and int8 engines; "
+        f"default shapes {','.join(QUANT_SHAPES)}, sparsities 0.5,0.7,0.9",
+    )
+    parser.add_argument(
+        "--quant-stack-mb",
+        dest="quant_stack_mb",
+        type=float,
+        default=64.0,
+        help="quantized stacks: at least this many MB of their own bytes",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     if args.quantized:

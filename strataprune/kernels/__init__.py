@@ -71,7 +71,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modules import SparseLinear, SparsifyReport, sparsify_model  # noqa: F401
     from .ops import sparse_linear  # noqa: F401
     from .quantized import (  # noqa: F401
-        QuantizedWeight, pack_from_grid, pack_int4, pack_int8, quantized_isas, sparse_linear_quantized, use_quantized_isa,
+        QuantizedWeight,
+        pack_from_grid,
+        pack_int4,
+        pack_int8,
+        quantized_isas,
+        sparse_linear_quantized,
+        use_quantized_isa,
     )
 
 

@@ -139,8 +139,13 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         """Bytes the kernels read: masks, the codes of the nnz weights, offsets, scales and zeros (no padding)."""
         zeros = 0 if self.zeros is None else self.zeros.numel()
-        return (self.masks.numel() * 2 + math.ceil(self.nnz * self.bits / 8) + self.offsets.numel() * 4
-                + self.scales.numel() * 4 + zeros)
+        return (
+            self.masks.numel() * 2
+            + math.ceil(self.nnz * self.bits / 8)
+            + self.offsets.numel() * 4
+            + self.scales.numel() * 4
+            + zeros
+        )
 
     @property
     def dense_nbytes(self) -> int:
@@ -154,14 +159,18 @@ class QuantizedWeight:
         validate(self)
 
     def __repr__(self) -> str:
-        return (f"QuantizedWeight(int{self.bits}, shape={self.shape}, group={self.group_size}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity:.3f}, bytes/weight={self.nbytes / max(1, self.shape[0] * self.shape[1]):.3f})")
+        return (
+            f"QuantizedWeight(int{self.bits}, shape={self.shape}, group={self.group_size}, nnz={self.nnz}, "
+            f"sparsity={self.sparsity:.3f}, bytes/weight={self.nbytes / max(1, self.shape[0] * self.shape[1]):.3f})"
+        )
 
 
 def _check_weight_and_mask(weight: object, mask: object) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise KernelInputError(f"the weight must be a 2-D tensor, got {type(weight).__name__}"
-                               + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""))
+        raise KernelInputError(
+            f"the weight must be a 2-D tensor, got {type(weight).__name__}"
+            + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else "")
+        )
     if not weight.dtype.is_floating_point or weight.device.type != "cpu":
         raise KernelInputError(f"the weight must be a floating-point CPU tensor, got {weight.dtype} on {weight.device}")
     w = weight.detach().to(torch.float32).contiguous()
@@ -169,8 +178,10 @@ def _check_weight_and_mask(weight: object, mask: object) -> tuple[torch.Tensor, 
         keep = w != 0
     else:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(w.shape):
-            raise KernelInputError(f"mask must be a tensor of the weight's shape {tuple(w.shape)}, got "
-                                   + (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__))
+            raise KernelInputError(
+                f"mask must be a tensor of the weight's shape {tuple(w.shape)}, got "
+                + (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__)
+            )
         keep = mask.detach().to(torch.bool).contiguous()
     if not bool(torch.isfinite(w[keep]).all()):
         raise KernelInputError("the kept weights must be finite (found inf or NaN)")
@@ -181,8 +192,9 @@ def _group_of(group_size: int | None, cols: int) -> int:
     if group_size is None:
         return max(1, cols)
     if group_size not in GROUP_SIZES:
-        raise KernelInputError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} or None (one scale per row), "
-                               f"got {group_size!r}")
+        raise KernelInputError(
+            f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} or None (one scale per row), got {group_size!r}"
+        )
     return group_size
 
 
@@ -194,13 +206,16 @@ def _per_group(values: torch.Tensor, group: int, ngroups: int) -> torch.Tensor:
 
 def _grid(name: str, grid: torch.Tensor, rows: int, ngroups: int) -> torch.Tensor:
     if not isinstance(grid, torch.Tensor) or tuple(grid.shape) != (rows, ngroups):
-        raise KernelInputError(f"{name} must be a tensor of shape ({rows}, {ngroups}) = (rows, ceil(cols / group)), got "
-                               + (f"shape {tuple(grid.shape)}" if isinstance(grid, torch.Tensor) else type(grid).__name__))
+        raise KernelInputError(
+            f"{name} must be a tensor of shape ({rows}, {ngroups}) = (rows, ceil(cols / group)), got "
+            + (f"shape {tuple(grid.shape)}" if isinstance(grid, torch.Tensor) else type(grid).__name__)
+        )
     return grid.detach().to(torch.float32).contiguous()
 
 
-def _assemble(keep: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bits: int, group: int) -> QuantizedWeight:
+def _assemble(
+    keep: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int
+) -> QuantizedWeight:
     rows, cols = keep.shape
     counts = keep.sum(1, dtype=torch.int64)
     nnz = int(counts.sum())
@@ -215,12 +230,21 @@ def _assemble(keep: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
             kept = torch.cat([kept, torch.zeros(1, dtype=torch.int32)])
         body = (kept[0::2] | (kept[1::2] << 4)).to(torch.uint8)
     packed_codes = torch.cat([body, torch.zeros(CODE_PAD, dtype=torch.uint8)])
-    return QuantizedWeight(mask_words(keep), offsets, packed_codes, scales.contiguous(),
-                           None if zeros is None else zeros.contiguous(), (rows, cols), bits, group)
+    return QuantizedWeight(
+        mask_words(keep),
+        offsets,
+        packed_codes,
+        scales.contiguous(),
+        None if zeros is None else zeros.contiguous(),
+        (rows, cols),
+        bits,
+        group,
+    )
 
 
-def pack_int8(weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int | None = None,
-              scales: torch.Tensor | None = None) -> QuantizedWeight:
+def pack_int8(
+    weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int | None = None, scales: torch.Tensor | None = None
+) -> QuantizedWeight:
     """int8 codes with symmetric scales: ``v = clamp(round(w / scale), -127, 127)``.
 
     ``mask``: the kept weights (default ``weight != 0``); ``group_size``: 32, 64, 128 or None (one scale per row);
@@ -241,8 +265,13 @@ def pack_int8(weight: torch.Tensor, mask: torch.Tensor | None = None, group_size
     return _assemble(keep, codes, scales, None, 8, group)
 
 
-def pack_int4(weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int | None = 128,
-              scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None) -> QuantizedWeight:
+def pack_int4(
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    group_size: int | None = 128,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> QuantizedWeight:
     """int4 codes on an asymmetric grid ``w = scale * (q - zero)``, ``q`` in [0, 15].
 
     ``scales``/``zeros`` (``[rows, ngroups]``, e.g. the joint pruning + INT4 grid a SparseGPT run records,
@@ -345,8 +374,20 @@ _validated: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
 def _ensure_consistent(masks, offsets, codes, scales, zeros, shape, bits, group_size) -> None:
-    key = (id(offsets), id(codes), id(scales), id(zeros), masks._version, offsets._version, codes._version,
-           -1 if zeros is None else zeros._version, codes.numel(), shape, bits, group_size)
+    key = (
+        id(offsets),
+        id(codes),
+        id(scales),
+        id(zeros),
+        masks._version,
+        offsets._version,
+        codes._version,
+        -1 if zeros is None else zeros._version,
+        codes.numel(),
+        shape,
+        bits,
+        group_size,
+    )
     entry = _validated.get(id(masks))
     if entry is not None and entry[0]() is masks and entry[1] == key:
         return
@@ -355,8 +396,18 @@ def _ensure_consistent(masks, offsets, codes, scales, zeros, shape, bits, group_
     _validated[ident] = (weakref.ref(masks, lambda _ref: _validated.pop(ident, None)), key)
 
 
-def linear(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-           zeros: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, bits: int, group_size: int) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    offsets: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    in_features: int,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
     """The eager implementation: every check, then one ``sq_linear`` call."""
     lib = _lib()
     if not isinstance(x, torch.Tensor):
@@ -372,9 +423,23 @@ def linear(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, codes: t
     _ensure_consistent(masks, offsets, codes, scales, zeros, (rows, in_features), bits, group_size)
     tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-    code = lib.sq_linear(x.data_ptr(), tokens, masks.data_ptr(), offsets.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                         None if zeros is None else zeros.data_ptr(), rows, in_features, bits, group_size,
-                         None if bias is None else bias.data_ptr(), y.data_ptr(), _isa_for_call(), get_num_threads())
+    code = lib.sq_linear(
+        x.data_ptr(),
+        tokens,
+        masks.data_ptr(),
+        offsets.data_ptr(),
+        codes.data_ptr(),
+        scales.data_ptr(),
+        None if zeros is None else zeros.data_ptr(),
+        rows,
+        in_features,
+        bits,
+        group_size,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        _isa_for_call(),
+        get_num_threads(),
+    )
     if code:
         raise KernelInputError(f"sparse_linear_quantized failed: {status_message(code)}")
     return y
@@ -386,9 +451,18 @@ def pointers(packed: QuantizedWeight, bias: torch.Tensor | None = None) -> tuple
     validate(packed)
     if bias is not None:
         check_tensor("bias", bias, torch.float32, (packed.shape[0],))
-    return (packed.masks.data_ptr(), packed.offsets.data_ptr(), packed.codes.data_ptr(), packed.scales.data_ptr(),
-            None if packed.zeros is None else packed.zeros.data_ptr(), None if bias is None else bias.data_ptr(),
-            packed.shape[0], packed.shape[1], packed.bits, packed.group_size)
+    return (
+        packed.masks.data_ptr(),
+        packed.offsets.data_ptr(),
+        packed.codes.data_ptr(),
+        packed.scales.data_ptr(),
+        None if packed.zeros is None else packed.zeros.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        packed.shape[0],
+        packed.shape[1],
+        packed.bits,
+        packed.group_size,
+    )
 
 
 def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
@@ -397,17 +471,41 @@ def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
     masks, offsets, codes, scales, zeros, bias, rows, cols, bits, group_size = ptrs
     tokens = x.numel() // cols if cols else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-    code = _lib().sq_linear(x.data_ptr(), tokens, masks, offsets, codes, scales, zeros, rows, cols, bits, group_size, bias,
-                            y.data_ptr(), _isa_for_call(), get_num_threads())
+    code = _lib().sq_linear(
+        x.data_ptr(),
+        tokens,
+        masks,
+        offsets,
+        codes,
+        scales,
+        zeros,
+        rows,
+        cols,
+        bits,
+        group_size,
+        bias,
+        y.data_ptr(),
+        _isa_for_call(),
+        get_num_threads(),
+    )
     if code:
         raise KernelInputError(f"sparse_linear_quantized failed: {status_message(code)}")
     return y
 
 
 @torch.library.custom_op("strataprune::sparse_linear_quantized", mutates_args=())
-def sparse_linear_quantized_op(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor,
-                               scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-                               in_features: int, bits: int, group_size: int) -> torch.Tensor:
+def sparse_linear_quantized_op(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    offsets: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    in_features: int,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
     return linear(x, masks, offsets, codes, scales, zeros, bias, in_features, bits, group_size)
 
 
@@ -421,8 +519,18 @@ def sparse_linear_quantized(x: torch.Tensor, packed: QuantizedWeight, bias: torc
     """``x @ W.T + bias`` for a :class:`QuantizedWeight` (input quantized on the fly; see the module docstring)."""
     if not isinstance(packed, QuantizedWeight):
         raise KernelInputError(f"packed must be a QuantizedWeight (pack_int8 / pack_int4), got {type(packed).__name__}")
-    return torch.ops.strataprune.sparse_linear_quantized(x, packed.masks, packed.offsets, packed.codes, packed.scales,
-                                                         packed.zeros, bias, packed.shape[1], packed.bits, packed.group_size)
+    return torch.ops.strataprune.sparse_linear_quantized(
+        x,
+        packed.masks,
+        packed.offsets,
+        packed.codes,
+        packed.scales,
+        packed.zeros,
+        bias,
+        packed.shape[1],
+        packed.bits,
+        packed.group_size,
+    )
 
 
 def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

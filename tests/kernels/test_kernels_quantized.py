@@ -101,8 +101,9 @@ def loop_reference(p, x: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarra
             for k, v in kept:
                 sums[k // unit] = sums.get(k // unit, 0) + v * int(xq[t, k])
                 magnitude += abs(v * int(xq[t, k])) * float(scales[n, k // group]) * float(sx[t, k // 128])
-            terms = [float(total) * float(scales[n, u * unit // group]) * float(sx[t, u * unit // 128])
-                     for u, total in sums.items()]
+            terms = [
+                float(total) * float(scales[n, u * unit // group]) * float(sx[t, u * unit // 128]) for u, total in sums.items()
+            ]
             b = float(bias[n]) if bias is not None else 0.0
             y[t, n] = sum(terms) + b
             bound[t, n] = (len(terms) + 8) * EPS32 * magnitude + EPS32 * abs(b) + 1e-30
@@ -145,12 +146,13 @@ def test_every_path_matches_the_plain_loop(loop_cases, isa):
     for p, x, bias, y_ref, bound in loop_cases:
         start = 0
         for tokens in TOKENS:  # the same rows through GEMV (<= 4 tokens) and GEMM
-            xs = x[start:start + tokens]
+            xs = x[start : start + tokens]
             y = run(p, xs, bias, isa).double().numpy()
-            err = np.abs(y - y_ref[start:start + tokens])
+            err = np.abs(y - y_ref[start : start + tokens])
             worst = np.unravel_index(err.argmax(), err.shape)
-            assert (err <= bound[start:start + tokens]).all(), (
-                f"{p!r} tokens={tokens}: error {err[worst]:.3g} > bound {bound[start:start + tokens][worst]:.3g}")
+            assert (err <= bound[start : start + tokens]).all(), (
+                f"{p!r} tokens={tokens}: error {err[worst]:.3g} > bound {bound[start : start + tokens][worst]:.3g}"
+            )
             start += tokens
 
 
@@ -236,9 +238,14 @@ def test_pack_from_a_saved_grid_record():
 
 
 # masks 2/16 + codes 0.3 * bits / 8 + (scale 4 [+ zero 1]) / group + offsets 4 / cols
-@pytest.mark.parametrize("bits,group,expected", [(4, 128, 0.125 + 0.15 + 5 / 128 + 4 / 1024),
-                                                 (4, 32, 0.125 + 0.15 + 5 / 32 + 4 / 1024),
-                                                 (8, None, 0.125 + 0.3 + 4 / 1024 + 4 / 1024)])
+@pytest.mark.parametrize(
+    "bits,group,expected",
+    [
+        (4, 128, 0.125 + 0.15 + 5 / 128 + 4 / 1024),
+        (4, 32, 0.125 + 0.15 + 5 / 32 + 4 / 1024),
+        (8, None, 0.125 + 0.3 + 4 / 1024 + 4 / 1024),
+    ],
+)
 def test_bytes_per_weight_at_70_percent(bits, group, expected):
     w = torch.randn(256, 1024)
     w.view(-1)[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))[: round(0.7 * w.numel())]] = 0
@@ -265,13 +272,32 @@ def test_bad_inputs_are_python_exceptions_naming_the_problem():
     p = Q.pack_int4(w, group_size=32)
     x = torch.randn(3, 64)
     op = torch.ops.strataprune.sparse_linear_quantized
-    args = {"masks": p.masks, "offsets": p.offsets, "codes": p.codes, "scales": p.scales, "zeros": p.zeros, "bias": None,
-            "in_features": 64, "bits": 4, "group_size": 32}
+    args = {
+        "masks": p.masks,
+        "offsets": p.offsets,
+        "codes": p.codes,
+        "scales": p.scales,
+        "zeros": p.zeros,
+        "bias": None,
+        "in_features": 64,
+        "bits": 4,
+        "group_size": 32,
+    }
 
     def call(**changes):
         a = {**args, **changes}
-        return op(x if "x" not in a else a.pop("x"), a["masks"], a["offsets"], a["codes"], a["scales"], a["zeros"],
-                  a["bias"], a["in_features"], a["bits"], a["group_size"])
+        return op(
+            x if "x" not in a else a.pop("x"),
+            a["masks"],
+            a["offsets"],
+            a["codes"],
+            a["scales"],
+            a["zeros"],
+            a["bias"],
+            a["in_features"],
+            a["bits"],
+            a["group_size"],
+        )
 
     cases = [
         (lambda: call(x=x.double()), "float32"),
@@ -301,8 +327,9 @@ def test_custom_op_passes_opcheck_and_exports():
     w = weight(24, 64, 0.7, 2)
     p = Q.pack_int8(w, group_size=64)
     args = (torch.randn(5, 64), p.masks, p.offsets, p.codes, p.scales, None, torch.randn(24), 64, 8, 64)
-    torch.library.opcheck(torch.ops.strataprune.sparse_linear_quantized.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.strataprune.sparse_linear_quantized.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -311,8 +338,9 @@ def test_custom_op_passes_opcheck_and_exports():
                 self.register_buffer(name, getattr(p, name))
 
         def forward(self, x):
-            return torch.ops.strataprune.sparse_linear_quantized(x, self.masks, self.offsets, self.codes, self.scales,
-                                                                 None, None, 64, 8, 64)
+            return torch.ops.strataprune.sparse_linear_quantized(
+                x, self.masks, self.offsets, self.codes, self.scales, None, None, 64, 8, 64
+            )
 
     layer = Layer()
     exported = torch.export.export(layer, (torch.randn(3, 64),))
