@@ -43,6 +43,7 @@ _LAZY = {
     "SparsifyReport": "modules",
     "sparsify_model": "modules",
     "QuantizedWeight": "quantized",
+    "QuantizedSparseLinear": "quantized",
     "pack_int8": "quantized",
     "pack_int4": "quantized",
     "pack_from_grid": "quantized",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modules import SparseLinear, SparsifyReport, sparsify_model  # noqa: F401
     from .ops import sparse_linear  # noqa: F401
     from .quantized import (  # noqa: F401
+        QuantizedSparseLinear,
         QuantizedWeight,
         pack_from_grid,
         pack_int4,

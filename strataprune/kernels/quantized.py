@@ -543,3 +543,115 @@ def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(sx > 0, sx, 1.0).unsqueeze(-1)
     xq = torch.where(sx.unsqueeze(-1) > 0, torch.round(padded / safe), 0.0).clamp(-127, 127)
     return xq.flatten(-2)[..., :cols], sx
+
+
+class QuantizedSparseLinear(torch.nn.Module):
+    """``y = x W^T + b`` with ``W`` in the quantized sparse format, stored as buffers (``masks``, ``offsets``,
+    ``codes``, ``scales``, ``zeros`` for int4, ``bias``) that ``state_dict`` saves and loading validates.
+
+    Inference only; float32 CPU input of any leading shape. Eager calls go straight to the library with the
+    buffers' pointers (re-checked only when a buffer is replaced or modified); tracing uses the op.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128, bias: bool = True):
+        super().__init__()
+        if bits not in (4, 8):
+            raise KernelInputError(f"bits must be 4 or 8, got {bits!r}")
+        self.in_features, self.out_features, self.bits = int(in_features), int(out_features), bits
+        self.group_size = _group_of(group_size, self.in_features)
+        ngroups = -(-self.in_features // self.group_size) if self.in_features else 0
+        self.register_buffer("masks", torch.zeros(out_features, groups_of(in_features), dtype=torch.int16))
+        self.register_buffer("offsets", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_buffer("codes", torch.zeros(CODE_PAD, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, ngroups, dtype=torch.float32))
+        self.register_buffer("zeros", torch.zeros(out_features, ngroups, dtype=torch.uint8) if bits == 4 else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self.register_load_state_dict_post_hook(QuantizedSparseLinear._check_loaded)
+        self._checked: tuple = ()
+
+    @classmethod
+    def from_packed(cls, packed: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedSparseLinear:
+        rows, cols = packed.shape
+        module = cls(cols, rows, packed.bits, None if packed.group_size == cols else packed.group_size, bias is not None)
+        module.masks, module.offsets, module.codes, module.scales = packed.masks, packed.offsets, packed.codes, packed.scales
+        module.zeros = packed.zeros
+        if bias is not None:
+            module.bias = bias.detach().to(torch.float32).contiguous().clone()
+        module.packed.validate()
+        return module
+
+    @classmethod
+    def from_dense(cls, linear: torch.nn.Linear, bits: int = 4, group_size: int | None = 128) -> QuantizedSparseLinear:
+        """Quantize ``linear``'s kept weights (its nonzeros) with :func:`pack_int4` / :func:`pack_int8`'s default grids."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise KernelInputError(f"from_dense needs an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        packed = pack_int4(weight, group_size=group_size) if bits == 4 else pack_int8(weight, group_size=group_size)
+        return cls.from_packed(packed, None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def packed(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.masks,
+            self.offsets,
+            self.codes,
+            self.scales,
+            self.zeros,
+            (self.out_features, self.in_features),
+            self.bits,
+            self.group_size,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and not x.is_contiguous():
+            x = x.contiguous()
+        if type(x) is torch.Tensor and not x.requires_grad and not torch.compiler.is_compiling():
+            if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != self.in_features:
+                linear(
+                    x,
+                    self.masks,
+                    self.offsets,
+                    self.codes,
+                    self.scales,
+                    self.zeros,
+                    self.bias,
+                    self.in_features,
+                    self.bits,
+                    self.group_size,
+                )  # raises, naming the problem
+            buffers = (self.masks, self.offsets, self.codes, self.scales, self.zeros, self.bias)
+            versions = tuple(-1 if b is None else b._version for b in buffers)
+            if not self._checked or any(a is not b for a, b in zip(self._checked[0], buffers)) or self._checked[1] != versions:
+                self._checked = (buffers, versions, pointers(self.packed, self.bias))
+            return launch_pointers(x, self._checked[2])
+        return torch.ops.strataprune.sparse_linear_quantized(
+            x,
+            self.masks,
+            self.offsets,
+            self.codes,
+            self.scales,
+            self.zeros,
+            self.bias,
+            self.in_features,
+            self.bits,
+            self.group_size,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # the number of code bytes depends on the weight: take the incoming size instead of failing on a mismatch
+        key = prefix + "codes"
+        if key in state_dict and isinstance(state_dict[key], torch.Tensor):
+            self.codes = torch.empty_like(state_dict[key], dtype=torch.uint8)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _check_loaded(module: torch.nn.Module, incompatible_keys: object) -> None:
+        module.packed.validate()
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group_size}, "
+            f"bias={self.bias is not None}, sparsity={p.sparsity:.3f}, "
+            f"bytes/weight={p.nbytes / max(1, p.shape[0] * p.shape[1]):.3f}"
+        )

@@ -347,3 +347,24 @@ def test_custom_op_passes_opcheck_and_exports():
     assert any("sparse_linear_quantized" in str(node.target) for node in exported.graph.nodes)
     x = torch.randn(3, 64)
     assert torch.equal(exported.module()(x), layer(x))
+
+
+def test_quantized_sparse_linear_module_matches_the_op_and_round_trips_its_state_dict():
+    dense = torch.nn.Linear(300, 70)
+    with torch.no_grad():
+        dense.weight.copy_(weight(70, 300, 0.7, 8))
+    x = torch.randn(2, 5, 300)
+    for bits, group in [(4, 64), (8, None)]:
+        layer = Q.QuantizedSparseLinear.from_dense(dense, bits, group)
+        expected = Q.sparse_linear_quantized(x.reshape(10, 300), layer.packed, layer.bias).reshape(2, 5, 70)
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer(x.transpose(0, 1).contiguous().transpose(0, 1)), expected)  # strided input is copied
+        fresh = Q.QuantizedSparseLinear(300, 70, bits, group)  # other (empty) sizes: the loaded ones win
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(fresh(x), expected)
+        broken = layer.state_dict()
+        broken["offsets"] = broken["offsets"].flip(0).contiguous()
+        with pytest.raises(kernels.KernelInputError, match="inconsistent"):
+            Q.QuantizedSparseLinear(300, 70, bits, group).load_state_dict(broken)
+        exported = torch.export.export(layer, (torch.randn(3, 300),))
+        assert any("sparse_linear_quantized" in str(node.target) for node in exported.graph.nodes)
