@@ -21,6 +21,7 @@ from strataprune.contract.allocation import Allocation
 from strataprune.contract.errors import ConfigError
 from strataprune.contract.layout import LoadedModel
 from strataprune.contract.registry import Registry
+from strataprune.engine.inputs import recipe_inputs
 from strataprune.engine.pruning import PruneRecord
 from strataprune.engine.quantization import save_grids
 from strataprune.engine.recipe import Recipe
@@ -60,7 +61,7 @@ class Pipeline(PruningSession):
         recipe = self.recipe
         out = Path(output_dir or recipe.output_dir or recipe.default_output_dir()) if save else None
         if out is not None:
-            check_output_dir(out, overwrite)
+            check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError(
                 "model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)"
@@ -87,6 +88,8 @@ class Pipeline(PruningSession):
                     zeroshot.dense(self.loaded, self.model_fingerprint())
         self.memory.mark("evaluate dense")
 
+        # before pruning: which dense model this run started from (deploy's bench checks it)
+        dense_fingerprint = self.fingerprint() if self.task.deployable else None
         with self.timer.stage("allocate"):
             allocation, stash = self.allocate(source)
         self.memory.mark("allocate")
@@ -118,6 +121,8 @@ class Pipeline(PruningSession):
                 zeroshot.sparse(self.loaded)
 
         report = self.report(allocation, record, evaluation, quality, recovered)
+        if dense_fingerprint is not None:
+            report["model"] = {**report["model"], "dense_fingerprint": dense_fingerprint}
         if zeroshot is not None:
             report["zeroshot"] = zeroshot.report()
         if out is not None:

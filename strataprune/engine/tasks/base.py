@@ -64,6 +64,8 @@ class TaskKind:
     screens: bool = False
     #: whether the evaluation reads token windows (``strataprune eval`` reports perplexity)
     reads_text: bool = False
+    #: whether its run folders are deploy's input (its report records the dense weights' fingerprint for bench)
+    deployable: bool = False
 
     # ------------------------------------------------------------------ data
     def calibration(self, recipe: Recipe, loaded: LoadedModel, plugins: list[Any], timer: StageTimer) -> Calibration:

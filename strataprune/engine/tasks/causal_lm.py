@@ -31,6 +31,7 @@ class CausalLM(TaskKind):
     supports_recovery = True
     screens = True
     reads_text = True
+    deployable = True
 
     def calibration(self, recipe: Recipe, loaded: LoadedModel, plugins: list[Any], timer: StageTimer) -> Calibration:
         check_recipe_limits(loaded.model.config, recipe, evaluation=False)  # seqlen vs context, memory: before any data
