@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from strataprune.serve.runners import BatchedRunner
@@ -71,3 +72,38 @@ def test_batched_decode_equals_single_sequences(tiny_llama_dir):
         assert len(got[key]) >= 4
         for a, b in zip(got[key], want[key]):
             assert torch.allclose(a, b, atol=1e-5), (key, float((a - b).abs().max()))
+
+
+def test_sparse_cpu_models_batch_too(tiny_llama_dir, tmp_path):
+    """sparse-cpu (a torch backend whose pruned Linears run on strataprune's kernels) takes the batched path."""
+    from transformers import AutoModelForCausalLM
+
+    from strataprune.contract.backend import DeploySettings
+    from strataprune.plugins.backends.sparse_cpu import SparseCpuBackend
+
+    backend = SparseCpuBackend()
+    state = backend.available()
+    if not state.ok:
+        pytest.skip(state.reason)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.mul_(torch.rand(module.weight.shape, generator=g) > 0.7)  # 70% zeros
+    model.save_pretrained(tmp_path / "pruned")
+    compiled = backend.prepare(tmp_path / "pruned", tmp_path / "work", DeploySettings(threads=1))
+    assert compiled.meta["converted_linears"] > 0
+    runner = BatchedRunner(compiled, prefill_chunk=8)
+    prompts = {1: list(range(10, 30)), 2: list(range(40, 45))}
+    want = {key: alone(model, ids, [7, 8, 9]) for key, ids in prompts.items()}
+    got = {key: [runner.prefill(key, ids)] for key, ids in prompts.items()}
+    for key, ids in prompts.items():
+        runner.join(key, len(ids))
+    for token in (7, 8, 9):
+        out = runner.decode({1: token, 2: token})
+        for key in prompts:
+            got[key].append(out[key])
+    for key in prompts:
+        for a, b in zip(got[key], want[key]):
+            assert torch.allclose(a, b, atol=1e-4), (key, float((a - b).abs().max()))
