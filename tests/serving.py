@@ -104,12 +104,17 @@ def stream_chunks(response: httpx.Response) -> Iterator[dict[str, Any]]:
         yield json.loads(line[6:])
 
 
+_MODELS: dict[Path, Any] = {}
+
+
 def greedy_reference(folder: Path, prompt_ids: list[int], steps: int) -> list[int]:
     """Greedy tokens from a plain loop: the full sequence through the model at every step, no cache, no batching."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    if folder not in _MODELS:
+        _MODELS[folder] = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    model = _MODELS[folder]
     ids = list(prompt_ids)
     with torch.inference_mode():
         for _ in range(steps):
