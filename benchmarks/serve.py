@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--level-timeout", type=float, default=600.0)
     parser.add_argument("--label", default="model")
+    parser.add_argument("--note", default="", help="how the model was made (recorded with the results)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also --max-running 1")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -200,8 +201,9 @@ def main() -> None:
         settings["one at a time (baseline)"] = ["--max-running", "1"]
     report: dict[str, Any] = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model_dir": args.model_dir,
+        "model_dir": Path(args.model_dir).name,  # the folder name only: results never record local paths
         "label": args.label,
+        "model_note": args.note,
         "backend": args.backend or "(deploy.json's, else torch)",
         "request": {k: v for k, v in body.items() if k != "prompt"} | {"prompt_words": args.prompt_tokens},
         "requests_per_level": args.requests,
@@ -249,6 +251,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"after {tuple(round(x, 1) for x in report['load_average_after'])}.",
         f"Model `{report['model_dir']}`, backend {report['backend']}; each request: {report['request']}; "
         f"{report['requests_per_level']} requests per level, streaming over loopback.",
+        report.get("model_note", ""),
         "",
         "| server | concurrency | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | "
         "e2e p50 / p99 ms | server CPU s | wall s | errors |",

@@ -9,10 +9,10 @@ from typing import Any
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>strataprune serve: __MODEL__</title>
 <style>
-body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
+body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:rgb(34,34,34)}
 table{border-collapse:collapse}td{padding:.15rem .8rem .15rem 0;vertical-align:top}
 textarea{width:100%;height:6rem}pre{white-space:pre-wrap;background:#f4f4f4;padding:.6rem;min-height:3rem}
-.k{color:#666}
+.k{color:gray}
 </style></head><body>
 <h1>strataprune serve</h1>
 <table id="facts">__FACTS__</table>

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("prometheus_client", reason="`strataprune serve` needs the serve extra")
+pytestmark = pytest.mark.slow
 
 from strataprune.contract.backend import CompiledModel, DeploySettings  # noqa: E402
 from strataprune.plugins.backends.torch import TorchBackend  # noqa: E402
