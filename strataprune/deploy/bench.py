@@ -37,7 +37,7 @@ import numpy as np
 from strataprune.contract.backend import BACKEND_CONTRACT, Backend, CompiledModel, DeploySettings
 from strataprune.contract.errors import ConfigError, PluginError
 
-from .parity import Reference, check_parity, reference_outputs
+from .parity import Reference, check_parity, reference_backend, reference_outputs
 from .rundir import RunFolder, dense_twin, open_run, text_windows
 
 #: below this the verdict calls a ratio noise ("no gain") on a shared machine
@@ -261,7 +261,7 @@ def _measure(
         _say(f"{engine.label()} / {model.variant}: prepare", cfg.progress)
         compiled = engine.prepare(model.folder, work, settings_for(compile_len))
         try:
-            reference = engine.reference()
+            reference = reference_backend(engine)
             if reference is None:
                 refs.get(engine, model.folder, model.reference_variant, compile_len, work, compiled)
                 parity: dict[str, Any] = {"reference": "itself", "tolerance": engine.parity_tolerance}
