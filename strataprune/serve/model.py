@@ -119,22 +119,21 @@ def load_served_model(
     from transformers import AutoTokenizer, GenerationConfig
 
     from strataprune.contract.backend import DeploySettings
-    from strataprune.plugins.backends.torch import TorchModel
     from strataprune.serve.kvcache import layer_tensors  # noqa: F401 -- fail early if transformers lacks the cache API
-    from strataprune.serve.runners import BatchedRunner, SequentialRunner
+    from strataprune.serve.runners import BatchedRunner, SequentialRunner, can_batch
 
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     settings = DeploySettings(batch=1, prompt_len=min(128, info.context_length // 2), new_tokens=32, threads=threads)
     compiled = backend.prepare(info.path, workdir, settings)
     layer_types = set(info.text_config.get("layer_types") or ["full_attention"])
-    if isinstance(compiled, TorchModel) and layer_types == {"full_attention"}:
+    if can_batch(compiled) and layer_types == {"full_attention"}:
         runner: Any = BatchedRunner(compiled, prefill_chunk)
         note = "continuous batching (one batched decode forward for all running sequences, chunked prefill)"
     else:
         runner = SequentialRunner(compiled)
         why = (
             f"backend '{backend.label()}' runs a prepared engine through prefill/decode at batch 1"
-            if not isinstance(compiled, TorchModel)
+            if not can_batch(compiled)
             else f"layer types {sorted(layer_types)} need a cache this server does not pad"
         )
         note = f"one sequence at a time: {why}"

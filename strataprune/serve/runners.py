@@ -19,6 +19,18 @@ from strataprune.contract.backend import CompiledModel
 from strataprune.serve.kvcache import PaddedBatch, cache_bytes
 
 
+def can_batch(compiled: Any) -> bool:
+    """Whether a prepared model is a transformers model driven in PyTorch (``model``, ``forward``, ``device``), as
+    the ``torch`` backend and its subclasses prepare it: only such a model takes a padded batch cache."""
+    model = getattr(compiled, "model", None)
+    return (
+        isinstance(model, torch.nn.Module)
+        and hasattr(model, "config")
+        and callable(getattr(compiled, "forward", None))
+        and getattr(compiled, "device", None) is not None
+    )
+
+
 class BatchedRunner:
     batching = True
 

@@ -14,7 +14,7 @@ from strataprune.contract.backend import CompiledModel, DeploySettings  # noqa: 
 from strataprune.plugins.backends.torch import TorchBackend  # noqa: E402
 from strataprune.serve.metrics import ServeMetrics  # noqa: E402
 from strataprune.serve.model import FolderInfo, ServedModel, inspect_folder  # noqa: E402
-from strataprune.serve.runners import BatchedRunner, SequentialRunner  # noqa: E402
+from strataprune.serve.runners import BatchedRunner, SequentialRunner, can_batch  # noqa: E402
 from strataprune.serve.sampling import SamplingParams  # noqa: E402
 from strataprune.serve.scheduler import Event, Scheduler, SchedulerLimits, Sequence  # noqa: E402
 
@@ -63,6 +63,7 @@ def test_concurrent_requests_get_their_greedy_tokens(tiny_llama_dir, tmp_path, b
 
     info = inspect_folder(tiny_llama_dir)
     compiled = TorchBackend().prepare(tiny_llama_dir, tmp_path, DeploySettings())
+    assert can_batch(compiled) and not can_batch(OpaqueEngine(compiled))
     runner = BatchedRunner(compiled, prefill_chunk=5) if batched else SequentialRunner(OpaqueEngine(compiled))
     scheduler = Scheduler(served(tiny_llama_dir, runner, info), SchedulerLimits(max_running=4, prefill_chunk=5), ServeMetrics(4))
     try:
