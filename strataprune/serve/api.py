@@ -217,14 +217,19 @@ async def generation(state: ServerState, request: Request, chat: bool) -> Respon
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     parts: list[str] = []
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), POLL_SECONDS)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= POLL_SECONDS:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     scheduler.cancel(sequence, "disconnect")
                     return Response(status_code=499)
+            if event is None:
                 continue
             if event.kind == "text":
                 parts.append(event.text)

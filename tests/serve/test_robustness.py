@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -49,6 +51,19 @@ def test_full_queue_is_429_and_a_disconnect_frees_its_slot(start_server):
     assert server.wait_metric("requests_running", lambda v: v == 0) == 0
     assert server.metric("kv_cache_bytes") == 0
     assert server.metric("requests_total", 'endpoint="completions",status="429"') == 1
+    # a client of a non-streaming request that goes away frees its slot too
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps(LONG).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert server.wait_metric("requests_running", lambda v: v == 1) == 1
+    assert server.wait_metric("cancelled_requests_total", lambda v: v >= 2, 'reason="disconnect"') == 2
+    assert server.wait_metric("requests_running", lambda v: v == 0) == 0
+    assert server.metric("kv_cache_bytes") == 0
 
 
 def test_api_key_and_timeout(start_server):
