@@ -66,10 +66,21 @@ def recipe_flags(parser: argparse.ArgumentParser) -> None:
     threads_flag(parser)
 
 
-def threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=at_least(1), help="torch CPU threads (default: auto, the cores other processes leave free)"
-    )
+def threads_flag(
+    parser: argparse.ArgumentParser, help: str = "torch CPU threads (default: auto, the cores other processes leave free)"
+) -> None:
+    parser.add_argument("--threads", type=thread_count, help=help)
+
+
+def thread_count(text: str) -> int:
+    """``--threads N``: an integer from 1 to 4 per CPU (strataprune/runtime/threads.py says why)."""
+    from strataprune.runtime.threads import check_thread_count
+
+    value = at_least(1)(text)
+    try:
+        return check_thread_count(value, "--threads")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads: ")) from None
 
 
 class Parser(argparse.ArgumentParser):

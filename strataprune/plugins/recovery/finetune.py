@@ -9,8 +9,9 @@ LoSA's official settings (docs/algorithms.md §6.1): lr 2e-4, weight decay 0.001
 schedule, max_grad_norm 0.3, one epoch per round of 1000 instruction rows. Here every optimizer step
 draws ``batch`` fresh windows of ``seqlen`` tokens (seeded random offsets in the training text), so a
 round is ``steps`` steps. The default lr is 2e-3, ten times the official value, which is set for 7B
-models and ~125 steps per round; on SmolLM2-135M a few dozen steps need more (docs/recovery.md). The progress bar shows the running loss; every step's loss and learning rate
-is returned. A non-finite loss stops training with an error naming the step (lower the learning rate).
+models and ~125 steps per round; on SmolLM2-135M a few dozen steps need more (docs/recovery.md).
+The progress bar shows the running loss; every step's loss and learning rate is returned. A non-finite
+loss stops training with an error naming the step (lower the learning rate).
 
     losses = finetune(model, params, windows, TrainingConfig(steps=40), desc="round 1")
 """
@@ -62,7 +63,8 @@ class TrainingConfig:
         _check(where, _is_int(self.steps) and self.steps >= 0, "steps", self.steps, "an integer >= 0")
         _check(where, _is_int(self.batch) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
         _check(where, _is_int(self.seqlen) and self.seqlen >= 2, "seqlen", self.seqlen, "an integer >= 2")
-        _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
+        # AdamW moves every weight by about lr each step: past 1 it overwrites the weights' own scale (~0.02-1)
+        _check(where, 0 < self.lr <= 1, "lr", self.lr, "a number in (0, 1] (e.g. 2e-3)")
         _check(
             where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"
         )
