@@ -16,6 +16,7 @@ disk: ``error: ...``, status 1); ``STRATAPRUNE_DEBUG=1`` shows the traceback ins
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -45,6 +46,21 @@ def fail(message: str, status: int) -> int:
     return status
 
 
+def disk_full_message(exc: OSError) -> str:
+    """A full disk during a save: what was being written, what it needs, and that nothing earlier was replaced
+    (outputs are written into a temporary sibling and swapped in only when complete: strataprune/runtime/outputs.py)."""
+    from strataprune.engine.limits import human_bytes
+    from strataprune.engine.preflight import expected_output_sizes
+
+    where = f" while writing '{exc.filename}'" if exc.filename else ""
+    sizes = expected_output_sizes()
+    need = "; ".join(f"'{path}' needs about {human_bytes(size)}" for path, size in sizes.items())
+    return (
+        f"the disk is full (no space left on the device){where}; nothing was replaced: an earlier output is intact "
+        f"and the partial one was removed. {need + '; ' if need else ''}free space and run again"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from strataprune.runtime.outputs import current_command, release_output_locks
 
@@ -68,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc), 2)
         if isinstance(exc, MemoryError):
             return fail("out of memory; lower calibration.nsamples or seqlen, or use --offload / --activation-dir", 1)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return fail(disk_full_message(exc), 1)
         if isinstance(exc, OSError):
             return fail(f"{exc} (an operating-system error; STRATAPRUNE_DEBUG=1 shows the traceback)", 1)
         return fail(

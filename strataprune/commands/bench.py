@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from strataprune.commands.flags import int_list, threads_flag
+from strataprune.commands.flags import at_least, int_list, threads_flag
 
 
 def add_parser(sub: Any) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     threads_flag(parser, help="threads of every engine (default: min(4, CPUs))")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--parity-steps", dest="parity_steps", type=int, default=8)
+    parser.add_argument("--parity-steps", dest="parity_steps", type=at_least(0), default=8)
     parser.add_argument("--text", help="parity/timing text: dataset name or text file (default: the run's evaluation text)")
     parser.add_argument("--dense", help="the dense model (default: the run's model.source)")
     parser.add_argument("--output", help="write bench.json and bench.md here")
@@ -54,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
         dense=args.dense,
         progress=not args.quiet,
     )
-    if args.output:
+    if args.output is not None:
+        from strataprune.engine.preflight import check_output_name
         from strataprune.runtime.reports import check_output_dir
+
+        check_output_name(args.output)
 
         check_output_dir(Path(args.output), args.overwrite)
     report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)

@@ -50,9 +50,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
     from strataprune.engine.limits import check_seqlen
-    from strataprune.engine.preflight import language_model
+    from strataprune.engine.preflight import check_cache_dir, language_model
     from strataprune.models.files import inspect_model
 
+    check_cache_dir()
     wants_perplexity = args.tasks is None or args.perplexity
     config = inspect_model(args.model_dir)  # cheap checks first: files, context length
     image_data = is_image_source(args.data) and not language_model(args.model_dir, config)  # photos or an image folder
@@ -127,7 +128,8 @@ def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
         return 0
     harness = result["harness"]
     print(
-        f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, {result['time_s']:.1f} s)"
+        f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, "
+        f"limit {args.limit or 'none'}, {result['time_s']:.1f} s)"
     )
     print(accuracy_table(result))
     if "perplexity" in result:

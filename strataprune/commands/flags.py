@@ -147,7 +147,14 @@ def build_recipe(args: argparse.Namespace) -> Any:
     recovery = getattr(args, "recovery", None)  # `run --recovery losa|lora|none`
     if recovery is not None and recovery != "none" and (recipe.recovery is None or recovery != recipe.recovery.name):
         overrides["recovery"] = recovery
-    overrides.update(parse_set(args.set))
+    assignments = parse_set(args.set)
+    for key, value in assignments.items():  # one key, two values: refuse rather than pick one silently
+        flag = next((f for f, k in FLAG_KEYS.items() if k == key and getattr(args, f, None) is not None), None)
+        if flag is not None and overrides[key] != value:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)} and --set {key}={value} both set {key}; give it once"
+            )
+    overrides.update(assignments)
     recipe = apply_overrides(recipe, overrides)
     if recovery == "none":
         recipe.recovery = None

@@ -232,6 +232,10 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     if "output_dir" in data:
         if data["output_dir"] is not None and not isinstance(data["output_dir"], str):
             raise ConfigError(f"output_dir: {data['output_dir']!r} must be a path")
+        if isinstance(data["output_dir"], str) and not data["output_dir"].strip():
+            raise ConfigError(
+                f"output_dir (--output): {data['output_dir']!r} is empty; name a folder, or leave it unset for the default"
+            )
         recipe.output_dir = data["output_dir"]
     if "threads" in data:
         from strataprune.runtime.threads import check_threads
