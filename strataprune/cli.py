@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except StrataPruneError as exc:
         return fail(str(exc), 2)
     token = current_command.set(args.command)
+    preflight = sys.modules.get("strataprune.engine.preflight")
+    if preflight is not None:  # sizes noted by an earlier command of this process (tests call main repeatedly)
+        preflight.forget_output_sizes()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -59,8 +59,8 @@ def deploy(
     check_output_name(output)
     run = open_run(run_dir)
     output = Path(output)
+    run.check_causal_lm(f"backend '{backend}'")  # whatever the backend: every one deploys causal LMs
     (engine,), _ = resolve_backends([backend])  # the backend's spec and parameters, before anything is locked or loaded
-    run.check_causal_lm(f"backend '{engine.label()}'")
     if text is not None:  # the parity text, before the model loads
         from strataprune.data.textfile import TextFile, looks_like_path
 

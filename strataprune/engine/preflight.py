@@ -107,7 +107,12 @@ def check_output_name(output: str | Path | None, flag: str = "--output") -> None
         raise ConfigError(f"{flag} '{output}' is empty; name a folder (e.g. {flag} out/)")
     dest = Path(os.path.abspath(Path(output).expanduser()))
     ancestor = dest.parent
-    while not ancestor.exists() and ancestor.parent != ancestor:
+    while ancestor.parent != ancestor:
+        try:
+            if ancestor.exists():
+                break
+        except OSError:  # a name too long for the file system: checked below
+            pass
         ancestor = ancestor.parent
     try:
         name_max = os.pathconf(ancestor, "PC_NAME_MAX")
@@ -148,6 +153,10 @@ def note_output_size(output: str | Path, size: int) -> None:
             f"output '{dest}' needs about {human_bytes(size)}; the disk of '{ancestor}' has {human_bytes(free)} free; "
             "free some space or choose another --output"
         )
+
+
+def forget_output_sizes() -> None:
+    _expected_sizes.clear()
 
 
 def expected_output_sizes() -> dict[str, int]:
