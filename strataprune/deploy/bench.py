@@ -37,7 +37,7 @@ import numpy as np
 from strataprune.contract.backend import BACKEND_CONTRACT, Backend, CompiledModel, DeploySettings
 from strataprune.contract.errors import ConfigError, PluginError
 
-from .parity import Reference, check_parity, reference_outputs
+from .parity import Reference, check_parity, reference_backend, reference_outputs
 from .rundir import RunFolder, dense_twin, open_run, text_windows
 
 #: below this the verdict calls a ratio noise ("no gain") on a shared machine
@@ -269,7 +269,7 @@ def _measure(
         _say(f"{engine.label()} / {model.variant}: prepare", cfg.progress)
         compiled = engine.prepare(model.folder, work, settings_for(compile_len))
         try:
-            reference = engine.reference()
+            reference = reference_backend(engine)
             if reference is None:
                 refs.get(engine, model.folder, model.reference_variant, compile_len, work, compiled)
                 parity: dict[str, Any] = {"reference": "itself", "tolerance": engine.parity_tolerance}
@@ -331,8 +331,8 @@ def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
         total = length + max(cfg.decode_tokens, cfg.parity_steps)
         if total > context:
             raise ConfigError(
-                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} "
-                "exceeds the model's "
+                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} exceeds the "
+                "model's "
                 f"context of {context} tokens; use a prompt of at most {context - max(cfg.decode_tokens, cfg.parity_steps)}"
             )
 

@@ -30,7 +30,7 @@ from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
 
 from .bench import resolve_backends
-from .parity import check_parity, reference_outputs
+from .parity import check_parity, reference_backend, reference_outputs
 from .rundir import load_causal_lm, open_run, text_windows, weight_files
 from .storage import read_state_dict, write_sparse_checkpoint
 
@@ -89,7 +89,7 @@ def deploy(
         say(f"preparing {engine.label()}")
         compiled = engine.prepare(tmp, tmp / engine.name.replace(":", "-"), settings)
         try:
-            reference = engine.reference()
+            reference = reference_backend(engine)
             if reference is None:
                 parity: dict[str, Any] = {"reference": "itself (the checkpoint round trip is checked tensor by tensor)"}
             else:

@@ -59,8 +59,8 @@ def open_leaderboard_dir(out: Path) -> None:
 
     from strataprune.runtime.outputs import MARKER, check_output_dir, output_owner
 
+    from .board import write_atomic
     from .provenance import now
-    from .render import write_atomic
     from .results import FORMAT_NAME
 
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

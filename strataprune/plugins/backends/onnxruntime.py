@@ -11,8 +11,9 @@ dense speed (the verdict says so). ONNX Runtime is the fastest dense CPU engine 
 the baseline of every verdict.
 
 A sparse+INT4 run (quantization.json in the run folder) runs as real 4-bit weights
-(``weights: auto``; ``weights: fp32`` runs the dequantized values): every quantized Linear becomes a ``MatMulNBits`` node holding the pruner's codes,
-scales and zero points (strataprune/deploy/int4.py), 0.13 of the fp32 bytes. ``accuracy_level``
+(``weights: auto``; ``weights: fp32`` runs the dequantized values): every quantized Linear becomes a
+``MatMulNBits`` node holding the pruner's codes, scales and zero points (strataprune/deploy/int4.py),
+0.13 of the fp32 bytes. ``accuracy_level``
 0 computes in fp32 (parity with the dequantized PyTorch model); 4 lets ORT quantize activations to
 int8 (faster on VNNI CPUs, looser parity).
 """
@@ -120,15 +121,13 @@ class OnnxRuntimeBackend(Backend):
 
         from strataprune.deploy import int4
         from strataprune.deploy.onnx_export import export_decoder, save
-        from strataprune.deploy.rundir import load_causal_lm
+        from strataprune.deploy.rundir import load_causal_lm, quantization_grids
 
         model = load_causal_lm(model_dir)
         path = Path(workdir) / "model.onnx"
         info = export_decoder(model, path, past=True)
         if self.uses_int4(model_dir):
-            from strataprune.engine.quantization import load_grids
-
-            summary, grids = load_grids(Path(model_dir))
+            summary, grids = quantization_grids(Path(model_dir))
             if int(summary.get("bits", 0)) != 4:
                 raise DataError(
                     f"'{model_dir}/quantization.json' has bits={summary.get('bits')}; MatMulNBits here packs 4-bit grids"

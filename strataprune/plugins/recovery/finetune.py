@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import ConfigError, PluginError
-from strataprune.runtime.progress import progress_bar
+from strataprune.contract.progress import progress_bar
 
 
 def _check(where: str, ok: bool, key: str, value: Any, allowed: str) -> None:
