@@ -326,6 +326,14 @@ CASES = [
         {"fifo": "fifo"},
     ),
     Case("text_fifo_stalled", run("--eval-data", "{ws}/fifo"), "is a pipe that gave no data for", {"fifo": "stalled-fifo"}),
+    Case(
+        "grid_billion_laughs",
+        ["leaderboard", "{ws}/g.yaml"],
+        "values once its aliases (*name) are expanded",
+        {"g.yaml": BILLION_LAUGHS},
+    ),
+    Case("grid_duplicate_key", ["leaderboard", "{ws}/g.yaml"], "key 'name' appears twice", {"g.yaml": b"name: a\nname: b\n"}),
+    Case("grid_device", ["leaderboard", "/dev/zero"], "grid file '/dev/zero' is a character device"),
     # ---- limits: memory, context, threads
     Case(
         "recovery_seqlen_beyond_context",
