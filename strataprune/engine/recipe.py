@@ -251,10 +251,11 @@ RECIPE_MAX_BYTES = 1 << 20
 #: nesting deeper than this is no recipe (the deepest real one is ~4: model.adapter_params.prune[0]); the YAML
 #: composer recurses per level, so an unbounded depth would end in a RecursionError
 YAML_MAX_DEPTH = 32
-#: YAML nodes after alias expansion: aliases share one node, so nine levels of ten aliases each (the "billion
+#: YAML nodes after alias expansion: aliases share one node, so nine levels of nine aliases each (the "billion
 #: laughs" document, 519 bytes) expand to 10^9 values in whatever walks the data afterwards; no recipe, grid or
-#: task file has more than a few thousand
-YAML_MAX_NODES = 100_000
+#: task file has more than a few thousand. Also counted while composing, so a large file stops early (the
+#: pure-Python parser reads ~10,000 nodes a second on a busy core)
+YAML_MAX_NODES = 20_000
 #: items of one list (a grid's sparsities, a task list); longer lists are mistakes, not experiments
 YAML_MAX_ITEMS = 10_000
 
@@ -282,6 +283,12 @@ class BoundedLoader(yaml.SafeLoader):
                 f"{self.what}: nesting deeper than {YAML_MAX_DEPTH} levels at line {mark.line + 1}; no recipe needs that"
             )
         self._depth = depth
+        self._composed = getattr(self, "_composed", 0) + 1
+        if self._composed > YAML_MAX_NODES:
+            mark = self.peek_event().start_mark
+            raise ConfigError(
+                f"{self.what}: more than {YAML_MAX_NODES:,} values (line {mark.line + 1}); a recipe has a few dozen"
+            )
         try:
             return super().compose_node(parent, index)
         finally:

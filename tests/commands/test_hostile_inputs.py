@@ -103,7 +103,8 @@ BILLION_LAUGHS = b'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
     f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n".encode() for p, n in zip("abcdefgh", "bcdefghi")
 )
 DEEP_YAML = b"[" * 5000 + b"]" * 5000
-LONG_LIST = b"evaluation: {tasks: [" + b", ".join([b"x"] * 20_000) + b"]}\n"
+LONG_LIST = b"evaluation: {tasks: [" + b", ".join([b"x"] * 12_000) + b"]}\n"
+MANY_VALUES = b"allocator: {name: x, v: [" + b"], v2: [".join([b", ".join([b"1"] * 5000)] * 6) + b"]}\n"
 
 
 def tiny_model_with(edit):  # a copy of the tiny model with one thing changed
@@ -289,7 +290,8 @@ CASES = [
         {"r.yaml": BILLION_LAUGHS},
     ),
     Case("recipe_deep_nesting", ["run", "{ws}/r.yaml"], "nesting deeper than 32 levels at line 1", {"r.yaml": DEEP_YAML}),
-    Case("recipe_long_list", ["run", "{ws}/r.yaml"], "a list of 20,000 items at line 1", {"r.yaml": LONG_LIST}),
+    Case("recipe_long_list", ["run", "{ws}/r.yaml"], "a list of 12,000 items at line 1", {"r.yaml": LONG_LIST}),
+    Case("recipe_many_values", ["run", "{ws}/r.yaml"], "more than 20,000 values (line 1)", {"r.yaml": MANY_VALUES}),
     Case("recipe_alias_cycle", ["run", "{ws}/r.yaml"], "an alias refers to a node that contains it", {"r.yaml": b"a: &x [*x]\n"}),
     Case(
         "recipe_huge",
