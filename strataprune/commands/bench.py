@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from strataprune.commands.flags import at_least, int_list, threads_flag
+from strataprune.commands.flags import int_list, threads_flag
 
 
 def add_parser(sub: Any) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     threads_flag(parser, help="threads of every engine (default: min(4, CPUs))")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--parity-steps", dest="parity_steps", type=at_least(0), default=8)
+    parser.add_argument("--parity-steps", dest="parity_steps", type=int, default=8)
     parser.add_argument("--text", help="parity/timing text: dataset name or text file (default: the run's evaluation text)")
     parser.add_argument("--dense", help="the dense model (default: the run's model.source)")
     parser.add_argument("--output", help="write bench.json and bench.md here")
@@ -55,12 +55,19 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.output is not None:
+        from strataprune.deploy.rundir import open_run
         from strataprune.engine.preflight import check_output_name
         from strataprune.runtime.reports import check_output_dir
 
         check_output_name(args.output)
-
-        check_output_dir(Path(args.output), args.overwrite)
+        labels = ["the run"] if len(args.run_dir) == 1 else [f"run #{i + 1}" for i in range(len(args.run_dir))]
+        inputs = dict(zip(labels, args.run_dir))
+        if args.dense is None:  # the dense model each run names (a folder; embedded and hub names are skipped)
+            inputs.update(
+                {f"the dense model of {label}": open_run(path).model_source for label, path in zip(labels, args.run_dir)}
+            )
+        inputs.update({"the dense model (--dense)": args.dense, "the text (--text)": args.text})
+        check_output_dir(Path(args.output), args.overwrite, inputs=inputs)
     report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)
     print(format_table(report))
     if args.output:

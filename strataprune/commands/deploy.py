@@ -27,9 +27,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--parity-steps",
         dest="parity_steps",
-        type=at_least(0),
+        type=int,
         default=8,
-        help="greedy tokens that must match the reference",
+        help="greedy tokens that must match the reference (>= 1)",
     )
     threads_flag(parser, help="engine threads")
     parser.add_argument("--text", help="parity text: dataset name or text file (default: the run's evaluation text)")

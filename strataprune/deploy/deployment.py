@@ -14,7 +14,8 @@ The output folder (written atomically: a failure leaves nothing, and an earlier 
 - ``deploy.json``: backend and engine version, sizes and bytes per weight, parity figures, settings.
 
 Parity is checked before anything is committed: the engine, fed from the compressed checkpoint, must
-reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens).
+reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens;
+``parity_steps`` >= 1, so a passed parity always compared something).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def deploy(
     say = log or (lambda message: None)
     from strataprune.engine.preflight import check_output_name, note_output_size
 
-    if not isinstance(parity_steps, int) or isinstance(parity_steps, bool) or parity_steps < 0:
-        raise ConfigError(f"--parity-steps {parity_steps!r} must be an integer >= 0")
+    if not isinstance(parity_steps, int) or isinstance(parity_steps, bool) or parity_steps < 1:
+        # with none, nothing would be compared and "parity passed" would mean nothing
+        raise ConfigError(f"--parity-steps {parity_steps} must be >= 1: parity compares the greedy tokens of both engines")
     check_output_name(output)
     run = open_run(run_dir)
     output = Path(output)
@@ -68,7 +70,7 @@ def deploy(
             TextFile(Path(text).expanduser())
     # the compressed checkpoint is at most the dense weights; the engine's artifact about as much again
     note_output_size(output, 2 * sum(f.stat().st_size for f in weight_files(run.path)))
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs={"the run": run.path, "the parity text (--text)": text})
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
         raise ConfigError(

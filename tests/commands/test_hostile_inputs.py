@@ -432,7 +432,7 @@ CASES = [
     Case(
         "deploy_parity_steps_negative",
         deploy("--parity-steps", "-5", backend="sparse-cpu"),
-        "argument --parity-steps: '-5' must be an integer >= 0",
+        "--parity-steps -5 must be >= 1",
         RUN_FOLDER,
     ),
     Case("deploy_prompt_len_zero", deploy("--prompt-len", "0"), "argument --prompt-len: '0' must be an integer >= 1", RUN_FOLDER),
@@ -468,7 +468,7 @@ CASES = [
     Case(
         "bench_parity_steps_negative",
         ["bench", "{ws}/run", "--parity-steps", "-1"],
-        "argument --parity-steps: '-1' must be an integer >= 0",
+        "--parity steps -1 must be >= 0",
         RUN_FOLDER,
     ),
     Case(
