@@ -348,9 +348,9 @@ CASES = [
         "recovery 'lora': batch 100000000 x seqlen 128 needs at least",
     ),
     Case(
-        "recovery_lr_huge",
-        run("--recovery", "lora", "--set", "recovery.lr=1e30"),
-        "lr=1e+30 is invalid; allowed: a number in (0, 1]",
+        "recovery_lr_negative_exponent_form",  # YAML reads -1e30 as text: it is read as the number it is, then refused
+        run("--recovery", "lora", "--set", "recovery.lr=-1e30"),
+        "lr=-1e+30 is invalid; allowed: a finite number > 0",
     ),
     Case("recovery_lr_not_a_number", run("--recovery", "lora", "--set", "recovery.lr=fast"), "lr='fast' must be float"),
     Case("threads_too_many_run", run("--threads", "100000"), "argument --threads: 100000 threads is more than"),
@@ -749,12 +749,16 @@ def test_a_pipe_is_read_once_and_both_readers_get_the_text(tmp_path, monkeypatch
 
 def test_yaml_loader_keeps_merges_and_reads_1e30_style_floats():
     from strataprune.contract.base import build_config
+    from strataprune.contract.errors import ConfigError
     from strataprune.engine.recipe import parse_yaml
     from strataprune.plugins.recovery.lora import LoRAConfig
 
     data = parse_yaml("base: &b {a: 1, b: 2}\nderived: {<<: *b, b: 3}\n", "test")
     assert data["derived"] == {"a": 1, "b": 3}  # a merge key overriding is not a duplicate key
     assert build_config(LoRAConfig, {"lr": "2e-4"}, "recovery 'lora'").lr == 2e-4  # YAML 1.1 reads 2e-4 as a string
+    assert build_config(LoRAConfig, {"lr": "1e30"}, "recovery 'lora'").lr == 1e30  # accepted; a diverged run is refused after
+    with pytest.raises(ConfigError, match="must be float"):
+        build_config(LoRAConfig, {"lr": "1e30x"}, "recovery 'lora'")
 
 
 def test_device_auto_is_the_best_device_here():

@@ -63,8 +63,7 @@ class TrainingConfig:
         _check(where, _is_int(self.steps) and self.steps >= 0, "steps", self.steps, "an integer >= 0")
         _check(where, _is_int(self.batch) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
         _check(where, _is_int(self.seqlen) and self.seqlen >= 2, "seqlen", self.seqlen, "an integer >= 2")
-        # AdamW moves every weight by about lr each step: past 1 it overwrites the weights' own scale (~0.02-1)
-        _check(where, 0 < self.lr <= 1, "lr", self.lr, "a number in (0, 1] (e.g. 2e-3)")
+        _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
         _check(
             where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"
         )
