@@ -126,13 +126,13 @@ def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
     """A recipe's ``model.device``: (torch device, None), or (None, "auto") for accelerate's device_map.
 
     ``cpu`` (default), ``cuda``, ``cuda:N``, or ``auto``: spread the blocks over every visible GPU
-    (accelerate ``device_map="auto"``) for models that do not fit one. CUDA on a machine without
-    it is an error that says so.
+    (accelerate ``device_map="auto"``) for models that do not fit one, or the CPU on a machine without
+    a GPU (like transformers' ``device_map="auto"``). ``cuda`` on a machine without it is an error that says so.
     """
     text = str(device).strip().lower()
-    if text == "auto":
+    if text == "auto":  # the best device here, as transformers' device_map="auto": the GPUs, else the CPU
         if not torch.cuda.is_available():
-            raise ConfigError("model.device 'auto' spreads the model over GPUs, but CUDA is not available here; use 'cpu'")
+            return torch.device("cpu"), None
         return None, "auto"
     try:
         dev = torch.device(text)
