@@ -11,6 +11,8 @@ import torch
 from strataprune.cli import main
 from strataprune.deploy.bench import _verdicts, amdahl_cap, format_markdown, format_table
 
+pytestmark = pytest.mark.slow  # every test deploys or benchmarks tiny runs it prunes first
+
 RUN_FLAGS = ["--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--quiet"]
 
 
