@@ -75,7 +75,10 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # legacy=True is the value a Llama tokenizer takes when none is given (and what the saved tokenizer_config.json
+        # records either way; the token ids and files are identical): naming it keeps transformers' "default legacy
+        # behaviour" warning out of every conversion. Other tokenizer classes ignore the setting.
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=True)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
         config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
