@@ -33,7 +33,7 @@ from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
 from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.base import Plugin
-from strataprune.contract.layout import BlockStats, MatrixInfo, MatrixStats, ModelLayout
+from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
 from strataprune.contract.pruner import Pruner
 from strataprune.contract.sparsity import Target, nm_violations, realised_matches
 
@@ -105,6 +105,8 @@ def random_block_stats(
             x[:, torch.randint(0, m.shape[1], (2,), generator=g)] *= 10.0  # outlier channels
             if "input_norms" in needs:
                 stats.input_norms[m.name] = x.norm(dim=0)
+            if "input_means" in needs:
+                stats.input_means[m.name] = x.mean(dim=0)
             if "hessian" in needs:
                 stats.hessians[m.name] = 2.0 * x.T @ x / x.shape[0]
         if "block_inputs" in needs:
@@ -210,12 +212,10 @@ def check_pruner(
     assert isinstance(instance, Pruner)
     assert instance.name, "a pruner needs a non-empty `name`"
     layout = ModelLayout((MatrixInfo("model.layers.0.mlp.up_proj", 0, "mlp.up_proj", shape),), 1)
-    stats = random_block_stats(layout, {"input_norms", "hessian"}, seed=seed)[0]
+    stats = random_block_stats(layout, {"input_norms", "input_means", "hessian"}, seed=seed)[0]
     info = layout.matrices[0]
     weight = stats.weights[info.name]
-    matrix_stats = MatrixStats(
-        info=info, ntokens=stats.ntokens, input_norms=stats.input_norms[info.name], hessian=stats.hessians[info.name]
-    )
+    matrix_stats = stats.for_matrix(info.name)
     targets = [Target.of(r) for r in ratios]
     if instance.supports_nm:
         targets += [Target.of(pattern=p) for p in patterns]
