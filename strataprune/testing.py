@@ -31,7 +31,7 @@ import torch
 
 from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
-from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.allocator import AllocationContext, Allocator, CandidateHost
 from strataprune.contract.base import Plugin
 from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
 from strataprune.contract.pruner import Pruner
@@ -44,6 +44,7 @@ __all__ = [
     "check_recovery",
     "random_layout",
     "random_block_stats",
+    "synthetic_candidates",
     "tiny_llama_dir",
     "byte_level_tokenizer",
 ]
@@ -119,7 +120,49 @@ def random_block_stats(
     return out
 
 
-def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats], seed: int, searches: bool) -> AllocationContext:
+def synthetic_candidates(layout: ModelLayout, weights: dict[str, torch.Tensor], seed: int = 0, vocab: int = 24) -> CandidateHost:
+    """A ``CandidateHost`` over a toy "model" of the given weights, for allocators that assemble candidates.
+
+    Pruning is magnitude per row; the logits of token t are a fixed embedding of t plus, per matrix, a
+    fixed direction scaled by <W, R> (R a fixed random matrix), so pruning moves the distribution and
+    matrices differ in how much it matters.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    embedding = torch.randn(vocab, vocab, generator=g)
+    probes = {info.name: torch.randn(info.shape, generator=g) / info.numel**0.5 for info in layout.matrices}
+    directions = {info.name: torch.randn(vocab, generator=g) for info in layout.matrices}
+    installed = dict(weights)
+    ids = torch.randint(0, vocab, (4, 16), generator=g)
+
+    def prune_levels(ratios, visit):  # type: ignore[no-untyped-def]
+        for info in layout.matrices:
+            weight = weights[info.name]
+            for level, ratio in enumerate(ratios[info.name]):
+                k = int(weight.shape[1] * ratio)
+                keep = torch.ones_like(weight, dtype=torch.bool)
+                if k:
+                    keep.scatter_(1, weight.abs().argsort(dim=1)[:, :k], False)
+                visit(info, level, keep, None)
+
+    def logits(window: torch.Tensor) -> torch.Tensor:
+        shift = sum(directions[n] * float((installed[n] * probes[n]).sum()) for n in installed)
+        return embedding[window.reshape(-1)] + shift
+
+    def set_weight(name: str, weight: torch.Tensor) -> None:
+        installed[name] = weight
+
+    return CandidateHost(
+        prune_levels=prune_levels,
+        windows=lambda on: ids,
+        logits=logits,
+        set_weight=set_weight,
+        restore=lambda: installed.update(weights),
+    )
+
+
+def _context(
+    layout: ModelLayout, target: Target, block_stats: list[BlockStats], seed: int, searches: bool, assembles: bool = False
+) -> AllocationContext:
     weights = {name: w for stats in block_stats for name, w in stats.weights.items()}
 
     def iterate_weights():  # type: ignore[no-untyped-def]
@@ -140,6 +183,7 @@ def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats],
         seed=seed,
         weights=iterate_weights,
         score=score if searches else None,
+        candidates=synthetic_candidates(layout, weights, seed) if assembles else None,
         cache_dir=None,
         model_fingerprint=f"testing-{seed}",
         progress=False,
@@ -151,7 +195,7 @@ def _run_allocator(allocator: Allocator, layout: ModelLayout, target: Target, se
     if allocator.needs:
         for stats in block_stats:
             allocator.observe_block(stats)
-    ctx = _context(layout, target, block_stats, seed, allocator.searches)
+    ctx = _context(layout, target, block_stats, seed, allocator.searches, allocator.assembles)
     raw = allocator.allocate(ctx)
     allocation = Allocation.coerce(raw, layout, target.ratio, allocator.name)
     return allocation

@@ -29,6 +29,7 @@ _HOMES = {
     "BlockInputs": "layout",
     "Allocator": "allocator",
     "AllocationContext": "allocator",
+    "CandidateHost": "allocator",
     "Pruner": "pruner",
     "PruneResult": "pruner",
     "Dataset": "dataset",

@@ -372,6 +372,11 @@ class Pipeline:
         """
         layout = self.calibrator.layout
         scorers = self._make_scorers(calib_data, allocator.name) if allocator.searches else (None, None)
+        candidates = None
+        if allocator.assembles:  # EvoPress: a database of pruned weights swapped into the model
+            from strataprune.engine.candidates import candidate_host
+
+            candidates = candidate_host(self, calib_data, allocator.name)
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
@@ -380,6 +385,7 @@ class Pipeline:
             weights=self.weights,
             score=scorers[0],
             screen=scorers[1],
+            candidates=candidates,
             device=self.device,
             cache_dir=cache_dir() / "allocators",
             progress=self.show,
