@@ -1,5 +1,5 @@
 """The host side of ``CandidateHost``: pruned weights at many ratios and the model's logits, for allocators
-that assemble candidate models from a database of pruned matrices (EvoPress, docs/algorithms.md §8).
+that assemble candidate models from a database of pruned matrices (EvoPress, docs/algorithms.md §13).
 
 The database pass prunes every matrix at each asked ratio from the DENSE model's statistics (one
 calibration pass, the run's pruner), so it costs one pass plus one pruner call per (matrix, ratio).

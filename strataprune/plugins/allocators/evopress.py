@@ -1,7 +1,7 @@
 """EvoPress: per-unit sparsity levels found by evolutionary search on a database of pruned weights.
 
 Paper: "EvoPress: Accurate Dynamic Model Compression via Evolutionary Search", O. Sieberling,
-D. Kuznedelev, E. Kurtic, D. Alistarh, ICML 2025, arXiv 2410.14649. See docs/algorithms.md §8.
+D. Kuznedelev, E. Kurtic, D. Alistarh, ICML 2025, arXiv 2410.14649. See docs/algorithms.md §13.
 
 Units are blocks (default) or single matrices (``unit``). Every unit u of n_u parameters can take a
 level k in -K..K (K = ``levels``); level k prunes a ratio

@@ -1,4 +1,4 @@
-"""DSnoT: training-free prune-and-grow refinement of a sparse mask (docs/algorithms.md §9).
+"""DSnoT: training-free prune-and-grow refinement of a sparse mask (docs/algorithms.md §2.5).
 
 Paper: "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", Y. Zhang, L. Zhao,
 M. Lin, Y. Sun, Y. Yao, X. Han, J. Tanner, S. Liu, R. Ji, ICLR 2024, arXiv 2310.08915.
@@ -18,14 +18,17 @@ variance var_j and norm ||X_j||_2, every output row i is refined on its own:
              (removing k adds V_ik * mu_k to eps': only weights that move it towards 0 qualify, and of
              those the least important by Wanda's score goes; under N:M, k* must share j*'s group of m)
       eps''  = eps' + V_ik* * mu_k*
-      stop the row (undoing nothing, since nothing was applied) when no j* or k* qualifies or when
-      |eps''| >= |eps| * (1 - min_improvement); otherwise apply the swap and continue with eps''.
+      stop the row (nothing of this cycle is applied) when no j* or k* qualifies, or when the swap fails
+      the ``stop`` rule; otherwise apply the swap and continue with eps''. A row whose |eps| is at most
+      ``update_threshold`` is not touched again.
+
+    stop rules: "sign" (the paper's): the swap would flip the sign of eps (eps'' * eps < 0), so the
+    row's error crossed zero; "improvement": |eps''| >= |eps| (the swap does not shrink the error).
 
 Each swap revives one weight and prunes one, so every row keeps exactly as many weights as it had
 (and every N:M group too). ``dsnot_reference`` is the same rule as a plain loop over rows, cycles and
-columns, for tests. The variance exponent p (``variance_power``, 1 by default), the relative
-``min_improvement`` (0: stop as soon as |eps| fails to decrease) and ``max_cycles`` (50) are this
-toolkit's names for the paper's hyperparameters.
+columns, for tests. The variance exponent p (``variance_power``, 1), ``update_threshold`` (0.1) and
+``max_cycles`` (50) are this toolkit's names for the paper's hyperparameters.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import math
 
 import torch
 
+#: when a row stops: "sign" (the paper's: the swap would flip the error's sign), "improvement" (|eps| would not shrink)
+STOP_RULES = ("sign", "improvement")
 #: rows refined at once, in matrix elements (float64 temporaries: ~8 bytes each, a few alive at a time)
 ROW_CHUNK_ELEMENTS = 1 << 20
 
@@ -54,14 +59,18 @@ def dsnot_refine(
     *,
     max_cycles: int = 50,
     variance_power: float = 1.0,
-    min_improvement: float = 0.0,
+    update_threshold: float = 0.1,
+    stop: str = "sign",
     group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Refine ``keep`` (and ``sparse``, the values on it) row by row; returns (keep, values, summary).
 
-    ``group``: the m of an N:M pattern (a swap stays inside one group of m consecutive inputs).
+    ``group``: the m of an N:M pattern (a swap stays inside one group of m consecutive inputs);
+    ``stop``: "sign" or "improvement" (see the module docstring).
     Grown weights take their dense value; kept weights keep the values they had in ``sparse``.
     """
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop={stop!r} must be one of {', '.join(STOP_RULES)}")
     rows, cols = dense.shape
     out_keep = keep.clone()
     out_values = sparse.clone()
@@ -73,13 +82,13 @@ def dsnot_refine(
     importance_scale = norms.double().to(dense.device)
     groups = torch.arange(cols, device=dense.device) // group if group else None
     for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        w = dense[start:stop].double()
-        v = sparse[start:stop].double() * keep[start:stop]
-        k = keep[start:stop].clone()
-        swaps, first, last = _refine_rows(w, v, k, mu, grow_scale, importance_scale, max_cycles, min_improvement, groups)
-        out_keep[start:stop] = k
-        out_values[start:stop] = v.to(sparse.dtype)
+        end = min(rows, start + step)
+        w = dense[start:end].double()
+        v = sparse[start:end].double() * keep[start:end]
+        k = keep[start:end].clone()
+        swaps, first, last = _refine_rows(w, v, k, mu, grow_scale, importance_scale, max_cycles, update_threshold, stop, groups)
+        out_keep[start:end] = k
+        out_values[start:end] = v.to(sparse.dtype)
         swaps_total += swaps
         before += first
         after += last
@@ -99,7 +108,8 @@ def _refine_rows(
     grow_scale: torch.Tensor,
     importance_scale: torch.Tensor,
     max_cycles: int,
-    min_improvement: float,
+    update_threshold: float,
+    stop: str,
     groups: torch.Tensor | None,
 ) -> tuple[int, float, float]:
     """All rows of a chunk at once (edits ``v`` and ``keep`` in place); returns (swaps, sum eps^2 before, after)."""
@@ -107,7 +117,7 @@ def _refine_rows(
     index = torch.arange(rows, device=w.device)
     eps = ((w - v) * mu).sum(dim=1)
     first = float((eps**2).sum())
-    active = eps != 0
+    active = eps.abs() > update_threshold
     contribution = w * mu  # what reviving each weight removes from eps
     swaps = 0
     for _ in range(max_cycles):
@@ -129,8 +139,11 @@ def _refine_rows(
         k = importance.argmin(dim=1)
         has_prune = torch.isfinite(importance[index, k])
         eps_new = eps_grown + removal[index, k]
-        improves = eps_new.abs() < eps.abs() * (1.0 - min_improvement)
-        apply = active & has_grow & has_prune & improves
+        if stop == "sign":
+            passes = eps_new * eps >= 0
+        else:
+            passes = eps_new.abs() < eps.abs()
+        apply = active & has_grow & has_prune & passes
         active = apply  # a row that could not improve stops for good
         if not bool(apply.any()):
             break
@@ -141,7 +154,7 @@ def _refine_rows(
         keep[rows_applied, ka] = False
         v[rows_applied, ka] = 0.0
         eps = torch.where(apply, eps_new, eps)
-        active = active & (eps != 0)
+        active = active & (eps.abs() > update_threshold)
         swaps += int(apply.sum())
     return swaps, first, float((eps**2).sum())
 
@@ -156,7 +169,8 @@ def dsnot_reference(
     *,
     max_cycles: int = 50,
     variance_power: float = 1.0,
-    min_improvement: float = 0.0,
+    update_threshold: float = 0.1,
+    stop: str = "sign",
     group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same update rule as ``dsnot_refine``, as a plain loop (slow; for tests on small matrices)."""
@@ -174,7 +188,7 @@ def dsnot_reference(
     for i in range(rows):
         eps = sum((float(w[i, c]) - float(out_values[i, c])) * mu[c] for c in range(cols))
         for _ in range(max_cycles):
-            if eps == 0:
+            if abs(eps) <= update_threshold:
                 break
             best_j, best_grow = -1, -math.inf
             for c in range(cols):
@@ -201,7 +215,9 @@ def dsnot_reference(
             if best_k < 0:
                 break
             eps_new = eps_grown + float(out_values[i, best_k]) * mu[best_k]
-            if not abs(eps_new) < abs(eps) * (1.0 - min_improvement):
+            if stop == "sign" and eps_new * eps < 0:
+                break
+            if stop == "improvement" and not abs(eps_new) < abs(eps):
                 break
             out_keep[i, best_j] = True
             out_values[i, best_j] = w[i, best_j]

@@ -1,7 +1,7 @@
 """DSnoT refinement after any pruner: the base pruner's mask, improved by prune-and-grow swaps.
 
 Paper: "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", Zhang et al., ICLR 2024,
-arXiv 2310.08915. The update rule is in strataprune/plugins/common/dsnot.py and docs/algorithms.md §9.
+arXiv 2310.08915. The update rule is in strataprune/plugins/common/dsnot.py and docs/algorithms.md §2.5.
 
 A wrapper: ``base`` names the pruner whose mask (and values, for pruners that update weights) is the
 starting point, ``base_params`` its parameters. Then, per output row, a weight is revived and another
@@ -9,13 +9,13 @@ pruned while that reduces the row's expected reconstruction error, so every row 
 keeps exactly the count the base pruner gave it. Needs the base pruner's statistics plus each matrix's
 input norms and means (the variance comes from both).
 
-    strataprune run --pruner dsnot --set pruner.params.base=wanda --sparsity 0.7
+    strataprune run --pruner dsnot --set pruner.base=wanda --sparsity 0.7
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,7 +23,7 @@ from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
 from strataprune.contract.sparsity import Target
-from strataprune.plugins.common.dsnot import dsnot_refine, input_variance
+from strataprune.plugins.common.dsnot import STOP_RULES, dsnot_refine, input_variance
 
 
 @dataclass
@@ -36,8 +36,12 @@ class DSnoTConfig:
     max_cycles: int = 50
     #: exponent p of the input variance dividing the growing criterion (0: no variance term)
     variance_power: float = 1.0
-    #: a swap must shrink |eps| by at least this fraction, else the row stops
-    min_improvement: float = 0.0
+    #: a row whose expected error |eps| is at most this is left alone (the paper's update threshold)
+    update_threshold: float = 0.1
+    #: when a row stops: "sign" (the paper's: a swap would flip the sign of eps), "improvement" (|eps| would not shrink)
+    stop: Literal["sign", "improvement"] = "sign"
+    #: which matrices are refined: "all", or "attention" (matrices whose name contains "attn"; the reference code's default)
+    scope: Literal["all", "attention"] = "all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base or self.base == "dsnot":
@@ -46,8 +50,12 @@ class DSnoTConfig:
             raise ConfigError(f"dsnot: max_cycles={self.max_cycles!r} must be an integer >= 0")
         if not (0.0 <= float(self.variance_power) <= 4.0):
             raise ConfigError(f"dsnot: variance_power={self.variance_power!r} must be in [0, 4]")
-        if not (0.0 <= float(self.min_improvement) < 1.0):
-            raise ConfigError(f"dsnot: min_improvement={self.min_improvement!r} must be in [0, 1)")
+        if not float(self.update_threshold) >= 0.0:
+            raise ConfigError(f"dsnot: update_threshold={self.update_threshold!r} must be >= 0")
+        if self.stop not in STOP_RULES:
+            raise ConfigError(f"dsnot: stop={self.stop!r} must be one of {', '.join(repr(r) for r in STOP_RULES)}")
+        if self.scope not in ("all", "attention"):
+            raise ConfigError(f"dsnot: scope={self.scope!r} must be one of 'all', 'attention'")
 
 
 class DSnoT(Pruner):
@@ -77,6 +85,8 @@ class DSnoT(Pruner):
         if stats.input_norms is None or stats.input_means is None:
             raise PluginError("dsnot needs input_norms and input_means statistics, which the calibration engine did not provide")
         result = self.base.prune(weight, target, stats)
+        if cfg.scope == "attention" and "attn" not in stats.info.short:
+            return result
         start = result.weight if result.weight is not None else weight * result.keep
         variances = input_variance(stats.input_norms, stats.input_means, stats.ntokens)
         group = target.pattern.m if target.pattern is not None else None
@@ -89,7 +99,8 @@ class DSnoT(Pruner):
             stats.input_norms,
             max_cycles=cfg.max_cycles,
             variance_power=float(cfg.variance_power),
-            min_improvement=float(cfg.min_improvement),
+            update_threshold=float(cfg.update_threshold),
+            stop=cfg.stop,
             group=group,
         )
         extra = {**result.extra, "dsnot": summary}

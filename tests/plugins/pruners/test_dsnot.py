@@ -58,28 +58,30 @@ def test_n_m_groups_stay_valid():
     assert refined.extra["dsnot"]["swaps"] > 0
 
 
+@pytest.mark.parametrize("stop", ["sign", "improvement"])
 @pytest.mark.parametrize("base", ["wanda", "magnitude", "sparsegpt"])
-def test_lowers_the_layer_reconstruction_error(base):
+def test_lowers_the_layer_reconstruction_error(base, stop):
     weight, x, stats = calibration(seed=1)
     stats.hessian = 2.0 * x.T @ x / x.shape[0]
-    pruner = DSnoT.from_params({"base": base})
+    pruner = DSnoT.from_params({"base": base, "stop": stop})
     start = pruner.base.prune(weight, Target.of(0.6), stats)
     refined = pruner.prune(weight, Target.of(0.6), stats)
     before, after = output_error(weight, sparse_of(start, weight), x), output_error(weight, refined.weight, x)
-    assert after < (0.95 if base == "sparsegpt" else 0.8) * before, (before, after)
+    assert after < (0.99 if base == "sparsegpt" else 0.8) * before, (before, after)  # SparseGPT starts much closer
     summary = refined.extra["dsnot"]
     assert summary["expected_error_after"] < summary["expected_error_before"]
 
 
+@pytest.mark.parametrize("stop", ["sign", "improvement"])
 @pytest.mark.parametrize("group", [None, 4])
-def test_matches_a_plain_loop_of_the_update_rule(group):
+def test_matches_a_plain_loop_of_the_update_rule(group, stop):
     weight, _, stats = calibration(rows=6, cols=16, seed=2)
     target = Target.of(pattern="2:4") if group else Target.of(0.5)
     keep = Wanda().prune(weight, target, stats).keep
     variances = input_variance(stats.input_norms, stats.input_means, stats.ntokens)
     args = (weight, weight * keep, keep, stats.input_means, variances, stats.input_norms)
-    fast_keep, fast_values, _ = dsnot_refine(*args, max_cycles=10, group=group)
-    slow_keep, slow_values = dsnot_reference(*args, max_cycles=10, group=group)
+    fast_keep, fast_values, _ = dsnot_refine(*args, max_cycles=10, group=group, stop=stop)
+    slow_keep, slow_values = dsnot_reference(*args, max_cycles=10, group=group, stop=stop)
     assert not torch.equal(fast_keep, keep)
     assert torch.equal(fast_keep, slow_keep)
     assert torch.allclose(fast_values, slow_values)
@@ -89,6 +91,19 @@ def test_zero_cycles_is_the_base_mask():
     weight, _, stats = calibration()
     base = Wanda().prune(weight, Target.of(0.5), stats).keep
     assert torch.equal(DSnoT.from_params({"max_cycles": 0}).prune(weight, Target.of(0.5), stats).keep, base)
+
+
+def test_attention_scope_leaves_other_matrices_to_the_base():
+    weight, _, stats = calibration()
+    base = Wanda().prune(weight, Target.of(0.5), stats).keep
+    assert torch.equal(DSnoT.from_params({"scope": "attention"}).prune(weight, Target.of(0.5), stats).keep, base)
+    attention = MatrixStats(
+        MatrixInfo("model.layers.0.self_attn.q_proj", 0, "self_attn.q_proj", tuple(weight.shape)),
+        stats.ntokens,
+        input_norms=stats.input_norms,
+        input_means=stats.input_means,
+    )
+    assert not torch.equal(DSnoT.from_params({"scope": "attention"}).prune(weight, Target.of(0.5), attention).keep, base)
 
 
 def test_needs_are_the_base_pruners_plus_means():
@@ -102,13 +117,14 @@ def test_needs_are_the_base_pruners_plus_means():
         ({"base": "dsnot"}, "must name another pruner"),
         ({"base": "nope"}, "nope"),
         ({"max_cycles": -1}, "max_cycles"),
+        ({"stop": "never"}, "stop"),
+        ({"update_threshold": -1.0}, "update_threshold"),
         ({"base": "sparsegpt", "base_params": {"wbits": 4}}, "quantizes"),
     ],
 )
 def test_bad_parameters_are_config_errors(params, message):
-    with pytest.raises(Exception, match=message) as caught:
+    with pytest.raises(ConfigError, match=message):
         DSnoT.from_params(params)
-    assert isinstance(caught.value, (ConfigError, Exception))
 
 
 def test_contract():
