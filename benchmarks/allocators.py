@@ -177,7 +177,8 @@ def main() -> int:
         "sparsity": args.sparsity,
         "pruner": args.pruner,
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
-        "evaluation": f"{args.eval_windows} windows x {args.eval_seqlen} tokens of WikiText-2 test (wiki.test.raw) and of BBC test",
+        "evaluation": f"{args.eval_windows} windows x {args.eval_seqlen} tokens of WikiText-2 test (wiki.test.raw) and of BBC "
+        "test",
         "atp_selection": f"{args.selection_windows} windows of BBC validation (held out; never the evaluation text)",
         "threads": pipeline.threads,
         "load_s": load_s,
@@ -307,10 +308,12 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
         "sparsity": args.sparsity,
         "pruner": args.pruner,
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens, seed 0, pruned propagation",
-        "selection": f"{recipe.evaluation.selection_windows} windows of BBC validation ({args.seqlen} tokens); screening trials use a quarter of them and the dense statistics of half the calibration windows",
+        "selection": f"{recipe.evaluation.selection_windows} windows of BBC validation ({args.seqlen} tokens); screening trials "
+        "use a quarter of them and the dense statistics of half the calibration windows",
         "threads": pipeline.threads,
         "one full trial (mean over the grid)": f"{per_prune:.1f} s",
-        "machine": "2 shared cores with other jobs running: the prunes' worth column (time / one full trial, same run) is the figure to compare",
+        "machine": "2 shared cores with other jobs running: the prunes' worth column (time / one full trial, same run) is the "
+        "figure to compare",
     }
     grid_curve = [[t["beta"], t["score"]] for t in runs["grid"]["trials"]]
     stem.with_suffix(".json").write_text(

@@ -495,7 +495,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         ),
         "",
         (
-            f"Settings: text models {json.dumps(data['settings']['text'])}; image models {json.dumps(data['settings']['images'])}; "
+            f"Settings: text models {json.dumps(data['settings']['text'])}; image models "
+            f"{json.dumps(data['settings']['images'])}; "
             "every job with one torch thread. Leaderboard grid:"
         ),
         "",

@@ -11,8 +11,9 @@ Cases (16 x 256 BBC train tokens by default, each in a fresh subprocess so its p
 - ``fingerprint``: the content fingerprint of the prunable weights (strataprune/engine/fingerprint.py).
 
 Peak memory is the rise of the process's resident high-water mark during the pass (VmHWM after
-resetting it through /proc/self/clear_refs), so the model load does not hide it. ``--baseline`` runs the same cases against another checkout (e.g. the code before a change),
-alternating with this one so both see the same machine load, for a before/after table:
+resetting it through /proc/self/clear_refs), so the model load does not hide it. ``--baseline`` runs the
+same cases against another checkout (e.g. the code before a change), alternating with this one so both
+see the same machine load, for a before/after table:
 
     python benchmarks/calibration.py                                   # this checkout
     git archive <commit> | tar -x -C /tmp/base && python benchmarks/calibration.py --baseline /tmp/base

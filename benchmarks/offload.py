@@ -178,9 +178,9 @@ def main() -> None:
         f"# Offload benchmark ({stamp})",
         "",
         f"Random Llama, {shape['layers']} blocks x (hidden {shape['hidden']}, MLP {shape['intermediate']}), "
-        f"{shape['bytes'] / 2**20:.0f} MB fp32 on disk = {shape['bytes'] / 2**20 / args.cap_mb:.1f} x the cap of {args.cap_mb:.0f} MB. "
-        f"Wanda 50%, 4 x 128 calibration tokens. Peak RSS is the whole process; the floor ({floor:.0f} MB) is a process that only "
-        f"imports torch/transformers/strataprune, and the cap applies to peak - floor.",
+        f"{shape['bytes'] / 2**20:.0f} MB fp32 on disk = {shape['bytes'] / 2**20 / args.cap_mb:.1f} x the cap of "
+        f"{args.cap_mb:.0f} MB. Wanda 50%, 4 x 128 calibration tokens. Peak RSS is the whole process; the floor "
+        f"({floor:.0f} MB) is a process that only imports torch/transformers/strataprune, and the cap applies to peak - floor.",
         "",
         "| path | peak RSS (MB) | above floor (MB) | within cap | wall (s) | prune stage (s) |",
         "|---|---|---|---|---|---|",
@@ -188,7 +188,8 @@ def main() -> None:
     for r in (naive, offloaded):
         extra = r["peak_rss_mb"] - floor
         md.append(
-            f"| {r['path']} | {r['peak_rss_mb']:.0f} | {extra:.0f} | {'yes' if extra <= args.cap_mb else 'no'} | {r['wall_s']:.1f} | {r['times_s']['prune']:.1f} |"
+            f"| {r['path']} | {r['peak_rss_mb']:.0f} | {extra:.0f} | {'yes' if extra <= args.cap_mb else 'no'} | "
+            f"{r['wall_s']:.1f} | {r['times_s']['prune']:.1f} |"
         )
     md.append("")
     md.append(f"Same realised sparsity per matrix on both paths: {same}.")

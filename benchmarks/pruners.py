@@ -80,16 +80,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Pruner benchmark ({meta['model']}, {meta['timestamp']})",
         "",
-        f"Calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on {meta['eval_windows']} x {meta['seqlen']} "
-        f"BBC test tokens; dense perplexity {meta['ppl_dense']:.3f}; {meta['threads']} CPU threads; uniform allocation.",
+        f"Calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on {meta['eval_windows']} x "
+        f"{meta['seqlen']} BBC test tokens; dense perplexity {meta['ppl_dense']:.3f}; {meta['threads']} CPU threads; "
+        "uniform allocation.",
         "",
-        "| pruner | sparsity | prune time (s) | calib tokens/s | x Wanda (time) | peak RSS (MB) | x Wanda | perplexity | x Wanda |",
+        "| pruner | sparsity | prune time (s) | calib tokens/s | x Wanda (time) | peak RSS (MB) | x Wanda "
+        "| perplexity | x Wanda |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['calib_tokens_per_s']:.0f} | {r['time_vs_wanda']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_vs_wanda']:.2f} | {r['ppl']:.3f} | {r['ppl_vs_wanda']:.3f} |"
+            f"| {r['pruner']} | {r['sparsity']} | {r['prune_s']:.1f} | {r['calib_tokens_per_s']:.0f} | {r['time_vs_wanda']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['rss_vs_wanda']:.2f} | {r['ppl']:.3f} | {r['ppl_vs_wanda']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

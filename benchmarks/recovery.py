@@ -132,18 +132,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Recovery benchmark ({meta['model']}, {meta['timestamp']})",
         "",
         f"Wanda, uniform one-shot allocation; calibration {meta['nsamples']} x {meta['seqlen']} BBC train tokens; perplexity on "
-        f"{meta['eval_windows']} x {meta['eval_seqlen']} BBC test tokens (dense {meta['ppl_dense']:.3f}). Training: {meta['steps']} "
-        f"AdamW steps of {meta['batch']} x {meta['train_seqlen']} BBC train tokens (articles sharing 13 words with the test split "
-        f"removed), lr {meta['lr']}; LoSA in {meta['rounds']} rounds of {meta['steps'] // meta['rounds']} steps. "
+        f"{meta['eval_windows']} x {meta['eval_seqlen']} BBC test tokens (dense {meta['ppl_dense']:.3f}). Training: "
+        f"{meta['steps']} AdamW steps of {meta['batch']} x {meta['train_seqlen']} BBC train tokens (articles sharing 13 words "
+        f"with the test split removed), lr {meta['lr']}; LoSA in {meta['rounds']} rounds of "
+        f"{meta['steps'] // meta['rounds']} steps. "
         f"{meta['threads']} CPU thread(s) on a machine shared with other jobs: times are indicative, ratios are what to compare.",
         "",
-        "| sparsity | recovery | ppl before | ppl after | after/before | x LoRA (after) | recover (s) | train tok/s | peak RSS (MB) | peak / before recovery |",
+        "| sparsity | recovery | ppl before | ppl after | after/before | x LoRA (after) | recover (s) | train tok/s "
+        "| peak RSS (MB) | peak / before recovery |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sparsity']} | {r['recovery']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {r['ratio_after_to_before']:.3f} | "
-            f"{r['vs_lora']:.3f} | {r['recover_s']:.0f} | {r['train_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"| {r['sparsity']} | {r['recovery']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+            f"{r['ratio_after_to_before']:.3f} | {r['vs_lora']:.3f} | {r['recover_s']:.0f} | {r['train_tokens_per_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | "
             f"{r['peak_rss_mb'] / r['rss_before_recovery_mb']:.2f} |"
         )
     for r in rows:
@@ -203,7 +206,8 @@ def main() -> None:
             first = False
             rows.append(row)
             print(
-                f"{sparsity:5s} {recovery:5s} ppl {row['ppl_before']:9.2f} -> {row['ppl_after']:8.2f} ({row['ratio_after_to_before']:.3f})  "
+                f"{sparsity:5s} {recovery:5s} ppl {row['ppl_before']:9.2f} -> {row['ppl_after']:8.2f} "
+                f"({row['ratio_after_to_before']:.3f})  "
                 f"recover {row['recover_s']:6.0f} s ({row['train_tokens_per_s']:.0f} tok/s)  peak {row['peak_rss_mb']:6.0f} MB",
                 flush=True,
             )

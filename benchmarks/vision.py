@@ -120,8 +120,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [
         f"# Vision benchmark ({meta['stamp']})",
         "",
-        f"Calibration: {meta['nsamples']} crops of the calibration photos; evaluation: {meta['eval']} crops of the held-out photos; "
-        f"torch threads {meta['threads']}; {meta['machine']}. Shared machine: times are noisy, compare within a model and sparsity.",
+        f"Calibration: {meta['nsamples']} crops of the calibration photos; evaluation: {meta['eval']} crops of the held-out "
+        f"photos; torch threads {meta['threads']}; {meta['machine']}. Shared machine: times are noisy, compare within a model "
+        "and sparsity.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):

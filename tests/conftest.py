@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from support import has_bbc, has_smollm2, save_tiny_model, write_word_text
+# after the environment above: support imports transformers, which reads the offline switches at import
+from support import has_bbc, has_smollm2, save_tiny_model, write_word_text  # noqa: E402
 
 
 @pytest.fixture(scope="session")

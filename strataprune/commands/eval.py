@@ -127,7 +127,8 @@ def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
         return 0
     harness = result["harness"]
     print(
-        f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, {result['time_s']:.1f} s)"
+        f"zero-shot accuracy of {args.model_dir} ({harness['name']} {harness['version']}, 0-shot, limit {args.limit or 'none'}, "
+        f"{result['time_s']:.1f} s)"
     )
     print(accuracy_table(result))
     if "perplexity" in result:

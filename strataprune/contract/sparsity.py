@@ -32,7 +32,8 @@ class NMPattern:
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ConfigError(
-                f"N:M pattern {self.n}:{self.m} is invalid: need integers with 0 < n < m, n weights kept of every m (e.g. 2:4, 4:8)"
+                f"N:M pattern {self.n}:{self.m} is invalid: need integers with 0 < n < m, n weights kept of every m (e.g. 2:4, "
+                "4:8)"
             )
 
     @classmethod
@@ -79,8 +80,9 @@ def paper_notation_warning(pattern: NMPattern | None) -> str | None:
         return None
     flipped = NMPattern(pattern.m - pattern.n, pattern.m)
     return (
-        f"warning: sparsity {pattern} keeps {pattern.n} of every {pattern.m} weights here ({100 * pattern.sparsity:g}% sparse, NVIDIA's notation); "
-        f"in the Wanda/SparseGPT/OWL repos '{pattern}' prunes {pattern.n} of {pattern.m} ({100 * flipped.sparsity:g}% sparse), which is {flipped} here"
+        f"warning: sparsity {pattern} keeps {pattern.n} of every {pattern.m} weights here ({100 * pattern.sparsity:g}% sparse, "
+        f"NVIDIA's notation); in the Wanda/SparseGPT/OWL repos '{pattern}' prunes {pattern.n} of {pattern.m} "
+        f"({100 * flipped.sparsity:g}% sparse), which is {flipped} here"
     )
 
 

@@ -323,7 +323,8 @@ def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
         total = length + max(cfg.decode_tokens, cfg.parity_steps)
         if total > context:
             raise ConfigError(
-                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} exceeds the model's "
+                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} exceeds the "
+                "model's "
                 f"context of {context} tokens; use a prompt of at most {context - max(cfg.decode_tokens, cfg.parity_steps)}"
             )
 
@@ -540,7 +541,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             for name, f in report["models"].items()
         )
         + f". {m['cpu']}, {m['threads']} threads, 1-minute load average {m['load_average_1m']}. "
-        f"batch {s['batch']}, {s['decode_tokens']} decode tokens, {s['warmup']} warm-up + {s['repeats']} timed runs. {m['note']}.",
+        f"batch {s['batch']}, {s['decode_tokens']} decode tokens, {s['warmup']} warm-up + {s['repeats']} timed runs. "
+        f"{m['note']}.",
         "",
         markdown_table(table_rows(report), HEADERS),
         "",

@@ -53,7 +53,8 @@ def codes_of(weight: torch.Tensor, quant: dict[str, Any], name: str) -> torch.Te
     err = float(((q - zero) * scale - w).abs().max()) if w.numel() else 0.0
     if err > 1e-5 * max(1.0, float(w.abs().max())):
         raise DataError(
-            f"INT4 weight '{name}' is off its recorded grid by {err:.3g}; the run folder's quantization files do not match its weights"
+            f"INT4 weight '{name}' is off its recorded grid by {err:.3g}; the run folder's quantization files do not match its "
+            "weights"
         )
     if not bool((zero == torch.round(zero)).all()) or float(zero.min()) < 0 or float(zero.max()) > 2**BITS - 1:
         raise DataError(f"INT4 weight '{name}': zero points must be integers in [0, 15] for MatMulNBits")

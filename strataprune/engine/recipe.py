@@ -105,7 +105,8 @@ class EvaluationSection:
             items = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
             if not all(isinstance(t, str) for t in items) or not any(t.strip() for t in items):
                 raise ConfigError(
-                    f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a list"
+                    f"evaluation.tasks: {self.tasks!r} must name lm-eval tasks or presets (papers7, bbc), comma-separated or a "
+                    "list"
                 )
         if self.task_limit is not None:
             _positive("evaluation.task_limit", self.task_limit)

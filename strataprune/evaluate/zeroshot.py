@@ -260,7 +260,8 @@ def resolve_tasks(
     for name in selection.names:
         if name not in known and not Path(name).is_file():
             raise ConfigError(
-                f"unknown zero-shot task '{name}'{did_you_mean(name, [*known, *PRESETS])}; give an lm-eval task, group or tag name, "
+                f"unknown zero-shot task '{name}'{did_you_mean(name, [*known, *PRESETS])}; give an lm-eval task, group or tag "
+                "name, "
                 f"a preset ({', '.join(PRESETS)}), a task YAML file, or a folder of task YAML files with --include-path"
             )
     versions: dict[str, Any] = {}
@@ -314,7 +315,9 @@ def check_causal_lm(adapter: Any) -> None:
 
 # --------------------------------------------------------------------------- evaluation
 def _metrics(raw: dict[str, Any]) -> dict[str, float | None]:
-    """lm-eval's ``{"acc,none": x, "acc_stderr,none": s}`` -> ``{"acc": x, "acc_stderr": s}`` (other filters keep their suffix)."""
+    """lm-eval's ``{"acc,none": x, "acc_stderr,none": s}`` -> ``{"acc": x, "acc_stderr": s}``.
+
+    Other filters than ``none`` keep their suffix."""
     out: dict[str, float | None] = {}
     for key, value in raw.items():
         if "," not in key:

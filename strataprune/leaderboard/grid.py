@@ -260,7 +260,8 @@ def _model_spec(value: Any, where: str, base: Path) -> ModelSpec:
         for key in settings:
             if key not in allowed:
                 raise ConfigError(
-                    f"{where}: unknown model key '{key}'{did_you_mean(key, allowed)}; allowed: source, label, {', '.join(allowed)}"
+                    f"{where}: unknown model key '{key}'{did_you_mean(key, allowed)}; allowed: source, label, "
+                    f"{', '.join(allowed)}"
                 )
     else:
         raise ConfigError(f"{where}: {value!r} must be a model source or a mapping with 'source'")

@@ -43,7 +43,8 @@ def merge_submission(results: ResultsFile, grid: Grid, path: Path, echo: Callabl
     diff = differences(grid.protocol(), header.get("protocol", {}))
     if diff:
         raise ConfigError(
-            f"--merge '{path}' was measured with another protocol; refused. Fields that differ (this grid vs the file): {'; '.join(diff)}"
+            f"--merge '{path}' was measured with another protocol; refused. Fields that differ (this grid vs the file): "
+            f"{'; '.join(diff)}"
         )
     ours = results.models()
     theirs: dict[str, dict[str, Any]] = {}

@@ -103,7 +103,8 @@ def check_header(header: Mapping[str, Any], path: Path, grid_name: str, protocol
     diff = differences(protocol, header.get("protocol", {}))
     if diff:
         raise ConfigError(
-            f"results file '{path}' was made with another protocol of grid '{grid_name}' (this grid vs the file: {'; '.join(diff)}); "
+            f"results file '{path}' was made with another protocol of grid '{grid_name}' (this grid vs the file: "
+            f"{'; '.join(diff)}); "
             "choose another --output"
         )
 

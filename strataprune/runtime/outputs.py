@@ -290,9 +290,13 @@ def _acquire(dest: Path, command: str | None) -> None:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"output '{dest}': cannot lock '{lock_file}' ({exc.strerror})") from None
-            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, strataprune {holder.get('command', '?')}, since {holder.get('started', '?')}"
+            who = (
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, strataprune {holder.get('command', '?')}, "
+                f"since {holder.get('started', '?')}"
+            )
             raise OutputError(
-                f"output '{dest}' is being written by another strataprune run ({who}); wait for it to finish or choose another --output"
+                f"output '{dest}' is being written by another strataprune run ({who}); wait for it to finish or choose another "
+                "--output"
             ) from None
         if _same_file(fd, lock_file):  # not a lock file that its previous holder unlinked meanwhile
             break
@@ -372,13 +376,15 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
                 continue
             if output_owner(entry) is None:
                 log(
-                    f"'{entry}' has a strataprune temporary's name but no strataprune marker; left alone, delete it if you do not need it"
+                    f"'{entry}' has a strataprune temporary's name but no strataprune marker; left alone, delete it if you do "
+                    "not need it"
                 )
                 continue
             if kind == _OLD and not dest.exists():
                 os.rename(entry, dest)
                 log(
-                    f"restored the previous output '{dest}' from '{entry.name}', where an interrupted commit (pid {pid}) had moved it"
+                    f"restored the previous output '{dest}' from '{entry.name}', where an interrupted commit (pid {pid}) had "
+                    "moved it"
                 )
                 continue
             shutil.rmtree(entry, ignore_errors=True)
@@ -386,7 +392,8 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
         elif _LEGACY_LEFTOVER.match(rest) and entry.is_dir():
             note = " (it may hold the previous output)" if rest.startswith("old") else ""
             log(
-                f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; not removed, delete it if you do not need it"
+                f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; not removed, delete it if you do "
+                "not need it"
             )
 
 
@@ -462,7 +469,8 @@ def _commit_by_two_renames(tmp: Path, dest: Path) -> None:
         os.rename(dest, old)
     except OSError as exc:
         raise OutputError(
-            f"could not move the previous output '{dest}' aside ({exc.strerror}); it is unchanged, the new one is kept in '{_keep(tmp, dest)}'"
+            f"could not move the previous output '{dest}' aside ({exc.strerror}); it is unchanged, the new one is kept in "
+            f"'{_keep(tmp, dest)}'"
         ) from None
     try:
         os.rename(tmp, dest)

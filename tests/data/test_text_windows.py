@@ -106,7 +106,10 @@ class BosCharTokenizer(CharTokenizer):
         return out
 
 
-WIKI = "\r\n = Robert Boulter = \r\n\r\n Robert Boulter is an English actor .\r\n \r\n = = Career = = \r\n\r\n In 2006 he starred .\r\n"
+WIKI = (
+    "\r\n = Robert Boulter = \r\n\r\n Robert Boulter is an English actor .\r\n \r\n"
+    " = = Career = = \r\n\r\n In 2006 he starred .\r\n"
+)
 
 
 def reference_rows(path):

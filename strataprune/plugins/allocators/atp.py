@@ -36,11 +36,11 @@ S=0.7, L=32: 0.002..0.018), selecting on WikiText-2 *test*; here ``select_on`` d
   to the best point or one neighbour of it (3 of 10 on SmolLM2). These run as cheap *screening*
   trials when the host offers them (``ctx.screen``): the pruner's statistics come from ONE dense
   calibration pass (half the calibration windows) reused by every trial (nothing but the masks
-  depends on beta), and a quarter of the selection windows are scored. Then up to ``refine`` full trials (the run's own propagation and
-  windows) check the screened minimum and walk to a neighbour while that improves (the neighbour
-  the screening ranks better first; one it did not evaluate is predicted by a parabola through the
-  nearest screened points); the best full trial wins. On SmolLM2 at 70% this finds the grid's beta in under three full trials' time
-  (benchmarks/results/atp-search-*.md).
+  depends on beta), and a quarter of the selection windows are scored. Then up to ``refine`` full
+  trials (the run's own propagation and windows) check the screened minimum and walk to a neighbour
+  while that improves (the neighbour the screening ranks better first; one it did not evaluate is
+  predicted by a parabola through the nearest screened points); the best full trial wins. On SmolLM2
+  at 70% this finds the grid's beta in under three full trials' time (benchmarks/results/atp-search-*.md).
 * "grid": every candidate in order, at most ``max_trials``, stopping after ``patience``
   consecutive candidates without improvement (the paper's grid, with a budget).
 

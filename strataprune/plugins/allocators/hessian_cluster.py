@@ -327,7 +327,8 @@ class HessianCluster(Allocator):
         if not positive.all():
             # log10(0) is -inf; an error-free unit simply belongs to the lowest level
             ctx.notes.append(
-                f"hessian_cluster: {int((~positive).sum())} unit(s) have zero estimated error; counted at the smallest positive error"
+                f"hessian_cluster: {int((~positive).sum())} unit(s) have zero estimated error; counted at the smallest positive "
+                "error"
             )
         log_err = np.log10(np.where(positive, unit_err, unit_err[positive].min()))
 

@@ -259,7 +259,8 @@ class OWL(Allocator):
             block_ratios[b] = float(r)
         meta["block_ratios"] = [float(r) for r in block_ratios]
         ctx.notes.append(
-            f"owl: block sparsity {min(ratios):.4f} .. {max(ratios):.4f} around {S:.4f} (lam={cfg.lam:g}, {cfg.normalize} normalisation)"
+            f"owl: block sparsity {min(ratios):.4f} .. {max(ratios):.4f} around {S:.4f} (lam={cfg.lam:g}, {cfg.normalize} "
+            "normalisation)"
         )
         allocation = Allocation.from_blocks(layout, block_ratios, S, allocator=self.name, meta=meta)
         if cfg.normalize == "paper":
@@ -283,7 +284,8 @@ class OWL(Allocator):
             exact = int((counts * numel).sum()) == n * int(numel.sum())
         if (plain < 1).any() or (plain > m - 1).any():
             ctx.notes.append(
-                f"owl: mixed N:M clamped {int(((plain < 1) | (plain > m - 1)).sum())} block(s) to keep between 1 and {m - 1} of {m}"
+                f"owl: mixed N:M clamped {int(((plain < 1) | (plain > m - 1)).sum())} block(s) to keep between 1 and {m - 1} of "
+                f"{m}"
             )
         patterns_by_block = {b: NMPattern(int(c), m) for b, c in zip(blocks, counts)}
         ratios: dict[str, float] = {}

@@ -11,8 +11,9 @@ dense speed (the verdict says so). ONNX Runtime is the fastest dense CPU engine 
 the baseline of every verdict.
 
 A sparse+INT4 run (quantization.json in the run folder) runs as real 4-bit weights
-(``weights: auto``; ``weights: fp32`` runs the dequantized values): every quantized Linear becomes a ``MatMulNBits`` node holding the pruner's codes,
-scales and zero points (strataprune/deploy/int4.py), 0.13 of the fp32 bytes. ``accuracy_level``
+(``weights: auto``; ``weights: fp32`` runs the dequantized values): every quantized Linear becomes a
+``MatMulNBits`` node holding the pruner's codes, scales and zero points (strataprune/deploy/int4.py),
+0.13 of the fp32 bytes. ``accuracy_level``
 0 computes in fp32 (parity with the dequantized PyTorch model); 4 lets ORT quantize activations to
 int8 (faster on VNNI CPUs, looser parity).
 """

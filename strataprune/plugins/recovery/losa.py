@@ -21,9 +21,10 @@ Starting from the dense model, for round t = 1..T:
    pass over the blocks with r_l > min_rank in ascending-loss order takes one rank from each until
    the excess is gone; while too small, descending-loss order, blocks with r_l < max_rank.
    Every adapter of block l gets rank r_l (at most min(d_out, d_in) of its matrix; a cut is reported).
-5. Masked LoRA on every prunable matrix (strataprune/plugins/recovery/masked_lora.py): W_eff = W + s ((B A) ⊙ 1[W != 0]), s = ``scale``
-   (2: the official α/r = 16/8 whatever r_l), trained ``steps`` AdamW steps (strataprune/plugins/recovery/finetune.py), then
-   merged: W <- W + s ((B A) ⊙ M), so the round's mask is kept exactly.
+5. Masked LoRA on every prunable matrix (strataprune/plugins/recovery/masked_lora.py):
+   W_eff = W + s ((B A) ⊙ 1[W != 0]), s = ``scale`` (2: the official α/r = 16/8 whatever r_l), trained
+   ``steps`` AdamW steps (strataprune/plugins/recovery/finetune.py), then merged:
+   W <- W + s ((B A) ⊙ M), so the round's mask is kept exactly.
 
 After round T the weights hold exactly the final allocation's sparsity and no extra parameter.
 
