@@ -113,49 +113,41 @@ def _refine_rows(
     groups: torch.Tensor | None,
 ) -> tuple[int, float, float]:
     """All rows of a chunk at once (edits ``v`` and ``keep`` in place); returns (swaps, sum eps^2 before, after)."""
-    rows = w.shape[0]
-    index = torch.arange(rows, device=w.device)
     eps = ((w - v) * mu).sum(dim=1)
     first = float((eps**2).sum())
-    active = eps.abs() > update_threshold
     contribution = w * mu  # what reviving each weight removes from eps
+    # only the rows still refining take part in a cycle: most stop after a few swaps
+    live = torch.nonzero(eps.abs() > update_threshold).squeeze(1)
     swaps = 0
     for _ in range(max_cycles):
-        if not bool(active.any()):
+        if live.numel() == 0:
             break
-        sign = torch.sign(eps).unsqueeze(1)
-        gain = sign * contribution
-        grow = torch.where(~keep & (gain > 0), gain * grow_scale, torch.full_like(gain, -math.inf))
+        at = torch.arange(live.numel(), device=w.device)
+        e, kept, values, gains = eps[live], keep[live], v[live], contribution[live]
+        gain = torch.sign(e).unsqueeze(1) * gains
+        grow = torch.where(~kept & (gain > 0), gain * grow_scale, torch.full_like(gain, -math.inf))
         j = grow.argmax(dim=1)
-        has_grow = torch.isfinite(grow[index, j])
-        eps_grown = eps - contribution[index, j]
-        removal = v * mu  # what pruning each kept weight adds to eps
-        towards = torch.sign(removal) == -torch.sign(eps_grown).unsqueeze(1)
-        candidates = keep & towards
-        candidates[index, j] = False
+        has_grow = torch.isfinite(grow[at, j])
+        eps_grown = e - gains[at, j]
+        removal = values * mu  # what pruning each kept weight adds to eps
+        candidates = kept & (torch.sign(removal) == -torch.sign(eps_grown).unsqueeze(1))
+        candidates[at, j] = False
         if groups is not None:
             candidates &= groups.unsqueeze(0) == groups[j].unsqueeze(1)
-        importance = torch.where(candidates, v.abs() * importance_scale, torch.full_like(v, math.inf))
+        importance = torch.where(candidates, values.abs() * importance_scale, torch.full_like(values, math.inf))
         k = importance.argmin(dim=1)
-        has_prune = torch.isfinite(importance[index, k])
-        eps_new = eps_grown + removal[index, k]
-        if stop == "sign":
-            passes = eps_new * eps >= 0
-        else:
-            passes = eps_new.abs() < eps.abs()
-        apply = active & has_grow & has_prune & passes
-        active = apply  # a row that could not improve stops for good
-        if not bool(apply.any()):
-            break
-        rows_applied = index[apply]
-        ja, ka = j[apply], k[apply]
-        keep[rows_applied, ja] = True
-        v[rows_applied, ja] = w[rows_applied, ja]
-        keep[rows_applied, ka] = False
-        v[rows_applied, ka] = 0.0
-        eps = torch.where(apply, eps_new, eps)
-        active = active & (eps.abs() > update_threshold)
-        swaps += int(apply.sum())
+        has_prune = torch.isfinite(importance[at, k])
+        eps_new = eps_grown + removal[at, k]
+        passes = eps_new * e >= 0 if stop == "sign" else eps_new.abs() < e.abs()
+        apply = has_grow & has_prune & passes  # a row that cannot take a swap stops for good
+        rows, ja, ka = live[apply], j[apply], k[apply]
+        keep[rows, ja] = True
+        v[rows, ja] = w[rows, ja]
+        keep[rows, ka] = False
+        v[rows, ka] = 0.0
+        eps[rows] = eps_new[apply]
+        swaps += int(rows.numel())
+        live = rows[eps[rows].abs() > update_threshold]
     return swaps, first, float((eps**2).sum())
 
 
