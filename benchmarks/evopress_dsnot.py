@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--levels", type=int, default=2)
     ap.add_argument("--step", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dsnot", default="{}", help='DSnoT parameters as JSON, e.g. \'{"scope": "attention"}\'')
+    ap.add_argument("--skip-evopress", action="store_true", help="only the uniform runs (DSnoT variants)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -83,7 +85,9 @@ def main() -> int:
     start = clocks()
     calib_data = wanda.prepare()
     load_s = clocks()[0] - start[0]
-    dsnot = Pipeline(apply_overrides(Recipe(), {**base, "pruner": "dsnot"}), show_progress=show)
+    dsnot_params = json.loads(args.dsnot)
+    dsnot_overrides = {f"pruner.{key}": value for key, value in dsnot_params.items()}
+    dsnot = Pipeline(apply_overrides(Recipe(), {**base, "pruner": "dsnot", **dsnot_overrides}), show_progress=show)
     dsnot.prepare(loaded=wanda.loaded)
     model = wanda.loaded.model
     test = evaluation_windows(wanda.loaded.tokenizer, open_dataset("bbc"), "test", args.seqlen, args.eval_windows, wanda.bos())
@@ -98,20 +102,19 @@ def main() -> int:
         "levels": args.levels,
         "step": args.step,
     }
-    evopress = get_registry().create("allocator", "evopress", params)
-    start = clocks()
-    evo_allocation = wanda.run_allocator(evopress, calib_data)
-    end = clocks()
-    evo_wall, evo_cpu = end[0] - start[0], end[1] - start[1]
+    runs = [("wanda, uniform", wanda, uniform), ("wanda + dsnot, uniform", dsnot, uniform)]
+    evo_allocation = None
+    if not args.skip_evopress:
+        evopress = get_registry().create("allocator", "evopress", params)
+        start = clocks()
+        evo_allocation = wanda.run_allocator(evopress, calib_data)
+        end = clocks()
+        evo_wall, evo_cpu = end[0] - start[0], end[1] - start[1]
+        runs += [("wanda, evopress", wanda, evo_allocation), ("wanda + dsnot, evopress", dsnot, evo_allocation)]
 
     rows = []
     prune_times: dict[str, float] = {}
-    for label, pipe, allocation in (
-        ("wanda, uniform", wanda, uniform),
-        ("wanda + dsnot, uniform", dsnot, uniform),
-        ("wanda, evopress", wanda, evo_allocation),
-        ("wanda + dsnot, evopress", dsnot, evo_allocation),
-    ):
+    for label, pipe, allocation in runs:
         start = clocks()
         with pipe.pruned(allocation, desc=label):
             middle = clocks()
@@ -129,27 +132,28 @@ def main() -> int:
     for row in rows:
         row["ppl_vs_wanda_uniform"] = round(row["bbc_test_ppl"] / rows[0]["bbc_test_ppl"], 3)
     one_prune = prune_times["wanda, uniform"]
-    meta = evo_allocation.meta
-    profile = evo_allocation.block_profile(layout)
-    summary = {
-        "evopress_wall_s": round(evo_wall, 1),
-        "evopress_cpu_s": round(evo_cpu, 1),
-        "evopress_prunes_worth": round(evo_wall / one_prune, 1),
-        "database_s": meta["times_s"]["database_s"],
-        "search_s": meta["times_s"]["search_s"],
-        "database_mb": meta["database_mb"],
-        "kl_uniform": meta["initial_fitness"],
-        "kl_evopress": meta["final_fitness"],
-        "kl_history": meta["history"],
-        "evaluations_per_stage": meta["evaluations"],
-        "block_ratios": [round(r, 4) for r in profile],
-        "weighted_mean": evo_allocation.weighted_mean(layout),
-    }
+    summary: dict[str, object] = {}
+    if evo_allocation is not None:
+        meta = evo_allocation.meta
+        summary = {
+            "evopress_wall_s": round(evo_wall, 1),
+            "evopress_cpu_s": round(evo_cpu, 1),
+            "evopress_prunes_worth": round(evo_wall / one_prune, 1),
+            "database_s": meta["times_s"]["database_s"],
+            "search_s": meta["times_s"]["search_s"],
+            "database_mb": meta["database_mb"],
+            "kl_uniform": meta["initial_fitness"],
+            "kl_evopress": meta["final_fitness"],
+            "kl_history": meta["history"],
+            "evaluations_per_stage": meta["evaluations"],
+            "block_ratios": [round(r, 4) for r in evo_allocation.block_profile(layout)],
+            "weighted_mean": evo_allocation.weighted_mean(layout),
+        }
     env = {**environment(), "cpu": cpu_description()}
     load_after = os.getloadavg()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     payload = {
-        "settings": {**vars(args), "evopress": params, "model": "smollm2-135m", "dtype": "float32"},
+        "settings": {**vars(args), "evopress": params, "dsnot_params": dsnot_params, "model": "smollm2-135m", "dtype": "float32"},
         "dense_bbc_test_ppl": dense_ppl,
         "rows": rows,
         "evopress": summary,
@@ -166,20 +170,24 @@ def main() -> int:
         f"# EvoPress and DSnoT, SmolLM2-135M, {args.sparsity:.0%} unstructured, Wanda ({stamp})",
         "",
         f"Calibration {args.nsamples} x {args.seqlen} BBC train tokens; BBC test perplexity over {args.eval_windows} windows "
-        f"of {args.seqlen}; dense {dense_ppl:.2f}. EvoPress: {params}, fitness KL on {args.selection_windows} held-out "
-        f"BBC validation windows. CPU: {env['cpu']}, {os.cpu_count()} cores shared with other "
+        f"of {args.seqlen}; dense {dense_ppl:.2f}. DSnoT parameters: {dsnot_params or 'defaults'}. "
+        + (f"EvoPress: {params}, fitness KL on {args.selection_windows} held-out BBC validation windows. " if summary else "")
+        + f"CPU: {env['cpu']}, {os.cpu_count()} cores shared with other "
         f"jobs, load average at the end {load_after[0]:.1f} / {load_after[1]:.1f} / {load_after[2]:.1f} (1/5/15 min), so "
         "times are inflated by contention.",
         "",
         markdown_table([[row[h] for h in headers] for row in rows], headers),
         "",
-        f"EvoPress: {summary['evopress_wall_s']} s wall ({summary['evopress_cpu_s']} s process CPU) = "
-        f"{summary['evopress_prunes_worth']} uniform Wanda prunes' worth (database {summary['database_s']} s, "
-        f"{summary['database_mb']} MB; search {summary['search_s']} s); KL to dense {summary['kl_uniform']:.4f} (uniform) -> "
-        f"{summary['kl_evopress']:.4f}; per-generation best {[round(v, 4) for v in summary['kl_history']]}; "
-        f"block ratios {summary['block_ratios']}; weighted mean {summary['weighted_mean']:.12f}.",
-        "",
     ]
+    if summary:
+        lines += [
+            f"EvoPress: {summary['evopress_wall_s']} s wall ({summary['evopress_cpu_s']} s process CPU) = "
+            f"{summary['evopress_prunes_worth']} uniform Wanda prunes' worth (database {summary['database_s']} s, "
+            f"{summary['database_mb']} MB; search {summary['search_s']} s); KL to dense {summary['kl_uniform']:.4f} (uniform) "
+            f"-> {summary['kl_evopress']:.4f}; per-generation best {[round(v, 4) for v in summary['kl_history']]}; "
+            f"block ratios {summary['block_ratios']}; weighted mean {summary['weighted_mean']:.12f}.",
+            "",
+        ]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
