@@ -42,7 +42,7 @@ setup(
         Extension(
             "strataprune.kernels._sparse_cpu",
             sources=sorted(str(p) for p in CSRC.glob("*.cpp")),
-            depends=[str(CSRC / "sparse_kernels.h")],
+            depends=sorted(str(p) for pattern in ("*.h", "*.inc") for p in CSRC.glob(pattern)),
             language="c++",
             optional=True,
         )

@@ -165,7 +165,7 @@ def bench_shape(label: str, rows: int, cols: int, args, clock, have_ort: bool) -
     gc.collect()
 
     # sparse engines, one sparsity at a time (pruned copies are dropped once packed)
-    isas = kernels.isas()[1:] or ["portable"] if args.isas == "all" else [kernels.best_isa()]
+    isas = (kernels.isas()[1:] or ["portable"]) if args.isas == "all" else [kernels.best_isa()]
     for sparsity in args.sparsities:
         packs, csrs = [], []
         for i, w in enumerate(weights):
@@ -208,6 +208,413 @@ def add_ratios(rows: list[dict]) -> None:
             fastest[key] = min(fastest.get(key, math.inf), r["best_s"])
     for r in rows:
         r["vs_fastest_dense"] = fastest[(r["shape"], r["tokens"])] / r["best_s"]
+
+
+# --------------------------------------------------------------------------- quantized sparse kernels (--quantized)
+QUANT_SHAPES = ("576x576", "1536x576", "576x1536", "4096x4096")
+QUANT_FORMATS = {"int8": (8, None), "int4-g128": (4, 128)}  # bits, group size (None: one scale per row)
+ORT_INT4_BLOCK = 128
+
+
+def race_both(engines: dict[str, Callable[[], object]], reps: int) -> dict[str, dict]:
+    """race() with both clocks read around every repetition: wall (perf_counter) and this thread's CPU time."""
+    for fn in engines.values():
+        fn()
+    wall: dict[str, list[float]] = {name: [] for name in engines}
+    cpu: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            engines[name]()
+            c1, w1 = time.thread_time(), time.perf_counter()
+            wall[name].append(w1 - w0)
+            cpu[name].append(c1 - c0)
+    return {
+        name: {
+            "wall_s": min(wall[name]),
+            "wall_median_s": statistics.median(wall[name]),
+            "cpu_s": min(cpu[name]),
+            "cpu_median_s": statistics.median(cpu[name]),
+        }
+        for name in names
+    }
+
+
+def int4_grid(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense min-max INT4 grid per (row, block of columns): codes q [rows, cols] in 0..15, scales, zeros [rows, blocks]."""
+    rows, cols = w.shape
+    blocks = -(-cols // block)
+    g = torch.nn.functional.pad(w, (0, blocks * block - cols)).view(rows, blocks, block)
+    low, high = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = torch.where(high > low, (high - low) / 15, torch.ones_like(high))
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = torch.round(g / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 15).view(rows, -1)[:, :cols]
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def ort_matmulnbits_session(grids: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cols: int, threads: int):
+    """ONNX Runtime's dense INT4 MatMul (com.microsoft MatMulNBits, block 128, accuracy_level 4: int8 activations)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = grids[0][0].shape[0]
+    blocks = -(-cols // ORT_INT4_BLOCK)
+    inits, nodes, outputs = [], [], []
+    for i, (q, scale, zero) in enumerate(grids):
+        padded = (
+            torch.nn.functional.pad(q, (0, blocks * ORT_INT4_BLOCK - cols)).view(rows, blocks, ORT_INT4_BLOCK).to(torch.int32)
+        )
+        packed = (padded[..., 0::2] | (padded[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
+        z = torch.nn.functional.pad(zero.to(torch.int32), (0, blocks % 2))
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).to(torch.uint8).flatten()
+        inits += [
+            numpy_helper.from_array(packed.numpy(), f"b{i}"),
+            numpy_helper.from_array(scale.flatten().numpy(), f"s{i}"),
+            numpy_helper.from_array(zp.numpy(), f"z{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["x", f"b{i}", f"s{i}", f"z{i}"],
+                [f"y{i}"],
+                domain="com.microsoft",
+                K=cols,
+                N=rows,
+                bits=4,
+                block_size=ORT_INT4_BLOCK,
+                accuracy_level=4,
+            )
+        )
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["tokens", rows]))
+    return _ort_run_session(
+        helper,
+        TensorProto,
+        nodes,
+        inits,
+        outputs,
+        cols,
+        threads,
+        [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ort,
+    )
+
+
+def ort_dynamic_int8_session(weights: list[tuple[torch.Tensor, torch.Tensor]], cols: int, threads: int):
+    """ONNX Runtime's dense int8 MatMul (com.microsoft DynamicQuantizeMatMul: input quantized per call, per-column
+    weight scales)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = weights[0][0].shape[0]
+    inits, nodes, outputs = [], [], []
+    for i, (q, scale) in enumerate(weights):
+        inits += [numpy_helper.from_array(q.T.contiguous().numpy(), f"b{i}"), numpy_helper.from_array(scale.numpy(), f"s{i}")]
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["tokens", rows]))
+    return _ort_run_session(
+        helper,
+        TensorProto,
+        nodes,
+        inits,
+        outputs,
+        cols,
+        threads,
+        [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ort,
+    )
+
+
+def _ort_run_session(helper, TensorProto, nodes, inits, outputs, cols, threads, opsets, ort):
+    graph = helper.make_graph(
+        nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])], outputs, initializer=inits
+    )
+    model = helper.make_model(graph, opset_imports=opsets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _check_reference(name: str, got, x: torch.Tensor, dense: torch.Tensor) -> None:
+    """A baseline must compute the product it claims (int8-activation engines agree to a few percent)."""
+    ref = x.double() @ dense.double().T
+    err = (torch.as_tensor(got).double() - ref).norm() / ref.norm()
+    if not err < 0.05:
+        raise RuntimeError(f"{name} disagrees with its dequantized weights: relative error {err:.3g}")
+
+
+def bench_quantized_shape(label: str, rows: int, cols: int, args, have_ort: bool) -> list[dict]:
+    from strataprune import kernels
+    from strataprune.kernels import quantized as Q
+    from strataprune.kernels.ops import launch_pointers
+
+    out: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
+    inputs = {tokens: torch.randn(tokens, cols, generator=g) for tokens in args.tokens}
+
+    def count(bytes_per_matrix: float, target_mb: float) -> int:
+        return max(2, math.ceil(target_mb * 1e6 / bytes_per_matrix))
+
+    def variant(i: int) -> torch.Tensor:  # distinct buffers and values per stack member (values do not change speed)
+        return base * (1 + 0.01 * i)
+
+    def record(engine, kind, tokens, sparsity, timing, stack, weight_bytes, nnz):
+        per = {clock: timing[f"{clock}_s"] / stack for clock in ("wall", "cpu")}
+        return {
+            "shape": label,
+            "rows": rows,
+            "cols": cols,
+            "tokens": tokens,
+            "engine": engine,
+            "kind": kind,
+            "sparsity": sparsity,
+            "stack": stack,
+            "weight_bytes_per_matrix": weight_bytes / stack,
+            "bytes_per_weight": weight_bytes / stack / (rows * cols),
+            **timing,
+            "us_per_matrix_wall": per["wall"] * 1e6,
+            "us_per_matrix_cpu": per["cpu"] * 1e6,
+            "GBps_wall": weight_bytes / timing["wall_s"] / 1e9,
+            "GBps_cpu": weight_bytes / timing["cpu_s"] / 1e9,
+            "useful_GFLOPs_cpu": 2 * tokens * nnz / timing["cpu_s"] / 1e9,
+        }
+
+    # dense references: fp32 (torch, ORT MatMul), int4 (ORT MatMulNBits), int8 (ORT DynamicQuantizeMatMul)
+    s_fp32 = count(rows * cols * 4, args.stack_mb)
+    dense = [variant(i) for i in range(s_fp32)]
+    fp32_session = ort_session(dense, 1) if have_ort else None
+    int4_session = int8_session = None
+    s_int4 = count(rows * cols * (0.5 + 4.5 / ORT_INT4_BLOCK), args.quant_stack_mb)
+    s_int8 = count(rows * cols, args.quant_stack_mb)
+    if have_ort:
+        grids = [int4_grid(variant(i), ORT_INT4_BLOCK) for i in range(s_int4)]
+        int4_session = ort_matmulnbits_session(grids, cols, 1)
+        q, scale, zero = grids[0]
+        deq = (q.float().view(rows, -1) - zero.float().repeat_interleave(ORT_INT4_BLOCK, 1)[:, :cols]) * scale.repeat_interleave(
+            ORT_INT4_BLOCK, 1
+        )[:, :cols]
+        _check_reference(
+            "ORT MatMulNBits", int4_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0], inputs[args.tokens[0]], deq
+        )
+        del grids
+        int8_weights = []
+        for i in range(s_int8):
+            w = variant(i)
+            sc = w.abs().amax(1) / 127
+            int8_weights.append((torch.round(w / sc.unsqueeze(1)).clamp(-127, 127).to(torch.int8), sc))
+        int8_session = ort_dynamic_int8_session(int8_weights, cols, 1)
+        q8, sc8 = int8_weights[0]
+        _check_reference(
+            "ORT DynamicQuantizeMatMul",
+            int8_session.run(["y0"], {"x": inputs[args.tokens[0]].numpy()})[0],
+            inputs[args.tokens[0]],
+            q8.float() * sc8.unsqueeze(1),
+        )
+        del int8_weights
+    for tokens, x in inputs.items():
+        engines = {"torch dense fp32": lambda x=x, dense=dense: [torch.nn.functional.linear(x, w) for w in dense]}
+        stacks = {"torch dense fp32": (s_fp32, rows * cols * 4 * s_fp32, "dense fp32")}
+        if have_ort:
+            feed = {"x": x.numpy()}
+            engines["onnxruntime MatMul fp32"] = lambda feed=feed, s=fp32_session: s.run(None, feed)
+            engines["onnxruntime MatMulNBits int4 (dense)"] = lambda feed=feed, s=int4_session: s.run(None, feed)
+            engines["onnxruntime DynamicQuantizeMatMul int8 (dense)"] = lambda feed=feed, s=int8_session: s.run(None, feed)
+            stacks["onnxruntime MatMul fp32"] = (s_fp32, rows * cols * 4 * s_fp32, "dense fp32")
+            int4_bytes = rows * cols * (0.5 + 4.5 / ORT_INT4_BLOCK) * s_int4
+            stacks["onnxruntime MatMulNBits int4 (dense)"] = (s_int4, int4_bytes, "dense int4")
+            stacks["onnxruntime DynamicQuantizeMatMul int8 (dense)"] = (s_int8, (rows * cols + rows * 4) * s_int8, "dense int8")
+        for engine, timing in race_both(engines, args.reps).items():
+            stack, nbytes, kind = stacks[engine]
+            out.append(record(engine, kind, tokens, 0.0, timing, stack, nbytes, rows * cols * stack))
+    dense = fp32_session = int4_session = int8_session = None  # free the dense stacks before the sparse ones
+    gc.collect()
+
+    # sparse: fp32 bitmask (best ISA, for reference) and the quantized formats on every quantized path
+    paths = Q.quantized_isas()
+    for sparsity in args.sparsities:
+        for fmt, (bits, group) in QUANT_FORMATS.items():
+            est = rows * cols * (2 / 16 + (1 - sparsity) * bits / 8 + (5 if bits == 4 else 4) / (group or cols))
+            stack = count(est, args.quant_stack_mb)
+            packs = []
+            for i in range(stack):
+                pruned = prune_random(variant(i), sparsity, seed=i)
+                packs.append(Q.pack_int8(pruned, group_size=group) if bits == 8 else Q.pack_int4(pruned, group_size=group))
+                del pruned
+            ptrs = [Q.pointers(p) for p in packs]
+            nbytes, nnz = sum(p.nbytes for p in packs), sum(p.nnz for p in packs)
+            for tokens, x in inputs.items():
+                engines = {}
+                for path in paths:
+                    if path == "portable" and tokens > Q_PORTABLE_MAX_TOKENS:
+                        continue  # the scalar reference path: minutes per repetition at 128 tokens
+
+                    def run(x=x, path=path, ptrs=ptrs):
+                        with Q.use_quantized_isa(path):
+                            return [Q.launch_pointers(x, ptr) for ptr in ptrs]
+
+                    engines[f"sparse-cpu {fmt} ({path})"] = run
+                for engine, timing in race_both(engines, args.reps).items():
+                    out.append(record(engine, f"sparse {fmt}", tokens, sparsity, timing, stack, nbytes, nnz))
+            del packs, ptrs
+            gc.collect()
+        # the fp32 bitmask format of the same sparsity, best path, as the step from fp32 to quantized values
+        stack = count(rows * cols * (2 / 16 + (1 - sparsity) * 4), args.quant_stack_mb)
+        fp = [kernels.pack(prune_random(variant(i), sparsity, seed=i)) for i in range(stack)]
+        fptrs = [(p.masks.data_ptr(), p.values.data_ptr(), p.offsets.data_ptr(), None) for p in fp]
+        for tokens, x in inputs.items():
+            timing = race_both({"f": lambda x=x, fptrs=fptrs: [launch_pointers(x, ptr, rows, cols) for ptr in fptrs]}, args.reps)[
+                "f"
+            ]
+            out.append(
+                record(
+                    f"sparse-cpu fp32 ({kernels.best_isa()})",
+                    "sparse fp32",
+                    tokens,
+                    sparsity,
+                    timing,
+                    stack,
+                    sum(p.nbytes for p in fp),
+                    sum(p.nnz for p in fp),
+                )
+            )
+        del fp, fptrs
+        gc.collect()
+    # ratios per clock: against the fastest dense fp32 engine, and against the dense engine of the same width
+    for clock in ("wall", "cpu"):
+        key = f"us_per_matrix_{clock}"
+        for r in out:
+            same = [d for d in out if d["shape"] == r["shape"] and d["tokens"] == r["tokens"]]
+            fp32 = min(d[key] for d in same if d["kind"] == "dense fp32")
+            r[f"vs_dense_fp32_{clock}"] = fp32 / r[key]
+            width = "dense int4" if "int4" in r["kind"] else "dense int8" if "int8" in r["kind"] else None
+            ref = [d[key] for d in same if d["kind"] == width]
+            r[f"vs_dense_same_width_{clock}"] = ref[0] / r[key] if ref else None
+    return out
+
+
+Q_PORTABLE_MAX_TOKENS = 1
+
+
+def quantized_markdown(rows: list[dict], meta: dict) -> str:
+    setup = (
+        f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread; best of {meta['reps']} round-robin "
+        f"repetitions, both clocks read around every repetition (wall: perf_counter; CPU: this thread's CPU time); "
+        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}. Load average at start {meta['load_start']}, at end "
+        f"{meta['load_end']} (2 cores shared by several people: trust the CPU-clock ratios within one shape first)."
+    )
+    legend = (
+        "Per engine a stack of S distinct [out x in] matrices is multiplied by the same input (dense fp32 stacks "
+        f"{meta['stack_mb']:.0f} MB, quantized stacks >= {meta['quant_stack_mb']:.0f} MB of their own bytes); times are "
+        "per matrix. B/w: bytes read per weight (ours: masks + codes + scales [+ zeros] + row offsets; MatMulNBits: "
+        "4-bit codes + fp32 scale + 4-bit zero per 128; DynamicQuantizeMatMul: int8 + fp32 scale per column). "
+        "x fp32: the fastest dense fp32 engine's time / this time; x same width: the dense ORT int4 (for int4) or "
+        "int8 (for int8) engine's time / this time. The sparse engines quantize the input to int8 per token and "
+        "128-column block on every call (time included), as MatMulNBits accuracy_level 4 and DynamicQuantizeMatMul do. "
+        "The portable path is run for GEMV only: it is the scalar reference, minutes per repetition at 128 tokens."
+    )
+    lines = [f"# Quantized sparse kernels benchmark ({meta['timestamp']})", "", setup, "", legend, ""]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for tokens in dict.fromkeys(r["tokens"] for r in rows):
+            sel = [r for r in rows if r["shape"] == shape and r["tokens"] == tokens]
+            if not sel:
+                continue
+            lines += [
+                f"## {shape}, {'GEMV (1 token)' if tokens == 1 else f'GEMM ({tokens} tokens)'}",
+                "",
+                (
+                    "| engine | sparsity | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x fp32 (CPU) | "
+                    "x fp32 (wall) | x same width (CPU) | x same width (wall) |"
+                ),
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sel:
+                same = (
+                    "-"
+                    if r["vs_dense_same_width_cpu"] is None
+                    else f"{r['vs_dense_same_width_cpu']:.2f} | {r['vs_dense_same_width_wall']:.2f}"
+                )
+                if r["vs_dense_same_width_cpu"] is None:
+                    same = "- | -"
+                lines.append(
+                    f"| {r['engine']} | {r['sparsity']:.0%} | {r['bytes_per_weight']:.3f} | {r['us_per_matrix_cpu']:.1f} | "
+                    f"{r['us_per_matrix_wall']:.1f} | {r['GBps_cpu']:.1f} | {r['GBps_wall']:.1f} | "
+                    f"{r['vs_dense_fp32_cpu']:.2f} | {r['vs_dense_fp32_wall']:.2f} | {same} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    wanted = (
+        "avx2",
+        "fma",
+        "avx_vnni",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vbmi",
+        "avx512_vbmi2",
+        "avx512_vnni",
+        "amx_int8",
+    )
+    return ", ".join(f for f in wanted if f in flags)
+
+
+def cache_sizes() -> str:
+    try:
+        import subprocess
+
+        text = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+        return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip().startswith(("L1d", "L2", "L3")))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_quantized(args, have_ort: bool, ort_version: str) -> int:
+    from strataprune import kernels
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    torch.set_num_threads(1)
+    kernels.set_num_threads(1)
+    meta = {
+        "timestamp": stamp,
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "caches": cache_sizes(),
+        "threads": 1,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "stack_mb": args.stack_mb,
+        "quant_stack_mb": args.quant_stack_mb,
+        "load_start": load_average(),
+        "python": platform.python_version(),
+    }
+    from strataprune.kernels.quantized import quantized_isas
+
+    meta["quantized_isas"] = quantized_isas()
+    rows: list[dict] = []
+    shapes = [s for s in args.shapes.split(",")]
+    for label in shapes:
+        r, c = SHAPES[label]
+        print(f"{label} (quantized) ...", flush=True)
+        rows += bench_quantized_shape(label, r, c, args, have_ort)
+    meta["load_end"] = load_average()
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = quantized_markdown(rows, meta)
+    (args.out / f"kernels-quantized-{stamp}.json").write_text(json.dumps({"meta": meta, "kernels": rows}, indent=1))
+    (args.out / f"kernels-quantized-{stamp}.md").write_text(md)
+    print(md)
+    print(f"wrote {args.out / f'kernels-quantized-{stamp}.md'} and .json")
+    return 0
 
 
 # --------------------------------------------------------------------------- end to end (SmolLM2)
@@ -432,8 +839,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-sparsities", dest="e2e_sparsities", default="0.5,0.7,0.9")
     parser.add_argument("--no-kernels", dest="no_kernels", action="store_true", help="only the end-to-end part")
     parser.add_argument("--quick", action="store_true", help="4096x4096 only, 64 MB stacks, 3 repetitions")
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="the int8/int4 sparse kernels (1 thread, every path) against dense fp32, int4 and int8 engines; "
+        f"default shapes {','.join(QUANT_SHAPES)}, sparsities 0.5,0.7,0.9",
+    )
+    parser.add_argument(
+        "--quant-stack-mb",
+        dest="quant_stack_mb",
+        type=float,
+        default=64.0,
+        help="quantized stacks: at least this many MB of their own bytes",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    if args.quantized:
+        if args.shapes == ",".join(SHAPES):
+            args.shapes = ",".join(QUANT_SHAPES)
+        if args.sparsities == "0,0.5,0.7,0.8,0.9":
+            args.sparsities = "0.5,0.7,0.9"
     try:
         shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
         args.sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -461,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         have_ort, ort_version = False, "not installed (pip install 'strataprune[bench]')"
         print("warning: onnxruntime missing: dense ratios are against torch only", file=sys.stderr)
 
+    if args.quantized:
+        return run_quantized(args, have_ort, ort_version)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     clock = clock_for(args.clock)

@@ -366,7 +366,7 @@ def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int
 
     from strataprune.contract.backend import BACKEND_CONTRACT, Backend, BackendAvailability, CompiledModel, DeploySettings
 
-    from .deploy.parity import check_parity, reference_outputs
+    from .deploy.parity import check_parity, reference_backend, reference_outputs
 
     backend = _instantiate(backend, Backend)
     assert backend.contract == BACKEND_CONTRACT, f"{backend.name}: contract {backend.contract}, host speaks {BACKEND_CONTRACT}"
@@ -382,7 +382,7 @@ def check_backend(backend: Any, model_dir: Any, workdir: Any, *, prompt_len: int
         assert np.asarray(logits).shape[:2] == (1, prompt_len), f"{backend.name}: prefill logits {np.asarray(logits).shape}"
         step, _ = compiled.decode(np.asarray(logits)[:, -1:].argmax(-1).astype(np.int64), state_)
         assert np.asarray(step).shape[:2] == (1, 1), f"{backend.name}: decode logits {np.asarray(step).shape}"
-        reference = backend.reference()
+        reference = reference_backend(backend)
         parity: dict[str, Any] = {"reference": "itself"}
         if reference is not None:
             ref_model = reference.prepare(Path(model_dir), Path(workdir) / "reference", settings)

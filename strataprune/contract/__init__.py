@@ -5,8 +5,10 @@
 One module per concept: ``hookspecs`` (the hooks a plugin implements), ``registry`` (how plugins are
 found), ``errors``, ``base`` (``Plugin`` and its ``Config`` validation), ``layout`` (what the host tells a
 plugin about a model), one module per plugin kind (``allocator``, ``pruner``, ``adapter``, ``dataset``,
-``backend``, ``recovery``), and the value types ``sparsity`` and ``allocation``. Names load on first use,
-so importing the contract for an argument check does not import torch.
+``backend``, ``recovery``), the value types ``sparsity``, ``allocation`` and ``images`` (an image adapter's
+pixel spec and batch), and what the host lends plugins: ``cache`` (the cache directory), ``progress`` (progress
+bars) and ``hub`` (the fail-fast check before a download). Names load on first use, so importing the contract
+for an argument check does not import torch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ _HOMES = {
     "Target": "sparsity",
     "NMPattern": "sparsity",
     "Allocation": "allocation",
+    "ImageSpec": "images",
+    "ImageBatch": "images",
+    "cache_dir": "cache",
+    "hub_reachable": "hub",
+    "require_hub": "hub",
     "redistribute": "allocation",
     "StrataPruneError": "errors",
     "ConfigError": "errors",

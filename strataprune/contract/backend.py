@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from strataprune.contract.base import Plugin
-
-if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
-    pass
 
 # --------------------------------------------------------------------------- backends
 #: the version of the Backend contract below; a backend states the one it was written for in ``contract``
@@ -123,9 +120,11 @@ class Backend(Plugin):
       dense safetensors or the sparse-bitmask format, see ``strataprune.deploy.storage``) for the
       engine, writing whatever it needs under ``workdir``; ``settings`` fixes batch, prompt
       length, generated tokens and threads.
-    - ``reference()``: the backend whose logits this one must reproduce (``parity_tolerance``:
-      largest allowed |logit difference| / max(1, largest |reference logit|)); by default PyTorch
-      eager fp32 on CPU.
+    - ``reference_backend``: the registered name of the backend whose logits this one must reproduce
+      (``parity_tolerance``: largest allowed |logit difference| / max(1, largest |reference logit|)),
+      by default ``torch`` (PyTorch eager, fp32 on CPU); ``reference_params()``: that backend's
+      parameters for checking this instance (default: its defaults), or None when this instance is the
+      reference itself. The host builds the reference through the registry.
     - ``devices``: where it runs ("cpu", "cuda"); ``sparse_formats``: what it turns into speed
       ("unstructured", "2:4", "int4"), empty for a dense engine (the verdict says so);
       ``fixed_shapes``: prepared per prompt length (the host prepares once per length it times).
@@ -136,6 +135,8 @@ class Backend(Plugin):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     sparse_formats: ClassVar[tuple[str, ...]] = ()
     parity_tolerance: ClassVar[float] = 1e-3
+    #: the registered name of the backend this one's parity is checked against; None: no reference (it is its own)
+    reference_backend: ClassVar[str | None] = "torch"
     #: True when a prepared model runs only the batch and prompt length it was prepared for
     fixed_shapes: ClassVar[bool] = False
 
@@ -145,11 +146,10 @@ class Backend(Plugin):
     def prepare(self, model_dir: Path, workdir: Path, settings: DeploySettings) -> CompiledModel:
         raise NotImplementedError
 
-    def reference(self) -> Backend | None:
-        """The backend this one's parity is checked against (None: it is the reference itself)."""
-        from strataprune.plugins.backends.torch import TorchBackend
-
-        return TorchBackend()
+    def reference_params(self) -> dict[str, Any] | None:
+        """The parameters of ``reference_backend`` (recipe keys of its Config) that check this instance, e.g. the
+        same device and dtype; None when this instance is the reference itself."""
+        return {} if self.reference_backend else None
 
     def label(self) -> str:
         """The name shown in reports: the plugin name plus any non-default parameter."""

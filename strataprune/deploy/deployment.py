@@ -14,7 +14,8 @@ The output folder (written atomically: a failure leaves nothing, and an earlier 
 - ``deploy.json``: backend and engine version, sizes and bytes per weight, parity figures, settings.
 
 Parity is checked before anything is committed: the engine, fed from the compressed checkpoint, must
-reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens).
+reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens;
+``parity_steps`` >= 1, so a passed parity always compared something).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
 
 from .bench import resolve_backends
-from .parity import check_parity, reference_outputs
+from .parity import check_parity, reference_backend, reference_outputs
 from .rundir import load_causal_lm, open_run, text_windows, weight_files
 from .storage import read_state_dict, write_sparse_checkpoint
 
@@ -52,9 +53,11 @@ def deploy(
 ) -> dict[str, Any]:
     """Write ``output`` (see the module docstring); returns what ``deploy.json`` holds."""
     say = log or (lambda message: None)
+    if parity_steps < 1:  # with none, nothing would be compared and "parity passed" would mean nothing
+        raise ConfigError(f"--parity-steps {parity_steps} must be >= 1: parity compares the greedy tokens of both engines")
     run = open_run(run_dir)
     output = Path(output)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs={"the run": run.path, "the parity text (--text)": text})
     (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
@@ -76,7 +79,7 @@ def deploy(
         say(f"preparing {engine.label()}")
         compiled = engine.prepare(tmp, tmp / engine.name.replace(":", "-"), settings)
         try:
-            reference = engine.reference()
+            reference = reference_backend(engine)
             if reference is None:
                 parity: dict[str, Any] = {"reference": "itself (the checkpoint round trip is checked tensor by tensor)"}
             else:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from strataprune.contract.backend import CompiledModel
+from strataprune.contract.backend import Backend, CompiledModel
 from strataprune.contract.errors import StrataPruneError
 
 
@@ -40,6 +40,17 @@ class Reference:
 
 def _chunks(windows: np.ndarray, batch: int) -> list[np.ndarray]:
     return [windows[i : i + batch] for i in range(0, len(windows) - batch + 1, batch)]
+
+
+def reference_backend(engine: Backend) -> Backend | None:
+    """The backend ``engine``'s logits are checked against, built through the registry from what the backend
+    names (``reference_backend``, ``reference_params()``); None when ``engine`` is the reference itself."""
+    params = engine.reference_params()
+    if engine.reference_backend is None or params is None:
+        return None
+    from strataprune.contract.registry import get_registry
+
+    return get_registry().create("backend", engine.reference_backend, params, where=f"the reference of backend '{engine.name}'")
 
 
 def reference_outputs(model: CompiledModel, windows: Any, steps: int, batch: int = 1) -> Reference:

@@ -154,6 +154,14 @@ def load_causal_lm(
     return model
 
 
+def quantization_grids(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A sparse+INT4 run's quantization grids (``quantization.json`` + ``quantization.safetensors``), as the run
+    wrote them: (summary, matrix name -> bits, groupsize, sym, scale, zero)."""
+    from strataprune.engine.quantization import load_grids
+
+    return load_grids(Path(folder))
+
+
 def dense_twin(run: RunFolder, dense: str | None = None) -> Path:
     """The dense model the run started from (``dense`` overrides), as a local folder."""
     from strataprune.models.loading import resolve_model

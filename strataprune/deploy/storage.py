@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from strataprune.contract.errors import DataError
+
+# also the streaming safetensors reader and writer of backends that store their own formats (sparse-cpu)
 from strataprune.models.tensorfile import load_tensors, read_header, save_tensors
 
 FORMAT = "sparse-bitmask"

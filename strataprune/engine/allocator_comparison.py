@@ -147,7 +147,9 @@ def compare_allocators(
     allocators = make_allocators(recipe, names, registry)  # bad names/parameters fail first
     out = Path(output) if output is not None else None
     if out is not None:
-        check_output_dir(out, overwrite)
+        from strataprune.engine.inputs import recipe_inputs
+
+        check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     pipeline = Pipeline(recipe, registry=registry, show_progress=show_progress, log=log)
     times: dict[str, float] = {}

@@ -130,7 +130,9 @@ class Pipeline:
         recipe = self.recipe
         out = Path(output_dir or recipe.output_dir or recipe.default_output_dir()) if save else None
         if out is not None:
-            check_output_dir(out, overwrite)
+            from strataprune.engine.inputs import recipe_inputs
+
+            check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
         if recipe.model.offload and recipe.calibration.propagate == "dense":
             raise ConfigError(
                 "model.offload needs calibration.propagate 'pruned' (dense propagation keeps every block's statistics in memory)"
@@ -181,6 +183,7 @@ class Pipeline:
 
         self._memory("evaluate dense")
 
+        dense_fingerprint = self.fingerprint()  # before pruning: which dense model this run started from (bench checks it)
         with self.timer.stage("allocate"):
             allocation, stash = self._allocate(calib_data)
         self._memory("allocate")
@@ -222,6 +225,7 @@ class Pipeline:
         report = self._report(
             allocation, record, calib_description, evaluation.description, ppl_dense, ppl_sparse, ppl_unquantized
         )
+        report["model"] = {**report["model"], "dense_fingerprint": dense_fingerprint}
         if recovered is not None:
             report["perplexity"]["before_recovery"] = ppl_before_recovery
             report["recovery"] = recovered.report

@@ -25,6 +25,7 @@ target, realised sparsity, ranks, perplexities, loss) and the output folder ``re
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -275,8 +276,10 @@ class RecoveryHost:
             else Allocation.coerce(result.allocation, layout, p.target.ratio, self.recovery.name)
         )
         final.validate(layout)
+        self.check_converged(result.history)
         realised = self.verify(final, shapes, zeros_before)
         after = perplexity(model, self.evaluation.ids, "recovered perplexity", p.show)
+        self.check_converged(result.history, after["ppl"])
         p.log(f"{self.recovery.name}: perplexity {before['ppl']:.3f} before recovery, {after['ppl']:.3f} after")
         report = {
             "name": self.recovery.name,
@@ -299,6 +302,32 @@ class RecoveryHost:
         for note in ctx.notes + result.notes:
             p.log(f"{self.recovery.name}: {note}")
         return Recovered(final, realised, after, report, result.history)
+
+    def check_converged(self, history: list[dict[str, Any]], ppl: float | None = None) -> None:
+        """A recovery that diverged (a non-finite training loss, parameter or perplexity) is an error naming the
+        setting to change; it is raised before anything is saved."""
+        model = self.loaded.model
+        what = None
+        loss = next((h for h in history if not math.isfinite(float(h.get("loss", 0.0)))), None)
+        if loss is not None:
+            what = f"the training loss is {loss['loss']} at step {loss.get('step', '?')}"
+        if what is None:
+            for name, param in model.named_parameters():
+                if not bool(torch.isfinite(param).all()):
+                    what = f"{name} holds non-finite values"
+                    break
+        if what is None and ppl is not None and not math.isfinite(ppl):
+            largest = max(float(param.detach().abs().max()) for param in model.parameters())
+            what = f"the perplexity after recovery is {ppl} (largest weight {largest:.3g})"
+        if what is None:
+            return
+        params = self.recovery.params()
+        fix = (
+            f"lower recovery.lr (now {params['lr']:g})"
+            if "lr" in params
+            else f"change the settings of recovery '{self.recovery.name}' (recovery.*)"
+        )
+        raise ConfigError(f"recovery '{self.recovery.name}' diverged: {what}; nothing is saved: {fix}")
 
     def verify(
         self, allocation: Allocation, shapes: dict[str, tuple[int, ...]], zeros_before: dict[str, np.ndarray] | None

@@ -8,8 +8,11 @@ portable; OpenMP), a ``torch.library`` op and an ``nn.Linear`` replacement.
     with kernels.use_isa("avx2"): y = layer(x)               # force a path (tests, benchmarks)
     kernels.set_num_threads(2)
 
+    q = kernels.pack_int4(weight, group_size=128)            # int8/int4 codes under the same bitmask index
+    y = kernels.sparse_linear_quantized(x, q)                # docs/kernels-quantized.md
+
 Imported lazily: ``import strataprune`` does not load this package, and ``available()`` needs no torch.
-Format: format.py; op: ops.py; modules: modules.py; C++: csrc/; benchmark: benchmarks/kernels.py.
+Format: format.py, quantized.py; op: ops.py, quantized.py; modules: modules.py; C++: csrc/; benchmark: benchmarks/kernels.py.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ _LAZY = {
     "SparseLinear": "modules",
     "SparsifyReport": "modules",
     "sparsify_model": "modules",
+    "QuantizedWeight": "quantized",
+    "QuantizedSparseLinear": "quantized",
+    "pack_int8": "quantized",
+    "pack_int4": "quantized",
+    "pack_from_grid": "quantized",
+    "sparse_linear_quantized": "quantized",
+    "quantized_isas": "quantized",
+    "use_quantized_isa": "quantized",
 }
 __all__ = [
     "ISA_NAMES",
@@ -60,6 +71,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .format import PackedWeight, pack, unpack  # noqa: F401
     from .modules import SparseLinear, SparsifyReport, sparsify_model  # noqa: F401
     from .ops import sparse_linear  # noqa: F401
+    from .quantized import (  # noqa: F401
+        QuantizedSparseLinear,
+        QuantizedWeight,
+        pack_from_grid,
+        pack_int4,
+        pack_int8,
+        quantized_isas,
+        sparse_linear_quantized,
+        use_quantized_isa,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -89,10 +89,8 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     rows, cols = weight.shape
     w = weight.detach().contiguous()
     nonzero = w != 0
-    groups, chunks = groups_of(cols), chunks_of(cols)
-    bits = torch.nn.functional.pad(nonzero, (0, groups * GROUP - cols)).view(rows, groups, GROUP).to(torch.int32)
-    words = (bits << torch.arange(GROUP, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-    masks = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+    chunks = chunks_of(cols)
+    masks = mask_words(nonzero)
     per_chunk = torch.nn.functional.pad(nonzero, (0, chunks * CHUNK - cols)).view(rows, chunks, CHUNK).sum(-1, dtype=torch.int64)
     ends = per_chunk.flatten().cumsum(0)
     nnz = int(ends[-1]) if ends.numel() else 0
@@ -101,6 +99,15 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends]).to(torch.int32)
     values = w[nonzero].contiguous()
     return PackedWeight(masks.contiguous(), values, offsets, (rows, cols))
+
+
+def mask_words(keep: torch.Tensor) -> torch.Tensor:
+    """bool ``[rows, cols]`` -> the format's int16 ``[rows, ceil(cols / 16)]`` mask words (bit j: column 16 g + j)."""
+    rows, cols = keep.shape
+    groups = groups_of(cols)
+    bits = torch.nn.functional.pad(keep, (0, groups * GROUP - cols)).view(rows, groups, GROUP).to(torch.int32)
+    words = (bits << torch.arange(GROUP, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    return torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16).contiguous()
 
 
 def unpack(packed: PackedWeight) -> torch.Tensor:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .render import Board, sparsity_header, sparsity_ratio, write_atomic
+from .board import Board, sparsity_header, sparsity_ratio, write_atomic
 
 MARKERS = "os^vD<>ph*"
 

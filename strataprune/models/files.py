@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strataprune.contract.cache import cache_dir
 from strataprune.contract.errors import DataError, unknown
 from strataprune.runtime.hub import require_hub
 
@@ -44,13 +44,6 @@ EMBEDDED = {
 DEFAULT_MODEL = "smollm2-135m"
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("STRATAPRUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "strataprune"
-    )
-    return Path(root)
 
 
 def read_config(folder: Path, source: str) -> dict[str, Any]:

@@ -325,32 +325,3 @@ def test_offload_asks_the_adapter_and_refuses_one_that_cannot_build_an_empty_mod
 
     with pytest.raises(ConfigError, match="adapter 'no_empty' cannot build a model without its weights"):
         load_offloaded(tiny_llama_dir, NoEmpty(), torch.float32, torch.device("cpu"))
-
-
-def test_core_imports_no_plugin_and_no_allocator_imports_a_pruner():
-    """Shape of the code: core reaches plugins only through the registry (which names the
-    built-in packages as strings), and allocators share statistics through core, not a pruner."""
-    import ast
-    from pathlib import Path
-
-    import strataprune
-
-    root = Path(strataprune.__file__).parent
-
-    def imports(folder: Path) -> dict[str, set[tuple[str, ...]]]:
-        """Module file -> the dotted parts of everything it imports (relative ones keep their leading dots)."""
-        out = {}
-        for path in folder.glob("*.py"):
-            names = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names |= {tuple(a.name.split(".")) for a in node.names}
-                elif isinstance(node, ast.ImportFrom):
-                    names.add(tuple(("." * node.level + (node.module or "")).split(".")))
-            out[path.name] = names
-        return out
-
-    core = {f: sorted(n) for f, ns in imports(root / "core").items() for n in ns if "plugins" in n}
-    assert core == {}
-    allocators = {f: sorted(n) for f, ns in imports(root / "plugins" / "allocators").items() for n in ns if "pruners" in n}
-    assert allocators == {}

@@ -1,9 +1,13 @@
 // AVX2 + FMA kernels (x86 CPUs without AVX-512). AVX2 has no expand-load: each 8-column half of a
 // mask selects, from a 256-entry table, the lane permutation that spreads the next popcount(m)
-// packed values onto their columns (`vpermps`); a masked load of exactly popcount(m) values leaves
-// the inactive lanes zero, so the kernels never read past the packed values. GEMM decodes masks to
-// column offsets through a second table (positions of the set bits). Target attributes per function,
-// like the AVX-512 file.
+// packed values onto their columns (`vpermps` on a plain 8-value load), and a second 256-entry table
+// of lane masks zeroes the columns whose bit is clear (`vandps`). A plain load reads up to 7 values
+// past the group's last one, so rows whose values end within 8 floats of the buffer's end take the
+// masked-load form (`vmaskmovps` of exactly popcount(m) values), which never reads past the buffer.
+// The plain form replaced the masked one everywhere else: it needs no popcount-indexed table lookup
+// on the load's critical path and avoids `vmaskmovps`, whose load form is slow on some AMD cores.
+// GEMM decodes masks to column offsets through a third table (positions of the set bits). Target
+// attributes per function, like the AVX-512 file.
 #include "sparse_kernels.h"
 
 #if SP_X86
@@ -15,7 +19,8 @@ namespace sp {
 namespace {
 
 struct Tables {
-  uint8_t expand[256][8];    // lane j of mask m takes packed value popcount(m & ((1 << j) - 1)); inactive lanes take 7
+  int32_t expand[256][8];    // lane j of mask m takes packed value popcount(m & ((1 << j) - 1)); inactive lanes take 7
+  int32_t lanes[256][8];     // -1 (all bits) where bit j of m is set, else 0
   uint8_t compress[256][8];  // the i-th set bit of m (for i < popcount(m))
   int32_t prefix[9][8];      // lane j loaded iff j < count
 };
@@ -26,6 +31,7 @@ constexpr Tables make_tables() {
     int seen = 0;
     for (int j = 0; j < 8; ++j) {
       t.expand[m][j] = 7;
+      t.lanes[m][j] = (m >> j) & 1 ? -1 : 0;
       t.compress[m][j] = 0;
     }
     for (int j = 0; j < 8; ++j)
@@ -40,16 +46,22 @@ constexpr Tables make_tables() {
   return t;
 }
 
-constexpr Tables kTables = make_tables();
+alignas(64) constexpr Tables kTables = make_tables();
 
-// the 8 weights of one mask byte, in column order (zero where the mask bit is clear)
+// the 8 weights of one mask byte, in column order (zero where the mask bit is clear). kTail: the masked
+// load of exactly popcount(m) values (never reads past them); otherwise a plain load of 8.
+template <bool kTail>
 SP_AVX2 inline __m256 expand8(uint32_t m, const float* v) {
-  const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.expand[m])));
-  const __m256i load = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.prefix[popcount(m)]));
-  return _mm256_permutevar8x32_ps(_mm256_maskload_ps(v, load), perm);
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.expand[m]));
+  if (kTail) {
+    const __m256i load = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.prefix[popcount(m)]));
+    return _mm256_permutevar8x32_ps(_mm256_maskload_ps(v, load), perm);
+  }
+  const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(kTables.lanes[m]));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), perm), keep);
 }
 
-template <int R, int T>
+template <int R, int T, bool kTail>
 SP_AVX2 inline void gemv_rows(const Packed& w, const float* x, const float* bias, float* y, int64_t n0) {
   const int64_t cols = w.cols, full = cols / kGroup, rest = cols % kGroup;
   __m256 acc[R][T];
@@ -85,9 +97,9 @@ SP_AVX2 inline void gemv_rows(const Packed& w, const float* x, const float* bias
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint32_t m = masks[r][g], mlo = m & 0xFFu, mhi = m >> 8;
-      const __m256 wlo = expand8(mlo, v[r]);
+      const __m256 wlo = expand8<kTail>(mlo, v[r]);
       v[r] += popcount(mlo);
-      const __m256 whi = expand8(mhi, v[r]);
+      const __m256 whi = expand8<kTail>(mhi, v[r]);
       v[r] += popcount(mhi);
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(whi, hi[t], _mm256_fmadd_ps(wlo, lo[t], acc[r][t]));
@@ -106,11 +118,13 @@ SP_AVX2 inline void gemv_rows(const Packed& w, const float* x, const float* bias
   }
 }
 
+// Rows whose values end at least 8 floats before the buffer's end take the plain-load form.
 template <int R, int T>
 SP_AVX2 void gemv_range(const Packed& w, const float* x, const float* bias, float* y, int64_t r0, int64_t r1) {
+  const int64_t safe_end = static_cast<int64_t>(w.offsets[w.rows * w.chunks]) - 8;
   int64_t n = r0;
-  for (; n + R <= r1; n += R) gemv_rows<R, T>(w, x, bias, y, n);
-  for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
+  for (; n + R <= r1 && w.offsets[(n + R) * w.chunks] <= safe_end; n += R) gemv_rows<R, T, false>(w, x, bias, y, n);
+  for (; n < r1; ++n) gemv_rows<1, T, true>(w, x, bias, y, n);
 }
 
 // out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from strataprune.data.images import ImageSpec
+from strataprune.contract.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, sequential_units
 
 

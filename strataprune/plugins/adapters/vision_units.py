@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from strataprune.contract.adapter import ModelAdapter
+from strataprune.contract.images import ImageBatch, ImageSpec
 from strataprune.contract.layout import BlockInputs, LoadedModel, MatrixInfo, ModelLayout
-from strataprune.data.images import ImageBatch, ImageSpec
 from strataprune.plugins.adapters.im2col import conv_matrix, conv_patches, prunable_conv
 
 #: samples per forward when predicting (bounds activation memory of large evaluation sets)

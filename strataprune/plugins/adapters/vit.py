@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from strataprune.data.images import ImageSpec
+from strataprune.contract.images import ImageSpec
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, sequential_units
 
 

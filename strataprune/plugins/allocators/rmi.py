@@ -66,8 +66,9 @@ from scipy.optimize import linprog
 
 from strataprune.contract.allocation import MAX_RATIO, Allocation, redistribute
 from strataprune.contract.allocator import AllocationContext, Allocator
-from strataprune.contract.errors import ConfigError, PluginError, require
+from strataprune.contract.errors import PluginError, require
 from strataprune.contract.layout import BlockStats
+from strataprune.plugins.common.schedules import losa_mean_ranks, losa_schedule
 
 #: official importance temperature per pruner
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0}
@@ -181,18 +182,6 @@ def default_delta(target: float) -> float:
     if target <= 0.6 + eps:
         return 0.02
     return 0.03
-
-
-def losa_schedule(target: float, rounds: int = 5) -> list[float]:
-    """LoSA's cubic sparsity schedule s_t = S - S * (1 - t/T)^3 for t = 1..T (the last round hits S)."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"rmi: rounds={rounds!r} must be an integer >= 1")
-    return [target - target * (1.0 - t / rounds) ** 3 for t in range(1, rounds + 1)]
-
-
-def losa_mean_ranks(rounds: int = 5, start: int = 6) -> list[int]:
-    """LoSA's mean LoRA rank per round: start, start + 1, ... (linear, one per round)."""
-    return [start + t for t in range(rounds)]
 
 
 def default_beta(pruner: str) -> float:

@@ -121,15 +121,13 @@ class OnnxRuntimeBackend(Backend):
 
         from strataprune.deploy import int4
         from strataprune.deploy.onnx_export import export_decoder, save
-        from strataprune.deploy.rundir import load_causal_lm
+        from strataprune.deploy.rundir import load_causal_lm, quantization_grids
 
         model = load_causal_lm(model_dir)
         path = Path(workdir) / "model.onnx"
         info = export_decoder(model, path, past=True)
         if self.uses_int4(model_dir):
-            from strataprune.engine.quantization import load_grids
-
-            summary, grids = load_grids(Path(model_dir))
+            summary, grids = quantization_grids(Path(model_dir))
             if int(summary.get("bits", 0)) != 4:
                 raise DataError(
                     f"'{model_dir}/quantization.json' has bits={summary.get('bits')}; MatMulNBits here packs 4-bit grids"

@@ -17,8 +17,8 @@ the packed buffers, ``config.json``, ``sparse_cpu.json`` naming the packed modul
 model *loaded back from that folder*, so what is timed and parity-checked is what is on disk.
 Linears below ``min_sparsity``, tied to the embeddings (SmolLM2's ``lm_head``) or not fp32 stay
 dense in PyTorch. Generation (prefill, decode with transformers' ``DynamicCache``), parity against
-PyTorch eager fp32 and timing come from the ``torch`` backend, which this one extends through its
-``convert(model, model_dir)`` hook.
+PyTorch eager fp32 and timing come from ``torch_base.TorchBase`` (what the ``torch`` backend runs), which
+this one extends through its ``convert(model, model_dir)`` hook.
 
 Kernels: up to 8 tokens a GEMV that streams the packed weights once (AVX-512 masked expand-loads,
 AVX2 permute tables, or portable C++), above that a GEMM tiled so each tile's masks are decoded once
@@ -38,7 +38,7 @@ import torch
 
 from strataprune.contract.backend import BackendAvailability, CompiledModel, DeploySettings
 from strataprune.contract.errors import ConfigError, DataError
-from strataprune.plugins.backends.torch import TorchBackend, TorchModel
+from strataprune.plugins.backends.torch_base import TorchBase, TorchModel
 
 #: the packed model's files in a prepared folder (``deploy``: OUTPUT/sparse-cpu/)
 WEIGHTS_FILE = "model.safetensors"
@@ -69,8 +69,8 @@ def kernels_version() -> str:
 
 def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a model whose pruned Linears are SparseLinear into ``folder``; returns the manifest (sizes included)."""
+    from strataprune.deploy.storage import save_tensors
     from strataprune.kernels import SparseLinear
-    from strataprune.models.tensorfile import save_tensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,8 +128,8 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
+    from strataprune.deploy.storage import load_tensors, read_header
     from strataprune.kernels import SparseLinear
-    from strataprune.models.tensorfile import load_tensors, read_header
 
     folder = Path(folder)
     try:
@@ -166,7 +166,7 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     return model
 
 
-class SparseCpuBackend(TorchBackend):
+class SparseCpuBackend(TorchBase):
     name = "sparse-cpu"
     version = "1"
     summary = "strataprune's C++ sparse kernels (bitmask-16 + packed fp32, AVX-512/AVX2, OpenMP) for pruned Linears"

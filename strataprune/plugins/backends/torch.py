@@ -9,106 +9,28 @@ compiles on first use (about a minute for SmolLM2; the benchmark's warm-up absor
 PyTorch by ~15% at prefill in deploy.md's measurements and little at decode.
 
 Extending: a backend that runs the model in PyTorch with other modules (e.g. a ``SparseLinear``
-that replaces ``nn.Linear``) subclasses ``TorchBackend`` and overrides ``convert(model)``; loading,
+that replaces ``nn.Linear``) subclasses ``TorchBackend`` (or, inside strataprune, where no plugin
+imports another, ``torch_base.TorchBase``) and overrides ``convert(model, model_dir)``; loading,
 generation, parity and timing come with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-import torch
+from strataprune.plugins.backends.torch_base import DTYPES, TorchBase, TorchConfig, TorchModel
 
-from strataprune.contract.backend import Backend, BackendAvailability, CompiledModel, DeploySettings
-from strataprune.contract.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "TorchBackend", "TorchConfig", "TorchModel"]
 
 
-@dataclass
-class TorchConfig:
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = False  # torch.compile the forward (inductor, dynamic shapes)
-
-
-class TorchModel(CompiledModel):
-    """A transformers causal LM driven token by token with its DynamicCache (the state is consumed by decode)."""
-
-    def __init__(self, model: torch.nn.Module, backend: str, artifact: Path | None, meta: dict[str, Any]) -> None:
-        super().__init__(backend, artifact, meta)
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.forward = torch.compile(model.forward, dynamic=True) if meta.get("compiled") else model.forward
-
-    def _run(self, ids: Any, cache: Any) -> tuple[np.ndarray, Any]:
-        tokens = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            out = self.forward(input_ids=tokens, past_key_values=cache, use_cache=True)
-            logits = out.logits.float().cpu().numpy()
-        return logits, out.past_key_values
-
-    def prefill(self, input_ids: Any) -> tuple[np.ndarray, Any]:
-        from transformers import DynamicCache
-
-        return self._run(input_ids, DynamicCache())
-
-    def decode(self, token_ids: Any, state: Any) -> tuple[np.ndarray, Any]:
-        return self._run(token_ids, state)
-
-    def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
-        self.forward = None  # type: ignore[assignment]
-
-
-class TorchBackend(Backend):
+class TorchBackend(TorchBase):
     name = "torch"
     version = "2"
     summary = "PyTorch eager (or torch.compile), dense kernels; the parity reference"
     Config = TorchConfig
-    devices = ("cpu", "cuda")
-    sparse_formats: tuple[str, ...] = ()
 
-    def available(self) -> BackendAvailability:
-        device = torch.device(self.config.device) if self.config.device else torch.device("cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return BackendAvailability(False, "needs CUDA: no CUDA device is visible to this torch", torch.__version__)
-        return BackendAvailability(True, "", torch.__version__)
-
-    def reference(self) -> Backend | None:
+    def reference_params(self) -> dict[str, Any] | None:
         if type(self) is TorchBackend and not self.config.compile:
             return None  # eager PyTorch is the reference itself
         # compiled, or a subclass that converts modules: checked against plain eager PyTorch, same device and dtype
-        return TorchBackend(
-            TorchConfig(device=getattr(self.config, "device", "cpu"), dtype=getattr(self.config, "dtype", "float32"))
-        )
-
-    def load(self, model_dir: Path) -> torch.nn.Module:
-        from strataprune.deploy.rundir import load_causal_lm
-
-        if self.config.dtype not in DTYPES:
-            raise ConfigError(f"backend '{self.name}': dtype {self.config.dtype!r}; allowed: {', '.join(DTYPES)}")
-        return load_causal_lm(model_dir, dtype=DTYPES[self.config.dtype], device=self.config.device)
-
-    def convert(self, model: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
-        """Turn the loaded model into what this engine runs (here: unchanged). Subclasses swap modules."""
-        return model
-
-    def prepare(self, model_dir: Path, workdir: Path, settings: DeploySettings) -> CompiledModel:
-        from strataprune.deploy.rundir import weight_files
-
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        model = self.convert(self.load(Path(model_dir)), Path(model_dir))
-        files = weight_files(Path(model_dir))
-        meta = {
-            "compiled": bool(self.config.compile),
-            "device": self.config.device,
-            "dtype": self.config.dtype,
-            "artifact_bytes": sum(f.stat().st_size for f in files),
-            "format": "safetensors checkpoint",
-        }
-        return TorchModel(model, self.name, files[0], meta)
+        return super().reference_params()

@@ -21,9 +21,9 @@ from typing import Literal
 
 import torch
 
-from strataprune.contract.backend import Backend, BackendAvailability
+from strataprune.contract.backend import BackendAvailability
 from strataprune.contract.errors import DataError
-from strataprune.plugins.backends.torch import TorchBackend, TorchConfig
+from strataprune.plugins.backends.torch_base import TorchBase
 
 #: the shapes semi-structured kernels accept: rows and columns multiples of these (fp16/bf16)
 MIN_ROWS, MIN_COLS = 32, 64
@@ -67,7 +67,7 @@ def check_2to4(linears: dict[str, torch.nn.Module]) -> None:
         )
 
 
-class TorchSemiStructured(TorchBackend):
+class TorchSemiStructured(TorchBase):
     name = "torch-2:4"
     version = "2"
     summary = "PyTorch to_sparse_semi_structured Linears on CUDA (2:4 sparse tensor cores)"
@@ -93,9 +93,6 @@ class TorchSemiStructured(TorchBackend):
                 False, f"needs compute capability >= 8.0 for 2:4 sparse tensor cores; this GPU has {major}.{minor}", version
             )
         return BackendAvailability(True, "", version)
-
-    def reference(self) -> Backend | None:
-        return TorchBackend(TorchConfig(device=self.config.device, dtype=self.config.dtype))
 
     def convert(self, model: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
         from torch.sparse import to_sparse_semi_structured

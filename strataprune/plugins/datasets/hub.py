@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from strataprune.contract.dataset import Dataset
 from strataprune.contract.errors import DataError
-from strataprune.runtime.hub import require_hub
+from strataprune.contract.hub import require_hub
 
 
 def _load(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]

@@ -68,7 +68,7 @@ from strataprune.contract.allocation import MAX_RATIO, Allocation
 from strataprune.contract.errors import ConfigError
 from strataprune.contract.layout import ModelLayout
 from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryResult
-from strataprune.plugins.allocators.rmi import losa_schedule
+from strataprune.plugins.common.schedules import losa_schedule
 from strataprune.plugins.recovery import masked_lora as lora
 from strataprune.plugins.recovery.finetune import TrainingConfig, finetune, windows_needed
 

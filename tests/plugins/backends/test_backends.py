@@ -80,6 +80,48 @@ def test_contract_checks_pass_for_a_torch_subclass_that_converts_linears(pruned_
     assert parity["reference"] == "torch" and parity["greedy_identical"]
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "reference"),
+    [
+        ("torch", {}, None),  # eager PyTorch is the reference itself
+        ("torch", {"compile": True}, "torch"),
+        ("torch", {"device": "cuda", "dtype": "bfloat16", "compile": True}, "torch:device=cuda:dtype=bfloat16"),
+        ("torch-2:4", {}, "torch:device=cuda:dtype=float16"),  # same GPU, same dtype
+        ("sparse-cpu", {}, "torch"),
+        ("onnxruntime", {}, "torch"),
+        ("deepsparse", {}, "torch"),
+    ],
+)
+def test_each_backend_names_its_reference_and_the_host_builds_it(name, params, reference):
+    """The contract names the reference (``reference_backend``, ``reference_params()``); the host builds it through
+    the registry, so the contract imports no backend."""
+    from strataprune.deploy.parity import reference_backend
+
+    built = reference_backend(get_registry().create("backend", name, params))
+    assert (built.label() if built is not None else None) == reference
+    assert built is None or not built.config.compile
+
+
+def test_a_backend_may_name_another_reference_or_none():
+    from strataprune.contract.backend import Backend
+    from strataprune.deploy.parity import reference_backend
+
+    class AgainstOnnx(Backend):
+        name = "against-onnx"
+        reference_backend = "onnxruntime"
+
+        def reference_params(self):
+            return {"weights": "fp32"}
+
+    class OwnReference(Backend):
+        name = "own"
+        reference_backend = None
+
+    built = reference_backend(AgainstOnnx())
+    assert built.name == "onnxruntime" and built.config.weights == "fp32"
+    assert reference_backend(OwnReference()) is None
+
+
 def test_torch_backend_greedy_tokens_equal_transformers_generate(pruned_tiny, windows, tmp_path):
     """The reference itself, against an independent path: transformers' own generate() without our cache handling."""
     from transformers import AutoModelForCausalLM
