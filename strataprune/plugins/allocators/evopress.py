@@ -57,7 +57,7 @@ from strataprune.contract.allocation import Allocation
 from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.contract.layout import ModelLayout
-from strataprune.runtime.progress import progress_bar
+from strataprune.contract.progress import progress_bar
 
 
 @dataclass
