@@ -42,9 +42,10 @@ from strataprune.runtime.progress import progress
 class _Accumulator:
     """Running sums over all calibration tokens of one input tensor stream."""
 
-    def __init__(self, dim: int, hessian: bool, norms: bool, device: torch.device) -> None:
+    def __init__(self, dim: int, hessian: bool, norms: bool, device: torch.device, means: bool = False) -> None:
         self.tokens = 0
         self.sq = torch.zeros(dim, dtype=torch.float64, device=device) if norms else None
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device) if means else None
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
@@ -52,6 +53,8 @@ class _Accumulator:
         self.tokens += x.shape[0]
         if self.sq is not None:
             self.sq += (x.double() ** 2).sum(0)
+        if self.sum is not None:
+            self.sum += x.double().sum(0)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
 
@@ -215,7 +218,7 @@ class Calibrator:
         """Run the block once over every sample with the statistics' hooks; return them and (if kept) the outputs."""
         stats = self._block_stats(index)
         matrices = stats.matrices
-        want_norms, want_hessian = "input_norms" in needs, "hessian" in needs
+        want_norms, want_hessian, want_means = "input_norms" in needs, "hessian" in needs, "input_means" in needs
         # matrices fed the same tensor (q/k/v, gate/up) share one accumulator; the groups are decided
         # on the first sample while every input is kept alive, so no freed address is ever reused
         group_of: dict[str, int] = {}
@@ -233,7 +236,7 @@ class Calibrator:
                     key = (x.data_ptr(), tuple(x.shape), tuple(rows.shape))
                     if key not in first_inputs:
                         first_inputs[key] = len(accumulators)
-                        accumulators.append(_Accumulator(rows.shape[-1], want_hessian, want_norms, x.device))
+                        accumulators.append(_Accumulator(rows.shape[-1], want_hessian, want_norms, x.device, want_means))
                         alive.append(x)
                     group_of[name] = first_inputs[key]
                 group = group_of[name]
@@ -243,7 +246,7 @@ class Calibrator:
 
             return hook
 
-        if want_norms or want_hessian:
+        if want_norms or want_hessian or want_means:
             handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
         outputs: torch.Tensor | None = None
         dtype = self._dtype(block)
@@ -261,11 +264,14 @@ class Calibrator:
                 h.remove()
         # one tensor per accumulator, shared by every matrix it feeds (scaled in place: no copy)
         norms = [acc.sq.sqrt().float() if acc.sq is not None else None for acc in accumulators]
+        means = [(acc.sum / max(acc.tokens, 1)).float() if acc.sum is not None else None for acc in accumulators]
         hessians = [acc.xtx.mul_(2.0 / max(acc.tokens, 1)) if acc.xtx is not None else None for acc in accumulators]
         for name, group in group_of.items():
             stats.ntokens = accumulators[group].tokens
             if norms[group] is not None:
                 stats.input_norms[name] = norms[group]
+            if means[group] is not None:
+                stats.input_means[name] = means[group]
             if hessians[group] is not None:
                 stats.hessians[name] = hessians[group]
         if "block_inputs" in needs:
