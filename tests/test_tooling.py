@@ -59,7 +59,7 @@ def test_ci_installs_the_tox_the_readme_and_tox_ini_ask_for():
     required = _lines(_tox()["tox"]["requires"])
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    pins = set(re.findall(r'"(tox>=[\d.]+)"', ci)) | set(re.findall(r'pip install "(tox>=[\d.]+)"', readme))
+    pins = set(re.findall(r'"(tox==[\d.]+)"', ci)) | set(re.findall(r'pip install "(tox==[\d.]+)"', readme))
     assert pins == set(required) and len(required) == 1
     assert _lines(ci)[-1] == "tox"  # then exactly `tox`: lint and the tests
 

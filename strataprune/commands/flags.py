@@ -74,7 +74,7 @@ def threads_flag(
 
 def thread_count(text: str) -> int:
     """``--threads N``: an integer from 1 to 4 per CPU (strataprune/runtime/threads.py says why)."""
-    from strataprune.runtime.threads import check_thread_count
+    from strataprune.contract.threads import check_thread_count
 
     value = at_least(1)(text)
     try:

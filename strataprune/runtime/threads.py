@@ -22,21 +22,7 @@ import time
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, further limited by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
+from strataprune.contract.threads import available_cpus, check_thread_count
 
 
 def _own_load() -> float:
@@ -65,18 +51,6 @@ def auto_threads() -> tuple[int, str]:
     return threads, f"{cpus} available CPUs, load of other processes {others:.1f}"
 
 
-#: at most this many threads per available CPU. Past one per core, threads only add scheduling rounds
-#: (see above); a few per core still let a user oversubscribe on purpose (e.g. to hide I/O waits). Beyond
-#: that each OpenMP/kernel thread still reserves a stack: --threads 100000 crashed the process ("failed to
-#: map segment", a segfault) instead of running slowly.
-THREADS_PER_CPU = 4
-
-
-def max_threads() -> int:
-    """The most threads any setting may ask for here: THREADS_PER_CPU x the CPUs this process may use."""
-    return THREADS_PER_CPU * available_cpus()
-
-
 def check_threads(value: Any, where: str = "threads") -> int | None:
     """A threads setting: null (auto) or an integer from 1 to max_threads(); anything else is a ConfigError naming it."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
@@ -84,17 +58,6 @@ def check_threads(value: Any, where: str = "threads") -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: {value!r} must be an integer >= 1, or null for auto")
     return check_thread_count(value, where)
-
-
-def check_thread_count(value: int, where: str) -> int:
-    """An explicit thread count against the machine (``value`` >= 1 already checked)."""
-    most = max_threads()
-    if value > most:
-        raise ConfigError(
-            f"{where}: {value} threads is more than {most} ({THREADS_PER_CPU} per CPU of the {available_cpus()} "
-            "this process may use); use at most that, or leave it unset for auto"
-        )
-    return value
 
 
 def apply_threads(setting: int | None) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class SparseCpuConfig:
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ConfigError(f"backend 'sparse-cpu': threads {t!r}; allowed: an integer >= 1 (or unset: the run's --threads)")
         if t is not None:
-            from strataprune.runtime.threads import check_thread_count
+            from strataprune.contract.threads import check_thread_count
 
             check_thread_count(t, "backend 'sparse-cpu': threads")
 
