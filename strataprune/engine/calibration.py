@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from strataprune.contract.layout import STATISTICS, BlockInputs, BlockStats, LoadedModel, ModelLayout
+from strataprune.contract.progress import progress
 from strataprune.models.offload import offloader_of
-from strataprune.runtime.progress import progress
 
 
 class _Accumulator:

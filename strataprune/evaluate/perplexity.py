@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from strataprune.runtime.progress import progress
+from strataprune.contract.progress import progress
 
 
 @torch.no_grad()

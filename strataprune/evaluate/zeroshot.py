@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError, DataError, did_you_mean
-from strataprune.runtime.hub import hub_reachable
+from strataprune.contract.hub import hub_reachable
 
 HARNESS = "lm-eval"
 HARNESS_PIN = "0.4.13"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
+from strataprune.contract.progress import progress
 from strataprune.runtime.outputs import release_output_lock
-from strataprune.runtime.progress import progress
 
 from .executors import make_executor
 from .grid import Cell, Grid, validate_cells

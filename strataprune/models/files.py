@@ -22,7 +22,7 @@ from typing import Any
 
 from strataprune.contract.cache import cache_dir
 from strataprune.contract.errors import DataError, unknown
-from strataprune.runtime.hub import require_hub
+from strataprune.contract.hub import require_hub
 
 
 @dataclass(frozen=True)
