@@ -60,13 +60,15 @@ FORMAT_VERSION = 1  # fp32 SparseLinear modules only
 QUANTIZED_FORMAT_VERSION = 2  # some modules are QuantizedSparseLinear (their manifest entry has bits, group_size)
 BITS = (32, 8, 4)
 GROUP_SIZES = (32, 64, 128)
-#: parity of a quantized deployment against its dequantized twin: the weights are the same, so the difference is
-#: the kernels' int8 activation rounding (a relative error of at most 1/254 of each 128-column block's largest
-#: |x| per input, about 0.1-0.3% per Linear on real activations) carried through every layer. Measured on
-#: SmolLM2-135M pruned to 70% with Wanda, 2 WikiText-2 windows of 128 tokens: see docs/kernels-quantized.md;
-#: the bound keeps a margin of ~3x over the largest of those, and is 20x below the logit gap that greedy decoding
-#: needs to flip on such text.
-QUANTIZED_PARITY_TOLERANCE = 3e-2
+#: parity of a quantized deployment against its dequantized twin (the same weights, fp32 activations): what is
+#: left is the kernels' int8 activation rounding, per token and 128-column block, an error of up to
+#: max|x_block| / 254 per input. It is not small on LLMs with outlier activation channels: on SmolLM2-135M pruned to
+#: 70% with Wanda (2 WikiText-2 windows of 128 tokens, docs/kernels-quantized.md) the largest |logit difference| was
+#: 0.115 of the largest logit with int8 weights (median over positions ~1 logit, while the median top-1/top-2 gap
+#: is 0.33) and 0.305 with int4, and greedy tokens first differed at step 5 (int8) and 4 (int4). These bounds are
+#: those measurements plus ~30%: they catch a wrong code, scale or index (errors of the size of the logits
+#: themselves) and hold for activation rounding on that model; they are measured, not derived.
+QUANTIZED_PARITY_TOLERANCE = {8: 0.15, 4: 0.4}
 
 
 @dataclass
@@ -322,7 +324,7 @@ class SparseCpuBackend(TorchBase):
 
     @property  # type: ignore[override]
     def parity_tolerance(self) -> float:
-        return 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE
+        return 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
 
     def reference_params(self) -> dict[str, Any] | None:
         c = self.config
