@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from strataprune.contract.registry import get_registry  # noqa: E402
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
 from strataprune.engine.allocator_comparison import make_allocators, plot_profiles  # noqa: E402
-from strataprune.engine.pipeline import Pipeline  # noqa: E402
 from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
+from strataprune.engine.session import PruningSession  # noqa: E402
 from strataprune.evaluate.perplexity import perplexity  # noqa: E402
 from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> int:
     specs = [s.strip() for s in args.allocators.split(",") if s.strip()]
     make_allocators(recipe, specs, registry)  # fail on a bad name before loading anything
     log_lines: list[str] = []
-    pipeline = Pipeline(recipe, registry=registry, show_progress=False, log=log_lines.append)
+    pipeline = PruningSession(recipe, registry=registry, show_progress=False, log=log_lines.append)
     start = time.perf_counter()
     calib_data = pipeline.prepare()
     load_s = time.perf_counter() - start
@@ -216,10 +216,7 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
     """ATP's beta on the same model, text and pruner: the plain grid (every candidate, as the paper's
     search.sh) against the golden-section search (screening trials + full refinement), each trial timed."""
     log_lines: list[str] = []
-    pipeline = Pipeline(recipe, registry=registry, show_progress=False, log=log_lines.append)
-    calib_data = pipeline.prepare()
     timings: list[tuple[str, float]] = []
-    make_scorers = pipeline._make_scorers
 
     def timed(fn, kind):
         def inner(allocation, on="validation"):
@@ -230,11 +227,15 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
 
         return inner
 
-    def timed_scorers(calib, who=None):
-        score, screen = make_scorers(calib, who)
-        return timed(score, "full"), (timed(screen, "screen") if screen is not None else None)
+    class TimedTrials(PruningSession):
+        """The session with every trial timed (full trials and screening trials apart)."""
 
-    pipeline._make_scorers = timed_scorers  # type: ignore[method-assign]
+        def trial_scorers(self, source, who=None):
+            score, screen = super().trial_scorers(source, who)
+            return timed(score, "full"), (timed(screen, "screen") if screen is not None else None)
+
+    pipeline = TimedTrials(recipe, registry=registry, show_progress=False, log=log_lines.append)
+    calib_data = pipeline.prepare()
     runs = {}
     for label, spec in (("grid", "atp:search=grid:patience=1000:max_trials=100"), ("golden", "atp")):
         (allocator,) = make_allocators(recipe, [spec], registry)

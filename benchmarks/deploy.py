@@ -102,9 +102,11 @@ def ensure_llama1b(args: argparse.Namespace) -> Path:
 
 
 def ensure_run(name: str, args: argparse.Namespace) -> Path:
+    from strataprune.runtime.run_folder import REPORT
+
     model = "smollm2-135m" if args.model == "smollm2" else str(ensure_llama1b(args))
     out = Path(args.workdir) / f"{args.model}-{name.replace(':', 'of').replace('+int4', 'q4')}"
-    if (out / "report.json").is_file():
+    if (out / REPORT).is_file():
         return out
     # latency depends on the sparsity pattern, not on how well the weights were chosen: small calibration, short evaluation
     cmd = [

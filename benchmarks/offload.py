@@ -82,6 +82,8 @@ def write_random_llama(folder: Path, target_bytes: int, seed: int = 0) -> dict:
 
 
 def run(model: Path, text: Path, out: Path, offload: bool, acts: Path) -> dict:
+    from strataprune.runtime.run_folder import RunFolder
+
     cmd = [
         sys.executable,
         "-m",
@@ -117,7 +119,7 @@ def run(model: Path, text: Path, out: Path, offload: bool, acts: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report = RunFolder(out).report
     return {
         "path": "offload" if offload else "in-memory",
         "wall_s": wall,
@@ -138,6 +140,8 @@ def import_floor() -> float:
 
 
 def main() -> None:
+    from strataprune.runtime.run_folder import RunFolder
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cap-mb", dest="cap_mb", type=float, default=300, help="cap on peak RSS above the import floor")
     parser.add_argument("--factor", type=float, default=4.0)
@@ -156,8 +160,8 @@ def main() -> None:
         offloaded = run(model, text, work / "out-offload", True, work / "acts")
         naive = run(model, text, work / "out-memory", False, work / "acts")
         same = (
-            json.loads((work / "out-offload" / "report.json").read_text())["sparsity"]["per_matrix"]
-            == json.loads((work / "out-memory" / "report.json").read_text())["sparsity"]["per_matrix"]
+            RunFolder(work / "out-offload").report["sparsity"]["per_matrix"]
+            == RunFolder(work / "out-memory").report["sparsity"]["per_matrix"]
         )
     finally:
         if args.workdir is None:

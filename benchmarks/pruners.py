@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_one(pruner: str, sparsity: str, args: argparse.Namespace, dense: bool) -> dict:
+    from strataprune.runtime.run_folder import RunFolder
+
     with tempfile.TemporaryDirectory(prefix="bench-pruners-") as tmp:
         out = Path(tmp) / "out"
         cmd = [
@@ -59,7 +61,7 @@ def run_one(pruner: str, sparsity: str, args: argparse.Namespace, dense: bool) -
         wall = time.perf_counter() - start
         if proc.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        report = json.loads((out / "report.json").read_text())
+        report = RunFolder(out).report
     return {
         "pruner": pruner,
         "sparsity": sparsity,

@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_one(recovery: str, sparsity: str, args: argparse.Namespace, dense: bool) -> dict:
+    from strataprune.runtime.run_folder import RunFolder
+
     steps = args.steps // args.rounds if recovery == "losa" else args.steps
     sets = [
         f"recovery.steps={steps}",
@@ -85,7 +87,7 @@ def run_one(recovery: str, sparsity: str, args: argparse.Namespace, dense: bool)
         wall = time.perf_counter() - start
         if proc.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        report = json.loads((out / "report.json").read_text())
+        report = RunFolder(out).report
     section = report["recovery"]
     train_steps = len(section["history"])
     recover_s = report["times_s"]["recover"]

@@ -38,9 +38,9 @@ ALLOCATORS = ("uniform", "owl", "alpha", "atp")
 def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from strataprune.engine.image_run import predict, task_data
-    from strataprune.engine.pipeline import Pipeline
     from strataprune.engine.recipe import recipe_from_dict
+    from strataprune.engine.session import PruningSession
+    from strataprune.engine.tasks.image_data import predict, task_data
     from strataprune.evaluate.vision_metrics import compare
     from strataprune.models.loading import load_model
 
@@ -66,10 +66,10 @@ def evaluate_model(model: str, args: argparse.Namespace) -> list[dict]:
                     "evaluation": {"source": "photos", "max_windows": args.eval, "selection_windows": args.selection},
                 }
             )
-            pipe = Pipeline(recipe, show_progress=False, log=lambda msg: None)
+            pipe = PruningSession(recipe, show_progress=False, log=lambda msg: None)
             start = time.perf_counter()
             calib = pipe.prepare(loaded)
-            allocation, stash = pipe._allocate(calib)
+            allocation, stash = pipe.allocate(calib)
             allocate_s = time.perf_counter() - start
             with pipe.pruned(allocation, stash, desc="benchmark"):
                 prune_s = time.perf_counter() - start - allocate_s

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
-from strataprune.engine.pipeline import Pipeline  # noqa: E402
 from strataprune.engine.recipe import Recipe, apply_overrides  # noqa: E402
+from strataprune.engine.session import PruningSession  # noqa: E402
 from strataprune.evaluate.perplexity import perplexity  # noqa: E402
 from strataprune.evaluate.zeroshot import evaluate_tasks, harness_version, resolve_tasks  # noqa: E402
 from strataprune.runtime.reports import environment, markdown_table, table  # noqa: E402
@@ -83,16 +83,16 @@ def main() -> int:
             "calibration.seqlen": args.seqlen,
         },
     )
-    first = Pipeline(base, show_progress=False, log=lambda message: None)
+    first = PruningSession(base, show_progress=False, log=lambda message: None)
     _, load_s, _ = timed(first.prepare)
     loaded = first.loaded
     model, tokenizer = loaded.model, loaded.tokenizer
-    windows = evaluation_windows(tokenizer, open_dataset("bbc"), "test", args.eval_seqlen, args.eval_windows, first._bos()).ids
+    windows = evaluation_windows(tokenizer, open_dataset("bbc"), "test", args.eval_seqlen, args.eval_windows, first.bos()).ids
     del first  # its copy of the dense weights
 
     def pruned_with(sparsity: float, allocator):
         """A pipeline on the loaded model and the allocation it makes (statistics pass included)."""
-        pipeline = Pipeline(
+        pipeline = PruningSession(
             apply_overrides(base, {"sparsity": sparsity, "allocator": allocator}), show_progress=False, log=lambda m: None
         )
         calib_data = pipeline.prepare(loaded)

@@ -10,7 +10,9 @@
 Errors caused by input print one line (``error: ...``) and exit with status 2, never a traceback;
 they are found before the heavy imports and the work (strataprune/engine/preflight.py). Any other exception is a
 bug: one line ``error: internal error ...`` and exit status 1 (operating-system errors such as a full
-disk: ``error: ...``, status 1); ``STRATAPRUNE_DEBUG=1`` shows the traceback instead.
+disk: ``error: ...``, status 1); ``STRATAPRUNE_DEBUG=1`` shows the traceback instead. SIGTERM and SIGHUP
+clean up like Ctrl-C (temporary outputs, locks, workers, child processes) and exit 128 + the signal
+(143 for SIGTERM; strataprune/runtime/signals.py).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import argparse
 import os
 import sys
 
-from strataprune.commands import allocate, backends, bench, deploy, doctor, leaderboard, plugins
+from strataprune.commands import allocate, backends, bench, deploy, doctor, leaderboard, plugins, serve
 from strataprune.commands import eval as eval_command
 from strataprune.commands import run as run_command
 from strataprune.commands.flags import Parser
 from strataprune.contract.errors import StrataPruneError
 
 #: the verbs in the order `strataprune --help` lists them
-COMMANDS = (run_command, eval_command, plugins, allocate, leaderboard, deploy, bench, doctor, backends)
+COMMANDS = (run_command, eval_command, plugins, allocate, leaderboard, deploy, serve, bench, doctor, backends)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,7 @@ def fail(message: str, status: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from strataprune.runtime.outputs import current_command, release_output_locks
+    from strataprune.runtime.signals import Terminated, signals_as_interrupts
 
     debug = os.environ.get("STRATAPRUNE_DEBUG", "") not in ("", "0")
     try:
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), 2)
     token = current_command.set(args.command)
     try:
-        return int(args.func(args))
+        with signals_as_interrupts():  # SIGTERM/SIGHUP clean up like Ctrl-C (strataprune/runtime/signals.py)
+            return int(args.func(args))
+    except Terminated as exc:
+        print(f"interrupted ({exc})", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -54,20 +54,10 @@ import pytest
 PACKAGE = "strataprune"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose package these tests check
 
-# The engine is being folded into one run sequence (pipeline, image_run, recovery, allocator_comparison); until
-# that lands, its own violations are tolerated here. Each entry is exactly one violation without its line number
-# (``file: rule: what``), so edits elsewhere in the file keep it valid; an entry that no longer occurs fails
-# ``test_known_engine_violations_still_occur``, so the list only shrinks. Empty it when the refactor lands.
-KNOWN_ENGINE_VIOLATIONS: frozenset[str] = frozenset(
-    {
-        # the vision/multimodal run and the recovery drive the text pipeline's private bookkeeping (and its private
-        # methods, which an import check cannot see), and the pipeline calls back into both: one sequence, three files
-        "strataprune/engine/image_run.py: circle: strataprune.engine.image_run -> strataprune.engine.pipeline"
-        " -> strataprune.engine.image_run (the circle also takes in strataprune.engine.recovery)",
-        "strataprune/engine/image_run.py: private-name: imports _Record from strataprune.engine.pipeline",
-        "strataprune/engine/recovery.py: private-name: imports _Record from strataprune.engine.pipeline",
-    }
-)
+# The engine's own violations while it was being folded into one run sequence were tolerated here; the refactor
+# landed and left none. Each entry would be exactly one violation without its line number (``file: rule: what``);
+# an entry that no longer occurs fails ``test_known_engine_violations_still_occur``, so the list only shrinks.
+KNOWN_ENGINE_VIOLATIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

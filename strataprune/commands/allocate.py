@@ -31,7 +31,14 @@ def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     specs = [n.strip() for n in (args.allocators or recipe.allocator.name).split(",") if n.strip()]
     output = args.output or "strataprune-allocations"
-    preflight(recipe, output, args.overwrite, command="allocate", allocators=parse_allocator_specs(specs))
+    preflight(
+        recipe,
+        output,
+        args.overwrite,
+        command="allocate",
+        allocators=parse_allocator_specs(specs),
+        inputs={"the recipe": args.recipe},
+    )
     from strataprune.engine.allocator_comparison import compare_allocators
 
     compare_allocators(recipe, specs, output, overwrite=args.overwrite, show_progress=not args.quiet)

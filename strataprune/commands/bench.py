@@ -55,9 +55,17 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.output:
+        from strataprune.deploy.rundir import open_run
         from strataprune.runtime.reports import check_output_dir
 
-        check_output_dir(Path(args.output), args.overwrite)
+        labels = ["the run"] if len(args.run_dir) == 1 else [f"run #{i + 1}" for i in range(len(args.run_dir))]
+        inputs = dict(zip(labels, args.run_dir))
+        if args.dense is None:  # the dense model each run names (a folder; embedded and hub names are skipped)
+            inputs.update(
+                {f"the dense model of {label}": open_run(path).model_source for label, path in zip(labels, args.run_dir)}
+            )
+        inputs.update({"the dense model (--dense)": args.dense, "the text (--text)": args.text})
+        check_output_dir(Path(args.output), args.overwrite, inputs=inputs)
     report = benchmark(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], config)
     print(format_table(report))
     if args.output:

@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
         "--prompt-len", dest="prompt_len", type=int, default=64, help="tokens per parity window (and fixed-shape engines' prompt)"
     )
     parser.add_argument(
-        "--parity-steps", dest="parity_steps", type=int, default=8, help="greedy tokens that must match the reference"
+        "--parity-steps", dest="parity_steps", type=int, default=8, help="greedy tokens that must match the reference (>= 1)"
     )
     parser.add_argument("--threads", type=int, help="engine threads")
     parser.add_argument("--text", help="parity text: dataset name or text file (default: the run's evaluation text)")

@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
+    from strataprune.engine.bos import bos_per_window
     from strataprune.engine.limits import check_seqlen
     from strataprune.engine.preflight import language_model
     from strataprune.models.files import inspect_model
@@ -71,15 +72,16 @@ def run(args: argparse.Namespace) -> int:
         return eval_tasks(args, threads)
     dataset = None if image_data else open_dataset(args.data, args.encoding, args.protocol)  # text errors before loading
     loaded = load_model(args.model_dir, device=args.device)
-    if loaded.adapter.task != "causal-lm":  # vision and multimodal models: agreement with a reference, not perplexity
-        from strataprune.engine.image_run import eval_command
+    from strataprune.engine.tasks.kinds import task_kind
 
-        return eval_command(loaded, args)
+    if not task_kind(loaded.adapter.task).reads_text:  # vision and multimodal models: agreement with a reference
+        return eval_images(loaded, args)
     if dataset is None:  # an image source given to a language model: open_dataset says what text it takes
         dataset = open_dataset(args.data, args.encoding, args.protocol)
     check_seqlen(loaded.model.config, args.seqlen, "--seqlen")
-    bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
-    windows = evaluation_windows(loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos)
+    windows = evaluation_windows(
+        loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos_per_window(args.bos, loaded)
+    )
     result = perplexity(loaded.model, windows.ids, "perplexity", not args.quiet)
     result["data"] = windows.description
     result["threads"] = threads
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
     """``strataprune eval DIR --tasks ...``: zero-shot accuracy (and perplexity with --perplexity)."""
+    from strataprune.engine.bos import bos_per_window
     from strataprune.evaluate.zeroshot import accuracy_table, check_settings, evaluate_tasks, resolve_tasks
     from strataprune.models.loading import load_model
 
@@ -113,10 +116,9 @@ def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
         from strataprune.data.text_windows import evaluation_windows, open_dataset
         from strataprune.evaluate.perplexity import perplexity
 
-        bos = args.bos == "always" or (args.bos == "auto" and loaded.adapter.bos_per_window(loaded.model))
-        windows = evaluation_windows(
-            loaded.tokenizer, open_dataset(args.data, args.encoding, args.protocol), args.split, args.seqlen, args.windows, bos
-        )
+        dataset = open_dataset(args.data, args.encoding, args.protocol)
+        bos = bos_per_window(args.bos, loaded)
+        windows = evaluation_windows(loaded.tokenizer, dataset, args.split, args.seqlen, args.windows, bos)
         result["perplexity"] = {
             **perplexity(loaded.model, windows.ids, "perplexity", not args.quiet),
             "data": windows.description,
@@ -134,4 +136,45 @@ def eval_tasks(args: argparse.Namespace, threads: dict[str, Any]) -> int:
     if "perplexity" in result:
         ppl = result["perplexity"]
         print(f"perplexity {ppl['ppl']:.4f} over {ppl['tokens']} tokens ({ppl['windows']} windows of {ppl['seqlen']})")
+    return 0
+
+
+def eval_images(loaded: Any, args: argparse.Namespace) -> int:
+    """``strataprune eval DIR`` for an image model: compare with a reference (``--reference``, else the
+    model the run started from, read from DIR/recipe.yaml); without one, what the model scores alone."""
+    from strataprune.engine.recipe import load_recipe
+    from strataprune.engine.tasks.image_data import image_source, predict, task_data
+    from strataprune.engine.tasks.images import headline
+    from strataprune.evaluate.vision_metrics import compare, standalone
+    from strataprune.models.loading import load_model
+    from strataprune.runtime.run_folder import RunFolder
+
+    reference = getattr(args, "reference", None)
+    recipe_file = RunFolder(args.model_dir).recipe_path
+    if reference is None and recipe_file.is_file():
+        reference = load_recipe(recipe_file).model.source
+    source = image_source(args.data, "--data")
+    split = "test" if args.split is None else args.split
+    data = task_data(loaded, source, split, args.windows, 2, "evaluation")
+    outputs = predict(loaded, data)
+    result: dict[str, Any] = {
+        "task": loaded.adapter.task,
+        "model": str(args.model_dir),
+        "data": data.description,
+        "model_alone": standalone(outputs, data.extra),
+    }
+    if reference:
+        dense = load_model(reference, device=args.device)
+        ref_data = task_data(dense, source, split, args.windows, 2, "evaluation")
+        result["reference"] = reference
+        result["reference_alone"] = standalone(predict(dense, ref_data), ref_data.extra)
+        result["vs_reference"] = compare(predict(dense, ref_data), outputs, data.extra)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        lines = [f"{loaded.adapter.task}: {data.description.get('crops')} crops of {source} ({split})"]
+        if "vs_reference" in result:
+            lines.append(f"vs {reference}: {headline(loaded.adapter.task, result['vs_reference'])}")
+        lines.append(f"alone: {json.dumps(result['model_alone'])}")
+        print("\n".join(lines))
     return 0

@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = build_recipe(args)
     output = recipe.output_dir or recipe.default_output_dir()
-    preflight(recipe, output, args.overwrite, command="run")  # before the heavy imports and any work
-    from strataprune.engine.pipeline import Pipeline, summary
+    preflight(
+        recipe, output, args.overwrite, command="run", inputs={"the recipe": args.recipe}
+    )  # before the heavy imports and any work
+    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.run_report import summary
 
     result = Pipeline(recipe, show_progress=not args.quiet).run(output, overwrite=args.overwrite)
     print(summary(result.report))

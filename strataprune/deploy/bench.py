@@ -179,6 +179,7 @@ def benchmark(run_dir: str | Path | list[str | Path], config: BenchConfig | None
     runs = [open_run(d) for d in dirs]
     for run in runs:
         _check_settings(run, cfg)
+    check_same_dense_model(runs)
     threads = cfg.threads or min(4, os.cpu_count() or 1)
     backends, skipped = resolve_backends(cfg.backends)
     dense_dir = dense_twin(runs[0], cfg.dense)
@@ -305,6 +306,29 @@ def _measure(
     return rows
 
 
+def dense_identity(run: RunFolder) -> tuple[str | None, str]:
+    """(content fingerprint of the dense prunable weights, model source) recorded in a run's report."""
+    return (run.report.get("model") or {}).get("dense_fingerprint"), run.model_source
+
+
+def check_same_dense_model(runs: list[RunFolder]) -> None:
+    """Runs benched together must come from one dense model: the fingerprints recorded in their reports
+    agree (runs of earlier versions, without one: their model sources agree). Otherwise one error naming both."""
+    first_fp, first_source = dense_identity(runs[0])
+    for run in runs[1:]:
+        fingerprint, source = dense_identity(run)
+        same = first_fp == fingerprint if first_fp and fingerprint else first_source == source
+        if not same:
+
+            def shown(fp: str | None, src: str) -> str:
+                return f"'{src}'" + (f", weights {fp}" if fp else "")
+
+            raise ConfigError(
+                f"runs '{runs[0].path}' ({shown(first_fp, first_source)}) and '{run.path}' ({shown(fingerprint, source)}) "
+                "were pruned from different dense models; bench compares runs of one dense model: bench them separately"
+            )
+
+
 def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
     if not cfg.prompt_lens:
         raise ConfigError("--prompt-len needs at least one length")
@@ -323,8 +347,8 @@ def _check_settings(run: RunFolder, cfg: BenchConfig) -> None:
         total = length + max(cfg.decode_tokens, cfg.parity_steps)
         if total > context:
             raise ConfigError(
-                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} exceeds the "
-                "model's "
+                f"--prompt-len {length} + {max(cfg.decode_tokens, cfg.parity_steps)} generated tokens = {total} "
+                "exceeds the model's "
                 f"context of {context} tokens; use a prompt of at most {context - max(cfg.decode_tokens, cfg.parity_steps)}"
             )
 

@@ -14,7 +14,8 @@ The output folder (written atomically: a failure leaves nothing, and an earlier 
 - ``deploy.json``: backend and engine version, sizes and bytes per weight, parity figures, settings.
 
 Parity is checked before anything is committed: the engine, fed from the compressed checkpoint, must
-reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens).
+reproduce PyTorch on the run's original weights (real text windows, stated tolerance, greedy tokens;
+``parity_steps`` >= 1, so a passed parity always compared something).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from strataprune.contract.backend import DeploySettings
 from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
+from strataprune.runtime.run_folder import REPORT, RunFolder
 
 from .bench import resolve_backends
 from .parity import check_parity, reference_backend, reference_outputs
@@ -35,7 +37,7 @@ from .rundir import load_causal_lm, open_run, text_windows, weight_files
 from .storage import read_state_dict, write_sparse_checkpoint
 
 #: run-folder files that the compressed checkpoint replaces (everything else is copied)
-REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
+REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", REPORT)
 
 
 def deploy(
@@ -52,9 +54,11 @@ def deploy(
 ) -> dict[str, Any]:
     """Write ``output`` (see the module docstring); returns what ``deploy.json`` holds."""
     say = log or (lambda message: None)
+    if parity_steps < 1:  # with none, nothing would be compared and "parity passed" would mean nothing
+        raise ConfigError(f"--parity-steps {parity_steps} must be >= 1: parity compares the greedy tokens of both engines")
     run = open_run(run_dir)
     output = Path(output)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs={"the run": run.path, "the parity text (--text)": text})
     (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
@@ -72,7 +76,7 @@ def deploy(
         for item in sorted(run.path.iterdir()):
             if item.is_file() and item.name not in REPLACED and not item.name.startswith("model-"):
                 shutil.copy2(item, tmp / item.name)
-        write_json(tmp / "report.json", run.report)
+        RunFolder(tmp).save_report(run.report)
         say(f"preparing {engine.label()}")
         compiled = engine.prepare(tmp, tmp / engine.name.replace(":", "-"), settings)
         try:

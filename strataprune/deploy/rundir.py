@@ -1,4 +1,4 @@
-"""A ``strataprune run`` output folder as the input of deploy/bench: checks, facts, model loading.
+"""A ``strataprune run`` output folder as the input of deploy/bench: checks, model loading, text.
 
     run = open_run("strataprune-runs/smollm2-135m-wanda-uniform-0.7")
     model = load_causal_lm(run.path)            # dense safetensors or the sparse-bitmask format
@@ -6,77 +6,22 @@
 A run folder holds ``config.json``, the weights (``model.safetensors`` or an index with shards),
 ``report.json`` and ``allocation.json`` (and, for a sparse+INT4 run, ``quantization.json`` and
 ``quantization.safetensors``). ``strataprune deploy`` output folders hold the same files, so they
-are run folders too. Anything missing or unreadable is a DataError naming the file.
+are run folders too. Anything missing or unreadable is a DataError naming the file. The folder type itself
+(writing and reading) is ``strataprune.runtime.run_folder.RunFolder``; ``open_run`` adds the checks deploy needs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from strataprune.contract.errors import ConfigError, DataError
+from strataprune.contract.errors import DataError
+from strataprune.runtime.run_folder import REQUIRED, RunFolder, read_json  # noqa: F401 - REQUIRED: its former home
 
 from . import storage
-
-REQUIRED = ("config.json", "report.json", "allocation.json")
-
-
-@dataclass
-class RunFolder:
-    path: Path
-    report: dict[str, Any]
-    config: dict[str, Any]
-
-    @property
-    def quantized(self) -> bool:
-        return (self.path / "quantization.json").is_file()
-
-    @property
-    def context_length(self) -> int:
-        cfg = self.config.get("text_config", self.config)
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            if isinstance(cfg.get(key), int):
-                return int(cfg[key])
-        return 2048
-
-    @property
-    def model_source(self) -> str:
-        return str(((self.report.get("recipe") or {}).get("model") or {}).get("source") or "")
-
-    def facts(self) -> dict[str, Any]:
-        """What the verdict needs: sparsity, how much of the work is prunable, matrix sizes."""
-        sp = self.report.get("sparsity") or {}
-        cfg = self.config.get("text_config", self.config)
-        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-        vocab = int(cfg.get("vocab_size") or 0)
-        prunable = int(sp.get("prunable_parameters") or 0)
-        return {
-            "target": sp.get("target"),
-            "realised_sparsity": float(sp.get("realised_prunable") or 0.0),
-            "prunable_parameters": prunable,
-            "model_parameters": int(sp.get("model_parameters") or 0),
-            "lm_head_parameters": hidden * vocab,
-            "hidden_size": hidden,
-            "intermediate_size": int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden),
-            "quantized": self.quantized,
-            "nm": ":" in str(sp.get("target") or ""),
-        }
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"'{path.parent}' is not a strataprune run output: it has no {path.name} ({what})") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"'{path}' is corrupt: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"'{path}' is corrupt: expected a JSON object")
-    return data
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -86,7 +31,7 @@ def weight_files(folder: Path) -> list[Path]:
         return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        data = _read_json(index, "weights index")
+        data = read_json(index, "weights index")
         shards = sorted({folder / name for name in (data.get("weight_map") or {}).values()})
         missing = [p.name for p in shards if not p.is_file()]
         if missing or not shards:
@@ -96,19 +41,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def open_run(path: str | Path) -> RunFolder:
-    """Check that ``path`` is a complete run output folder and read its report and config."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"RUN_DIR '{path}' is not a folder; pass the output folder of `strataprune run`")
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
-    if missing:
-        raise DataError(
-            f"'{path}' is not a strataprune run output: it has no {', '.join(missing)} "
-            f"(a run folder holds {', '.join(REQUIRED)} and model.safetensors)"
-        )
-    report = _read_json(folder / "report.json", "the run report")
-    config = _read_json(folder / "config.json", "the model config")
-    _read_json(folder / "allocation.json", "the allocation")
+    """Check that ``path`` is a complete run output folder with readable weights, and read its report and config."""
+    run = RunFolder.open(path)
+    folder = run.path
     for weights in weight_files(folder):
         from strataprune.models.tensorfile import read_header
 
@@ -121,7 +56,7 @@ def open_run(path: str | Path) -> RunFolder:
             raise DataError(f"'{weights}' is truncated: {weights.stat().st_size} bytes, its header needs {start + end}")
     if (folder / "quantization.json").is_file() and not (folder / "quantization.safetensors").is_file():
         raise DataError(f"'{path}' has quantization.json but no quantization.safetensors")
-    return RunFolder(folder, report, config)
+    return run
 
 
 def load_causal_lm(

@@ -13,7 +13,7 @@ observes it; then each allocator allocates. Output (written atomically; a non-em
     <out>/profiles.png                  per-block sparsity profile of every allocator
 
 Searching allocators (ATP with ``beta: null``) prune and score trials with the recipe's pruner and
-held-out selection text, through the same ``Pipeline`` machinery a run uses.
+held-out selection text, through the same ``PruningSession`` machinery a run uses.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from strataprune.contract.allocation import Allocation
 from strataprune.contract.allocator import Allocator
 from strataprune.contract.layout import LoadedModel
 from strataprune.contract.registry import Registry, get_registry
-from strataprune.engine.pipeline import Pipeline
+from strataprune.engine.limits import check_statistics
 from strataprune.engine.recipe import Recipe, parse_allocator_specs, parse_spec  # noqa: F401 - parse_spec's old home
+from strataprune.engine.session import PruningSession
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, environment, table, write_json
 
 
@@ -84,19 +85,19 @@ class _Timed:
 
 
 def run_allocators(
-    pipeline: Pipeline, allocators: Sequence[Allocator], calib_data: Any, times: dict[str, float]
+    session: PruningSession, allocators: Sequence[Allocator], calib_data: Any, times: dict[str, float]
 ) -> dict[str, Allocation]:
     """One shared dense pass for all allocators that need statistics, then each allocation (timed)."""
     needing = [a for a in allocators if a.needs]
     if needing:
         start = time.perf_counter()
-        pipeline.dense_pass([_Timed(a, times) for a in needing])  # type: ignore[list-item]
+        session.dense_pass([_Timed(a, times) for a in needing])  # type: ignore[list-item]
         observed = sum(times.get(a.name, 0.0) for a in needing)
         times["dense statistics (shared)"] = time.perf_counter() - start - observed
     out: dict[str, Allocation] = {}
     for allocator in allocators:
         start = time.perf_counter()
-        allocation = pipeline.run_allocator(allocator, calib_data)
+        allocation = session.run_allocator(allocator, calib_data)
         allocation.meta.setdefault("needs", sorted(allocator.needs))
         allocation.meta.setdefault("params", allocator.params())
         times[allocator.name] = times.get(allocator.name, 0.0) + time.perf_counter() - start
@@ -147,18 +148,18 @@ def compare_allocators(
     allocators = make_allocators(recipe, names, registry)  # bad names/parameters fail first
     out = Path(output) if output is not None else None
     if out is not None:
-        check_output_dir(out, overwrite)
+        from strataprune.engine.inputs import recipe_inputs
+
+        check_output_dir(out, overwrite, inputs=recipe_inputs(recipe))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    pipeline = Pipeline(recipe, registry=registry, show_progress=show_progress, log=log)
+    session = PruningSession(recipe, registry=registry, show_progress=show_progress, log=log)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    calib_data = pipeline.prepare(loaded)
-    from strataprune.engine.image_run import check_statistics
-
-    check_statistics(pipeline.loaded, allocators)  # a statistic the model cannot provide fails before the dense pass
+    calib_data = session.prepare(loaded)
+    check_statistics(session.loaded, allocators)  # a statistic the model cannot provide fails before the dense pass
     times["load"] = time.perf_counter() - start
-    allocations = run_allocators(pipeline, allocators, calib_data, times)
-    layout = pipeline.calibrator.layout
+    allocations = run_allocators(session, allocators, calib_data, times)
+    layout = session.calibrator.layout
     profiles = {name: a.block_profile(layout) for name, a in allocations.items()}
     comparison = Comparison(
         allocations,
@@ -187,10 +188,10 @@ def compare_allocators(
                     "normalize": {name: a.meta.get("normalize") for name, a in allocations.items()},
                     "notes": comparison.notes,
                     "times_s": times,
-                    "calibration": pipeline.calib_description,
-                    "calibration_passes": pipeline.calibrator.passes,
-                    "threads": pipeline.threads,
-                    "model": pipeline.loaded.description,
+                    "calibration": session.calib_description,
+                    "calibration_passes": session.calibrator.passes,
+                    "threads": session.threads,
+                    "model": session.loaded.description,
                     "recipe": recipe.to_dict(),
                     "environment": environment(),
                 },

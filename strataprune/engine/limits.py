@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
+from strataprune.contract.layout import STATISTICS, LoadedModel
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
@@ -122,3 +123,17 @@ def check_recipe_limits(config: Any, recipe: Any, evaluation: bool = True) -> No
         recipe.model.device,
         recipe.calibration.activation_dir,
     )
+
+
+def check_statistics(loaded: LoadedModel, plugins: list[Any]) -> None:
+    """Fail before any work when a plugin needs a statistic this model's stacks cannot provide."""
+    missing = loaded.adapter.unavailable_statistics(loaded.model)
+    for plugin in plugins:
+        for need in sorted(set(getattr(plugin, "needs", ())) & set(missing)):
+            raise ConfigError(
+                f"{plugin.kind} '{plugin.name}' cannot run on this model: it needs {need}, which adapter "
+                f"'{loaded.adapter.name}' cannot provide here ({missing[need]})"
+            )
+    for need in missing:
+        if need not in STATISTICS:
+            raise ConfigError(f"adapter '{loaded.adapter.name}' names an unknown statistic '{need}'")

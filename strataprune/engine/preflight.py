@@ -5,7 +5,8 @@
 Order (each step only imports what it needs; transformers is imported by none of them):
 
 1. the recipe and flags (done by the CLI while building the recipe: YAML, keys, values, N:M);
-2. the output folder: location, ownership, and its lock for the rest of the run (strataprune/runtime/outputs.py);
+2. the output folder: location, apart from every input, ownership, and its lock for the rest of the run
+   (strataprune/runtime/outputs.py);
 3. text files named as sources: present, a file, text in their encoding (strataprune/data/textfile.py);
 4. the model's files: config.json, weights present and complete, GGUF magic (strataprune/models/files.py),
    and the run's limits against its config when it is on disk: seqlen within the context, the
@@ -25,6 +26,7 @@ from typing import Any
 
 from strataprune.contract.errors import ConfigError
 from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
+from strataprune.engine.inputs import recipe_inputs
 from strataprune.engine.limits import check_recipe_limits
 from strataprune.engine.recipe import Recipe
 from strataprune.models.files import inspect_model, model_kind
@@ -43,7 +45,7 @@ def check_text_sources(recipe: Recipe, text_model: bool = True) -> None:
     for key, section in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
         if not text_model and is_image_source(
             section.source
-        ):  # checked by the image model's task (strataprune/engine/image_run.py)
+        ):  # checked by the image model's task (strataprune/engine/tasks/images.py)
             continue
         if looks_like_path(section.source):
             TextFile(Path(section.source).expanduser(), section.encoding)
@@ -85,10 +87,12 @@ def preflight(
     *,
     command: str = "run",
     allocators: Sequence[tuple[str, dict[str, Any]]] = (),
+    inputs: dict[str, str | None] | None = None,
 ) -> dict[str, Any] | None:
-    """Steps 2-5 above; returns the model's config when it was on disk (None: checked after loading)."""
+    """Steps 2-5 above; returns the model's config when it was on disk (None: checked after loading).
+    ``inputs``: files the command reads besides the recipe's sources (the recipe file)."""
     if output is not None:
-        check_output_dir(Path(output), overwrite, command=command)
+        check_output_dir(Path(output), overwrite, command=command, inputs={**recipe_inputs(recipe), **(inputs or {})})
     config = inspect_model(recipe.model.source)
     text_model = language_model(recipe.model.source, config)
     check_text_sources(recipe, text_model)

@@ -25,6 +25,7 @@ target, realised sparsity, ranks, perplexities, loss) and the output folder ``re
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ from strataprune.contract.recovery import Recovery, RecoveryContext, RecoveryRes
 from strataprune.contract.sparsity import Target, nm_violations
 from strataprune.data.text_windows import TokenWindows
 from strataprune.data.training_text import TrainingText
+from strataprune.engine.pruning import PruneRecord
 from strataprune.engine.recipe import Recipe
+from strataprune.engine.recovery_report import plot_losses
+from strataprune.engine.session import PruningSession
 from strataprune.evaluate.perplexity import perplexity
 from strataprune.runtime.memory import return_freed_blocks_to_the_os
 
@@ -129,9 +133,9 @@ class Recovered:
 
 
 class RecoveryHost:
-    """Builds the RecoveryContext from a prepared Pipeline and checks the model the recovery leaves."""
+    """Builds the RecoveryContext from a prepared session and checks the model the recovery leaves."""
 
-    def __init__(self, pipeline: Any, recovery: Recovery, eval_data: Dataset, evaluation: TokenWindows) -> None:
+    def __init__(self, pipeline: PruningSession, recovery: Recovery, eval_data: Dataset, evaluation: TokenWindows) -> None:
         self.pipeline = pipeline
         self.recovery = recovery
         self.eval_data = eval_data
@@ -152,20 +156,15 @@ class RecoveryHost:
         name = allocator or recipe.allocator.name
         params = dict(recipe.allocator.params) if name == recipe.allocator.name else {}
         instance = p.registry.create("allocator", name, params)
-        saved = (p.target, p.dense_weights, p._dense_fingerprint)
         # the allocator sees this round's target and the model as it is now: its weights (AlphaPruning),
         # their fingerprint (its spectrum cache) and, for searching allocators (ATP), trials that restore
         # these weights rather than the dense ones (a snapshot; otherwise a copy-on-read view)
-        p.target = Target(ratio)
         current = _CurrentWeights(self.loaded.adapter, self.calibrator.modules)
-        p.dense_weights = {n: current[n] for n in current} if instance.searches else current
-        p._dense_fingerprint = None
-        try:
+        weights = {n: current[n] for n in current} if instance.searches else current
+        with p.allocating_on(Target(ratio), weights):
             if instance.needs:
                 p.dense_pass([instance])
             return p.run_allocator(instance, self._calib_data)
-        finally:
-            p.target, p.dense_weights, p._dense_fingerprint = saved
 
     def prune(
         self, allocation: Allocation, observe: Callable[[int, torch.Tensor], None] | None = None, samples: int = 0
@@ -177,27 +176,22 @@ class RecoveryHost:
             allocation, layout, allocation.target if isinstance(allocation, Allocation) else p.target.ratio, self.recovery.name
         )
         allocation.validate(layout)
-        from strataprune.engine.pipeline import _Record  # the pipeline's own bookkeeping of one pruning pass
-
-        record = _Record()
+        record = PruneRecord()
         inner = p.pruner
-        p.pruner = KeepZeros(inner)
         needs = set(inner.needs) | ({"block_inputs"} if observe is not None else set())
 
         def prune_block(stats: BlockStats) -> None:
             for info in stats.matrices:
-                p._prune_matrix(info, stats, allocation, record)
+                p.prune_matrix(info, stats, allocation, record)
             if observe is not None and stats.inputs is not None:
                 observe(stats.block, self._forward_block(stats.block, stats.inputs[: max(1, samples)]))
 
-        try:
-            desc = f"{self.recovery.name}: prune ({inner.name})"
+        desc = f"{self.recovery.name}: prune ({inner.name})"
+        with p.pruning_with(KeepZeros(inner)):
             if p.recipe.calibration.propagate == "dense":
                 self.calibrator.run(needs, visit=prune_block, desc=desc + ", dense inputs")
             else:
                 self.calibrator.run(needs, prune=prune_block, desc=desc)
-        finally:
-            p.pruner = inner
         self.prune_notes.extend(record.notes)
         return dict(record.realised)
 
@@ -241,7 +235,7 @@ class RecoveryHost:
         shapes = {name: tuple(t.shape) for name, t in model.named_parameters()}
         zeros_before = None
         if self.recovery.starts_from == "dense":
-            p._restore_dense()
+            p.restore_dense()
         else:
             zeros_before = {name: _packed_zeros(self.loaded.adapter.get_weight(m)) for name, m in modules.items()}
         ctx = RecoveryContext(
@@ -275,8 +269,10 @@ class RecoveryHost:
             else Allocation.coerce(result.allocation, layout, p.target.ratio, self.recovery.name)
         )
         final.validate(layout)
+        self.check_converged(result.history)
         realised = self.verify(final, shapes, zeros_before)
         after = perplexity(model, self.evaluation.ids, "recovered perplexity", p.show)
+        self.check_converged(result.history, after["ppl"])
         p.log(f"{self.recovery.name}: perplexity {before['ppl']:.3f} before recovery, {after['ppl']:.3f} after")
         report = {
             "name": self.recovery.name,
@@ -299,6 +295,32 @@ class RecoveryHost:
         for note in ctx.notes + result.notes:
             p.log(f"{self.recovery.name}: {note}")
         return Recovered(final, realised, after, report, result.history)
+
+    def check_converged(self, history: list[dict[str, Any]], ppl: float | None = None) -> None:
+        """A recovery that diverged (a non-finite training loss, parameter or perplexity) is an error naming the
+        setting to change; it is raised before anything is saved."""
+        model = self.loaded.model
+        what = None
+        loss = next((h for h in history if not math.isfinite(float(h.get("loss", 0.0)))), None)
+        if loss is not None:
+            what = f"the training loss is {loss['loss']} at step {loss.get('step', '?')}"
+        if what is None:
+            for name, param in model.named_parameters():
+                if not bool(torch.isfinite(param).all()):
+                    what = f"{name} holds non-finite values"
+                    break
+        if what is None and ppl is not None and not math.isfinite(ppl):
+            largest = max(float(param.detach().abs().max()) for param in model.parameters())
+            what = f"the perplexity after recovery is {ppl} (largest weight {largest:.3g})"
+        if what is None:
+            return
+        params = self.recovery.params()
+        fix = (
+            f"lower recovery.lr (now {params['lr']:g})"
+            if "lr" in params
+            else f"change the settings of recovery '{self.recovery.name}' (recovery.*)"
+        )
+        raise ConfigError(f"recovery '{self.recovery.name}' diverged: {what}; nothing is saved: {fix}")
 
     def verify(
         self, allocation: Allocation, shapes: dict[str, tuple[int, ...]], zeros_before: dict[str, np.ndarray] | None
@@ -360,85 +382,6 @@ class _CurrentWeights(Mapping[str, torch.Tensor]):
         return len(self.modules)
 
 
-def rounds_table(section: dict[str, Any]) -> str:
-    """The console table of a recovery's rounds (the report's ``recovery`` section)."""
-    from strataprune.runtime.reports import table
-
-    def cell(value: Any) -> Any:
-        return "-" if value is None else value
-
-    rows = [
-        [
-            r.get("round"),
-            cell(r.get("target")),
-            cell(r.get("realised")),
-            cell(r.get("mean_rank", r.get("rank"))),
-            r.get("steps"),
-            cell(r.get("loss_first")),
-            cell(r.get("loss_last")),
-            cell(r.get("perplexity_pruned")),
-            cell(r.get("perplexity_trained")),
-        ]
-        for r in section.get("rounds", [])
-    ]
-    headers = [
-        f"{section['name']} round",
-        "target",
-        "realised",
-        "mean rank",
-        "steps",
-        "loss first",
-        "loss last",
-        "ppl pruned",
-        "ppl trained",
-    ]
-    return table(rows, headers) + "\n(loss curve: recovery_loss.png; per-round perplexity on the first evaluation windows)"
-
-
 def _packed_zeros(weight: torch.Tensor) -> np.ndarray:
     """Where a weight is exactly zero, one bit per weight."""
     return np.packbits((weight == 0).cpu().numpy().ravel())
-
-
-def plot_losses(
-    history: list[dict[str, Any]], path: Path, title: str = "", rounds_info: list[dict[str, Any]] | None = None
-) -> None:
-    """Training loss per optimizer step over all rounds, round boundaries marked, and (when measured)
-    the held-out perplexity of every round after pruning and after fine-tuning (matplotlib Agg, lazy)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    losses = [h["loss"] for h in history]
-    rounds = [h.get("round", 0) for h in history]
-    measured = [r for r in rounds_info or [] if r.get("perplexity_trained") is not None]
-    if measured:
-        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, gridspec_kw={"width_ratios": [2, 1]})
-        xs = [r["round"] for r in measured]
-        right.plot(xs, [r["perplexity_pruned"] for r in measured], marker="v", label="after pruning")
-        right.plot(xs, [r["perplexity_trained"] for r in measured], marker="o", label="after fine-tuning")
-        right.set_yscale("log")
-        right.set_xlabel("round")
-        right.set_ylabel("held-out perplexity")
-        right.set_xticks(xs)
-        right.grid(alpha=0.3)
-        right.legend(fontsize=8)
-    else:
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot(range(1, len(losses) + 1), losses, linewidth=0.9, alpha=0.5, label="loss per step")
-    window = max(1, len(losses) // 25)
-    if window > 1:
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(range(window, len(losses) + 1), smooth, linewidth=1.6, label=f"running mean ({window} steps)")
-    for k in range(1, len(rounds)):
-        if rounds[k] != rounds[k - 1]:
-            ax.axvline(k + 0.5, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("optimizer step (dashed: a new round prunes further)")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(title or "recovery training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -109,16 +109,16 @@ def save_run_folder(
     A quantizing pruner's cell is saved with its weights as fp32 values (the run's INT4 grids, which
     ``strataprune run`` saves for an INT4 deployment, stay inside the pipeline), so it is timed as fp32.
     """
-    from strataprune.runtime.reports import environment, write_json
+    from strataprune.runtime.reports import environment
+    from strataprune.runtime.run_folder import RunFolder
 
     folder.mkdir(parents=True, exist_ok=True)
-    (offload or loaded.model).save_pretrained(folder)  # an offloaded model writes its blocks from disk
-    loaded.tokenizer.save_pretrained(folder)
-    allocation.save(folder / "allocation.json", layout)
-    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    run = RunFolder(folder)
+    run.save_model(loaded, offload)  # an offloaded model writes its blocks from disk
+    run.save_allocation(allocation, layout)
+    run.save_recipe(recipe)
     model_parameters = sum(p.numel() for p in loaded.model.parameters())
-    write_json(
-        folder / "report.json",
+    run.save_report(
         {
             "recipe": recipe.to_dict(),
             "sparsity": {

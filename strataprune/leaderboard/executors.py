@@ -8,12 +8,17 @@ All three expose the same two calls to the driver: ``submit(fn, task)`` and ``ne
 next finished task, in completion order). Scheduling is theirs (``ProcessPoolExecutor``, Ray);
 the driver only keeps at most ``jobs`` tasks in flight. Each worker gets ``threads`` torch threads
 (by default its share of the machine: cores // jobs). Worker processes are started with "spawn"
-(a forked copy of a process that already ran torch's thread pools can deadlock).
+(a forked copy of a process that already ran torch's thread pools can deadlock). Workers die with the
+driver: on Linux each asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), even a
+``kill -9``'d one; an interrupted driver (Ctrl-C, SIGTERM, strataprune/runtime/signals.py) terminates them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -53,7 +58,20 @@ class LocalExecutor:
         self._queue.clear()
 
 
-def _init_worker(threads: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so a killed driver leaves no
+    orphans holding a model in memory; exit now if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    die_with_parent(parent)
     import torch
 
     os.environ["STRATAPRUNE_PROGRESS"] = "0"  # several workers' bars would garble the terminal
@@ -74,7 +92,10 @@ class ProcessExecutor:
 
         self.jobs, self.threads = jobs, threads
         self.pool = ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, os.getpid()),
         )
         self._futures: dict[Future, Any] = {}
         # the pool starts workers on demand, one per submit that finds none idle: ask for all of them at once,

@@ -45,7 +45,7 @@ class LeaderboardResult:
 LEADERBOARD_FILES = (RESULTS_NAME, "leaderboard.md", "leaderboard.csv", "leaderboard.json", "plots")
 
 
-def open_leaderboard_dir(out: Path) -> None:
+def open_leaderboard_dir(out: Path, inputs: dict[str, str | Path | None] | None = None) -> None:
     """Make ``out`` this process's leaderboard folder: refuse a folder strataprune may not write, lock it.
 
     A leaderboard folder grows (results are appended, tables re-rendered), so it is not committed
@@ -53,16 +53,18 @@ def open_leaderboard_dir(out: Path) -> None:
     instead: an empty or new folder, or one holding the marker of an earlier leaderboard (or, from
     before markers, a leaderboard ``results.jsonl`` and nothing else), is accepted and locked until
     ``release_output_lock``; a second grid on the same folder, a folder of another strataprune command,
-    or one with files strataprune did not write, is refused.
+    or one with files strataprune did not write, is refused, and so is a folder that is, contains or lies
+    inside one of ``inputs`` (the grid, merged results files).
     """
     import json
 
-    from strataprune.runtime.outputs import MARKER, check_output_dir, output_owner
+    from strataprune.runtime.outputs import MARKER, check_apart, check_output_dir, output_owner
 
     from .board import write_atomic
     from .provenance import now
     from .results import FORMAT_NAME
 
+    check_apart(out, inputs or {})
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     owner = output_owner(out) if entries else None
     if entries and owner is None:
@@ -82,6 +84,13 @@ def open_leaderboard_dir(out: Path) -> None:
         raise ConfigError(
             f"output '{out}' holds a strataprune {owner.get('command', 'run')} output, not a leaderboard; choose another --output"
         )
+    elif owner is not None:
+        unknown = [name for name in entries if name not in (*LEADERBOARD_FILES, MARKER)]
+        if unknown:
+            raise ConfigError(
+                f"output '{out}' holds files a leaderboard did not write ({', '.join(unknown[:5])}); "
+                "move them away or choose another --output"
+            )
 
     def mark() -> None:
         from strataprune.version import __version__
@@ -99,8 +108,8 @@ def open_leaderboard_dir(out: Path) -> None:
 
     if entries and owner is None:
         mark()  # a leaderboard folder from before markers: adopted (results.jsonl and rendered files only, checked above)
-    # overwrite=True: the folder is this command's own and gets appended to; nothing is replaced or removed
-    check_output_dir(out, True, command="leaderboard")
+    # appending: the folder is this command's own (checked above) and gets appended to; nothing is replaced or removed
+    check_output_dir(out, True, command="leaderboard", inputs=inputs, appending=True)
     out.mkdir(parents=True, exist_ok=True)
     if not entries:
         mark()
@@ -146,7 +155,9 @@ def run_leaderboard(
         raise ConfigError(f"--threads {threads} must be at least 1")
     validate_cells(grid)  # every plugin, parameter, text and model of every cell, before any work
     out = Path(output or grid.default_output_dir())
-    open_leaderboard_dir(out)
+    inputs: dict[str, str | Path | None] = {"the grid": grid.path}
+    inputs.update({f"the merged results '{path}'": path for path in merge})
+    open_leaderboard_dir(out, inputs)
     result = LeaderboardResult(out)
     header = header_record(grid.name, grid.protocol(), grid.protocol_sha256())
     try:

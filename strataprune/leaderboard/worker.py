@@ -78,7 +78,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _recipe(data: dict[str, Any], threads: int, where: str) -> Any:
-    """The recipe with this worker's share of the cores as its ``threads`` (Pipeline.prepare applies it)."""
+    """The recipe with this worker's share of the cores as its ``threads`` (PruningSession.prepare applies it)."""
     from strataprune.engine.recipe import recipe_from_dict
 
     return recipe_from_dict({**data, "threads": threads or data.get("threads")}, where=where)
@@ -99,15 +99,11 @@ def _loaded(recipe: Any) -> tuple[Any, float]:
     return _CACHE["loaded"], 0.0
 
 
-def _bos(recipe: Any, loaded: Any) -> bool:
-    mode = recipe.evaluation.bos
-    return loaded.adapter.bos_per_window(loaded.model) if mode == "auto" else mode == "always"
-
-
 def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, Any]:
     from strataprune.data.text_windows import evaluation_windows, open_dataset
+    from strataprune.engine.bos import bos_per_window
 
-    bos = _bos(recipe, loaded)
+    bos = bos_per_window(recipe.evaluation.bos, loaded)
     ev = recipe.evaluation
     return {
         t.label: evaluation_windows(
@@ -146,7 +142,7 @@ def _check(expected: dict[str, Any], name: str, actual: str, what: str) -> None:
 def prepare_model(task: ModelTask) -> dict[str, Any]:
     """Dense evaluation and the shared statistics pass of one model (see module docstring)."""
     from strataprune.contract.registry import get_registry
-    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.session import PruningSession
     from strataprune.evaluate.perplexity import perplexity
     from strataprune.runtime.reports import environment
 
@@ -160,7 +156,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
         recipe = _recipe(task.recipe, task.threads, f"model {task.model.label}")
         loaded, load_s = _loaded(recipe)
         registry = get_registry()
-        pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
+        pipeline = PruningSession(recipe, registry=registry, show_progress=task.show, log=notes.append)
         pipeline.prepare(loaded)
         windows = {"calibration": {"sha256": pipeline.calib_description["sha256"], "description": pipeline.calib_description}}
         evaluation = _eval_windows(recipe, loaded, task.texts)
@@ -214,7 +210,7 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
 def run_cell(task: CellTask) -> dict[str, Any]:
     """Allocate, prune, measure, evaluate and restore one cell; returns its record (ok or failed)."""
     from strataprune.contract.registry import get_registry
-    from strataprune.engine.pipeline import Pipeline
+    from strataprune.engine.session import PruningSession
     from strataprune.evaluate.perplexity import perplexity
     from strataprune.runtime.memory import peak_rss_since_reset_mb, reset_peak_rss
     from strataprune.runtime.reports import environment
@@ -243,7 +239,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         loaded, load_s = _loaded(recipe)
         exact_peak = reset_peak_rss()
         registry = get_registry()
-        pipeline = Pipeline(recipe, registry=registry, show_progress=task.show, log=notes.append)
+        pipeline = PruningSession(recipe, registry=registry, show_progress=task.show, log=notes.append)
         calib_data = pipeline.prepare(loaded)
         if load_s:  # loaded in this process for this cell: the same weights as the model record?
             _check(task.expected, "fingerprint", pipeline.model_fingerprint(), "model weights")

@@ -17,6 +17,11 @@ when the block is needed and drops them afterwards:
 Reads and writes stream tensor by tensor (strataprune/models/tensorfile.py): no memory map whose touched pages
 would accumulate in the resident set, and no serialised copy of a block on the way to disk.
 
+The checkpoint is read again throughout the run, by path: ``verify_unchanged`` compares each of its
+files' identity (device, inode, size, mtime) with what it was when the model was opened, before every
+block read and around the save, so a checkpoint that another process replaced meanwhile (another run
+writing its output there) stops the run with an error instead of mixing two models' weights.
+
 Limits: safetensors checkpoints only; checkpoint keys must equal the model's state-dict keys
 (true for checkpoints written by transformers' ``save_pretrained``).
 """
@@ -83,6 +88,7 @@ class BlockOffloader:
         self.device = device
         self.dtype = dtype
         self.base = checkpoint_files(folder)
+        self._identity = self._fingerprint()
         self.overlay: dict[str, Path] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="strataprune-offload-"))
         self.loaded: set[int] = set()
@@ -107,10 +113,37 @@ class BlockOffloader:
     def files(self) -> dict[str, Path]:
         return {**self.base, **self.overlay}
 
+    # ---------------------------------------------------------------- the checkpoint must not change under us
+    def _checkpoint_paths(self) -> list[Path]:
+        extra = [self.folder / name for name in ("model.safetensors.index.json", "config.json") if (self.folder / name).exists()]
+        return sorted(set(self.base.values())) + extra
+
+    def _fingerprint(self) -> dict[str, tuple[int, int, int, int] | None]:
+        identity: dict[str, tuple[int, int, int, int] | None] = {}
+        for path in self._checkpoint_paths():
+            try:
+                st = path.stat()
+                identity[str(path)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                identity[str(path)] = None
+        return identity
+
+    def verify_unchanged(self) -> None:
+        """Raise DataError if a file of the checkpoint was replaced, rewritten or removed since the model was opened."""
+        now = self._fingerprint()
+        changed = [Path(p).name for p, before in self._identity.items() if now.get(p) != before]
+        if changed:
+            raise DataError(
+                f"the model '{self.folder}' changed on disk during this run ({', '.join(changed[:3])} replaced or rewritten, "
+                "e.g. by another run writing its output there); this run read parts of it and nothing is saved: "
+                "run again on a model folder that nothing rewrites meanwhile"
+            )
+
     # ---------------------------------------------------------------- one block
     def load(self, index: int) -> None:
         if index in self.loaded:
             return
+        self.verify_unchanged()
         for key, tensor in read_tensors(self.files(), self._keys[index]).items():
             _set_tensor(self.model, key, tensor.to(device=self.device, dtype=self._shapes[key][1]))
         self.loaded.add(index)
@@ -168,12 +201,14 @@ class BlockOffloader:
     # ---------------------------------------------------------------- reads without loading
     def dense_tensor(self, key: str) -> torch.Tensor:
         """A tensor of the original checkpoint, in the model's dtype."""
+        self.verify_unchanged()
         return read_tensors(self.base, [key])[key].to(self._shapes[key][1])
 
     # ---------------------------------------------------------------- save
     def save_pretrained(self, out: Path) -> None:
         """One shard per block plus one for everything else, with a standard index."""
         out = Path(out)
+        self.verify_unchanged()
         for index in list(self.loaded):
             self.release(index)
         shards = self.num_blocks + 1
@@ -193,6 +228,7 @@ class BlockOffloader:
         save_tensors(rest, out / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in rest.values())
         weight_map.update({k: name for k in rest})
+        self.verify_unchanged()  # the blocks above were read from it while it was being written
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )

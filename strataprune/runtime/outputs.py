@@ -10,10 +10,16 @@ The rules, in the order they are applied:
 - Location: the destination must not be a file, lie under a file or be a filesystem root, and the
   folder that will hold it must accept new files (``/proc/x``, a read-only folder). Checked before
   any work, as one error.
-- Ownership: strataprune replaces only a folder it wrote itself (it holds ``.strataprune-output.json``
-  naming the command, version and the files written; outputs of earlier versions are recognised by
-  their ``report.json``/``summary.json``) or an empty one. Any other folder is refused, even with
-  ``overwrite``, and so is an output folder to which files were added by hand (they are named).
+- Apart from the inputs: the destination may not be, contain or lie inside any input of the command
+  (the model, run folders, text and image sources, grids, merged results), compared on resolved
+  paths (symbolic links followed); checked before the work and again at the commit.
+- Ownership: strataprune replaces only an empty folder or a folder it wrote itself, and in it only
+  what it wrote: the marker ``.strataprune-output.json`` holds a manifest of every file (recursively)
+  with its size and SHA-256, written at the commit. ``overwrite`` refuses, naming them, any file or
+  folder the manifest does not list and any listed file whose content changed since. A folder
+  without a manifest (no marker, a marker of an earlier version that listed only names, a copied
+  ``report.json``) is never replaced. Hashes are cached per process by (device, inode, size,
+  mtime, ctime), so the checks before the work and at the commit read each file once.
 - One writer per destination: ``check_output_dir`` takes an exclusive ``flock`` on
   ``.NAME.strataprune-lock`` beside the destination and holds it until the commit (or
   ``release_output_locks()``, or the process ends: the kernel drops the lock of a killed process), so
@@ -28,7 +34,8 @@ The rules, in the order they are applied:
   aside-moved old output). The next run for the same destination, holding the lock, removes the
   temporaries whose process is gone, puts back an old output whose destination is missing, and says
   so on stderr. Folders of unknown origin are reported, never removed.
-- Permissions: folders are created with ``0o777`` minus the umask, like ``mkdir``.
+- Permissions: folders get ``0o777`` and files ``0o666`` minus the umask, like ``mkdir`` and ``open``
+  (writers such as safetensors create files ``0o600`` through temporary files; the commit evens this out).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -45,7 +53,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +65,8 @@ MARKER = ".strataprune-output.json"
 _TMP, _OLD, _LOCK = "strataprune-tmp", "strataprune-old", "strataprune-lock"
 _LEFTOVER = re.compile(rf"^({_TMP}|{_OLD})-(\d+)-[0-9a-f]{{8}}$")
 _LEGACY_LEFTOVER = re.compile(r"^(tmp|old)-[A-Za-z0-9_]{8}$")  # mkdtemp names of strataprune <= 0.1.0
-#: files a run of an earlier version wrote at the top of its output (besides the model's own files)
-_LEGACY_REPORTS = ("report.json", "summary.json")
+#: the marker's format: 2 = ``files`` maps every file's relative path to its size and SHA-256
+MANIFEST_VERSION = 2
 
 #: the command recorded in markers and lock files when the caller does not name one (set by the CLI)
 current_command: contextvars.ContextVar[str] = contextvars.ContextVar("strataprune_command", default="python")
@@ -73,6 +81,7 @@ class _Lock:
     file: Path
     fd: int
     created: list[Path] = field(default_factory=list)  # parent folders made for the lock, removed if left empty
+    inputs: dict[str, Path] = field(default_factory=dict)  # what the command reads: checked again at the commit
 
 
 _held: dict[Path, _Lock] = {}
@@ -86,44 +95,100 @@ def check_output_dir(
     lock: bool = True,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    appending: bool = False,
 ) -> None:
     """Refuse an output folder strataprune may not write, before any work; then lock it for this run.
 
     Raises OutputError for: a file or a path under a file, a folder that cannot take new files, a
-    non-empty folder without ``overwrite``, a folder strataprune did not write (or with files it did
-    not write) even with ``overwrite``, a destination another run is writing. With ``lock`` (default)
-    the destination stays locked for this process until ``atomic_output_dir`` commits, or
-    ``release_output_locks()``; stale temporaries of killed runs are cleaned or reported.
+    destination that is, contains or lies inside one of ``inputs`` (``{"--model": path, ...}``; names
+    that are not paths on disk, such as a dataset or hub name, are skipped), a non-empty folder
+    without ``overwrite``, a folder without a strataprune manifest or with files or folders it does
+    not list or whose content changed, even with ``overwrite``, a destination another run is
+    writing. With ``lock`` (default) the destination stays locked for this process until
+    ``atomic_output_dir`` commits, or ``release_output_locks()``; stale temporaries of killed runs
+    are cleaned or reported. The inputs are remembered with the lock and checked again at the commit.
+    ``appending``: the caller adds to a folder of its own kind and replaces nothing (the leaderboard);
+    it has checked ownership itself, so only location, inputs and the lock are checked here.
     """
     dest = _absolute(path)
     _check_location(dest)
-    _check_replaceable(dest, overwrite)
+    known = dict(_held[dest].inputs) if dest in _held else {}
+    known.update(_input_paths(inputs))
+    check_apart(dest, known)
+    if not appending:
+        _check_replaceable(dest, overwrite)
     if lock:
         newly = dest not in _held
         _acquire(dest, command)
+        _held[dest].inputs.update(known)
         try:
             _clean_leftovers(dest, log or _say)
-            _check_replaceable(dest, overwrite)  # a restored old output may now be there
+            if not appending:
+                _check_replaceable(dest, overwrite)  # a restored old output may now be there
         except BaseException:
             if newly:
                 release_output_lock(dest)
             raise
 
 
+def check_apart(output: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (on resolved paths).
+
+    ``inputs`` maps a label for messages (``--model``, ``the run``) to a path; values that name
+    nothing on disk (a dataset or hub name, None) are skipped.
+    """
+    dest = Path(os.path.realpath(_absolute(output)))
+    for label, source in _input_paths(inputs).items():
+        real = Path(os.path.realpath(source))
+        if real == dest:
+            how = "is"
+        elif dest.is_relative_to(real):
+            how = "lies inside"
+        elif real.is_relative_to(dest):
+            how = "contains"
+        else:
+            continue
+        shown = f"'{source}'" + (f" (resolved: '{real}')" if Path(source) != real else "")
+        raise OutputError(
+            f"output '{output}' {how} {label} {shown}, which this command reads; an output may never overlap its inputs: "
+            "choose another --output"
+        )
+
+
+def _input_paths(inputs: Mapping[str, str | Path | None] | None) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for label, source in (inputs or {}).items():
+        if source is None or str(source) == "":
+            continue
+        candidate = _absolute(source)
+        if os.path.lexists(candidate):
+            found[label] = candidate
+    return found
+
+
 @contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool, *, command: str | None = None) -> Iterator[Path]:
+def atomic_output_dir(
+    path: str | Path,
+    overwrite: bool,
+    *,
+    command: str | None = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
+) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; when the block succeeds it replaces ``path``.
 
-    A failure inside the block removes the temporary folder and leaves ``path`` as it was. The
-    commit re-checks the lock and the destination and swaps atomically (see the module docstring).
-    The lock taken by ``check_output_dir`` (or here) is released afterwards.
+    A failure inside the block (an interrupt or SIGTERM too) removes the temporary folder and leaves
+    ``path`` as it was. The commit writes the manifest, re-checks the lock, the inputs (``inputs``
+    and those given to ``check_output_dir``) and the destination, and swaps atomically (see the
+    module docstring). The lock taken by ``check_output_dir`` (or here) is released afterwards.
     """
     dest = _absolute(path)
-    check_output_dir(dest, overwrite, command=command)
+    check_output_dir(dest, overwrite, command=command, inputs=inputs)
     try:
         tmp = _new_temporary(dest, command)
         try:
             yield tmp
+            _finish_marker(tmp, dest)  # hashing a large model takes a while: an interrupt here removes tmp too
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -158,14 +223,9 @@ def release_output_locks() -> None:
 
 def output_owner(path: str | Path) -> dict[str, Any] | None:
     """What strataprune recorded about an output folder it wrote (its marker), or None if it did not."""
-    dest = _absolute(path)
-    marker = _read_json(dest / MARKER)
+    marker = _read_json(_absolute(path) / MARKER)
     if marker is not None and marker.get("tool") == "strataprune":
         return marker
-    for name in _LEGACY_REPORTS:
-        report = _read_json(dest / name)
-        if report is not None and isinstance(report.get("environment"), dict) and "strataprune" in report["environment"]:
-            return {"tool": "strataprune", "version": report["environment"]["strataprune"], "legacy_report": name}
     return None
 
 
@@ -214,35 +274,89 @@ def _check_replaceable(dest: Path, overwrite: bool) -> None:
     owner = output_owner(dest)
     if owner is None:
         raise OutputError(
-            f"output '{dest}' is not empty and was not written by strataprune (no {MARKER} or strataprune report); "
+            f"output '{dest}' is not empty and was not written by strataprune (no {MARKER}); "
             "it is left untouched: choose another --output (--overwrite replaces only strataprune's own outputs)"
+        )
+    if owner.get("state") == "appending":
+        raise OutputError(
+            f"output '{dest}' holds a strataprune {owner.get('command', 'leaderboard')}, which is appended to, never replaced; "
+            "choose another --output"
         )
     if not overwrite:
         what = f"strataprune {owner.get('command', 'output')}" if "command" in owner else "a strataprune output"
         raise OutputError(f"output '{dest}' already holds {what}; pass --overwrite to replace it or choose another --output")
-    foreign = _foreign_entries(dest, entries, owner)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    if not isinstance(owner.get("files"), dict):
         raise OutputError(
-            f"--overwrite refused: output '{dest}' holds files strataprune did not write ({shown}); "
-            "move them away or choose another --output"
+            f"--overwrite refused: output '{dest}' was written by an earlier strataprune ({owner.get('version', '?')}) "
+            "whose marker lists no file sizes and hashes, so files added or edited by hand cannot be told apart; "
+            "it is left untouched: delete it yourself or choose another --output"
+        )
+    foreign = foreign_files(dest, owner)
+    if foreign:
+
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        added = [name for name in foreign if not name.endswith(_CHANGED)]
+        changed = [name[: -len(_CHANGED)] for name in foreign if name.endswith(_CHANGED)]
+        parts = [f"files strataprune did not write ({shown(added)})"] if added else []
+        parts += [f"files changed since strataprune wrote them ({shown(changed)})"] if changed else []
+        raise OutputError(
+            f"--overwrite refused: output '{dest}' holds {' and '.join(parts)}; move them away or choose another --output"
         )
 
 
-def _foreign_entries(dest: Path, entries: list[str], owner: dict[str, Any]) -> list[str]:
-    """Top-level entries of an output folder that its writer did not record (added by hand later)."""
-    if isinstance(owner.get("files"), list):
-        known = set(owner["files"]) | {MARKER}
-        return [name for name in entries if name not in known]
-    # an earlier version's output: model files at the top, allocate's <allocator>/allocation.json below
-    foreign = []
-    for name in entries:
-        entry = dest / name
-        if entry.is_symlink() or (entry.is_dir() and _entries(entry) != ["allocation.json"]):
-            foreign.append(name)
-        elif not entry.is_dir() and not entry.is_file():
-            foreign.append(name)
-    return foreign
+def foreign_files(dest: Path, owner: dict[str, Any]) -> list[str]:
+    """What ``--overwrite`` would lose in ``dest``: every file or folder (recursively) that the manifest
+    in ``owner`` does not list, and every listed file whose size or SHA-256 changed ("NAME (changed)")."""
+    files: dict[str, Any] = owner.get("files") or {}
+    folders = set(owner.get("folders") or [])
+    found: list[str] = []
+
+    def visit(folder: Path, prefix: str) -> None:
+        try:
+            children = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise OutputError(f"output '{dest}': cannot read '{folder}' ({exc.strerror})") from None
+        for child in children:
+            rel = prefix + child.name
+            if prefix == "" and child.name == MARKER:
+                continue
+            if child.is_dir(follow_symlinks=False):
+                if rel in folders:
+                    visit(Path(child.path), rel + "/")
+                else:
+                    found.append(rel + "/")
+            elif child.is_file(follow_symlinks=False) and isinstance(files.get(rel), dict):
+                entry = files[rel]
+                stat = child.stat(follow_symlinks=False)
+                if stat.st_size != entry.get("size") or _sha256(Path(child.path), stat) != entry.get("sha256"):
+                    found.append(rel + _CHANGED)
+            else:  # not listed, or a link / device / pipe, which strataprune never writes
+                found.append(rel)
+
+    visit(dest, "")
+    return found
+
+
+_CHANGED = " (changed)"
+_hash_cache: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def _sha256(path: Path, stat: os.stat_result | None = None) -> str:
+    """SHA-256 of a file, cached for this process by (device, inode, size, mtime, ctime): ctime cannot be
+    set back by hand, so a cached hash is never stale."""
+    stat = stat or path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    cached = _hash_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    _hash_cache[key] = digest.hexdigest()
+    return _hash_cache[key]
 
 
 # --------------------------------------------------------------------------- lock
@@ -295,8 +409,8 @@ def _acquire(dest: Path, command: str | None) -> None:
                 f"since {holder.get('started', '?')}"
             )
             raise OutputError(
-                f"output '{dest}' is being written by another strataprune run ({who}); wait for it to finish or choose another "
-                "--output"
+                f"output '{dest}' is being written by another strataprune run ({who}); "
+                "wait for it to finish or choose another --output"
             ) from None
         if _same_file(fd, lock_file):  # not a lock file that its previous holder unlinked meanwhile
             break
@@ -376,15 +490,15 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
                 continue
             if output_owner(entry) is None:
                 log(
-                    f"'{entry}' has a strataprune temporary's name but no strataprune marker; left alone, delete it if you do "
-                    "not need it"
+                    f"'{entry}' has a strataprune temporary's name but no strataprune marker; "
+                    "left alone, delete it if you do not need it"
                 )
                 continue
             if kind == _OLD and not dest.exists():
                 os.rename(entry, dest)
                 log(
-                    f"restored the previous output '{dest}' from '{entry.name}', where an interrupted commit (pid {pid}) had "
-                    "moved it"
+                    f"restored the previous output '{dest}' from '{entry.name}', "
+                    f"where an interrupted commit (pid {pid}) had moved it"
                 )
                 continue
             shutil.rmtree(entry, ignore_errors=True)
@@ -392,8 +506,8 @@ def _clean_leftovers(dest: Path, log: Callable[[str], None]) -> None:
         elif _LEGACY_LEFTOVER.match(rest) and entry.is_dir():
             note = " (it may hold the previous output)" if rest.startswith("old") else ""
             log(
-                f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; not removed, delete it if you do "
-                "not need it"
+                f"found '{entry}', left by an interrupted run of an earlier strataprune{note}; "
+                "not removed, delete it if you do not need it"
             )
 
 
@@ -426,19 +540,61 @@ def _keep(tmp: Path, dest: Path) -> Path:
     return kept
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux reports it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _manifest(tmp: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every file under ``tmp`` (its marker aside) with size and SHA-256, and every folder; modes evened
+    out to the umask on the way (``0o666``/``0o777`` minus it; executables keep their execute bits)."""
+    mask = umask()
+    files: dict[str, dict[str, Any]] = {}
+    folders: list[str] = []
+    for root, dirs, names in os.walk(tmp):
+        base = Path(root)
+        rel_root = base.relative_to(tmp).as_posix()
+        for name in sorted(dirs):
+            os.chmod(base / name, 0o777 & ~mask)
+            folders.append(name if rel_root == "." else f"{rel_root}/{name}")
+        for name in sorted(names):
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if rel == MARKER:
+                continue
+            item = base / name
+            stat = item.lstat()
+            if not os.path.isfile(item) or os.path.islink(item):
+                continue  # a link: not listed, so a later --overwrite names it
+            executable = stat.st_mode & 0o100
+            os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+            stat = item.stat()
+            files[rel] = {"size": stat.st_size, "sha256": _sha256(item, stat)}
+    return dict(sorted(files.items())), sorted(folders)
+
+
 def _finish_marker(tmp: Path, dest: Path) -> None:
     marker = _read_json(tmp / MARKER) or {}
+    files, folders = _manifest(tmp)
     marker.update(
-        state="complete", finished=_now(), destination=str(dest), files=sorted(name for name in _entries(tmp) if name != MARKER)
+        state="complete", finished=_now(), destination=str(dest), manifest_version=MANIFEST_VERSION, files=files, folders=folders
     )
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    os.chmod(tmp / MARKER, 0o666 & ~umask())
 
 
 def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
-    _finish_marker(tmp, dest)
     try:
         _verify_lock(dest)
         _check_location(dest)
+        check_apart(dest, _held[dest].inputs)  # a link may have been changed during the run
         _check_replaceable(dest, overwrite)  # the destination may have changed during the run
     except OutputError as exc:
         raise OutputError(f"{exc}; the new output is kept in '{_keep(tmp, dest)}'") from None
@@ -469,8 +625,8 @@ def _commit_by_two_renames(tmp: Path, dest: Path) -> None:
         os.rename(dest, old)
     except OSError as exc:
         raise OutputError(
-            f"could not move the previous output '{dest}' aside ({exc.strerror}); it is unchanged, the new one is kept in "
-            f"'{_keep(tmp, dest)}'"
+            f"could not move the previous output '{dest}' aside ({exc.strerror}); it is unchanged, "
+            f"the new one is kept in '{_keep(tmp, dest)}'"
         ) from None
     try:
         os.rename(tmp, dest)

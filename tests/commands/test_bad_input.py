@@ -303,7 +303,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, workspace, tiny_l
         def tripwire(*args, **kwargs):
             raise AssertionError("a model was loaded before the bad input was found")
 
-        monkeypatch.setattr("strataprune.engine.pipeline.load_model", tripwire)  # first: importing pipeline binds load_model
+        monkeypatch.setattr("strataprune.engine.session.load_model", tripwire)  # first: importing the session binds load_model
         monkeypatch.setattr("strataprune.models.loading.load_model", tripwire)
     holder = prepare(case, workspace, tiny_llama_dir)
     before = snapshot(workspace)

@@ -11,7 +11,8 @@ from strataprune.cli import main
 from strataprune.contract.allocation import Allocation
 from strataprune.contract.errors import ConfigError
 from strataprune.contract.sparsity import NMPattern, Target, nm_violations, parse_sparsity
-from strataprune.engine.pipeline import Pipeline, nm_for_ratio
+from strataprune.engine.nm_rounding import nm_for_ratio
+from strataprune.engine.pipeline import Pipeline
 from strataprune.engine.recipe import apply_overrides, recipe_from_dict
 from strataprune.plugins.allocators.uniform import Uniform
 
@@ -216,22 +217,20 @@ def test_mixed_nm_patterns_from_the_allocator_are_applied_per_block(tiny_llama_d
     assert [round(b["realised"], 4) for b in blocks] == [0.375, 0.5, 0.625]
 
 
-def test_searching_allocator_trials_are_pruned_with_the_rounded_patterns(tiny_llama_dir, text_file, monkeypatch):
+def test_searching_allocator_trials_are_pruned_with_the_rounded_patterns(tiny_llama_dir, text_file):
     """ATP's beta trials under a 4:8 run are scored on N:M-pruned models, exactly as the final run."""
     recipe = tiny_recipe(tiny_llama_dir, text_file, "wanda", "4:8")
     recipe = apply_overrides(
         recipe, {"allocator": "atp", "allocator.max_trials": 2, "allocator.step": 0.2, "evaluation.selection_windows": 2}
     )
-    pipe = Pipeline(recipe, show_progress=False, log=lambda _: None)
     seen = []
-    original = Pipeline._prune_matrix
 
-    def spy(self, info, stats, allocation, record):
-        seen.append(allocation.patterns.get(info.name))
-        return original(self, info, stats, allocation, record)
+    class Spy(Pipeline):
+        def prune_matrix(self, info, stats, allocation, record):
+            seen.append(allocation.patterns.get(info.name))
+            return super().prune_matrix(info, stats, allocation, record)
 
-    monkeypatch.setattr(Pipeline, "_prune_matrix", spy)
-    result = pipe.run(save=False)
+    result = Spy(recipe, show_progress=False, log=lambda _: None).run(save=False)
     trials = result.allocation.meta["trials"]
     assert {t["fidelity"] for t in trials} == {"screen", "full"} and len(trials) >= 3  # both kinds of trial ...
     assert seen and all(p is not None and p.m == 8 for p in seen)  # ... and the final run: all pruned at n:8

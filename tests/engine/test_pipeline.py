@@ -246,8 +246,8 @@ def test_alpha_spectra_cache_follows_the_weights_not_the_file(tiny_llama_dir, te
     assert (first.meta["esd_cache"], again.meta["esd_cache"]) == ("miss", "hit")
     name = pipe.calibrator.layout.names[0]
     pipe.dense_weights[name].mul_(3.0)  # an edited checkpoint under the same name, size and time
-    pipe._dense_fingerprint = None  # a new run
-    edited = pipe.run_allocator(AlphaPruning(), None)
+    with pipe.allocating_on(pipe.target, pipe.dense_weights):  # a new run: the fingerprint is computed again
+        edited = pipe.run_allocator(AlphaPruning(), None)
     assert edited.meta["esd_cache"] == "miss"
 
 

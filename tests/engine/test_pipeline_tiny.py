@@ -92,7 +92,7 @@ def test_a_failed_run_leaves_earlier_outputs_intact(tiny_llama_dir, text_file, t
         raise RuntimeError("disk full")
 
     monkeypatch.setattr("strataprune.runtime.reports.write_json", explode)
-    monkeypatch.setattr("strataprune.engine.pipeline.write_json", explode)
+    monkeypatch.setattr("strataprune.runtime.run_folder.write_json", explode)
     assert main(run_args(tiny_llama_dir, text_file, out, "--overwrite", "--sparsity", "0.3")) == 1  # a bug, not bad input
     assert "error: internal error: RuntimeError: disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

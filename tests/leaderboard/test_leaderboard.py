@@ -223,7 +223,8 @@ def test_results_file_is_locked_and_belongs_to_its_grid(baseline, tmp_path, caps
             sys.executable,
             "-c",
             "import sys; from strataprune.runtime.outputs import check_output_dir; "
-            f"check_output_dir({str(copy)!r}, True, command='leaderboard'); print('locked', flush=True); sys.stdin.read()",
+            f"check_output_dir({str(copy)!r}, True, command='leaderboard', appending=True); "
+            "print('locked', flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -514,3 +515,60 @@ def test_grid_parsing_and_protocol():
     grid = load_grid(example)
     assert {a.name for a in grid.allocators} == {"uniform", "owl", "alpha", "atp", "rmi", "hessian_cluster"}
     assert {p.name for p in grid.pruners} == {"wanda", "sparsegpt"} and grid.sparsities == ["0.5", "0.6", "0.7", "2:4"]
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The pool workers (spawned interpreters) whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_a_killed_driver(tiny_llama_dir, corpus, tmp_path, signum):
+    grid = write_grid(tmp_path / "grid.yaml", grid_dict(tiny_llama_dir, corpus))
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: orphaned workers would hold a pipe open
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "strataprune", "leaderboard", str(grid), "--output", str(tmp_path / "board"), "--jobs", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "STRATAPRUNE_PROGRESS": "0"},
+        )
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+        workers = worker_pids(proc.pid)
+        time.sleep(0.1)
+    try:
+        assert len(workers) == 2, log.read_text()[-2000:]
+        time.sleep(1.0)  # the workers are past their initializer
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        assert proc.returncode == (-signal.SIGKILL if signum == signal.SIGKILL else 143), log.read_text()[-2000:]
+        deadline = time.time() + 20
+        while time.time() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "orphaned pool workers"
+    finally:
+        for pid in [proc.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

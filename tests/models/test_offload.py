@@ -137,3 +137,33 @@ def test_multi_gpu_device_map(tiny_llama_dir, text_file, tmp_path):
     r.model.device = "auto"
     result = Pipeline(r, show_progress=False, log=lambda _: None).run(tmp_path / "auto")
     assert result.report["sparsity"]["realised_prunable"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_model_replaced_during_an_offloaded_run_is_an_error_and_nothing_is_saved(tiny_llama_dir, text_file, tmp_path):
+    """An offloaded run reads its model again by path; another run committing its output over that model
+    meanwhile (a folder swap) must stop this run instead of saving the other model's weights."""
+    import shutil
+
+    from support import save_tiny_model
+
+    from strataprune.contract.errors import DataError
+    from strataprune.runtime.outputs import _exchange, release_output_locks
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    other = save_tiny_model("llama", tmp_path / "other", seed=1)
+    swapped = []
+
+    def log(message: str) -> None:
+        if message.startswith("dense perplexity") and not swapped:  # the blocks are read again after this
+            if not _exchange(other, model):
+                model.rename(tmp_path / "aside")
+                other.rename(model)
+            swapped.append(True)
+
+    pipeline = Pipeline(recipe(model, text_file, offload=True), show_progress=False, log=log)
+    with pytest.raises(DataError, match=r"the model '.*model' changed on disk during this run .*nothing is saved"):
+        pipeline.run(tmp_path / "out")
+    release_output_locks()  # what the CLI does when a command ends
+    assert swapped and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no temporary, no lock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,13 +41,32 @@ def test_fresh_output_has_marker_and_usual_permissions(tmp_path):
     dest = tmp_path / "a" / "b" / "out"
     old_umask = os.umask(0o022)
     try:
-        write_output(dest)
+        with atomic_output_dir(dest, False, command="test") as tmp:
+            (tmp / "report.json").write_text("{}")
+            # writers that go through a private temporary file (safetensors does) leave 0600 behind
+            fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"\0" * 64)
+            os.close(fd)
+            (tmp / "alpha").mkdir(mode=0o700)
+            (tmp / "alpha" / "allocation.json").write_text("[]")
     finally:
         os.umask(old_umask)
     assert (dest.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    modes = {p.relative_to(dest).as_posix(): p.stat().st_mode & 0o777 for p in dest.rglob("*")}
+    assert modes == {
+        outputs.MARKER: 0o644,
+        "report.json": 0o644,
+        "model.safetensors": 0o644,
+        "alpha": 0o755,
+        "alpha/allocation.json": 0o644,
+    }
     marker = json.loads((dest / outputs.MARKER).read_text())
     assert marker["tool"] == "strataprune" and marker["command"] == "test" and marker["state"] == "complete"
-    assert marker["files"] == ["model.safetensors", "report.json"]
+    assert marker["files"] == {
+        name: {"size": (dest / name).stat().st_size, "sha256": hashlib.sha256((dest / name).read_bytes()).hexdigest()}
+        for name in ("alpha/allocation.json", "model.safetensors", "report.json")
+    }
+    assert marker["folders"] == ["alpha"]
     assert sorted(p.name for p in dest.parent.iterdir()) == ["out"]  # no lock file or temporary left beside it
 
 
@@ -68,7 +88,7 @@ def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
     assert json.loads((ours / "report.json").read_text())["content"] == "second"
 
     (ours / "notes.txt").write_text("added by hand")
-    with pytest.raises(OutputError, match=r"holds files strataprune did not write \(notes.txt\)"):
+    with pytest.raises(OutputError, match=r"holds files strataprune did not write \(notes.txt\); move them away"):
         write_output(ours, "third", overwrite=True)
     assert (ours / "notes.txt").read_text() == "added by hand"
 
@@ -77,13 +97,80 @@ def test_overwrite_replaces_only_what_strataprune_wrote(tmp_path):
     write_output(empty)  # an empty folder holds nothing to lose
     assert (empty / "report.json").is_file()
 
-    legacy = tmp_path / "legacy"  # an output of strataprune 0.1.0: no marker, a recognisable report
+
+def test_overwrite_is_decided_by_the_manifest_alone(tmp_path):
+    """No heuristic stands in for the manifest: a copied report.json, an output without a marker, a marker
+    that lists names only, a hand-added file one level down, an edited file: all refused, all named."""
+    report = json.dumps({"format_version": 1, "environment": {"strataprune": "0.1.0"}})
+    thesis = tmp_path / "thesis"  # a user's folder with a copied report in it
+    thesis.mkdir()
+    (thesis / "report.json").write_text(report)
+    (thesis / "thesis.tex").write_text("precious")
+    (thesis / "results.csv").write_text("1,2")
+    legacy = tmp_path / "legacy"  # an output of an earlier version without a marker, with a hand-added note
     legacy.mkdir()
-    (legacy / "report.json").write_text(json.dumps({"format_version": 1, "environment": {"strataprune": "0.1.0"}}))
-    (legacy / "alpha").mkdir()
-    (legacy / "alpha" / "allocation.json").write_text("{}")
-    write_output(legacy, overwrite=True)
-    assert not (legacy / "alpha").exists()
+    (legacy / "report.json").write_text(report)
+    (legacy / "NOTES.md").write_text("mine")
+    for folder in (thesis, legacy):
+        before = tree(folder)
+        with pytest.raises(OutputError, match="not written by strataprune .*left untouched"):
+            write_output(folder, overwrite=True)
+        assert tree(folder) == before
+
+    names_only = tmp_path / "names-only"  # a marker of the first format: top-level names, no hashes
+    names_only.mkdir()
+    (names_only / "report.json").write_text(report)
+    (names_only / outputs.MARKER).write_text(json.dumps({"tool": "strataprune", "command": "run", "files": ["report.json"]}))
+    with pytest.raises(OutputError, match="lists no file sizes and hashes.*delete it yourself"):
+        write_output(names_only, overwrite=True)
+
+    ours = tmp_path / "ours"
+    with atomic_output_dir(ours, False, command="allocate") as tmp:
+        (tmp / "alpha").mkdir()
+        (tmp / "alpha" / "allocation.json").write_text("{}")
+        (tmp / "summary.json").write_text("{}")
+    (ours / "alpha" / "MY_ANALYSIS.md").write_text("hand-written")
+    (ours / "plots").mkdir()
+    (ours / "summary.json").write_text('{"edited": true}')
+    before = tree(ours)
+    with pytest.raises(OutputError) as info:
+        write_output(ours, overwrite=True)
+    assert (
+        "holds files strataprune did not write (alpha/MY_ANALYSIS.md, plots/) "
+        "and files changed since strataprune wrote them (summary.json)"
+    ) in str(info.value)
+    assert tree(ours) == before
+    (ours / "alpha" / "MY_ANALYSIS.md").unlink()
+    (ours / "plots").rmdir()
+    (ours / "summary.json").write_text("{}")  # the same content again: nothing would be lost
+    write_output(ours, overwrite=True)
+    assert not (ours / "alpha").exists()
+
+
+@pytest.mark.parametrize("relation", ["is", "inside", "contains", "via_symlink"])
+def test_an_output_never_overlaps_an_input(tmp_path, relation):
+    model = tmp_path / "model"
+    write_output(model, "the model")
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    output = {"is": model, "inside": model / "sub", "contains": tmp_path, "via_symlink": link / "sub"}[relation]
+    inputs = {"the model (--model)": link if relation == "is" else model, "the text": "bbc"}  # "bbc" is a name, skipped
+    before = tree(model)
+    with pytest.raises(
+        OutputError, match=r"output '.*' (is|lies inside|contains) the model \(--model\) .*which this command reads"
+    ):
+        check_output_dir(output, overwrite=True, inputs=inputs)
+    assert tree(model) == before and not outputs._held
+    # an input that becomes the destination during the run (a link switched) is caught at the commit
+    elsewhere = tmp_path / "elsewhere"
+    switch = tmp_path / "switch"
+    switch.symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="overlap its inputs.*the new output is kept in"):
+        with atomic_output_dir(model, True, inputs={"--model": switch}) as tmp:
+            (tmp / "report.json").write_text("{}")
+            switch.unlink()
+            switch.symlink_to(model)
+    assert tree(model) == {**before, **{k: v for k, v in tree(model).items() if v == b"<sibling>"}}
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "proc", "root", "symlink"])
@@ -212,3 +299,17 @@ def test_leftovers_of_killed_runs_are_cleaned_or_reported(tmp_path):
     assert any("removed" in n and "interrupted strataprune run" in n for n in notes)
     assert any("restored the previous output" in n for n in notes)
     assert any(".out.tmp-abcd1234" in n and "not removed" in n for n in notes)
+
+
+def test_an_interrupt_while_the_manifest_is_hashed_removes_the_temporary(tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    write_output(dest, "old")
+    before = tree(dest)
+
+    def interrupted(path, stat=None):
+        raise KeyboardInterrupt  # what SIGTERM becomes (strataprune/runtime/signals.py)
+
+    monkeypatch.setattr(outputs, "_sha256", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_output(tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and tree(dest) == before

@@ -3,7 +3,7 @@
 Blocks: ``vit.encoder.layer.N``; prunable: query/key/value/attention output and the two MLP
 Linears of every block. The patch embedding (a 16x16 stride-16 convolution), the final LayerNorm
 and the classifier stay dense, like a language model's embeddings and head. Evaluation: top-1/top-5
-agreement with the dense model and KL divergence on held-out photos (strataprune/engine/image_run.py).
+agreement with the dense model and KL divergence on held-out photos (strataprune/engine/tasks/images.py).
 Preprocessing (google/vit-base-patch16-224): resize to 224x224, mean = std = 0.5.
 
     strataprune run --model path/to/vit-folder --calibration photos --eval-data photos --sparsity 0.5

@@ -9,9 +9,9 @@ LoSA's official settings (docs/algorithms.md §6.1): lr 2e-4, weight decay 0.001
 schedule, max_grad_norm 0.3, one epoch per round of 1000 instruction rows. Here every optimizer step
 draws ``batch`` fresh windows of ``seqlen`` tokens (seeded random offsets in the training text), so a
 round is ``steps`` steps. The default lr is 2e-3, ten times the official value, which is set for 7B
-models and ~125 steps per round; on SmolLM2-135M a few dozen steps need more (docs/recovery.md).
-The progress bar shows the running loss; every step's loss and learning rate is returned. A non-finite
-loss stops training with an error naming the step (lower the learning rate).
+models and ~125 steps per round; on SmolLM2-135M a few dozen steps need more (docs/recovery.md). The progress
+bar shows the running loss; every step's loss and learning rate is returned. A non-finite loss stops training
+with an error naming the step (lower recovery.lr).
 
     losses = finetune(model, params, windows, TrainingConfig(steps=40), desc="round 1")
 """
@@ -129,7 +129,8 @@ def finetune(
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise PluginError(
-                        f"{desc}: the training loss is {value} at step {step + 1}; lower the learning rate (lr={config.lr:g})"
+                        f"{desc}: the training loss is {value} at step {step + 1}; nothing is saved: "
+                        f"lower recovery.lr (now {config.lr:g})"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -20,9 +20,9 @@ import importlib.util
 
 import pytest
 
-from strataprune.engine.image_run import predict, task_data
 from strataprune.engine.pipeline import Pipeline
 from strataprune.engine.recipe import recipe_from_dict
+from strataprune.engine.tasks.image_data import predict, task_data
 from strataprune.evaluate.vision_metrics import compare, standalone
 
 pytestmark = pytest.mark.real_model
@@ -52,7 +52,7 @@ def _prune_and_compare(loaded, model: str, pruner: str, sparsity: float, data, d
     )
     pipe = Pipeline(recipe, show_progress=False, log=lambda msg: None)
     calib = pipe.prepare(loaded)  # the run's own setup, on the already loaded model
-    allocation, stash = pipe._allocate(calib)
+    allocation, stash = pipe.allocate(calib)
     with pipe.pruned(allocation, stash, desc="test"):
         sparse = predict(loaded, data)
         zeros = sum(float((pipe.loaded.adapter.get_weight(m) == 0).sum()) for m in pipe.calibrator.modules.values())

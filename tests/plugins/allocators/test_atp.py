@@ -340,7 +340,7 @@ def test_explicit_beta_ignores_scorer():
 
 
 def test_nm_target_gives_ratios_around_the_pattern_sparsity():
-    # the host rounds them to per-block n:m patterns (pipeline.nm_for_ratio, tested in test_nm.py)
+    # the host rounds them to per-block n:m patterns (nm_rounding.nm_for_ratio, tested in test_sparsity.py)
     layout = make_layout(4)
     ctx = AllocationContext(layout=layout, target=Target.of(pattern="4:8"))
     alloc = ATP(ATPConfig(beta=0.1)).allocate(ctx)

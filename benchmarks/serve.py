@@ -1,0 +1,281 @@
+"""Load on `strataprune serve` over loopback: request and token throughput, TTFT / TPOT / ITL, errors.
+
+    python benchmarks/serve.py MODEL_DIR [--backend torch] [--concurrency 1,4,16] [--requests 32]
+                               [--prompt-tokens 64] [--max-tokens 64] [--threads 2] [--label tiny]
+
+For each setting of the server (continuous batching with --max-running 16, and the same server
+serving one sequence at a time, --max-running 1, as the baseline measured in the same run) the
+script starts the real server on 127.0.0.1 (a free port), waits for /health, then at each
+concurrency C keeps C streaming requests in flight until ``--requests`` have finished (greedy,
+``ignore_eos``, so every request generates exactly ``--max-tokens`` tokens). Per request: TTFT
+(send to first text chunk), ITL (gaps between chunks), TPOT ((end - first) / (tokens - 1)), end to
+end; per level: requests/s and generated tokens/s over the wall clock, the server's process CPU
+time (user + system, from /proc), errors by kind. Every request has a timeout; a level stops at
+``--level-timeout`` seconds. Writes benchmarks/results/serve-<label>-<UTC>.json and .md with the
+CPU model, its ISA flags, the load average before and after and the clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()  # type: ignore[union-attr]
+        flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())  # type: ignore[union-attr]
+        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+        info["mhz"] = sorted({round(float(m)) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", text)})
+    except (OSError, AttributeError):
+        pass
+    return info
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Server:
+    def __init__(self, folder: str, flags: list[str]) -> None:
+        command = [sys.executable, "-m", "strataprune", "serve", folder, "--port", "0", *flags]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.url = ""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 120
+        for line in self.proc.stderr:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.url:
+            self.stop()
+            raise SystemExit("error: the server did not start")
+        while time.monotonic() < deadline + 300:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).json().get("status") == "ok":
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit("error: the server did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    start = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return {"error": f"HTTP {response.status_code}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"].get("code") or "error"}
+                if chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+                usage = chunk.get("usage") or usage
+    except httpx.HTTPError as exc:
+        return {"error": type(exc).__name__}
+    end = time.perf_counter()
+    tokens = (usage or {}).get("completion_tokens", 0)
+    return {
+        "ttft": stamps[0] - start if stamps else None,
+        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+        "tpot": (end - stamps[0]) / (tokens - 1) if stamps and tokens > 1 else None,
+        "e2e": end - start,
+        "tokens": tokens,
+    }
+
+
+async def level(url: str, body: dict[str, Any], concurrency: int, requests: int, timeout: float, level_timeout: float) -> dict:
+    results: list[dict[str, Any]] = []
+    issued = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests:
+            issued += 1
+            results.append(await one_request(client, url, body, timeout))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), level_timeout)
+        except asyncio.TimeoutError:
+            results.append({"error": "level_timeout"})
+        wall = time.perf_counter() - start
+    done = [r for r in results if "error" not in r]
+    errors: dict[str, int] = {}
+    for r in results:
+        if "error" in r:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    itl = [gap for r in done for gap in r["itl"]]
+
+    def stats(values: list[float]) -> dict[str, float | None]:
+        values = [v for v in values if v is not None]
+        return {
+            "median_ms": 1e3 * statistics.median(values) if values else None,
+            "p99_ms": 1e3 * percentile(values, 99) if values else None,
+        }
+
+    return {
+        "concurrency": concurrency,
+        "requests_done": len(done),
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": len(done) / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
+        "ttft": stats([r["ttft"] for r in done]),
+        "tpot": stats([r["tpot"] for r in done]),
+        "itl": stats(itl),
+        "e2e": stats([r["e2e"] for r in done]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt words (about one token each)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--level-timeout", type=float, default=600.0)
+    parser.add_argument("--label", default="model")
+    parser.add_argument("--note", default="", help="how the model was made (recorded with the results)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also --max-running 1")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    settings = {"continuous batching": ["--max-running", str(max(levels))]}
+    if args.baseline:
+        settings["one at a time (baseline)"] = ["--max-running", "1"]
+    report: dict[str, Any] = {
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model_dir": Path(args.model_dir).name,  # the folder name only: results never record local paths
+        "label": args.label,
+        "model_note": args.note,
+        "backend": args.backend or "(deploy.json's, else torch)",
+        "request": {k: v for k, v in body.items() if k != "prompt"} | {"prompt_words": args.prompt_tokens},
+        "requests_per_level": args.requests,
+        "machine": machine(),
+        "load_average_before": os.getloadavg(),
+        "runs": [],
+    }
+    for name, flags in settings.items():
+        extra = ["--threads", str(args.threads), "--max-queue", "1024", "--timeout", str(args.timeout)]
+        server = Server(args.model_dir, flags + extra + (["--backend", args.backend] if args.backend else []))
+        try:
+            asyncio.run(level(server.url, {**body, "max_tokens": 4}, 1, 2, args.timeout, args.level_timeout))  # warm-up
+            for concurrency in levels:
+                cpu0 = cpu_seconds(server.proc.pid)
+                row = asyncio.run(level(server.url, body, concurrency, args.requests, args.timeout, args.level_timeout))
+                row["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu0
+                row["setting"] = name
+                report["runs"].append(row)
+                print(
+                    f"{name:28s} c={concurrency:3d}: {row['requests_per_s']:.2f} req/s, {row['output_tokens_per_s']:.1f} tok/s, "
+                    f"TTFT p50 {row['ttft']['median_ms'] or 0:.0f} ms, TPOT p50 {row['tpot']['median_ms'] or 0:.1f} ms, "
+                    f"errors {row['errors']}",
+                    file=sys.stderr,
+                )
+        finally:
+            server.stop()
+    report["load_average_after"] = os.getloadavg()
+    out = ROOT / "benchmarks" / "results" / f"serve-{args.label}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {out}.json and .md", file=sys.stderr)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [
+        f"# strataprune serve under load: {report['label']}",
+        "",
+        f"{report['when']}; {m.get('cpu')} ({m.get('cpus')} CPUs, ISA {', '.join(m.get('isa', []))}, clock {m.get('mhz')} MHz); "
+        f"load average (1, 5, 15 min) before {tuple(round(x, 1) for x in report['load_average_before'])}, "
+        f"after {tuple(round(x, 1) for x in report['load_average_after'])}.",
+        f"Model `{report['model_dir']}`, backend {report['backend']}; each request: {report['request']}; "
+        f"{report['requests_per_level']} requests per level, streaming over loopback.",
+        report.get("model_note", ""),
+        "",
+        "| server | concurrency | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | "
+        "e2e p50 / p99 ms | server CPU s | wall s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['setting']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+            f"{ms(r['ttft']['median_ms'])} / {ms(r['ttft']['p99_ms'])} | "
+            f"{ms(r['tpot']['median_ms'])} / {ms(r['tpot']['p99_ms'])} | "
+            f"{ms(r['itl']['median_ms'])} / {ms(r['itl']['p99_ms'])} | {ms(r['e2e']['median_ms'])} / {ms(r['e2e']['p99_ms'])} | "
+            f"{r['server_cpu_s']:.1f} | {r['wall_s']:.1f} | {r['errors'] or 'none'} |"
+        )
+    base = {r["concurrency"]: r for r in report["runs"] if r["setting"].startswith("one at a time")}
+    ratios = [
+        f"c={r['concurrency']}: {r['output_tokens_per_s'] / base[r['concurrency']]['output_tokens_per_s']:.2f}x"
+        for r in report["runs"]
+        if r["setting"] == "continuous batching" and r["concurrency"] in base and base[r["concurrency"]]["output_tokens_per_s"]
+    ]
+    if ratios:
+        lines += ["", "Output tokens/s, continuous batching over one at a time (same run): " + ", ".join(ratios) + "."]
+    lines += ["", "The machine is shared with other jobs: compare rows within this run, not across runs.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
