@@ -108,8 +108,9 @@ def measure(prefill: Callable[[], Any], decode_step: Callable[[], Any], tokens: 
 def llama_cpp_engine(path: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int, repeats: int) -> dict:
     import llama_cpp
 
+    # n_batch = n_ctx: llama-cpp-python keeps one logits row per batch slot, indexed by position
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=len(ids) + tokens + 8, n_batch=len(ids), n_threads=threads,
+        model_path=str(path), n_ctx=len(ids) + tokens + 8, n_batch=len(ids) + tokens + 8, n_threads=threads,
         n_threads_batch=threads, verbose=False,
     )  # fmt: skip
     prompt = [int(t) for t in ids]

@@ -18,6 +18,7 @@ clean up like Ctrl-C (temporary outputs, locks, workers, child processes) and ex
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -47,6 +48,21 @@ def fail(message: str, status: int) -> int:
     return status
 
 
+def disk_full_message(exc: OSError) -> str:
+    """A full disk during a save: what was being written, what it needs, and that nothing earlier was replaced
+    (outputs are written into a temporary sibling and swapped in only when complete: strataprune/runtime/outputs.py)."""
+    from strataprune.engine.limits import human_bytes
+    from strataprune.engine.preflight import expected_output_sizes
+
+    where = f" while writing '{exc.filename}'" if exc.filename else ""
+    sizes = expected_output_sizes()
+    need = "; ".join(f"'{path}' needs about {human_bytes(size)}" for path, size in sizes.items())
+    return (
+        f"the disk is full (no space left on the device){where}; nothing was replaced: an earlier output is intact "
+        f"and the partial one was removed. {need + '; ' if need else ''}free space and run again"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from strataprune.runtime.outputs import current_command, release_output_locks
     from strataprune.runtime.signals import Terminated, signals_as_interrupts
@@ -59,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except StrataPruneError as exc:
         return fail(str(exc), 2)
     token = current_command.set(args.command)
+    preflight = sys.modules.get("strataprune.engine.preflight")
+    if preflight is not None:  # sizes noted by an earlier command of this process (tests call main repeatedly)
+        preflight.forget_output_sizes()
     try:
         with signals_as_interrupts():  # SIGTERM/SIGHUP clean up like Ctrl-C (strataprune/runtime/signals.py)
             return int(args.func(args))
@@ -75,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc), 2)
         if isinstance(exc, MemoryError):
             return fail("out of memory; lower calibration.nsamples or seqlen, or use --offload / --activation-dir", 1)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return fail(disk_full_message(exc), 1)
         if isinstance(exc, OSError):
             return fail(f"{exc} (an operating-system error; STRATAPRUNE_DEBUG=1 shows the traceback)", 1)
         return fail(

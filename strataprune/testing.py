@@ -31,9 +31,9 @@ import torch
 
 from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
-from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.allocator import AllocationContext, Allocator, CandidateHost
 from strataprune.contract.base import Plugin
-from strataprune.contract.layout import BlockStats, MatrixInfo, MatrixStats, ModelLayout
+from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
 from strataprune.contract.pruner import Pruner
 from strataprune.contract.sparsity import Target, nm_violations, realised_matches
 
@@ -44,6 +44,7 @@ __all__ = [
     "check_recovery",
     "random_layout",
     "random_block_stats",
+    "synthetic_candidates",
     "tiny_llama_dir",
     "byte_level_tokenizer",
 ]
@@ -105,6 +106,8 @@ def random_block_stats(
             x[:, torch.randint(0, m.shape[1], (2,), generator=g)] *= 10.0  # outlier channels
             if "input_norms" in needs:
                 stats.input_norms[m.name] = x.norm(dim=0)
+            if "input_means" in needs:
+                stats.input_means[m.name] = x.mean(dim=0)
             if "hessian" in needs:
                 stats.hessians[m.name] = 2.0 * x.T @ x / x.shape[0]
         if "block_inputs" in needs:
@@ -117,7 +120,49 @@ def random_block_stats(
     return out
 
 
-def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats], seed: int, searches: bool) -> AllocationContext:
+def synthetic_candidates(layout: ModelLayout, weights: dict[str, torch.Tensor], seed: int = 0, vocab: int = 24) -> CandidateHost:
+    """A ``CandidateHost`` over a toy "model" of the given weights, for allocators that assemble candidates.
+
+    Pruning is magnitude per row; the logits of token t are a fixed embedding of t plus, per matrix, a
+    fixed direction scaled by <W, R> (R a fixed random matrix), so pruning moves the distribution and
+    matrices differ in how much it matters.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    embedding = torch.randn(vocab, vocab, generator=g)
+    probes = {info.name: torch.randn(info.shape, generator=g) / info.numel**0.5 for info in layout.matrices}
+    directions = {info.name: torch.randn(vocab, generator=g) for info in layout.matrices}
+    installed = dict(weights)
+    ids = torch.randint(0, vocab, (4, 16), generator=g)
+
+    def prune_levels(ratios, visit):  # type: ignore[no-untyped-def]
+        for info in layout.matrices:
+            weight = weights[info.name]
+            for level, ratio in enumerate(ratios[info.name]):
+                k = int(weight.shape[1] * ratio)
+                keep = torch.ones_like(weight, dtype=torch.bool)
+                if k:
+                    keep.scatter_(1, weight.abs().argsort(dim=1)[:, :k], False)
+                visit(info, level, keep, None)
+
+    def logits(window: torch.Tensor) -> torch.Tensor:
+        shift = sum(directions[n] * float((installed[n] * probes[n]).sum()) for n in installed)
+        return embedding[window.reshape(-1)] + shift
+
+    def set_weight(name: str, weight: torch.Tensor) -> None:
+        installed[name] = weight
+
+    return CandidateHost(
+        prune_levels=prune_levels,
+        windows=lambda on: ids,
+        logits=logits,
+        set_weight=set_weight,
+        restore=lambda: installed.update(weights),
+    )
+
+
+def _context(
+    layout: ModelLayout, target: Target, block_stats: list[BlockStats], seed: int, searches: bool, assembles: bool = False
+) -> AllocationContext:
     weights = {name: w for stats in block_stats for name, w in stats.weights.items()}
 
     def iterate_weights():  # type: ignore[no-untyped-def]
@@ -138,6 +183,7 @@ def _context(layout: ModelLayout, target: Target, block_stats: list[BlockStats],
         seed=seed,
         weights=iterate_weights,
         score=score if searches else None,
+        candidates=synthetic_candidates(layout, weights, seed) if assembles else None,
         cache_dir=None,
         model_fingerprint=f"testing-{seed}",
         progress=False,
@@ -149,7 +195,7 @@ def _run_allocator(allocator: Allocator, layout: ModelLayout, target: Target, se
     if allocator.needs:
         for stats in block_stats:
             allocator.observe_block(stats)
-    ctx = _context(layout, target, block_stats, seed, allocator.searches)
+    ctx = _context(layout, target, block_stats, seed, allocator.searches, allocator.assembles)
     raw = allocator.allocate(ctx)
     allocation = Allocation.coerce(raw, layout, target.ratio, allocator.name)
     return allocation
@@ -210,12 +256,10 @@ def check_pruner(
     assert isinstance(instance, Pruner)
     assert instance.name, "a pruner needs a non-empty `name`"
     layout = ModelLayout((MatrixInfo("model.layers.0.mlp.up_proj", 0, "mlp.up_proj", shape),), 1)
-    stats = random_block_stats(layout, {"input_norms", "hessian"}, seed=seed)[0]
+    stats = random_block_stats(layout, {"input_norms", "input_means", "hessian"}, seed=seed)[0]
     info = layout.matrices[0]
     weight = stats.weights[info.name]
-    matrix_stats = MatrixStats(
-        info=info, ntokens=stats.ntokens, input_norms=stats.input_norms[info.name], hessian=stats.hessians[info.name]
-    )
+    matrix_stats = stats.for_matrix(info.name)
     targets = [Target.of(r) for r in ratios]
     if instance.supports_nm:
         targets += [Target.of(pattern=p) for p in patterns]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from strataprune.commands.flags import int_list
+from strataprune.commands.flags import int_list, threads_flag
 
 
 def add_parser(sub: Any) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--decode-tokens", dest="decode_tokens", type=int, default=32, help="greedy tokens timed after the prompt"
     )
-    parser.add_argument("--threads", type=int, help="threads of every engine (default: min(4, CPUs))")
+    threads_flag(parser, help="threads of every engine (default: min(4, CPUs))")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--parity-steps", dest="parity_steps", type=int, default=8)
@@ -54,10 +54,12 @@ def run(args: argparse.Namespace) -> int:
         dense=args.dense,
         progress=not args.quiet,
     )
-    if args.output:
+    if args.output is not None:
         from strataprune.deploy.rundir import open_run
+        from strataprune.engine.preflight import check_output_name
         from strataprune.runtime.reports import check_output_dir
 
+        check_output_name(args.output)
         labels = ["the run"] if len(args.run_dir) == 1 else [f"run #{i + 1}" for i in range(len(args.run_dir))]
         inputs = dict(zip(labels, args.run_dir))
         if args.dense is None:  # the dense model each run names (a folder; embedded and hub names are skipped)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from strataprune.commands.flags import at_least, threads_flag
+
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("deploy", help="compress a run's model and prepare it for an engine, parity-checked")
@@ -16,12 +18,20 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
-        "--prompt-len", dest="prompt_len", type=int, default=64, help="tokens per parity window (and fixed-shape engines' prompt)"
+        "--prompt-len",
+        dest="prompt_len",
+        type=at_least(1),
+        default=64,
+        help="tokens per parity window (and fixed-shape engines' prompt)",
     )
     parser.add_argument(
-        "--parity-steps", dest="parity_steps", type=int, default=8, help="greedy tokens that must match the reference (>= 1)"
+        "--parity-steps",
+        dest="parity_steps",
+        type=int,
+        default=8,
+        help="greedy tokens that must match the reference (>= 1)",
     )
-    parser.add_argument("--threads", type=int, help="engine threads")
+    threads_flag(parser, help="engine threads")
     parser.add_argument("--text", help="parity text: dataset name or text file (default: the run's evaluation text)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=run)

@@ -51,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from strataprune.data.textfile import TextFile, is_image_source, looks_like_path
     from strataprune.engine.bos import bos_per_window
     from strataprune.engine.limits import check_seqlen
-    from strataprune.engine.preflight import language_model
+    from strataprune.engine.preflight import check_cache_dir, language_model
     from strataprune.models.files import inspect_model
 
+    check_cache_dir()
     wants_perplexity = args.tasks is None or args.perplexity
     config = inspect_model(args.model_dir)  # cheap checks first: files, context length
     image_data = is_image_source(args.data) and not language_model(args.model_dir, config)  # photos or an image folder

@@ -66,10 +66,21 @@ def recipe_flags(parser: argparse.ArgumentParser) -> None:
     threads_flag(parser)
 
 
-def threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=at_least(1), help="torch CPU threads (default: auto, the cores other processes leave free)"
-    )
+def threads_flag(
+    parser: argparse.ArgumentParser, help: str = "torch CPU threads (default: auto, the cores other processes leave free)"
+) -> None:
+    parser.add_argument("--threads", type=thread_count, help=help)
+
+
+def thread_count(text: str) -> int:
+    """``--threads N``: an integer from 1 to 4 per CPU (strataprune/runtime/threads.py says why)."""
+    from strataprune.contract.threads import check_thread_count
+
+    value = at_least(1)(text)
+    try:
+        return check_thread_count(value, "--threads")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads: ")) from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -136,7 +147,14 @@ def build_recipe(args: argparse.Namespace) -> Any:
     recovery = getattr(args, "recovery", None)  # `run --recovery losa|lora|none`
     if recovery is not None and recovery != "none" and (recipe.recovery is None or recovery != recipe.recovery.name):
         overrides["recovery"] = recovery
-    overrides.update(parse_set(args.set))
+    assignments = parse_set(args.set)
+    for key, value in assignments.items():  # one key, two values: refuse rather than pick one silently
+        flag = next((f for f, k in FLAG_KEYS.items() if k == key and getattr(args, f, None) is not None), None)
+        if flag is not None and overrides[key] != value:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)} and --set {key}={value} both set {key}; give it once"
+            )
+    overrides.update(assignments)
     recipe = apply_overrides(recipe, overrides)
     if recovery == "none":
         recipe.recovery = None

@@ -31,6 +31,7 @@ _HOMES = {
     "BlockInputs": "layout",
     "Allocator": "allocator",
     "AllocationContext": "allocator",
+    "CandidateHost": "allocator",
     "Pruner": "pruner",
     "PruneResult": "pruner",
     "Dataset": "dataset",

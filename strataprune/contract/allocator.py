@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -23,6 +23,31 @@ def _cpu() -> torch.device:
 
 
 @dataclass
+class CandidateHost:
+    """What the host offers an allocator that assembles candidate models from pruned weights
+    (``Allocator.assembles = True``; EvoPress): no re-pruning per candidate.
+
+    - ``prune_levels(ratios, visit)``: one calibration pass over the DENSE model with the run's pruner
+      statistics; every matrix is pruned by the run's pruner at each ratio ``ratios[name]`` lists, and
+      ``visit(info, level, keep, weight)`` gets the mask and, for pruners that update weights, the new
+      values (None otherwise: the dense values on the mask); nothing stays installed in the model.
+    - ``windows(on)``: held-out token windows [n, seqlen] ("validation": drawn from the calibration
+      text with another seed, as searching allocators' selection windows are; "test": the evaluation text).
+    - ``logits(ids)``: the model's next-token logits [tokens, vocab] (fp32) for one window [tokens], with
+      the weights installed now.
+    - ``set_weight(name, weight)``: install a matrix; ``restore()``: every matrix dense again.
+    """
+
+    prune_levels: Callable[[Mapping[str, Sequence[float]], Callable[..., None]], None]
+    windows: Callable[[str], torch.Tensor]
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    set_weight: Callable[[str, torch.Tensor], None]
+    restore: Callable[[], None]
+    #: whether the run's pruner changes the kept values (then ``visit`` gets them)
+    updates_weights: bool = False
+
+
+@dataclass
 class AllocationContext:
     """Everything an allocator may use besides the statistics it observed."""
 
@@ -39,6 +64,8 @@ class AllocationContext:
     #: selection windows are scored, so values are comparable with each other but not with ``score``;
     #: None when the host offers none
     screen: Callable[[Any], float] | None = None
+    #: the pruned-candidate machinery; only set when the allocator declares ``assembles = True``
+    candidates: CandidateHost | None = None
     device: torch.device = field(default_factory=_cpu)
     cache_dir: Path | None = None
     #: content hash of the dense prunable weights (strataprune/engine/fingerprint.py); read it through ``fingerprint()``
@@ -70,6 +97,8 @@ class Allocator(Plugin):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: whether ``allocate`` needs ``ctx.score`` (prune-and-evaluate trials)
     searches: ClassVar[bool] = False
+    #: whether ``allocate`` needs ``ctx.candidates`` (a database of pruned weights and the model's logits)
+    assembles: ClassVar[bool] = False
 
     def observe_block(self, stats: BlockStats) -> None:
         """Called once per block, in order, during the dense pass; keep only reduced statistics."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -52,7 +53,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _numeric_string(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (list, tuple, Sequence):
@@ -60,6 +61,26 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict)
     return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+#: YAML 1.1 (PyYAML) reads 1e30 and 2E-4 as strings (its floats need a dot: 1.0e30); a float key takes them
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numeric_string(value: Any) -> bool:
+    return isinstance(value, str) and NUMBER.fullmatch(value.strip()) is not None
+
+
+def _takes_float(hint: Any) -> bool:
+    return hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint))
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    if hint is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        return float(value)
+    if _takes_float(hint) and _numeric_string(value):
+        return float(value)
+    return value
 
 
 def _describe(hint: Any) -> str:
@@ -89,7 +110,7 @@ def build_config(config_cls: type, params: Mapping[str, Any], where: str) -> Any
         if not _type_ok(value, hint):
             raise ConfigError(f"{where}: {key}={value!r} must be {_describe(hint)}")
     try:
-        return config_cls(**{k: (float(v) if hints.get(k) is float else v) for k, v in params.items()})
+        return config_cls(**{k: _convert(v, hints.get(k, Any)) for k, v in params.items()})
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:

@@ -12,9 +12,11 @@ if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipe
 
 #: statistics a plugin may ask the calibration engine for
 #: - ``input_norms``: per prunable matrix, the L2 norm of each input column over all calibration tokens (Wanda's ||X_j||_2)
+#: - ``input_means``: per prunable matrix, the mean of each input column over all calibration tokens (DSnoT's E[X_j];
+#:   with ``input_norms`` and ``ntokens`` it gives the variance Var[X_j] = ||X_j||^2 / n - E[X_j]^2)
 #: - ``hessian``: per prunable matrix, H = 2 X X^T / n in fp32 (SparseGPT's Hessian)
 #: - ``block_inputs`` / ``block_outputs``: the hidden states entering / leaving the block, [samples, tokens, hidden]
-STATISTICS = ("input_norms", "hessian", "block_inputs", "block_outputs")
+STATISTICS = ("input_norms", "input_means", "hessian", "block_inputs", "block_outputs")
 #: what a model adapter's ``task`` may be: each has its own data and evaluation
 TASKS = ("causal-lm", "image-classification", "image-embedding", "multimodal")
 
@@ -91,6 +93,7 @@ class BlockStats:
     weights: dict[str, torch.Tensor]  # name -> (out, in) view of the current weight
     ntokens: int = 0
     input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_means: dict[str, torch.Tensor] = field(default_factory=dict)
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: torch.Tensor | None = None
     outputs: torch.Tensor | None = None
@@ -100,6 +103,7 @@ class BlockStats:
             info=next(m for m in self.matrices if m.name == name),
             ntokens=self.ntokens,
             input_norms=self.input_norms.get(name),
+            input_means=self.input_means.get(name),
             hessian=self.hessians.get(name),
         )
 
@@ -112,6 +116,7 @@ class MatrixStats:
     ntokens: int = 0
     input_norms: torch.Tensor | None = None  # (in,) fp32: ||X_j||_2
     hessian: torch.Tensor | None = None  # (in, in) fp32: 2 X X^T / n
+    input_means: torch.Tensor | None = None  # (in,) fp32: E[X_j] over the calibration tokens
 
 
 # --------------------------------------------------------------------------- model adapters

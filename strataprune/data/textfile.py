@@ -14,7 +14,11 @@ to ``documents``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import select
+import stat
+import time
 from pathlib import Path
 
 from strataprune.contract.dataset import Dataset
@@ -51,16 +55,107 @@ def decode_text(raw: bytes, what: str, encoding: str = "utf-8", error: type[Stra
         raise ConfigError(f"{what}: {encoding!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252)") from None
 
 
-def read_text_file(path: Path, what: str, encoding: str = "utf-8", error: type[StrataPruneError] = DataError) -> str:
-    """A text file's contents, or one error saying why not: missing, a folder, unreadable, binary, wrong encoding."""
-    if path.is_dir():
-        raise error(f"{what} '{path}' is a directory, not a file")  # not "does not exist": it does
-    if not path.exists():
-        raise error(f"{what} '{path}' does not exist")
+#: the largest text file read (decoded, a file takes up to 5x its size in memory: bytes + str); larger ones are
+#: refused before they are read, so a wrong path (a disk image, a log that grows) cannot exhaust memory
+TEXT_MAX_BYTES = 1 << 30
+#: a pipe (``<(zcat corpus.gz)``, a FIFO) that gives no byte for this long is refused instead of waited on forever
+PIPE_IDLE_SECONDS = 30.0
+#: a named FIFO reads as empty until its writer opens it: wait this long for a first byte before calling it unused
+PIPE_WRITER_WAIT_SECONDS = 5.0
+#: pipes are read once: their contents by path, so the checks before the work and the work read the same text
+_PIPE_CONTENTS: dict[str, bytes] = {}
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_pipe(path: Path, what: str, limit: int, error: type[StrataPruneError]) -> bytes:
+    """A pipe read once, to its end, with a size cap and an idle timeout (never blocks on a FIFO nobody writes)."""
+    key = str(path)
+    if key in _PIPE_CONTENTS:
+        return _PIPE_CONTENTS[key]
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO without a writer opens at once and reads as empty
     except OSError as exc:
         raise error(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+    chunks: list[bytes] = []
+    size = 0
+    writer_deadline = time.monotonic() + PIPE_WRITER_WAIT_SECONDS
+    try:
+        while True:
+            try:  # read first: Linux reports a FIFO that never had a writer as readable only through read() == b""
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer is attached but has not written yet
+                ready, _, _ = select.select([fd], [], [], PIPE_IDLE_SECONDS)
+                if not ready:
+                    raise error(
+                        f"{what} '{path}' is a pipe that gave no data for {PIPE_IDLE_SECONDS:g} s; nothing seems to write to it"
+                    ) from None
+                continue
+            if not chunk:
+                if size == 0 and time.monotonic() < writer_deadline:  # no writer yet (or an empty pipe): wait for one
+                    time.sleep(0.05)
+                    continue
+                break
+            size += len(chunk)
+            if size > limit:
+                raise error(f"{what} '{path}' is a pipe that gave more than {limit:,} bytes, the most read as {what}")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    if size == 0:
+        raise error(f"{what} '{path}' is a pipe that gave no data in {PIPE_WRITER_WAIT_SECONDS:g} s (nothing writes to it)")
+    raw = b"".join(chunks)
+    _PIPE_CONTENTS[key] = raw
+    return raw
+
+
+def read_bytes_bounded(path: Path, what: str, limit: int, error: type[StrataPruneError] = DataError) -> bytes:
+    """A file's bytes, read once: regular files up to ``limit`` bytes, pipes (FIFOs, ``<(...)``) to their end
+    within ``limit`` and an idle timeout; devices, sockets and folders are refused, each with one error."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{what} '{path}' is a directory, not a file")  # not "does not exist": it does
+    if stat.S_ISFIFO(info.st_mode):
+        return _read_pipe(path, what, limit, error)
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} '{path}' is {_file_kind(info.st_mode)}; give a regular file (or a pipe)")
+    if info.st_size > limit:
+        raise error(f"{what} '{path}' is {info.st_size:,} bytes; the most read as {what} is {limit:,} bytes")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)  # the file may have grown since stat
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+    if len(raw) > limit:
+        raise error(f"{what} '{path}' grew past {limit:,} bytes while being read; the most read as {what} is {limit:,} bytes")
+    return raw
+
+
+def read_text_file(
+    path: Path,
+    what: str,
+    encoding: str = "utf-8",
+    error: type[StrataPruneError] = DataError,
+    limit: int | None = None,
+) -> str:
+    """A text file's contents, or one error saying why not: missing, a folder, a device, too large, unreadable,
+    binary, wrong encoding. ``limit``: the most bytes read (default TEXT_MAX_BYTES)."""
+    raw = read_bytes_bounded(path, what, TEXT_MAX_BYTES if limit is None else limit, error)
     return decode_text(raw, f"{what} '{path}'", encoding, error)
 
 

@@ -69,15 +69,21 @@ def parse_backend_spec(spec: str, names: list[str]) -> tuple[str, dict[str, Any]
     from strataprune.engine.recipe import parse_set
 
     spec = spec.strip()
+    form = "NAME or NAME:key=value:key=value (e.g. sparse-cpu:threads=2:isa=avx2)"
     for name in sorted(names, key=len, reverse=True):
         if spec == name:
             return name, {}
         if spec.startswith(name + ":"):
-            pairs = [p for p in spec[len(name) + 1 :].split(":") if p]
-            if all("=" in p for p in pairs):
-                return name, parse_set(pairs)
-    head = spec.split(":")[0]
-    return head, {}
+            pairs = spec[len(name) + 1 :].split(":")
+            bad = [p for p in pairs if "=" not in p or not p.partition("=")[0].strip()]
+            if bad:
+                raise ConfigError(f"backend spec {spec!r}: {bad[0]!r} is not key=value; the form is {form}")
+            keys = [p.partition("=")[0].strip() for p in pairs]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ConfigError(f"backend spec {spec!r}: {', '.join(twice)} given twice; the form is {form}")
+            return name, parse_set(pairs)
+    return spec.split(":")[0], {}  # an unknown name: the registry says which names exist
 
 
 def resolve_backends(specs: list[str] | None, log: Any = None) -> tuple[list[Backend], list[dict[str, str]]]:
@@ -182,6 +188,8 @@ def benchmark(run_dir: str | Path | list[str | Path], config: BenchConfig | None
     check_same_dense_model(runs)
     threads = cfg.threads or min(4, os.cpu_count() or 1)
     backends, skipped = resolve_backends(cfg.backends)
+    for run in runs:
+        run.check_causal_lm("bench")
     dense_dir = dense_twin(runs[0], cfg.dense)
     single = len(runs) == 1
     models = [_Model("dense", dense_dir, None)]

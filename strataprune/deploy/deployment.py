@@ -54,12 +54,24 @@ def deploy(
 ) -> dict[str, Any]:
     """Write ``output`` (see the module docstring); returns what ``deploy.json`` holds."""
     say = log or (lambda message: None)
-    if parity_steps < 1:  # with none, nothing would be compared and "parity passed" would mean nothing
+    from strataprune.engine.preflight import check_output_name, note_output_size
+
+    if not isinstance(parity_steps, int) or isinstance(parity_steps, bool) or parity_steps < 1:
+        # with none, nothing would be compared and "parity passed" would mean nothing
         raise ConfigError(f"--parity-steps {parity_steps} must be >= 1: parity compares the greedy tokens of both engines")
+    check_output_name(output)
     run = open_run(run_dir)
     output = Path(output)
+    run.check_causal_lm(f"backend '{backend}'")  # whatever the backend: every one deploys causal LMs
+    (engine,), _ = resolve_backends([backend])  # the backend's spec and parameters, before anything is locked or loaded
+    if text is not None:  # the parity text, before the model loads
+        from strataprune.data.textfile import TextFile, looks_like_path
+
+        if looks_like_path(text):
+            TextFile(Path(text).expanduser())
+    # the compressed checkpoint is at most the dense weights; the engine's artifact about as much again
+    note_output_size(output, 2 * sum(f.stat().st_size for f in weight_files(run.path)))
     check_output_dir(output, overwrite, inputs={"the run": run.path, "the parity text (--text)": text})
-    (engine,), _ = resolve_backends([backend])
     settings = settings or DeploySettings(prompt_len=min(128, run.context_length // 2), new_tokens=parity_steps)
     if settings.prompt_len < 1 or settings.prompt_len + parity_steps > run.context_length:
         raise ConfigError(

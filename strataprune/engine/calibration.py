@@ -7,6 +7,8 @@ accumulator per distinct input tensor: q/k/v (and gate/up) share theirs, so thei
 and stored once, and ``stats.hessians`` / ``stats.input_norms`` map each of them to the SAME tensor
 (consumers treat statistics as read-only). A dense pass runs every block once; a pruning pass runs
 it twice (measure, then recompute the pruned outputs) and keeps no outputs from the first run.
+A pass that needs no statistic (magnitude pruning after a weight-only allocator) runs no block at all:
+its visitor and pruner see each block's weights, which is all they read.
 
     calibrator = Calibrator(loaded, windows)
     calibrator.run({"input_norms"}, visit=allocator.observe_block)         # dense pass
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from strataprune.contract.layout import BlockInputs, BlockStats, LoadedModel, ModelLayout
+from strataprune.contract.layout import STATISTICS, BlockInputs, BlockStats, LoadedModel, ModelLayout
 from strataprune.models.offload import offloader_of
 from strataprune.runtime.progress import progress
 
@@ -40,9 +42,10 @@ from strataprune.runtime.progress import progress
 class _Accumulator:
     """Running sums over all calibration tokens of one input tensor stream."""
 
-    def __init__(self, dim: int, hessian: bool, norms: bool, device: torch.device) -> None:
+    def __init__(self, dim: int, hessian: bool, norms: bool, device: torch.device, means: bool = False) -> None:
         self.tokens = 0
         self.sq = torch.zeros(dim, dtype=torch.float64, device=device) if norms else None
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device) if means else None
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
@@ -50,6 +53,8 @@ class _Accumulator:
         self.tokens += x.shape[0]
         if self.sq is not None:
             self.sq += (x.double() ** 2).sum(0)
+        if self.sum is not None:
+            self.sum += x.double().sum(0)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
 
@@ -117,6 +122,9 @@ class Calibrator:
         inputs, except in a pruning pass, where the measuring forward keeps no outputs and the block
         runs a second time, pruned (the only way to get the pruned outputs).
         """
+        if not runs_blocks(needs):
+            self._weights_only(visit, prune, desc)
+            return
         (self._parent or self).passes += 1
         inputs = self.captured()
         hidden = inputs.hidden
@@ -137,6 +145,25 @@ class Calibrator:
                 if prune is not None:
                     outputs = self._forward(block, hidden, kwargs)
                 hidden = outputs
+
+    def _weights_only(
+        self, visit: Callable[[BlockStats], None] | None, prune: Callable[[BlockStats], None] | None, desc: str
+    ) -> None:
+        """A pass without statistics: each block's weights go to ``visit`` and ``prune``, no activation is computed
+        (nothing downstream reads one), and it does not count as a calibration pass."""
+        for index in progress(range(len(self.blocks)), desc=desc, unit="block", enable=self.show):
+            with self.hold(index):
+                stats = self._block_stats(index)
+                if visit is not None:
+                    visit(stats)
+                if prune is not None:
+                    prune(stats)
+                    self.mark_modified(index)
+
+    def _block_stats(self, index: int) -> BlockStats:
+        """Block ``index``'s matrices and (out, in) views of their current weights, before any statistic."""
+        matrices = self.layout.block(index)
+        return BlockStats(index, matrices, {m.name: self.adapter.get_weight(self.modules[m.name]) for m in matrices})
 
     def hold(self, index: int) -> contextlib.AbstractContextManager:
         """Keep block ``index`` in memory (a no-op unless the model is offloaded)."""
@@ -189,10 +216,9 @@ class Calibrator:
         keep_outputs: bool = True,
     ) -> tuple[BlockStats, torch.Tensor | None]:
         """Run the block once over every sample with the statistics' hooks; return them and (if kept) the outputs."""
-        matrices = self.layout.block(index)
-        weights = {m.name: self.adapter.get_weight(self.modules[m.name]) for m in matrices}
-        stats = BlockStats(index, matrices, weights)
-        want_norms, want_hessian = "input_norms" in needs, "hessian" in needs
+        stats = self._block_stats(index)
+        matrices = stats.matrices
+        want_norms, want_hessian, want_means = "input_norms" in needs, "hessian" in needs, "input_means" in needs
         # matrices fed the same tensor (q/k/v, gate/up) share one accumulator; the groups are decided
         # on the first sample while every input is kept alive, so no freed address is ever reused
         group_of: dict[str, int] = {}
@@ -210,7 +236,7 @@ class Calibrator:
                     key = (x.data_ptr(), tuple(x.shape), tuple(rows.shape))
                     if key not in first_inputs:
                         first_inputs[key] = len(accumulators)
-                        accumulators.append(_Accumulator(rows.shape[-1], want_hessian, want_norms, x.device))
+                        accumulators.append(_Accumulator(rows.shape[-1], want_hessian, want_norms, x.device, want_means))
                         alive.append(x)
                     group_of[name] = first_inputs[key]
                 group = group_of[name]
@@ -220,7 +246,7 @@ class Calibrator:
 
             return hook
 
-        if want_norms or want_hessian:
+        if want_norms or want_hessian or want_means:
             handles = [self.modules[m.name].register_forward_hook(make_hook(m.name)) for m in matrices]
         outputs: torch.Tensor | None = None
         dtype = self._dtype(block)
@@ -238,11 +264,14 @@ class Calibrator:
                 h.remove()
         # one tensor per accumulator, shared by every matrix it feeds (scaled in place: no copy)
         norms = [acc.sq.sqrt().float() if acc.sq is not None else None for acc in accumulators]
+        means = [(acc.sum / max(acc.tokens, 1)).float() if acc.sum is not None else None for acc in accumulators]
         hessians = [acc.xtx.mul_(2.0 / max(acc.tokens, 1)) if acc.xtx is not None else None for acc in accumulators]
         for name, group in group_of.items():
             stats.ntokens = accumulators[group].tokens
             if norms[group] is not None:
                 stats.input_norms[name] = norms[group]
+            if means[group] is not None:
+                stats.input_means[name] = means[group]
             if hessians[group] is not None:
                 stats.hessians[name] = hessians[group]
         if "block_inputs" in needs:
@@ -250,3 +279,9 @@ class Calibrator:
         if "block_outputs" in needs:
             stats.outputs = outputs if outputs is not None else self._forward(block, hidden, kwargs)
         return stats, outputs
+
+
+def runs_blocks(needs: frozenset[str] | set[str]) -> bool:
+    """Whether a pass asked for ``needs`` must run the blocks: only statistics come from activations. Without one,
+    the propagation (dense or pruned inputs) changes nothing either, since no activation is read."""
+    return any(need in STATISTICS for need in needs)

@@ -66,14 +66,33 @@ def available_memory_bytes() -> int | None:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
         if limit != "max":
-            best = min(best if best is not None else 1 << 62, int(limit) - used)
+            # memory.current counts the page cache, which the kernel reclaims for a new allocation: without
+            # subtracting it, a cgroup that has read a few files reports ~0 bytes free
+            used -= _cgroup_file_cache()
+            best = min(best if best is not None else 1 << 62, max(0, int(limit) - max(0, used)))
     except (OSError, ValueError):
         pass
     return best
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"
+def _cgroup_file_cache() -> int:
+    try:
+        for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "file":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    """Bytes with a unit that keeps two or three significant digits: 512 bytes, 3.1 MiB, 21 GiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def check_activation_memory(
@@ -103,10 +122,60 @@ def check_activation_memory(
         have, where = memory, "of memory available"
     if need > have:
         raise ConfigError(
-            f"calibration needs about {_gib(need)} for its activations ({formula}: a block's inputs and outputs), "
-            f"more than the {_gib(have)} {where}; lower calibration.nsamples or seqlen, use --activation-dtype bfloat16, "
+            f"calibration needs about {human_bytes(need)} for its activations ({formula}: a block's inputs and outputs), "
+            f"more than the {human_bytes(have)} {where}; lower calibration.nsamples or seqlen, use --activation-dtype bfloat16, "
             "or keep them on disk with --activation-dir DIR"
         )
+
+
+def _memory_here(device: str) -> tuple[int, str] | None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device).index or 0
+        return torch.cuda.mem_get_info(index)[0], f"free on {device}"
+    memory = available_memory_bytes()
+    return None if memory is None else (memory, "of memory available")
+
+
+def check_training_memory(config: Any, batch: int, seqlen: int, dtype: str, device: str, who: str) -> None:
+    """Fine-tuning keeps every layer's activations for the backward pass, and the logits with their gradient:
+    at least ``batch x seqlen x (layers x (4 x hidden + 2 x intermediate) x bytes + 2 x vocab x 4)`` bytes
+    (a lower bound: attention scores, optimizer state and the model itself come on top). Refused when even
+    that is more than the memory here."""
+    data = _as_dict(config)
+    hidden = _first(data, HIDDEN_KEYS)
+    layers = _first(data, ("num_hidden_layers", "n_layer", "num_layers"))
+    if hidden is None or layers is None:
+        return
+    intermediate = _first(data, ("intermediate_size", "n_inner", "ffn_dim"))
+    vocab = _first(data, ("vocab_size",))
+    width = DTYPE_BYTES.get(dtype, 4)
+    per_token = layers[1] * (4 * hidden[1] + 2 * (intermediate[1] if intermediate else 4 * hidden[1])) * width
+    per_token += 2 * (vocab[1] if vocab else 0) * 4
+    need = batch * seqlen * per_token
+    here = _memory_here(device)
+    if here is None or need <= here[0]:
+        return
+    raise ConfigError(
+        f"{who}: batch {batch} x seqlen {seqlen} needs at least {human_bytes(need)} for training activations "
+        f"({human_bytes(per_token)} a token), more than the {human_bytes(here[0])} {here[1]}; lower its batch or seqlen"
+    )
+
+
+def check_recovery_limits(config: Any, recipe: Any) -> None:
+    """A recovery's training windows against the model's context and the memory here."""
+    if recipe.recovery is None:
+        return
+    params = recipe.recovery.params
+    who = f"recovery '{recipe.recovery.name}'"
+    seqlen, batch = params.get("seqlen", 128), params.get("batch", 2)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (seqlen, batch)):
+        return  # the recovery's Config names the bad value
+    check_seqlen(config, seqlen, f"{who}: seqlen")
+    check_training_memory(config, batch, seqlen, recipe.model.dtype, recipe.model.device, who)
 
 
 def check_recipe_limits(config: Any, recipe: Any, evaluation: bool = True) -> None:
@@ -123,6 +192,7 @@ def check_recipe_limits(config: Any, recipe: Any, evaluation: bool = True) -> No
         recipe.model.device,
         recipe.calibration.activation_dir,
     )
+    check_recovery_limits(config, recipe)
 
 
 def check_statistics(loaded: LoadedModel, plugins: list[Any]) -> None:

@@ -20,6 +20,8 @@ right after it loads (``Pipeline.prepare``).
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,15 @@ def check_text_sources(recipe: Recipe, text_model: bool = True) -> None:
                 )
 
 
+def _note_model_output(output: str | Path, source: str) -> None:
+    """A run writes the model in its dtype: about its weights' size (the dense checkpoint's, when on disk)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) + sum(f.stat().st_size for f in folder.glob("*.bin"))
+        if size:
+            note_output_size(output, size)
+
+
 def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]]] = (), text_model: bool = True) -> None:
     from strataprune.contract.registry import get_registry
     from strataprune.data.text_windows import open_dataset
@@ -80,6 +91,101 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
     resolve_device(recipe.model.device)
 
 
+#: the longest name strataprune gives a sibling of an output while writing it: ".NAME.strataprune-tmp-PID-XXXXXXXX"
+#: (PID up to 7 digits; the lock ".NAME.strataprune-lock" and the old copy ".NAME.strataprune-old-..." are shorter
+#: or as long); strataprune/runtime/outputs.py
+SIBLING_EXTRA = len("..strataprune-tmp-1234567-0123abcd")
+
+#: output folder -> bytes its writing is expected to need (for the full-disk message; see note_output_size)
+_expected_sizes: dict[str, int] = {}
+
+
+def check_output_name(output: str | Path | None, flag: str = "--output") -> None:
+    """An output name that can be written: not empty, and it and its temporary sibling within the file system's
+    name and path limits (a 230-character name used to fail only after the work, on the temporary name)."""
+    if output is None:
+        return
+    if not str(output).strip():
+        raise ConfigError(f"{flag} '{output}' is empty; name a folder (e.g. {flag} out/)")
+    dest = Path(os.path.abspath(Path(output).expanduser()))
+    ancestor = dest.parent
+    while ancestor.parent != ancestor:
+        try:
+            if ancestor.exists():
+                break
+        except OSError:  # a name too long for the file system: checked below
+            pass
+        ancestor = ancestor.parent
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+        path_max = os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in dest.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(
+                f"{flag}: the name '{part[:40]}...' is {len(os.fsencode(part))} bytes; this file system allows {name_max}"
+            )
+    longest = len(os.fsencode(dest.name)) + SIBLING_EXTRA
+    if longest > name_max:
+        raise ConfigError(
+            f"{flag}: the folder name '{dest.name[:40]}...' is {len(os.fsencode(dest.name))} bytes; with the temporary "
+            f"name it is written under (+{SIBLING_EXTRA}) that exceeds this file system's {name_max}; "
+            f"use at most {name_max - SIBLING_EXTRA} bytes"
+        )
+    if len(os.fsencode(str(dest))) + SIBLING_EXTRA + 64 > path_max:  # + room for the files inside it
+        raise ConfigError(f"{flag}: the path '{str(dest)[:60]}...' is too long for this file system ({path_max} bytes)")
+
+
+def note_output_size(output: str | Path, size: int) -> None:
+    """Record what writing ``output`` needs, and refuse now when the disk has less free."""
+    dest = Path(os.path.abspath(Path(output).expanduser()))
+    _expected_sizes[str(dest)] = size
+    ancestor = dest.parent
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    try:
+        free = shutil.disk_usage(ancestor).free
+    except OSError:
+        return
+    if size > free:
+        from strataprune.engine.limits import human_bytes
+
+        raise ConfigError(
+            f"output '{dest}' needs about {human_bytes(size)}; the disk of '{ancestor}' has {human_bytes(free)} free; "
+            "free some space or choose another --output"
+        )
+
+
+def forget_output_sizes() -> None:
+    _expected_sizes.clear()
+
+
+def expected_output_sizes() -> dict[str, int]:
+    """What note_output_size recorded (the CLI names it when a disk fills up during a save)."""
+    return dict(_expected_sizes)
+
+
+def check_cache_dir() -> None:
+    """``$STRATAPRUNE_CACHE`` (or the default cache) is a folder, or can become one; nothing is created here."""
+    from strataprune.models.files import cache_dir
+
+    cache = cache_dir()
+    if cache.exists():
+        if not cache.is_dir():
+            raise ConfigError(f"the cache '{cache}' ($STRATAPRUNE_CACHE) is not a folder; point STRATAPRUNE_CACHE to a folder")
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise ConfigError(f"the cache '{cache}' ($STRATAPRUNE_CACHE) is not writable; point STRATAPRUNE_CACHE elsewhere")
+        return
+    ancestor = cache.parent
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"the cache '{cache}' ($STRATAPRUNE_CACHE) lies under '{ancestor}', which is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"the cache '{cache}' ($STRATAPRUNE_CACHE) cannot be created: '{ancestor}' is not writable")
+
+
 def preflight(
     recipe: Recipe,
     output: str | Path | None,
@@ -91,9 +197,13 @@ def preflight(
 ) -> dict[str, Any] | None:
     """Steps 2-5 above; returns the model's config when it was on disk (None: checked after loading).
     ``inputs``: files the command reads besides the recipe's sources (the recipe file)."""
+    check_output_name(output)
+    check_cache_dir()
     if output is not None:
         check_output_dir(Path(output), overwrite, command=command, inputs={**recipe_inputs(recipe), **(inputs or {})})
     config = inspect_model(recipe.model.source)
+    if output is not None:
+        _note_model_output(output, recipe.model.source)
     text_model = language_model(recipe.model.source, config)
     check_text_sources(recipe, text_model)
     if config is not None and text_model:  # token windows vs context; image models count crops instead

@@ -232,6 +232,10 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     if "output_dir" in data:
         if data["output_dir"] is not None and not isinstance(data["output_dir"], str):
             raise ConfigError(f"output_dir: {data['output_dir']!r} must be a path")
+        if isinstance(data["output_dir"], str) and not data["output_dir"].strip():
+            raise ConfigError(
+                f"output_dir (--output): {data['output_dir']!r} is empty; name a folder, or leave it unset for the default"
+            )
         recipe.output_dir = data["output_dir"]
     if "threads" in data:
         from strataprune.runtime.threads import check_threads
@@ -242,19 +246,131 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     return recipe
 
 
+#: a recipe is a few hundred bytes; 1 MiB leaves room for generated ones and keeps the YAML parse under a few seconds
+RECIPE_MAX_BYTES = 1 << 20
+#: nesting deeper than this is no recipe (the deepest real one is ~4: model.adapter_params.prune[0]); the YAML
+#: composer recurses per level, so an unbounded depth would end in a RecursionError
+YAML_MAX_DEPTH = 32
+#: YAML nodes after alias expansion: aliases share one node, so nine levels of nine aliases each (the "billion
+#: laughs" document, 519 bytes) expand to 10^9 values in whatever walks the data afterwards; no recipe, grid or
+#: task file has more than a few thousand. Also counted while composing, so a large file stops early (the
+#: pure-Python parser reads ~10,000 nodes a second on a busy core)
+YAML_MAX_NODES = 20_000
+#: items of one list (a grid's sparsities, a task list); longer lists are mistakes, not experiments
+YAML_MAX_ITEMS = 10_000
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     if path is None:
         return Recipe()
     path = Path(path)
-    text = read_text_file(path, "recipe file", error=ConfigError)
+    text = read_text_file(path, "recipe file", error=ConfigError, limit=RECIPE_MAX_BYTES)
     data = parse_yaml(text, f"recipe '{path}'")
     return recipe_from_dict(data, where=str(path))
 
 
-def parse_yaml(text: str, what: str) -> Any:
-    """YAML -> data; a syntax error becomes one line with the line and column."""
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that counts: nesting depth while composing, nodes after alias expansion, list
+    lengths, and duplicate keys (an error naming the key and its line, instead of silently keeping the last)."""
+
+    what = "YAML"
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        depth = getattr(self, "_depth", 0) + 1
+        if depth > YAML_MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise ConfigError(
+                f"{self.what}: nesting deeper than {YAML_MAX_DEPTH} levels at line {mark.line + 1}; no recipe needs that"
+            )
+        self._depth = depth
+        self._composed = getattr(self, "_composed", 0) + 1
+        if self._composed > YAML_MAX_NODES:
+            mark = self.peek_event().start_mark
+            raise ConfigError(
+                f"{self.what}: more than {YAML_MAX_NODES:,} values (line {mark.line + 1}); a recipe has a few dozen"
+            )
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth - 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _count_nodes(node, self.what)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        f"{self.what}: key {key!r} appears twice (lines {seen[key]} and {line}); each key is given once"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(root: Any, what: str) -> None:
+    """Nodes of the document once aliases are expanded (each alias counts its whole subtree), without expanding."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{what}: an alias refers to a node that contains it (line {node.start_mark.line + 1})")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            if len(node.value) > YAML_MAX_ITEMS:
+                raise ConfigError(
+                    f"{what}: a list of {len(node.value):,} items at line {node.start_mark.line + 1}; "
+                    f"at most {YAML_MAX_ITEMS:,} are read"
+                )
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > YAML_MAX_NODES:
+                raise ConfigError(
+                    f"{what}: more than {YAML_MAX_NODES:,} values once its aliases (*name) are expanded "
+                    f"(line {node.start_mark.line + 1}); a recipe has a few dozen"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with the bounds of BoundedLoader; YAMLError passes through."""
+    loader = BoundedLoader(text)
+    loader.what = what
     try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML -> data; a syntax error becomes one line with the line and column; depth, size and duplicate
+    keys are bounded (BoundedLoader)."""
+    try:
+        return safe_yaml(text, what)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -294,7 +410,7 @@ def parse_value(raw: str, what: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return safe_yaml(raw, what)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{what}: the value {raw!r} is not valid YAML ({problem}); quote text, e.g. key='[x'") from None

@@ -189,6 +189,11 @@ class PruningSession:
         """
         layout = self.calibrator.layout
         scorers = self.trial_scorers(source, allocator.name) if allocator.searches else (None, None)
+        candidates = None
+        if allocator.assembles:  # EvoPress: a database of pruned weights swapped into the model
+            from strataprune.engine.candidates import candidate_host
+
+            candidates = candidate_host(self, source, allocator.name)
         ctx = AllocationContext(
             layout=layout,
             target=self.target,
@@ -197,6 +202,7 @@ class PruningSession:
             weights=self.weights,
             score=scorers[0],
             screen=scorers[1],
+            candidates=candidates,
             device=self.device,
             cache_dir=cache_dir() / "allocators",
             progress=self.show,

@@ -186,12 +186,36 @@ def _include_paths(selection: TaskSelection, include_path: str | Path | Sequence
         path = Path(item).expanduser()
         if not path.is_dir():
             raise DataError(f"task include path '{item}' is not a folder (it should hold lm-eval task YAML files)")
+        for task_file in sorted(path.rglob("*.yaml"))[:10_000]:
+            check_task_yaml(task_file)
         paths.append(str(path.resolve()))
+    for name in selection.names:
+        if Path(name).is_file():
+            check_task_yaml(Path(name))
     if selection.needs_bbc:
         from strataprune.evaluate.bbc_tasks import suite_dir
 
         paths.insert(0, str(suite_dir()))
     return tuple(paths)
+
+
+def check_task_yaml(path: Path) -> None:
+    """A task YAML file must parse: lm-eval skips a broken one without a word, and the task it defined then
+    reads as unknown. Only the syntax is checked (lm-eval's own tags such as ``!function`` are not resolved)."""
+    import yaml
+
+    from strataprune.data.textfile import read_text_file
+    from strataprune.engine.recipe import RECIPE_MAX_BYTES
+
+    text = read_text_file(path, "task file", error=ConfigError, limit=RECIPE_MAX_BYTES)
+    try:
+        for _ in yaml.parse(text, Loader=yaml.SafeLoader):
+            pass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"task file '{path}' is not valid YAML: {where}{problem}") from None
 
 
 def _dataset_of(exc: BaseException) -> tuple[str | None, str | None]:

@@ -379,12 +379,12 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"grid '{path}' is a directory; give a grid YAML file")
-    if not path.is_file():
-        raise ConfigError(f"grid file '{path}' does not exist")
+    from strataprune.data.textfile import read_text_file
+    from strataprune.engine.recipe import RECIPE_MAX_BYTES, safe_yaml
+
+    text = read_text_file(path, "grid file", error=ConfigError, limit=RECIPE_MAX_BYTES)  # bounded: size, type
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"grid '{path}' is not UTF-8 text") from None
+        data = safe_yaml(text, f"grid '{path}'")  # bounded: depth, aliases, duplicate keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -26,6 +26,9 @@ from strataprune.contract.errors import ConfigError
 from .grid import Grid
 from .results import FORMAT_NAME, ResultsFile, differences, model_identity, read_records
 
+#: fields every cell record has (strataprune/leaderboard/run.py writes them); a record without one is left out, counted
+CELL_FIELDS = ("key", "status", "model")
+
 
 def merge_submission(results: ResultsFile, grid: Grid, path: Path, echo: Callable[[str], None] = print) -> int:
     """Append the submission's finished cells that this leaderboard lacks; returns how many."""
@@ -60,7 +63,14 @@ def merge_submission(results: ResultsFile, grid: Grid, path: Path, echo: Callabl
             mismatch = differences(model_identity(ours[label]), model_identity(record))
             if mismatch:
                 problems.append(f"model {label}: {'; '.join(mismatch)}")
-    cells = {r["key"]: r for r in records if r.get("record") == "cell"}  # the latest record of each key
+    incomplete = []
+    for number, r in enumerate(records, 1):
+        if r.get("record") == "cell":
+            missing = [f for f in CELL_FIELDS if f not in r]
+            if missing:
+                incomplete.append(f"line {number} ({', '.join(missing)})")
+    # the latest complete record of each key
+    cells = {r["key"]: r for r in records if r.get("record") == "cell" and all(f in r for f in CELL_FIELDS)}
     have = {k for k, r in results.cells().items() if r.get("status") == "ok"}
     take = []
     for key, record in cells.items():
@@ -85,5 +95,13 @@ def merge_submission(results: ResultsFile, grid: Grid, path: Path, echo: Callabl
     for record in take:
         results.append({**record, "submitted": {"file": path.name, "host": header.get("host"), "merged": now()}})
     skipped = sum(1 for r in cells.values() if r.get("status") == "ok") - len(take)
+    failed = sum(1 for r in cells.values() if r.get("status") != "ok")
     echo(f"merged {len(take)} cells from {path}" + (f" ({skipped} already here were kept)" if skipped else ""))
+    if failed:
+        echo(f"warning: left out {failed} cell(s) of {path} that did not finish (status other than ok)")
+    if incomplete:
+        echo(
+            f"warning: left out {len(incomplete)} cell record(s) of {path} without the fields every cell has "
+            f"({', '.join(CELL_FIELDS)}): {'; '.join(incomplete[:5])}{' ...' if len(incomplete) > 5 else ''}"
+        )
     return len(take)

@@ -75,7 +75,10 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # legacy=True is the value a Llama tokenizer takes when none is given (and what the saved tokenizer_config.json
+        # records either way; the token ids and files are identical): naming it keeps transformers' "default legacy
+        # behaviour" warning out of every conversion. Other tokenizer classes ignore the setting.
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=True)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
         config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
@@ -126,13 +129,13 @@ def resolve_device(device: str) -> tuple[torch.device | None, str | None]:
     """A recipe's ``model.device``: (torch device, None), or (None, "auto") for accelerate's device_map.
 
     ``cpu`` (default), ``cuda``, ``cuda:N``, or ``auto``: spread the blocks over every visible GPU
-    (accelerate ``device_map="auto"``) for models that do not fit one. CUDA on a machine without
-    it is an error that says so.
+    (accelerate ``device_map="auto"``) for models that do not fit one, or the CPU on a machine without
+    a GPU (like transformers' ``device_map="auto"``). ``cuda`` on a machine without it is an error that says so.
     """
     text = str(device).strip().lower()
-    if text == "auto":
+    if text == "auto":  # the best device here, as transformers' device_map="auto": the GPUs, else the CPU
         if not torch.cuda.is_available():
-            raise ConfigError("model.device 'auto' spreads the model over GPUs, but CUDA is not available here; use 'cpu'")
+            return torch.device("cpu"), None
         return None, "auto"
     try:
         dev = torch.device(text)

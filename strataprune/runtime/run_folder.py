@@ -132,6 +132,17 @@ class RunFolder:
                 return int(cfg[key])
         return 2048
 
+    def check_causal_lm(self, who: str) -> None:
+        """Refuse a run whose model is not a causal language model (an image classifier, an encoder)."""
+        architectures = [str(a) for a in self.config.get("architectures") or []]
+        if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
+            return
+        kind = ", ".join(architectures) or "(no architectures in config.json)"
+        raise ConfigError(
+            f"{who} deploys causal language models; this run's model is {kind} "
+            f"(model_type {self.config.get('model_type')!r}) in '{self.path}'"
+        )
+
     @property
     def model_source(self) -> str:
         return str(((self.report.get("recipe") or {}).get("model") or {}).get("source") or "")

@@ -22,21 +22,7 @@ import time
 from typing import Any
 
 from strataprune.contract.errors import ConfigError
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, further limited by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
+from strataprune.contract.threads import available_cpus, check_thread_count
 
 
 def _own_load() -> float:
@@ -66,12 +52,12 @@ def auto_threads() -> tuple[int, str]:
 
 
 def check_threads(value: Any, where: str = "threads") -> int | None:
-    """A threads setting: null (auto) or an integer >= 1; anything else is a ConfigError naming it."""
+    """A threads setting: null (auto) or an integer from 1 to max_threads(); anything else is a ConfigError naming it."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: {value!r} must be an integer >= 1, or null for auto")
-    return value
+    return check_thread_count(value, where)
 
 
 def apply_threads(setting: int | None) -> dict[str, Any]:

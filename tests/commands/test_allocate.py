@@ -49,6 +49,7 @@ def tiny_args(model: Path, text: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # every built-in allocator, searching ones included
 def test_allocate_all_builtins_writes_outputs(tiny_llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "alloc"
     specs = ",".join(ALL).replace("atp", "atp:max_trials=2")

@@ -11,7 +11,20 @@ import torch
 from strataprune.cli import main
 from strataprune.deploy.bench import _verdicts, amdahl_cap, format_markdown, format_table
 
+pytestmark = pytest.mark.slow  # every test deploys or benchmarks tiny runs it prunes first
+
 RUN_FLAGS = ["--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--quiet"]
+
+
+def _onnxruntime_state():
+    from strataprune.contract.registry import get_registry
+
+    return get_registry().create("backend", "onnxruntime").available()
+
+
+# the backend's own check (onnxruntime, onnx and onnxscript installed and importable), with its reason and install hint
+_ORT = _onnxruntime_state()
+needs_onnxruntime = pytest.mark.skipif(not _ORT.ok, reason=f"the onnxruntime backend is not available here: {_ORT.reason}")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +93,7 @@ def run_int4(tiny_llama_dir, text, tmp_path_factory) -> Path:
     return out
 
 
+@needs_onnxruntime
 def test_deploy_writes_a_compressed_checkpoint_an_engine_artifact_and_parity(run70, tmp_path, capsys):
     out = tmp_path / "deployed"
     assert main(["deploy", str(run70), "--backend", "onnxruntime", "--output", str(out), "--prompt-len", "24", "--quiet"]) == 0
@@ -101,6 +115,7 @@ def test_deploy_writes_a_compressed_checkpoint_an_engine_artifact_and_parity(run
     assert all(torch.equal(deployed[k], v) for k, v in original.items())
 
 
+@needs_onnxruntime
 def test_int4_run_deploys_as_matmulnbits_with_parity(run_int4, tmp_path, capsys):
     out = tmp_path / "deployed-int4"
     assert main(["deploy", str(run_int4), "--backend", "onnxruntime", "--output", str(out), "--prompt-len", "24", "--quiet"]) == 0
@@ -114,6 +129,7 @@ def test_int4_run_deploys_as_matmulnbits_with_parity(run_int4, tmp_path, capsys)
     assert (out / "quantization.json").is_file()
 
 
+@needs_onnxruntime
 def test_bench_reports_dense_and_pruned_on_each_engine_with_speedups(run70, tmp_path, capsys):
     out = tmp_path / "bench"
     assert (

@@ -14,6 +14,8 @@ import yaml
 
 from strataprune.testing import check_allocator
 
+pytestmark = pytest.mark.slow  # pip-installs the example plugin and runs it through the CLI
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "strataprune-example-plugin"
 
 

@@ -15,6 +15,8 @@ from strataprune.cli import main
 from strataprune.contract.errors import ConfigError
 from strataprune.evaluate.zeroshot import PAPERS7, REPORTED_METRIC, check_causal_lm, evaluate_tasks, parse_tasks
 
+pytestmark = pytest.mark.slow  # lm-eval builds its task index in the first test, then runs tiny evaluations
+
 pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'strataprune[eval]'")
 
 #: a prompt and choices of very different lengths, so acc (summed log-likelihood) and acc_norm

@@ -26,6 +26,8 @@ from strataprune.contract.registry import get_registry
 from strataprune.leaderboard.grid import grid_from_dict, load_grid
 from strataprune.leaderboard.run import run_leaderboard
 
+pytestmark = pytest.mark.slow  # every test runs a leaderboard grid (minutes on 2 cores)
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "strataprune-example-plugin"
 
 BRITTLE = '''

@@ -92,6 +92,18 @@ class SparseCpuConfig:
         if b == 32 and (g is not None or self.dequantized):
             raise ConfigError("backend 'sparse-cpu': groupsize and dequantized apply to bits=8 or bits=4 only; bits=32")
 
+    def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
+        m = self.min_sparsity
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
+            raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ConfigError(f"backend 'sparse-cpu': threads {t!r}; allowed: an integer >= 1 (or unset: the run's --threads)")
+        if t is not None:
+            from strataprune.contract.threads import check_thread_count
+
+            check_thread_count(t, "backend 'sparse-cpu': threads")
+
 
 def kernels_version() -> str:
     """The package version plus the kernel path this CPU gets, e.g. '0.1.0 (avx512)'."""
@@ -394,12 +406,7 @@ class SparseCpuBackend(TorchBase):
         return model
 
     def _check_config(self) -> None:
-        m = self.config.min_sparsity
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
-            raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
-        t = self.config.threads
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
-            raise ConfigError(f"backend 'sparse-cpu': threads {t!r}; allowed: an integer >= 1 (or unset: the run's --threads)")
+        SparseCpuConfig.__post_init__(self.config)  # a config built without from_params (tests, other hosts)
 
     def prepare(self, model_dir: Path, workdir: Path, settings: DeploySettings) -> CompiledModel:
         import strataprune.kernels as kernels

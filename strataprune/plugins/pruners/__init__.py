@@ -5,6 +5,7 @@ from strataprune.contract.hookspecs import hookimpl
 
 @hookimpl
 def register_pruners(register):  # type: ignore[no-untyped-def]
+    from .dsnot import DSnoT
     from .magnitude import Magnitude
     from .sparsegpt import SparseGPT
     from .wanda import Wanda
@@ -12,3 +13,4 @@ def register_pruners(register):  # type: ignore[no-untyped-def]
     register(Magnitude)
     register(SparseGPT)
     register(Wanda)
+    register(DSnoT)

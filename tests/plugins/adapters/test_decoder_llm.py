@@ -21,7 +21,9 @@ EXPECTED_BLOCK_LIST = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if k == "gemma3_text" else k for k in sorted(TINY_CONFIGS)]
+)
 def test_contract_on_every_layout(kind):
     model = tiny_model(kind)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))  # longer than Gemma's window

@@ -142,6 +142,7 @@ AVAILABLE = [name for name in ("onnxruntime", "deepsparse") if get_registry().cr
 SKIPPED = {name: get_registry().create("backend", name).available().reason for name in ("onnxruntime", "deepsparse")}
 
 
+@pytest.mark.slow  # an ONNX export and engine session per backend
 @pytest.mark.parametrize("name", ["onnxruntime", "deepsparse"])
 def test_export_and_parity_against_torch(name, pruned_tiny, windows, tmp_path):
     if name not in AVAILABLE:

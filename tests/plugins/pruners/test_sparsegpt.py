@@ -247,17 +247,53 @@ def test_symmetric_and_3bit_grids(problem):
     assert grid_violations(res.weight, quant) == 0
 
 
+def grid_codes(weight: torch.Tensor, quant: dict) -> torch.Tensor:
+    """The integer grid index q of every weight (weight = scale * (q - zero) of its group), as int64."""
+    g = quant["groupsize"] or weight.shape[1]
+    group = torch.arange(weight.shape[1]) // g
+    return torch.round(weight / quant["scale"][:, group] + quant["zero"][:, group]).long()
+
+
+#: float32 reordering (another block size, another CPU's summation order) moves a value before rounding by
+#: a few ulps of the sums that built it: ~sqrt(256 columns) x 6e-8 x |w| (|w| <= 15 grid steps) ~ 1e-5 of a
+#: grid step. A kept weight lands that close to a rounding boundary with probability ~2e-5, so the 8192 kept
+#: weights of this problem expect ~0.2 flips; 4 rows (of 64) is a wide margin. A real blocking bug (a group
+#: that straddles a block boundary quantized with stale weights) changes the grid of every row.
+MAX_FLIPPED_ROWS = 4
+
+
 def test_quant_groups_spanning_blocks_use_current_weights(problem):
     """Lazy batching is an exact reorganisation: with N:M (mask independent of blocks) the result must not
-    depend on the block size, even when a quantization group straddles a block boundary."""
+    depend on the block size, even when a quantization group straddles a block boundary.
+
+    Exact in real arithmetic, not in float32: the two block sizes sum the same updates in another order,
+    so a value within float32 noise of a rounding boundary may round to the neighbouring grid point; the
+    flip's error then feeds the OBS update of the rest of that row, which may move its later weights and
+    2:4 choices. So, per row: identical (codes and mask) up to the first difference; that difference is a
+    flip to the neighbouring grid point (codes differ by exactly 1) on the same grid (scale equal to float32
+    noise); and rows with a flip are rare (MAX_FLIPPED_ROWS). Holds on any ISA.
+    """
     _, W, H, _ = problem
     target = Target.of(pattern="2:4")
     kw = dict(percdamp=0.01, wbits=4, groupsize=48)
-    one_block, keep1, *_ = sparsegpt_prune(W, H, target, blocksize=256, **kw)
-    split, keep2, *_ = sparsegpt_prune(W, H, target, blocksize=64, **kw)
-    assert torch.equal(keep1, keep2)
-    same = torch.isclose(one_block, split, rtol=1e-4, atol=1e-5).float().mean()
-    assert same > 0.999
+    one_block, keep1, _, _, quant1 = sparsegpt_prune(W, H, target, blocksize=256, **kw)
+    split, keep2, _, _, quant2 = sparsegpt_prune(W, H, target, blocksize=64, **kw)
+    codes1, codes2 = grid_codes(one_block, quant1), grid_codes(split, quant2)
+    differs = (codes1 != codes2) | (keep1 != keep2)
+    flipped_rows = torch.nonzero(differs.any(dim=1)).flatten().tolist()
+    assert len(flipped_rows) <= MAX_FLIPPED_ROWS, f"{len(flipped_rows)} of {W.shape[0]} rows differ"
+    for row in flipped_rows:
+        col = int(torch.nonzero(differs[row])[0])
+        group = col // kw["groupsize"]
+        assert bool(keep1[row, col] == keep2[row, col]), f"row {row}: first difference is a mask choice (col {col})"
+        assert abs(int(codes1[row, col]) - int(codes2[row, col])) == 1, f"row {row} col {col}: not a one-step flip"
+        scales = float(quant1["scale"][row, group]), float(quant2["scale"][row, group])
+        zeros = float(quant1["zero"][row, group]), float(quant2["zero"][row, group])
+        assert scales[0] == pytest.approx(scales[1], rel=1e-5) and zeros[0] == zeros[1], f"row {row}: another grid"
+    same = [r for r in range(W.shape[0]) if r not in flipped_rows]
+    assert torch.equal(keep1[same], keep2[same])
+    # on one grid, equal codes are equal values up to the scale's float32 noise (relative 1e-5, as above)
+    assert torch.allclose(one_block[same], split[same], rtol=1e-5, atol=0)
 
 
 def test_quant_params_match_formula():
