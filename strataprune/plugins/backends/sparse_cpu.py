@@ -80,7 +80,7 @@ class SparseCpuConfig:
     groupsize: int | None = None  # columns per scale: 32, 64, 128; None: per row (bits 8), 128 or the run's grid (bits 4)
     dequantized: bool = False  # run the packed quantized weights expanded to fp32 in PyTorch (the parity reference)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
         b, g = self.bits, self.groupsize
         if isinstance(b, bool) or b not in BITS:
             raise ConfigError(f"backend 'sparse-cpu': bits={b!r}; allowed: 32 (fp32 values), 8 (int8), 4 (int4)")
@@ -91,8 +91,6 @@ class SparseCpuConfig:
             )
         if b == 32 and (g is not None or self.dequantized):
             raise ConfigError("backend 'sparse-cpu': groupsize and dequantized apply to bits=8 or bits=4 only; bits=32")
-
-    def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
         m = self.min_sparsity
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
             raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
