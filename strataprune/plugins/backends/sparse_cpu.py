@@ -3,6 +3,7 @@
     strataprune bench RUN_DIR --backends onnxruntime,torch,sparse-cpu --threads 2
     strataprune bench RUN_DIR --backends sparse-cpu:min_sparsity=0.6:isa=avx2
     strataprune deploy RUN_DIR --backend sparse-cpu --output deployed/      # deployed/sparse-cpu/ is the packed model
+    strataprune bench RUN_DIR --backends onnxruntime,sparse-cpu,sparse-cpu:bits=8,sparse-cpu:bits=4
 
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
     model = load_packed_model("deployed/sparse-cpu")   # a transformers model whose pruned Linears are SparseLinear
@@ -24,6 +25,17 @@ Kernels: up to 8 tokens a GEMV that streams the packed weights once (AVX-512 mas
 AVX2 permute tables, or portable C++), above that a GEMM tiled so each tile's masks are decoded once
 per 128 tokens; OpenMP threads (``threads``, default: the run's ``--threads``). Where the package was
 installed without a C++ compiler, ``available()`` says so and how to get the kernels.
+
+Quantized weights (``bits=8`` or ``bits=4``, strataprune/kernels/quantized.py, docs/kernels-quantized.md): the
+same bitmask index over int8 codes with symmetric scales (one per row, or per ``groupsize`` columns) or int4 codes
+on an asymmetric grid per ``groupsize`` columns (default 128). For ``bits=4`` on a run pruned with SparseGPT's
+joint INT4 (``pruner.wbits=4``) the run's own grids (``quantization.safetensors``) are used, so the deployed codes
+are exactly the run's weights; otherwise each group's kept weights are rounded to the nearest point of their
+min-max grid (0 included). The kernels quantize the *activations* on the fly too (int8, one scale per token and
+128 columns, ``max|x| / 127``), so a quantized deployment does not reproduce fp32 PyTorch to 1e-3: its parity
+reference is this backend with ``dequantized=true`` (the same packed weights, read back from disk and expanded
+to fp32 ``nn.Linear`` in PyTorch), and its tolerance ``QUANTIZED_PARITY_TOLERANCE`` bounds the activation
+rounding (see there).
 """
 
 from __future__ import annotations
@@ -44,7 +56,19 @@ from strataprune.plugins.backends.torch_base import TorchBase, TorchModel
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST = "sparse_cpu.json"
 FORMAT = "strataprune-bitmask16"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # fp32 SparseLinear modules only
+QUANTIZED_FORMAT_VERSION = 2  # some modules are QuantizedSparseLinear (their manifest entry has bits, group_size)
+BITS = (32, 8, 4)
+GROUP_SIZES = (32, 64, 128)
+#: parity of a quantized deployment against its dequantized twin (the same weights, fp32 activations): what is
+#: left is the kernels' int8 activation rounding, per token and 128-column block, an error of up to
+#: max|x_block| / 254 per input. It is not small on LLMs with outlier activation channels: on SmolLM2-135M pruned to
+#: 70% with Wanda (2 WikiText-2 windows of 128 tokens, docs/kernels-quantized.md) the largest |logit difference| was
+#: 0.115 of the largest logit with int8 weights (median over positions ~1 logit, while the median top-1/top-2 gap
+#: is 0.33) and 0.305 with int4, and greedy tokens first differed at step 5 (int8) and 4 (int4). These bounds are
+#: those measurements plus ~30%: they catch a wrong code, scale or index (errors of the size of the logits
+#: themselves) and hold for activation rounding on that model; they are measured, not derived.
+QUANTIZED_PARITY_TOLERANCE = {8: 0.15, 4: 0.4}
 
 
 @dataclass
@@ -52,8 +76,21 @@ class SparseCpuConfig:
     min_sparsity: float = 0.5  # Linears with a smaller fraction of zeros stay dense (0 < min_sparsity <= 1)
     threads: int | None = None  # kernel and PyTorch threads; None: the run's --threads (DeploySettings.threads)
     isa: Literal["auto", "avx512", "avx2", "portable"] = "auto"  # force one kernel path (auto: the CPU's best)
+    bits: int = 32  # 32: fp32 values; 8: int8 values (symmetric scales); 4: int4 values (asymmetric group grids)
+    groupsize: int | None = None  # columns per scale: 32, 64, 128; None: per row (bits 8), 128 or the run's grid (bits 4)
+    dequantized: bool = False  # run the packed quantized weights expanded to fp32 in PyTorch (the parity reference)
 
     def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
+        b, g = self.bits, self.groupsize
+        if isinstance(b, bool) or b not in BITS:
+            raise ConfigError(f"backend 'sparse-cpu': bits={b!r}; allowed: 32 (fp32 values), 8 (int8), 4 (int4)")
+        if g is not None and (isinstance(g, bool) or g not in GROUP_SIZES):
+            raise ConfigError(
+                f"backend 'sparse-cpu': groupsize={g!r}; allowed: {', '.join(map(str, GROUP_SIZES))} or unset "
+                "(bits 8: one scale per row; bits 4: 128, or the run's INT4 grid)"
+            )
+        if b == 32 and (g is not None or self.dequantized):
+            raise ConfigError("backend 'sparse-cpu': groupsize and dequantized apply to bits=8 or bits=4 only; bits=32")
         m = self.min_sparsity
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
             raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
@@ -83,11 +120,14 @@ def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any
     """Write a model whose pruned Linears are SparseLinear into ``folder``; returns the manifest (sizes included)."""
     from strataprune.deploy.storage import save_tensors
     from strataprune.kernels import SparseLinear
+    from strataprune.kernels.quantized import QuantizedSparseLinear
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sparse = {name: module for name, module in model.named_modules() if isinstance(module, SparseLinear)}
-    packed_names = {f"{name}.{part}" for name in sparse for part in ("masks", "values", "offsets")}
+    kinds = (SparseLinear, QuantizedSparseLinear)
+    sparse = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+    parts = ("masks", "values", "offsets", "codes", "scales", "zeros")
+    packed_names = {f"{name}.{part}" for name in sparse for part in parts}
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     tensors: dict[str, torch.Tensor] = {}
     dense_params = sum(m.in_features * m.out_features for m in sparse.values())  # what the model holds as dense fp32
@@ -105,20 +145,34 @@ def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any
     config.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     file_bytes = (folder / WEIGHTS_FILE).stat().st_size
+    quantized = any(isinstance(m, QuantizedSparseLinear) for m in sparse.values())
+    layout = (
+        "per SparseLinear M: M.masks int16 [rows, ceil(cols/16)], M.values float32 [nnz], "
+        "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias"
+    )
+    if quantized:
+        layout = (
+            "per QuantizedSparseLinear M (bits, group_size): M.masks int16 [rows, ceil(cols/16)], M.offsets int32 "
+            "[rows + 1], M.codes uint8 (int8 or two int4 per byte), M.scales float32 [rows, ceil(cols/group_size)], "
+            "M.zeros uint8 (bits 4) (strataprune/kernels/quantized.py), M.bias; " + layout
+        )
+
+    def entry(m: torch.nn.Module) -> dict[str, Any]:
+        spec = {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "sparsity": round(m.packed.sparsity, 6),
+        }
+        if isinstance(m, QuantizedSparseLinear):
+            spec.update(bits=m.bits, group_size=m.group_size)
+        return spec
+
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layout": "per SparseLinear M: M.masks int16 [rows, ceil(cols/16)], M.values float32 [nnz], "
-        "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias",
-        "modules": {
-            name: {
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "bias": m.bias is not None,
-                "sparsity": round(m.packed.sparsity, 6),
-            }
-            for name, m in sparse.items()
-        },
+        "format_version": QUANTIZED_FORMAT_VERSION if quantized else FORMAT_VERSION,
+        "layout": layout,
+        "modules": {name: entry(m) for name, m in sparse.items()},
         **(extra or {}),
         "sizes": {
             "file_bytes": file_bytes,
@@ -128,7 +182,9 @@ def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any
             "packed_matrices_dense_bytes": packed_dense,
             "ratio_packed_matrices": packed_bytes / packed_dense if packed_dense else 1.0,
             "bytes_per_weight_packed_matrices": 4 * packed_bytes / packed_dense if packed_dense else None,
-            "bytes_per_weight_formula": "2/16 + 4 d + 4/256 per fp32 weight (d = density; masks, values, chunk offsets)",
+            "bytes_per_weight_formula": "2/16 + 4 d + 4/256 per fp32 weight (d = density; masks, values, chunk offsets)"
+            if not quantized
+            else "2/16 + d bits/8 + (4 + [bits 4]) / group_size + 4/cols per weight (masks, codes, scales, zeros, offsets)",
         },
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -141,7 +197,8 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     from transformers.modeling_utils import no_init_weights
 
     from strataprune.deploy.storage import load_tensors, read_header
-    from strataprune.kernels import SparseLinear
+    from strataprune.kernels import KernelInputError, SparseLinear
+    from strataprune.kernels.quantized import QuantizedSparseLinear
 
     folder = Path(folder)
     try:
@@ -149,10 +206,10 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"'{folder}' is not a sparse-cpu model folder ({MANIFEST} + config.json): {exc}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
         raise DataError(
             f"'{folder / MANIFEST}': format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-            f"this strataprune reads {FORMAT!r} version {FORMAT_VERSION}"
+            f"this strataprune reads {FORMAT!r} versions {FORMAT_VERSION} and {QUANTIZED_FORMAT_VERSION}"
         )
     try:
         header, _ = read_header(folder / WEIGHTS_FILE)
@@ -166,8 +223,19 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     for name, spec in manifest["modules"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        if spec.get("bits", 32) == 32:
+            module = SparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+        else:
+            group = None if spec["group_size"] == spec["in_features"] else spec["group_size"]
+            try:
+                module = QuantizedSparseLinear(spec["in_features"], spec["out_features"], spec["bits"], group, spec["bias"])
+            except KernelInputError as exc:
+                raise DataError(f"'{folder / MANIFEST}': module {name}: {exc}") from None
+        setattr(parent, child, module)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KernelInputError, RuntimeError) as exc:
+        raise DataError(f"'{folder}': the packed weights do not load: {str(exc).splitlines()[0]}") from None
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
         bad = sorted(unexpected) + sorted(set(missing) - tied)
@@ -178,6 +246,78 @@ def load_packed_model(folder: str | Path) -> torch.nn.Module:
     return model
 
 
+def quantize_linears(
+    model: torch.nn.Module,
+    bits: int,
+    groupsize: int | None,
+    min_sparsity: float,
+    grids: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Replace in place every fp32 CPU ``nn.Linear`` with at least ``min_sparsity`` zeros (and a weight of its own,
+    not tied) by a ``QuantizedSparseLinear`` of ``bits`` 8 or 4; returns (converted: name -> how the codes were
+    found, kept_dense: name -> why). ``grids`` (bits 4): matrix name -> a SparseGPT INT4 record; a matrix with one
+    is packed on it exactly (its weights already lie on the grid), the others get the min-max grid."""
+    from strataprune.kernels import KernelInputError
+    from strataprune.kernels.quantized import QuantizedSparseLinear, pack_int4, pack_int8
+
+    grids = grids or {}
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    converted: dict[str, str] = {}
+    kept_dense: dict[str, str] = {}
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for name, linear in targets:
+        weight = linear.weight.detach()
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            kept_dense[name] = f"{weight.dtype} on {weight.device} (kernels are float32, CPU)"
+            continue
+        if owners.get(id(linear.weight), 0) > 1:
+            kept_dense[name] = "weight shared with another module (tied)"
+            continue
+        sparsity = float((weight == 0).sum()) / max(1, weight.numel())
+        if sparsity < min_sparsity:
+            kept_dense[name] = f"sparsity {sparsity:.3f} < {min_sparsity}"
+            continue
+        grid = grids.get(name, grids.get(f"{name}.weight"))
+        try:
+            if bits == 8:
+                packed, how = pack_int8(weight, group_size=groupsize), "int8 round-to-nearest, symmetric"
+            elif grid is not None:
+                # the run's grid: q = round(w / scale + zero) recovers its codes (zero is an integer on the grid)
+                zero = grid["zero"].detach().float().round()
+                packed = pack_int4(weight, weight != 0, grid["groupsize"], grid["scale"], zero)
+                how = f"int4 on the run's INT{grid['bits']} grid"
+            else:
+                packed, how = pack_int4(weight, group_size=groupsize or 128), "int4 round-to-nearest, asymmetric min-max"
+        except KernelInputError as exc:
+            raise DataError(f"cannot pack {name} as int{bits}: {exc}") from None
+        bias = None if linear.bias is None else linear.bias.detach()
+        parent_name, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model, child, QuantizedSparseLinear.from_packed(packed, bias)
+        )
+        converted[name] = how
+    return converted, kept_dense
+
+
+def dequantize_linears(model: torch.nn.Module) -> int:
+    """Replace every ``QuantizedSparseLinear`` by the fp32 ``nn.Linear`` its codes stand for (the reference of a
+    quantized deployment: the same weights, dense fp32 matmuls, no activation rounding); returns how many."""
+    from strataprune.kernels.quantized import QuantizedSparseLinear
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedSparseLinear)]
+    for name, module in targets:
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = module.packed.dequantize()
+        if module.bias is not None:
+            linear.bias.data = module.bias.clone()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return len(targets)
+
+
 class SparseCpuBackend(TorchBase):
     name = "sparse-cpu"
     version = "1"
@@ -185,6 +325,30 @@ class SparseCpuBackend(TorchBase):
     Config = SparseCpuConfig
     devices = ("cpu",)
     sparse_formats = ("unstructured", "2:4")  # any zero pattern is skipped; 2:4 is a special case of unstructured
+
+    @property  # type: ignore[override]
+    def reference_backend(self) -> str | None:
+        """fp32 (bits 32): eager PyTorch; quantized: this backend with the same weights dequantized (see
+        ``reference_params``)."""
+        return "torch" if self.config.bits == 32 else "sparse-cpu"
+
+    @property  # type: ignore[override]
+    def parity_tolerance(self) -> float:
+        return 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
+
+    def reference_params(self) -> dict[str, Any] | None:
+        c = self.config
+        if c.bits == 32:
+            return super().reference_params()
+        if c.dequantized:
+            return None  # the dequantized model is the reference of the quantized kernels
+        return {
+            "min_sparsity": c.min_sparsity,
+            "threads": c.threads,
+            "bits": c.bits,
+            "groupsize": c.groupsize,
+            "dequantized": True,
+        }
 
     def available(self) -> BackendAvailability:
         try:
@@ -212,9 +376,31 @@ class SparseCpuBackend(TorchBase):
 
     def convert(self, model: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
         """Every fp32 Linear with >= min_sparsity zeros (and not tied to the embeddings) becomes a SparseLinear."""
-        from strataprune.kernels import sparsify_model
+        from strataprune.kernels import SparsifyReport, sparsify_model
 
-        self.last_report = sparsify_model(model, min_sparsity=self.config.min_sparsity)
+        c = self.config
+        if c.bits == 32:
+            self.last_report = sparsify_model(model, min_sparsity=c.min_sparsity)
+            self.quantization = None
+            return model
+        grids: dict[str, dict[str, Any]] = {}
+        source = "round-to-nearest"
+        if c.bits == 4 and (Path(model_dir) / "quantization.json").is_file():
+            from strataprune.deploy.rundir import quantization_grids
+
+            summary, grids = quantization_grids(Path(model_dir))
+            bits, group = summary.get("bits"), summary.get("groupsize")
+            if not isinstance(bits, int) or not 1 < bits <= 4:
+                raise DataError(f"'{model_dir}/quantization.json' has bits={bits!r}; bits=4 packs grids of 2 to 4 bits")
+            if c.groupsize is not None and c.groupsize != group:
+                raise ConfigError(
+                    f"backend 'sparse-cpu': groupsize={c.groupsize} but the run's INT{bits} grids have groupsize {group}; "
+                    "leave groupsize unset to deploy the run's own grid"
+                )
+            source = f"the run's INT{bits} grids (groupsize {group})"
+        converted, kept_dense = quantize_linears(model, c.bits, c.groupsize, c.min_sparsity, grids)
+        self.last_report = SparsifyReport(kept_dense=kept_dense)
+        self.quantization = {"bits": c.bits, "groupsize": c.groupsize, "source": source, "converted": converted}
         return model
 
     def _check_config(self) -> None:
@@ -231,20 +417,33 @@ class SparseCpuBackend(TorchBase):
         kernels.set_isa(self.config.isa)
         model = self.convert(self.load(Path(model_dir)), Path(model_dir))
         report = self.last_report
-        manifest = save_packed_model(
-            model,
-            Path(workdir),
-            {"min_sparsity": self.config.min_sparsity, "kept_dense": report.kept_dense, "source": str(model_dir)},
-        )
+        extra: dict[str, Any] = {
+            "min_sparsity": self.config.min_sparsity,
+            "kept_dense": report.kept_dense,
+            "source": str(model_dir),
+        }
+        if self.quantization:
+            extra["quantization"] = self.quantization
+        manifest = save_packed_model(model, Path(workdir), extra)
         del model
         gc.collect()
         model = load_packed_model(workdir)  # run what is on disk
         sizes = manifest["sizes"]
+        bits = self.config.bits
+        if bits == 32:
+            form = f"{FORMAT} (packed Linears) + dense fp32 rest"
+        else:
+            group = self.config.groupsize or ("row" if bits == 8 else 128)
+            form = f"{FORMAT} + int{bits} codes (group {group}; int8 activations on the fly) + dense fp32 rest"
+        if self.config.dequantized:
+            dequantize_linears(model)  # the same codes, expanded to fp32 in PyTorch: the quantized kernels' reference
+            form = f"int{bits} weights of {FORMAT} dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
         meta = {
             "compiled": False,
             "device": "cpu",
             "dtype": "float32",
-            "format": f"{FORMAT} (packed Linears) + dense fp32 rest",
+            "weight_bits": bits,
+            "format": form,
             "artifact_bytes": sizes["file_bytes"],
             "converted_linears": len(manifest["modules"]),
             "kept_dense_linears": len(report.kept_dense),
