@@ -69,14 +69,16 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
 
 
 def test_folder_without_readable_images_is_one_error_line(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("no pictures here")
-    (tmp_path / "x.jpg").write_bytes(b"garbage")
+    photos = tmp_path / "photos"  # beside the output: an output may never lie inside an input
+    photos.mkdir()
+    (photos / "notes.txt").write_text("no pictures here")
+    (photos / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError, match="no readable images .2 files tried"):
-        list_images(str(tmp_path))
+        list_images(str(photos))
     from vision_models import save_tiny_vision_model
 
     model = save_tiny_vision_model("vit", tmp_path / "model")
-    assert main(["run", "--model", str(model), "--calibration", str(tmp_path), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["run", "--model", str(model), "--calibration", str(photos), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: image source") and "no readable images" in err[0]
     assert not (tmp_path / "out").exists()

@@ -75,7 +75,7 @@ def test_missing_file_and_unknown_dataset_are_clear():
 @pytest.mark.parametrize("name", ["wikitext2", "c4"])
 def test_hub_datasets_fail_fast_and_clearly_offline(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from strataprune.runtime import hub
+    from strataprune.contract import hub
 
     hub.hub_reachable.cache_clear()
     start = time.perf_counter()
@@ -86,7 +86,7 @@ def test_hub_datasets_fail_fast_and_clearly_offline(name, monkeypatch):
 
 def test_hub_model_fails_fast_and_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from strataprune.runtime import hub
+    from strataprune.contract import hub
 
     hub.hub_reachable.cache_clear()
     with pytest.raises(DataError, match="model 'someorg/some-model' must be downloaded"):
