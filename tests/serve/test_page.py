@@ -149,7 +149,7 @@ def _wait(condition: Any, seconds: float, what: str) -> Any:
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
-def test_a_prompt_streams_into_the_page(page_server, browser, tmp_path):
+def test_a_prompt_streams_into_the_page(browser, page_server, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(page_server.url + "/")
