@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>strataprune serve: __MODEL__</title>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>strataprune serve: __MODEL__</title>
 <style>
 body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:rgb(34,34,34)}
 table{border-collapse:collapse}td{padding:.15rem .8rem .15rem 0;vertical-align:top}
