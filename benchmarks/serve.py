@@ -368,6 +368,13 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if ratios:
         lines += ["", "Output tokens/s, continuous batching over one at a time (same run): " + ", ".join(ratios) + "."]
+    if report.get("llama_cpp"):
+        lines += [
+            "",
+            "llama.cpp's server (llama-cpp-python, one request at a time) gets the same prompt, max_tokens and temperature "
+            "without `ignore_eos`, which it lacks, and with a -100 logit bias on its end-of-text token; its stream has no "
+            "usage, so its output tokens are the streamed chunks (one per token).",
+        ]
     lines += ["", "The machine is shared with other jobs: compare rows within this run, not across runs.", ""]
     return "\n".join(lines)
 
