@@ -149,7 +149,11 @@ def model_folder(name: str) -> str:
     sys.path.insert(0, str(ROOT))
     from strataprune.models.loading import resolve_model
 
-    return str(resolve_model(name)[0])
+    try:
+        return str(resolve_model(name)[0])
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve is a bad argument, reported in one line
+        print(f"error: {name!r} is neither a folder nor a model strataprune knows ({exc})", file=sys.stderr)
+        sys.exit(2)
 
 
 def eos_token(gguf: str) -> int:
@@ -263,7 +267,8 @@ def main() -> None:
     ggufs = [g for g in args.llama_cpp.split(",") if g]
     for gguf in ggufs:
         if not Path(gguf).is_file():
-            raise SystemExit(f"error: --llama-cpp {gguf!r} is not a file (expected GGUF paths, comma separated)")
+            print(f"error: --llama-cpp {gguf!r} is not a file (expected GGUF paths, comma separated)", file=sys.stderr)
+            sys.exit(2)
     ours = [(args.model_dir, args.backend)] + [
         (spec.split("#")[0], spec.split("#")[1] or None if "#" in spec else None) for spec in args.serve
     ]
