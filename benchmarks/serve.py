@@ -13,6 +13,18 @@ end; per level: requests/s and generated tokens/s over the wall clock, the serve
 time (user + system, from /proc), errors by kind. Every request has a timeout; a level stops at
 ``--level-timeout`` seconds. Writes benchmarks/results/serve-<label>-<UTC>.json and .md with the
 CPU model, its ISA flags, the load average before and after and the clock.
+
+Comparison with llama.cpp's own OpenAI-compatible server (``llama-cpp-python``'s ``llama_cpp.server``, which
+needs ``sse-starlette starlette-context pydantic-settings fastapi`` beside ``llama-cpp-python``; not part of
+strataprune's install)::
+
+    python benchmarks/serve.py smollm2-135m --no-baseline --serve /path/to/run#sparse-cpu \
+        --llama-cpp Q8_0.gguf,Q4_0.gguf --threads 1 --concurrency 1,4 --requests 8 --label llamacpp
+
+``--serve DIR[#BACKEND]`` adds more of our servers to the same table; ``--llama-cpp`` starts llama.cpp's server
+on each GGUF with the same threads and sends the same requests. It has no ``ignore_eos``, so the end-of-text
+token gets a -100 logit bias instead (llama.cpp's own way to ban a token), and its stream reports no usage, so
+its generated tokens are counted as streamed chunks (one per token); throughput is per generated token either way.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -101,10 +114,60 @@ class Server:
                 self.proc.wait(10)
 
 
+class LlamaCppServer:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python) on one GGUF, on 127.0.0.1, killed at the end."""
+
+    def __init__(self, gguf: str, threads: int, context: int) -> None:
+        with socket.socket() as probe:  # a free port: its server cannot be told to pick one and report it
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(context)]
+        # it serves one request at a time (a lock); without this a waiting request would cut off the streaming one
+        command += ["--interrupt_requests", "False", "--verbose", "False"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"error: llama.cpp's server did not start on {Path(gguf).name} (is llama_cpp.server installed?)")
+
+    def stop(self) -> None:
+        Server.stop(self)  # type: ignore[arg-type]
+
+
+def model_folder(name: str) -> str:
+    """A folder as given, else a model name strataprune knows (``smollm2-135m``) as its cached folder."""
+    if Path(name).is_dir():
+        return name
+    sys.path.insert(0, str(ROOT))
+    from strataprune.models.loading import resolve_model
+
+    try:
+        return str(resolve_model(name)[0])
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve is a bad argument, reported in one line
+        print(f"error: {name!r} is neither a folder nor a model strataprune knows ({exc})", file=sys.stderr)
+        sys.exit(2)
+
+
+def eos_token(gguf: str) -> int:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=gguf, vocab_only=True, verbose=False)
+    return int(vocab.token_eos())
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     start = time.perf_counter()
     stamps: list[float] = []
     usage = None
+    chunks = 0
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as response:
             if response.status_code != 200:
@@ -118,11 +181,13 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                     return {"error": chunk["error"].get("code") or "error"}
                 if chunk["choices"][0]["text"]:
                     stamps.append(time.perf_counter())
+                if chunk["choices"][0].get("finish_reason") is None:
+                    chunks += 1
                 usage = chunk.get("usage") or usage
     except httpx.HTTPError as exc:
         return {"error": type(exc).__name__}
     end = time.perf_counter()
-    tokens = (usage or {}).get("completion_tokens", 0)
+    tokens = (usage or {}).get("completion_tokens") or chunks  # llama.cpp's stream has no usage: one chunk a token
     return {
         "ttft": stamps[0] - start if stamps else None,
         "itl": [b - a for a, b in zip(stamps, stamps[1:])],
@@ -170,6 +235,7 @@ async def level(url: str, body: dict[str, Any], concurrency: int, requests: int,
         "errors": errors,
         "wall_s": wall,
         "requests_per_s": len(done) / wall,
+        "output_tokens": sum(r["tokens"] for r in done),
         "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
         "ttft": stats([r["ttft"] for r in done]),
         "tpot": stats([r["tpot"] for r in done]),
@@ -192,35 +258,63 @@ def main() -> None:
     parser.add_argument("--label", default="model")
     parser.add_argument("--note", default="", help="how the model was made (recorded with the results)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also --max-running 1")
+    parser.add_argument("--serve", action="append", default=[], metavar="DIR[#BACKEND]", help="another of our servers")
+    parser.add_argument("--llama-cpp", default="", metavar="GGUF[,GGUF]", help="llama.cpp's server on these GGUF files")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    settings = {"continuous batching": ["--max-running", str(max(levels))]}
-    if args.baseline:
-        settings["one at a time (baseline)"] = ["--max-running", "1"]
+    ggufs = [g for g in args.llama_cpp.split(",") if g]
+    for gguf in ggufs:
+        if not Path(gguf).is_file():
+            print(f"error: --llama-cpp {gguf!r} is not a file (expected GGUF paths, comma separated)", file=sys.stderr)
+            sys.exit(2)
+    ours = [(args.model_dir, args.backend)] + [
+        (spec.split("#")[0], spec.split("#")[1] or None if "#" in spec else None) for spec in args.serve
+    ]
+    ours = [(model_folder(folder), backend) for folder, backend in ours]
+    settings: dict[str, tuple[str, str | None, list[str]]] = {}
+    for folder, backend in ours:
+        prefix = "" if len(ours) == 1 and not ggufs else f"{Path(folder).name} {backend or 'default backend'}: "
+        settings[prefix + "continuous batching"] = (folder, backend, ["--max-running", str(max(levels))])
+        if args.baseline:
+            settings[prefix + "one at a time (baseline)"] = (folder, backend, ["--max-running", "1"])
     report: dict[str, Any] = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model_dir": Path(args.model_dir).name,  # the folder name only: results never record local paths
+        "model_dir": ", ".join(Path(folder).name for folder, _ in ours),  # names only: results never record local paths
         "label": args.label,
         "model_note": args.note,
-        "backend": args.backend or "(deploy.json's, else torch)",
+        "backend": ", ".join(backend or "(deploy.json's, else torch)" for _, backend in ours),
+        "llama_cpp": [Path(g).name for g in ggufs],
         "request": {k: v for k, v in body.items() if k != "prompt"} | {"prompt_words": args.prompt_tokens},
         "requests_per_level": args.requests,
         "machine": machine(),
         "load_average_before": os.getloadavg(),
         "runs": [],
     }
-    for name, flags in settings.items():
+    runs: list[tuple[str, Any, dict[str, Any]]] = []
+    for name, (folder, backend, flags) in settings.items():
         extra = ["--threads", str(args.threads), "--max-queue", "1024", "--timeout", str(args.timeout)]
-        server = Server(args.model_dir, flags + extra + (["--backend", args.backend] if args.backend else []))
+        runs.append((name, lambda f=folder, b=backend, x=flags + extra: Server(f, x + (["--backend", b] if b else [])), body))
+    for gguf in ggufs:
+        # the same request; llama.cpp's server has no ignore_eos, so its end-of-text token is banned by logit bias
+        llama_body = {k: v for k, v in body.items() if k != "ignore_eos"} | {"logit_bias": {str(eos_token(gguf)): -100.0}}
+        context = 2 * (args.prompt_tokens + args.max_tokens) + 64  # prompt words can be more than one token each
+        runs.append(
+            (f"llama.cpp server {Path(gguf).name}", lambda g=gguf, n=context: LlamaCppServer(g, args.threads, n), llama_body)
+        )
+    for name, start_server, request in runs:
+        server = start_server()
         try:
-            asyncio.run(level(server.url, {**body, "max_tokens": 4}, 1, 2, args.timeout, args.level_timeout))  # warm-up
+            asyncio.run(level(server.url, {**request, "max_tokens": 4}, 1, 2, args.timeout, args.level_timeout))  # warm-up
             for concurrency in levels:
                 cpu0 = cpu_seconds(server.proc.pid)
-                row = asyncio.run(level(server.url, body, concurrency, args.requests, args.timeout, args.level_timeout))
+                row = asyncio.run(level(server.url, request, concurrency, args.requests, args.timeout, args.level_timeout))
                 row["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu0
                 row["setting"] = name
+                row["server_cpu_ms_per_token"] = (
+                    1e3 * row["server_cpu_s"] / row["output_tokens"] if row["output_tokens"] else None
+                )
                 report["runs"].append(row)
                 print(
                     f"{name:28s} c={concurrency:3d}: {row['requests_per_s']:.2f} req/s, {row['output_tokens_per_s']:.1f} tok/s, "
@@ -249,13 +343,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['when']}; {m.get('cpu')} ({m.get('cpus')} CPUs, ISA {', '.join(m.get('isa', []))}, clock {m.get('mhz')} MHz); "
         f"load average (1, 5, 15 min) before {tuple(round(x, 1) for x in report['load_average_before'])}, "
         f"after {tuple(round(x, 1) for x in report['load_average_after'])}.",
-        f"Model `{report['model_dir']}`, backend {report['backend']}; each request: {report['request']}; "
+        f"Model `{report['model_dir']}`, backend {report['backend']}"
+        + (f"; llama.cpp's server on {', '.join(report['llama_cpp'])}" if report.get("llama_cpp") else "")
+        + f"; each request: {report['request']}; "
         f"{report['requests_per_level']} requests per level, streaming over loopback.",
         report.get("model_note", ""),
         "",
         "| server | concurrency | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | "
-        "e2e p50 / p99 ms | server CPU s | wall s | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "e2e p50 / p99 ms | output tokens | server CPU s | server CPU ms/token | wall s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         lines.append(
@@ -263,16 +359,27 @@ def markdown(report: dict[str, Any]) -> str:
             f"{ms(r['ttft']['median_ms'])} / {ms(r['ttft']['p99_ms'])} | "
             f"{ms(r['tpot']['median_ms'])} / {ms(r['tpot']['p99_ms'])} | "
             f"{ms(r['itl']['median_ms'])} / {ms(r['itl']['p99_ms'])} | {ms(r['e2e']['median_ms'])} / {ms(r['e2e']['p99_ms'])} | "
-            f"{r['server_cpu_s']:.1f} | {r['wall_s']:.1f} | {r['errors'] or 'none'} |"
+            f"{r.get('output_tokens', '-')} | {r['server_cpu_s']:.1f} | {ms(r.get('server_cpu_ms_per_token'))} | "
+            f"{r['wall_s']:.1f} | "
+            f"{r['errors'] or 'none'} |"
         )
     base = {r["concurrency"]: r for r in report["runs"] if r["setting"].startswith("one at a time")}
     ratios = [
         f"c={r['concurrency']}: {r['output_tokens_per_s'] / base[r['concurrency']]['output_tokens_per_s']:.2f}x"
         for r in report["runs"]
-        if r["setting"] == "continuous batching" and r["concurrency"] in base and base[r["concurrency"]]["output_tokens_per_s"]
+        if r["setting"].endswith("continuous batching")
+        and r["concurrency"] in base
+        and base[r["concurrency"]]["output_tokens_per_s"]
     ]
     if ratios:
         lines += ["", "Output tokens/s, continuous batching over one at a time (same run): " + ", ".join(ratios) + "."]
+    if report.get("llama_cpp"):
+        lines += [
+            "",
+            "llama.cpp's server (llama-cpp-python, one request at a time) gets the same prompt, max_tokens and temperature "
+            "without `ignore_eos`, which it lacks, and with a -100 logit bias on its end-of-text token; its stream has no "
+            "usage, so its output tokens are the streamed chunks (one per token).",
+        ]
     lines += ["", "The machine is shared with other jobs: compare rows within this run, not across runs.", ""]
     return "\n".join(lines)
 
