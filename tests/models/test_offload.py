@@ -113,8 +113,7 @@ def test_device_errors_are_clear():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="asked for CUDA"):
             resolve_device("cuda")
-        with pytest.raises(ConfigError, match="CUDA is not available"):
-            resolve_device("auto")
+        assert resolve_device("auto") == (torch.device("cpu"), None)  # auto: the best device here
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
