@@ -152,7 +152,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def main() -> int:
-    from strataprune.models.loading import cache_dir
+    from strataprune.contract.cache import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

@@ -33,7 +33,7 @@ class EngineEnv:
 
     @property
     def folder(self) -> Path:
-        from strataprune.models.loading import cache_dir
+        from strataprune.contract.cache import cache_dir
 
         return cache_dir() / "venvs" / f"{self.name}-{self.requirements[0].split('==')[1]}"
 

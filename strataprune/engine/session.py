@@ -25,6 +25,7 @@ import torch
 
 from strataprune.contract.allocation import Allocation
 from strataprune.contract.allocator import AllocationContext, Allocator
+from strataprune.contract.cache import cache_dir
 from strataprune.contract.errors import ConfigError
 from strataprune.contract.layout import BlockStats, LoadedModel, MatrixInfo
 from strataprune.contract.pruner import Pruner
@@ -39,7 +40,7 @@ from strataprune.engine.pruning import PruneRecord, prune_matrix
 from strataprune.engine.recipe import Recipe
 from strataprune.engine.tasks.base import Calibration, TaskKind
 from strataprune.engine.tasks.kinds import task_kind
-from strataprune.models.loading import DTYPES, cache_dir, load_model
+from strataprune.models.loading import DTYPES, load_model
 from strataprune.models.offload import BlockOffloader, DenseWeights, offloader_of
 from strataprune.runtime.reports import StageTimer
 from strataprune.runtime.threads import apply_threads

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from strataprune.models.loading import cache_dir
+from strataprune.contract.cache import cache_dir
 
 #: bump when the items or the prompts change (a new cache folder and new task versions follow)
 SUITE_VERSION = "1"

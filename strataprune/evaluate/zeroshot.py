@@ -405,7 +405,7 @@ def _shape(raw: dict[str, Any], resolved: ResolvedTasks) -> dict[str, Any]:
 
 
 def _cache_file(key_fields: dict[str, Any]) -> Path:
-    from strataprune.models.loading import cache_dir
+    from strataprune.contract.cache import cache_dir
 
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "zeroshot" / "results" / f"{key}.json"

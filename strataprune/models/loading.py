@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
+from strataprune.contract.cache import cache_dir
 from strataprune.contract.errors import ConfigError, DataError, did_you_mean
 from strataprune.contract.layout import LoadedModel
-from strataprune.models.files import (  # noqa: F401 - cache_dir, DEFAULT_MODEL, EmbeddedModel: their former home
-    DEFAULT_MODEL,
+from strataprune.models.files import (
     EMBEDDED,
     EmbeddedModel,
-    cache_dir,
     check_gguf,
     check_model_folder,
     converted_folder,
