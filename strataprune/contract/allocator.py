@@ -99,6 +99,8 @@ class Allocator(Plugin):
     searches: ClassVar[bool] = False
     #: whether ``allocate`` needs ``ctx.candidates`` (a database of pruned weights and the model's logits)
     assembles: ClassVar[bool] = False
+    #: whether it can allocate for an N:M target (checked before any work, like ``Pruner.supports_nm``)
+    supports_nm: ClassVar[bool] = True
 
     def observe_block(self, stats: BlockStats) -> None:
         """Called once per block, in order, during the dense pass; keep only reduced statistics."""

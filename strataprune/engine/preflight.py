@@ -76,7 +76,11 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
     for name, params in allocators or [(recipe.allocator.name, recipe.allocator.params)]:
         if name == recipe.allocator.name:
             params = {**recipe.allocator.params, **params}
-        registry.create("allocator", name, params)
+        allocator = registry.create("allocator", name, params)
+        if recipe.target.pattern is not None and not allocator.supports_nm:
+            raise ConfigError(
+                f"allocator '{name}' allocates unstructured ratios; use a ratio target, not {recipe.target.pattern}"
+            )
     pruner = registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
     if recipe.target.pattern is not None and not pruner.supports_nm:
         raise ConfigError(f"pruner '{pruner.name}' does not support N:M sparsity ({recipe.target.pattern})")

@@ -297,6 +297,7 @@ class EvoPress(Allocator):
     summary = "per-block (or per-matrix) levels by evolutionary search on pruned weights, KL fitness (Sieberling et al. 2025)"
     Config = EvoPressConfig
     assembles = True
+    supports_nm = False  # its levels are unstructured ratios
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         cfg: EvoPressConfig = self.config

@@ -161,3 +161,19 @@ def test_tiny_llama_run(tiny_llama_dir, text_file, tmp_path):
     assert len(meta["history"]) == 3 and meta["final_fitness"] <= meta["initial_fitness"]
     assert meta["database_prunes"] == 3 and meta["database_mb"] > 0
     assert report["sparsity"]["realised_prunable"] == pytest.approx(0.6, abs=0.02)
+
+
+def test_an_nm_target_is_refused_before_any_model_loads(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    from strataprune.cli import main
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad target was found")
+
+    monkeypatch.setattr("strataprune.engine.session.load_model", tripwire)
+    out = tmp_path / "out"
+    args = ["run", "--model", str(tiny_llama_dir), "--calibration", str(text_file), "--eval-data", str(text_file)]
+    args += ["--seqlen", "32", "--eval-seqlen", "32", "--output", str(out), "--quiet"]
+    assert main([*args, "--allocator", "evopress", "--sparsity", "2:4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: allocator 'evopress' allocates unstructured ratios; use a ratio target, not 2:4"]
+    assert not out.exists()
