@@ -512,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "threads": threads,
         "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens, "warmup": args.warmup, "repeats": args.repeats,
-        "evaluation": {"text": "BBC test" if args.text == "bbc" else Path(args.text).name, "protocol": eval_windows.description.get("protocol", ""),
+        "evaluation": {"text": "BBC test" if args.text == "bbc" else Path(args.text).name,
+                       "protocol": eval_windows.description.get("protocol", ""),
                        "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])},
         "clock": args.clock, "recipe": recipe, "points": [p.spec for p in points], "rows": [],
     }  # fmt: skip
