@@ -177,7 +177,7 @@ def run_args(name: str, allocator: str, pruner: str, nsamples: int, seqlen: int)
     return args + ["--eval-windows", "2", "--eval-seqlen", "256"]
 
 
-def model_dir(point: Point, runs: Path, prune: bool, recipe: dict[str, Any]) -> Path:
+def model_dir(point: Point, runs: Path, prune: bool, recipe: dict[str, Any], wait: float = 0.0) -> Path:
     from strataprune.models.loading import resolve_model
 
     if point.model == "dense":
@@ -185,6 +185,11 @@ def model_dir(point: Point, runs: Path, prune: bool, recipe: dict[str, Any]) -> 
     if not RUN_NAME.match(point.model):
         return Path(point.model).expanduser()
     folder = runs / point.model
+    if (folder / "report.json").is_file():
+        return folder
+    deadline = time.monotonic() + wait
+    while not prune and time.monotonic() < deadline and not (folder / "report.json").is_file():
+        time.sleep(10)  # a `--prune-only` beside this run is making it
     if (folder / "report.json").is_file():
         return folder
     if not prune:
@@ -349,6 +354,16 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def describe_run(name: str, facts: dict[str, Any]) -> str:
+    quantized = f" (joint INT{facts['wbits']})" if facts.get("wbits") else ""
+    calibration = facts.get("calibration", {})
+    return (
+        f"{name}: {facts.get('allocator')} + {facts.get('pruner')}{quantized}, realised "
+        f"{fmt(100 * (facts.get('realised_sparsity') or 0))}%, calibration {calibration.get('nsamples')} x "
+        f"{calibration.get('seqlen')}"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, ev = report["machine"], report["evaluation"]
     threads = report["threads"]
@@ -359,9 +374,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['load_after'][0]:.1f}. Perplexity: {ev['text']} ({ev['protocol']}), {ev['windows']} windows x {ev['seqlen']} "
         f"tokens, no BOS, computed from each engine's own logits. Speed: {report['prompt_len']}-token prompt, "
         f"{report['decode_tokens']} greedy decode tokens with the KV cache, median of {report['repeats']} after "
-        f"{report['warmup']} warm-up; wall clock and this process's CPU time (all its threads). Pruned runs: "
-        f"{report['recipe']['allocator']} + {report['recipe']['pruner']}, calibration {report['recipe']['nsamples']} x "
-        f"{report['recipe']['seqlen']} BBC train tokens. Front = on the Pareto front of perplexity vs decode tokens/s by "
+        f"{report['warmup']} warm-up; wall clock and this process's CPU time (all its threads). "
+        f"Front = on the Pareto front of perplexity vs decode tokens/s by "
         f"{CLOCKS[report['clock']]}, {threads[0]} thread(s).",
         "",
     ]
@@ -387,6 +401,11 @@ def markdown(report: dict[str, Any]) -> str:
             d, p = timing["decode_ms_per_token"], timing["prefill_ms"]
             cells += f" {fmt(1e3 / d['wall'])} | {fmt(1e3 / d['cpu'])} | {fmt(p['wall'], 0)} | {fmt(p['cpu'], 0)} |"
         lines.append(cells + f" {row['load_before']:.1f} |")
+    runs = {r["model"]: r["run"] for r in report["rows"] if r.get("run")}
+    if runs:
+        lines += ["", "Runs: " + "; ".join(describe_run(name, facts) for name, facts in runs.items()) + "."]
+    if not report.get("complete", True):
+        lines += ["", "**Incomplete: the run stopped before every point was measured.**"]
     lines += [
         "",
         f"At equal or better perplexity, each of our points against the fastest baseline ({CLOCKS[report['clock']]}):",
@@ -432,11 +451,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(report: dict[str, Any], stem: Path, complete: bool) -> None:
+    """JSON, Markdown and PNG of the rows measured so far (``complete`` False while points remain)."""
+    report["complete"] = complete
+    report["load_after"] = os.getloadavg()
+    threads, clock = report["threads"][0], report["clock"]
+    report["front"] = [r["label"] for r, on in zip(report["rows"], mark_front(report["rows"], threads, clock)) if on]
+    report["verdict"] = verdict(report["rows"], threads, clock)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+
+
 def label_of(point: Point, facts: dict[str, Any]) -> str:
     engine = point.engine.replace("onnxruntime", "ORT")
     if point.model == "dense":
         return f"{engine} dense" if not point.is_llama_cpp else engine
     target = facts.get("target_sparsity")
+    if not target and facts.get("wbits"):
+        return f"{engine} INT{facts['wbits']} dense (SparseGPT at 0%, i.e. GPTQ)"
     where = f"{round(100 * target)}%" if target else point.model
     return f"{engine} {where}" + (" (joint INT4 run)" if facts.get("wbits") == 4 and "bits=4" not in point.engine else "")
 
@@ -461,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--native", action="store_true", help="add sparse-cpu:engine=native on every sparse run")
     ap.add_argument("--runs", default=str(DEFAULT_RUNS_ROOT), help="folder of cached run folders sNN, sNN-int4")
     ap.add_argument("--prune", action="store_true", help="make missing runs (one at a time, nice 10)")
+    ap.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for a missing run that a --prune-only beside is making"
+    )
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds after which points not yet started are skipped (0: none)")
     ap.add_argument("--prune-only", action="store_true", help="make the missing runs of the points, measure nothing")
     ap.add_argument("--allocator", default="atp")
     ap.add_argument("--pruner", default="sparsegpt")
@@ -518,11 +555,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clock": args.clock, "recipe": recipe, "points": [p.spec for p in points], "rows": [],
     }  # fmt: skip
     ggufs: dict[str, Path] = {}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"pareto-{report['utc']}"
+    ends = time.monotonic() + args.budget if args.budget else math.inf
     for point in points:
         row: dict[str, Any] = {"spec": point.spec, "engine": point.engine, "model": point.model, "weights": weights_of(point),
                                "load_before": os.getloadavg()[0], "threads": {}}  # fmt: skip
         try:
-            folder = dense_dir if point.is_llama_cpp else model_dir(point, runs, args.prune, recipe)
+            if time.monotonic() > ends:
+                raise TimeoutError(f"not measured: the --budget of {args.budget:.0f} s was spent")
+            wait = min(args.wait, max(0.0, ends - time.monotonic()))
+            folder = dense_dir if point.is_llama_cpp else model_dir(point, runs, args.prune, recipe, wait)
             facts = run_facts(folder) if point.model != "dense" else {}
             row.update(run=facts, sparsity=(facts.get("target_sparsity") or 0.0), label=label_of(point, facts))
             print(f"{row['label']} ...", file=sys.stderr, flush=True)
@@ -551,15 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {row['error']}", file=sys.stderr, flush=True)
         row["load_after"] = os.getloadavg()[0]
         report["rows"].append(row)
-    report["load_after"] = os.getloadavg()
-    report["front"] = [r["label"] for r, on in zip(report["rows"], mark_front(report["rows"], threads[0], args.clock)) if on]
-    report["verdict"] = verdict(report["rows"], threads[0], args.clock)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pareto-{report['utc']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
+        write_report(report, stem, complete=len(report["rows"]) == len(points))  # a stopped run keeps what it measured
     print(markdown(report))
     print(f"wrote {stem}.json, .md and .png", file=sys.stderr)
     return 0
