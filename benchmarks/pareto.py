@@ -21,6 +21,12 @@ re-pruning. ``--native`` adds ``sparse-cpu:engine=native`` (the C++ decoder) on 
     python benchmarks/pareto.py --prune                                   # BBC test, 40 x 512, threads 1
     python benchmarks/pareto.py --text path/to/wikitext-2/wiki.test.raw --threads 1,2
     python benchmarks/pareto.py --point llama.cpp:Q4_0@dense --point sparse-cpu:bits=4@s70-int4
+    python benchmarks/pareto.py --prune-only &                            # prune beside a measurement that
+    python benchmarks/pareto.py --wait 3600 --budget 3600 --windows 8     # waits for each run it needs
+
+The front, plot and verdict use ``--clock`` (default the process CPU time: on a shared machine the wall clock also
+counts the time spent waiting for other jobs; both are in the table). Rows are written as they are measured, so a
+run stopped by ``--budget`` (or by hand) keeps its figures, marked incomplete.
 
 Writes benchmarks/results/pareto-<UTC>.json, .md and .png (perplexity on a log scale against decode tokens/s, the
 Pareto front joined).
@@ -49,6 +55,7 @@ import cpu_bar  # noqa: E402  (the timing code and the GGUF variants live there)
 RUN_NAME = re.compile(r"^s(\d{1,2})(-int4)?$")
 DEFAULT_RUNS_ROOT = Path.home() / ".cache" / "strataprune" / "pareto"
 SPARSITIES = (50, 60, 70)
+GGUF_CACHE = Path.home() / ".cache" / "strataprune" / "cpu-bar" / "gguf"  # shared with cpu_bar.py
 CLOCKS = {"cpu": "process CPU time", "wall": "wall clock"}
 
 
@@ -501,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prune-only", action="store_true", help="make the missing runs of the points, measure nothing")
     ap.add_argument("--allocator", default="atp")
     ap.add_argument("--pruner", default="sparsegpt")
-    ap.add_argument("--nsamples", type=int, default=64, help="calibration samples for --prune (default 64)")
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration samples for --prune (default 16)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration tokens per sample for --prune (default 512)")
     ap.add_argument("--workdir", default=str(DEFAULT_RUNS_ROOT / "work"))
     ap.add_argument("--results", default=str(HERE / "results"))
@@ -573,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if point.is_llama_cpp:
                 kind = point.gguf_kind
                 if kind not in ggufs:
-                    ggufs[kind] = cpu_bar.gguf_variant(cpu_bar.smollm2_gguf(), kind, workdir / "gguf")
+                    ggufs[kind] = cpu_bar.gguf_variant(cpu_bar.smollm2_gguf(), kind, GGUF_CACHE)
                     report.setdefault(
                         "gguf_tokenizer_agrees", gguf_tokenizer_agrees(ggufs[kind], *tokenizer_probe(tokenizer, windows[0]))
                     )
