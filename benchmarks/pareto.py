@@ -434,12 +434,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     front = mark_front(rows, threads, clock)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"llama.cpp": "tab:orange", "onnxruntime": "tab:blue", "sparse-cpu": "tab:green"}
-    for row, on in zip(rows, front):
+    for i, (row, on) in enumerate(zip(rows, front)):
         family = row["engine"].split(":")[0]
         x, y = decode_tps(row, threads, clock), ppl_of(row)
         ax.scatter(x, y, s=60 if on else 30, color=colors.get(family, "tab:purple"), edgecolors="black" if on else "none",
                    zorder=3)  # fmt: skip
-        ax.annotate(row["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # neighbours' labels alternate above and below their points so that close points stay readable
+        ax.annotate(row["label"], (x, y), fontsize=7, xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
     pts = sorted((decode_tps(r, threads, clock), ppl_of(r)) for r, on in zip(rows, front) if on)
     if pts:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="black", linewidth=0.8, label="Pareto front")

@@ -198,3 +198,21 @@ def test_the_plot_is_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     pareto.plot(_report(), tmp_path / "front.png")
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_facts_read_a_run_folder(tmp_path: Path) -> None:
+    import json
+
+    report = {"recipe": {"allocator": {"name": "atp", "beta": 0.01}, "pruner": {"name": "sparsegpt", "wbits": 4},
+                         "calibration": {"source": "bbc", "nsamples": 16, "seqlen": 512}},
+              "sparsity": {"target": "0.7", "realised_prunable": 0.6999}}  # fmt: skip
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "quantization.json").write_text(json.dumps({"bits": 4, "groupsize": 128}))
+    facts = pareto.run_facts(tmp_path)
+    assert facts["allocator"] == "atp" and facts["pruner"] == "sparsegpt" and facts["target_sparsity"] == 0.7
+    assert facts["wbits"] == 4 and facts["calibration"]["nsamples"] == 16
+    assert (
+        pareto.describe_run("s70-int4", facts) == "s70-int4: atp + sparsegpt (joint INT4), realised 70.0%, calibration 16 x 512"
+    )
+    assert pareto.label_of(pareto.Point("onnxruntime", "s70-int4"), facts) == "ORT 70% (joint INT4 run)"
+    assert pareto.run_facts(tmp_path / "nowhere") == {}
