@@ -98,6 +98,7 @@ def write_folder(
     folder: str | Path,
     *,
     pack_linears: bool = False,
+    dense_dtype: torch.dtype | None = None,
     provenance: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -106,8 +107,11 @@ def write_folder(
     ``SparseLinear`` and ``QuantizedSparseLinear`` modules are written in their encodings as they are (the bytes the
     kernels hold). With ``pack_linears`` every other fp32 ``nn.Linear`` whose weight is not shared (tied) is stored
     as ``bitmask16-fp32`` where that is smaller than dense (its values exactly). Everything else is dense in its
-    dtype; a tensor shared by several names is written once and the others are listed under ``tied``.
+    dtype (``dense_dtype``, e.g. ``torch.float16``: the floating-point ones in that dtype instead); a tensor shared by
+    several names is written once and the others are listed under ``tied``.
     """
+    if dense_dtype is not None and dense_dtype not in DENSE_DTYPES.values():
+        raise ValueError(f"dense_dtype {dense_dtype}; allowed: {', '.join(DENSE_DTYPES)}")
     from strataprune.kernels.format import pack
 
     folder = Path(folder)
@@ -151,8 +155,11 @@ def write_folder(
             tied[key] = first_of[identity]
             continue
         first_of[identity] = key
-        dtype_name = str(tensor.dtype).removeprefix("torch.")
-        tensors[key] = tensor.detach().cpu().contiguous()
+        stored = tensor.detach().cpu()
+        if dense_dtype is not None and stored.is_floating_point():
+            stored = stored.to(dense_dtype)
+        tensors[key] = stored.contiguous()
+        dtype_name = str(stored.dtype).removeprefix("torch.")
         entries[key] = {"encoding": DENSE, "shape": list(tensor.shape), "dtype": dtype_name}
     # widest elements first: every tensor then starts at a multiple of its element size (the header is 8-aligned)
     ordered = dict(sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0])))
