@@ -538,6 +538,40 @@ def read_legacy_sparse_cpu(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_legacy_sparse_cpu(model: torch.nn.Module, folder: str | Path) -> None:
+    """Write ``model`` as the sparse-cpu backend's prepared folder was written before this format (``model.safetensors``
+    with the state_dict as it is, tied tensors once, and ``sparse_cpu.json`` naming the packed modules; version 2
+    when some module is quantized): for reading tests and the old-vs-new load benchmark, nothing else writes it."""
+    from strataprune.kernels.modules import SparseLinear
+    from strataprune.kernels.quantized import QuantizedSparseLinear
+
+    folder = Path(folder)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, (SparseLinear, QuantizedSparseLinear))}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        tensors[name] = tensor.detach().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": LEGACY_SPARSE_CPU})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    modules: dict[str, dict[str, Any]] = {}
+    for name, module in packed.items():
+        spec: dict[str, Any] = {"in_features": module.in_features, "out_features": module.out_features}
+        spec.update(bias=module.bias is not None, sparsity=round(module.packed.sparsity, 6))
+        if isinstance(module, QuantizedSparseLinear):
+            spec.update(bits=module.bits, group_size=module.group_size)
+        modules[name] = spec
+    quantized = any("bits" in spec for spec in modules.values())
+    manifest = {"format": LEGACY_SPARSE_CPU, "format_version": 2 if quantized else 1, "modules": modules}
+    (folder / LEGACY_SPARSE_CPU_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def load_dense_model(folder: str | Path, dtype: torch.dtype = torch.float32, attn: str = "eager") -> torch.nn.Module:
     """A plain transformers model (dense ``nn.Linear`` everywhere) from a folder of any strataprune checkpoint kind."""
     from transformers import AutoModelForCausalLM

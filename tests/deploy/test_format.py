@@ -15,7 +15,7 @@ from strataprune import kernels
 from strataprune.contract.errors import DataError
 from strataprune.deploy import format as spformat
 from strataprune.deploy import storage
-from strataprune.models.tensorfile import read_header, save_tensors
+from strataprune.models.tensorfile import read_header
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
 
@@ -201,30 +201,6 @@ def test_a_legacy_sparse_bitmask_checkpoint_reads_back_exactly(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def _write_legacy_sparse_cpu(model: torch.nn.Module, folder: Path) -> None:
-    """The sparse-cpu prepared folder as strataprune wrote it before this format: model.safetensors holding the
-    state_dict as it is (tied copies once) and sparse_cpu.json naming the packed modules."""
-    packed = _packed_modules(model)
-    quantized = any(hasattr(m, "bits") for m in packed.values())
-    seen, tensors = set(), {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(tensors, folder / "model.safetensors", metadata={"format": "strataprune-bitmask16"})
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
-    modules = {}
-    for name, m in packed.items():
-        modules[name] = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-        if hasattr(m, "bits"):
-            modules[name].update(bits=m.bits, group_size=m.group_size)
-    manifest = {"format": "strataprune-bitmask16", "format_version": 2 if quantized else 1, "modules": modules}
-    (folder / "sparse_cpu.json").write_text(json.dumps(manifest))
-
-
 @needs_kernels
 @pytest.mark.parametrize("version", [1, 2])
 def test_legacy_sparse_cpu_folders_read_back_exactly(tmp_path, version):
@@ -234,7 +210,7 @@ def test_legacy_sparse_cpu_folders_read_back_exactly(tmp_path, version):
 
     model = _mixed_model() if version == 2 else _pruned_model()
     sparsify_model(model, min_sparsity=0.5)
-    _write_legacy_sparse_cpu(model, tmp_path)
+    spformat.write_legacy_sparse_cpu(model, tmp_path)  # the layout sparse-cpu wrote before this format
     assert spformat.folder_kind(tmp_path) == spformat.KIND_SPARSE_CPU
     state = spformat.read_state_dict(tmp_path)
     for name, module in _packed_modules(model).items():
