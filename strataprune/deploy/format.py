@@ -418,14 +418,14 @@ def load_model(folder: str | Path, *, kernels: bool = True, min_sparsity: float 
             state[name] = mapped.dense(name)
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    from strataprune.kernels import KernelInputError
+
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except KernelInputError as exc:  # the kernels' validators: masks, offsets and values disagree
+        raise DataError(f"'{mapped.path}': a packed weight is inconsistent: {exc}") from None
     except RuntimeError as exc:
         raise DataError(f"'{mapped.path}': the weights do not load: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # noqa: BLE001 -- the kernels' validators (KernelInputError) name the inconsistency
-        if type(exc).__name__ != "KernelInputError":
-            raise
-        raise DataError(f"'{mapped.path}': a packed weight is inconsistent: {exc}") from None
     tied = set(mapped.manifest.get("tied", {}))
     if unexpected or set(missing) - tied:
         bad = sorted(unexpected) + sorted(set(missing) - tied)

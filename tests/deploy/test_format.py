@@ -267,3 +267,23 @@ def test_a_truncated_weights_file_or_inconsistent_parts_are_data_errors(tmp_path
         spformat.read_state_dict(folder)
     with pytest.raises(DataError, match="not a strataprune checkpoint"):
         spformat.read_state_dict(tmp_path)
+
+
+@needs_kernels
+def test_masks_that_disagree_with_the_offsets_never_reach_the_kernels(tmp_path):
+    from strataprune.kernels import SparseLinear
+
+    model = _pruned_model()
+    sparse = SparseLinear.from_dense(model.model.layers[0].mlp.up_proj)
+    _swap(model, "model.layers.0.mlp.up_proj", sparse)
+    spformat.write_folder(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    header, start = read_header(path)
+    begin = start + header["model.layers.0.mlp.up_proj.masks"]["data_offsets"][0]
+    data = bytearray(path.read_bytes())
+    data[begin] ^= 0x01  # one kept weight more or less than the offsets count
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="inconsistent"):
+        spformat.load_model(tmp_path)
+    with pytest.raises(DataError, match="the masks mark"):
+        spformat.read_state_dict(tmp_path)
