@@ -284,6 +284,8 @@ def main() -> None:
         dense = pruned_smollm2(work / "dense")
         folders = write_variants(dense, work)
         result["load"] = measure_loads(folders, args.repeats)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"format-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if llama.cpp fails
         if args.llama_cpp:
             if not args.wikitext:
                 parser.error("--llama-cpp needs --wikitext PATH (WikiText-2's wiki.test.raw) or $STRATAPRUNE_WIKITEXT2")

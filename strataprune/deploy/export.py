@@ -314,16 +314,18 @@ def _add_vocabulary(writer: Any, tokenizer: Any, config: Any) -> None:
     ):
         if isinstance(value, int):
             setter(value)
-    writer.add_add_bos_token(False)  # SmolLM2 and the byte-level BPE models here add no BOS of their own
+    probe = tokenizer("a")["input_ids"]  # what the tokenizer does, whatever its config says: llama.cpp must do the same
+    writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
 
 
 def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer: SmolLM's (single digits, then GPT-2 byte level), GPT-2's, or default."""
+    """llama.cpp's name for the pre-tokenizer: SmolLM's (single digits, then GPT-2's byte-level split), GPT-2's, else
+    llama.cpp's default."""
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts or []]
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"
     return "default"
