@@ -87,8 +87,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def pruned_smollm2(folder: Path) -> Path:
-    """SmolLM2-135M magnitude-pruned to 70% per Linear (lm_head aside), saved as a dense folder with its tokenizer."""
+def pruned_smollm2(folder: Path, sparsity: float) -> Path:
+    """SmolLM2-135M magnitude-pruned to ``sparsity`` per Linear (lm_head aside), saved as a dense folder with its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from strataprune.models.loading import resolve_model
@@ -99,7 +99,7 @@ def pruned_smollm2(folder: Path) -> Path:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
                 w = module.weight
-                k = int(0.7 * w.numel())
+                k = int(sparsity * w.numel())
                 threshold = w.abs().flatten().kthvalue(k).values
                 w[w.abs() <= threshold] = 0.0
     model.save_pretrained(folder)
@@ -231,7 +231,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"CPU {m['cpu']} ({m['cores']} cores, kernels ISA {m['isa']}), load average {m['load_average_start']} at the start, "
         f"{result['load_average_end']} at the end (other engineers' jobs share the machine); torch {m['torch']}. "
-        f"SmolLM2-135M, magnitude-pruned to 70% per Linear; each load in a fresh process, {result['repeats']} runs "
+        f"SmolLM2-135M, magnitude-pruned to {result.get('sparsity', 0.7):.0%} per Linear; each load in a fresh process, "
+        f"{result['repeats']} runs "
         "alternating, medians; warm page cache. Memory is growth over the process after imports: anonymous = private "
         "copies, file = pages of the mapped weights file (shared with the page cache, evictable).",
         "",
@@ -239,7 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| anon after forward MB | peak RSS growth MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, row in result["load"].items():
+    for key, row in result.get("load", {}).items():
         kind, bits = key.split("-")
         layout = "strataprune-sparse (mmap)" if kind == "new" else "sparse_cpu.json v1/v2 (copy)"
         label = f"{layout} {'fp32' if bits == '32' else 'int4'}"
@@ -269,7 +270,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="loads per folder (0: no load measurement)")
+    parser.add_argument("--sparsity", type=float, default=0.7, help="magnitude pruning per Linear")
     parser.add_argument("--llama-cpp", dest="llama_cpp", action="store_true")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--wikitext", default=WIKITEXT, help="a local copy of WikiText-2's wiki.test.raw")
@@ -277,15 +279,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {"timestamp": stamp, "machine": machine(), "repeats": args.repeats, "threads": args.threads}
+    result: dict[str, Any] = {
+        "timestamp": stamp,
+        "machine": machine(),
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "sparsity": args.sparsity,
+    }
     wall, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        dense = pruned_smollm2(work / "dense")
-        folders = write_variants(dense, work)
-        result["load"] = measure_loads(folders, args.repeats)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"format-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if llama.cpp fails
+        dense = pruned_smollm2(work / "dense", args.sparsity)
+        if args.repeats:
+            folders = write_variants(dense, work)
+            result["load"] = measure_loads(folders, args.repeats)
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"format-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if llama.cpp fails
         if args.llama_cpp:
             if not args.wikitext:
                 parser.error("--llama-cpp needs --wikitext PATH (WikiText-2's wiki.test.raw) or $STRATAPRUNE_WIKITEXT2")
