@@ -231,15 +231,19 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"CPU {m['cpu']} ({m['cores']} cores, kernels ISA {m['isa']}), load average {m['load_average_start']} at the start, "
         f"{result['load_average_end']} at the end (other engineers' jobs share the machine); torch {m['torch']}. "
-        f"SmolLM2-135M, magnitude-pruned to {result.get('sparsity', 0.7):.0%} per Linear; each load in a fresh process, "
-        f"{result['repeats']} runs "
-        "alternating, medians; warm page cache. Memory is growth over the process after imports: anonymous = private "
-        "copies, file = pages of the mapped weights file (shared with the page cache, evictable).",
-        "",
-        "| folder | file MB | load wall s | load CPU s | RSS after load MB | anon after load MB | RSS after 16-token forward MB "
-        "| anon after forward MB | peak RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"SmolLM2-135M, magnitude-pruned to {result.get('sparsity', 0.7):.0%} per Linear.",
     ]
+    if result.get("load"):
+        lines += [
+            "",
+            f"Each load in a fresh process, {result['repeats']} runs alternating, medians; warm page cache. Memory is growth "
+            "over the process after imports: anonymous = private copies, file = pages of the mapped weights file (shared "
+            "with the page cache, evictable).",
+            "",
+            "| folder | file MB | load wall s | load CPU s | RSS after load MB | anon after load MB "
+            "| RSS after 16-token forward MB | anon after forward MB | peak RSS growth MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for key, row in result.get("load", {}).items():
         kind, bits = key.split("-")
         layout = "strataprune-sparse (mmap)" if kind == "new" else "sparse_cpu.json v1/v2 (copy)"
