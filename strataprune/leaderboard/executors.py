@@ -141,7 +141,7 @@ class RayExecutor:
         self.ray = import_ray("--executor ray")
         self.jobs, self.threads = jobs, threads
         runtime_env = {"env_vars": {"STRATAPRUNE_PROGRESS": "0"}}
-        self._started = connect_ray(address, "--executor ray", init_options={"runtime_env": runtime_env}) != "already"
+        self._started = connect_ray(address, init_options={"runtime_env": runtime_env}) != "already"
         self._remote: dict[Callable[[Any], Any], Any] = {}
         self._refs: dict[Any, Any] = {}
 

@@ -17,14 +17,13 @@ from strataprune.contract.errors import ConfigError
 ADDRESS_FORMS = "auto (the Ray cluster running on this machine), HOST:PORT of a Ray head node, or ray://HOST:PORT"
 
 
-def import_ray(feature: str, module: str = "ray") -> Any:
+def import_ray(feature: str, module: str = "ray", extra: str = "ray") -> Any:
     """``import ray`` (or ``ray.serve``), or a ConfigError naming the extra that provides it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra = "ray" if module == "ray" else "ray-serve"
         raise ConfigError(f"{feature} needs {exc.name or module}: pip install 'strataprune[{extra}]'") from None
 
 
@@ -45,14 +44,15 @@ def check_address(address: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"--ray-address {address!r}: nothing answers there ({reason}); allowed: {ADDRESS_FORMS}") from None
 
 
-def connect_ray(address: str | None, feature: str, init_options: dict[str, Any] | None = None, **local_options: Any) -> str:
+def connect_ray(address: str | None, init_options: dict[str, Any] | None = None, **local_options: Any) -> str:
     """Join the cluster at ``address``, or start a local Ray instance with ``local_options`` when it is None.
 
-    ``init_options`` go to ``ray.init`` either way. Returns ``"started"`` (a local instance this process owns:
-    ``ray.shutdown()`` stops it), ``"joined"`` (``ray.shutdown()`` only disconnects; the cluster keeps running)
-    or ``"already"`` (Ray was initialised before: leave it to whoever did).
+    Call ``import_ray`` first. ``init_options`` go to ``ray.init`` either way. Returns ``"started"`` (a local
+    instance this process owns: ``ray.shutdown()`` stops it), ``"joined"`` (``ray.shutdown()`` only disconnects;
+    the cluster keeps running) or ``"already"`` (Ray was initialised before: leave it to whoever did).
     """
-    ray = import_ray(feature)
+    import ray
+
     if ray.is_initialized():
         return "already"
     options = {"include_dashboard": False, "log_to_driver": False, **(init_options or {})}
@@ -64,5 +64,5 @@ def connect_ray(address: str | None, feature: str, init_options: dict[str, Any] 
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"--ray-address {address!r}: {first}; allowed: {ADDRESS_FORMS}") from None
         return "joined"
-    ray.init(**options, **local_options)
+    ray.init(address="local", **options, **local_options)  # "local": a new instance even when RAY_ADDRESS is set
     return "started"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from strataprune.contract.errors import ConfigError
-from strataprune.runtime.ray_cluster import connect_ray, import_ray
+from strataprune.runtime.ray_cluster import check_address, connect_ray, import_ray
 from strataprune.serve.server import ServeSettings, bind_socket
 
 APP_NAME = "strataprune"
@@ -165,10 +165,12 @@ def serve_on_ray(
     check_ray_flags(replicas, replica_cpus)
     info = inspect_folder(folder)  # a bad folder or backend is refused before Ray starts
     backend = choose_backend(info, settings.backend)
-    import_ray(FEATURE)
-    serve = import_ray(FEATURE, "ray.serve")
+    import_ray(FEATURE, extra="ray-serve")
+    serve = import_ray(FEATURE, "ray.serve", extra="ray-serve")
     import ray
 
+    if address is not None:
+        check_address(address)  # before anything else: a typo gives one line at once
     if settings.port == 0:
         settings.port = free_port(settings.host)
     else:
@@ -196,7 +198,6 @@ def serve_on_ray(
         say(f"starting Ray ({'a local instance' if address is None else address})")
         ownership = connect_ray(
             address,
-            FEATURE,
             init_options={"runtime_env": {"env_vars": {"STRATAPRUNE_PROGRESS": "0"}}},
             num_cpus=local_cpus,
             object_store_memory=100 * 2**20,  # replicas read the model from disk; nothing large goes through it
