@@ -305,6 +305,7 @@ def main() -> None:
         "--ray-replicas", default="", metavar="N[,N]", help="also `serve --ray --replicas N`, --threads split over them"
     )
     parser.add_argument("--url", action="append", default=[], metavar="NAME=URL", help="a server already running there")
+    parser.add_argument("--rounds", type=int, default=1, help="run every setting this many times, interleaved")
     parser.add_argument("--local", action=argparse.BooleanOptionalAction, default=True, help="the single-process server")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -348,6 +349,7 @@ def main() -> None:
         "backend": ", ".join(backend or "(deploy.json's, else torch)" for _, backend in ours),
         "llama_cpp": [Path(g).name for g in ggufs],
         "ray_replicas": replica_counts,
+        "rounds": args.rounds,
         "threads": args.threads,
         "request": {k: v for k, v in body.items() if k != "prompt"} | {"prompt_words": args.prompt_tokens},
         "requests_per_level": args.requests,
@@ -369,7 +371,9 @@ def main() -> None:
         runs.append(
             (f"llama.cpp server {Path(gguf).name}", lambda g=gguf, n=context: LlamaCppServer(g, args.threads, n), llama_body)
         )
-    for name, start_server, request in runs:
+    # rounds run every setting again in the same order, so that a change of the machine's load between settings
+    # shows as a spread between rounds instead of passing for a difference between settings
+    for round_index, (name, start_server, request) in ((i, run) for i in range(args.rounds) for run in runs):
         server = start_server()
         try:
             asyncio.run(level(server.url, {**request, "max_tokens": 4}, 1, 2, args.timeout, args.level_timeout))  # warm-up
@@ -379,6 +383,7 @@ def main() -> None:
                 row = asyncio.run(level(server.url, request, concurrency, args.requests, args.timeout, args.level_timeout))
                 row["server_cpu_s"] = tree_cpu_seconds(pid) - cpu0 if pid else None
                 row["setting"] = name
+                row["round"] = round_index + 1
                 row["server_cpu_ms_per_token"] = (
                     1e3 * row["server_cpu_s"] / row["output_tokens"] if row["output_tokens"] and pid else None
                 )
@@ -421,8 +426,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
+        name = r["setting"] + (f" (round {r['round']})" if report.get("rounds", 1) > 1 else "")
         lines.append(
-            f"| {r['setting']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+            f"| {name} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
             f"{ms(r['ttft']['median_ms'])} / {ms(r['ttft']['p99_ms'])} | "
             f"{ms(r['tpot']['median_ms'])} / {ms(r['tpot']['p99_ms'])} | "
             f"{ms(r['itl']['median_ms'])} / {ms(r['itl']['p99_ms'])} | {ms(r['e2e']['median_ms'])} / {ms(r['e2e']['p99_ms'])} | "
@@ -440,16 +446,24 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if ratios:
         lines += ["", "Output tokens/s, continuous batching over one at a time (same run): " + ", ".join(ratios) + "."]
-    single = {r["concurrency"]: r for r in report["runs"] if r["setting"].endswith("continuous batching")}
-    scaled = [
-        f"{r['setting']} c={r['concurrency']}: {r['output_tokens_per_s'] / single[r['concurrency']]['output_tokens_per_s']:.2f}x"
-        for r in report["runs"]
-        if r["setting"].startswith("Ray Serve") and r["concurrency"] in single and single[r["concurrency"]]["output_tokens_per_s"]
-    ]
+
+    def median_rate(setting: str, concurrency: int) -> float | None:
+        rates = [r["output_tokens_per_s"] for r in report["runs"] if r["setting"] == setting and r["concurrency"] == concurrency]
+        return statistics.median(rates) if rates else None
+
+    singles = [r for r in report["runs"] if r["setting"].endswith("continuous batching")]
+    scaled = []
+    for setting in dict.fromkeys(r["setting"] for r in report["runs"] if r["setting"].startswith("Ray Serve")):
+        for concurrency in dict.fromkeys(r["concurrency"] for r in report["runs"]):
+            ours, single = median_rate(setting, concurrency), median_rate(singles[0]["setting"], concurrency) if singles else None
+            if ours and single:
+                scaled.append(f"{setting} c={concurrency}: {ours / single:.2f}x")
     if scaled:
         lines += [
             "",
-            f"Output tokens/s over the single process with {report.get('threads')} thread(s) (same run): "
+            f"Output tokens/s over the single process with {report.get('threads')} thread(s) (same run"
+            + (f", medians of {report['rounds']} rounds" if report.get("rounds", 1) > 1 else "")
+            + "): "
             + ", ".join(scaled)
             + ".",
             "Ray rows' server CPU is the whole process tree: the replicas, Ray Serve's proxy and controller, the raylet and GCS.",
