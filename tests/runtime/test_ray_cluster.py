@@ -37,7 +37,8 @@ def test_an_address_that_listens_passes_and_auto_is_left_to_ray():
 
 
 def test_a_missing_ray_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed (ray.serve too: another test may have loaded it)
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
     with pytest.raises(ConfigError, match=r"--executor ray needs ray: pip install 'strataprune\[ray\]'"):
         import_ray("--executor ray")
     with pytest.raises(ConfigError, match=r"pip install 'strataprune\[ray-serve\]'"):
