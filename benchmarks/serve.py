@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,6 +76,10 @@ def machine() -> dict[str, Any]:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def stop_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001 -- the signal-handler signature
+    raise KeyboardInterrupt
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -308,6 +313,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every setting this many times, interleaved")
     parser.add_argument("--local", action=argparse.BooleanOptionalAction, default=True, help="the single-process server")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # the servers this script started are stopped on the way out
     levels = [int(c) for c in args.concurrency.split(",")]
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
