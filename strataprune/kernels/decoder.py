@@ -210,10 +210,22 @@ class NativeDecoder:
             from .quantized import QuantizedSparseLinear, pack_int8
 
             weight = _float_buffer("lm_head.weight", head.weight, (self.vocab_size, H))
+            # every weight kept (all mask bits set), so the codes are the dense row-major int8 matrix
             packed = pack_int8(weight, torch.ones_like(weight, dtype=torch.bool), group_size=None)
-            bias = None if head.bias is None else head.bias.detach()
-            head = QuantizedSparseLinear.from_packed(packed, bias)
-        self._set_linear(-1, 0, head, "lm_head")
+            QuantizedSparseLinear.from_packed(packed).packed.validate()
+            codes = packed.codes[: self.vocab_size * H].view(torch.int8).view(self.vocab_size, H)
+            blocks = -(-H // 128)
+            padded = torch.nn.functional.pad(codes.to(torch.int32), (0, blocks * 128 - H))
+            wsum = padded.view(self.vocab_size, blocks, 128).sum(-1, dtype=torch.int32).contiguous()
+            bias = None if head.bias is None else _float_buffer("lm_head.bias", head.bias, (self.vocab_size,))
+            self._keep.extend([packed.codes, packed.scales, packed.masks, packed.offsets, wsum, bias])
+            code = lib.sd_set_linear(h, -1, 0, 3, self.vocab_size, H, packed.codes.data_ptr(), packed.scales.data_ptr(),
+                                     wsum.data_ptr(), packed.masks.data_ptr(), packed.offsets.data_ptr(),
+                                     None if bias is None else bias.data_ptr(), 8, H)  # fmt: skip
+            if code:
+                raise ConfigError(f"native engine: lm_head: {self._message(code)}")
+        else:
+            self._set_linear(-1, 0, head, "lm_head")
         code = lib.sd_check(h)
         if code:
             raise ConfigError(f"native engine: the model's weights do not match its config ({self._message(code)})")

@@ -39,6 +39,8 @@ extern "C" int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, 
                          const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group,
                          const float* bias, float* y, int isa, int threads);
 extern "C" int sp_isa_supported(int isa);
+extern "C" int sq_isa_supported(int isa);
+extern "C" int sq_best_isa(void);
 extern "C" int sp_best_isa(void);
 
 namespace sp {
@@ -56,7 +58,7 @@ enum Status : int {
   kDuplicateSlot = -10,
 };
 
-enum LinearKind : int { kUnset = -1, kDense = 0, kSparse = 1, kQuantized = 2 };
+enum LinearKind : int { kUnset = -1, kDense = 0, kSparse = 1, kQuantized = 2, kDenseInt8 = 3 };
 enum Which : int { kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6, kLinearsPerLayer = 7 };
 
 struct Linear {
@@ -88,6 +90,8 @@ struct Engine {
   int64_t cap;
   std::vector<float> x, h, q, k, v, attn, g, u, out;
   std::vector<float> scores;  // per thread: max_context
+  std::vector<uint8_t> head_xu;  // the int8 head's quantized input (kDenseInt8)
+  std::vector<float> head_sx;
   int64_t slot_floats() const { return layers * 2 * kv_heads * max_context * head_dim; }
   float* cache(int64_t slot, int64_t l, int kv_index, int64_t kvh) {
     return kv[slot] + (((l * 2 + kv_index) * kv_heads + kvh) * max_context) * head_dim;
@@ -207,6 +211,56 @@ void attend(const float* q, const float* K, const float* V, int64_t upto, int64_
   }
 }
 
+// The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): the dense VNNI kernel on
+// AVX-512, else the quantized bitmask kernel over the same codes (the masks are all ones, so the codes are row-major).
+int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, float* y, int qisa, int threads) {
+  const int best = sq_best_isa();
+  const int path = qisa < 0 ? best : qisa;
+#if SP_X86
+  if (path == 2 && sq_isa_supported(2)) {
+    const int64_t blocks = (lin.cols + kActBlock - 1) / kActBlock, pad = blocks * kActBlock;
+    try {
+      if (static_cast<int64_t>(e.head_xu.size()) < tokens * pad) e.head_xu.resize(tokens * pad);
+      if (static_cast<int64_t>(e.head_sx.size()) < tokens * blocks) e.head_sx.resize(tokens * blocks);
+    } catch (const std::bad_alloc&) {
+      return kNoMemory;
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* src = x + t * lin.cols;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kActBlock, k1 = k0 + kActBlock < lin.cols ? k0 + kActBlock : lin.cols;
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::fabs(src[k]) > amax ? std::fabs(src[k]) : amax;
+        const float scale = amax / 127.0f;
+        e.head_sx[t * blocks + b] = scale;
+        for (int64_t k = k0; k < k0 + kActBlock; ++k) {
+          float r = (k < k1 && scale > 0.0f) ? std::nearbyint(src[k] / scale) : 0.0f;
+          r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+          e.head_xu[t * pad + k] = static_cast<uint8_t>(static_cast<int>(r == r ? r : 0.0f) + 128);
+        }
+      }
+    }
+    Int8Args a{static_cast<const int8_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]),
+               static_cast<const int32_t*>(lin.p[2]), lin.bias, e.head_xu.data(), e.head_sx.data(), y,
+               lin.rows, lin.cols, blocks, tokens, lin.rows};
+    if (threads <= 1) {
+      int8_rows_avx512vnni(a, 0, lin.rows);
+      return kOk;
+    }
+    const int64_t parts = (lin.rows + 255) / 256;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (int64_t p = 0; p < parts; ++p) int8_rows_avx512vnni(a, p * 256, p * 256 + 256 < lin.rows ? p * 256 + 256 : lin.rows);
+    return kOk;
+  }
+#endif
+  (void)e;
+  return sq_linear(x, tokens, static_cast<const uint16_t*>(lin.p[3]), static_cast<const int32_t*>(lin.p[4]),
+                   static_cast<const uint8_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]), nullptr, lin.rows, lin.cols, 8,
+                   lin.cols, lin.bias, y, qisa, threads);
+}
+
 // One forward pass over `tokens` tokens: token t belongs to slot slots[t] at position pos[t] (the positions of a
 // slot's tokens are consecutive and ascending; its cache already holds positions < its first). Writes the logits of
 // the tokens with want[t] (in order) to logits.
@@ -258,6 +312,7 @@ int forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* 
   for (int64_t t = 0; t < tokens; ++t)
     if (want[t]) rmsnorm(x + t * H, e.final_norm, h + (kept++) * H, H, e.eps);
   if (kept == 0) return kOk;
+  if (e.head.kind == kDenseInt8) return run_int8_head(e, e.head, h, kept, logits, qisa, threads);
   return run_linear(e.head, h, kept, logits, isa, qisa, threads);
 }
 
@@ -266,6 +321,7 @@ bool linear_complete(const Linear& lin, int64_t rows, int64_t cols) {
   if (lin.kind == kDense) return lin.p[0] != nullptr;
   if (lin.kind == kSparse) return lin.p[0] && lin.p[1] && lin.p[2];
   if (lin.kind == kQuantized) return lin.p[0] && lin.p[1] && lin.p[2] && lin.p[3] && (lin.bits == 8 || lin.p[4]);
+  if (lin.kind == kDenseInt8) return lin.p[0] && lin.p[1] && lin.p[2] && lin.p[3] && lin.p[4];
   return false;
 }
 
@@ -374,12 +430,15 @@ SD_API int sd_set_norm(void* handle, int64_t layer, int which, const float* weig
 }
 
 // layer < 0: the lm_head. kind 0 dense (p0 weight), 1 fp32 bitmask (p0 masks, p1 values, p2 offsets),
-// 2 quantized bitmask (p0 masks, p1 offsets, p2 codes, p3 scales, p4 zeros or NULL; bits, group)
+// 2 quantized bitmask (p0 masks, p1 offsets, p2 codes, p3 scales, p4 zeros or NULL; bits, group),
+// 3 (lm_head only) dense int8 per row: p0 codes int8 [rows][cols], p1 scales [rows], p2 wsum int32 [rows][ceil(cols/128)],
+//   p3 masks (all ones) and p4 offsets of the same codes as an int8 bitmask weight (the non-AVX-512 path)
 SD_API int sd_set_linear(void* handle, int64_t layer, int which, int kind, int64_t rows, int64_t cols, const void* p0,
                          const void* p1, const void* p2, const void* p3, const void* p4, const float* bias, int bits,
                          int64_t group) {
   Engine* e = static_cast<Engine*>(handle);
-  if (layer >= e->layers || which < 0 || which >= sp::kLinearsPerLayer || kind < 0 || kind > 2) return sp::kBadShape;
+  if (layer >= e->layers || which < 0 || which >= sp::kLinearsPerLayer || kind < 0 || kind > 3) return sp::kBadShape;
+  if (kind == sp::kDenseInt8 && layer >= 0) return sp::kBadShape;  // the int8 head only
   sp::Linear& lin = layer < 0 ? e->head : e->layer[layer].lin[which];
   lin.kind = kind;
   lin.rows = rows;

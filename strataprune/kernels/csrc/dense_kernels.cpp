@@ -135,6 +135,41 @@ SP_D256 void dense_avx2(const DenseArgs& a, int64_t r0, int64_t r1) {
     }
   }
 }
+
+#define SP_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+
+SP_VNNI void int8_rows_avx512vnni(const Int8Args& a, int64_t r0, int64_t r1) {
+  constexpr int R = 4;
+  const int64_t pieces = (a.cols + 63) / 64, pad = a.blocks * 128;
+  const int64_t rem = a.cols - 64 * (pieces - 1);
+  const __mmask64 tail = rem >= 64 ? ~__mmask64{0} : ((__mmask64{1} << rem) - 1);
+  for (int64_t n = r0; n < r1; n += R) {
+    const int8_t* w[R];
+    for (int i = 0; i < R; ++i) w[i] = a.codes + (n + i < r1 ? n + i : r1 - 1) * a.cols;
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      const uint8_t* x = a.xu + t * pad;
+      const float* sx = a.sx + t * a.blocks;
+      __m512 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        __m512i dot[R];
+        for (int i = 0; i < R; ++i) dot[i] = _mm512_setzero_si512();
+        for (int64_t c = 2 * b; c < 2 * b + 2 && c < pieces; ++c) {
+          const __m512i xv = _mm512_loadu_si512(x + 64 * c);
+          const __mmask64 m = c == pieces - 1 ? tail : ~__mmask64{0};
+          for (int i = 0; i < R; ++i) dot[i] = _mm512_dpbusd_epi32(dot[i], xv, _mm512_maskz_loadu_epi8(m, w[i] + 64 * c));
+        }
+        const __m512 s = _mm512_set1_ps(sx[b]);
+        for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dot[i]), s, acc[i]);
+      }
+      for (int i = 0; i < R && n + i < r1; ++i) {
+        float correction = 0.0f;
+        for (int64_t b = 0; b < a.blocks; ++b) correction += sx[b] * static_cast<float>(128 * a.wsum[(n + i) * a.blocks + b]);
+        a.y[t * a.ldy + n + i] = a.scales[n + i] * (hsum512(acc[i]) - correction) + (a.bias ? a.bias[n + i] : 0.0f);
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace sp
