@@ -80,6 +80,7 @@ struct Engine {
   int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_slots, max_context, chunk;
   float eps, attn_scaling;
   std::vector<float> inv_freq;
+  std::vector<float> rope_table;  // [max_context][cos (head_dim / 2) | sin (head_dim / 2)], attention scaling applied
   std::vector<Layer> layer;
   const float* embedding = nullptr;
   const float* final_norm = nullptr;
@@ -169,46 +170,59 @@ void rmsnorm(const float* x, const float* w, float* y, int64_t n, float eps) {
   for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
 }
 
-// rotate_half convention (the Hugging Face Llama one): pairs (i, i + d/2)
-void rope(float* v, int64_t d, int64_t pos, const float* inv_freq, float scaling) {
+// rotate_half convention (the Hugging Face Llama one): pairs (i, i + d/2); cs = the position's [cos | sin] table row
+void rope(float* v, int64_t d, const float* cs) {
   const int64_t half = d / 2;
+  const float* sn = cs + half;
   for (int64_t i = 0; i < half; ++i) {
-    const float angle = static_cast<float>(pos) * inv_freq[i];
-    const float c = std::cos(angle) * scaling, s = std::sin(angle) * scaling;
     const float a = v[i], b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
+    v[i] = a * cs[i] - b * sn[i];
+    v[i + half] = b * cs[i] + a * sn[i];
   }
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+// One query head against positions [0, upto] of its KV head: out = softmax(q K^T / sqrt(d)) V. Compiled for the
+// baseline and, with target attributes, for AVX2 and AVX-512 (the loops vectorize; the dispatcher picks by isa).
+#define SD_DEFINE_ATTEND(NAME, ATTR)                                                                          \
+  ATTR void NAME(const float* q, const float* K, const float* V, int64_t upto, int64_t d, float* scores,      \
+                 float* out) {                                                                                \
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));                                              \
+    float mx = -INFINITY;                                                                                     \
+    for (int64_t j = 0; j <= upto; ++j) {                                                                     \
+      const float* kj = K + j * d;                                                                            \
+      float s = 0.0f;                                                                                         \
+      _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < d; ++i) s += q[i] * kj[i];                 \
+      scores[j] = s * scale;                                                                                  \
+      mx = scores[j] > mx ? scores[j] : mx;                                                                   \
+    }                                                                                                         \
+    float sum = 0.0f;                                                                                         \
+    for (int64_t j = 0; j <= upto; ++j) {                                                                     \
+      scores[j] = std::exp(scores[j] - mx);                                                                   \
+      sum += scores[j];                                                                                       \
+    }                                                                                                         \
+    const float inv = 1.0f / sum;                                                                             \
+    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;                                                            \
+    for (int64_t j = 0; j <= upto; ++j) {                                                                     \
+      const float p = scores[j] * inv;                                                                        \
+      const float* vj = V + j * d;                                                                            \
+      _Pragma("omp simd") for (int64_t i = 0; i < d; ++i) out[i] += p * vj[i];                                \
+    }                                                                                                         \
+  }
 
-// one query head against positions [0, upto] of its KV head: out = softmax(q K^T / sqrt(d)) V
-void attend(const float* q, const float* K, const float* V, int64_t upto, int64_t d, float* scores, float* out) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  float mx = -INFINITY;
-  for (int64_t j = 0; j <= upto; ++j) {
-    scores[j] = dot(q, K + j * d, d) * scale;
-    mx = scores[j] > mx ? scores[j] : mx;
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j <= upto; ++j) {
-    scores[j] = std::exp(scores[j] - mx);
-    sum += scores[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-  for (int64_t j = 0; j <= upto; ++j) {
-    const float p = scores[j] * inv;
-    const float* vj = V + j * d;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) out[i] += p * vj[i];
-  }
+SD_DEFINE_ATTEND(attend_portable, )
+#if SP_X86
+SD_DEFINE_ATTEND(attend_avx2, __attribute__((target("avx2,fma"))))
+SD_DEFINE_ATTEND(attend_avx512, __attribute__((target("avx512f,avx2,fma"))))
+#endif
+
+using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*, float*);
+
+AttendFn attend_for(int isa) {
+#if SP_X86
+  if (isa == kAvx512) return attend_avx512;
+  if (isa == kAvx2) return attend_avx2;
+#endif
+  return attend_portable;
 }
 
 // The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): the dense VNNI kernel on
@@ -279,13 +293,15 @@ int forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* 
     if ((status = run_linear(L.lin[kK], h, tokens, k, isa, qisa, threads))) break;
     if ((status = run_linear(L.lin[kV], h, tokens, v, isa, qisa, threads))) break;
     for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t hd = 0; hd < e.heads; ++hd) rope(q + t * QD + hd * D, D, pos[t], e.inv_freq.data(), e.attn_scaling);
+      const float* cs = e.rope_table.data() + pos[t] * D;
+      for (int64_t hd = 0; hd < e.heads; ++hd) rope(q + t * QD + hd * D, D, cs);
       for (int64_t hd = 0; hd < e.kv_heads; ++hd) {
-        rope(k + t * KD + hd * D, D, pos[t], e.inv_freq.data(), e.attn_scaling);
+        rope(k + t * KD + hd * D, D, cs);
         std::memcpy(e.cache(slots[t], l, 0, hd) + pos[t] * D, k + t * KD + hd * D, D * sizeof(float));
         std::memcpy(e.cache(slots[t], l, 1, hd) + pos[t] * D, v + t * KD + hd * D, D * sizeof(float));
       }
     }
+    const AttendFn attend_fn = attend_for(isa);
     const int64_t pairs = tokens * e.heads;
     const int64_t work = pairs * (pos[tokens - 1] + 1) * D;
 #ifdef _OPENMP
@@ -294,7 +310,7 @@ int forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* 
     for (int64_t p = 0; p < pairs; ++p) {
       const int64_t t = p / e.heads, hd = p % e.heads, kvh = hd / group;
       float* sc = e.scores.data() + static_cast<int64_t>(thread_id()) * e.max_context;
-      attend(q + t * QD + hd * D, e.cache(slots[t], l, 0, kvh), e.cache(slots[t], l, 1, kvh), pos[t], D, sc,
+      attend_fn(q + t * QD + hd * D, e.cache(slots[t], l, 0, kvh), e.cache(slots[t], l, 1, kvh), pos[t], D, sc,
              attn + t * QD + hd * D);
     }
     (void)work;
@@ -379,6 +395,13 @@ SD_API void* sd_create(int64_t layers, int64_t hidden, int64_t heads, int64_t kv
     e->eps = eps;
     e->attn_scaling = attn_scaling;
     e->inv_freq.assign(inv_freq, inv_freq + head_dim / 2);
+    e->rope_table.resize(static_cast<size_t>(max_context) * head_dim);
+    for (int64_t pos = 0; pos < max_context; ++pos)
+      for (int64_t i = 0; i < head_dim / 2; ++i) {
+        const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as the model computes its angles
+        e->rope_table[pos * head_dim + i] = std::cos(angle) * attn_scaling;
+        e->rope_table[pos * head_dim + head_dim / 2 + i] = std::sin(angle) * attn_scaling;
+      }
     e->layer.resize(layers);
     e->kv.assign(max_slots, nullptr);
     e->length.assign(max_slots, 0);

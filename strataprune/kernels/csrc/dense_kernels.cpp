@@ -27,6 +27,8 @@ void dense_portable(const DenseArgs& a, int64_t r0, int64_t r1) {
 
 namespace {
 
+constexpr int64_t kAheadRows = 16;  // software prefetch distance of the GEMV row streams (see int8_rows_avx512vnni)
+
 SP_D512 inline float hsum512(__m512 v) {
   const __mmask16 all = 0xFFFF;  // maskz forms: see kernels_avx512.cpp (GCC 12 warnings on the plain intrinsics)
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0x4E));
@@ -49,7 +51,10 @@ SP_D512 void block512(const DenseArgs& a, int64_t n, int64_t r1, int64_t t) {
   const int64_t full = a.cols / 16 * 16;
   for (int64_t k = 0; k < full; k += 16) {
     __m512 wv[NR];
-    for (int i = 0; i < NR; ++i) wv[i] = _mm512_loadu_ps(w[i] + k);
+    for (int i = 0; i < NR; ++i) {
+      if (t == 0) _mm_prefetch(reinterpret_cast<const char*>(w[i] + k + kAheadRows * a.cols), _MM_HINT_T0);
+      wv[i] = _mm512_loadu_ps(w[i] + k);
+    }
     for (int j = 0; j < NT; ++j) {
       const __m512 xv = _mm512_loadu_ps(x[j] + k);
       for (int i = 0; i < NR; ++i) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
@@ -140,6 +145,7 @@ SP_D256 void dense_avx2(const DenseArgs& a, int64_t r0, int64_t r1) {
 
 SP_VNNI void int8_rows_avx512vnni(const Int8Args& a, int64_t r0, int64_t r1) {
   constexpr int R = 4;
+  constexpr int64_t kAhead = 16;  // rows
   const int64_t pieces = (a.cols + 63) / 64, pad = a.blocks * 128;
   const int64_t rem = a.cols - 64 * (pieces - 1);
   const __mmask64 tail = rem >= 64 ? ~__mmask64{0} : ((__mmask64{1} << rem) - 1);
@@ -157,7 +163,12 @@ SP_VNNI void int8_rows_avx512vnni(const Int8Args& a, int64_t r0, int64_t r1) {
         for (int64_t c = 2 * b; c < 2 * b + 2 && c < pieces; ++c) {
           const __m512i xv = _mm512_loadu_si512(x + 64 * c);
           const __mmask64 m = c == pieces - 1 ? tail : ~__mmask64{0};
-          for (int i = 0; i < R; ++i) dot[i] = _mm512_dpbusd_epi32(dot[i], xv, _mm512_maskz_loadu_epi8(m, w[i] + 64 * c));
+          for (int i = 0; i < R; ++i) {
+            // the rows after this group: a GEMV streams the head once, and the rows' short runs (cols bytes each)
+            // are too short for the hardware prefetchers to get far enough ahead
+            if (t == 0) _mm_prefetch(reinterpret_cast<const char*>(w[i] + 64 * c + kAhead * a.cols), _MM_HINT_T0);
+            dot[i] = _mm512_dpbusd_epi32(dot[i], xv, _mm512_maskz_loadu_epi8(m, w[i] + 64 * c));
+          }
         }
         const __m512 s = _mm512_set1_ps(sx[b]);
         for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dot[i]), s, acc[i]);
