@@ -4,6 +4,7 @@
     strataprune bench RUN_DIR --backends sparse-cpu:min_sparsity=0.6:isa=avx2
     strataprune deploy RUN_DIR --backend sparse-cpu --output deployed/      # deployed/sparse-cpu/ is the packed model
     strataprune bench RUN_DIR --backends onnxruntime,sparse-cpu,sparse-cpu:bits=8,sparse-cpu:bits=4
+    strataprune bench RUN_DIR --backends sparse-cpu:bits=4:lm_head=int8,sparse-cpu:bits=4:engine=eager
 
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
     model = load_packed_model("deployed/sparse-cpu")   # a transformers model whose pruned Linears are SparseLinear
@@ -22,6 +23,12 @@ Linears below ``min_sparsity``, tied to the embeddings (SmolLM2's ``lm_head``) o
 dense in PyTorch. Generation (prefill, decode with transformers' ``DynamicCache``), parity against
 PyTorch eager fp32 and timing come from ``torch_base.TorchBase`` (what the ``torch`` backend runs), which
 this one extends through its ``convert(model, model_dir)`` hook.
+
+Engines (``engine``): ``native`` runs the packed model on the C++ decoder (strataprune/kernels/decoder.py: embedding,
+norms, RoPE, attention over a KV cache in C++, MLP and lm_head in one library call per step, on the same kernels and
+buffers), ``eager`` in transformers with the packed modules; ``auto`` (default) picks native for the architectures it
+runs (Llama family) and eager for the rest. ``lm_head=int8`` (native only) quantizes the lm_head per row to int8
+(a quarter of the bytes read per token; logit error and perplexity effect in docs/kernels.md).
 
 Kernels: up to 8 tokens a GEMV that streams the packed weights once (AVX-512 masked expand-loads,
 AVX2 permute tables, or portable C++), above that a GEMM tiled so each tile's masks are decoded once
@@ -48,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from strataprune.contract.backend import BackendAvailability, CompiledModel, DeploySettings
@@ -73,6 +81,13 @@ GROUP_SIZES = (32, 64, 128)
 #: those measurements plus ~30%: they catch a wrong code, scale or index (errors of the size of the logits
 #: themselves) and hold for activation rounding on that model; they are measured, not derived.
 QUANTIZED_PARITY_TOLERANCE = {8: 0.15, 4: 0.4}
+ENGINES = ("auto", "native", "eager")
+LM_HEADS = ("fp32", "int8")
+#: parity of the native engine with lm_head=int8 against its reference (the same model with the fp32 head): the head's
+#: int8 weights (per-row scales) and int8 activations (per 128 columns). Measured on SmolLM2-135M, see
+#: docs/kernels.md (8 WikiText-2 windows of 256 tokens: largest |logit difference| 0.084 of the largest logit on the
+#: dense model, 0.072 at 70% int4); this bound is that measurement plus ~30%.
+LM_HEAD_INT8_PARITY_TOLERANCE = 0.11
 
 
 @dataclass
@@ -83,6 +98,8 @@ class SparseCpuConfig:
     bits: int = 32  # 32: fp32 values; 8: int8 values (symmetric scales); 4: int4 values (asymmetric group grids)
     groupsize: int | None = None  # columns per scale: 32, 64, 128; None: per row (bits 8), 128 or the run's grid (bits 4)
     dequantized: bool = False  # run the packed quantized weights expanded to fp32 in PyTorch (the parity reference)
+    engine: Literal["auto", "native", "eager"] = "auto"  # native: the C++ decoder (Llama family); auto: native when supported
+    lm_head: Literal["fp32", "int8"] = "fp32"  # native engine: the lm_head exact in fp32, or int8 per row (4x fewer bytes)
 
     def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
         b, g = self.bits, self.groupsize
@@ -95,6 +112,16 @@ class SparseCpuConfig:
             )
         if b == 32 and (g is not None or self.dequantized):
             raise ConfigError("backend 'sparse-cpu': groupsize and dequantized apply to bits=8 or bits=4 only; bits=32")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"backend 'sparse-cpu': engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.lm_head not in LM_HEADS:
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={self.lm_head!r}; allowed: {', '.join(LM_HEADS)}")
+        if self.dequantized and self.engine == "native":
+            raise ConfigError(
+                "backend 'sparse-cpu': dequantized=true runs in PyTorch (the parity reference); not with engine=native"
+            )
+        if self.lm_head != "fp32" and (self.engine == "eager" or self.dequantized):
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={self.lm_head} needs the native engine (engine=native or auto)")
         m = self.min_sparsity
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
             raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
@@ -282,7 +309,8 @@ class SparseCpuBackend(TorchBase):
 
     @property  # type: ignore[override]
     def parity_tolerance(self) -> float:
-        return 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
+        base = 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
+        return base + (LM_HEAD_INT8_PARITY_TOLERANCE if self.config.lm_head == "int8" else 0.0)
 
     def reference_params(self) -> dict[str, Any] | None:
         c = self.config
@@ -296,6 +324,7 @@ class SparseCpuBackend(TorchBase):
             "bits": c.bits,
             "groupsize": c.groupsize,
             "dequantized": True,
+            "engine": "eager",
         }
 
     def available(self) -> BackendAvailability:
@@ -388,6 +417,7 @@ class SparseCpuBackend(TorchBase):
             form = (
                 f"int{bits} weights of strataprune-sparse dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
             )
+        engine = self.resolve_engine(model)
         meta = {
             "compiled": False,
             "device": "cpu",
@@ -402,5 +432,86 @@ class SparseCpuBackend(TorchBase):
             "ratio_whole_model": sizes["ratio_whole_model"],
             "isa": kernels.get_isa(),
             "threads": kernels.get_num_threads(),
+            "engine": engine,
         }
+        if engine == "native":
+            meta["lm_head"] = self.config.lm_head
+            meta["format"] = form + f"; native C++ decoder (lm_head {self.config.lm_head})"
+            return NativeModel(model, self.name, Path(workdir) / WEIGHTS_FILE, meta, self.config.lm_head, settings)
         return TorchModel(model, self.name, Path(workdir) / WEIGHTS_FILE, meta)
+
+    def resolve_engine(self, model: torch.nn.Module) -> str:
+        """``native`` or ``eager`` for this config and model (engine=native on an unsupported model: ConfigError)."""
+        from strataprune.kernels.decoder import unsupported_reason
+
+        c = self.config
+        if c.dequantized or c.engine == "eager":
+            return "eager"
+        reason = unsupported_reason(model)
+        if reason and c.engine == "native":
+            raise ConfigError(f"backend 'sparse-cpu': engine=native: {reason}; use engine=eager (or auto)")
+        if reason and c.lm_head != "fp32":
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={c.lm_head} needs the native engine, but {reason}")
+        return "eager" if reason else "native"
+
+
+class _NativeState:
+    """What ``NativeModel.prefill`` hands to ``decode``: the engine keeps the caches; this says which prefill."""
+
+    def __init__(self, generation: int, batch: int) -> None:
+        self.generation, self.batch = generation, batch
+
+
+class NativeModel(CompiledModel):
+    """The packed model on the native C++ decoder (strataprune/kernels/decoder.py): one batch row per slot."""
+
+    def __init__(self, model: torch.nn.Module, backend: str, artifact: Path, meta: dict[str, Any], lm_head: str,
+                 settings: DeploySettings) -> None:  # fmt: skip
+        super().__init__(backend, artifact, meta)
+        self.model, self.lm_head = model, lm_head
+        self.reserve = max(1, int(getattr(settings, "new_tokens", 0) or 0)) + 8  # decode steps after a prefill
+        self.engine: Any = None
+        self.generation = 0
+        self._engine_for(max(1, int(getattr(settings, "batch", 1) or 1)), int(getattr(settings, "prompt_len", 0) or 0))
+
+    def _engine_for(self, batch: int, tokens: int) -> Any:
+        from strataprune.kernels.decoder import NativeDecoder
+
+        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        needed = min(limit, tokens + self.reserve)
+        engine = self.engine
+        if engine is None or engine.max_slots < batch or engine.max_context < needed:
+            if engine is not None:
+                engine.close()
+            self.engine = None
+            self.engine = NativeDecoder(
+                self.model, max_slots=batch, max_context=min(limit, max(needed, 256)), lm_head=self.lm_head
+            )
+        return self.engine
+
+    def prefill(self, input_ids: Any) -> tuple[np.ndarray, Any]:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise DataError(f"native engine: input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
+        engine = self._engine_for(ids.shape[0], ids.shape[1])
+        rows = []
+        for b in range(ids.shape[0]):
+            engine.reset(b)
+            rows.append(engine.prefill(b, ids[b], all_logits=True).numpy())
+        self.generation += 1
+        return np.stack(rows), _NativeState(self.generation, ids.shape[0])
+
+    def decode(self, token_ids: Any, state: Any) -> tuple[np.ndarray, Any]:
+        if not isinstance(state, _NativeState) or state.generation != self.generation:
+            raise DataError("native engine: decode needs the state of the latest prefill (the engine holds one set of caches)")
+        tokens = np.asarray(token_ids).reshape(-1)
+        if tokens.shape[0] != state.batch:
+            raise DataError(f"native engine: {tokens.shape[0]} token(s) for a batch of {state.batch}")
+        logits = self.engine.decode(list(range(state.batch)), tokens).numpy()
+        return logits[:, None, :], state
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        self.model = None  # type: ignore[assignment]
