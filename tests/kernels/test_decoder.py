@@ -328,6 +328,13 @@ def test_int8_lm_head_is_close_to_the_fp32_head():
     int8 = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
     error = relative(int8, exact)
     assert 0 < error < 0.03  # int8 weights per row + int8 activations per 128 columns: ~1% of the largest logit
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    for path in ("avx2", "portable"):  # the quantized bitmask kernel over the same codes: the same numbers
+        if path in quantized_isas():
+            with use_quantized_isa(path):
+                other = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
+            assert relative(other, int8) < 1e-5
     with pytest.raises(ConfigError, match="lm_head"):
         NativeDecoder(model, lm_head="int4")
 

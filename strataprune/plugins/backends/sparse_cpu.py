@@ -4,6 +4,7 @@
     strataprune bench RUN_DIR --backends sparse-cpu:min_sparsity=0.6:isa=avx2
     strataprune deploy RUN_DIR --backend sparse-cpu --output deployed/      # deployed/sparse-cpu/ is the packed model
     strataprune bench RUN_DIR --backends onnxruntime,sparse-cpu,sparse-cpu:bits=8,sparse-cpu:bits=4
+    strataprune bench RUN_DIR --backends sparse-cpu:bits=4:lm_head=int8,sparse-cpu:bits=4:engine=eager
 
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
     model = load_packed_model("deployed/sparse-cpu")   # a transformers model whose pruned Linears are SparseLinear
@@ -20,6 +21,12 @@ Linears below ``min_sparsity``, tied to the embeddings (SmolLM2's ``lm_head``) o
 dense in PyTorch. Generation (prefill, decode with transformers' ``DynamicCache``), parity against
 PyTorch eager fp32 and timing come from ``torch_base.TorchBase`` (what the ``torch`` backend runs), which
 this one extends through its ``convert(model, model_dir)`` hook.
+
+Engines (``engine``): ``native`` runs the packed model on the C++ decoder (strataprune/kernels/decoder.py: embedding,
+norms, RoPE, attention over a KV cache in C++, MLP and lm_head in one library call per step, on the same kernels and
+buffers), ``eager`` in transformers with the packed modules; ``auto`` (default) picks native for the architectures it
+runs (Llama family) and eager for the rest. ``lm_head=int8`` (native only) quantizes the lm_head per row to int8
+(a quarter of the bytes read per token; logit error and perplexity effect in docs/kernels.md).
 
 Kernels: up to 8 tokens a GEMV that streams the packed weights once (AVX-512 masked expand-loads,
 AVX2 permute tables, or portable C++), above that a GEMM tiled so each tile's masks are decoded once
@@ -73,9 +80,10 @@ QUANTIZED_PARITY_TOLERANCE = {8: 0.15, 4: 0.4}
 ENGINES = ("auto", "native", "eager")
 LM_HEADS = ("fp32", "int8")
 #: parity of the native engine with lm_head=int8 against its reference (the same model with the fp32 head): the head's
-#: int8 weights (per-row scales) and int8 activations (per 128 columns). Measured on SmolLM2-135M at 70% (Wanda): see
-#: LM_HEAD_INT8_NOTE in docs/kernels.md; this bound is that measurement plus ~30%.
-LM_HEAD_INT8_PARITY_TOLERANCE = 0.05
+#: int8 weights (per-row scales) and int8 activations (per 128 columns). Measured on SmolLM2-135M, see
+#: docs/kernels.md (8 WikiText-2 windows of 256 tokens: largest |logit difference| 0.084 of the largest logit on the
+#: dense model, 0.072 at 70% int4); this bound is that measurement plus ~30%.
+LM_HEAD_INT8_PARITY_TOLERANCE = 0.11
 
 
 @dataclass
