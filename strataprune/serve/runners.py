@@ -134,6 +134,7 @@ class NativeRunner:
     batching = True
 
     def __init__(self, compiled: Any, max_slots: int, max_context: int, prefill_chunk: int) -> None:
+        from strataprune.contract.errors import ConfigError
         from strataprune.kernels.decoder import NativeDecoder
 
         self.compiled = compiled
@@ -141,9 +142,17 @@ class NativeRunner:
         if compiled.engine is not None:  # the backend's own engine, sized for one benchmark batch: replaced
             compiled.engine.close()
             compiled.engine = None
-        self.engine = NativeDecoder(
-            compiled.model, max_slots=max_slots, max_context=max_context, lm_head=compiled.lm_head, prefill_chunk=prefill_chunk
-        )
+        try:
+            self.engine = NativeDecoder(
+                compiled.model,
+                max_slots=max_slots,
+                max_context=max_context,
+                lm_head=compiled.lm_head,
+                prefill_chunk=prefill_chunk,
+            )
+        except ConfigError as exc:
+            compiled.close()
+            raise ConfigError(f"{exc} (the server's slots are --max-running {max_slots})") from None
         compiled.engine = self.engine  # closed with the prepared model
         self.max_slots = max_slots
         self.max_context = self.engine.max_context

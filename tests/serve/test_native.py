@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from serving import ServerProcess, greedy_reference, stream_chunks
 
 pytestmark = pytest.mark.slow
@@ -166,3 +167,35 @@ def test_native_server_equals_the_eager_sparse_server(start):
         complete(native, "Alpha", 30, **sampled)["choices"][0]["text"]
         == complete(eager, "Alpha", 30, **sampled)["choices"][0]["text"]
     )
+
+
+def test_native_runner_reuses_a_freed_slot_empty_and_names_the_flag_when_too_big(served_dir):
+    from transformers import AutoModelForCausalLM
+
+    from strataprune.contract.errors import ConfigError
+    from strataprune.serve.runners import NativeRunner
+
+    class Prepared:  # what sparse-cpu's native path prepares: the model, its head setting, an engine slot
+        engine, lm_head, closed = None, "fp32", False
+
+        def __init__(self) -> None:
+            self.model = AutoModelForCausalLM.from_pretrained(served_dir)
+
+        def close(self) -> None:
+            self.closed = True
+
+    too_big = Prepared()
+    with pytest.raises(ConfigError, match="--max-running 1000000"):
+        NativeRunner(too_big, 1_000_000, 256, 16)
+    assert too_big.closed
+    runner = NativeRunner(Prepared(), 2, 256, 16)
+    alone = runner.prefill("c", [7, 8])
+    runner.release("c")
+    runner.prefill("a", [1, 2, 3])
+    runner.prefill("b", [4, 5])
+    assert runner.kv_bytes() == 2 * runner.slot_bytes
+    runner.release("a")
+    assert runner.kv_bytes() == runner.slot_bytes
+    again = runner.prefill("c", [7, 8])  # takes a's slot, emptied: as if alone
+    assert runner.slots == {"b": 1, "c": 0} and runner.engine.length(0) == 2
+    assert torch.equal(again, alone)
