@@ -16,7 +16,8 @@ A point is written ``ENGINE@MODEL``:
 
 Runs are pruned with ``--allocator`` / ``--pruner`` (default ATP with beta 0.01 and SparseGPT, see docs/deploy.md for
 why) on ``--nsamples`` x ``--seqlen`` BBC train tokens and cached, so a second invocation re-measures without
-re-pruning. ``--native`` adds ``sparse-cpu:engine=native`` (the C++ decoder) on every sparse run.
+re-pruning. The grid's ``sparse-cpu`` points run the eager PyTorch graph (``engine=eager``); ``--native`` adds the
+same points on the native C++ decoder (``engine=native``).
 
     python benchmarks/pareto.py --prune                                   # BBC test, 40 x 512, threads 1
     python benchmarks/pareto.py --text path/to/wikitext-2/wiki.test.raw --threads 1,2
@@ -85,13 +86,17 @@ def default_points(native: bool = False, sparsities: Sequence[int] = SPARSITIES)
     points += [Point("onnxruntime", "dense"), Point("onnxruntime", "s0-int4")]
     for s in sparsities:
         points += [
-            Point("sparse-cpu", f"s{s}"),
-            Point("sparse-cpu:bits=8", f"s{s}"),
-            Point("sparse-cpu:bits=4", f"s{s}-int4"),
+            Point("sparse-cpu:engine=eager", f"s{s}"),
+            Point("sparse-cpu:engine=eager:bits=8", f"s{s}"),
+            Point("sparse-cpu:engine=eager:bits=4", f"s{s}-int4"),
             Point("onnxruntime", f"s{s}-int4"),
         ]
         if native:
-            points += [Point("sparse-cpu:engine=native", f"s{s}"), Point("sparse-cpu:engine=native:bits=4", f"s{s}-int4")]
+            points += [
+                Point("sparse-cpu:engine=native", f"s{s}"),
+                Point("sparse-cpu:engine=native:bits=8", f"s{s}"),
+                Point("sparse-cpu:engine=native:bits=4", f"s{s}-int4"),
+            ]
     return points
 
 

@@ -96,10 +96,15 @@ def test_the_default_grid_and_the_native_flag() -> None:
     assert plain[:5] == ["llama.cpp:F32@dense", "llama.cpp:Q8_0@dense", "llama.cpp:Q4_0@dense", "onnxruntime@dense",
                          "onnxruntime@s0-int4"]  # fmt: skip
     for s in (50, 60, 70):
-        assert {f"sparse-cpu@s{s}", f"sparse-cpu:bits=8@s{s}", f"sparse-cpu:bits=4@s{s}-int4"} <= set(plain)
+        eager = {
+            f"sparse-cpu:engine=eager@s{s}",
+            f"sparse-cpu:engine=eager:bits=8@s{s}",
+            f"sparse-cpu:engine=eager:bits=4@s{s}-int4",
+        }
+        assert eager <= set(plain)
     native = [p.spec for p in pareto.default_points(native=True)]
     assert set(native) - set(plain) == {f"sparse-cpu:engine=native{b}@s{s}{r}" for s in (50, 60, 70)
-                                        for b, r in (("", ""), (":bits=4", "-int4"))}  # fmt: skip
+                                        for b, r in (("", ""), (":bits=8", ""), (":bits=4", "-int4"))}  # fmt: skip
     assert all(pareto.parse_point(spec).spec == spec for spec in native)
 
 
