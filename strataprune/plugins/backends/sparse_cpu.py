@@ -14,9 +14,11 @@
 replaces every fp32 ``nn.Linear`` with at least ``min_sparsity`` zeros by a ``SparseLinear``
 (16-bit mask per 16 weights + packed fp32 nonzeros + an int32 offset per 256-column chunk:
 ``0.141 + 4 d`` bytes per weight at density ``d``, 0.335 of dense fp32 at 70%; see
-strataprune/kernels/format.py), writes the converted model to ``workdir`` (``model.safetensors`` with
-the packed buffers, ``config.json``, ``sparse_cpu.json`` naming the packed modules) and runs the
-model *loaded back from that folder*, so what is timed and parity-checked is what is on disk.
+strataprune/kernels/format.py), writes the converted model to ``workdir`` in strataprune's checkpoint format
+(strataprune/deploy/format.py, docs/format.md: ``model.safetensors`` with the packed buffers, ``config.json``,
+``strataprune.json`` naming each weight's encoding) and runs the model *loaded back from that folder*, its
+packed buffers memory-mapped from the file, so what is timed and parity-checked is what is on disk. Folders of
+the older layout (``sparse_cpu.json``, ``strataprune-bitmask16`` versions 1 and 2) still load.
 Linears below ``min_sparsity``, tied to the embeddings (SmolLM2's ``lm_head``) or not fp32 stay
 dense in PyTorch. Generation (prefill, decode with transformers' ``DynamicCache``), parity against
 PyTorch eager fp32 and timing come from ``torch_base.TorchBase`` (what the ``torch`` backend runs), which
@@ -60,8 +62,10 @@ from strataprune.contract.backend import BackendAvailability, CompiledModel, Dep
 from strataprune.contract.errors import ConfigError, DataError
 from strataprune.plugins.backends.torch_base import TorchBase, TorchModel
 
-#: the packed model's files in a prepared folder (``deploy``: OUTPUT/sparse-cpu/)
+#: the packed model's weights in a prepared folder (``deploy``: OUTPUT/sparse-cpu/), a strataprune-sparse folder
+#: (strataprune/deploy/format.py: config.json, strataprune.json, model.safetensors)
 WEIGHTS_FILE = "model.safetensors"
+#: the older layout of prepared folders, still read: sparse_cpu.json naming the packed modules
 MANIFEST = "sparse_cpu.json"
 FORMAT = "strataprune-bitmask16"
 FORMAT_VERSION = 1  # fp32 SparseLinear modules only
@@ -144,82 +148,26 @@ def kernels_version() -> str:
 
 
 def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write a model whose pruned Linears are SparseLinear into ``folder``; returns the manifest (sizes included)."""
-    from strataprune.deploy.storage import save_tensors
-    from strataprune.kernels import SparseLinear
-    from strataprune.kernels.quantized import QuantizedSparseLinear
+    """Write a model whose pruned Linears are SparseLinear / QuantizedSparseLinear into ``folder`` in strataprune's
+    checkpoint format (strataprune/deploy/format.py, docs/format.md); returns its manifest (sizes included)."""
+    from strataprune.deploy import format as checkpoint
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kinds = (SparseLinear, QuantizedSparseLinear)
-    sparse = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
-    parts = ("masks", "values", "offsets", "codes", "scales", "zeros")
-    packed_names = {f"{name}.{part}" for name in sparse for part in parts}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    dense_params = sum(m.in_features * m.out_features for m in sparse.values())  # what the model holds as dense fp32
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:  # tied (lm_head = embed_tokens): written once, tied again at load
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous()
-        dense_params += 0 if name in packed_names else tensor.numel()
-    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-    packed_bytes = sum(m.packed.nbytes for m in sparse.values())
-    packed_dense = sum(m.packed.dense_nbytes for m in sparse.values())
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    file_bytes = (folder / WEIGHTS_FILE).stat().st_size
-    quantized = any(isinstance(m, QuantizedSparseLinear) for m in sparse.values())
-    layout = (
-        "per SparseLinear M: M.masks int16 [rows, ceil(cols/16)], M.values float32 [nnz], "
-        "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias"
-    )
-    if quantized:
-        layout = (
-            "per QuantizedSparseLinear M (bits, group_size): M.masks int16 [rows, ceil(cols/16)], M.offsets int32 "
-            "[rows + 1], M.codes uint8 (int8 or two int4 per byte), M.scales float32 [rows, ceil(cols/group_size)], "
-            "M.zeros uint8 (bits 4) (strataprune/kernels/quantized.py), M.bias; " + layout
-        )
-
-    def entry(m: torch.nn.Module) -> dict[str, Any]:
-        spec = {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "sparsity": round(m.packed.sparsity, 6),
-        }
-        if isinstance(m, QuantizedSparseLinear):
-            spec.update(bits=m.bits, group_size=m.group_size)
-        return spec
-
-    manifest = {
-        "format": FORMAT,
-        "format_version": QUANTIZED_FORMAT_VERSION if quantized else FORMAT_VERSION,
-        "layout": layout,
-        "modules": {name: entry(m) for name, m in sparse.items()},
-        **(extra or {}),
-        "sizes": {
-            "file_bytes": file_bytes,
-            "dense_fp32_bytes": 4 * dense_params,
-            "ratio_whole_model": file_bytes / (4 * dense_params) if dense_params else 1.0,
-            "packed_matrices_bytes": packed_bytes,
-            "packed_matrices_dense_bytes": packed_dense,
-            "ratio_packed_matrices": packed_bytes / packed_dense if packed_dense else 1.0,
-            "bytes_per_weight_packed_matrices": 4 * packed_bytes / packed_dense if packed_dense else None,
-            "bytes_per_weight_formula": "2/16 + 4 d + 4/256 per fp32 weight (d = density; masks, values, chunk offsets)"
-            if not quantized
-            else "2/16 + d bits/8 + (4 + [bits 4]) / group_size + 4/cols per weight (masks, codes, scales, zeros, offsets)",
-        },
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return checkpoint.write_folder(model, Path(folder), extra=extra)
 
 
 def load_packed_model(folder: str | Path) -> torch.nn.Module:
-    """The model that :func:`save_packed_model` wrote to ``folder``: fp32, CPU, eval mode, KV cache on."""
+    """The model that :func:`save_packed_model` wrote to ``folder``: fp32, CPU, eval mode, KV cache on. The packed
+    buffers are the memory-mapped file's bytes (no unpacking copy). Folders of the older sparse-cpu layout
+    (``sparse_cpu.json``, ``strataprune-bitmask16`` versions 1 and 2) load too, read into memory."""
+    from strataprune.deploy import format as checkpoint
+
+    folder = Path(folder)
+    if (folder / checkpoint.MANIFEST).is_file():
+        return checkpoint.load_model(folder, kernels=True)
+    return _load_legacy_packed_model(folder)
+
+
+def _load_legacy_packed_model(folder: Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
@@ -460,13 +408,15 @@ class SparseCpuBackend(TorchBase):
         sizes = manifest["sizes"]
         bits = self.config.bits
         if bits == 32:
-            form = f"{FORMAT} (packed Linears) + dense fp32 rest"
+            form = "strataprune-sparse bitmask16-fp32 (packed Linears, memory-mapped) + dense fp32 rest"
         else:
             group = self.config.groupsize or ("row" if bits == 8 else 128)
-            form = f"{FORMAT} + int{bits} codes (group {group}; int8 activations on the fly) + dense fp32 rest"
+            form = f"strataprune-sparse bitmask16-int{bits} (group {group}; int8 activations on the fly) + dense fp32 rest"
         if self.config.dequantized:
             dequantize_linears(model)  # the same codes, expanded to fp32 in PyTorch: the quantized kernels' reference
-            form = f"int{bits} weights of {FORMAT} dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
+            form = (
+                f"int{bits} weights of strataprune-sparse dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
+            )
         engine = self.resolve_engine(model)
         meta = {
             "compiled": False,
@@ -475,7 +425,7 @@ class SparseCpuBackend(TorchBase):
             "weight_bits": bits,
             "format": form,
             "artifact_bytes": sizes["file_bytes"],
-            "converted_linears": len(manifest["modules"]),
+            "converted_linears": sizes["encoded_matrices"],
             "kept_dense_linears": len(report.kept_dense),
             "ratio_packed_matrices": sizes["ratio_packed_matrices"],
             "bytes_per_weight_packed_matrices": sizes["bytes_per_weight_packed_matrices"],

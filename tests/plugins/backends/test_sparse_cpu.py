@@ -20,6 +20,11 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels not
 LOW = "model.layers.0.mlp.up_proj"  # left at 20% zeros: must stay dense with the default min_sparsity 0.5
 
 
+def encoded_modules(manifest: dict) -> list[str]:
+    """The modules a strataprune.json stores packed (its non-dense weights, without the '.weight')."""
+    return [name[: -len(".weight")] for name, entry in manifest["tensors"].items() if entry["encoding"] != "dense"]
+
+
 def _backend(**params):
     return get_registry().create("backend", "sparse-cpu", params)
 
@@ -66,8 +71,8 @@ def test_pruned_linears_are_packed_and_the_rest_stays_dense(pruned70, tmp_path):
     assert packed == {n for n in linears if n not in (LOW, "lm_head")}
     assert isinstance(modules[LOW], torch.nn.Linear) and isinstance(modules["lm_head"], torch.nn.Linear)
     assert compiled.meta["converted_linears"] == len(packed) and compiled.meta["threads"] == 1
-    manifest = json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())
-    assert set(manifest["modules"]) == packed and LOW in manifest["kept_dense"]
+    manifest = json.loads((tmp_path / "w" / "strataprune.json").read_text())
+    assert set(encoded_modules(manifest)) == packed and LOW in manifest["kept_dense"]
     # everything below 0.8 stays dense when asked: a plain PyTorch model, still correct
     dense = _backend(min_sparsity=0.8).prepare(pruned70, tmp_path / "w8", DeploySettings(prompt_len=16, new_tokens=2))
     assert dense.meta["converted_linears"] == 0
@@ -125,10 +130,11 @@ def test_size_on_disk_follows_the_format(pruned70, tmp_path):
     from transformers import AutoModelForCausalLM
 
     compiled = _backend().prepare(pruned70, tmp_path / "w", DeploySettings(prompt_len=16, new_tokens=2))
-    sizes = json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())["sizes"]
+    manifest = json.loads((tmp_path / "w" / "strataprune.json").read_text())
+    sizes = manifest["sizes"]
     state = AutoModelForCausalLM.from_pretrained(pruned70).state_dict()
     packed = dense = 0
-    for name in json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())["modules"]:
+    for name in encoded_modules(manifest):
         w = state[f"{name}.weight"]
         rows, cols = w.shape
         packed += 2 * rows * -(-cols // 16) + 4 * int((w != 0).sum()) + 4 * (rows * -(-cols // 256) + 1)
