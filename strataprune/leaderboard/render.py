@@ -75,6 +75,14 @@ def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], An
             )
     out.append(("Prune time, s (allocation + pruning)", "prune_s", lambda r: (r.get("times_s") or {}).get("prune time"), True))
     out.append(
+        (
+            "Prune CPU time, s (allocation + pruning; process CPU time of all threads)",
+            "prune_cpu_s",
+            lambda r: (r.get("cpu_s") or {}).get("prune time"),
+            True,
+        )
+    )
+    out.append(
         ("Peak resident memory of the cell, MiB", "peak_rss_mb", lambda r: (r.get("memory") or {}).get("peak_rss_mb"), True)
     )
     if board.grid.backend or any(c.get("deployment") for c in board.cells):
