@@ -120,3 +120,75 @@ def test_the_example_grids_parse(monkeypatch, tmp_path):
     monkeypatch.delenv("WIKITEXT2_TEST")
     with pytest.raises(ConfigError, match="WIKITEXT2_TEST"):
         load_grid(EXAMPLES / "smollm2-135m.yaml")
+
+
+class _Results:
+    """What Board reads of a results file: the model records and the latest record per cell."""
+
+    def __init__(self, models: dict, cells: dict) -> None:
+        self._models, self._cells = models, cells
+
+    def models(self) -> dict:
+        return self._models
+
+    def cells(self) -> dict:
+        return self._cells
+
+
+def test_markdown_names_the_windows_the_dense_cost_and_every_cell_not_run():
+    from strataprune.leaderboard.board import Board
+    from strataprune.leaderboard.render import markdown, rows
+
+    grid = grid_from_dict(
+        small_grid(
+            allocators=["uniform", "owl"],
+            pruners=["sparsegpt"],
+            sparsities=[0.7, 0.5, "2:4"],
+            texts=[{"source": "bbc", "label": "bbc", "max_windows": 16}, {"source": "bbc", "split": "validation", "label": "v"}],
+            recipe={"evaluation": {"max_windows": 40}},
+        )
+    )
+    model = {
+        "record": "model",
+        "model": "smollm2-135m",
+        "dense": {"perplexity": {"bbc": {"ppl": 25.7}, "v": {"ppl": 26.0}}},
+        "times_s": {"dense evaluation": 1151.7},
+        "cpu_s": {"dense evaluation": 358.7},
+        "load_average": {"start": [9.06, 6.5, 3.6], "end": [9.78, 10.0, 8.2]},
+    }
+    cell = grid.cells[0]  # uniform + sparsegpt at 70%
+    record = {
+        "record": "cell",
+        "key": cell.key,
+        "model": "smollm2-135m",
+        "method": cell.method,
+        "allocator": cell.allocator.as_dict(),
+        "pruner": cell.pruner.as_dict(),
+        "sparsity": "0.7",
+        "status": "ok",
+        "perplexity": {"bbc": {"ppl": 300.0}, "v": {"ppl": 310.0}},
+        "times_s": {"allocate": 1.0, "prune": 99.0, "prune time": 100.0},
+        "cpu_s": {"allocate": 0.5, "prune": 39.5, "prune time": 40.0},
+        "wall_s": 900.0,
+        "process_cpu_s": 300.0,
+        "load_average": {"start": [8.0, 7.0, 6.0], "end": [9.0, 8.0, 7.0]},
+    }
+    board = Board(_Results({"smollm2-135m": model}, {cell.key: record}), grid)
+    md = markdown(board)
+    assert "Evaluation: bbc (16 windows), v (40 windows) of 512 tokens." in md
+    assert (
+        "Dense evaluation: 1152 s wall, 359 s process CPU time, 1-minute load average 9.1 at the start and 9.8 at the end." in md
+    )
+    assert "### Prune CPU time, s (allocation + pruning; process CPU time of all threads)" in md and "| 40.00 |" in md
+    # every cell without a record, per model and sparsity; N:M once per pruner, on uniform
+    assert md.split("## Not run yet\n\n")[1].splitlines()[:3] == [
+        "- smollm2-135m × 70%: owl + sparsegpt",
+        "- smollm2-135m × 50%: uniform + sparsegpt, owl + sparsegpt",
+        "- smollm2-135m × 2:4: uniform + sparsegpt",
+    ]
+    (row,) = rows(board)
+    assert (row["cell_wall_s"], row["cell_cpu_s"], row["load_1min_start"], row["load_1min_end"]) == (900.0, 300.0, 8.0, 9.0)
+    assert row["prune_cpu_s"] == 40.0
+    # a finished grid has no such section, and records made before CPU times render without the line
+    done = Board(_Results({"smollm2-135m": {**model, "cpu_s": {}}}, {c.key: {**record, "key": c.key} for c in grid.cells}), grid)
+    assert "Not run yet" not in markdown(done) and "Dense evaluation:" not in markdown(done)
