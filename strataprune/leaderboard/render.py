@@ -206,6 +206,8 @@ def markdown(board: Board) -> str:
         if stats:
             lines.append(f"Shared dense statistics pass (once for all allocators that need statistics): {stats:.1f} s.")
         methods = board.methods_of(model)
+        if not methods:
+            continue
         cols = [s for s in board.sparsities if any((model, m, s) in board.by for m in methods)]
         for title, key, value, lower in measures(board):
             caption = title

@@ -192,3 +192,7 @@ def test_markdown_names_the_windows_the_dense_cost_and_every_cell_not_run():
     # a finished grid has no such section, and records made before CPU times render without the line
     done = Board(_Results({"smollm2-135m": {**model, "cpu_s": {}}}, {c.key: {**record, "key": c.key} for c in grid.cells}), grid)
     assert "Not run yet" not in markdown(done) and "Dense evaluation:" not in markdown(done)
+    # before any cell finishes: the model's dense numbers and cost, no empty tables, every cell not run
+    started = markdown(Board(_Results({"smollm2-135m": model}, {}), grid))
+    assert "## smollm2-135m\n\nDense perplexity: bbc 25.700, v 26.000.\nDense evaluation: 1152 s wall" in started
+    assert "###" not in started and "- smollm2-135m × 70%: uniform + sparsegpt, owl + sparsegpt" in started
