@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cpu_bar import cpu_facts  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
 from strataprune.contract.registry import get_registry  # noqa: E402
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
 from strataprune.engine.allocator_comparison import make_allocators, plot_profiles  # noqa: E402
@@ -80,6 +82,7 @@ def main() -> int:
         },
     )
     registry = get_registry()
+    machine_start = cpu_facts()
     if args.atp_search:
         return atp_search(args, recipe, registry)
     specs = [s.strip() for s in args.allocators.split(",") if s.strip()]
@@ -100,7 +103,7 @@ def main() -> int:
     rows, results, profiles = [], {}, {}
     for spec in specs:
         (allocator,) = make_allocators(recipe, [spec], registry)  # a fresh instance: no statistics carried over
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if allocator.needs:
             pipeline.dense_pass([allocator])
         t1 = time.perf_counter()
@@ -115,8 +118,9 @@ def main() -> int:
             esd_spectra(pipeline.weights(), pipeline.device)
             cold = time.perf_counter() - c0
         with pipeline.pruned(allocation, desc="prune"):
-            t3 = time.perf_counter()
+            t3, c3 = time.perf_counter(), time.process_time()
             ppl = {k: perplexity(pipeline.loaded.model, w.ids, k, False)["ppl"] for k, w in texts.items()}
+        t4, c4 = time.perf_counter(), time.process_time()
         profile = allocation.block_profile(pipeline.calibrator.layout)
         profiles[allocator.name] = profile
         results[allocator.name] = {
@@ -126,15 +130,21 @@ def main() -> int:
             "allocate_s": t2 - t1,
             "spectra_cold_s": cold,
             "prune_s": t3 - t2,
+            "eval_s": t4 - t3,
+            # process CPU time (all threads of this process) of statistics + allocation + prune, and of the evaluation
+            "cpu_s": c3 - c0,
+            "eval_cpu_s": c4 - c3,
+            "load_average_after": os.getloadavg(),
             "ppl": ppl,
             "profile": profile,
             "normalize": allocation.meta.get("normalize"),
+            "block_scores": allocation.meta.get("unimportance") or allocation.meta.get("lod"),  # DLP median scores, OWL LOD
             "beta": allocation.meta.get("beta"),
             "trials": allocation.meta.get("trials"),
             "notes": allocation.meta.get("notes", []),
         }
         print(
-            f"{allocator.name}: stats {t1 - t0:.1f}s, allocate {t2 - t1:.1f}s, prune {t3 - t2:.1f}s, "
+            f"{allocator.name}: stats {t1 - t0:.1f}s, allocate {t2 - t1:.1f}s, prune {t3 - t2:.1f}s (CPU {c3 - c0:.1f}s), "
             + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()),
             flush=True,
         )
@@ -143,6 +153,8 @@ def main() -> int:
     headers = [
         "allocator",
         "stats + alloc (s)",
+        "prune (s)",
+        "CPU stats+alloc+prune (s)",
         "WikiText-2 ppl",
         "vs uniform",
         "BBC ppl",
@@ -157,6 +169,8 @@ def main() -> int:
             [
                 name,
                 cost,
+                r["prune_s"],
+                r["cpu_s"],
                 r["ppl"]["wikitext2"],
                 ratio["wikitext2"],
                 r["ppl"]["bbc"],
@@ -182,6 +196,10 @@ def main() -> int:
         "atp_selection": f"{args.selection_windows} windows of BBC validation (held out; never the evaluation text)",
         "threads": pipeline.threads,
         "load_s": load_s,
+        "cpu": machine_start["cpu"],
+        "isa": " ".join(machine_start["isa"]),
+        "load_average_start": " ".join(f"{v:.2f}" for v in machine_start["load_average"]),
+        "load_average_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     payload = {
         "settings": settings,
@@ -201,7 +219,8 @@ def main() -> int:
         "",
         "Time = the allocator's own dense statistics pass + its allocation (AlphaPruning: with its spectra "
         "computed cold, not from the cache; ATP: its beta search, "
-        f"{len((results.get('atp') or {}).get('trials') or [])} trials). Profile plot: {stem.name}.png",
+        f"{len((results.get('atp') or {}).get('trials') or [])} trials); wall clock. CPU = process CPU time "
+        "(all threads) of statistics, allocation and prune. Profile plot: " + f"{stem.name}.png",
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(md))

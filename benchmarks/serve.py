@@ -21,6 +21,15 @@ strataprune's install)::
     python benchmarks/serve.py smollm2-135m --no-baseline --serve /path/to/run#sparse-cpu \
         --llama-cpp Q8_0.gguf,Q4_0.gguf --threads 1 --concurrency 1,4 --requests 8 --label llamacpp
 
+Scaling out with Ray Serve (docs/serve.md, Scaling out): ``--ray-replicas 1,2`` adds ``strataprune serve --ray
+--replicas N`` (a local Ray instance it starts) for each N beside the single process, with ``--threads`` split over
+the replicas (``--threads 2 --ray-replicas 2``: two replicas of one thread and one CPU each); its CPU time is that of
+the whole process tree (Ray's GCS, raylet, proxy and controller included). ``--url NAME=URL`` measures a server that
+is already running (a Ray Serve deployment on a cluster, a load balancer), without CPU time::
+
+    python benchmarks/serve.py tiny --no-baseline --threads 2 --ray-replicas 1,2 --concurrency 4,16 --label ray-tiny
+    python benchmarks/serve.py tiny --no-baseline --no-local --url cluster=http://10.0.0.5:8000 --label cluster
+
 ``--serve DIR[#BACKEND]`` adds more of our servers to the same table; ``--llama-cpp`` starts llama.cpp's server
 on each GGUF with the same threads and sends the same requests. It has no ``ignore_eos``, so the end-of-text
 token gets a -100 logit bias instead (llama.cpp's own way to ban a token), and its stream reports no usage, so
@@ -35,6 +44,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -68,12 +78,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001 -- the signal-handler signature
+    raise KeyboardInterrupt
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and every process below it (a Ray server's replicas, proxy, raylet and GCS)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+        except (OSError, IndexError, ValueError):  # it exited meanwhile
+            continue
+        todo.extend(children.get(current, []))
+    return total
+
+
+class RunningServer:
+    """A server started elsewhere (``--url``): measured over HTTP only, no CPU time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.proc = None
+
+    def stop(self) -> None:
+        pass
 
 
 class Server:
@@ -83,7 +129,7 @@ class Server:
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.url = ""
         assert self.proc.stderr is not None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a Ray Serve deployment starts Ray, then loads every replica
         for line in self.proc.stderr:
             found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
             if found:
@@ -260,7 +306,14 @@ def main() -> None:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also --max-running 1")
     parser.add_argument("--serve", action="append", default=[], metavar="DIR[#BACKEND]", help="another of our servers")
     parser.add_argument("--llama-cpp", default="", metavar="GGUF[,GGUF]", help="llama.cpp's server on these GGUF files")
+    parser.add_argument(
+        "--ray-replicas", default="", metavar="N[,N]", help="also `serve --ray --replicas N`, --threads split over them"
+    )
+    parser.add_argument("--url", action="append", default=[], metavar="NAME=URL", help="a server already running there")
+    parser.add_argument("--rounds", type=int, default=1, help="run every setting this many times, interleaved")
+    parser.add_argument("--local", action=argparse.BooleanOptionalAction, default=True, help="the single-process server")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # the servers this script started are stopped on the way out
     levels = [int(c) for c in args.concurrency.split(",")]
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -273,12 +326,27 @@ def main() -> None:
         (spec.split("#")[0], spec.split("#")[1] or None if "#" in spec else None) for spec in args.serve
     ]
     ours = [(model_folder(folder), backend) for folder, backend in ours]
+    try:
+        replica_counts = [int(n) for n in args.ray_replicas.split(",") if n]
+        urls = [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in args.url]
+    except (ValueError, IndexError):
+        print(f"error: --ray-replicas {args.ray_replicas!r} / --url {args.url}; allowed: N[,N] and NAME=URL", file=sys.stderr)
+        sys.exit(2)
     settings: dict[str, tuple[str, str | None, list[str]]] = {}
-    for folder, backend in ours:
+    for folder, backend in ours if args.local or args.baseline else []:
         prefix = "" if len(ours) == 1 and not ggufs else f"{Path(folder).name} {backend or 'default backend'}: "
-        settings[prefix + "continuous batching"] = (folder, backend, ["--max-running", str(max(levels))])
+        if args.local:
+            settings[prefix + "continuous batching"] = (folder, backend, ["--max-running", str(max(levels))])
         if args.baseline:
             settings[prefix + "one at a time (baseline)"] = (folder, backend, ["--max-running", "1"])
+    folder, backend = ours[0]
+    for replicas in replica_counts:
+        per_replica = max(1, args.threads // replicas)
+        settings[f"Ray Serve, {replicas} replica(s) x {per_replica} thread(s)"] = (
+            folder,
+            backend,
+            ["--max-running", str(max(levels)), "--ray", "--replicas", str(replicas), "--replica-cpus", str(per_replica)],
+        )
     report: dict[str, Any] = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model_dir": ", ".join(Path(folder).name for folder, _ in ours),  # names only: results never record local paths
@@ -286,6 +354,9 @@ def main() -> None:
         "model_note": args.note,
         "backend": ", ".join(backend or "(deploy.json's, else torch)" for _, backend in ours),
         "llama_cpp": [Path(g).name for g in ggufs],
+        "ray_replicas": replica_counts,
+        "rounds": args.rounds,
+        "threads": args.threads,
         "request": {k: v for k, v in body.items() if k != "prompt"} | {"prompt_words": args.prompt_tokens},
         "requests_per_level": args.requests,
         "machine": machine(),
@@ -294,8 +365,11 @@ def main() -> None:
     }
     runs: list[tuple[str, Any, dict[str, Any]]] = []
     for name, (folder, backend, flags) in settings.items():
-        extra = ["--threads", str(args.threads), "--max-queue", "1024", "--timeout", str(args.timeout)]
+        threads = int(flags[flags.index("--replica-cpus") + 1]) if "--ray" in flags else args.threads
+        extra = ["--threads", str(threads), "--max-queue", "1024", "--timeout", str(args.timeout)]
         runs.append((name, lambda f=folder, b=backend, x=flags + extra: Server(f, x + (["--backend", b] if b else [])), body))
+    for name, url in urls:
+        runs.append((name, lambda u=url: RunningServer(u), body))
     for gguf in ggufs:
         # the same request; llama.cpp's server has no ignore_eos, so its end-of-text token is banned by logit bias
         llama_body = {k: v for k, v in body.items() if k != "ignore_eos"} | {"logit_bias": {str(eos_token(gguf)): -100.0}}
@@ -303,17 +377,21 @@ def main() -> None:
         runs.append(
             (f"llama.cpp server {Path(gguf).name}", lambda g=gguf, n=context: LlamaCppServer(g, args.threads, n), llama_body)
         )
-    for name, start_server, request in runs:
+    # rounds run every setting again in the same order, so that a change of the machine's load between settings
+    # shows as a spread between rounds instead of passing for a difference between settings
+    for round_index, (name, start_server, request) in ((i, run) for i in range(args.rounds) for run in runs):
         server = start_server()
         try:
             asyncio.run(level(server.url, {**request, "max_tokens": 4}, 1, 2, args.timeout, args.level_timeout))  # warm-up
             for concurrency in levels:
-                cpu0 = cpu_seconds(server.proc.pid)
+                pid = server.proc.pid if server.proc is not None else None
+                cpu0 = tree_cpu_seconds(pid) if pid else 0.0
                 row = asyncio.run(level(server.url, request, concurrency, args.requests, args.timeout, args.level_timeout))
-                row["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu0
+                row["server_cpu_s"] = tree_cpu_seconds(pid) - cpu0 if pid else None
                 row["setting"] = name
+                row["round"] = round_index + 1
                 row["server_cpu_ms_per_token"] = (
-                    1e3 * row["server_cpu_s"] / row["output_tokens"] if row["output_tokens"] else None
+                    1e3 * row["server_cpu_s"] / row["output_tokens"] if row["output_tokens"] and pid else None
                 )
                 report["runs"].append(row)
                 print(
@@ -354,12 +432,13 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
+        name = r["setting"] + (f" (round {r['round']})" if report.get("rounds", 1) > 1 else "")
         lines.append(
-            f"| {r['setting']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+            f"| {name} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
             f"{ms(r['ttft']['median_ms'])} / {ms(r['ttft']['p99_ms'])} | "
             f"{ms(r['tpot']['median_ms'])} / {ms(r['tpot']['p99_ms'])} | "
             f"{ms(r['itl']['median_ms'])} / {ms(r['itl']['p99_ms'])} | {ms(r['e2e']['median_ms'])} / {ms(r['e2e']['p99_ms'])} | "
-            f"{r.get('output_tokens', '-')} | {r['server_cpu_s']:.1f} | {ms(r.get('server_cpu_ms_per_token'))} | "
+            f"{r.get('output_tokens', '-')} | {ms(r['server_cpu_s'])} | {ms(r.get('server_cpu_ms_per_token'))} | "
             f"{r['wall_s']:.1f} | "
             f"{r['errors'] or 'none'} |"
         )
@@ -373,6 +452,28 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if ratios:
         lines += ["", "Output tokens/s, continuous batching over one at a time (same run): " + ", ".join(ratios) + "."]
+
+    def median_rate(setting: str, concurrency: int) -> float | None:
+        rates = [r["output_tokens_per_s"] for r in report["runs"] if r["setting"] == setting and r["concurrency"] == concurrency]
+        return statistics.median(rates) if rates else None
+
+    singles = [r for r in report["runs"] if r["setting"].endswith("continuous batching")]
+    scaled = []
+    for setting in dict.fromkeys(r["setting"] for r in report["runs"] if r["setting"].startswith("Ray Serve")):
+        for concurrency in dict.fromkeys(r["concurrency"] for r in report["runs"]):
+            ours, single = median_rate(setting, concurrency), median_rate(singles[0]["setting"], concurrency) if singles else None
+            if ours and single:
+                scaled.append(f"{setting} c={concurrency}: {ours / single:.2f}x")
+    if scaled:
+        lines += [
+            "",
+            f"Output tokens/s over the single process with {report.get('threads')} thread(s) (same run"
+            + (f", medians of {report['rounds']} rounds" if report.get("rounds", 1) > 1 else "")
+            + "): "
+            + ", ".join(scaled)
+            + ".",
+            "Ray rows' server CPU is the whole process tree: the replicas, Ray Serve's proxy and controller, the raylet and GCS.",
+        ]
     if report.get("llama_cpp"):
         lines += [
             "",

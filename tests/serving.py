@@ -23,7 +23,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
-    def __init__(self, folder: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, *flags: str, env: dict[str, str] | None = None, start_seconds: float = 60) -> None:
         command = [sys.executable, "-m", "strataprune", "serve", str(folder), "--port", "0", "--threads", "1", *flags]
         environment = {k: v for k, v in os.environ.items() if k != "STRATAPRUNE_API_KEY"}  # only what a test gives
         environment.update({"PYTHONPATH": str(REPOSITORY), **(env or {})})
@@ -31,7 +31,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.url = self._wait_for_url(60)
+        self.url = self._wait_for_url(start_seconds)
         self.wait_healthy(180)
 
     def _read(self) -> None:

@@ -33,7 +33,20 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY (default: $STRATAPRUNE_API_KEY)")
     parser.add_argument("--model-name", dest="model_name", help="the model id clients send (default: the folder's name)")
-    parser.add_argument("--threads", type=int, help="compute threads")
+    parser.add_argument("--threads", type=int, help="compute threads (per replica with --ray; default there: --replica-cpus)")
+    scale = parser.add_argument_group("scaling out with Ray Serve (the ray-serve extra; docs/serve.md, Scaling out)")
+    scale.add_argument(
+        "--ray", action="store_true", help="serve as replicas of a Ray Serve deployment behind Ray Serve's proxy on --host/--port"
+    )
+    scale.add_argument("--replicas", type=int, default=1, help="model copies, each with its own scheduler (needs --ray)")
+    scale.add_argument(
+        "--replica-cpus", dest="replica_cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"
+    )
+    scale.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local instance)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -45,6 +58,18 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError(f"`strataprune serve` needs {exc.name}: pip install 'strataprune[serve]'") from None
     from strataprune.serve.server import ServeSettings, serve
+
+    if not args.ray:
+        for flag, value, default in (
+            ("--replicas", args.replicas, 1),
+            ("--replica-cpus", args.replica_cpus, 1.0),
+            ("--ray-address", args.ray_address, None),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"{flag} {value} needs --ray; allowed without it: one process (several processes behind a load balancer: "
+                    "docs/serve.md, Scaling out)"
+                )
 
     settings = ServeSettings(
         backend=args.backend,
@@ -60,4 +85,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         model_name=args.model_name,
     )
+    if args.ray:
+        from strataprune.serve.ray_app import serve_on_ray
+
+        return serve_on_ray(args.dir, settings, args.replicas, args.replica_cpus, args.ray_address)
     return serve(args.dir, settings)

@@ -136,21 +136,12 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, jobs: int, threads: int, address: str | None = None) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("--executor ray needs Ray: pip install 'strataprune[ray]'") from None
-        self.ray = ray
+        from strataprune.runtime.ray_cluster import connect_ray, import_ray
+
+        self.ray = import_ray("--executor ray")
         self.jobs, self.threads = jobs, threads
-        self._started = False
-        if not ray.is_initialized():
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env={"env_vars": {"STRATAPRUNE_PROGRESS": "0"}},
-            )
-            self._started = True
+        runtime_env = {"env_vars": {"STRATAPRUNE_PROGRESS": "0"}}
+        self._started = connect_ray(address, init_options={"runtime_env": runtime_env}) != "already"
         self._remote: dict[Callable[[Any], Any], Any] = {}
         self._refs: dict[Any, Any] = {}
 

@@ -39,6 +39,8 @@ from strataprune.serve.scheduler import Draining, Event, Overloaded, Scheduler, 
 
 #: seconds between checks that a client of a non-streaming request is still there (and SSE keep-alives)
 POLL_SECONDS = 0.5
+#: the response header naming the server copy that answered (several behind a load balancer or Ray Serve's proxy)
+REPLICA_HEADER = "X-Strataprune-Replica"
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ServerState:
     model: Any = None
     scheduler: Scheduler | None = None
     started: float = field(default_factory=time.time)
+    #: which copy of the server answers (host/pid, or a Ray Serve replica's id): /health and an X-Strataprune-Replica header
+    replica: str = ""
 
     def ready(self) -> tuple[Any, Scheduler]:
         if self.status == "draining":
@@ -103,6 +107,8 @@ def counted(state: ServerState, endpoint: str, handler: Callable[[Request], Any]
         except Exception as exc:  # noqa: BLE001 -- bad input must never kill the server
             response = error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"))
         state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if state.replica:
+            response.headers[REPLICA_HEADER] = state.replica
         return response
 
     return wrapped
@@ -313,6 +319,8 @@ def create_app(state: ServerState) -> Starlette:
 
     async def health(request: Request) -> Response:
         body: dict[str, Any] = {"status": state.status}
+        if state.replica:
+            body["replica"] = state.replica
         if state.error:
             body["error"] = state.error
         model, scheduler = state.model, state.scheduler

@@ -8,6 +8,7 @@ second signal exits at once.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -63,7 +64,7 @@ class ServeSettings:
             raise ConfigError("--api-key is empty; give a key or leave it unset")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,13 +90,14 @@ def serve(folder: str | Path, settings: ServeSettings, log: Callable[[str], None
     settings.check()
     info = inspect_folder(folder)
     backend = choose_backend(info, settings.backend)
-    sock = _bind(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     metrics = ServeMetrics(settings.max_running)
     state = ServerState(metrics, settings.timeout, settings.max_body_bytes, settings.api_key)
+    state.replica = f"{socket.gethostname()}/{os.getpid()}"
     workdir = Path(tempfile.mkdtemp(prefix="strataprune-serve-"))
     loader = threading.Thread(
-        target=_load, args=(state, info, backend, workdir, settings, say), name="strataprune-load", daemon=True
+        target=load_into, args=(state, info, backend, workdir, settings, say), name="strataprune-load", daemon=True
     )
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off")
     server = draining_server(config, state, drain_seconds=settings.timeout + 10, log=say)
@@ -116,7 +118,8 @@ def serve(folder: str | Path, settings: ServeSettings, log: Callable[[str], None
     return 0
 
 
-def _load(state: Any, info: Any, backend: Any, workdir: Path, settings: ServeSettings, say: Callable[[str], None]) -> None:
+def load_into(state: Any, info: Any, backend: Any, workdir: Path, settings: ServeSettings, say: Callable[[str], None]) -> None:
+    """Load the model and start its scheduler into ``state``; a failure sets ``state.status = "error"`` and its reason."""
     from strataprune.serve.model import load_served_model
     from strataprune.serve.scheduler import Scheduler, SchedulerLimits
 

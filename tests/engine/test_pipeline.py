@@ -204,8 +204,8 @@ def test_atp_searched_beta_gives_the_same_weights_as_a_fixed_beta_run(tiny_llama
     assert searched.report["perplexity"]["sparse"]["ppl"] == fixed.report["perplexity"]["sparse"]["ppl"]
 
 
-# --------------------------------------------------------------------------- RMI and Hessian-cluster, really pruned
-@pytest.mark.parametrize("allocator, pruner", [("rmi", "wanda"), ("hessian_cluster", "sparsegpt")])
+# --------------------------------------------------------------------------- RMI, Hessian-cluster and DLP, really pruned
+@pytest.mark.parametrize("allocator, pruner", [("rmi", "wanda"), ("hessian_cluster", "sparsegpt"), ("dlp", "sparsegpt")])
 def test_statistics_allocators_through_a_real_prune(tiny_llama_dir, text_file, allocator, pruner):
     result = Pipeline(recipe(tiny_llama_dir, text_file, allocator=allocator, pruner=pruner), **QUIET).run(save=False)
     allocation, report = result.allocation, result.report

@@ -61,11 +61,12 @@ from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.errors import PluginError, require
 from strataprune.contract.layout import BlockStats, ModelLayout
 from strataprune.contract.sparsity import NMPattern
+
+# the window map is shared with DLP (window.py); the OWL names stay for existing callers
+from strataprune.plugins.allocators.window import PAPER_FLOOR, paper_floor
+from strataprune.plugins.allocators.window import minmax_offsets as lod_offsets
+from strataprune.plugins.allocators.window import window_ratios as owl_ratios
 from strataprune.plugins.common.scores import wanda_scores
-
-#: the official code replaces a sparsity <= 0 by this value
-PAPER_FLOOR = 0.01
-
 
 _require = functools.partial(require, where="allocator 'owl'")
 
@@ -117,26 +118,6 @@ def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:
     threshold = M * mean
     count = sum(int((s > threshold).sum()) for s in scores)
     return 100.0 * count / total
-
-
-def lod_offsets(lod: Sequence[float] | np.ndarray, scale: float) -> np.ndarray:
-    """u = scale * (D - min D) / (max D - min D); all zeros when every D is equal (no information)."""
-    d = np.asarray(lod, dtype=np.float64)
-    spread = d.max() - d.min() if d.size else 0.0
-    if spread <= 0.0:
-        return np.zeros_like(d)
-    return scale * (d - d.min()) / spread
-
-
-def owl_ratios(lod: Sequence[float] | np.ndarray, target: float, lam: float) -> np.ndarray:
-    """Raw OWL sparsities s = S - (u - mean u), u spanning [0, 2*lam]; unweighted mean is S."""
-    u = lod_offsets(lod, 2.0 * lam)
-    return target - (u - u.mean())
-
-
-def paper_floor(ratios: np.ndarray) -> np.ndarray:
-    """The official lower clip: a sparsity <= 0 becomes 0.01 (values in (0, 0.01) stay)."""
-    return np.where(ratios <= 0.0, PAPER_FLOOR, ratios)
 
 
 def nm_offsets(lod: Sequence[float] | np.ndarray, lam_nm: int) -> np.ndarray:
