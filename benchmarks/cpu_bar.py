@@ -7,7 +7,11 @@ process, on the same prompt tokens, the same threads and the same number of gree
   Q4_1 GGUF; our dense fp32 model is exactly its dequantized weights, so each variant here is made from that file
   with llama.cpp's own quantizer (``llama_model_quantize``, requantizing allowed) and cached;
 - ONNX Runtime fp32 on the dense model (the fastest fp32 engine a user would pick) and on any ``--run`` folders;
-- ``sparse-cpu`` (our kernels) on the ``--run`` folders (e.g. a 70% run from ``strataprune run --sparsity 0.7``).
+- ``sparse-cpu`` (our kernels) on the ``--run`` folders (e.g. a 70% run from ``strataprune run --sparsity 0.7``);
+- the native decoder (``strataprune.kernels.decoder.NativeDecoder``, ``sparse-cpu:engine=native``) on the same
+  folders: fp32 / int8 / int4 weights (``--native-bits``), lm_head fp32 and int8 (``--native-heads``), the forced
+  AVX2 kernel path for the quantized rows, and a 4-slot batched decode (ms per token = step time / 4). Its prefill
+  computes the last token's logits only (as llama.cpp does); the ``sparse-cpu`` rows compute every position's.
 
 Each engine: ``--warmup`` untimed then ``--repeats`` timed repetitions of a ``--prompt-len`` prefill and
 ``--decode-tokens`` greedy decode steps with the KV cache. Two clocks for every figure: wall clock and the process's
@@ -153,6 +157,70 @@ def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, thre
         compiled.close()
 
 
+def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup: int, repeats: int, lm_head: str,
+                  isa: str, batch: int = 1) -> dict:  # fmt: skip
+    """The native decoder on a packed model: prefill (last logits) of ``ids`` and greedy decode steps; with
+    ``batch`` > 1 every step decodes ``batch`` slots at once (the figure is per token: step time / batch)."""
+    import contextlib
+
+    import strataprune.kernels as kernels
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import use_quantized_isa
+
+    kernels.set_num_threads(threads)
+    engine = NativeDecoder(model, max_slots=batch, max_context=len(ids) + tokens + 8, lm_head=lm_head)
+    state: dict[str, Any] = {}
+    forced = contextlib.ExitStack()
+    if isa != "auto":
+        forced.enter_context(kernels.use_isa(isa))
+        forced.enter_context(use_quantized_isa(isa))
+    with forced:
+
+        def prefill() -> None:
+            engine.reset(0)
+            state["next"] = [int(engine.prefill(0, ids).argmax())] * batch
+            for slot in range(1, batch):  # batched rows: every slot holds the prompt
+                engine.reset(slot)
+                engine.prefill(slot, ids)
+
+        def step() -> None:
+            logits = engine.decode(list(range(batch)), state["next"])
+            state["next"] = [int(i) for i in logits.argmax(-1)]
+
+        if batch == 1:
+            result = measure(prefill, step, tokens, warmup, repeats)
+        else:  # time only the decode: the prefill of the extra slots is not what the row is about
+            rows = []
+            for i in range(warmup + repeats):
+                prefill()
+                d = timed(lambda: [step() for _ in range(tokens)])
+                if i >= warmup:
+                    rows.append(d)
+            result = {
+                "prefill_ms": None,
+                "decode_ms_per_token": {
+                    "wall": 1e3 * statistics.median(r[0] for r in rows) / tokens / batch,
+                    "cpu": 1e3 * statistics.median(r[1] for r in rows) / tokens / batch,
+                },
+            }
+    result["kv_bytes"] = engine.kv_bytes
+    engine.close()
+    return result
+
+
+def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
+    """The ``--run`` folder packed by ``sparse-cpu`` (fp32 bitmask or int8/int4 codes) and loaded back from disk."""
+    from strataprune.contract.backend import DeploySettings
+    from strataprune.deploy.bench import resolve_backends
+
+    (backend,), _ = resolve_backends([f"sparse-cpu:bits={bits}:engine=native"])
+    settings = DeploySettings(batch=1, prompt_len=8, new_tokens=1, threads=threads)
+    compiled = backend.prepare(run, workdir / f"native-{bits}-{run.name}", settings)
+    model = compiled.model
+    compiled.close()
+    return model
+
+
 def prompt_ids(length: int) -> np.ndarray:
     from transformers import AutoTokenizer
 
@@ -176,29 +244,38 @@ def markdown(report: dict) -> str:
         f"{report['warmup']} warm-up. Wall = wall clock, CPU = this process's CPU time (all its threads).",
         "",
     ]
+    bases = {"Q4_0": "llama.cpp Q4_0", "Q8_0": "llama.cpp Q8_0", "ORT": "onnxruntime fp32 dense"}
     for threads, rows in report["threads"].items():
-        base_q4 = rows.get("llama.cpp Q4_0", {}).get("decode_ms_per_token")
-        base_ort = rows.get("onnxruntime fp32 dense", {}).get("decode_ms_per_token")
+        base = {k: rows.get(v, {}) for k, v in bases.items()}
+
+        def ratio(r: dict, base_row: dict, key: str) -> str:
+            mine, theirs = r.get(key), base_row.get(key)
+            return f"{theirs['cpu'] / mine['cpu']:.2f}x" if mine and theirs else "-"
+
         lines += [
             f"## {threads} thread(s)",
             "",
-            "| engine | decode ms/token wall | CPU | tokens/s (wall) | vs llama.cpp Q4_0 (CPU) | vs ORT fp32 (CPU) "
-            "| prefill ms wall | CPU |",
-            "|---|---|---|---|---|---|---|---|",
+            "| engine | decode ms/token wall | CPU | tokens/s (wall) | decode vs Q4_0 (CPU) | vs Q8_0 | vs ORT fp32 "
+            "| prefill ms wall | CPU | prefill vs Q4_0 (CPU) | vs Q8_0 | vs ORT fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {name} | error: {r['error']} | | | | | | |")
+                lines.append(f"| {name} | error: {r['error']} | | | | | | | | | | |")
                 continue
             d, p = r["decode_ms_per_token"], r["prefill_ms"]
-            vs_q4 = f"{base_q4['cpu'] / d['cpu']:.2f}x" if base_q4 else "-"
-            vs_ort = f"{base_ort['cpu'] / d['cpu']:.2f}x" if base_ort else "-"
+            decode = " | ".join(ratio(r, base[k], "decode_ms_per_token") for k in bases)
+            prefill = " | ".join(ratio(r, base[k], "prefill_ms") for k in bases)
+            pw, pc = (f"{p['wall']:.0f}", f"{p['cpu']:.0f}") if p else ("-", "-")
             lines.append(
-                f"| {name} | {d['wall']:.1f} | {d['cpu']:.1f} | {1e3 / d['wall']:.1f} | {vs_q4} | {vs_ort} "
-                f"| {p['wall']:.0f} | {p['cpu']:.0f} |"
+                f"| {name} | {d['wall']:.1f} | {d['cpu']:.1f} | {1e3 / d['wall']:.1f} | {decode} | {pw} | {pc} | {prefill} |"
             )
         lines.append("")
-    lines.append("Ratios above 1 mean faster than the baseline (its time divided by this engine's time).")
+    lines.append(
+        "Ratios above 1 mean faster than the baseline (its CPU time divided by this engine's CPU time, same run). "
+        "native rows: `NativeDecoder` (prefill returns the last token's logits, like llama.cpp); `batch 4`: four slots "
+        "decoded per step, ms per token = step / 4; `isa avx2`: the kernels' AVX2 path forced."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -211,19 +288,26 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gguf", default="F32,Q8_0,Q4_0", help="llama.cpp variants (default F32,Q8_0,Q4_0)")
     ap.add_argument("--run", action="append", default=[], help="a `strataprune run` folder to time on ORT and sparse-cpu")
-    ap.add_argument("--backends", default="onnxruntime,sparse-cpu", help="our engines for --run folders")
+    ap.add_argument("--backends", default="onnxruntime,sparse-cpu:engine=eager", help="our engines for --run folders")
+    ap.add_argument("--native-bits", default="32,8,4", help="native decoder rows: weight bits (empty: none)")
+    ap.add_argument("--native-heads", default="fp32,int8", help="native decoder rows: lm_head variants")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "strataprune" / "cpu-bar"))
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
     try:
+        native_bits = [int(b) for b in args.native_bits.split(",") if b.strip()]
+        heads = [h.strip() for h in args.native_heads.split(",") if h.strip()]
+        if any(b not in (32, 8, 4) for b in native_bits) or any(h not in ("fp32", "int8") for h in heads):
+            raise ValueError
         threads = [int(t) for t in args.threads.split(",")]
         kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
         bad = [k for k in kinds if k not in GGUF_TYPES]
         if bad or any(t < 1 for t in threads):
             raise ValueError
     except ValueError:
-        print(f"error: --threads '{args.threads}' / --gguf '{args.gguf}': whole numbers >= 1 / {sorted(GGUF_TYPES)}",
-              file=sys.stderr)  # fmt: skip
+        given = f"--threads '{args.threads}' / --gguf '{args.gguf}' / --native-bits '{args.native_bits}' / --native-heads "
+        given += f"'{args.native_heads}'"
+        print(f"error: {given}: whole numbers >= 1 / {sorted(GGUF_TYPES)} / 32, 8, 4 / fp32, int8", file=sys.stderr)
         return 2
     for run in args.run:
         if not (Path(run) / "report.json").is_file():
@@ -260,6 +344,25 @@ def main() -> int:
             label = Path(run).name
             for spec in [b.strip() for b in args.backends.split(",") if b.strip()]:
                 jobs.append((f"{spec} {label}", lambda s=spec, r=run: strataprune_engine(s, Path(r), ids, t, *common, workdir)))
+            for bits in native_bits:
+                models: dict[int, Any] = {}
+
+                def model_for(b: int = bits, r: str = run, th: int = t) -> Any:
+                    if b not in models:
+                        models.clear()
+                        models[b] = packed_model(Path(r), b, th, workdir)
+                    return models[b]
+
+                kind = "fp32" if bits == 32 else f"int{bits}"
+                variants = [(head, "auto", 1) for head in heads]
+                if bits != 32:
+                    variants += [(head, "avx2", 1) for head in heads] + [("int8", "auto", 4)]
+                for head, isa, batch in variants:
+                    name = f"native {kind} lm_head {head} {label}" + (f" isa {isa}" if isa != "auto" else "")
+                    name += f" batch {batch}" if batch > 1 else ""
+                    jobs.append(
+                        (name, lambda m=model_for, h=head, i=isa, bt=batch: native_engine(m(), ids, t, *common, h, i, bt))
+                    )
         for name, job in jobs:
             print(f"[{t} thread(s)] {name} ...", file=sys.stderr, flush=True)
             try:

@@ -22,14 +22,14 @@ import errno
 import os
 import sys
 
-from strataprune.commands import allocate, backends, bench, deploy, doctor, leaderboard, plugins, serve
+from strataprune.commands import allocate, backends, bench, deploy, doctor, export, leaderboard, plugins, serve
 from strataprune.commands import eval as eval_command
 from strataprune.commands import run as run_command
 from strataprune.commands.flags import Parser
 from strataprune.contract.errors import StrataPruneError
 
 #: the verbs in the order `strataprune --help` lists them
-COMMANDS = (run_command, eval_command, plugins, allocate, leaderboard, deploy, serve, bench, doctor, backends)
+COMMANDS = (run_command, eval_command, plugins, allocate, leaderboard, deploy, export, serve, bench, doctor, backends)
 
 
 def make_parser() -> argparse.ArgumentParser:

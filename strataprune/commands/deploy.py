@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         f"{' (%.1f MB)' % (info['artifact_bytes'] / 1e6) if info['artifact_bytes'] else ''}"
     )
     print(
-        f"sparse-bitmask checkpoint {st['file_bytes'] / 1e6:.1f} MB = {st['ratio_whole_model']:.3f} of dense fp32 "
-        f"({st['compressed_matrices']} matrices at {st['sparsity_of_compressed']:.1%} sparsity: "
-        f"{(st['bytes_per_weight_compressed_matrices'] or 4):.3f} B/weight, {st['ratio_compressed_matrices']:.3f} of dense)"
+        f"{st['format']} checkpoint {st['file_bytes'] / 1e6:.1f} MB = {st['ratio_whole_model']:.3f} of dense fp32 "
+        f"({st['encoded_matrices']} matrices at {st['sparsity_of_encoded']:.1%} sparsity: "
+        f"{(st['bytes_per_weight_packed_matrices'] or 4):.3f} B/weight, {st['ratio_packed_matrices']:.3f} of dense)"
     )
     if "relative" in par:
         print(

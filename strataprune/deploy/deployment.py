@@ -5,8 +5,10 @@
 
 The output folder (written atomically: a failure leaves nothing, and an earlier output intact):
 
-- ``config.json`` + ``model.safetensors``: the model in compressed-tensors' sparse-bitmask layout
-  (strataprune/deploy/storage.py), checked to load back to exactly the run's weights;
+- ``config.json`` + ``model.safetensors`` + ``strataprune.json``: the model in strataprune's checkpoint format
+  (``strataprune-sparse``, strataprune/deploy/format.py, docs/format.md): pruned Linears as ``bitmask16-fp32``
+  (the CPU kernels' layout, memory-mapped at load), the rest dense; checked to load back to exactly the run's
+  weights. ``strataprune export`` turns it into a plain transformers checkpoint or a GGUF file;
 - tokenizer files, ``report.json``, ``allocation.json``, ``recipe.yaml`` and (INT4 runs)
   ``quantization.json``/``quantization.safetensors`` copied from the run, so the output is itself a
   run folder that ``bench`` and ``deploy`` accept;
@@ -31,13 +33,20 @@ from strataprune.contract.errors import ConfigError, PluginError
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
 from strataprune.runtime.run_folder import REPORT, RunFolder
 
+from . import format as checkpoint
 from .bench import resolve_backends
 from .parity import check_parity, reference_backend, reference_outputs
 from .rundir import load_causal_lm, open_run, text_windows, weight_files
-from .storage import read_state_dict, write_sparse_checkpoint
 
 #: run-folder files that the compressed checkpoint replaces (everything else is copied)
-REPLACED = ("config.json", "model.safetensors", "model.safetensors.index.json", REPORT)
+REPLACED = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    checkpoint.MANIFEST,
+    checkpoint.LEGACY_SPARSE_CPU_MANIFEST,
+    REPORT,
+)
 
 
 def deploy(
@@ -80,9 +89,12 @@ def deploy(
         )
     windows = text_windows(run, max(parity_windows, settings.batch), settings.prompt_len, text).numpy()
     with atomic_output_dir(output, overwrite) as tmp:
-        say("writing the sparse-bitmask checkpoint")
+        say(f"writing the {checkpoint.FORMAT} checkpoint")
         model = load_causal_lm(run.path)
-        sizes = write_sparse_checkpoint(model, tmp)
+        manifest = checkpoint.write_folder(
+            model, tmp, pack_linears=True, provenance={"command": "strataprune deploy", "run": str(run.path.resolve())}
+        )
+        sizes = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, **manifest["sizes"]}
         _check_round_trip(model, tmp)
         del model
         for item in sorted(run.path.iterdir()):
@@ -128,8 +140,8 @@ def deploy(
                 "new_tokens": settings.new_tokens,
                 "threads": settings.threads,
             },
-            "readers": "compressed-tensors 0.12.2 (BitmaskCompressor) and transformers with it installed; "
-            "strataprune.deploy.storage.read_state_dict",
+            "readers": f"strataprune ({checkpoint.FORMAT} version {checkpoint.VERSION}, docs/format.md); "
+            "`strataprune export --to hf|gguf` for transformers and llama.cpp",
         }
         write_json(tmp / "deploy.json", info)
     return info
@@ -137,7 +149,7 @@ def deploy(
 
 def _check_round_trip(model: torch.nn.Module, folder: Path) -> None:
     """The written checkpoint must hold exactly the model's tensors (tied copies aside)."""
-    state = read_state_dict(folder)
+    state = checkpoint.read_state_dict(folder)
     for name, tensor in model.state_dict().items():
         if name not in state:
             if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False):

@@ -1,7 +1,7 @@
 """A ``strataprune run`` output folder as the input of deploy/bench: checks, model loading, text.
 
     run = open_run("strataprune-runs/smollm2-135m-wanda-uniform-0.7")
-    model = load_causal_lm(run.path)            # dense safetensors or the sparse-bitmask format
+    model = load_causal_lm(run.path)            # dense safetensors, strataprune-sparse or an older sparse layout
 
 A run folder holds ``config.json``, the weights (``model.safetensors`` or an index with shards),
 ``report.json`` and ``allocation.json`` (and, for a sparse+INT4 run, ``quantization.json`` and
@@ -12,7 +12,6 @@ are run folders too. Anything missing or unreadable is a DataError naming the fi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from strataprune.contract.errors import DataError
 from strataprune.runtime.run_folder import REQUIRED, RunFolder, read_json  # noqa: F401 - REQUIRED: its former home
 
-from . import storage
+from . import format as checkpoint
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -62,24 +61,14 @@ def open_run(path: str | Path) -> RunFolder:
 def load_causal_lm(
     folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn: str = "eager"
 ) -> torch.nn.Module:
-    """A causal LM from a saved folder, dense or sparse-bitmask, in eval mode with its KV cache on."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A causal LM from a saved folder (dense, strataprune-sparse, or an older sparse layout: sparse-bitmask, a
+    sparse-cpu folder), every weight dense, in eval mode with its KV cache on."""
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     try:
-        if storage.is_sparse_checkpoint(folder):
-            raw = json.loads((folder / "config.json").read_text())
-            raw.pop("quantization_config", None)
-            config = AutoConfig.for_model(**raw)
-            config._attn_implementation = attn
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            state = storage.read_state_dict(folder)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-            if unexpected or set(missing) - tied:
-                bad = sorted(unexpected) + sorted(set(missing) - tied)
-                raise DataError(f"'{folder}': the sparse checkpoint does not match its config ({', '.join(bad[:4])} ...)")
-            model.tie_weights()
+        if checkpoint.folder_kind(folder) != checkpoint.KIND_DENSE:  # strataprune-sparse, or an older sparse layout
+            model = checkpoint.load_dense_model(folder, dtype=dtype, attn=attn)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError, RuntimeError) as exc:

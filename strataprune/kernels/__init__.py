@@ -10,6 +10,7 @@ portable; OpenMP), a ``torch.library`` op and an ``nn.Linear`` replacement.
 
     q = kernels.pack_int4(weight, group_size=128)            # int8/int4 codes under the same bitmask index
     y = kernels.sparse_linear_quantized(x, q)                # docs/kernels-quantized.md
+    engine = kernels.NativeDecoder(packed_llama, max_slots=4)  # the whole decoder in C++ (docs/kernels.md)
 
 Imported lazily: ``import strataprune`` does not load this package, and ``available()`` needs no torch.
 Format: format.py, quantized.py; op: ops.py, quantized.py; modules: modules.py; C++: csrc/; benchmark: benchmarks/kernels.py.
@@ -50,6 +51,7 @@ _LAZY = {
     "sparse_linear_quantized": "quantized",
     "quantized_isas": "quantized",
     "use_quantized_isa": "quantized",
+    "NativeDecoder": "decoder",
 }
 __all__ = [
     "ISA_NAMES",
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .decoder import NativeDecoder  # noqa: F401
     from .format import PackedWeight, pack, unpack  # noqa: F401
     from .modules import SparseLinear, SparsifyReport, sparsify_model  # noqa: F401
     from .ops import sparse_linear  # noqa: F401

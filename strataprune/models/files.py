@@ -43,6 +43,8 @@ EMBEDDED = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+#: manifests of strataprune's packed folders (strataprune/deploy/format.py, docs/format.md; the older sparse-cpu layout)
+PACKED_MANIFESTS = ("strataprune.json", "sparse_cpu.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -89,6 +91,13 @@ def check_safetensors(path: Path, source: str) -> None:
 def check_model_folder(folder: Path, source: str) -> dict[str, Any]:
     """The folder's config, after checking that its weights are there and complete."""
     config = read_config(folder, source)
+    for manifest in PACKED_MANIFESTS:  # packed parts, not matrices: from_pretrained would fill the gaps with random weights
+        if (folder / manifest).is_file():
+            raise DataError(
+                f"model folder '{source}' is a packed strataprune checkpoint ({manifest}: a `strataprune deploy` output), "
+                f"which loads as a model only through strataprune's backends: pass the run folder it came from, or "
+                f"`strataprune export {source} --to hf --output DIR` and use DIR"
+            )
     present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
     shards = sorted(folder.glob("*.safetensors"))
     if not present and not shards:

@@ -104,30 +104,46 @@ class ServedModel:
     batching_note: str
     kv_bytes_per_token: int
     meta: dict[str, Any]
+    context_limit: int | None = None  # an engine's own bound below the model's context (the native decoder's slots)
 
     @property
     def context_length(self) -> int:
-        return self.info.context_length
+        return min(self.info.context_length, self.context_limit or self.info.context_length)
 
     def close(self) -> None:
         self.runner.compiled.close()
 
 
 def load_served_model(
-    info: FolderInfo, backend: Any, workdir: Path, prefill_chunk: int, threads: int | None, model_id: str | None = None
+    info: FolderInfo,
+    backend: Any,
+    workdir: Path,
+    prefill_chunk: int,
+    threads: int | None,
+    model_id: str | None = None,
+    max_running: int = 8,
 ) -> ServedModel:
     from transformers import AutoTokenizer, GenerationConfig
 
     from strataprune.contract.backend import DeploySettings
+    from strataprune.kernels.decoder import DEFAULT_MAX_CONTEXT
     from strataprune.serve.kvcache import layer_tensors  # noqa: F401 -- fail early if transformers lacks the cache API
-    from strataprune.serve.runners import BatchedRunner, SequentialRunner, can_batch
+    from strataprune.serve.runners import BatchedRunner, NativeRunner, SequentialRunner, can_batch
 
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     settings = DeploySettings(batch=1, prompt_len=min(128, info.context_length // 2), new_tokens=32, threads=threads)
     compiled = backend.prepare(info.path, workdir, settings)
     layer_types = set(info.text_config.get("layer_types") or ["full_attention"])
-    if can_batch(compiled) and layer_types == {"full_attention"}:
-        runner: Any = BatchedRunner(compiled, prefill_chunk)
+    context_limit = None
+    if compiled.meta.get("engine") == "native":  # sparse-cpu on a model the C++ decoder runs (engine=auto or native)
+        context_limit = min(info.context_length, DEFAULT_MAX_CONTEXT)
+        runner: Any = NativeRunner(compiled, max_running, context_limit, prefill_chunk)
+        note = (
+            f"continuous batching on the native C++ decoder ({max_running} KV-cache slots of {context_limit} positions; "
+            "one decode call for all running sequences, chunked prefill)"
+        )
+    elif can_batch(compiled) and layer_types == {"full_attention"}:
+        runner = BatchedRunner(compiled, prefill_chunk)
         note = "continuous batching (one batched decode forward for all running sequences, chunked prefill)"
     else:
         runner = SequentialRunner(compiled)
@@ -159,4 +175,5 @@ def load_served_model(
         batching_note=note,
         kv_bytes_per_token=info.kv_bytes_per_token(element),
         meta={k: v for k, v in compiled.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        context_limit=context_limit,
     )

@@ -88,7 +88,9 @@ class Scheduler:
         self.runner = model.runner
         self.tokenizer = model.tokenizer
         self.limits = limits
-        self.max_running = limits.max_running if self.runner.batching else 1
+        self.max_running = (
+            min(limits.max_running, getattr(self.runner, "max_slots", limits.max_running)) if self.runner.batching else 1
+        )
         self.metrics = metrics
         self.log = log or (lambda message: None)
         self.waiting: collections.deque[Sequence] = collections.deque()

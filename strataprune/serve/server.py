@@ -125,7 +125,9 @@ def load_into(state: Any, info: Any, backend: Any, workdir: Path, settings: Serv
 
     start = time.perf_counter()
     try:
-        model = load_served_model(info, backend, workdir, settings.prefill_chunk, settings.threads, settings.model_name)
+        model = load_served_model(
+            info, backend, workdir, settings.prefill_chunk, settings.threads, settings.model_name, settings.max_running
+        )
         limits = SchedulerLimits(settings.max_running, settings.max_batched_tokens, settings.max_queue, settings.prefill_chunk)
         scheduler = Scheduler(model, limits, state.metrics, log=say)
         scheduler.start()

@@ -98,12 +98,12 @@ def test_deploy_writes_a_compressed_checkpoint_an_engine_artifact_and_parity(run
     out = tmp_path / "deployed"
     assert main(["deploy", str(run70), "--backend", "onnxruntime", "--output", str(out), "--prompt-len", "24", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "sparse-bitmask checkpoint" in printed and "parity vs torch" in printed
+    assert "strataprune-sparse checkpoint" in printed and "parity vs torch" in printed
     info = json.loads((out / "deploy.json").read_text())
     assert info["backend"] == "onnxruntime" and (out / info["artifact"]).is_file()
     assert info["parity"]["relative"] <= info["parity"]["tolerance"] == 1e-3 and info["parity"]["greedy_identical"]
-    assert info["storage"]["format"] == "sparse-bitmask" and info["storage"]["compressed_matrices"] == 21
-    assert info["storage"]["sparsity_of_compressed"] == pytest.approx(0.69, abs=0.02)
+    assert info["storage"]["format"] == "strataprune-sparse" and info["storage"]["encoded_matrices"] == 21
+    assert info["storage"]["sparsity_of_encoded"] == pytest.approx(0.69, abs=0.02)
     assert {"tokenizer.json", "allocation.json", "report.json", "recipe.yaml", "model.safetensors"} <= {
         p.name for p in out.iterdir()
     }

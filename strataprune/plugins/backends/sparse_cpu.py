@@ -4,6 +4,7 @@
     strataprune bench RUN_DIR --backends sparse-cpu:min_sparsity=0.6:isa=avx2
     strataprune deploy RUN_DIR --backend sparse-cpu --output deployed/      # deployed/sparse-cpu/ is the packed model
     strataprune bench RUN_DIR --backends onnxruntime,sparse-cpu,sparse-cpu:bits=8,sparse-cpu:bits=4
+    strataprune bench RUN_DIR --backends sparse-cpu:bits=4:lm_head=int8,sparse-cpu:bits=4:engine=eager
 
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
     model = load_packed_model("deployed/sparse-cpu")   # a transformers model whose pruned Linears are SparseLinear
@@ -13,13 +14,21 @@
 replaces every fp32 ``nn.Linear`` with at least ``min_sparsity`` zeros by a ``SparseLinear``
 (16-bit mask per 16 weights + packed fp32 nonzeros + an int32 offset per 256-column chunk:
 ``0.141 + 4 d`` bytes per weight at density ``d``, 0.335 of dense fp32 at 70%; see
-strataprune/kernels/format.py), writes the converted model to ``workdir`` (``model.safetensors`` with
-the packed buffers, ``config.json``, ``sparse_cpu.json`` naming the packed modules) and runs the
-model *loaded back from that folder*, so what is timed and parity-checked is what is on disk.
+strataprune/kernels/format.py), writes the converted model to ``workdir`` in strataprune's checkpoint format
+(strataprune/deploy/format.py, docs/format.md: ``model.safetensors`` with the packed buffers, ``config.json``,
+``strataprune.json`` naming each weight's encoding) and runs the model *loaded back from that folder*, its
+packed buffers memory-mapped from the file, so what is timed and parity-checked is what is on disk. Folders of
+the older layout (``sparse_cpu.json``, ``strataprune-bitmask16`` versions 1 and 2) still load.
 Linears below ``min_sparsity``, tied to the embeddings (SmolLM2's ``lm_head``) or not fp32 stay
 dense in PyTorch. Generation (prefill, decode with transformers' ``DynamicCache``), parity against
 PyTorch eager fp32 and timing come from ``torch_base.TorchBase`` (what the ``torch`` backend runs), which
 this one extends through its ``convert(model, model_dir)`` hook.
+
+Engines (``engine``): ``native`` runs the packed model on the C++ decoder (strataprune/kernels/decoder.py: embedding,
+norms, RoPE, attention over a KV cache in C++, MLP and lm_head in one library call per step, on the same kernels and
+buffers), ``eager`` in transformers with the packed modules; ``auto`` (default) picks native for the architectures it
+runs (Llama family) and eager for the rest. ``lm_head=int8`` (native only) quantizes the lm_head per row to int8
+(a quarter of the bytes read per token; logit error and perplexity effect in docs/kernels.md).
 
 Kernels: up to 8 tokens a GEMV that streams the packed weights once (AVX-512 masked expand-loads,
 AVX2 permute tables, or portable C++), above that a GEMM tiled so each tile's masks are decoded once
@@ -46,14 +55,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from strataprune.contract.backend import BackendAvailability, CompiledModel, DeploySettings
 from strataprune.contract.errors import ConfigError, DataError
 from strataprune.plugins.backends.torch_base import TorchBase, TorchModel
 
-#: the packed model's files in a prepared folder (``deploy``: OUTPUT/sparse-cpu/)
+#: the packed model's weights in a prepared folder (``deploy``: OUTPUT/sparse-cpu/), a strataprune-sparse folder
+#: (strataprune/deploy/format.py: config.json, strataprune.json, model.safetensors)
 WEIGHTS_FILE = "model.safetensors"
+#: the older layout of prepared folders, still read: sparse_cpu.json naming the packed modules
 MANIFEST = "sparse_cpu.json"
 FORMAT = "strataprune-bitmask16"
 FORMAT_VERSION = 1  # fp32 SparseLinear modules only
@@ -69,6 +81,13 @@ GROUP_SIZES = (32, 64, 128)
 #: those measurements plus ~30%: they catch a wrong code, scale or index (errors of the size of the logits
 #: themselves) and hold for activation rounding on that model; they are measured, not derived.
 QUANTIZED_PARITY_TOLERANCE = {8: 0.15, 4: 0.4}
+ENGINES = ("auto", "native", "eager")
+LM_HEADS = ("fp32", "int8")
+#: parity of the native engine with lm_head=int8 against its reference (the same model with the fp32 head): the head's
+#: int8 weights (per-row scales) and int8 activations (per 128 columns). Measured on SmolLM2-135M, see
+#: docs/kernels.md (8 WikiText-2 windows of 256 tokens: largest |logit difference| 0.084 of the largest logit on the
+#: dense model, 0.072 at 70% int4); this bound is that measurement plus ~30%.
+LM_HEAD_INT8_PARITY_TOLERANCE = 0.11
 
 
 @dataclass
@@ -79,6 +98,8 @@ class SparseCpuConfig:
     bits: int = 32  # 32: fp32 values; 8: int8 values (symmetric scales); 4: int4 values (asymmetric group grids)
     groupsize: int | None = None  # columns per scale: 32, 64, 128; None: per row (bits 8), 128 or the run's grid (bits 4)
     dequantized: bool = False  # run the packed quantized weights expanded to fp32 in PyTorch (the parity reference)
+    engine: Literal["auto", "native", "eager"] = "auto"  # native: the C++ decoder (Llama family); auto: native when supported
+    lm_head: Literal["fp32", "int8"] = "fp32"  # native engine: the lm_head exact in fp32, or int8 per row (4x fewer bytes)
 
     def __post_init__(self) -> None:  # on construction: a bad spec fails before any model is loaded
         b, g = self.bits, self.groupsize
@@ -91,6 +112,16 @@ class SparseCpuConfig:
             )
         if b == 32 and (g is not None or self.dequantized):
             raise ConfigError("backend 'sparse-cpu': groupsize and dequantized apply to bits=8 or bits=4 only; bits=32")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"backend 'sparse-cpu': engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.lm_head not in LM_HEADS:
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={self.lm_head!r}; allowed: {', '.join(LM_HEADS)}")
+        if self.dequantized and self.engine == "native":
+            raise ConfigError(
+                "backend 'sparse-cpu': dequantized=true runs in PyTorch (the parity reference); not with engine=native"
+            )
+        if self.lm_head != "fp32" and (self.engine == "eager" or self.dequantized):
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={self.lm_head} needs the native engine (engine=native or auto)")
         m = self.min_sparsity
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
             raise ConfigError(f"backend 'sparse-cpu': min_sparsity {m!r}; allowed: a number in (0, 1]")
@@ -117,82 +148,26 @@ def kernels_version() -> str:
 
 
 def save_packed_model(model: torch.nn.Module, folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write a model whose pruned Linears are SparseLinear into ``folder``; returns the manifest (sizes included)."""
-    from strataprune.deploy.storage import save_tensors
-    from strataprune.kernels import SparseLinear
-    from strataprune.kernels.quantized import QuantizedSparseLinear
+    """Write a model whose pruned Linears are SparseLinear / QuantizedSparseLinear into ``folder`` in strataprune's
+    checkpoint format (strataprune/deploy/format.py, docs/format.md); returns its manifest (sizes included)."""
+    from strataprune.deploy import format as checkpoint
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kinds = (SparseLinear, QuantizedSparseLinear)
-    sparse = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
-    parts = ("masks", "values", "offsets", "codes", "scales", "zeros")
-    packed_names = {f"{name}.{part}" for name in sparse for part in parts}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    dense_params = sum(m.in_features * m.out_features for m in sparse.values())  # what the model holds as dense fp32
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:  # tied (lm_head = embed_tokens): written once, tied again at load
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous()
-        dense_params += 0 if name in packed_names else tensor.numel()
-    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-    packed_bytes = sum(m.packed.nbytes for m in sparse.values())
-    packed_dense = sum(m.packed.dense_nbytes for m in sparse.values())
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    file_bytes = (folder / WEIGHTS_FILE).stat().st_size
-    quantized = any(isinstance(m, QuantizedSparseLinear) for m in sparse.values())
-    layout = (
-        "per SparseLinear M: M.masks int16 [rows, ceil(cols/16)], M.values float32 [nnz], "
-        "M.offsets int32 [rows * ceil(cols/256) + 1] (strataprune/kernels/format.py), M.bias"
-    )
-    if quantized:
-        layout = (
-            "per QuantizedSparseLinear M (bits, group_size): M.masks int16 [rows, ceil(cols/16)], M.offsets int32 "
-            "[rows + 1], M.codes uint8 (int8 or two int4 per byte), M.scales float32 [rows, ceil(cols/group_size)], "
-            "M.zeros uint8 (bits 4) (strataprune/kernels/quantized.py), M.bias; " + layout
-        )
-
-    def entry(m: torch.nn.Module) -> dict[str, Any]:
-        spec = {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "sparsity": round(m.packed.sparsity, 6),
-        }
-        if isinstance(m, QuantizedSparseLinear):
-            spec.update(bits=m.bits, group_size=m.group_size)
-        return spec
-
-    manifest = {
-        "format": FORMAT,
-        "format_version": QUANTIZED_FORMAT_VERSION if quantized else FORMAT_VERSION,
-        "layout": layout,
-        "modules": {name: entry(m) for name, m in sparse.items()},
-        **(extra or {}),
-        "sizes": {
-            "file_bytes": file_bytes,
-            "dense_fp32_bytes": 4 * dense_params,
-            "ratio_whole_model": file_bytes / (4 * dense_params) if dense_params else 1.0,
-            "packed_matrices_bytes": packed_bytes,
-            "packed_matrices_dense_bytes": packed_dense,
-            "ratio_packed_matrices": packed_bytes / packed_dense if packed_dense else 1.0,
-            "bytes_per_weight_packed_matrices": 4 * packed_bytes / packed_dense if packed_dense else None,
-            "bytes_per_weight_formula": "2/16 + 4 d + 4/256 per fp32 weight (d = density; masks, values, chunk offsets)"
-            if not quantized
-            else "2/16 + d bits/8 + (4 + [bits 4]) / group_size + 4/cols per weight (masks, codes, scales, zeros, offsets)",
-        },
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return checkpoint.write_folder(model, Path(folder), extra=extra)
 
 
 def load_packed_model(folder: str | Path) -> torch.nn.Module:
-    """The model that :func:`save_packed_model` wrote to ``folder``: fp32, CPU, eval mode, KV cache on."""
+    """The model that :func:`save_packed_model` wrote to ``folder``: fp32, CPU, eval mode, KV cache on. The packed
+    buffers are the memory-mapped file's bytes (no unpacking copy). Folders of the older sparse-cpu layout
+    (``sparse_cpu.json``, ``strataprune-bitmask16`` versions 1 and 2) load too, read into memory."""
+    from strataprune.deploy import format as checkpoint
+
+    folder = Path(folder)
+    if (folder / checkpoint.MANIFEST).is_file():
+        return checkpoint.load_model(folder, kernels=True)
+    return _load_legacy_packed_model(folder)
+
+
+def _load_legacy_packed_model(folder: Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
@@ -334,7 +309,8 @@ class SparseCpuBackend(TorchBase):
 
     @property  # type: ignore[override]
     def parity_tolerance(self) -> float:
-        return 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
+        base = 1e-3 if self.config.bits == 32 else QUANTIZED_PARITY_TOLERANCE[self.config.bits]
+        return base + (LM_HEAD_INT8_PARITY_TOLERANCE if self.config.lm_head == "int8" else 0.0)
 
     def reference_params(self) -> dict[str, Any] | None:
         c = self.config
@@ -348,6 +324,7 @@ class SparseCpuBackend(TorchBase):
             "bits": c.bits,
             "groupsize": c.groupsize,
             "dequantized": True,
+            "engine": "eager",
         }
 
     def available(self) -> BackendAvailability:
@@ -431,13 +408,16 @@ class SparseCpuBackend(TorchBase):
         sizes = manifest["sizes"]
         bits = self.config.bits
         if bits == 32:
-            form = f"{FORMAT} (packed Linears) + dense fp32 rest"
+            form = "strataprune-sparse bitmask16-fp32 (packed Linears, memory-mapped) + dense fp32 rest"
         else:
             group = self.config.groupsize or ("row" if bits == 8 else 128)
-            form = f"{FORMAT} + int{bits} codes (group {group}; int8 activations on the fly) + dense fp32 rest"
+            form = f"strataprune-sparse bitmask16-int{bits} (group {group}; int8 activations on the fly) + dense fp32 rest"
         if self.config.dequantized:
             dequantize_linears(model)  # the same codes, expanded to fp32 in PyTorch: the quantized kernels' reference
-            form = f"int{bits} weights of {FORMAT} dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
+            form = (
+                f"int{bits} weights of strataprune-sparse dequantized to dense fp32 nn.Linear (PyTorch eager; parity reference)"
+            )
+        engine = self.resolve_engine(model)
         meta = {
             "compiled": False,
             "device": "cpu",
@@ -445,12 +425,93 @@ class SparseCpuBackend(TorchBase):
             "weight_bits": bits,
             "format": form,
             "artifact_bytes": sizes["file_bytes"],
-            "converted_linears": len(manifest["modules"]),
+            "converted_linears": sizes["encoded_matrices"],
             "kept_dense_linears": len(report.kept_dense),
             "ratio_packed_matrices": sizes["ratio_packed_matrices"],
             "bytes_per_weight_packed_matrices": sizes["bytes_per_weight_packed_matrices"],
             "ratio_whole_model": sizes["ratio_whole_model"],
             "isa": kernels.get_isa(),
             "threads": kernels.get_num_threads(),
+            "engine": engine,
         }
+        if engine == "native":
+            meta["lm_head"] = self.config.lm_head
+            meta["format"] = form + f"; native C++ decoder (lm_head {self.config.lm_head})"
+            return NativeModel(model, self.name, Path(workdir) / WEIGHTS_FILE, meta, self.config.lm_head, settings)
         return TorchModel(model, self.name, Path(workdir) / WEIGHTS_FILE, meta)
+
+    def resolve_engine(self, model: torch.nn.Module) -> str:
+        """``native`` or ``eager`` for this config and model (engine=native on an unsupported model: ConfigError)."""
+        from strataprune.kernels.decoder import unsupported_reason
+
+        c = self.config
+        if c.dequantized or c.engine == "eager":
+            return "eager"
+        reason = unsupported_reason(model)
+        if reason and c.engine == "native":
+            raise ConfigError(f"backend 'sparse-cpu': engine=native: {reason}; use engine=eager (or auto)")
+        if reason and c.lm_head != "fp32":
+            raise ConfigError(f"backend 'sparse-cpu': lm_head={c.lm_head} needs the native engine, but {reason}")
+        return "eager" if reason else "native"
+
+
+class _NativeState:
+    """What ``NativeModel.prefill`` hands to ``decode``: the engine keeps the caches; this says which prefill."""
+
+    def __init__(self, generation: int, batch: int) -> None:
+        self.generation, self.batch = generation, batch
+
+
+class NativeModel(CompiledModel):
+    """The packed model on the native C++ decoder (strataprune/kernels/decoder.py): one batch row per slot."""
+
+    def __init__(self, model: torch.nn.Module, backend: str, artifact: Path, meta: dict[str, Any], lm_head: str,
+                 settings: DeploySettings) -> None:  # fmt: skip
+        super().__init__(backend, artifact, meta)
+        self.model, self.lm_head = model, lm_head
+        self.reserve = max(1, int(getattr(settings, "new_tokens", 0) or 0)) + 8  # decode steps after a prefill
+        self.engine: Any = None
+        self.generation = 0
+        self._engine_for(max(1, int(getattr(settings, "batch", 1) or 1)), int(getattr(settings, "prompt_len", 0) or 0))
+
+    def _engine_for(self, batch: int, tokens: int) -> Any:
+        from strataprune.kernels.decoder import NativeDecoder
+
+        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        needed = min(limit, tokens + self.reserve)
+        engine = self.engine
+        if engine is None or engine.max_slots < batch or engine.max_context < needed:
+            if engine is not None:
+                engine.close()
+            self.engine = None
+            self.engine = NativeDecoder(
+                self.model, max_slots=batch, max_context=min(limit, max(needed, 256)), lm_head=self.lm_head
+            )
+        return self.engine
+
+    def prefill(self, input_ids: Any) -> tuple[np.ndarray, Any]:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise DataError(f"native engine: input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
+        engine = self._engine_for(ids.shape[0], ids.shape[1])
+        rows = []
+        for b in range(ids.shape[0]):
+            engine.reset(b)
+            rows.append(engine.prefill(b, ids[b], all_logits=True).numpy())
+        self.generation += 1
+        return np.stack(rows), _NativeState(self.generation, ids.shape[0])
+
+    def decode(self, token_ids: Any, state: Any) -> tuple[np.ndarray, Any]:
+        if not isinstance(state, _NativeState) or state.generation != self.generation:
+            raise DataError("native engine: decode needs the state of the latest prefill (the engine holds one set of caches)")
+        tokens = np.asarray(token_ids).reshape(-1)
+        if tokens.shape[0] != state.batch:
+            raise DataError(f"native engine: {tokens.shape[0]} token(s) for a batch of {state.batch}")
+        logits = self.engine.decode(list(range(state.batch)), tokens).numpy()
+        return logits[:, None, :], state
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        self.model = None  # type: ignore[assignment]

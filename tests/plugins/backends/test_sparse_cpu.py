@@ -20,6 +20,11 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels not
 LOW = "model.layers.0.mlp.up_proj"  # left at 20% zeros: must stay dense with the default min_sparsity 0.5
 
 
+def encoded_modules(manifest: dict) -> list[str]:
+    """The modules a strataprune.json stores packed (its non-dense weights, without the '.weight')."""
+    return [name[: -len(".weight")] for name, entry in manifest["tensors"].items() if entry["encoding"] != "dense"]
+
+
 def _backend(**params):
     return get_registry().create("backend", "sparse-cpu", params)
 
@@ -66,8 +71,8 @@ def test_pruned_linears_are_packed_and_the_rest_stays_dense(pruned70, tmp_path):
     assert packed == {n for n in linears if n not in (LOW, "lm_head")}
     assert isinstance(modules[LOW], torch.nn.Linear) and isinstance(modules["lm_head"], torch.nn.Linear)
     assert compiled.meta["converted_linears"] == len(packed) and compiled.meta["threads"] == 1
-    manifest = json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())
-    assert set(manifest["modules"]) == packed and LOW in manifest["kept_dense"]
+    manifest = json.loads((tmp_path / "w" / "strataprune.json").read_text())
+    assert set(encoded_modules(manifest)) == packed and LOW in manifest["kept_dense"]
     # everything below 0.8 stays dense when asked: a plain PyTorch model, still correct
     dense = _backend(min_sparsity=0.8).prepare(pruned70, tmp_path / "w8", DeploySettings(prompt_len=16, new_tokens=2))
     assert dense.meta["converted_linears"] == 0
@@ -125,10 +130,11 @@ def test_size_on_disk_follows_the_format(pruned70, tmp_path):
     from transformers import AutoModelForCausalLM
 
     compiled = _backend().prepare(pruned70, tmp_path / "w", DeploySettings(prompt_len=16, new_tokens=2))
-    sizes = json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())["sizes"]
+    manifest = json.loads((tmp_path / "w" / "strataprune.json").read_text())
+    sizes = manifest["sizes"]
     state = AutoModelForCausalLM.from_pretrained(pruned70).state_dict()
     packed = dense = 0
-    for name in json.loads((tmp_path / "w" / "sparse_cpu.json").read_text())["modules"]:
+    for name in encoded_modules(manifest):
         w = state[f"{name}.weight"]
         rows, cols = w.shape
         packed += 2 * rows * -(-cols // 16) + 4 * int((w != 0).sum()) + 4 * (rows * -(-cols // 256) + 1)
@@ -241,3 +247,46 @@ def test_deploy_and_bench_run_the_backend(tiny_llama_dir, tmp_path, capsys):
     pruned = rows[("sparse-cpu", "pruned")]
     assert pruned["parity"]["reference"] == "torch" and pruned["speedup_decode"] > 0
     assert not any("unstructured zeros on a dense engine" in why for why in pruned["why"])
+
+
+@needs_kernels
+def test_native_engine_is_the_default_and_matches_the_eager_engine(pruned70, tmp_path):
+    from strataprune.contract.errors import DataError
+
+    settings = DeploySettings(batch=2, prompt_len=8, new_tokens=4, threads=1)
+    native = _backend().prepare(pruned70, tmp_path / "native", settings)
+    eager = _backend(engine="eager").prepare(pruned70, tmp_path / "eager", settings)
+    assert native.meta["engine"] == "native" and eager.meta["engine"] == "eager"
+    vocab = json.loads((pruned70 / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, (2, 8))
+    got, state = native.prefill(ids)
+    want, eager_state = eager.prefill(ids)
+    assert got.shape == want.shape and np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    step, _ = native.decode(got[:, -1].argmax(-1)[:, None], state)
+    want_step, _ = eager.decode(want[:, -1].argmax(-1)[:, None], eager_state)
+    assert np.abs(step - want_step).max() / np.abs(want_step).max() < 1e-4
+    assert np.array_equal(native.greedy(ids, 5), eager.greedy(ids, 5))
+    _, old = native.prefill(ids)
+    native.prefill(ids)
+    with pytest.raises(DataError, match="latest prefill"):
+        native.decode(ids[:, :1], old)  # the engine holds one set of caches: an older state is refused
+    native.close()
+    eager.close()
+
+
+@needs_kernels
+def test_engine_settings_are_checked(pruned70, tmp_path):
+    for params, match in (
+        ({"engine": "jit"}, "engine"),
+        ({"lm_head": "int4"}, "lm_head"),
+        ({"engine": "eager", "lm_head": "int8"}, "needs the native engine"),
+        ({"bits": 8, "dequantized": True, "engine": "native"}, "not with engine=native"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            _backend(**params)
+    mistral = save_tiny_model("mistral", tmp_path / "mistral")
+    with pytest.raises(ConfigError, match="MistralForCausalLM is not supported"):
+        _backend(engine="native", min_sparsity=1.0).prepare(mistral, tmp_path / "m", DeploySettings())
+    compiled = _backend(min_sparsity=1.0).prepare(mistral, tmp_path / "auto", DeploySettings())
+    assert compiled.meta["engine"] == "eager"  # auto: the eager path for what the native engine does not run
+    compiled.close()

@@ -66,8 +66,9 @@ def test_quantized_linears_replace_the_pruned_ones_and_match_the_dequantized_ref
     original = _reference_linear_weights(pruned70)
     assert packed == {n for n in original if n != "lm_head"} and len(packed) == 21
     assert all(modules[n].bits == bits for n in packed) and isinstance(modules["lm_head"], torch.nn.Linear)
-    manifest = json.loads((tmp_path / "q" / "sparse_cpu.json").read_text())
-    assert manifest["format_version"] == 2 and {m["bits"] for m in manifest["modules"].values()} == {bits}
+    manifest = json.loads((tmp_path / "q" / "strataprune.json").read_text())
+    encodings = {e["encoding"] for e in manifest["tensors"].values() if e["encoding"] != "dense"}
+    assert manifest["format"] == "strataprune-sparse" and encodings == {f"bitmask16-int{bits}"}
     # the codes stand for the run's weights: same zeros, each kept weight within half a quantization step
     for name in packed:
         p = modules[name].packed
@@ -121,7 +122,7 @@ def test_int4_takes_the_runs_grids_exactly(pruned70, tmp_path):
     save_grids(run, grids, {"bits": 4, "groupsize": 64, "sym": False})
     saved = _reference_linear_weights(run)
     compiled = _backend(bits=4, threads=1).prepare(run, tmp_path / "q", SETTINGS)
-    manifest = json.loads((tmp_path / "q" / "sparse_cpu.json").read_text())
+    manifest = json.loads((tmp_path / "q" / "strataprune.json").read_text())
     assert "the run's INT4 grids" in manifest["quantization"]["source"]
     for name, module in compiled.model.named_modules():
         if isinstance(module, QuantizedSparseLinear):

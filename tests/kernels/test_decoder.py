@@ -1,0 +1,355 @@
+"""The native decoder (strataprune/kernels/decoder.py, csrc/decoder.cpp) on tiny random Llamas.
+
+References: (1) the eager transformers model with the same packed modules (SparseLinear / QuantizedSparseLinear: the
+same kernels), prefill and decode through its KV cache; (2) an independent forward pass written here from the
+definitions (RMSNorm, rotate-half RoPE, causal grouped-query attention with explicit loops over heads and positions,
+SiLU-gated MLP) in float64 numpy on the dense (unpacked) weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from strataprune import kernels
+from strataprune.contract.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
+
+FP32_TOLERANCE = 1e-4  # max |native - reference| / max |reference|
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kernels.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    kernels.set_num_threads(None)
+
+
+def tiny_llama(kv_heads: int = 2, seed: int = 0, tied: bool = True, bias: bool = False, rope_scaling: dict | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=128, tie_word_embeddings=tied, rope_theta=5000.0,
+        attention_bias=bias, mlp_bias=bias, rope_scaling=rope_scaling, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "proj" in name and param.dim() == 2:
+                param.mul_(torch.rand(param.shape, generator=gen) > 0.7)
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=gen))  # not all ones: a wrong norm shows
+    return model
+
+
+def packed(model, bits: int):
+    """``model`` with its pruned Linears packed: fp32 bitmask (bits 32) or int8 / int4 codes."""
+    from strataprune.kernels import sparsify_model
+    from strataprune.plugins.backends.sparse_cpu import quantize_linears
+
+    if bits == 32:
+        sparsify_model(model, 0.5)
+    else:
+        quantize_linears(model, bits, 32 if bits == 4 else None, 0.5)
+    return model
+
+
+def eager_steps(model, prompt: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eager transformers: prompt logits [n, vocab] and the logits of each decode step with the KV cache."""
+    with torch.inference_mode():
+        out = model(prompt[None], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[0]]
+        for token in steps:
+            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0, -1])
+    return logits[0], logits[1:]
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+PROMPT = torch.tensor([3, 17, 250, 42, 42, 7, 199, 1, 64, 128, 5, 6, 280, 90, 33, 12, 11, 3, 77, 101])
+STEPS = [9, 250, 4, 131]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_fp32_prefill_and_decode_match_eager(kv_heads):
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(kv_heads, tied=kv_heads != 1), 32)
+    want_prompt, want_steps = eager_steps(model, PROMPT, STEPS)
+    engine = NativeDecoder(model, max_slots=2, max_context=64)
+    assert relative(engine.prefill(1, PROMPT, all_logits=True), want_prompt) < FP32_TOLERANCE
+    for token, want in zip(STEPS, want_steps):
+        assert relative(engine.decode([1], [token])[0], want) < FP32_TOLERANCE
+    assert engine.length(1) == len(PROMPT) + len(STEPS) and engine.length(0) == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_models_match_eager_on_the_same_kernels(bits):
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import QuantizedSparseLinear
+
+    model = packed(tiny_llama(2, seed=1, bias=True), bits)
+    assert sum(isinstance(m, QuantizedSparseLinear) for m in model.modules()) == 14
+    want_prompt, want_steps = eager_steps(model, PROMPT, STEPS)
+    engine = NativeDecoder(model, max_context=64)
+    # the same int8 activation rounding on both sides: only fp32 summation order differs (attention, norms), which
+    # can move an activation across a rounding boundary; measured <= 2e-6 here, bound 1e-4
+    assert relative(engine.prefill(0, PROMPT, all_logits=True), want_prompt) < FP32_TOLERANCE
+    for token, want in zip(STEPS, want_steps):
+        assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+def test_every_instruction_set_path(path):
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in kernels.isas() or path not in quantized_isas():
+        pytest.skip(f"{path} is not supported on this CPU")
+    for bits in (32, 4):
+        model = packed(tiny_llama(2, seed=2, tied=False), bits)
+        want_prompt, want_steps = eager_steps(model, PROMPT, STEPS[:2])
+        with kernels.use_isa(path), use_quantized_isa(path):
+            engine = NativeDecoder(model, max_context=64)
+            assert relative(engine.prefill(0, PROMPT, all_logits=True), want_prompt) < FP32_TOLERANCE
+            for token, want in zip(STEPS[:2], want_steps):
+                assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
+
+
+def test_two_threads_and_chunked_prefill_give_the_same_logits():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=3), 32)
+    one = NativeDecoder(model, max_context=64).prefill(0, PROMPT, all_logits=True)
+    chunked = NativeDecoder(model, max_context=64, prefill_chunk=7).prefill(0, PROMPT, all_logits=True)
+    kernels.set_num_threads(2)
+    two = NativeDecoder(model, max_context=64).prefill(0, PROMPT, all_logits=True)
+    assert relative(chunked, one) < FP32_TOLERANCE and relative(two, one) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_batched_decode_equals_each_slot_alone(bits):
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=4), bits)
+    prompts = [PROMPT[:5], PROMPT[:13], PROMPT]  # different lengths
+    alone = []
+    for prompt in prompts:
+        engine = NativeDecoder(model, max_context=64)
+        engine.prefill(0, prompt)
+        alone.append([engine.decode([0], [t])[0] for t in STEPS])
+    batched = NativeDecoder(model, max_slots=4, max_context=64)
+    slots = [2, 0, 3]  # any slots, any order
+    for slot, prompt in zip(slots, prompts):
+        batched.prefill(slot, prompt)
+    for step, token in enumerate(STEPS):
+        logits = batched.decode(slots, [token] * 3)
+        for i in range(3):
+            assert relative(logits[i], alone[i][step]) < 1e-6
+    assert [batched.length(s) for s in slots] == [len(p) + len(STEPS) for p in prompts]
+
+
+def test_reset_gives_a_fresh_sequence():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=5), 32)
+    engine = NativeDecoder(model, max_context=64)
+    first = engine.prefill(0, PROMPT)
+    engine.decode([0], [1])
+    engine.reset(0)
+    assert engine.length(0) == 0
+    assert torch.equal(engine.prefill(0, PROMPT), first)
+    assert engine.generate(PROMPT, 5) == engine.generate(PROMPT, 5)
+
+
+def test_context_overflow_and_bad_input_are_clear_errors():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    engine = NativeDecoder(packed(tiny_llama(2, seed=6), 32), max_slots=2, max_context=24)
+    engine.prefill(0, PROMPT)  # 20 of 24
+    with pytest.raises(kernels.KernelInputError, match="context overflow"):
+        engine.prefill(0, PROMPT[:5])
+    assert engine.length(0) == 20  # a refused call changes nothing
+    for _ in range(4):
+        engine.decode([0], [1])
+    with pytest.raises(kernels.KernelInputError, match="context overflow"):
+        engine.decode([0], [1])
+    bad = [
+        (lambda: engine.prefill(2, PROMPT), "slot 2 out of range"),
+        (lambda: engine.prefill(-1, PROMPT), "slot -1 out of range"),
+        (lambda: engine.prefill(True, PROMPT), "slot True"),
+        (lambda: engine.prefill(1, PROMPT.float()), "integer token ids"),
+        (lambda: engine.prefill(1, [1.5, 2.0]), "integer token ids"),
+        (lambda: engine.prefill(1, ["a"]), "integer token ids"),
+        (lambda: engine.prefill(1, []), "empty"),
+        (lambda: engine.prefill(1, [300]), "token id 300 out of range"),
+        (lambda: engine.decode([1, 1], [2, 3]), "repeat a slot"),
+        (lambda: engine.decode([1], [2, 3]), "one token per slot"),
+        (lambda: engine.decode([], []), "at least one slot"),
+        (lambda: engine.decode([1], [-4]), "token id -4"),
+        (lambda: engine.generate(PROMPT, -1), "max_new_tokens"),
+    ]
+    for call, match in bad:
+        with pytest.raises(kernels.KernelInputError, match=match):
+            call()
+    with pytest.raises(ConfigError, match="max_context"):
+        NativeDecoder(packed(tiny_llama(2, seed=6), 32), max_context=129)  # > max_position_embeddings
+    with pytest.raises(ConfigError, match="max_kv_bytes"):
+        NativeDecoder(packed(tiny_llama(2, seed=6), 32), max_slots=100, max_context=128, max_kv_bytes=1 << 20)
+    engine.close()
+    with pytest.raises(kernels.KernelInputError, match="closed"):
+        engine.decode([0], [1])
+
+
+def test_kv_bytes_follow_the_layout():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    engine = NativeDecoder(packed(tiny_llama(2), 32), max_slots=3, max_context=40)
+    # slots x layers x (K, V) x kv heads x positions x head_dim x 4 bytes
+    assert engine.kv_bytes == 3 * 2 * 2 * 2 * 40 * 16 * 4
+    assert (engine.max_slots, engine.max_context, engine.vocab_size) == (3, 40, 300)
+
+
+def test_unsupported_architectures_and_rope_types_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from strataprune.kernels.decoder import NativeDecoder
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM.*engine=eager"):
+        NativeDecoder(gpt2)
+    dynamic = tiny_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope_scaling type 'dynamic'"):
+        NativeDecoder(dynamic)
+
+
+def test_linear_rope_scaling_matches_eager():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(rope_scaling={"rope_type": "linear", "factor": 4.0}), 32)
+    want, _ = eager_steps(model, PROMPT, [])
+    assert relative(NativeDecoder(model, max_context=64).prefill(0, PROMPT, all_logits=True), want) < FP32_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- independent reference
+def reference_forward(model, tokens: list[int]) -> np.ndarray:
+    """Logits of every position, written from the definitions with explicit loops (float64, dense weights)."""
+    c = model.config
+    H, nh, nkv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    d = H // nh
+    sd = {k: v.double().numpy() for k, v in dense_state(model).items()}
+    inv_freq = [c.rope_theta ** (-(2 * i) / d) for i in range(d // 2)]
+
+    def rms(x, w):
+        return w * x / math.sqrt(sum(v * v for v in x) / len(x) + c.rms_norm_eps)
+
+    def rope(v, pos):
+        out = v.copy()
+        for i in range(d // 2):
+            cos, sin = math.cos(pos * inv_freq[i]), math.sin(pos * inv_freq[i])
+            out[i] = v[i] * cos - v[i + d // 2] * sin
+            out[i + d // 2] = v[i + d // 2] * cos + v[i] * sin
+        return out
+
+    xs = [sd["model.embed_tokens.weight"][t].copy() for t in tokens]
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        keys, values, outs = [], [], []
+        for pos, x in enumerate(xs):
+            h = rms(x, sd[p + "input_layernorm.weight"])
+            q, k, v = (sd[p + f"self_attn.{n}_proj.weight"] @ h for n in "qkv")
+            keys.append([rope(k[g * d : (g + 1) * d], pos) for g in range(nkv)])
+            values.append([v[g * d : (g + 1) * d] for g in range(nkv)])
+            heads = []
+            for head in range(nh):
+                g = head // (nh // nkv)
+                qh = rope(q[head * d : (head + 1) * d], pos)
+                scores = [float(qh @ keys[j][g]) / math.sqrt(d) for j in range(pos + 1)]
+                top = max(scores)
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                heads.append(sum(w / total * values[j][g] for j, w in enumerate(weights)))
+            outs.append(x + sd[p + "self_attn.o_proj.weight"] @ np.concatenate(heads))
+        xs = []
+        for x in outs:
+            h = rms(x, sd[p + "post_attention_layernorm.weight"])
+            gate, up = sd[p + "mlp.gate_proj.weight"] @ h, sd[p + "mlp.up_proj.weight"] @ h
+            xs.append(x + sd[p + "mlp.down_proj.weight"] @ (gate / (1 + np.exp(-gate)) * up))
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return np.stack([head @ rms(x, sd["model.norm.weight"]) for x in xs])
+
+
+def dense_state(model) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kernels.SparseLinear):
+            state[name + ".weight"] = module.packed.unpack()
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or "norm" in name.split(".")[-1]:
+            state[name + ".weight"] = module.weight.detach()
+    return state
+
+
+def test_against_a_forward_pass_written_from_the_definitions():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=7, tied=False), 32)
+    tokens = [5, 77, 123, 9, 250, 31]
+    want = reference_forward(model, tokens)
+    engine = NativeDecoder(model, max_context=16)
+    got = [engine.prefill(0, tokens[:4], all_logits=True)] + [engine.decode([0], [t]) for t in tokens[4:]]
+    got = torch.cat(got).double().numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE
+    # the RoPE frequencies the engine took from the model are rope_theta's
+    d = model.config.hidden_size // model.config.num_attention_heads
+    theta = torch.tensor([5000.0 ** (-(2 * i) / d) for i in range(d // 2)])
+    assert torch.allclose(model.model.rotary_emb.inv_freq.double(), theta.double(), rtol=1e-6)
+
+
+def test_int8_lm_head_is_close_to_the_fp32_head():
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=8), 32)
+    exact = NativeDecoder(model, max_context=64).prefill(0, PROMPT, all_logits=True)
+    int8 = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
+    error = relative(int8, exact)
+    assert 0 < error < 0.03  # int8 weights per row + int8 activations per 128 columns: ~1% of the largest logit
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    for path in ("avx2", "portable"):  # the quantized bitmask kernel over the same codes: the same numbers
+        if path in quantized_isas():
+            with use_quantized_isa(path):
+                other = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
+            assert relative(other, int8) < 1e-5
+    with pytest.raises(ConfigError, match="lm_head"):
+        NativeDecoder(model, lm_head="int4")
+
+
+@pytest.mark.real_model
+def test_smollm2_native_matches_eager(smollm2):
+    import copy
+
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(copy.deepcopy(smollm2.model).float().eval(), 4)  # dense weights: every Linear stays nn.Linear
+    model.config._attn_implementation = "eager"
+    prompt = torch.tensor(smollm2.tokenizer("The capital of France is").input_ids)
+    want_prompt, want_steps = eager_steps(model, prompt, [11, 2])
+    engine = NativeDecoder(model, max_context=64)
+    assert relative(engine.prefill(0, prompt, all_logits=True), want_prompt) < FP32_TOLERANCE
+    for token, want in zip([11, 2], want_steps):
+        assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
