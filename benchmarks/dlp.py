@@ -107,7 +107,8 @@ def main() -> int:
         },
         "prepare": {"wall_s": w1 - w0, "cpu_s": c1 - c0},
         "environment": environment(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # the text's and the output's locations are this machine's, not part of the result
+        "command": " ".join([Path(sys.executable).name, *(Path(a).name if os.sep in a else a for a in sys.argv)]),
         "results": [],
     }
 

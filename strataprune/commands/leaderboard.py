@@ -8,7 +8,7 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("leaderboard", help="run a grid of models x allocators x pruners x sparsities into a leaderboard")
-    parser.add_argument("grid", help="grid YAML (see examples/leaderboard/smollm2.yaml)")
+    parser.add_argument("grid", help="grid YAML (see examples/leaderboard/smollm2-135m.yaml)")
     parser.add_argument(
         "--output", help="leaderboard folder (default: the grid's output_dir, else strataprune-leaderboard/<name>)"
     )

@@ -301,9 +301,9 @@ class NativeDecoder:
         return self._handle
 
     def _call_isas(self) -> tuple[int, int, int]:
-        from .quantized import _isa_for_call
+        from .quantized import quantized_isa_index
 
-        return isa_index(), _isa_for_call(), get_num_threads()
+        return isa_index(), quantized_isa_index(), get_num_threads()
 
     # ------------------------------------------------------------------ the slot API
     def length(self, slot: int) -> int:

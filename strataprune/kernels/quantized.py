@@ -104,7 +104,8 @@ def use_quantized_isa(name: str) -> Iterator[None]:
         _Override.index = previous
 
 
-def _isa_for_call() -> int:
+def quantized_isa_index() -> int:
+    """The ISA code the quantized kernels are called with: a forced path (tests, `isa=`) or the CPU's best."""
     return _Override.index if _Override.index is not None else isa_index()
 
 
@@ -437,7 +438,7 @@ def linear(
         group_size,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
-        _isa_for_call(),
+        quantized_isa_index(),
         get_num_threads(),
     )
     if code:
@@ -485,7 +486,7 @@ def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
         group_size,
         bias,
         y.data_ptr(),
-        _isa_for_call(),
+        quantized_isa_index(),
         get_num_threads(),
     )
     if code:

@@ -1,6 +1,6 @@
 """Cross-method leaderboards: one grid of models × allocators × pruners × sparsities, resumable and shared.
 
-    strataprune leaderboard examples/leaderboard/smollm2.yaml              # run (or continue) the grid
+    strataprune leaderboard examples/leaderboard/smollm2-135m.yaml              # run (or continue) the grid
     strataprune leaderboard grid.yaml --jobs 2                              # two cells at a time, local processes
     strataprune leaderboard grid.yaml --executor ray --ray-address auto     # cells as Ray tasks on a cluster
     strataprune leaderboard grid.yaml --merge their-results.jsonl --no-run  # take in a submission

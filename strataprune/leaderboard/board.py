@@ -52,8 +52,12 @@ class Board:
         grid_methods = list(dict.fromkeys(c.method for c in grid.cells))
         self.methods = _ordered(grid_methods, [c["method"] for c in self.cells])
         self.sparsities = _ordered(grid.sparsities, [c["sparsity"] for c in self.cells])
-        self.model_labels = _ordered([m.label for m in grid.models], [c["model"] for c in self.cells])
-        self.texts = _ordered([t.label for t in grid.texts], [t for c in self.cells for t in (c.get("perplexity") or {})])
+        # a model with only its dense record (no cell finished yet) still gets its section: dense numbers, costs
+        self.model_labels = _ordered([m.label for m in grid.models], [*[c["model"] for c in self.cells], *self.models])
+        dense_texts = [t for m in self.models.values() for t in ((m.get("dense") or {}).get("perplexity") or {})]
+        self.texts = _ordered(
+            [t.label for t in grid.texts], [*[t for c in self.cells for t in (c.get("perplexity") or {})], *dense_texts]
+        )
         self.by = {(c["model"], c["method"], c["sparsity"]): c for c in self.cells}
 
     def get(self, model: str, method: str, sparsity: str) -> dict[str, Any] | None:

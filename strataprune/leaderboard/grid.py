@@ -1,6 +1,6 @@
 """The grid of a leaderboard: models × allocators × pruners × sparsities under one protocol.
 
-    strataprune leaderboard examples/leaderboard/smollm2.yaml
+    strataprune leaderboard examples/leaderboard/smollm2-135m.yaml
 
 A grid file (YAML, version 1)::
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,10 @@ class PluginSpec:
         return {"name": self.name, "params": dict(self.params), "spec": self.spec}
 
 
+#: the allocator of every N:M cell (see Grid.cells)
+NM_ALLOCATOR = PluginSpec("uniform")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     label: str
@@ -105,6 +111,8 @@ class TextSpec:
     label: str
     source: str
     split: str
+    #: windows of this text (None: the recipe's evaluation.max_windows)
+    max_windows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,20 @@ class Grid:
 
     @property
     def cells(self) -> list[Cell]:
-        return [Cell(m, a, p, s) for m in self.models for a in self.allocators for p in self.pruners for s in self.sparsities]
+        """Every (model, allocator, pruner, ratio) cell, then one cell per (model, pruner, N:M pattern).
+
+        An N:M model has the pattern in every matrix (what 2:4 sparse kernels accelerate), so an
+        allocator has nothing to decide: its ratios would only round some matrices to another n:M
+        pattern, a different model. N:M cells therefore run once per pruner, labelled with the
+        ``uniform`` allocator, whatever the grid's allocators are.
+        """
+        ratios = [s for s in self.sparsities if ":" not in s]
+        patterns = [s for s in self.sparsities if ":" in s]
+        cells: list[Cell] = []
+        for model in self.models:
+            cells += [Cell(model, a, p, s) for a in self.allocators for p in self.pruners for s in ratios]
+            cells += [Cell(model, NM_ALLOCATOR, p, s) for p in self.pruners for s in patterns]
+        return cells
 
     def cell_recipe(self, cell: Cell) -> Recipe:
         data = copy.deepcopy(self.recipe)
@@ -186,7 +207,11 @@ class Grid:
                 "selection_split": ev.selection_split,
                 "selection_windows": ev.selection_windows,
             },
-            "texts": {t.label: {"split": t.split} for t in self.texts},
+            # a text's own window count enters only when set: grids without one keep the protocol they had
+            "texts": {
+                t.label: {"split": t.split, **({"max_windows": t.max_windows} if t.max_windows is not None else {})}
+                for t in self.texts
+            },
             "tasks": list(self.tasks),
             "task_limit": self.task_limit,
             "backend": self.backend,
@@ -243,6 +268,25 @@ def canonical_sparsity(value: Any, where: str) -> str:
     return str(target.pattern) if target.pattern else repr(float(target.ratio))
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_variables(source: str, where: str) -> str:
+    """``$NAME`` and ``${NAME}`` in a source become the environment variable's value, so a shared grid names
+    local files (a WikiText-2 copy) without a machine's path in it; an unset variable is an error naming it."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if not os.environ.get(name):
+            raise ConfigError(
+                f"{where}: {source!r} needs the environment variable {name}, which is not set; "
+                f"set it to the file's path (e.g. export {name}=/path/to/the/file)"
+            )
+        return os.environ[name]
+
+    return _VARIABLE.sub(value, source)
+
+
 def _resolve_path(source: str, base: Path) -> str:
     """A source that names an existing file or folder (relative to the current directory) becomes absolute,
     so worker processes and Ray workers with another working directory find it."""
@@ -252,10 +296,10 @@ def _resolve_path(source: str, base: Path) -> str:
 
 def _model_spec(value: Any, where: str, base: Path) -> ModelSpec:
     if isinstance(value, str) and value:
-        source, settings, label = value, {}, None
+        source, settings, label = expand_variables(value, where), {}, None
     elif isinstance(value, Mapping) and isinstance(value.get("source"), str):
         settings = {k: v for k, v in value.items() if k not in ("source", "label")}
-        source, label = value["source"], value.get("label")
+        source, label = expand_variables(value["source"], where), value.get("label")
         allowed = ("adapter", "dtype", "device", "offload")
         for key in settings:
             if key not in allowed:
@@ -271,12 +315,16 @@ def _model_spec(value: Any, where: str, base: Path) -> ModelSpec:
 
 def _text_spec(value: Any, where: str, default_split: str, base: Path) -> TextSpec:
     if isinstance(value, str) and value:
-        source, split, label = value, default_split, None
+        source, split, label = expand_variables(value, where), default_split, None
     elif isinstance(value, Mapping) and isinstance(value.get("source"), str):
-        unknown = [k for k in value if k not in ("source", "split", "label")]
+        unknown = [k for k in value if k not in ("source", "split", "label", "max_windows")]
         if unknown:
-            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed: source, split, label")
-        source, split, label = value["source"], value.get("split", default_split), value.get("label")
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed: source, split, label, max_windows")
+        source, split, label = expand_variables(value["source"], where), value.get("split", default_split), value.get("label")
+        windows = value.get("max_windows")
+        if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+            raise ConfigError(f"{where}: max_windows {windows!r} must be an integer >= 1 (or left out: evaluation.max_windows)")
+        return TextSpec(str(label or source_label(source)), _resolve_path(source, base), str(split), windows)
     else:
         raise ConfigError(f"{where}: {value!r} must be a text source or a mapping with 'source'")
     return TextSpec(str(label or source_label(source)), _resolve_path(source, base), str(split))
@@ -330,7 +378,8 @@ def grid_from_dict(data: Any, where: str = "grid", base: Path | None = None) -> 
         raise ConfigError(f"{where}: recipe.model.source: list models under 'models'")
     for section in ("calibration", "evaluation"):
         if isinstance(recipe.get(section), Mapping) and isinstance(recipe[section].get("source"), str):
-            recipe[section]["source"] = _resolve_path(recipe[section]["source"], base)
+            source = expand_variables(recipe[section]["source"], f"{where}: recipe.{section}.source")
+            recipe[section]["source"] = _resolve_path(source, base)
     evaluation = recipe.get("evaluation")
     if isinstance(evaluation, Mapping):
         for key in ("tasks", "task_limit"):

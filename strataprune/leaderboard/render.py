@@ -75,6 +75,14 @@ def measures(board: Board) -> list[tuple[str, str, Callable[[dict[str, Any]], An
             )
     out.append(("Prune time, s (allocation + pruning)", "prune_s", lambda r: (r.get("times_s") or {}).get("prune time"), True))
     out.append(
+        (
+            "Prune CPU time, s (allocation + pruning; process CPU time of all threads)",
+            "prune_cpu_s",
+            lambda r: (r.get("cpu_s") or {}).get("prune time"),
+            True,
+        )
+    )
+    out.append(
         ("Peak resident memory of the cell, MiB", "peak_rss_mb", lambda r: (r.get("memory") or {}).get("peak_rss_mb"), True)
     )
     if board.grid.backend or any(c.get("deployment") for c in board.cells):
@@ -127,6 +135,45 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _texts(grid: Any, default_windows: int | None) -> str:
+    """'wikitext2 (40 windows), bbc (16 windows)': each text with the window count it is evaluated on."""
+
+    def windows(text: Any) -> str:
+        count = text.max_windows if text.max_windows is not None else default_windows
+        return f"{text.label} ({count} windows)" if count is not None else f"{text.label} (all windows)"
+
+    return ", ".join(windows(t) for t in grid.texts)
+
+
+def _dense_cost(record: dict[str, Any]) -> str:
+    """The dense evaluation's wall and CPU time with the load it ran under ('' for records made before CPU times)."""
+    wall = (record.get("times_s") or {}).get("dense evaluation")
+    cpu = (record.get("cpu_s") or {}).get("dense evaluation")
+    if wall is None or cpu is None:
+        return ""
+    load = record.get("load_average") or {}
+    under = ""
+    if load.get("start") and load.get("end"):
+        under = f", 1-minute load average {load['start'][0]:.1f} at the start and {load['end'][0]:.1f} at the end"
+    return f"Dense evaluation: {wall:.0f} s wall, {cpu:.0f} s process CPU time{under}."
+
+
+def _not_run(board: Board, recorded: set[str]) -> list[str]:
+    """The grid's cells without a record, one line per model and sparsity (the same command runs them)."""
+    pending: dict[tuple[str, str], list[str]] = {}
+    for cell in board.grid.cells:
+        if cell.key not in recorded:
+            pending.setdefault((cell.model.label, cell.sparsity), []).append(cell.method)
+    if not pending:
+        return []
+    lines = ["", "## Not run yet", ""]
+    order = [(m.label, s) for m in board.grid.models for s in board.grid.sparsities]
+    lines += [
+        f"- {model} × {sparsity_header(s)}: {', '.join(pending[(model, s)])}" for model, s in order if (model, s) in pending
+    ]
+    return lines
+
+
 def markdown(board: Board) -> str:
     grid = board.grid
     protocol = grid.protocol()
@@ -138,7 +185,7 @@ def markdown(board: Board) -> str:
         f"# Leaderboard: {grid.name}",
         "",
         f"Calibration: {cal['source']} ({cal['split']}), {cal['nsamples']} × {cal['seqlen']} tokens, seed {cal['seed']}, "
-        f"propagate {cal['propagate']}. Evaluation: {', '.join(board.texts)}, up to {ev['max_windows'] or 'all'} windows of "
+        f"propagate {cal['propagate']}. Evaluation: {_texts(grid, ev['max_windows'])} of "
         f"{ev['seqlen']} tokens. {len([c for c in board.cells if c.get('status') == 'ok'])} cells finished, {len(failed)} failed"
         + (f", {not_run} of the grid's cells not run yet (the same command continues them). " if not_run else ". ")
         + f"Protocol sha256 {grid.protocol_sha256()[:12]}.",
@@ -150,12 +197,17 @@ def markdown(board: Board) -> str:
         desc = ", ".join(f"{t} {dense[t]['ppl']:.3f}" for t in board.texts if t in dense)
         if desc:
             lines.append(f"Dense perplexity: {desc}.")
+        cost = _dense_cost(record)
+        if cost:
+            lines.append(cost)
         # the pass runs again in every session that has cells of statistics-based allocators left: show the latest
         latest = [c for c in board.cells if c["model"] == model and c.get("status") == "ok" and not c.get("submitted")]
         stats = max(latest, key=lambda c: c.get("finished", ""))["times_s"].get("shared statistics pass") if latest else None
         if stats:
             lines.append(f"Shared dense statistics pass (once for all allocators that need statistics): {stats:.1f} s.")
         methods = board.methods_of(model)
+        if not methods:
+            continue
         cols = [s for s in board.sparsities if any((model, m, s) in board.by for m in methods)]
         for title, key, value, lower in measures(board):
             caption = title
@@ -196,6 +248,7 @@ def markdown(board: Board) -> str:
         lines += [
             f"- {c['model']} × {c['method']} × {c['sparsity']}: {str(c.get('error', '')).splitlines()[0][:300]}" for c in failed
         ]
+    lines += _not_run(board, recorded)
     submitted = sorted({c["submitted"]["file"] for c in board.cells if c.get("submitted")})
     if submitted:
         lines += ["", f"Merged submissions: {', '.join(submitted)}."]
@@ -225,6 +278,10 @@ def rows(board: Board) -> list[dict[str, Any]]:
                 row["realised_sparsity"] = realised.get("prunable")
                 times = r.get("times_s") or {}
                 row["allocate_s"], row["prune_only_s"] = times.get("allocate"), times.get("prune")
+                load = r.get("load_average") or {}
+                row["cell_wall_s"], row["cell_cpu_s"] = r.get("wall_s"), r.get("process_cpu_s")
+                row["load_1min_start"] = (load.get("start") or [None])[0]
+                row["load_1min_end"] = (load.get("end") or [None])[0]
                 row["provided_by"] = ((r.get("plugins") or {}).get("allocator") or {}).get("provided_by")
                 row["submitted_from"] = (r.get("submitted") or {}).get("file")
                 row["error"] = r.get("error")

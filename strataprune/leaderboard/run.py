@@ -1,6 +1,6 @@
 """The leaderboard driver: validate the grid, resume its results file, hand tasks to an executor, render.
 
-    strataprune leaderboard examples/leaderboard/smollm2.yaml --jobs 2
+    strataprune leaderboard examples/leaderboard/smollm2-135m.yaml --jobs 2
 
 Order of work, per model (models one after another, so a process holds one model at a time):
 one ``prepare_model`` task (load, dense evaluation unless the results file has it, the shared

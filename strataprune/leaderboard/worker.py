@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import pickle
 import tempfile
 import time
@@ -72,6 +73,15 @@ class CellTask:
 
 
 # --------------------------------------------------------------------------- helpers
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (None where the OS has none): beside every time, since a
+    shared machine's wall clock says little without them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _set_threads(threads: int) -> None:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -107,7 +117,12 @@ def _eval_windows(recipe: Any, loaded: Any, texts: list[TextSpec]) -> dict[str, 
     ev = recipe.evaluation
     return {
         t.label: evaluation_windows(
-            loaded.tokenizer, open_dataset(t.source, ev.encoding, ev.protocol), t.split, ev.seqlen, ev.max_windows, bos
+            loaded.tokenizer,
+            open_dataset(t.source, ev.encoding, ev.protocol),
+            t.split,
+            ev.seqlen,
+            t.max_windows if t.max_windows is not None else ev.max_windows,
+            bos,
         )
         for t in texts
     }
@@ -173,8 +188,10 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
             "environment": environment(),
         }
         times = {"load": load_s}
+        cpu: dict[str, float] = {}
+        load_start = _load_average()
         if task.dense:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ppl = {
                 label: perplexity(loaded.model, w.ids, f"dense perplexity ({label})", task.show)
                 for label, w in evaluation.items()
@@ -182,17 +199,19 @@ def prepare_model(task: ModelTask) -> dict[str, Any]:
             acc = columns.accuracy(
                 loaded, task.tasks, task.task_limit, recipe.evaluation, cache_key=dense_fingerprint, show=task.show
             )
-            times["dense evaluation"] = time.perf_counter() - start
+            times["dense evaluation"], cpu["dense evaluation"] = time.perf_counter() - start, time.process_time() - cpu_start
             record["dense"] = {"perplexity": ppl, "accuracy": acc}
         observers = [registry.create("allocator", s.name, dict(s.params)) for s in task.observe]
         stats_s = 0.0
         if observers:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             pipeline.dense_pass(observers)
             stats_s = time.perf_counter() - start
-            times["shared statistics pass"] = stats_s
+            times["shared statistics pass"], cpu["shared statistics pass"] = stats_s, time.process_time() - cpu_start
         record["statistics"] = {"observed_by": [s.spec for s in task.observe], "calibration_passes": pipeline.calibrator.passes}
         record["times_s"] = times
+        record["cpu_s"] = cpu
+        record["load_average"] = {"start": load_start, "end": _load_average()}
         record["notes"] = notes
         record["finished"] = now()
         record["worker"] = worker_info(task.executor, torch.get_num_threads())
@@ -231,7 +250,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         "seed": task.recipe["calibration"]["seed"],
         "recipe": task.recipe,
     }
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), _load_average()
     try:
         _set_threads(task.threads)
         torch.manual_seed(record["seed"])
@@ -251,11 +270,12 @@ def run_cell(task: CellTask) -> dict[str, Any]:
             else registry.create("allocator", cell.allocator.name, dict(cell.allocator.params))
         )
         times: dict[str, float] = {"load": load_s}
-        t0 = time.perf_counter()
+        cpu: dict[str, float] = {}
+        t0, c0 = time.perf_counter(), time.process_time()
         allocation = pipeline.run_allocator(allocator, calib_data)
-        times["allocate"] = time.perf_counter() - t0
+        times["allocate"], cpu["allocate"] = time.perf_counter() - t0, time.process_time() - c0
         layout = pipeline.calibrator.layout
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         deploy = None
         with ExitStack() as stack:
             # with a backend: the pruned cell is saved as a run folder, then measured by deploy's bench after
@@ -266,9 +286,9 @@ def run_cell(task: CellTask) -> dict[str, Any]:
                 else None
             )
             with pipeline.pruned(allocation, desc=f"prune ({cell.method} @ {cell.sparsity})"):
-                times["prune"] = time.perf_counter() - t0
+                times["prune"], cpu["prune"] = time.perf_counter() - t0, time.process_time() - c0
                 realised = _realised(pipeline)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 evaluation = _eval_windows(recipe, loaded, task.texts)
                 windows = {"calibration": {"sha256": calib_sha}}
                 ppl = {}
@@ -277,7 +297,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
                     _check(task.expected, f"text:{label}", windows[f"text:{label}"]["sha256"], f"evaluation windows of {label}")
                     ppl[label] = perplexity(loaded.model, w.ids, f"perplexity ({label})", task.show)
                 acc = columns.accuracy(loaded, task.tasks, task.task_limit, recipe.evaluation, show=task.show)
-                times["evaluate"] = time.perf_counter() - t0
+                times["evaluate"], cpu["evaluate"] = time.perf_counter() - t0, time.process_time() - c0
                 if workdir is not None:
                     t0 = time.perf_counter()
                     run_dir = columns.save_run_folder(
@@ -302,6 +322,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
                 "meta": alloc["meta"],
             },
             times_s={**times, "prune time": times["allocate"] + times["prune"], "shared statistics pass": task.shared_stats_s},
+            cpu_s={**cpu, "prune time": cpu["allocate"] + cpu["prune"]},
             memory={
                 "peak_rss_mb": round(peak_rss_since_reset_mb(), 1),
                 "scope": "this cell (VmHWM reset at its start), model and interpreter included"
@@ -321,6 +342,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         record.update(_failure(exc))
     record["notes"] = notes
     record["wall_s"] = time.perf_counter() - start
+    record["process_cpu_s"] = time.process_time() - cpu_start
+    record["load_average"] = {"start": load_start, "end": _load_average()}
     record["finished"] = now()
     record["worker"] = worker_info(task.executor, torch.get_num_threads())
     return record
