@@ -75,13 +75,15 @@ def test_batched_decode_equals_single_sequences(tiny_llama_dir):
 
 
 def test_sparse_cpu_models_batch_too(tiny_llama_dir, tmp_path):
-    """sparse-cpu (a torch backend whose pruned Linears run on strataprune's kernels) takes the batched path."""
+    """sparse-cpu's eager engine (PyTorch with the pruned Linears on strataprune's kernels) takes the batched path.
+
+    The native engine, sparse-cpu's default for Llama models, batches on its own slots instead (test_native.py)."""
     from transformers import AutoModelForCausalLM
 
     from strataprune.contract.backend import DeploySettings
     from strataprune.plugins.backends.sparse_cpu import SparseCpuBackend
 
-    backend = SparseCpuBackend()
+    backend = SparseCpuBackend.from_params({"engine": "eager"})
     state = backend.available()
     if not state.ok:
         pytest.skip(state.reason)
