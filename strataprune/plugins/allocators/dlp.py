@@ -58,8 +58,7 @@ from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation, redistri
 from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.errors import PluginError, require
 from strataprune.contract.layout import BlockStats, ModelLayout
-from strataprune.plugins.allocators.window import PAPER_FLOOR, paper_floor, window_ratios
-from strataprune.plugins.common.scores import wanda_scores
+from strataprune.plugins.allocators.window import PAPER_FLOOR, block_wanda_scores, observed_blocks, paper_floor, window_ratios
 
 STATISTICS = ("median", "mean")
 
@@ -138,23 +137,12 @@ class DLP(Allocator):
         self._unimportance: dict[int, float] = {}
 
     def observe_block(self, stats: BlockStats) -> None:
-        scores = []
-        for m in stats.matrices:
-            norms = stats.input_norms.get(m.name)
-            if norms is None:
-                raise PluginError(f"allocator 'dlp' needs input_norms for {m.name}, which the calibration engine did not provide")
-            scores.append(wanda_scores(stats.weights[m.name], norms))
+        scores = block_wanda_scores(stats, "dlp")
         if scores:
             self._unimportance[stats.block] = pooled_unimportance(scores, self.config.statistic)
 
     def _block_unimportance(self, layout: ModelLayout) -> tuple[list[int], np.ndarray]:
-        blocks = [b for b in range(layout.num_blocks) if layout.block(b)]
-        missing = [b for b in blocks if b not in self._unimportance]
-        if missing:
-            raise PluginError(
-                f"allocator 'dlp' has no score statistics for blocks {missing[:5]} (observe_block was not called for them)"
-            )
-        return blocks, np.array([self._unimportance[b] for b in blocks], dtype=np.float64)
+        return observed_blocks(layout, self._unimportance, "dlp", "score")
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         cfg: DLPConfig = self.config

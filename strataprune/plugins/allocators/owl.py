@@ -63,10 +63,9 @@ from strataprune.contract.layout import BlockStats, ModelLayout
 from strataprune.contract.sparsity import NMPattern
 
 # the window map is shared with DLP (window.py); the OWL names stay for existing callers
-from strataprune.plugins.allocators.window import PAPER_FLOOR, paper_floor
+from strataprune.plugins.allocators.window import PAPER_FLOOR, block_wanda_scores, observed_blocks, paper_floor
 from strataprune.plugins.allocators.window import minmax_offsets as lod_offsets
 from strataprune.plugins.allocators.window import window_ratios as owl_ratios
-from strataprune.plugins.common.scores import wanda_scores
 
 _require = functools.partial(require, where="allocator 'owl'")
 
@@ -168,24 +167,12 @@ class OWL(Allocator):
         self._lod: dict[int, float] = {}
 
     def observe_block(self, stats: BlockStats) -> None:
-        scores = []
-        for m in stats.matrices:
-            norms = stats.input_norms.get(m.name)
-            if norms is None:
-                raise PluginError(f"allocator 'owl' needs input_norms for {m.name}, which the calibration engine did not provide")
-            scores.append(wanda_scores(stats.weights[m.name], norms))
+        scores = block_wanda_scores(stats, "owl")
         if scores:
             self._lod[stats.block] = outlier_ratio(scores, self.config.M)
 
     def _block_lod(self, layout: ModelLayout) -> tuple[list[int], np.ndarray]:
-        """Blocks that hold prunable matrices, and their LOD; every such block must have been observed."""
-        blocks = [b for b in range(layout.num_blocks) if layout.block(b)]
-        missing = [b for b in blocks if b not in self._lod]
-        if missing:
-            raise PluginError(
-                f"allocator 'owl' has no outlier statistics for blocks {missing[:5]} (observe_block was not called for them)"
-            )
-        return blocks, np.array([self._lod[b] for b in blocks], dtype=np.float64)
+        return observed_blocks(layout, self._lod, "owl", "outlier")
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         cfg = self.config

@@ -13,6 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from strataprune.contract.errors import PluginError
+from strataprune.contract.layout import BlockStats, ModelLayout
+from strataprune.plugins.common.scores import wanda_scores
 
 #: the official OWL and DLP code replace a sparsity <= 0 by this value
 PAPER_FLOOR = 0.01
@@ -39,3 +44,27 @@ def paper_floor(ratios: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["PAPER_FLOOR", "minmax_offsets", "paper_floor", "window_ratios"]
+
+
+def block_wanda_scores(stats: BlockStats, allocator: str) -> list[torch.Tensor]:
+    """Wanda scores |W| * ||x|| of each matrix of one block (OWL and DLP both reduce these to one number per block)."""
+    scores = []
+    for m in stats.matrices:
+        norms = stats.input_norms.get(m.name)
+        if norms is None:
+            raise PluginError(
+                f"allocator '{allocator}' needs input_norms for {m.name}, which the calibration engine did not provide"
+            )
+        scores.append(wanda_scores(stats.weights[m.name], norms))
+    return scores
+
+
+def observed_blocks(layout: ModelLayout, per_block: dict[int, float], allocator: str, what: str) -> tuple[list[int], np.ndarray]:
+    """Blocks that hold prunable matrices and their observed statistic; every such block must have been observed."""
+    blocks = [b for b in range(layout.num_blocks) if layout.block(b)]
+    missing = [b for b in blocks if b not in per_block]
+    if missing:
+        raise PluginError(
+            f"allocator '{allocator}' has no {what} statistics for blocks {missing[:5]} (observe_block was not called for them)"
+        )
+    return blocks, np.array([per_block[b] for b in blocks], dtype=np.float64)
