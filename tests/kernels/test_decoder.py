@@ -320,6 +320,76 @@ def test_against_a_forward_pass_written_from_the_definitions():
     assert torch.allclose(model.model.rotary_emb.inv_freq.double(), theta.double(), rtol=1e-6)
 
 
+def greedy_decode(engine, prompt: torch.Tensor, steps: int, slots: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Every slot prefilled with a prefix of ``prompt`` (different lengths), then ``steps`` greedy steps of all slots
+    at once: the tokens chosen per slot and each step's logits."""
+    nxt = []
+    for i, slot in enumerate(slots):
+        nxt.append(int(engine.prefill(slot, prompt[: len(prompt) - 3 * i]).argmax()))
+    chosen, logits = [[t] for t in nxt], []
+    for _ in range(steps):
+        out = engine.decode(slots, nxt)
+        logits.append(out)
+        nxt = [int(i) for i in out.argmax(-1)]
+        for row, token in zip(chosen, nxt):
+            row.append(token)
+    return chosen, logits
+
+
+@pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (8, "int8"), (4, "fp32"), (4, "int8")])
+def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
+    """Decode with 2 and 3 threads runs on the thread team (one parallel region per step, blocks of rows and heads
+    claimed by any thread); every row is computed by the same kernel as with 1 thread, so tokens and logits agree
+    (bound 1e-6: the kernels may group rows differently, never sum a row differently), batched and not, and equally
+    with the team off (one region per kernel call) and with no spinning before the yield."""
+    from strataprune.kernels.decoder import NativeDecoder, set_spin_us
+
+    model = packed(tiny_llama(2, seed=11, tied=False, bias=bits == 4), bits)
+    for slots in ([0], [2, 0, 1]):
+        want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head),
+                                                 PROMPT, 6, slots)  # fmt: skip
+        for threads, team, spin in ((2, True, None), (3, True, 0), (2, False, None)):
+            kernels.set_num_threads(threads)
+            set_spin_us(spin)
+            try:
+                engine = NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head, thread_team=team)
+                got_tokens, got_logits = greedy_decode(engine, PROMPT, 6, slots)
+            finally:
+                kernels.set_num_threads(1)
+                set_spin_us(None)
+            assert got_tokens == want_tokens, (threads, team, slots)
+            for got, want in zip(got_logits, want_logits):
+                assert relative(got, want) < 1e-6, (threads, team, slots)
+
+
+def test_thread_team_matches_the_forward_pass_written_from_the_definitions():
+    """The team's row-range entries (a head of q/k/v, 32 rows of o/down, 64 of gate/up, 512 of the head, each run
+    by whichever thread claims it) against the float64 forward pass from the definitions, on every ISA path."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=12, tied=False), 32)
+    tokens = [5, 77, 123, 9, 250, 31, 8, 140]
+    want = reference_forward(model, tokens)
+    kernels.set_num_threads(3)
+    for path in kernels.isas():
+        with kernels.use_isa(path):
+            engine = NativeDecoder(model, max_context=16)
+            got = [engine.prefill(0, tokens[:2], all_logits=True)] + [engine.decode([0], [t]) for t in tokens[2:]]
+        got = torch.cat(got).double().numpy()
+        assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE, path
+
+
+def test_spin_setting_is_checked():
+    from strataprune.kernels._library import KernelInputError
+    from strataprune.kernels.decoder import set_spin_us
+
+    assert set_spin_us(250) == 250
+    assert set_spin_us(None) == 100
+    for bad in (-1, "x", True, 10**7):
+        with pytest.raises(KernelInputError, match="spin_us"):
+            set_spin_us(bad)
+
+
 def test_int8_lm_head_is_close_to_the_fp32_head():
     from strataprune.kernels.decoder import NativeDecoder
 

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
+#include "team_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -251,6 +252,13 @@ Packed make_packed(const uint16_t* masks, const float* values, const int32_t* of
 }
 
 }  // namespace
+
+TeamSparse team_sparse(const uint16_t* masks, const float* values, const int32_t* offsets, int64_t rows, int64_t cols,
+                       int isa) {
+  if (isa < 0) isa = best_isa();
+  return {make_packed(masks, values, offsets, rows, cols), cpu_has(isa) ? gemv_for(isa) : nullptr};
+}
+
 }  // namespace sp
 
 SP_API int sp_abi_version(void) { return 1; }
