@@ -33,21 +33,18 @@ from cpu_bar import cpu_facts, packed_model, prompt_ids  # noqa: E402
 
 
 def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, int]]:
-    """(threads, team, spin_us): 1 thread once (no team runs there), then per thread count the per-call regions and
-    the team at every spin."""
+    """(threads, team, spin_us): per thread count the per-call regions and the team (at every spin; 1 thread never
+    waits, so once)."""
     out: list[tuple[int, bool, int]] = []
     for t in threads:
-        if t == 1:
-            out.append((1, False, spins[0]))
-            continue
         out.append((t, False, spins[0]))
-        out += [(t, True, s) for s in spins]
+        out += [(t, True, s) for s in (spins if t > 1 else spins[:1])]
     return out
 
 
 def label(threads: int, team: bool, spin: int) -> str:
     if threads == 1:
-        return "1 thread"
+        return "1 thread, " + ("phases of the thread team" if team else "kernel calls (no region)")
     return f"{threads} threads, " + (f"thread team, spin {spin} us" if team else "one region per kernel call")
 
 
@@ -128,7 +125,7 @@ def main() -> int:
         "run": args.run, "bits": args.bits, "lm_head": args.lm_head, "prompt_len": args.prompt_len, "tokens": args.tokens,
         "repeats": args.repeats, "busy": args.busy, "rows": rows,
     }  # fmt: skip
-    one = next((r for r in rows if r["threads"] == 1), None)
+    one = next((r for r in rows if r["threads"] == 1 and not r["team"]), None)
     kind = "fp32" if args.bits == 32 else f"int{args.bits}"
     lines = [
         f"# Native decoder threads: {kind} weights, lm_head {args.lm_head} ({report['utc']})",

@@ -623,7 +623,7 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
   std::atomic<int> failed{0};
   const int spin_us = g_spin_us.load(std::memory_order_relaxed);
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
     TeamThread& me = e.team[thread_id()];
@@ -894,7 +894,7 @@ SD_API int sd_decode(void* handle, const int64_t* slots, const int64_t* tokens, 
   std::vector<int64_t> pos(batch);
   std::vector<unsigned char> want(batch, 1);
   for (int64_t i = 0; i < batch; ++i) pos[i] = e->length[slots[i]];
-  const int s = e->team_threads && threads > 1 && team_eligible(batch)
+  const int s = e->team_threads && team_eligible(batch)
                     ? team_forward(*e, tokens, slots, pos.data(), batch, logits, isa, qisa, threads)
                     : forward(*e, tokens, slots, pos.data(), batch, logits, want.data(), isa, qisa, threads);
   if (s) return s;
