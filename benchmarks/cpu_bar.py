@@ -291,13 +291,17 @@ def main() -> int:
     ap.add_argument("--backends", default="onnxruntime,sparse-cpu:engine=eager", help="our engines for --run folders")
     ap.add_argument("--native-bits", default="32,8,4", help="native decoder rows: weight bits (empty: none)")
     ap.add_argument("--native-heads", default="fp32,int8", help="native decoder rows: lm_head variants")
+    ap.add_argument("--native-extras", default="avx2,batch", help="extra quantized native rows: avx2 (forced), batch (4 slots)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "strataprune" / "cpu-bar"))
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
     try:
         native_bits = [int(b) for b in args.native_bits.split(",") if b.strip()]
         heads = [h.strip() for h in args.native_heads.split(",") if h.strip()]
+        extras = {x.strip() for x in args.native_extras.split(",") if x.strip()}
         if any(b not in (32, 8, 4) for b in native_bits) or any(h not in ("fp32", "int8") for h in heads):
+            raise ValueError
+        if extras - {"avx2", "batch"}:
             raise ValueError
         threads = [int(t) for t in args.threads.split(",")]
         kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
@@ -306,8 +310,9 @@ def main() -> int:
             raise ValueError
     except ValueError:
         given = f"--threads '{args.threads}' / --gguf '{args.gguf}' / --native-bits '{args.native_bits}' / --native-heads "
-        given += f"'{args.native_heads}'"
-        print(f"error: {given}: whole numbers >= 1 / {sorted(GGUF_TYPES)} / 32, 8, 4 / fp32, int8", file=sys.stderr)
+        given += f"'{args.native_heads}' / --native-extras '{args.native_extras}'"
+        print(f"error: {given}: whole numbers >= 1 / {sorted(GGUF_TYPES)} / 32, 8, 4 / fp32, int8 / avx2, batch",
+              file=sys.stderr)  # fmt: skip
         return 2
     for run in args.run:
         if not (Path(run) / "report.json").is_file():
@@ -356,7 +361,8 @@ def main() -> int:
                 kind = "fp32" if bits == 32 else f"int{bits}"
                 variants = [(head, "auto", 1) for head in heads]
                 if bits != 32:
-                    variants += [(head, "avx2", 1) for head in heads] + [("int8", "auto", 4)]
+                    variants += [(head, "avx2", 1) for head in heads if "avx2" in extras]
+                    variants += [("int8", "auto", 4)] if "batch" in extras else []
                 for head, isa, batch in variants:
                     name = f"native {kind} lm_head {head} {label}" + (f" isa {isa}" if isa != "auto" else "")
                     name += f" batch {batch}" if batch > 1 else ""

@@ -26,11 +26,12 @@ else is a ``ConfigError`` naming the architecture; the eager path stays availabl
 Not thread-safe across calls from several Python threads at once: a lock serialises them. Threads and kernel
 paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quantized_isa`` at each call.
 
-Threads: with more than one, a decode step runs in ONE OpenMP region: the step is a list of phases (per layer q/k/v,
-attention, o, gate/up, down; then the head), each cut into blocks that the threads claim, and a thread waits only
-where the next phase needs all of this one. A thread whose phase is unfinished spins for ``spin_us`` microseconds
-(default 100), then yields its core at every check, so that on a loaded machine a descheduled team thread or a
-neighbour runs instead; ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it (0: yield at once). The
+Threads: with more than one, a decode step runs on the engine's own worker threads, woken once per step: the step
+is a list of phases (per layer q/k/v, attention, o, gate/up, down; then the head), each cut into blocks that the
+threads claim, and a thread waits only where the next phase needs all of this one. A waiting thread spins for
+``spin_us`` microseconds (default 50), then sleeps until woken, so that on a loaded machine it neither burns CPU
+time nor delays the neighbours or its own team; ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it (0:
+sleep at once). The result does not depend on the thread count. The
 prefill keeps one region per kernel call (its GEMMs are long enough to amortise one).
 """
 
@@ -55,7 +56,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LM_HEADS = ("fp32", "int8")
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_KV_BYTES = 8 << 30
-#: overrides the team threads' spin before yielding (microseconds), read when the library is first bound
+#: overrides the team threads' spin before sleeping (microseconds), read when the library is first bound
 SPIN_ENV = "STRATAPRUNE_KERNELS_SPIN_US"
 _STATUS = {
     -1: "the CPU or this build lacks the instruction set",
@@ -116,8 +117,9 @@ def _spin_value(value: Any, label: str) -> int:
 
 
 def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int:
-    """How long (microseconds) a decode thread spins on an unfinished phase before yielding its core at every check;
-    ``None`` restores the default (100). Applies to every engine of the process; returns the value in force."""
+    """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
+    before it sleeps until woken; ``None`` restores the default (50). Applies to every engine of the process; returns
+    the value in force."""
     lib = lib or _lib()
     return int(lib.sd_set_spin_us(-1 if microseconds is None else _spin_value(microseconds, "spin_us")))
 
@@ -157,9 +159,9 @@ class NativeDecoder:
     ``lm_head``: ``"fp32"`` (exact, the default) or ``"int8"`` (the head quantized per row to int8, run on the
     quantized kernels with int8 activations: 4x fewer bytes per token; a small logit error, see docs/kernels.md).
     ``prefill_chunk``: prompt tokens per forward pass (bounds the activation memory). ``max_kv_bytes``: refuse a
-    configuration whose KV caches would need more. ``thread_team``: decode steps with several threads in one
-    parallel region (the default; see the module docstring); False opens one per kernel call, as the prefill does
-    (the same results; kept to compare against).
+    configuration whose KV caches would need more. ``thread_team``: decode steps on the engine's thread team (the
+    default; see the module docstring); False opens one OpenMP region per kernel call, as the prefill does (the
+    same results; kept to compare against).
     """
 
     def __init__(

@@ -338,10 +338,10 @@ def greedy_decode(engine, prompt: torch.Tensor, steps: int, slots: list[int]) ->
 
 @pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (8, "int8"), (4, "fp32"), (4, "int8")])
 def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
-    """Decode runs on the thread team (one parallel region per step, blocks of rows and heads claimed by any thread);
+    """Decode runs on the thread team (woken once per step, blocks of rows and heads claimed by any thread);
     every row is computed by the same kernel whichever thread runs it, so 1, 2 and 3 threads decode the same tokens
     and logits (bound 1e-6: the kernels may group rows differently, never sum a row differently), batched and not,
-    equally with the team off (one region per kernel call, as before it) and with no spinning before the yield."""
+    equally with the team off (one region per kernel call, as before it) and with no spinning before the sleep."""
     from strataprune.kernels.decoder import NativeDecoder, set_spin_us
 
     model = packed(tiny_llama(2, seed=11, tied=False, bias=bits == 4), bits)
@@ -384,7 +384,7 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
-    assert set_spin_us(None) == 100
+    assert set_spin_us(None) == 50
     for bad in (-1, "x", True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)

@@ -16,6 +16,7 @@
 //   sd_reset(h, slot); sd_length(h, slot); sd_destroy(h)
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +30,11 @@
 #include "team_kernels.h"
 #if SP_X86
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #ifdef _OPENMP
@@ -84,6 +90,125 @@ struct Layer {
   const float* post_norm = nullptr;
 };
 
+// ---- Waiting: spin for a while, then sleep ----
+// A thread that waits for the others first spins (a phase of a decode step is tens of microseconds of work, and a
+// spinning thread picks the next one up at once), then sleeps on a futex until woken. Sleeping, not yielding: on a
+// machine shared with other jobs a thread that keeps yielding or spinning stays runnable and spends its share of
+// the core, so the scheduler runs it (and the team thread that holds the last block) later; a sleeper costs nothing
+// and is run promptly when woken. Where futexes are missing the sleep is a yield.
+constexpr int kDefaultSpinUs = 50;
+std::atomic<int> g_spin_us{kDefaultSpinUs};
+
+inline void cpu_relax() {
+#if SP_X86
+  _mm_pause();
+#endif
+}
+
+void futex_wait(std::atomic<uint32_t>& word, uint32_t seen) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+#else
+  (void)word;
+  (void)seen;
+  std::this_thread::yield();
+#endif
+}
+
+void futex_wake_all(std::atomic<uint32_t>& word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// A futex word with a count of its sleepers: signal() after making a condition true wakes whoever sleeps on it.
+struct Signal {
+  std::atomic<uint32_t> word{0};
+  std::atomic<int> sleepers{0};
+  void signal() {
+    word.fetch_add(1);
+    if (sleepers.load() > 0) futex_wake_all(word);
+  }
+  // Returns once ready() holds: spins spin_us, then sleeps (ready() must become true before the matching signal()).
+  template <class Ready>
+  void wait(Ready ready, int spin_us) {
+    if (ready()) return;
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point until = Clock::now() + std::chrono::microseconds(spin_us);
+    while (spin_us > 0) {
+      for (int i = 0; i < 32; ++i) cpu_relax();
+      if (ready()) return;
+      if (Clock::now() >= until) break;
+    }
+    while (!ready()) {
+      sleepers.fetch_add(1);
+      const uint32_t seen = word.load();
+      if (!ready()) futex_wait(word, seen);
+      sleepers.fetch_sub(1);
+    }
+  }
+};
+
+// The engine's own worker threads for decode steps (not OpenMP's: its waits follow OMP_WAIT_POLICY/GOMP_SPINCOUNT,
+// whose default spins ~300k times at every barrier and between regions, which on a loaded machine costs a 2-thread
+// step 10-100x its work). run(n, job) runs job(0) on the caller and job(1..n-1) on workers; workers sleep between
+// runs after the spin above.
+class TeamPool {
+ public:
+  ~TeamPool() {
+    stop_.store(true);
+    start_.signal();
+    for (std::thread& t : workers_) t.join();
+  }
+  // Returns the members that ran (fewer than `threads` only where a thread could not be started).
+  template <class Job>
+  int run(int threads, Job& job) {
+    while (static_cast<int>(workers_.size()) < threads - 1) {
+      try {
+        const int member = static_cast<int>(workers_.size()) + 1;
+        workers_.emplace_back([this, member] { loop(member); });
+      } catch (...) {
+        break;
+      }
+    }
+    const int members = 1 + (threads - 1 < static_cast<int>(workers_.size()) ? threads - 1 : static_cast<int>(workers_.size()));
+    const int spin_us = g_spin_us.load(std::memory_order_relaxed);
+    call_ = [](void* j, int m) { (*static_cast<Job*>(j))(m); };
+    job_ = &job;
+    members_.store(members);
+    left_.store(members - 1);
+    generation_.fetch_add(1);
+    start_.signal();
+    job(0);
+    finish_.wait([this] { return left_.load(std::memory_order_acquire) == 0; }, spin_us);
+    return members;
+  }
+
+ private:
+  void loop(int member) {
+    uint64_t seen = 0;
+    for (;;) {
+      start_.wait([&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; }, g_spin_us.load());
+      if (stop_.load()) return;
+      seen = generation_.load(std::memory_order_acquire);
+      if (member < members_.load()) {
+        call_(job_, member);
+        if (left_.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_.signal();
+      }
+    }
+  }
+  std::vector<std::thread> workers_;
+  Signal start_, finish_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> left_{0};
+  std::atomic<bool> stop_{false};
+  void (*call_)(void*, int) = nullptr;
+  void* job_ = nullptr;
+  std::atomic<int> members_{0};
+};
+
 // A Linear's kernel chosen for the step's (isa, qisa), so that any thread of the team can compute any rows of it.
 struct Planned {
   int kind = kUnset;
@@ -137,6 +262,8 @@ struct Engine {
   std::vector<TeamThread> team;
   std::unique_ptr<Phase[]> phases;
   int64_t phase_count = 0;
+  Signal phase_done;  // signalled when a phase's last block is done
+  std::unique_ptr<TeamPool> pool;
   int64_t slot_floats() const { return layers * 2 * kv_heads * max_context * head_dim; }
   float* cache(int64_t slot, int64_t l, int kv_index, int64_t kvh) {
     return kv[slot] + (((l * 2 + kv_index) * kv_heads + kvh) * max_context) * head_dim;
@@ -384,8 +511,8 @@ int forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* 
 
 // ---- The decode step's thread team ----
 // A decode step with one OpenMP region per kernel call opens ~7 regions per layer (a fork and a join barrier
-// each, ~210 per step on SmolLM2); a thread the OS deschedules, on a machine shared with other jobs, stalls every
-// one of them for up to a time slice. team_forward runs the whole step in ONE region: the step is a list of
+// each, ~240 per step on SmolLM2); a thread the OS deschedules, on a machine shared with other jobs, stalls every
+// one of them for up to a time slice. team_forward wakes the engine's team once per step: the step is a list of
 // phases (per layer: q/k/v, attention, o, gate/up, down; then the head), each cut into blocks that threads claim
 // from an atomic counter, and a thread waits only where the data requires it (the next phase reads the whole output
 // of this one). The blocks compute exactly what forward() computes, with the same kernels, row for row.
@@ -393,33 +520,6 @@ enum StepPhase : int64_t { kPhaseQkv = 0, kPhaseAttend = 1, kPhaseO = 2, kPhaseG
 constexpr int64_t kResidualRows = 32;  // rows per block of o and down (their outputs feed the residual)
 constexpr int64_t kGateUpRows = 64;    // rows of gate and of up per block (SiLU(gate) * up needs both)
 constexpr int64_t kHeadRows = 512;     // lm_head rows per block
-
-// How long a thread whose phase is not finished spins before it yields its core on every further check. Spinning
-// picks the next phase up within a microsecond (a block is ~10-50 us of work); yielding lets a descheduled team
-// thread or a neighbour's job run instead of our waiting, on a loaded machine. sd_set_spin_us overrides it.
-constexpr int kDefaultSpinUs = 100;
-std::atomic<int> g_spin_us{kDefaultSpinUs};
-
-inline void cpu_relax() {
-#if SP_X86
-  _mm_pause();
-#endif
-}
-
-void wait_done(const Phase& ph, int spin_us) {
-  if (ph.done.load(std::memory_order_acquire) >= ph.blocks) return;
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point until = Clock::now() + std::chrono::microseconds(spin_us);
-  bool spinning = true;
-  while (ph.done.load(std::memory_order_acquire) < ph.blocks) {
-    if (spinning) {
-      for (int i = 0; i < 32; ++i) cpu_relax();
-      spinning = Clock::now() < until;
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
 
 // The kernels of every Linear for (isa, qisa); kUnsupportedIsa when one of them has no kernel on this CPU.
 int plan_step(Engine& e, int isa, int qisa) {
@@ -553,8 +653,8 @@ int64_t blocks_of(const Engine& e, int64_t kind, int64_t tokens) {
 }
 
 // Block b of phase p; false when a kernel could not get its scratch memory.
-bool run_block(Engine& e, TeamThread& me, int64_t p, int64_t b, const int64_t* slots, const int64_t* pos, int64_t tokens,
-               float* logits, int isa) {
+bool run_block(Engine& e, TeamThread& me, int member, int64_t p, int64_t b, const int64_t* slots, const int64_t* pos,
+               int64_t tokens, float* logits, int isa) {
   const int64_t H = e.hidden, D = e.head_dim, QD = e.heads * D, KD = e.kv_heads * D, I = e.inter;
   const int64_t l = p / kPhasesPerLayer, kind = p % kPhasesPerLayer;
   if (l == e.layers) {  // the head, over the final norm of every token
@@ -581,7 +681,7 @@ bool run_block(Engine& e, TeamThread& me, int64_t p, int64_t b, const int64_t* s
   }
   if (kind == kPhaseAttend) {
     const int64_t t = b / e.heads, hd = b % e.heads, kvh = hd / (e.heads / e.kv_heads);
-    float* sc = e.scores.data() + static_cast<int64_t>(thread_id()) * e.max_context;
+    float* sc = e.scores.data() + static_cast<int64_t>(member) * e.max_context;
     attend_for(isa)(e.q.data() + t * QD + hd * D, e.cache(slots[t], l, 0, kvh), e.cache(slots[t], l, 1, kvh), pos[t], D,
                     sc, e.attn.data() + t * QD + hd * D);
     return true;
@@ -609,7 +709,7 @@ bool run_block(Engine& e, TeamThread& me, int64_t p, int64_t b, const int64_t* s
 // Whether team_forward can run `tokens` tokens: every Linear on a GEMV kernel.
 bool team_eligible(int64_t tokens) { return tokens <= kQuantGemvTokens && tokens <= kMaxGemvTokens; }
 
-// forward() for a decode step (every token's logits), in one parallel region of `threads` threads.
+// forward() for a decode step (every token's logits) on the engine's thread team of `threads` threads.
 int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* pos, int64_t tokens, float* logits,
                  int isa, int qisa, int threads) {
   if (int s = plan_step(e, isa, qisa)) return s;
@@ -622,21 +722,30 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
   }
   std::atomic<int> failed{0};
   const int spin_us = g_spin_us.load(std::memory_order_relaxed);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-  {
-    TeamThread& me = e.team[thread_id()];
+  auto member_job = [&](int member) {
+    TeamThread& me = e.team[member];
     me.normed_phase = me.quantized_phase = -1;
     for (int64_t p = 0; p < e.phase_count; ++p) {
       Phase& ph = e.phases[p];
       for (int64_t b; (b = ph.next.fetch_add(1, std::memory_order_relaxed)) < ph.blocks;) {
-        if (!failed.load(std::memory_order_relaxed) && !run_block(e, me, p, b, slots, pos, tokens, logits, isa))
+        if (!failed.load(std::memory_order_relaxed) && !run_block(e, me, member, p, b, slots, pos, tokens, logits, isa))
           failed.store(1, std::memory_order_relaxed);
-        ph.done.fetch_add(1, std::memory_order_release);
+        if (ph.done.fetch_add(1, std::memory_order_acq_rel) == ph.blocks - 1) e.phase_done.signal();
       }
-      wait_done(ph, spin_us);
+      e.phase_done.wait([&ph] { return ph.done.load(std::memory_order_acquire) >= ph.blocks; }, spin_us);
     }
+  };
+  if (threads <= 1) {
+    member_job(0);
+  } else {
+    if (!e.pool) {
+      try {
+        e.pool.reset(new TeamPool());
+      } catch (const std::bad_alloc&) {
+        return kNoMemory;
+      }
+    }
+    e.pool->run(threads, member_job);
   }
   return failed.load() ? kNoMemory : kOk;
 }
@@ -802,15 +911,15 @@ SD_API int sd_check(void* handle) {
   return kOk;
 }
 
-// Decode steps with several threads: 1 (default) on one thread team per step, 0 one OpenMP region per kernel call
-// (the prefill's scheme; kept to compare against).
+// Decode steps: 1 (default) on the engine's thread team, 0 one OpenMP region per kernel call (the prefill's scheme;
+// kept to compare against).
 SD_API int sd_set_team(void* handle, int enabled) {
   static_cast<Engine*>(handle)->team_threads = enabled != 0;
   return 0;
 }
 
-// Microseconds a team thread spins on an unfinished phase before it yields its core at every check (all engines of
-// the process); < 0 restores the default. Returns the value now in force.
+// Microseconds a team thread spins on an unfinished phase, or a worker for the next step, before it sleeps until
+// woken (all engines of the process); < 0 restores the default. Returns the value now in force.
 SD_API int sd_set_spin_us(int microseconds) {
   sp::g_spin_us.store(microseconds < 0 ? sp::kDefaultSpinUs : microseconds);
   return sp::g_spin_us.load();
