@@ -379,6 +379,34 @@ def test_thread_team_matches_the_forward_pass_written_from_the_definitions():
         assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE, path
 
 
+def test_a_forked_child_decodes_on_its_own_team():
+    """The team's workers are threads of the process that started them; a child forked after a 2-thread step has
+    none, so it must start its own rather than wait for them (a hang, caught here by the timeout)."""
+    import multiprocessing
+
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=13), 32)
+    kernels.set_num_threads(2)
+    engine = NativeDecoder(model, max_context=64)
+    engine.prefill(0, PROMPT)
+    want = engine.decode([0], [9])[0]
+    engine.reset(0)
+    engine.prefill(0, PROMPT)
+
+    def child(queue):
+        queue.put(engine.decode([0], [9])[0].tolist())
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    got = torch.tensor(queue.get(timeout=60))
+    process.join(30)
+    assert process.exitcode == 0
+    assert relative(got, want) < 1e-6
+
+
 def test_spin_setting_is_checked():
     from strataprune.kernels._library import KernelInputError
     from strataprune.kernels.decoder import set_spin_us

@@ -264,6 +264,7 @@ struct Engine {
   int64_t phase_count = 0;
   Signal phase_done;  // signalled when a phase's last block is done
   std::unique_ptr<TeamPool> pool;
+  long pool_pid = 0;  // the process that started the pool's workers
   int64_t slot_floats() const { return layers * 2 * kv_heads * max_context * head_dim; }
   float* cache(int64_t slot, int64_t l, int kv_index, int64_t kvh) {
     return kv[slot] + (((l * 2 + kv_index) * kv_heads + kvh) * max_context) * head_dim;
@@ -738,12 +739,19 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
   if (threads <= 1) {
     member_job(0);
   } else {
+#if defined(__linux__)
+    // a forked child has none of the parent's workers: it starts its own (the parent's are not joinable here)
+    if (e.pool && e.pool_pid != getpid()) (void)e.pool.release();
+#endif
     if (!e.pool) {
       try {
         e.pool.reset(new TeamPool());
       } catch (const std::bad_alloc&) {
         return kNoMemory;
       }
+#if defined(__linux__)
+      e.pool_pid = getpid();
+#endif
     }
     e.pool->run(threads, member_job);
   }
