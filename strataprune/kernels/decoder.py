@@ -28,10 +28,10 @@ paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quant
 
 Threads: with more than one, a decode step runs on the engine's own worker threads, woken once per step: the step
 is a list of phases (per layer q/k/v, attention, o, gate/up, down; then the head), each cut into blocks that the
-threads claim, and a thread waits only where the next phase needs all of this one. A waiting thread spins for
-``spin_us`` microseconds (default 50), then sleeps until woken, so that on a loaded machine it neither burns CPU
-time nor delays the neighbours or its own team; ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it (0:
-sleep at once). The result does not depend on the thread count. The
+threads claim, and a thread waits only where the next phase needs all of this one. A waiting thread sleeps until
+woken (after spinning ``spin_us`` microseconds, default 0: measured best on a loaded machine, docs/kernels.md), so
+that it neither burns CPU time nor delays the neighbours or its own team; ``set_spin_us`` or
+``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. The
 prefill keeps one region per kernel call (its GEMMs are long enough to amortise one).
 """
 
@@ -118,7 +118,7 @@ def _spin_value(value: Any, label: str) -> int:
 
 def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int:
     """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
-    before it sleeps until woken; ``None`` restores the default (50). Applies to every engine of the process; returns
+    before it sleeps until woken; ``None`` restores the default (0). Applies to every engine of the process; returns
     the value in force."""
     lib = lib or _lib()
     return int(lib.sd_set_spin_us(-1 if microseconds is None else _spin_value(microseconds, "spin_us")))

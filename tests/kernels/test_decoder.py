@@ -412,7 +412,7 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
-    assert set_spin_us(None) == 50
+    assert set_spin_us(None) == 0
     for bad in (-1, "x", True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)

@@ -90,13 +90,15 @@ struct Layer {
   const float* post_norm = nullptr;
 };
 
-// ---- Waiting: spin for a while, then sleep ----
-// A thread that waits for the others first spins (a phase of a decode step is tens of microseconds of work, and a
-// spinning thread picks the next one up at once), then sleeps on a futex until woken. Sleeping, not yielding: on a
-// machine shared with other jobs a thread that keeps yielding or spinning stays runnable and spends its share of
-// the core, so the scheduler runs it (and the team thread that holds the last block) later; a sleeper costs nothing
-// and is run promptly when woken. Where futexes are missing the sleep is a yield.
-constexpr int kDefaultSpinUs = 50;
+// ---- Waiting: sleep (after an optional spin) ----
+// A thread that waits for the others sleeps on a futex until woken; before that it may spin g_spin_us (0 by default,
+// sd_set_spin_us). Sleeping, not yielding or spinning: on a machine shared with other jobs a thread that stays
+// runnable spends its share of the core, so the scheduler runs it (and the team thread that holds the last block)
+// later; a sleeper costs nothing and is run promptly when woken. Measured on the 2-core machine under load 3-5
+// (benchmarks/decode_threads.py, SmolLM2 int4): spin 0 16 ms/token wall, 11 ms CPU; spin 10-50 us 18-22 ms wall and
+// 12 ms CPU. On an idle machine a spin can hide the futex wake-up (a few us per wait, 5 waits per layer). Where
+// futexes are missing the sleep is a yield.
+constexpr int kDefaultSpinUs = 0;
 std::atomic<int> g_spin_us{kDefaultSpinUs};
 
 inline void cpu_relax() {
@@ -131,7 +133,7 @@ struct Signal {
     word.fetch_add(1);
     if (sleepers.load() > 0) futex_wake_all(word);
   }
-  // Returns once ready() holds: spins spin_us, then sleeps (ready() must become true before the matching signal()).
+  // Returns once ready() holds: spins spin_us (if > 0), then sleeps (ready() must become true before the matching signal()).
   template <class Ready>
   void wait(Ready ready, int spin_us) {
     if (ready()) return;
