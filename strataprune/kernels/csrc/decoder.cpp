@@ -578,7 +578,8 @@ bool ensure_team(Engine& e, int threads, int64_t tokens) {
       if (static_cast<int64_t>(me.h.size()) < tokens * e.hidden) me.h.resize(tokens * e.hidden);
       const size_t qbytes = team_input_bytes(tokens, widest) + 64;
       if (me.qin.size() < qbytes) me.qin.resize(qbytes);
-      if (static_cast<int64_t>(me.head_xu.size()) < tokens * head_blocks * kActBlock) me.head_xu.resize(tokens * head_blocks * kActBlock);
+      const int64_t head_bytes = tokens * head_blocks * kActBlock;
+      if (static_cast<int64_t>(me.head_xu.size()) < head_bytes) me.head_xu.resize(head_bytes);
       if (static_cast<int64_t>(me.head_sx.size()) < tokens * head_blocks) me.head_sx.resize(tokens * head_blocks);
     }
     const int64_t count = e.layers * kPhasesPerLayer + 1;
@@ -717,7 +718,8 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
                  int isa, int qisa, int threads) {
   if (int s = plan_step(e, isa, qisa)) return s;
   if (!ensure_team(e, threads, tokens)) return kNoMemory;
-  for (int64_t t = 0; t < tokens; ++t) std::memcpy(e.x.data() + t * e.hidden, e.embedding + ids[t] * e.hidden, e.hidden * sizeof(float));
+  for (int64_t t = 0; t < tokens; ++t)
+    std::memcpy(e.x.data() + t * e.hidden, e.embedding + ids[t] * e.hidden, e.hidden * sizeof(float));
   for (int64_t p = 0; p < e.phase_count; ++p) {
     e.phases[p].next.store(0, std::memory_order_relaxed);
     e.phases[p].done.store(0, std::memory_order_relaxed);
