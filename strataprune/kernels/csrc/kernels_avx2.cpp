@@ -127,8 +127,9 @@ SP_AVX2 void gemv_range(const Packed& w, const float* x, const float* bias, floa
   for (; n < r1; ++n) gemv_rows<1, T, true>(w, x, bias, y, n);
 }
 
-// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero
-SP_AVX2 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero. Out of
+// line, like the AVX-512 form, so the tile loops around it do not crowd its registers.
+__attribute__((noinline)) SP_AVX2 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
   __m256 a[8];
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(out + 8 * j);

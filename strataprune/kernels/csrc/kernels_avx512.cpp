@@ -85,16 +85,18 @@ SP_AVX512 void gemv_range(const Packed& w, const float* x, const float* bias, fl
   for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
 }
 
-// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; two accumulator sets of four hide the FMA latency
-SP_AVX512 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; two accumulator sets of four hide the FMA latency.
+// Kept out of line: inlined into the tile loops, GCC runs short of general registers and moves the
+// gathered addresses through vector registers, on the FMA ports.
+__attribute__((noinline)) SP_AVX512 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
   __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16), a2 = _mm512_loadu_ps(out + 32),
          a3 = _mm512_loadu_ps(out + 48);
   __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-  int32_t i = 0;
-  for (; i + 2 <= count; i += 2) {
-    const float* x0 = xb + idx[i];
-    const float* x1 = xb + idx[i + 1];
-    const __m512 w0 = _mm512_set1_ps(v[i]), w1 = _mm512_set1_ps(v[i + 1]);
+  const uint16_t* end = idx + (count & ~1);
+  for (; idx != end; idx += 2, v += 2) {
+    const float* x0 = xb + idx[0];
+    const float* x1 = xb + idx[1];
+    const __m512 w0 = _mm512_set1_ps(v[0]), w1 = _mm512_set1_ps(v[1]);
     a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
     a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
     a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
@@ -104,9 +106,9 @@ SP_AVX512 inline void accumulate_block(const float* v, const uint16_t* idx, int3
     b2 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 32), b2);
     b3 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 48), b3);
   }
-  if (i < count) {
-    const float* x0 = xb + idx[i];
-    const __m512 w0 = _mm512_set1_ps(v[i]);
+  if (count & 1) {
+    const float* x0 = xb + idx[0];
+    const __m512 w0 = _mm512_set1_ps(v[0]);
     a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
     a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
     a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
