@@ -84,12 +84,12 @@ SP_AVX2_LAYOUT void gemm_pack_input_avx2(const float* x, int64_t cols, int64_t v
   }
 }
 
-// 16 rows at a time: every 64-byte run of a y row is written whole (two 8 x 8 transposes side by side)
+// 8 tokens x 16 rows at a time, tokens outer: the stores run along 8 rows of y (64-byte lines written whole)
 SP_AVX2_LAYOUT void gemm_unpack_output_avx2(const float* yt, int64_t width, int64_t valid, int64_t rows, int64_t r0,
                                             int64_t r1, float* y) {
   const int64_t n16 = r0 + (r1 - r0) / 16 * 16, j8 = valid / 8 * 8;
-  for (int64_t n = r0; n < n16; n += 16) {
-    for (int64_t j = 0; j < j8; j += 8) {
+  for (int64_t j = 0; j < j8; j += 8) {
+    for (int64_t n = r0; n < n16; n += 16) {
       __m256 lo[8], hi[8];
       for (int i = 0; i < 8; ++i) {
         lo[i] = _mm256_loadu_ps(yt + (n + i) * width + j);
@@ -102,9 +102,9 @@ SP_AVX2_LAYOUT void gemm_unpack_output_avx2(const float* yt, int64_t width, int6
         _mm256_storeu_ps(y + (j + c) * rows + n + 8, hi[c]);
       }
     }
-    for (int64_t j = j8; j < valid; ++j)
-      for (int i = 0; i < 16; ++i) y[j * rows + n + i] = yt[(n + i) * width + j];
   }
+  for (int64_t n = r0; n < n16; ++n)
+    for (int64_t j = j8; j < valid; ++j) y[j * rows + n] = yt[n * width + j];
   for (int64_t n = n16; n < r1; ++n)
     for (int64_t j = 0; j < valid; ++j) y[j * rows + n] = yt[n * width + j];
 }
