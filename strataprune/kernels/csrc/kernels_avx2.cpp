@@ -135,6 +135,7 @@ __attribute__((noinline)) SP_AVX2 void accumulate_block(const float* v, const ui
   for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(out + 8 * j);
   for (int32_t i = 0; i < count; ++i) {
     const float* x0 = xb + idx[i];
+    __asm__("" : "+r"(x0));  // the address in one register: base + displacement loads stay micro-fused
     const __m256 w0 = _mm256_broadcast_ss(v + i);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * j), a[j]);

@@ -85,39 +85,37 @@ SP_AVX512 void gemv_range(const Packed& w, const float* x, const float* bias, fl
   for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
 }
 
-// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; two accumulator sets of four hide the FMA latency.
-// Kept out of line: inlined into the tile loops, GCC runs short of general registers and moves the
-// gathered addresses through vector registers, on the FMA ports.
-__attribute__((noinline)) SP_AVX512 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
-  __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16), a2 = _mm512_loadu_ps(out + 32),
-         a3 = _mm512_loadu_ps(out + 48);
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-  const uint16_t* end = idx + (count & ~1);
-  for (; idx != end; idx += 2, v += 2) {
-    const float* x0 = xb + idx[0];
-    const float* x1 = xb + idx[1];
-    const __m512 w0 = _mm512_set1_ps(v[0]), w1 = _mm512_set1_ps(v[1]);
-    a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
-    a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
-    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
-    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
-    b0 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1), b0);
-    b1 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 16), b1);
-    b2 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 32), b2);
-    b3 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 48), b3);
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]. Four nonzeros per step into four accumulator sets of
+// four (16 chains): one FMA per chain every four nonzeros, so the FMA latency never binds. Kept out of line:
+// inlined into the tile loops, GCC runs short of general registers and moves the gathered addresses through
+// vector registers, on the FMA ports.
+__attribute__((noinline)) SP_AVX512 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb,
+                                                          float* out) {
+  __m512 acc[4][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    acc[0][j] = _mm512_loadu_ps(out + 16 * j);
+    acc[1][j] = acc[2][j] = acc[3][j] = _mm512_setzero_ps();
   }
-  if (count & 1) {
-    const float* x0 = xb + idx[0];
-    const __m512 w0 = _mm512_set1_ps(v[0]);
-    a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
-    a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
-    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
-    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
+  const uint16_t* end = idx + (count & ~3);
+  for (; idx != end; idx += 4, v += 4) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const float* x0 = xb + idx[u];
+      const __m512 w0 = _mm512_set1_ps(v[u]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[u][j] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * j), acc[u][j]);
+    }
   }
-  _mm512_storeu_ps(out, _mm512_add_ps(a0, b0));
-  _mm512_storeu_ps(out + 16, _mm512_add_ps(a1, b1));
-  _mm512_storeu_ps(out + 32, _mm512_add_ps(a2, b2));
-  _mm512_storeu_ps(out + 48, _mm512_add_ps(a3, b3));
+  for (int u = 0; u < (count & 3); ++u) {
+    const float* x0 = xb + idx[u];
+    const __m512 w0 = _mm512_set1_ps(v[u]);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[0][j] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * j), acc[0][j]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+    _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]), _mm512_add_ps(acc[2][j], acc[3][j])));
 }
 
 }  // namespace
