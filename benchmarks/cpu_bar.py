@@ -354,9 +354,9 @@ def main() -> int:
                     return models[b]
 
                 kind = "fp32" if bits == 32 else f"int{bits}"
-                variants = [(head, "auto", 1) for head in heads]
+                variants = [(head, "auto", 1) for head in heads] + [(head, "avx2", 1) for head in heads]
                 if bits != 32:
-                    variants += [(head, "avx2", 1) for head in heads] + [("int8", "auto", 4)]
+                    variants.append(("int8", "auto", 4))
                 for head, isa, batch in variants:
                     name = f"native {kind} lm_head {head} {label}" + (f" isa {isa}" if isa != "auto" else "")
                     name += f" batch {batch}" if batch > 1 else ""

@@ -187,12 +187,15 @@ SP_AVX2 void gemm_tile_avx2(const GemmTile& tile) {
   }
   const Packed& w = *tile.w;
   const int64_t subs = tile.segments(), width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
+  const bool whole_rows = tile.g0 == 0 && tile.g1 == w.groups;  // the next tile's rows, a line per call (AVX-512 file)
+  Prefetcher ahead(w, whole_rows ? tile.r1 : 0, whole_rows ? 2 * tile.r1 - tile.r0 : 0);
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
     for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
         const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         if (seg[s] == seg[s + 1]) continue;
+        ahead.step();
         accumulate_block(w.values + w.offsets[n * w.chunks + chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
                          seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
       }
