@@ -273,7 +273,9 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   const int64_t align = gemm ? 16 : 4;
   if (threads == 1) {  // no parallel region: its start costs more than a small layer's whole GEMV
     const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) return kNoMemory;
+    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) ||
+        !quant_scratch(2, static_cast<size_t>(w.cols) + 64))
+      return kNoMemory;
 #if SP_X86
     if (isa != kQPortable)
       quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, 0, tokens);
@@ -307,7 +309,8 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
     if (r0 < r1) {
       // the kernels' per-thread scratch; checked here so that an allocation failure is a status, not a crash
       const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-      if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) {
+      if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) ||
+          !quant_scratch(2, static_cast<size_t>(w.cols) + 64)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif

@@ -66,7 +66,8 @@ void qgemv_avx512(const QPacked&, const QInput&, const float*, float*, int64_t, 
 void qgemm_avx512(const QPacked&, const QInput&, const float*, float*, int64_t, int64_t);
 #endif
 
-// Grow-only scratch of the calling thread (the OpenMP pool's threads persist, so it survives calls).
+// Grow-only scratch of the calling thread (the OpenMP pool's threads persist, so it survives calls). Slots: 0 the
+// portable kernel's row lists, 1 row buffers and GEMM tiles, 2 the AVX2 GEMV's per-unit corrections, 3 the input.
 uint8_t* quant_scratch(int slot, size_t bytes);
 
 // The kept-weight mask of row n, columns [64 b, 64 b + 64) (bits past the last column are clear).
