@@ -194,6 +194,15 @@ SQ_API int sq_best_isa(void) { return sp::qbest_isa(); }
 
 SQ_API int sq_has_avx_vnni(void) { return sp::has_avx_vnni() ? 1 : 0; }
 
+// the AVX2 GEMV's shuffle tables (quant_avx2.cpp): -1 by the L2 size, 0 8-bit tables, 1 the 16-bit table
+SQ_API void sq_set_avx2_shuffle(int mode) {
+#if SP_X86
+  sp::set_avx2_shuffle(mode);
+#else
+  (void)mode;
+#endif
+}
+
 // Masks agree with row offsets (each row's step is its popcount, no bit past the last column, offsets start
 // at 0) and the codes buffer holds the nnz codes plus the padding. Returns 0 or kBadFormat.
 SQ_API int sq_validate(const uint16_t* masks, const int32_t* offsets, int64_t rows, int64_t cols, int bits,
