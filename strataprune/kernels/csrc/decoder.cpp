@@ -42,6 +42,7 @@ extern "C" int sp_isa_supported(int isa);
 extern "C" int sq_isa_supported(int isa);
 extern "C" int sq_best_isa(void);
 extern "C" int sp_best_isa(void);
+extern "C" int sq_has_avx_vnni(void);
 
 namespace sp {
 namespace {
@@ -225,13 +226,19 @@ AttendFn attend_for(int isa) {
   return attend_portable;
 }
 
-// The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): the dense VNNI kernel on
-// AVX-512, else the quantized bitmask kernel over the same codes (the masks are all ones, so the codes are row-major).
+// The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): a dense kernel on the
+// quantized kernels' path (qisa as in quant_api.cpp: 2 AVX-512 VNNI, 1 AVX2 with AVX-VNNI where the CPU has it,
+// 3 AVX2 without), else (portable) the quantized bitmask kernel over the same codes (the masks are all ones, so the
+// codes are row-major).
 int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, float* y, int qisa, int threads) {
   const int best = sq_best_isa();
   const int path = qisa < 0 ? best : qisa;
 #if SP_X86
-  if (path == 2 && sq_isa_supported(2)) {
+  void (*rows_fn)(const Int8Args&, int64_t, int64_t) = nullptr;
+  if (path == 2 && sq_isa_supported(2)) rows_fn = int8_rows_avx512vnni;
+  if (path == 1 && sq_isa_supported(1)) rows_fn = sq_has_avx_vnni() ? int8_rows_avx2vnni : int8_rows_avx2;
+  if (path == 3 && sq_isa_supported(3)) rows_fn = int8_rows_avx2;
+  if (rows_fn) {
     const int64_t blocks = (lin.cols + kActBlock - 1) / kActBlock, pad = blocks * kActBlock;
     try {
       if (static_cast<int64_t>(e.head_xu.size()) < tokens * pad) e.head_xu.resize(tokens * pad);
@@ -258,14 +265,14 @@ int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, 
                static_cast<const int32_t*>(lin.p[2]), lin.bias, e.head_xu.data(), e.head_sx.data(), y,
                lin.rows, lin.cols, blocks, tokens, lin.rows};
     if (threads <= 1) {
-      int8_rows_avx512vnni(a, 0, lin.rows);
+      rows_fn(a, 0, lin.rows);
       return kOk;
     }
     const int64_t parts = (lin.rows + 255) / 256;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (int64_t p = 0; p < parts; ++p) int8_rows_avx512vnni(a, p * 256, p * 256 + 256 < lin.rows ? p * 256 + 256 : lin.rows);
+    for (int64_t p = 0; p < parts; ++p) rows_fn(a, p * 256, p * 256 + 256 < lin.rows ? p * 256 + 256 : lin.rows);
     return kOk;
   }
 #endif

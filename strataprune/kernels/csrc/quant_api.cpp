@@ -194,6 +194,15 @@ SQ_API int sq_best_isa(void) { return sp::qbest_isa(); }
 
 SQ_API int sq_has_avx_vnni(void) { return sp::has_avx_vnni() ? 1 : 0; }
 
+// the AVX2 GEMV's shuffle tables (quant_avx2.cpp): -1 by the L2 size, 0 8-bit tables, 1 the 16-bit table
+SQ_API void sq_set_avx2_shuffle(int mode) {
+#if SP_X86
+  sp::set_avx2_shuffle(mode);
+#else
+  (void)mode;
+#endif
+}
+
 // Masks agree with row offsets (each row's step is its popcount, no bit past the last column, offsets start
 // at 0) and the codes buffer holds the nnz codes plus the padding. Returns 0 or kBadFormat.
 SQ_API int sq_validate(const uint16_t* masks, const int32_t* offsets, int64_t rows, int64_t cols, int bits,
@@ -273,7 +282,9 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   const int64_t align = gemm ? 16 : 4;
   if (threads == 1) {  // no parallel region: its start costs more than a small layer's whole GEMV
     const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) return kNoMemory;
+    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) ||
+        !quant_scratch(2, static_cast<size_t>(w.cols) + 64))
+      return kNoMemory;
 #if SP_X86
     if (isa != kQPortable)
       quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, 0, tokens);
@@ -307,7 +318,8 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
     if (r0 < r1) {
       // the kernels' per-thread scratch; checked here so that an allocation failure is a status, not a crash
       const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-      if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) {
+      if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) ||
+          !quant_scratch(2, static_cast<size_t>(w.cols) + 64)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
