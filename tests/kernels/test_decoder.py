@@ -437,6 +437,37 @@ def test_int8_lm_head_is_close_to_the_fp32_head():
         NativeDecoder(model, lm_head="int4")
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2", "avx2-novnni"])
+def test_each_dense_int8_head_kernel_matches_the_plain_loop(path):
+    """Every dense int8 head kernel (AVX-512 VNNI; AVX2 with AVX-VNNI; AVX2 with vpmaddubsw) against the portable
+    path, which runs the plain loop of the quantized kernels over the same codes: the same integer sums, so only the
+    fp32 scaling order differs. A width that is not a multiple of 32 or 128 and a vocabulary that is not a multiple
+    of 4 reach the kernels' tails; 6 prompt tokens then 1 decode token reach both token counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in quantized_isas():
+        pytest.skip(f"{path}: not available on this CPU (quantized paths here: {quantized_isas()})")
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=301, hidden_size=200, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompt, step = [3, 17, 250, 42, 7, 199], [300]
+
+    def run(isa: str) -> torch.Tensor:
+        with use_quantized_isa(isa):
+            engine = NativeDecoder(model, max_context=16, lm_head="int8")
+            return torch.cat([engine.prefill(0, prompt, all_logits=True), engine.decode([0], step)])
+
+    want, got = run("portable"), run(path)
+    assert relative(got, want) < 1e-5
+    # and the int8 head is still the fp32 head within int8 rounding
+    exact = NativeDecoder(model, max_context=16)
+    assert relative(got, torch.cat([exact.prefill(0, prompt, all_logits=True), exact.decode([0], step)])) < 0.03
+
+
 @pytest.mark.real_model
 def test_smollm2_native_matches_eager(smollm2):
     import copy

@@ -56,6 +56,7 @@ extern "C" int sp_isa_supported(int isa);
 extern "C" int sq_isa_supported(int isa);
 extern "C" int sq_best_isa(void);
 extern "C" int sp_best_isa(void);
+extern "C" int sq_has_avx_vnni(void);
 
 namespace sp {
 namespace {
@@ -217,7 +218,7 @@ struct Planned {
   TeamSparse sparse{};
   TeamQuant quant{};  // kQuantized, and kDenseInt8 off AVX-512 (the quantized kernel over the head's codes)
   DenseFn dense = nullptr;
-  bool vnni_head = false;  // kDenseInt8 on the dense AVX-512 VNNI kernel
+  void (*int8_rows)(const Int8Args&, int64_t, int64_t) = nullptr;  // kDenseInt8 on a dense int8 head kernel
 };
 
 // One phase of a decode step (e.g. layer 3's q/k/v): `blocks` pieces of work that any thread may claim. A thread
@@ -419,13 +420,29 @@ void quantize_head_input(const float* x, int64_t tokens, int64_t cols, uint8_t* 
   }
 }
 
-// The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): the dense VNNI kernel on
-// AVX-512, else the quantized bitmask kernel over the same codes (the masks are all ones, so the codes are row-major).
-int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, float* y, int qisa, int threads) {
-  const int best = sq_best_isa();
-  const int path = qisa < 0 ? best : qisa;
+using Int8RowsFn = void (*)(const Int8Args&, int64_t, int64_t);
+
+// The dense int8 head kernel for the quantized path qisa (-1: best), or nullptr (portable: the bitmask kernel).
+Int8RowsFn int8_head_rows_for(int qisa) {
 #if SP_X86
-  if (path == 2 && sq_isa_supported(2)) {
+  const int path = qisa < 0 ? sq_best_isa() : qisa;
+  if (path == 2 && sq_isa_supported(2)) return int8_rows_avx512vnni;
+  if (path == 1 && sq_isa_supported(1)) return sq_has_avx_vnni() ? int8_rows_avx2vnni : int8_rows_avx2;
+  if (path == 3 && sq_isa_supported(3)) return int8_rows_avx2;
+#else
+  (void)qisa;
+#endif
+  return nullptr;
+}
+
+// The int8 lm_head (kDenseInt8: p0 codes, p1 scales, p2 wsum, p3 masks, p4 offsets): a dense kernel on the
+// quantized kernels' path (qisa as in quant_api.cpp: 2 AVX-512 VNNI, 1 AVX2 with AVX-VNNI where the CPU has it,
+// 3 AVX2 without), else (portable) the quantized bitmask kernel over the same codes (the masks are all ones, so the
+// codes are row-major).
+int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, float* y, int qisa, int threads) {
+#if SP_X86
+  const Int8RowsFn rows_fn = int8_head_rows_for(qisa);
+  if (rows_fn) {
     const int64_t blocks = (lin.cols + kActBlock - 1) / kActBlock, pad = blocks * kActBlock;
     try {
       if (static_cast<int64_t>(e.head_xu.size()) < tokens * pad) e.head_xu.resize(tokens * pad);
@@ -438,14 +455,14 @@ int run_int8_head(Engine& e, const Linear& lin, const float* x, int64_t tokens, 
                static_cast<const int32_t*>(lin.p[2]), lin.bias, e.head_xu.data(), e.head_sx.data(), y,
                lin.rows, lin.cols, blocks, tokens, lin.rows};
     if (threads <= 1) {
-      int8_rows_avx512vnni(a, 0, lin.rows);
+      rows_fn(a, 0, lin.rows);
       return kOk;
     }
     const int64_t parts = (lin.rows + 255) / 256;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (int64_t p = 0; p < parts; ++p) int8_rows_avx512vnni(a, p * 256, p * 256 + 256 < lin.rows ? p * 256 + 256 : lin.rows);
+    for (int64_t p = 0; p < parts; ++p) rows_fn(a, p * 256, p * 256 + 256 < lin.rows ? p * 256 + 256 : lin.rows);
     return kOk;
   }
 #endif
@@ -547,14 +564,12 @@ int plan_step(Engine& e, int isa, int qisa) {
                             static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, qisa);
       ok = pl.quant.kernel != nullptr;
     } else if (lin.kind == kDenseInt8) {  // as run_int8_head chooses
-#if SP_X86
-      pl.vnni_head = (qisa < 0 ? sq_best_isa() : qisa) == 2 && sq_isa_supported(2);
-#endif
-      if (!pl.vnni_head)
+      pl.int8_rows = int8_head_rows_for(qisa);
+      if (!pl.int8_rows)
         pl.quant = team_quant(static_cast<const uint16_t*>(lin.p[3]), static_cast<const int32_t*>(lin.p[4]),
                               static_cast<const uint8_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]), nullptr, lin.rows,
                               lin.cols, 8, lin.cols, qisa);
-      ok = pl.vnni_head || pl.quant.kernel != nullptr;
+      ok = pl.int8_rows != nullptr || pl.quant.kernel != nullptr;
     }
     if (!ok) {
       e.plan_isa = e.plan_qisa = -2;
@@ -612,8 +627,7 @@ bool team_rows(TeamThread& me, int64_t phase, const Linear& lin, const Planned& 
       return true;
     case kQuantized:
     case kDenseInt8:
-#if SP_X86
-      if (pl.vnni_head) {
+      if (pl.int8_rows) {
         const int64_t blocks = (lin.cols + kActBlock - 1) / kActBlock;
         if (me.quantized_phase != phase) {
           quantize_head_input(x, tokens, lin.cols, me.head_xu.data(), me.head_sx.data());
@@ -622,10 +636,9 @@ bool team_rows(TeamThread& me, int64_t phase, const Linear& lin, const Planned& 
         const Int8Args a{static_cast<const int8_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]),
                          static_cast<const int32_t*>(lin.p[2]), lin.bias, me.head_xu.data(), me.head_sx.data(), y,
                          lin.rows, lin.cols, blocks, tokens, lin.rows};
-        int8_rows_avx512vnni(a, r0, r1);
+        pl.int8_rows(a, r0, r1);
         return true;
       }
-#endif
       if (me.quantized_phase != phase) {
         me.in = team_quantize_input(x, tokens, lin.cols, pl.quant.vector, aligned64(me.qin));
         me.quantized_phase = phase;

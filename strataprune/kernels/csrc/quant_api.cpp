@@ -240,7 +240,8 @@ bool group_ok(int64_t group, int64_t cols) { return group == 32 || group == 64 |
 // the kernels' per-thread scratch, reserved up front so that an allocation failure is a status, not a crash
 bool reserve_kernel_scratch(const QPacked& w, int64_t tokens) {
   const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-  return quant_scratch(1, need) && quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8);
+  return quant_scratch(1, need) && quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) &&
+         quant_scratch(2, static_cast<size_t>(w.cols) + 64);
 }
 
 }  // namespace
@@ -288,6 +289,15 @@ SQ_API int sq_isa_supported(int isa) { return sp::qcpu_has(isa) ? 1 : 0; }
 SQ_API int sq_best_isa(void) { return sp::qbest_isa(); }
 
 SQ_API int sq_has_avx_vnni(void) { return sp::has_avx_vnni() ? 1 : 0; }
+
+// the AVX2 GEMV's shuffle tables (quant_avx2.cpp): -1 by the L2 size, 0 8-bit tables, 1 the 16-bit table
+SQ_API void sq_set_avx2_shuffle(int mode) {
+#if SP_X86
+  sp::set_avx2_shuffle(mode);
+#else
+  (void)mode;
+#endif
+}
 
 // Masks agree with row offsets (each row's step is its popcount, no bit past the last column, offsets start
 // at 0) and the codes buffer holds the nnz codes plus the padding. Returns 0 or kBadFormat.
