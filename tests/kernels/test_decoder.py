@@ -362,6 +362,27 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
                 assert relative(got, want) < 1e-6, (threads, team, slots)
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx2-novnni", "avx512"])
+def test_two_threads_on_every_quantized_path_and_int8_head_kernel(path):
+    """The team picks each Linear's kernel (and the int8 head's dense kernel, or the bitmask one on portable) as the
+    per-call path does: the team at 2 threads decodes what the per-call path decodes at 1, on every quantized path."""
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in quantized_isas():
+        pytest.skip(f"{path} is not supported on this CPU")
+    model = packed(tiny_llama(2, seed=14), 8)
+    with use_quantized_isa(path):
+        per_call = NativeDecoder(model, max_slots=2, max_context=64, lm_head="int8", thread_team=False)
+        want_tokens, want_logits = greedy_decode(per_call, PROMPT, 4, [1, 0])  # run_int8_head and sq_linear, 1 thread
+        kernels.set_num_threads(2)
+        got_tokens, got_logits = greedy_decode(NativeDecoder(model, max_slots=2, max_context=64, lm_head="int8"),
+                                               PROMPT, 4, [1, 0])  # fmt: skip
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits):
+        assert relative(got, want) < 1e-6
+
+
 def test_thread_team_matches_the_forward_pass_written_from_the_definitions():
     """The team's row-range entries (a head of q/k/v, 32 rows of o/down, 64 of gate/up, 512 of the head, each run
     by whichever thread claims it) against the float64 forward pass from the definitions, on every ISA path."""
