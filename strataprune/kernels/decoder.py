@@ -26,7 +26,7 @@ else is a ``ConfigError`` naming the architecture; the eager path stays availabl
 Not thread-safe across calls from several Python threads at once: a lock serialises them. Threads and kernel
 paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quantized_isa`` at each call.
 
-Threads: with more than one, a decode step runs on the engine's own worker threads, woken once per step: the step
+Threads: a decode step of up to 4 slots runs on the engine's own worker threads, woken once per step: the step
 is a list of phases (per layer q/k/v, attention, o, gate/up, down; then the head), each cut into blocks that the
 threads claim, and a thread waits only where the next phase needs all of this one. A waiting thread sleeps until
 woken (after spinning ``spin_us`` microseconds, default 0: measured best on a loaded machine, docs/kernels.md), so
