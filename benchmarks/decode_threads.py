@@ -33,18 +33,18 @@ from cpu_bar import cpu_facts, packed_model, prompt_ids  # noqa: E402
 
 
 def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, int]]:
-    """(threads, team, spin_us): per thread count the per-call regions and the team (at every spin; 1 thread never
-    waits, so once)."""
+    """(threads, team, spin_us): per thread count the per-call regions and the team at every spin (1 thread: the
+    kernel calls only, which is what the engine runs there)."""
     out: list[tuple[int, bool, int]] = []
     for t in threads:
         out.append((t, False, spins[0]))
-        out += [(t, True, s) for s in (spins if t > 1 else spins[:1])]
+        out += [(t, True, s) for s in spins] if t > 1 else []
     return out
 
 
 def label(threads: int, team: bool, spin: int) -> str:
     if threads == 1:
-        return "1 thread, " + ("phases of the thread team" if team else "kernel calls (no region)")
+        return "1 thread (kernel calls, no region)"
     return f"{threads} threads, " + (f"thread team, spin {spin} us" if team else "one region per kernel call")
 
 

@@ -26,12 +26,12 @@ else is a ``ConfigError`` naming the architecture; the eager path stays availabl
 Not thread-safe across calls from several Python threads at once: a lock serialises them. Threads and kernel
 paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quantized_isa`` at each call.
 
-Threads: a decode step of up to 4 slots runs on the engine's own worker threads, woken once per step: the step
-is a list of phases (per layer q/k/v, attention, o, gate/up, down; then the head), each cut into blocks that the
-threads claim, and a thread waits only where the next phase needs all of this one. A waiting thread sleeps until
-woken (after spinning ``spin_us`` microseconds, default 0: measured best on a loaded machine, docs/kernels.md), so
-that it neither burns CPU time nor delays the neighbours or its own team; ``set_spin_us`` or
-``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. The
+Threads: with 2 or more, a decode step of up to 4 slots runs on the engine's own worker threads, woken once per step
+(1 thread calls the kernels in order): the step is a list of phases (per layer q/k/v, attention, o, gate/up, down;
+then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
+of this one. A waiting thread sleeps until woken (after spinning ``spin_us`` microseconds, default 0: measured best
+on a loaded machine, docs/kernels.md), so that it neither burns CPU time nor delays the neighbours or its own team;
+``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. The
 prefill keeps one region per kernel call (its GEMMs are long enough to amortise one).
 """
 
