@@ -221,3 +221,13 @@ def test_bad_arguments_from_the_command_line_exit_2_without_a_traceback() -> Non
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     assert "smollm2-135m or llama1b" in done.stderr
+
+
+def test_a_pruned_run_is_reused_and_a_failed_one_says_why(tmp_path: Path) -> None:
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "report.json").write_text("{}")
+    assert bench_models.prune_run(tmp_path / "no-such-model", done, ["--sparsity", "0.7"]) == done  # nothing run
+    with pytest.raises(SystemExit, match="pruning broken failed"):
+        bench_models.prune_run(tmp_path / "no-such-model", tmp_path / "broken", ["--sparsity", "0.7"])
+    assert not (tmp_path / "broken" / "report.json").exists()
