@@ -232,25 +232,34 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
 
 
 def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
-    """The ``--run`` folder packed by ``sparse-cpu`` (fp32 bitmask or int8/int4 codes) and loaded back from disk; a
-    folder this benchmark packed from the same run before (its manifest names the run and is newer than it) is
-    loaded as it is (packing a 1B model takes minutes)."""
+    """The ``--run`` folder packed by ``sparse-cpu`` (fp32 bitmask or int8/int4 codes) and loaded back from disk.
+
+    Cached per run (its path's digest in the folder name) and reused while the run is older than the manifest (packing
+    a 1B model takes minutes). A new pack is written beside the cache and renamed into place, so another process
+    that has the cached file memory-mapped keeps reading intact bytes."""
+    import hashlib
+    import shutil
+
     from strataprune.contract.backend import DeploySettings
     from strataprune.deploy.bench import resolve_backends
     from strataprune.deploy.format import MANIFEST
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
-    folder = workdir / f"native-{bits}-{run.name}"
+    digest = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:8]
+    folder = workdir / f"packed-{bits}-{run.name}-{digest}"
     manifest = folder / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime >= (run / "report.json").stat().st_mtime:
-        if json.loads(manifest.read_text()).get("source") == str(run):
-            return load_packed_model(folder)
+        return load_packed_model(folder)
     (backend,), _ = resolve_backends([f"sparse-cpu:bits={bits}:engine=native"])
     settings = DeploySettings(batch=1, prompt_len=8, new_tokens=1, threads=threads)
-    compiled = backend.prepare(run, folder, settings)
-    model = compiled.model
-    compiled.close()
-    return model
+    fresh = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    backend.prepare(run, fresh, settings).close()
+    stale = folder.with_name(f"{folder.name}.stale-{os.getpid()}")
+    if folder.exists():
+        folder.rename(stale)  # a reader's mapping of the old file stays valid: its inode lives until unmapped
+    fresh.rename(folder)
+    shutil.rmtree(stale, ignore_errors=True)
+    return load_packed_model(folder)
 
 
 # --- the model under test (--model) and the files its rows need, made once and cached under --workdir -------------

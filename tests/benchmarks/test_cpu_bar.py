@@ -231,3 +231,35 @@ def test_a_pruned_run_is_reused_and_a_failed_one_says_why(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="pruning broken failed"):
         bench_models.prune_run(tmp_path / "no-such-model", tmp_path / "broken", ["--sparsity", "0.7"])
     assert not (tmp_path / "broken" / "report.json").exists()
+
+
+def test_packed_runs_are_cached_per_run_and_repacked_when_the_run_is_newer(tiny: Path, tmp_path: Path) -> None:
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] != TINY["vocab_size"]:
+                w = module.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(int(0.7 * w.numel())).values] = 0.0
+    run = tmp_path / "run70"
+    model.save_pretrained(run)
+    (run / "report.json").write_text("{}")
+    work = tmp_path / "work"
+    packed = cpu_bar.packed_model(run, 8, 1, work)
+    folders = sorted(p.name for p in work.iterdir())
+    assert len(folders) == 1 and folders[0].startswith("packed-8-run70-")  # no temporary folder left
+    weights = work / folders[0] / "model.safetensors"
+    inode = weights.stat().st_ino
+    assert cpu_bar.packed_model(run, 8, 1, work) is not None and weights.stat().st_ino == inode  # reused
+    later = weights.stat().st_mtime + 10
+    os.utime(run / "report.json", (later, later))
+    cpu_bar.packed_model(run, 8, 1, work)
+    assert weights.stat().st_ino != inode and sorted(p.name for p in work.iterdir()) == folders  # repacked in place
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        got, want = packed(ids).logits, model(ids).logits
+    assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.99  # int8 codes of the same weights
