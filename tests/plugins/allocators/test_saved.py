@@ -1,0 +1,83 @@
+"""The `saved` allocator: an earlier run's allocation.json reused as it is, refused when it does not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from strataprune.cli import main
+from strataprune.contract.allocation import Allocation
+
+ARGS = [
+    "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
+    "--set", "evaluation.selection_windows=2", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    words = "a saved allocation lets later runs reuse a search that took many prunes worth of time".split()
+    lines = [" ".join(words[(i * 5 + j) % len(words)] for j in range(40)) for i in range(120)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run(model: Path, text: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["run", "--model", str(model), "--calibration", str(text), "--eval-data", str(text), *ARGS, "--output", str(out), *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def dlp_run(tiny_llama_dir, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "dlp"
+    assert run(tiny_llama_dir, corpus, out, "--allocator", "dlp", "--sparsity", "0.6") == 0
+    return out
+
+
+def test_reuses_the_ratios_exactly_and_records_the_source(tiny_llama_dir, corpus, dlp_run, tmp_path):
+    first = Allocation.load(dlp_run / "allocation.json")
+    assert len(set(first.ratios.values())) > 1, "DLP should give the blocks different ratios"
+    out = tmp_path / "again"
+    path = dlp_run / "allocation.json"
+    assert run(tiny_llama_dir, corpus, out, "--allocator", "saved", "--set", f"allocator.path={path}", "--sparsity", "0.6") == 0
+    again = Allocation.load(out / "allocation.json")
+    assert again.ratios == first.ratios and again.allocator == "saved"
+    assert again.meta["source"]["allocator"] == "dlp" and again.meta["source"]["path"] == str(path)
+    assert len(again.meta["source"]["sha256"]) == 64
+    # the same pruner at the same ratios from the same model: the same zeros per matrix
+    before, after = (json.loads((d / "report.json").read_text())["sparsity"] for d in (dlp_run, out))
+    assert after["per_matrix"] == before["per_matrix"]
+
+
+def check_refused(capsys, code: int, *needles: str) -> None:
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    err = errors[0]
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_refuses_what_does_not_fit(tiny_llama_dir, corpus, dlp_run, tmp_path, capsys):
+    path = dlp_run / "allocation.json"
+    saved = ["--allocator", "saved", "--set"]
+    check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "a", *saved, f"allocator.path={path}", "--sparsity", "0.5"),
+                  "target 0.6", "target is 0.5")  # fmt: skip
+    check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "b", *saved, f"allocator.path={tmp_path / 'none.json'}"),
+                  "none.json", "not a file")  # fmt: skip
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "c", *saved, f"allocator.path={garbage}"), "not JSON")
+    other = json.loads(path.read_text())
+    other["ratios"] = {k.replace("layers.0.", "layers.9."): v for k, v in other["ratios"].items()}
+    wrong = tmp_path / "other-model.json"
+    wrong.write_text(json.dumps(other))
+    check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "d", *saved, f"allocator.path={wrong}", "--sparsity", "0.6"),
+                  "does not fit this model", "missing")  # fmt: skip
+    check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "e", "--allocator", "saved"), "path=")
+    assert not any((tmp_path / d).exists() for d in "abcde")
