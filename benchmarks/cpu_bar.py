@@ -26,7 +26,7 @@ run; a targets table per thread count compares the native rows with the bar (70%
 ``--model llama1b``: the random ~1B Llama of benchmarks/bench_models.py (TinyLlama-1.1B's shapes, SmolLM2's
 vocabulary, 4.3 GB fp32), built once under ``--workdir``, pruned to 70% by magnitude when no ``--run`` is given;
 its F32 GGUF written by ``strataprune export --to gguf --gguf-type f32``, Q8_0 and Q4_0 made from it by llama.cpp's
-quantizer. The first invocation builds, prunes and exports (about half an hour on 1 core, 9 GB of memory at most:
+quantizer. The first invocation builds, prunes and exports (about 20 minutes on 1 core, 12 GB of memory at most:
 one fp32 copy at a time); later ones re-measure. Random weights time a real 1B model (latency depends on the shapes
 and the zero pattern, not on the values); its outputs are meaningless and are not reported.
 
@@ -150,6 +150,20 @@ def llama_cpp_engine(path: Path, ids: np.ndarray, threads: int, tokens: int, war
     return result
 
 
+def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int,
+                       repeats: int, workdir: Path) -> dict:  # fmt: skip
+    from strataprune.contract.backend import DeploySettings
+    from strataprune.deploy.bench import resolve_backends
+
+    (backend,), _ = resolve_backends([backend_spec])
+    settings = DeploySettings(batch=1, prompt_len=len(ids), new_tokens=tokens, threads=threads)
+    compiled = backend.prepare(model_dir, workdir / f"{backend.name}-{model_dir.name}-{threads}", settings)
+    try:
+        return time_compiled(compiled, ids, tokens, warmup, repeats)
+    finally:
+        compiled.close()
+
+
 def time_compiled(compiled: Any, ids: np.ndarray, tokens: int, warmup: int, repeats: int) -> dict:
     """``measure`` of a prepared backend model (a ``CompiledModel``): the prefill of ``ids`` (every position's logits),
     then greedy decode steps on its KV cache. Shared by every backend row here and by benchmarks/pareto.py."""
@@ -164,20 +178,6 @@ def time_compiled(compiled: Any, ids: np.ndarray, tokens: int, warmup: int, repe
         state["logits"], state["cache"] = compiled.decode(token, state["cache"])
 
     return measure(prefill, step, tokens, warmup, repeats)
-
-
-def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int,
-                       repeats: int, workdir: Path) -> dict:  # fmt: skip
-    from strataprune.contract.backend import DeploySettings
-    from strataprune.deploy.bench import resolve_backends
-
-    (backend,), _ = resolve_backends([backend_spec])
-    settings = DeploySettings(batch=1, prompt_len=len(ids), new_tokens=tokens, threads=threads)
-    compiled = backend.prepare(model_dir, workdir / f"{backend.name}-{model_dir.name}-{threads}", settings)
-    try:
-        return time_compiled(compiled, ids, tokens, warmup, repeats)
-    finally:
-        compiled.close()
 
 
 def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup: int, repeats: int, lm_head: str,
