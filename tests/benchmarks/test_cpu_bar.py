@@ -48,6 +48,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bench_models.ensure_llama1b(tmp_path_factory.mktemp("tiny") / "dense", TINY)
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return cpu_bar.ort_fp32(tiny, tmp_path_factory.mktemp("onnx") / "onnx-fp32")
+
+
 def test_the_random_llama_has_the_given_shapes_and_is_built_once(tiny: Path) -> None:
     import json
 
@@ -83,12 +88,12 @@ def _logits(path: Path, info: dict, ids: np.ndarray) -> np.ndarray:
     return session.run(["logits"], feeds)[0][0]
 
 
-def test_ort_int4_packs_every_weight_matmul_head_included_in_blocks_of_32(tiny: Path, tmp_path: Path) -> None:
+def test_ort_int4_packs_every_weight_matmul_head_included_in_blocks_of_32(tiny: Path, tiny_onnx: tuple, tmp_path: Path) -> None:
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
 
-    fp32 = cpu_bar.ort_fp32(tiny, tmp_path / "onnx-fp32")
+    fp32 = tiny_onnx
     path, info = cpu_bar.ort_int4(fp32, tmp_path / "onnx-int4")
     # 7 Linears per layer and the tied lm_head (reached through a Transpose of the embedding until it is folded)
     assert info["matmulnbits"] == 7 * TINY["num_hidden_layers"] + 1 and info["folded_transposes"] == 1
@@ -135,9 +140,10 @@ def test_folding_a_transposed_constant_keeps_the_product(tmp_path: Path) -> None
     np.testing.assert_allclose(_session(tmp_path / "m.onnx").run(None, {"x": x})[0], x @ weight.T, rtol=1e-5)
 
 
-def test_ort_rows_time_a_cached_export(tiny: Path, tmp_path: Path) -> None:
-    fp32 = cpu_bar.ort_fp32(tiny, tmp_path / "onnx-fp32")
-    row = cpu_bar.ort_engine(fp32, np.arange(1, 9), 1, 2, 0, 1)
+def test_ort_rows_time_a_cached_export(tiny: Path, tiny_onnx: tuple) -> None:
+    stamp = tiny_onnx[0].stat().st_mtime_ns
+    assert cpu_bar.ort_fp32(tiny, tiny_onnx[0].parent) == tiny_onnx and tiny_onnx[0].stat().st_mtime_ns == stamp  # cached
+    row = cpu_bar.ort_engine(tiny_onnx, np.arange(1, 9), 1, 2, 0, 1)
     assert row["file_bytes"] > 4 * 49152 * 64 and row["decode_ms_per_token"]["wall"] > 0 and row["prefill_ms"]["cpu"] >= 0
 
 
