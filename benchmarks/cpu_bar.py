@@ -34,6 +34,11 @@ and the zero pattern, not on the values); its outputs are meaningless and are no
     python benchmarks/cpu_bar.py --threads 1,2 --run ~/.cache/strataprune/bench-runs/70
     python benchmarks/cpu_bar.py --model llama1b --threads 1
 
+``--llama-lib-avx2 DIR`` adds llama.cpp rows run on a second build of its libraries (e.g. AVX2 only, the fair bar on
+an AVX2 machine; how to build it: docs/kernels.md), each in a subprocess with ``LLAMA_CPP_LIB_PATH=DIR`` (the
+variable llama-cpp-python loads ``libllama.so`` from); ``--native-isas`` names the forced kernel paths of the
+quantized native rows (``avx2``: AVX2 with AVX-VNNI where the CPU has it, ``avx2-novnni``: without, as on Zen 2/3).
+
 Writes benchmarks/results/cpu-bar-<UTC>.json and .md (``cpu-bar-llama1b-<UTC>`` for the ~1B model; CPU model, ISA
 flags, load averages before and after).
 """
@@ -150,6 +155,26 @@ def llama_cpp_engine(path: Path, ids: np.ndarray, threads: int, tokens: int, war
     return result
 
 
+def llama_cpp_engine_with_lib(lib_dir: Path, path: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int,
+                              repeats: int) -> dict:  # fmt: skip
+    """:func:`llama_cpp_engine` in a subprocess that loads llama.cpp's libraries from ``lib_dir`` (this process has
+    already loaded the installed ones, and a process holds one llama.cpp)."""
+    import subprocess
+
+    job = {"lib": str(lib_dir), "gguf": str(path), "ids": [int(t) for t in ids], "threads": threads, "tokens": tokens,
+           "warmup": warmup, "repeats": repeats}  # fmt: skip
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import numpy as np; import cpu_bar; job = json.loads(sys.argv[2]); "
+        "r = cpu_bar.llama_cpp_engine(cpu_bar.Path(job['gguf']), np.array(job['ids']), job['threads'], job['tokens'], "
+        "job['warmup'], job['repeats']); import llama_cpp.llama_cpp as L; r['library'] = L._lib._name; print(json.dumps(r))"
+    )
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(lib_dir)}
+    done = subprocess.run([sys.executable, "-c", code, str(HERE), json.dumps(job)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp from {lib_dir} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, threads: int, tokens: int, warmup: int,
                        repeats: int, workdir: Path) -> dict:  # fmt: skip
     from strataprune.contract.backend import DeploySettings
@@ -194,8 +219,8 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
     engine = NativeDecoder(model, max_slots=batch, max_context=len(ids) + tokens + 8, lm_head=lm_head)
     state: dict[str, Any] = {}
     forced = contextlib.ExitStack()
-    if isa != "auto":
-        forced.enter_context(kernels.use_isa(isa))
+    if isa != "auto":  # avx2-novnni: the fp32 kernels' avx2 path, the quantized kernels' AVX2 path without AVX-VNNI
+        forced.enter_context(kernels.use_isa(isa.split("-")[0]))
         forced.enter_context(use_quantized_isa(isa))
     with forced:
 
@@ -505,11 +530,23 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | {d['wall']:.1f} | {d['cpu']:.1f} | {1e3 / d['wall']:.1f} | {decode} | {pw} | {pc} | {prefill} |"
             )
-        lines += ["", *target_lines(rows), ""]
+        lines.append("")
+        avx2 = {k: rows.get(f"llama.cpp {k} (AVX2 build)", {}) for k in ("Q4_0", "Q8_0")}
+        if any("decode_ms_per_token" in r for r in avx2.values()):  # the bar on an AVX2 machine: llama.cpp's AVX2 path
+            lines += ["Decode against llama.cpp's AVX2-only build (CPU time, same run):", "",
+                      "| engine | decode ms/token CPU | vs AVX2 Q4_0 | vs AVX2 Q8_0 |", "|---|---|---|---|"]  # fmt: skip
+            for name, r in rows.items():
+                if "decode_ms_per_token" in r and ("isa avx2" in name or "AVX2 build" in name):
+                    cells = " | ".join(ratio(r, avx2[k], "decode_ms_per_token") for k in ("Q4_0", "Q8_0"))
+                    lines.append(f"| {name} | {r['decode_ms_per_token']['cpu']:.1f} | {cells} |")
+            lines.append("")
+        lines += [*target_lines(rows), ""] if target_lines(rows) else []
     lines.append(
         "Ratios above 1 mean faster than the baseline (its CPU time divided by this engine's CPU time, same run). "
         "native rows: `NativeDecoder` (prefill returns the last token's logits, like llama.cpp); `batch 4`: four slots "
-        "decoded per step, ms per token = step / 4; `isa avx2`: the kernels' AVX2 path forced."
+        "decoded per step, ms per token = step / 4; `isa avx2`: the kernels' AVX2 path forced (with AVX-VNNI where the CPU "
+        "has it), `isa avx2-novnni`: the AVX2 path without AVX-VNNI (as on Zen 2/3); `(AVX2 build)`: llama.cpp built "
+        "for AVX2 only (no AVX-512, no AVX-VNNI), run in a subprocess."
     )
     return "\n".join(lines) + "\n"
 
@@ -528,6 +565,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", help="our engines for the runs (default onnxruntime,sparse-cpu:engine=eager; none for llama1b)")
     ap.add_argument("--native-bits", default="32,8,4", help="native decoder rows: weight bits (empty: none)")
     ap.add_argument("--native-heads", default="fp32,int8", help="native decoder rows: lm_head variants")
+    ap.add_argument(
+        "--native-isas",
+        default="avx2",
+        help="forced kernel paths of the quantized native rows: avx2, avx2-novnni (comma list; empty: none)",
+    )
+    ap.add_argument(
+        "--llama-lib-avx2",
+        metavar="DIR",
+        help="also time llama.cpp from this folder's libllama.so (e.g. an AVX2-only build; see docs/kernels.md)",
+    )
+    ap.add_argument("--native-batch", type=int, default=4, help="slots of the batched quantized native row (0 or 1: none)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "strataprune" / "cpu-bar"))
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -544,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         heads = [h.strip() for h in args.native_heads.split(",") if h.strip()]
         if any(b not in (32, 8, 4) for b in native_bits) or any(h not in ("fp32", "int8") for h in heads):
             raise ValueError
+        if args.native_batch < 0:
+            raise ValueError
         threads = [int(t) for t in args.threads.split(",")]
         kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
         bad = [k for k in kinds if k not in GGUF_TYPES]
@@ -551,8 +601,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         given = f"--threads '{args.threads}' / --gguf '{args.gguf}' / --native-bits '{args.native_bits}' / --native-heads "
-        given += f"'{args.native_heads}'"
-        print(f"error: {given}: whole numbers >= 1 / {sorted(GGUF_TYPES)} / 32, 8, 4 / fp32, int8", file=sys.stderr)
+        given += f"'{args.native_heads}' / --native-batch {args.native_batch}"
+        print(f"error: {given}: whole numbers >= 1 / {sorted(GGUF_TYPES)} / 32, 8, 4 / fp32, int8 / >= 0", file=sys.stderr)
+        return 2
+    forced_isas = [i.strip() for i in args.native_isas.split(",") if i.strip()]
+    if any(i not in ("avx2", "avx2-novnni") for i in forced_isas):
+        print(f"error: --native-isas '{args.native_isas}': allowed avx2, avx2-novnni", file=sys.stderr)
+        return 2
+    if args.llama_lib_avx2 and not (Path(args.llama_lib_avx2).expanduser() / "libllama.so").is_file():
+        print(f"error: --llama-lib-avx2 '{args.llama_lib_avx2}' holds no libllama.so (a llama.cpp build's library folder)",
+              file=sys.stderr)  # fmt: skip
         return 2
     for run in args.run:
         if not (Path(run) / "report.json").is_file():
@@ -581,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs: list[tuple[str, Callable[[], dict]]] = [
             (f"llama.cpp {k}", lambda p=p: llama_cpp_engine(p, ids, t, *common)) for k, p in ggufs.items()
         ]
+        if args.llama_lib_avx2:
+            lib = Path(args.llama_lib_avx2).expanduser().resolve()
+            jobs += [(f"llama.cpp {k} (AVX2 build)", lambda p=p: llama_cpp_engine_with_lib(lib, p, ids, t, *common))
+                     for k, p in ggufs.items()]  # fmt: skip
         for kind, onnx_file in bar.onnx.items():
             jobs.append((f"onnxruntime {kind} dense", lambda f=onnx_file: ort_engine(f, ids, t, *common)))
         for run in args.run:
@@ -597,9 +659,11 @@ def main(argv: list[str] | None = None) -> int:
                     return models[b]
 
                 kind = "fp32" if bits == 32 else f"int{bits}"
-                variants = [(head, "auto", 1) for head in heads]
+                # fp32 weights have one AVX2 path (no VNNI variant): forced avx2-novnni is a quantized-only row
+                isas = forced_isas if bits != 32 else [i for i in forced_isas if i == "avx2"]
+                variants = [(head, "auto", 1) for head in heads] + [(head, isa, 1) for isa in isas for head in heads]
                 if bits != 32:
-                    variants += [(head, "avx2", 1) for head in heads] + [("int8", "auto", 4)]
+                    variants += [("int8", "auto", args.native_batch)] if args.native_batch > 1 else []
                 for head, isa, batch in variants:
                     name = f"native {kind} lm_head {head} {label}" + (f" isa {isa}" if isa != "auto" else "")
                     name += f" batch {batch}" if batch > 1 else ""

@@ -739,8 +739,8 @@ def verdicts(rows: list[dict], meta: dict) -> list[str]:
                 if ratio < target:
                     detail += (
                         "; each nonzero costs a broadcast, an index load and four 16-token loads of the input "
-                        "(gathered, L1/L2 bound) where a dense GEMM reuses registers, and the masks are "
-                        "decoded once per 128 tokens"
+                        "(gathered from L1: no input vector is reused across rows) where a dense GEMM reuses "
+                        "registers, and the masks are decoded once per 128 tokens"
                     )
             lines.append(f"{head}; {detail}.")
     return lines

@@ -25,11 +25,20 @@ else is a ``ConfigError`` naming the architecture; the eager path stays availabl
 
 Not thread-safe across calls from several Python threads at once: a lock serialises them. Threads and kernel
 paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quantized_isa`` at each call.
+
+Threads: with 2 or more, a decode step of up to 4 slots runs on the engine's own worker threads, woken once per step
+(1 thread calls the kernels in order): the step is a list of phases (per layer q/k/v, attention, o, gate/up, down;
+then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
+of this one. A waiting thread sleeps until woken (after spinning ``spin_us`` microseconds, default 0: measured best
+on a loaded machine, docs/kernels.md), so that it neither burns CPU time nor delays the neighbours or its own team;
+``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. The
+prefill keeps one region per kernel call (its GEMMs are long enough to amortise one).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +56,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LM_HEADS = ("fp32", "int8")
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_KV_BYTES = 8 << 30
+#: overrides the team threads' spin before sleeping (microseconds), read when the library is first bound
+SPIN_ENV = "STRATAPRUNE_KERNELS_SPIN_US"
 _STATUS = {
     -1: "the CPU or this build lacks the instruction set",
     -2: "a bad size",
@@ -83,11 +94,34 @@ def _lib() -> ctypes.CDLL:
         lib.sd_release.argtypes = [ptr, i64]
         lib.sd_prefill.argtypes = [ptr, i64, ptr, i64, ptr, i32, i32, i32, i32]
         lib.sd_decode.argtypes = [ptr, ptr, ptr, i64, ptr, i32, i32, i32]
+        lib.sd_set_team.argtypes = [ptr, i32]
+        lib.sd_set_spin_us.argtypes = [i32]
         for name in ("sd_set_embedding", "sd_set_norm", "sd_set_linear", "sd_check", "sd_reset", "sd_release",
-                     "sd_prefill", "sd_decode"):  # fmt: skip
+                     "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us"):  # fmt: skip
             getattr(lib, name).restype = i32
         _bound["ok"] = True
+        spin = os.environ.get(SPIN_ENV)
+        if spin is not None:
+            set_spin_us(_spin_value(spin, SPIN_ENV), lib)
     return lib
+
+
+def _spin_value(value: Any, label: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if isinstance(value, bool) or number < 0 or number > 1_000_000:
+        raise KernelInputError(f"{label}={value!r}; allowed: an integer from 0 to 1000000 (microseconds)")
+    return number
+
+
+def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int:
+    """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
+    before it sleeps until woken; ``None`` restores the default (0). Applies to every engine of the process; returns
+    the value in force."""
+    lib = lib or _lib()
+    return int(lib.sd_set_spin_us(-1 if microseconds is None else _spin_value(microseconds, "spin_us")))
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -125,7 +159,9 @@ class NativeDecoder:
     ``lm_head``: ``"fp32"`` (exact, the default) or ``"int8"`` (the head quantized per row to int8, run on the
     quantized kernels with int8 activations: 4x fewer bytes per token; a small logit error, see docs/kernels.md).
     ``prefill_chunk``: prompt tokens per forward pass (bounds the activation memory). ``max_kv_bytes``: refuse a
-    configuration whose KV caches would need more.
+    configuration whose KV caches would need more. ``thread_team``: decode steps on the engine's thread team (the
+    default; see the module docstring); False opens one OpenMP region per kernel call, as the prefill does (the
+    same results; kept to compare against).
     """
 
     def __init__(
@@ -137,6 +173,7 @@ class NativeDecoder:
         lm_head: str = "fp32",
         prefill_chunk: int = 128,
         max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
+        thread_team: bool = True,
     ) -> None:
         reason = unsupported_reason(model)
         if reason:
@@ -180,6 +217,7 @@ class NativeDecoder:
             raise ConfigError("native engine: cannot create the engine (out of memory or an inconsistent config)")
         self._handle = handle
         self._keep.append(inv_freq)
+        lib.sd_set_team(handle, int(bool(thread_team)))
         try:
             self._wire(model)
         except BaseException:

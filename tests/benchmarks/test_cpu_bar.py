@@ -1,4 +1,5 @@
-"""benchmarks/cpu_bar.py: the model choice, ONNX Runtime's fp32 and INT4 (MatMulNBits) rows, the targets, bad arguments.
+"""benchmarks/cpu_bar.py: the model choice, ONNX Runtime's fp32 and INT4 (MatMulNBits) rows, the targets, the packed-run
+cache, bad arguments (one `error:` line and exit 2, before any model loads).
 
 A tiny random Llama (the ~1B builder of benchmarks/bench_models.py with small shapes) stands in for the real models.
 """
@@ -269,3 +270,29 @@ def test_packed_runs_are_cached_per_run_and_repacked_when_the_run_is_newer(tiny:
     with torch.no_grad():
         got, want = packed(ids).logits, model(ids).logits
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.99  # int8 codes of the same weights
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_bar.py"), *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--llama-lib-avx2", "/nonexistent/llama-avx2"], ["/nonexistent/llama-avx2", "libllama.so"]),
+        (["--native-isas", "avx2,sse9"], ["avx2,sse9", "avx2-novnni"]),
+        (["--native-batch", "-1"], ["--native-batch -1", ">= 0"]),
+    ],
+)
+def test_bad_options_are_one_error_line(args: list[str], names: list[str], tmp_path: Path) -> None:
+    done = run(*args, "--results", str(tmp_path / "results"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(n in lines[0] for n in names), done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_empty_library_folder_is_refused(tmp_path: Path) -> None:
+    done = run("--llama-lib-avx2", str(tmp_path), "--results", str(tmp_path / "results"))
+    assert done.returncode == 2 and "holds no libllama.so" in done.stderr

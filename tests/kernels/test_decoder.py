@@ -320,6 +320,125 @@ def test_against_a_forward_pass_written_from_the_definitions():
     assert torch.allclose(model.model.rotary_emb.inv_freq.double(), theta.double(), rtol=1e-6)
 
 
+def greedy_decode(engine, prompt: torch.Tensor, steps: int, slots: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Every slot prefilled with a prefix of ``prompt`` (different lengths), then ``steps`` greedy steps of all slots
+    at once: the tokens chosen per slot and each step's logits."""
+    nxt = []
+    for i, slot in enumerate(slots):
+        nxt.append(int(engine.prefill(slot, prompt[: len(prompt) - 3 * i]).argmax()))
+    chosen, logits = [[t] for t in nxt], []
+    for _ in range(steps):
+        out = engine.decode(slots, nxt)
+        logits.append(out)
+        nxt = [int(i) for i in out.argmax(-1)]
+        for row, token in zip(chosen, nxt):
+            row.append(token)
+    return chosen, logits
+
+
+@pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (8, "int8"), (4, "fp32"), (4, "int8")])
+def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
+    """Decode runs on the thread team (woken once per step, blocks of rows and heads claimed by any thread);
+    every row is computed by the same kernel whichever thread runs it, so 1, 2 and 3 threads decode the same tokens
+    and logits (bound 1e-6: the kernels may group rows differently, never sum a row differently), batched and not,
+    equally with the team off (one region per kernel call, as before it) and with no spinning before the sleep."""
+    from strataprune.kernels.decoder import NativeDecoder, set_spin_us
+
+    model = packed(tiny_llama(2, seed=11, tied=False, bias=bits == 4), bits)
+    for slots in ([0], [2, 0, 1]):
+        want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head),
+                                                 PROMPT, 6, slots)  # fmt: skip
+        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, 0), (2, False, None)):
+            kernels.set_num_threads(threads)
+            set_spin_us(spin)
+            try:
+                engine = NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head, thread_team=team)
+                got_tokens, got_logits = greedy_decode(engine, PROMPT, 6, slots)
+            finally:
+                kernels.set_num_threads(1)
+                set_spin_us(None)
+            assert got_tokens == want_tokens, (threads, team, slots)
+            for got, want in zip(got_logits, want_logits):
+                assert relative(got, want) < 1e-6, (threads, team, slots)
+
+
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx2-novnni", "avx512"])
+def test_two_threads_on_every_quantized_path_and_int8_head_kernel(path):
+    """The team picks each Linear's kernel (and the int8 head's dense kernel, or the bitmask one on portable) as the
+    per-call path does: the team at 2 threads decodes what the per-call path decodes at 1, on every quantized path."""
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in quantized_isas():
+        pytest.skip(f"{path} is not supported on this CPU")
+    model = packed(tiny_llama(2, seed=14), 8)
+    with use_quantized_isa(path):
+        per_call = NativeDecoder(model, max_slots=2, max_context=64, lm_head="int8", thread_team=False)
+        want_tokens, want_logits = greedy_decode(per_call, PROMPT, 4, [1, 0])  # run_int8_head and sq_linear, 1 thread
+        kernels.set_num_threads(2)
+        got_tokens, got_logits = greedy_decode(NativeDecoder(model, max_slots=2, max_context=64, lm_head="int8"),
+                                               PROMPT, 4, [1, 0])  # fmt: skip
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits):
+        assert relative(got, want) < 1e-6
+
+
+def test_thread_team_matches_the_forward_pass_written_from_the_definitions():
+    """The team's row-range entries (a head of q/k/v, 32 rows of o/down, 64 of gate/up, 512 of the head, each run
+    by whichever thread claims it) against the float64 forward pass from the definitions, on every ISA path."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=12, tied=False), 32)
+    tokens = [5, 77, 123, 9, 250, 31, 8, 140]
+    want = reference_forward(model, tokens)
+    kernels.set_num_threads(3)
+    for path in kernels.isas():
+        with kernels.use_isa(path):
+            engine = NativeDecoder(model, max_context=16)
+            got = [engine.prefill(0, tokens[:2], all_logits=True)] + [engine.decode([0], [t]) for t in tokens[2:]]
+        got = torch.cat(got).double().numpy()
+        assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE, path
+
+
+def test_a_forked_child_decodes_on_its_own_team():
+    """The team's workers are threads of the process that started them; a child forked after a 2-thread step has
+    none, so it must start its own rather than wait for them (a hang, caught here by the timeout)."""
+    import multiprocessing
+
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=13), 32)
+    kernels.set_num_threads(2)
+    engine = NativeDecoder(model, max_context=64)
+    engine.prefill(0, PROMPT)
+    want = engine.decode([0], [9])[0]
+    engine.reset(0)
+    engine.prefill(0, PROMPT)
+
+    def child(queue):
+        queue.put(engine.decode([0], [9])[0].tolist())
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    got = torch.tensor(queue.get(timeout=60))
+    process.join(30)
+    assert process.exitcode == 0
+    assert relative(got, want) < 1e-6
+
+
+def test_spin_setting_is_checked():
+    from strataprune.kernels._library import KernelInputError
+    from strataprune.kernels.decoder import set_spin_us
+
+    assert set_spin_us(250) == 250
+    assert set_spin_us(None) == 0
+    for bad in (-1, "x", True, 10**7):
+        with pytest.raises(KernelInputError, match="spin_us"):
+            set_spin_us(bad)
+
+
 def test_int8_lm_head_is_close_to_the_fp32_head():
     from strataprune.kernels.decoder import NativeDecoder
 
@@ -337,6 +456,37 @@ def test_int8_lm_head_is_close_to_the_fp32_head():
             assert relative(other, int8) < 1e-5
     with pytest.raises(ConfigError, match="lm_head"):
         NativeDecoder(model, lm_head="int4")
+
+
+@pytest.mark.parametrize("path", ["avx512", "avx2", "avx2-novnni"])
+def test_each_dense_int8_head_kernel_matches_the_plain_loop(path):
+    """Every dense int8 head kernel (AVX-512 VNNI; AVX2 with AVX-VNNI; AVX2 with vpmaddubsw) against the portable
+    path, which runs the plain loop of the quantized kernels over the same codes: the same integer sums, so only the
+    fp32 scaling order differs. A width that is not a multiple of 32 or 128 and a vocabulary that is not a multiple
+    of 4 reach the kernels' tails; 6 prompt tokens then 1 decode token reach both token counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in quantized_isas():
+        pytest.skip(f"{path}: not available on this CPU (quantized paths here: {quantized_isas()})")
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=301, hidden_size=200, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompt, step = [3, 17, 250, 42, 7, 199], [300]
+
+    def run(isa: str) -> torch.Tensor:
+        with use_quantized_isa(isa):
+            engine = NativeDecoder(model, max_context=16, lm_head="int8")
+            return torch.cat([engine.prefill(0, prompt, all_logits=True), engine.decode([0], step)])
+
+    want, got = run("portable"), run(path)
+    assert relative(got, want) < 1e-5
+    # and the int8 head is still the fp32 head within int8 rounding
+    exact = NativeDecoder(model, max_context=16)
+    assert relative(got, torch.cat([exact.prefill(0, prompt, all_logits=True), exact.decode([0], step)])) < 0.03
 
 
 @pytest.mark.real_model

@@ -170,6 +170,54 @@ def test_every_path_matches_a_plain_loop_over_the_format(isa):
                     assert abs(y[t][n] - y_ref[t][n]) <= bound[t][n], (isa, rows, cols, tokens, t, n)
 
 
+# GEMM edge shapes: tokens around the 8-token transpose steps, the 16-token input steps, the 64-token blocks and
+# the 128-token passes; rows around the 8/16-row output steps and the 32-row tiles; columns around the 8-column
+# transpose steps, the 128-column segments and the 1024-column whole-row tiles
+GEMM_TOKENS = (9, 15, 16, 17, 63, 64, 65, 127, 129, 200, 257)
+GEMM_SHAPES = [(1, 9), (7, 8), (15, 129), (16, 128), (17, 127), (33, 300), (65, 1024), (31, 1025), (40, 2049)]
+
+
+@pytest.mark.parametrize("isa", kernels.ISA_NAMES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_edge_shapes_match_dense_matmul(isa, threads):
+    """Every GEMM tail at once: empty and fully dense rows (sparse_weight), tokens that fill no block exactly."""
+    if isa not in kernels.isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    kernels.set_num_threads(threads)
+    try:
+        for rows, cols in GEMM_SHAPES:
+            for sparsity in (0.0, 0.7, 0.97):
+                w = sparse_weight(rows, cols, sparsity, seed=rows * 7 + cols)
+                packed, g = kernels.pack(w), torch.Generator().manual_seed(rows + cols)
+                bias = torch.randn(rows, generator=g)
+                for tokens in GEMM_TOKENS:
+                    x = torch.randn(tokens, cols, generator=g)
+                    with kernels.use_isa(isa):
+                        y = kernels.sparse_linear(x, packed, bias)
+                    assert_matches_dense(y, x, w, bias)
+    finally:
+        kernels.set_num_threads(None)
+
+
+@pytest.mark.parametrize("isa", kernels.ISA_NAMES)
+def test_gemm_matches_a_plain_loop_over_the_format(isa):
+    """The GEMM (segments, transposes, several token blocks) against the loop over the packed buffers."""
+    if isa not in kernels.isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    for rows, cols, sparsity, tokens in [(19, 150, 0.6, 70), (5, 1030, 0.9, 17), (34, 40, 0.3, 66)]:
+        w = sparse_weight(rows, cols, sparsity, seed=rows + cols)
+        p = kernels.pack(w)
+        g = torch.Generator().manual_seed(rows)
+        bias = torch.randn(rows, generator=g)
+        x = torch.randn(tokens, cols, generator=g)
+        y_ref, bound = loop_linear(p, x, bias)
+        with kernels.use_isa(isa):
+            y = kernels.sparse_linear(x, p, bias).tolist()
+        for t in range(tokens):
+            for n in range(rows):
+                assert abs(y[t][n] - y_ref[t][n]) <= bound[t][n], (isa, rows, cols, tokens, t, n)
+
+
 def test_paths_agree_on_a_large_layer_with_threads():
     w = sparse_weight(1536, 576, 0.7, seed=7)
     packed, x = kernels.pack(w), torch.randn(2, 130, 576)

@@ -156,6 +156,26 @@ def test_every_path_matches_the_plain_loop(loop_cases, isa):
             start += tokens
 
 
+@pytest.mark.parametrize("table", [0, 1], ids=["byte-tables", "16-bit-table"])
+@pytest.mark.parametrize("isa", ["avx2", "avx2-novnni"])
+def test_both_avx2_shuffle_tables_match_the_plain_loop(loop_cases, isa, table):
+    """The AVX2 1-token GEMV builds its shuffle controls from 8-bit tables or one 16-bit table (chosen by the L2 size);
+    each, forced, against the plain loop."""
+    import ctypes
+
+    if isa not in Q.quantized_isas():
+        pytest.skip(f"{isa}: not available on this CPU (quantized paths here: {Q.quantized_isas()})")
+    lib = Q._lib()
+    lib.sq_set_avx2_shuffle.argtypes = [ctypes.c_int]
+    lib.sq_set_avx2_shuffle(table)
+    try:
+        for p, x, bias, y_ref, bound in loop_cases:
+            y = run(p, x[:1], bias, isa).double().numpy()
+            assert (np.abs(y - y_ref[:1]) <= bound[:1]).all(), f"{p!r}: max error {np.abs(y - y_ref[:1]).max():.3g}"
+    finally:
+        lib.sq_set_avx2_shuffle(-1)
+
+
 def test_the_package_wide_isa_switch_reaches_the_quantized_kernels():
     w = weight(40, 256, 0.7, 5)
     p = Q.pack_int4(w, group_size=64)

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
+#include "team_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -70,6 +71,21 @@ GemmTileFn gemm_for(int isa) {
   if (isa == kAvx2) return gemm_tile_avx2;
 #endif
   return isa == kPortable ? gemm_tile_portable : nullptr;
+}
+
+// The transposes around the tiles: the AVX2 forms serve the AVX-512 GEMM too (every AVX-512 CPU the
+// dispatcher accepts has AVX2).
+struct GemmLayout {
+  GemmPackInputFn pack_input;
+  GemmUnpackOutputFn unpack_output;
+};
+
+GemmLayout layout_for(int isa) {
+#if SP_X86
+  if (isa == kAvx512 || isa == kAvx2) return {gemm_pack_input_avx2, gemm_unpack_output_avx2};
+#endif
+  (void)isa;
+  return {gemm_pack_input_portable, gemm_unpack_output_portable};
 }
 
 int resolve_threads(int threads) {
@@ -150,7 +166,8 @@ int gemv(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
   return kOk;
 }
 
-int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, float* y, GemmTileFn fn, int threads) {
+int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, float* y, GemmTileFn fn, GemmLayout layout,
+         int threads) {
   const int64_t work = static_cast<int64_t>(w.offsets[w.rows * w.chunks]) * tokens + w.rows * w.groups;
   if (work < kSerialWork) threads = 1;
   const int64_t pass_blocks = (tokens + kTokenBlock - 1) / kTokenBlock < kPassBlocks
@@ -164,7 +181,6 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
   float* xp = reinterpret_cast<float*>(mem);
   float* yt = reinterpret_cast<float*>(mem + xp_bytes);
   char* per_thread = mem + xp_bytes + yt_bytes;
-  const int64_t groups_total = (w.cols + kGroup - 1) / kGroup;
 
   for (int64_t m0 = 0; m0 < tokens; m0 += kPassBlocks * kTokenBlock) {
     const int64_t mt = tokens - m0 < kPassBlocks * kTokenBlock ? tokens - m0 : kPassBlocks * kTokenBlock;
@@ -174,24 +190,13 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
 #endif
     {
       const int t = thread_id(), nt = team_size();
-      // 1. the input, token-minor: xp[block][k][j] = x[m0 + 32 block + j][k] (zero past the last token)
+      // 1. the input, token-minor: xp[block][k][j] = x[m0 + 64 block + j][k] (zero past the last token), 16
+      // tokens per step
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-      for (int64_t kg = 0; kg < groups_total; ++kg) {
-        const int64_t k0 = kg * kGroup, k1 = k0 + kGroup < w.cols ? k0 + kGroup : w.cols;
-        for (int64_t b = 0; b < blocks; ++b)
-          for (int64_t j = 0; j < kTokenBlock; ++j) {
-            const int64_t token = m0 + b * kTokenBlock + j;
-            float* dst = xp + (b * w.cols) * kTokenBlock + j;
-            if (token < m0 + mt) {
-              const float* src = x + token * w.cols;
-              for (int64_t k = k0; k < k1; ++k) dst[k * kTokenBlock] = src[k];
-            } else {
-              for (int64_t k = k0; k < k1; ++k) dst[k * kTokenBlock] = 0.0f;
-            }
-          }
-      }  // implicit barrier: every thread reads all of xp
+      for (int64_t t16 = 0; t16 < width; t16 += 16) layout.pack_input(x + m0 * w.cols, w.cols, mt, t16, t16 + 16, xp);
+      // implicit barrier: every thread reads all of xp
       const int64_t r0 = split(w, t, nt), r1 = split(w, t + 1, nt);
       // 2. this thread's rows of yt start at the bias
       for (int64_t n = r0; n < r1; ++n) {
@@ -207,11 +212,12 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
       tile.blocks = blocks;
       tile.idx = reinterpret_cast<uint16_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes));
       tile.starts = reinterpret_cast<int32_t*>(per_thread + static_cast<size_t>(t) * (idx_bytes + starts_bytes) + idx_bytes);
-      // Up to 1024 columns a tile spans the whole row with one segment per row (the input of a 64-token block,
-      // <= 256 KB, stays in L2, and short rows are not cut into tiny segments); wider rows go 256 columns per
-      // tile and 128 per segment, so that a block's slice of the input (32 KB) stays in L1.
+      // Up to 1024 columns a tile spans the whole row (its masks decoded in one go), wider rows go 256 columns
+      // per tile. Either way the tile is walked in 128-column segments, all its rows per segment, so that a
+      // block's slice of the input (32 KB) stays in L1 while every row of the tile reads it (measured against
+      // one segment per row on 576-column weights: 1.19x at 70% sparsity).
       const int64_t span = w.groups <= kMaxSpanGroups ? w.groups : kGroupsPerChunk;
-      tile.sub = w.groups <= kMaxSpanGroups ? (w.groups > 0 ? w.groups : 1) : kGroupsPerChunk / 2;
+      tile.sub = kSegmentGroups;
       for (int64_t n = r0; n < r1; n += kTileRows) {
         tile.r0 = n;
         tile.r1 = n + kTileRows < r1 ? n + kTileRows : r1;
@@ -221,14 +227,8 @@ int gemm(const Packed& w, const float* x, int64_t tokens, const float* bias, flo
           fn(tile);
         }
       }
-      // 4. back to token-major y, 16 rows at a time (reads stay in L1, writes are 64-byte runs)
-      for (int64_t n0 = r0; n0 < r1; n0 += 16) {
-        const int64_t n1 = n0 + 16 < r1 ? n0 + 16 : r1;
-        for (int64_t j = 0; j < mt; ++j) {
-          float* dst = y + (m0 + j) * w.rows;
-          for (int64_t n = n0; n < n1; ++n) dst[n] = yt[n * width + j];
-        }
-      }
+      // 4. back to token-major y
+      layout.unpack_output(yt, width, mt, w.rows, r0, r1, y + m0 * w.rows);
     }
   }
   return kOk;
@@ -251,6 +251,13 @@ Packed make_packed(const uint16_t* masks, const float* values, const int32_t* of
 }
 
 }  // namespace
+
+TeamSparse team_sparse(const uint16_t* masks, const float* values, const int32_t* offsets, int64_t rows, int64_t cols,
+                       int isa) {
+  if (isa < 0) isa = best_isa();
+  return {make_packed(masks, values, offsets, rows, cols), cpu_has(isa) ? gemv_for(isa) : nullptr};
+}
+
 }  // namespace sp
 
 SP_API int sp_abi_version(void) { return 1; }
@@ -309,5 +316,5 @@ SP_API int sp_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   const Packed w = make_packed(masks, values, offsets, rows, cols);
   threads = resolve_threads(threads);
   if (tokens <= kMaxGemvTokens) return gemv(w, x, tokens, bias, y, gemv_for(isa), threads);
-  return gemm(w, x, tokens, bias, y, gemm_for(isa), threads);
+  return gemm(w, x, tokens, bias, y, gemm_for(isa), layout_for(isa), threads);
 }

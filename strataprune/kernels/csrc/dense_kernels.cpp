@@ -181,6 +181,61 @@ SP_VNNI void int8_rows_avx512vnni(const Int8Args& a, int64_t r0, int64_t r1) {
     }
   }
 }
+// The int8 head on AVX2, 32 columns per step. With AVX-VNNI: `vpdpbusd` on ymm over (xq + 128) x v, as the AVX-512
+// kernel above; the offset's share (128 wsum) is subtracted per 128-column block in int32, so each block's sum is
+// exact before it is scaled. Without (Zen 2/3, Haswell to Skylake): `vpmaddubsw` of |v| (u8) with sign(v) * xq (s8),
+// whose pairwise sums (<= 2 * 127 * 127) cannot saturate its int16, then `vpmaddwd` with ones: the exact sum of
+// xq v with no correction. Both: 4 rows at a time, each row's 32-byte run prefetched kAheadRows rows ahead (the
+// runs are too short for the hardware prefetchers), a last partial step read through a zero-padded copy (no byte
+// masked loads on AVX2).
+#define SP_INT8_AVX2_ROWS(NAME, TARGET, VNNI)                                                                                \
+  TARGET void NAME(const Int8Args& a, int64_t r0, int64_t r1) {                                                              \
+    constexpr int R = 4;                                                                                                     \
+    const int64_t steps = (a.cols + 31) / 32, full = a.cols / 32, pad = a.blocks * 128;                                      \
+    const __m256i ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));                          \
+    (void)ones16; /* the AVX-VNNI build does not use it */                                                                 \
+    for (int64_t n = r0; n < r1; n += R) {                                                                                   \
+      const int8_t* w[R];                                                                                                    \
+      alignas(32) int8_t tail[R][32] = {};                                                                                   \
+      for (int i = 0; i < R; ++i) {                                                                                          \
+        w[i] = a.codes + (n + i < r1 ? n + i : r1 - 1) * a.cols;                                                             \
+        for (int64_t k = 32 * full; k < a.cols; ++k) tail[i][k - 32 * full] = w[i][k];                                      \
+      }                                                                                                                      \
+      for (int64_t t = 0; t < a.tokens; ++t) {                                                                               \
+        const uint8_t* x = a.xu + t * pad;                                                                                   \
+        const float* sx = a.sx + t * a.blocks;                                                                               \
+        __m256 acc[R];                                                                                                       \
+        for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();                                                            \
+        for (int64_t b = 0; b < a.blocks; ++b) {                                                                             \
+          __m256i dot[R];                                                                                                    \
+          for (int i = 0; i < R; ++i)                                                                                        \
+            dot[i] = VNNI ? _mm256_setr_epi32(-128 * a.wsum[(n + i < r1 ? n + i : r1 - 1) * a.blocks + b], 0, 0, 0, 0, 0, 0, 0) \
+                          : _mm256_setzero_si256();                                                                          \
+          for (int64_t c = 4 * b; c < 4 * b + 4 && c < steps; ++c) {                                                         \
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * c));                            \
+            const __m256i xs = VNNI ? xv : _mm256_xor_si256(xv, flip); /* xq, signed */                                     \
+            for (int i = 0; i < R; ++i) {                                                                                    \
+              if (t == 0 && (c & 1) == 0)                                                                                    \
+                _mm_prefetch(reinterpret_cast<const char*>(w[i] + 32 * c + kAheadRows * a.cols), _MM_HINT_T0);               \
+              const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c < full ? w[i] + 32 * c : tail[i]));  \
+              dot[i] = SP_INT8_DOT_##VNNI(dot[i], xs, wv);                                                                   \
+            }                                                                                                                \
+          }                                                                                                                  \
+          const __m256 s = _mm256_set1_ps(sx[b]);                                                                            \
+          for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), s, acc[i]);                       \
+        }                                                                                                                    \
+        for (int i = 0; i < R && n + i < r1; ++i)                                                                            \
+          a.y[t * a.ldy + n + i] = a.scales[n + i] * hsum256(acc[i]) + (a.bias ? a.bias[n + i] : 0.0f);                     \
+      }                                                                                                                      \
+    }                                                                                                                        \
+  }
+
+#define SP_INT8_DOT_1(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
+#define SP_INT8_DOT_0(acc, x, w) \
+  _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones16))
+
+SP_INT8_AVX2_ROWS(int8_rows_avx2vnni, __attribute__((target("avx2,fma,avxvnni"))), 1)
+SP_INT8_AVX2_ROWS(int8_rows_avx2, SP_D256, 0)
 #endif
 
 }  // namespace sp

@@ -39,6 +39,8 @@ struct Int8Args {
 
 #if SP_X86
 void int8_rows_avx512vnni(const Int8Args&, int64_t, int64_t);
+void int8_rows_avx2vnni(const Int8Args&, int64_t, int64_t);  // AVX2 + AVX-VNNI (vpdpbusd on ymm)
+void int8_rows_avx2(const Int8Args&, int64_t, int64_t);      // AVX2 only (vpmaddubsw + vpmaddwd)
 #endif
 
 void dense_portable(const DenseArgs&, int64_t, int64_t);

@@ -127,13 +127,15 @@ SP_AVX2 void gemv_range(const Packed& w, const float* x, const float* bias, floa
   for (; n < r1; ++n) gemv_rows<1, T, true>(w, x, bias, y, n);
 }
 
-// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero
-SP_AVX2 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; eight accumulators, one FMA each per nonzero. Out of
+// line, like the AVX-512 form, so the tile loops around it do not crowd its registers.
+__attribute__((noinline)) SP_AVX2 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
   __m256 a[8];
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(out + 8 * j);
   for (int32_t i = 0; i < count; ++i) {
     const float* x0 = xb + idx[i];
+    __asm__("" : "+r"(x0));  // the address in one register: base + displacement loads stay micro-fused
     const __m256 w0 = _mm256_broadcast_ss(v + i);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * j), a[j]);
@@ -185,12 +187,15 @@ SP_AVX2 void gemm_tile_avx2(const GemmTile& tile) {
   }
   const Packed& w = *tile.w;
   const int64_t subs = tile.segments(), width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
+  const bool whole_rows = tile.g0 == 0 && tile.g1 == w.groups;  // the next tile's rows, a line per call (AVX-512 file)
+  Prefetcher ahead(w, whole_rows ? tile.r1 : 0, whole_rows ? 2 * tile.r1 - tile.r0 : 0);
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
     for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
         const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         if (seg[s] == seg[s + 1]) continue;
+        ahead.step();
         accumulate_block(w.values + w.offsets[n * w.chunks + chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
                          seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
       }

@@ -2,13 +2,20 @@
 // compiled with the baseline flags and only ever entered after the dispatcher has checked the CPU.
 // Measured and not kept: a VBMI2 mask decoder (32 columns per 16-bit compress: 2.5% of a 128-token
 // GEMM at 70%), walking a segment once for both 64-token blocks (the doubled input footprint costs more
-// than the halved index/broadcast loads), software prefetch of the gathered input rows (slower).
+// than the halved index/broadcast loads; re-measured with 64- and 128-column segments: within 2%, noise on
+// this machine), software prefetch of the gathered input rows (slower).
 //
 // GEMV: one 16-column group of a row is one masked expand-load of its packed values
 // (`vexpandps`), multiplied with the 16 matching input values, for up to 8 tokens at once; R rows
 // are walked together so their popcount pointer chains run in parallel.
 // GEMM tile: the masks of a tile are decoded once into column offsets (`vpcompressd` of an iota), then
-// reused for every 64-token block: per nonzero, one broadcast weight times four 16-token input vectors.
+// reused for every 64-token block: per nonzero, one broadcast weight times four 16-token input vectors,
+// the tile walked 128 columns at a time so that the gathered input vectors come from L1.
+// What bounds it: six loads (offset, broadcast, four input vectors) per four FMAs. Sharing an input vector
+// between rows that have a nonzero in the same column (sparse register tiling, Wilkinson et al., PLDI 2023)
+// needs each row panel's columns grouped by their row pattern: not built here, because building it per call
+// (estimated a few cycles per column and panel) eats most of what it saves at 128 tokens; it belongs in the
+// packed format, built once.
 #include "sparse_kernels.h"
 
 #if SP_X86
@@ -85,37 +92,37 @@ SP_AVX512 void gemv_range(const Packed& w, const float* x, const float* bias, fl
   for (; n < r1; ++n) gemv_rows<1, T>(w, x, bias, y, n);
 }
 
-// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]; two accumulator sets of four hide the FMA latency
-SP_AVX512 inline void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb, float* out) {
-  __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16), a2 = _mm512_loadu_ps(out + 32),
-         a3 = _mm512_loadu_ps(out + 48);
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-  int32_t i = 0;
-  for (; i + 2 <= count; i += 2) {
-    const float* x0 = xb + idx[i];
-    const float* x1 = xb + idx[i + 1];
-    const __m512 w0 = _mm512_set1_ps(v[i]), w1 = _mm512_set1_ps(v[i + 1]);
-    a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
-    a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
-    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
-    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
-    b0 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1), b0);
-    b1 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 16), b1);
-    b2 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 32), b2);
-    b3 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 48), b3);
+// out[0:64] += sum_i v[i] * xb[idx[i] : idx[i] + 64]. Four nonzeros per step into four accumulator sets of
+// four (16 chains): one FMA per chain every four nonzeros, so the FMA latency never binds. Kept out of line:
+// inlined into the tile loops, GCC runs short of general registers and moves the gathered addresses through
+// vector registers, on the FMA ports.
+__attribute__((noinline)) SP_AVX512 void accumulate_block(const float* v, const uint16_t* idx, int32_t count, const float* xb,
+                                                          float* out) {
+  __m512 acc[4][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    acc[0][j] = _mm512_loadu_ps(out + 16 * j);
+    acc[1][j] = acc[2][j] = acc[3][j] = _mm512_setzero_ps();
   }
-  if (i < count) {
-    const float* x0 = xb + idx[i];
-    const __m512 w0 = _mm512_set1_ps(v[i]);
-    a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
-    a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
-    a2 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 32), a2);
-    a3 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 48), a3);
+  const uint16_t* end = idx + (count & ~3);
+  for (; idx != end; idx += 4, v += 4) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const float* x0 = xb + idx[u];
+      const __m512 w0 = _mm512_set1_ps(v[u]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[u][j] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * j), acc[u][j]);
+    }
   }
-  _mm512_storeu_ps(out, _mm512_add_ps(a0, b0));
-  _mm512_storeu_ps(out + 16, _mm512_add_ps(a1, b1));
-  _mm512_storeu_ps(out + 32, _mm512_add_ps(a2, b2));
-  _mm512_storeu_ps(out + 48, _mm512_add_ps(a3, b3));
+  for (int u = 0; u < (count & 3); ++u) {
+    const float* x0 = xb + idx[u];
+    const __m512 w0 = _mm512_set1_ps(v[u]);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[0][j] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * j), acc[0][j]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+    _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]), _mm512_add_ps(acc[2][j], acc[3][j])));
 }
 
 }  // namespace
@@ -167,12 +174,18 @@ SP_AVX512 void decode_tile(const GemmTile& tile) {
 SP_AVX512 void compute_tile(const GemmTile& tile) {
   const Packed& w = *tile.w;
   const int64_t subs = tile.segments(), width = tile.blocks * kTokenBlock, chunk = tile.g0 / kGroupsPerChunk;
+  // The tile reads its values segment by segment, jumping between rows, which the hardware prefetchers do not
+  // follow from memory; a tile spanning whole rows requests the next tile's rows in storage order instead, a
+  // line per call (measured on 70% weights not in cache: 576x576 0.37 -> 0.35 ms, 1536x576 1.05 -> 0.95 ms).
+  const bool whole_rows = tile.g0 == 0 && tile.g1 == w.groups;
+  Prefetcher ahead(w, whole_rows ? tile.r1 : 0, whole_rows ? 2 * tile.r1 - tile.r0 : 0);
   for (int64_t b = 0; b < tile.blocks; ++b) {
     const float* xb = tile.xp + (b * w.cols + tile.g0 * kGroup) * kTokenBlock;
     for (int64_t s = 0; s < subs; ++s)
       for (int64_t n = tile.r0; n < tile.r1; ++n) {
         const int32_t* seg = tile.starts + (n - tile.r0) * subs;
         if (seg[s] == seg[s + 1]) continue;
+        ahead.step();
         accumulate_block(w.values + w.offsets[n * w.chunks + chunk] + (seg[s] - seg[0]), tile.idx + seg[s],
                          seg[s + 1] - seg[s], xb, tile.yt + n * width + b * kTokenBlock);
       }

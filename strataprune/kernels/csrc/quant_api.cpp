@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "quant_kernels.h"
+#include "team_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -185,7 +186,102 @@ int64_t split_rows(const QPacked& w, int t, int nt, int64_t align) {
   return lo < w.rows ? lo : w.rows;
 }
 
+QPacked make_qpacked(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group) {
+  QPacked w;
+  w.rows = rows;
+  w.cols = cols;
+  w.words = (cols + kGroup - 1) / kGroup;
+  w.bits = bits;
+  w.group = group;
+  w.ngroups = (cols + group - 1) / group;
+  w.group_shift = group == cols ? 62 : (group == 32 ? 5 : group == 64 ? 6 : 7);
+  w.unit = group < kActBlock && group != cols ? group : kActBlock;  // per row: units are the activation blocks
+  w.masks = masks;
+  w.offsets = offsets;
+  w.codes = codes;
+  w.scales = scales;
+  w.zeros = zeros;
+  return w;
+}
+
+// Where the quantized input of `tokens` x `cols` lies in one 64-byte aligned buffer of `bytes`.
+struct InputLayout {
+  int64_t tokens, cols_pad;
+  size_t xq_bytes, sx_bytes, quad_bytes, block_bytes, bytes;
+  void place(uint8_t* mem, QInput& in, int8_t*& xq, float*& sx, int32_t*& quad, int32_t*& block) const {
+    xq = reinterpret_cast<int8_t*>(mem);
+    sx = reinterpret_cast<float*>(mem + xq_bytes);
+    quad = reinterpret_cast<int32_t*>(mem + xq_bytes + sx_bytes);
+    block = reinterpret_cast<int32_t*>(mem + xq_bytes + sx_bytes + quad_bytes);
+    in.tokens = tokens;
+    in.cols_pad = cols_pad;
+    in.xq = xq;
+    in.sx = sx;
+    in.quad = quad;
+    in.block = block;
+  }
+};
+
+InputLayout input_layout(int64_t tokens, int64_t cols) {
+  InputLayout l;
+  l.tokens = tokens;
+  l.cols_pad = (cols + kActBlock - 1) / kActBlock * kActBlock;
+  l.xq_bytes = (static_cast<size_t>(tokens * l.cols_pad) + 63) / 64 * 64;
+  l.sx_bytes = (static_cast<size_t>(tokens * (l.cols_pad / kActBlock)) * 4 + 63) / 64 * 64;
+  l.quad_bytes = static_cast<size_t>(tokens * l.cols_pad);  // int32 per 4 columns
+  l.block_bytes = (static_cast<size_t>(tokens * (l.cols_pad / 32)) * 4 + 63) / 64 * 64;
+  l.bytes = l.xq_bytes + l.sx_bytes + l.quad_bytes + l.block_bytes;
+  return l;
+}
+
+bool group_ok(int64_t group, int64_t cols) { return group == 32 || group == 64 || group == 128 || (group == cols && cols > 0); }
+
+// the kernels' per-thread scratch, reserved up front so that an allocation failure is a status, not a crash
+bool reserve_kernel_scratch(const QPacked& w, int64_t tokens) {
+  const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
+  return quant_scratch(1, need) && quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8) &&
+         quant_scratch(2, static_cast<size_t>(w.cols) + 64);
+}
+
 }  // namespace
+
+TeamQuant team_quant(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa) {
+  TeamQuant q{make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group), nullptr, false};
+  if (isa < 0) isa = qbest_isa();
+  if (rows < 1 || cols < 1 || (bits != 8 && bits != 4) || !group_ok(group, cols) || !qcpu_has(isa)) return q;
+  q.kernel = kernel_for(isa, false);
+#if SP_X86
+  q.vector = isa != kQPortable;
+#endif
+  return q;
+}
+
+size_t team_input_bytes(int64_t tokens, int64_t cols) { return input_layout(tokens, cols).bytes; }
+
+QInput team_quantize_input(const float* x, int64_t tokens, int64_t cols, bool vector, uint8_t* mem) {
+  QInput in;
+  int8_t* xq;
+  float* sx;
+  int32_t *quad, *block;
+  input_layout(tokens, cols).place(mem, in, xq, sx, quad, block);
+#if SP_X86
+  if (vector)
+    quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, 0, tokens);
+  else
+#endif
+    quantize_tokens(x, cols, in, xq, sx, quad, block, 0, tokens);
+  (void)vector;
+  return in;
+}
+
+bool team_quant_rows(const TeamQuant& q, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
+  if (!reserve_kernel_scratch(q.w, in.tokens)) return false;
+  q.kernel(q.w, in, bias, y, r0, r1);
+  return true;
+}
+
 }  // namespace sp
 
 SQ_API int sq_isa_supported(int isa) { return sp::qcpu_has(isa) ? 1 : 0; }
@@ -193,6 +289,15 @@ SQ_API int sq_isa_supported(int isa) { return sp::qcpu_has(isa) ? 1 : 0; }
 SQ_API int sq_best_isa(void) { return sp::qbest_isa(); }
 
 SQ_API int sq_has_avx_vnni(void) { return sp::has_avx_vnni() ? 1 : 0; }
+
+// the AVX2 GEMV's shuffle tables (quant_avx2.cpp): -1 by the L2 size, 0 8-bit tables, 1 the 16-bit table
+SQ_API void sq_set_avx2_shuffle(int mode) {
+#if SP_X86
+  sp::set_avx2_shuffle(mode);
+#else
+  (void)mode;
+#endif
+}
 
 // Masks agree with row offsets (each row's step is its popcount, no bit past the last column, offsets start
 // at 0) and the codes buffer holds the nnz codes plus the padding. Returns 0 or kBadFormat.
@@ -222,7 +327,7 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
                      const float* bias, float* y, int isa, int threads) {
   using namespace sp;
   if (rows < 0 || cols < 0 || tokens < 0 || (bits != 8 && bits != 4)) return kBadShape;
-  if (!(group == 32 || group == 64 || group == 128 || (group == cols && cols > 0)) && rows > 0 && cols > 0) return kBadGroup;
+  if (!group_ok(group, cols) && rows > 0 && cols > 0) return kBadGroup;
   if (isa < 0) isa = qbest_isa();
   if (!qcpu_has(isa)) return kUnsupportedIsa;
   if (tokens == 0 || rows == 0) return kOk;
@@ -231,38 +336,14 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
       for (int64_t n = 0; n < rows; ++n) y[t * rows + n] = bias ? bias[n] : 0.0f;
     return kOk;
   }
-  QPacked w;
-  w.rows = rows;
-  w.cols = cols;
-  w.words = (cols + kGroup - 1) / kGroup;
-  w.bits = bits;
-  w.group = group;
-  w.ngroups = (cols + group - 1) / group;
-  w.group_shift = group == cols ? 62 : (group == 32 ? 5 : group == 64 ? 6 : 7);
-  w.unit = group < kActBlock && group != cols ? group : kActBlock;  // per row: units are the activation blocks
-  w.masks = masks;
-  w.offsets = offsets;
-  w.codes = codes;
-  w.scales = scales;
-  w.zeros = zeros;
-
-  QInput in;
-  in.tokens = tokens;
-  in.cols_pad = (cols + kActBlock - 1) / kActBlock * kActBlock;
-  const size_t xq_bytes = (static_cast<size_t>(tokens * in.cols_pad) + 63) / 64 * 64;
-  const size_t sx_bytes = (static_cast<size_t>(tokens * (in.cols_pad / kActBlock)) * 4 + 63) / 64 * 64;
-  const size_t quad_bytes = static_cast<size_t>(tokens * in.cols_pad);  // int32 per 4 columns
-  const size_t block_bytes = (static_cast<size_t>(tokens * (in.cols_pad / 32)) * 4 + 63) / 64 * 64;
-  uint8_t* mem = quant_scratch(3, xq_bytes + sx_bytes + quad_bytes + block_bytes);
+  const QPacked w = make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group);
+  uint8_t* mem = quant_scratch(3, input_layout(tokens, cols).bytes);
   if (!mem) return kNoMemory;
-  int8_t* xq = reinterpret_cast<int8_t*>(mem);
-  float* sx = reinterpret_cast<float*>(mem + xq_bytes);
-  int32_t* quad = reinterpret_cast<int32_t*>(mem + xq_bytes + sx_bytes);
-  int32_t* block = reinterpret_cast<int32_t*>(mem + xq_bytes + sx_bytes + quad_bytes);
-  in.xq = xq;
-  in.sx = sx;
-  in.quad = quad;
-  in.block = block;
+  QInput in;
+  int8_t* xq;
+  float* sx;
+  int32_t *quad, *block;
+  input_layout(tokens, cols).place(mem, in, xq, sx, quad, block);
 
   const bool gemm = tokens > kQuantGemvTokens;
   const QKernelFn fn = kernel_for(isa, gemm);
@@ -272,8 +353,7 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
   if (work < 48 * 1024 || rows < 32) threads = 1;
   const int64_t align = gemm ? 16 : 4;
   if (threads == 1) {  // no parallel region: its start costs more than a small layer's whole GEMV
-    const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-    if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) return kNoMemory;
+    if (!reserve_kernel_scratch(w, tokens)) return kNoMemory;
 #if SP_X86
     if (isa != kQPortable)
       quantize_tokens_avx2(x, cols, in, xq, sx, quad, block, 0, tokens);
@@ -305,9 +385,7 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
 #endif
     const int64_t r0 = split_rows(w, t, nt, align), r1 = split_rows(w, t + 1, nt, align);
     if (r0 < r1) {
-      // the kernels' per-thread scratch; checked here so that an allocation failure is a status, not a crash
-      const size_t need = static_cast<size_t>(16 * row_buffer_bytes(w)) + static_cast<size_t>(tokens) * 64 + 8192;
-      if (!quant_scratch(1, need) || !quant_scratch(0, static_cast<size_t>(w.cols + 1) * 8)) {
+      if (!reserve_kernel_scratch(w, tokens)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif

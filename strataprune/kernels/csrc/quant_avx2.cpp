@@ -13,6 +13,9 @@
 #if SP_X86
 #include <immintrin.h>
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstring>
 
 #define SQ_AVX2 __attribute__((target("avx2,fma,popcnt")))
@@ -41,6 +44,39 @@ constexpr ShuffleTables make_shuffle_tables() {
 }
 
 alignas(64) constexpr ShuffleTables kShuffle = make_shuffle_tables();
+
+// The `vpshufb` control of a whole 16-column mask word: lane j takes code popcount(m & ((1 << j) - 1)), 0x80 where
+// bit j is clear (1 MiB, built on first use).
+struct WideTable {
+  alignas(64) uint8_t control[65536][16];
+  WideTable() {
+    for (uint32_t m = 0; m < 65536; ++m) {
+      uint8_t seen = 0;
+      for (int j = 0; j < 16; ++j) control[m][j] = (m >> j) & 1 ? seen++ : 0x80;
+    }
+  }
+};
+
+const uint8_t (*wide_table())[16] {
+  static const WideTable* table = new WideTable();
+  return table->control;
+}
+
+// The 1 MiB table pays where it stays in a core's L2 (measured on a Sapphire Rapids class Xeon, 2 MiB L2: -22% per
+// 576 x 576 int8 matrix in L2, -7% streamed from L3; int4 -20%); with a 512 KiB L2 (Zen 2/3, Skylake client) its
+// lookups would miss to L3, so there the byte tables (4 KiB) stay. sq_set_avx2_shuffle overrides (tests, benchmarks).
+std::atomic<int> g_shuffle_mode{-1};  // -1 auto (by L2 size), 0 byte tables, 1 the 16-bit table
+
+bool use_wide_table() {
+  const int mode = g_shuffle_mode.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const bool big_l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) >= (1l << 20);
+  return big_l2;
+#else
+  return false;
+#endif
+}
 
 // 16 columns: codes at the set bits of m (0 elsewhere); `set`: 0xFF where the bit is set
 SQ_AVX2 inline __m128i expand16(uint32_t m, const uint8_t* src, __m128i& set) {
@@ -105,6 +141,8 @@ namespace vnni {
 }  // namespace vnni
 
 }  // namespace
+
+void set_avx2_shuffle(int mode) { g_shuffle_mode.store(mode < 0 ? -1 : (mode > 0 ? 1 : 0), std::memory_order_relaxed); }
 
 SQ_AVX2 uint8_t* unpack_row_nibbles_avx2(const QPacked& w, int64_t n, uint8_t* buf) {
   const int64_t first = w.offsets[n], last = w.offsets[n + 1];

@@ -66,7 +66,8 @@ void qgemv_avx512(const QPacked&, const QInput&, const float*, float*, int64_t, 
 void qgemm_avx512(const QPacked&, const QInput&, const float*, float*, int64_t, int64_t);
 #endif
 
-// Grow-only scratch of the calling thread (the OpenMP pool's threads persist, so it survives calls).
+// Grow-only scratch of the calling thread (the OpenMP pool's threads persist, so it survives calls). Slots: 0 the
+// portable kernel's row lists, 1 row buffers and GEMM tiles, 2 the AVX2 GEMV's per-unit corrections, 3 the input.
 uint8_t* quant_scratch(int slot, size_t bytes);
 
 // The kept-weight mask of row n, columns [64 b, 64 b + 64) (bits past the last column are clear).
@@ -94,6 +95,8 @@ inline int64_t row_buffer_bytes(const QPacked& w) { return w.cols + 128; }
 uint8_t* unpack_row_nibbles(const QPacked& w, int64_t n, uint8_t* buf);
 #if SP_X86
 uint8_t* unpack_row_nibbles_avx2(const QPacked& w, int64_t n, uint8_t* buf);
+// The AVX2 1-token GEMV's shuffle controls: -1 chosen by the L2 size, 0 the 8-bit tables, 1 the 16-bit table.
+void set_avx2_shuffle(int mode);
 void quantize_tokens_avx2(const float* x, int64_t cols, const QInput& in, int8_t* xq, float* sx, int32_t* quad,
                           int32_t* block, int64_t t0, int64_t t1);
 #endif

@@ -30,6 +30,7 @@ constexpr int64_t kTokenBlock = 64;                  // tokens per GEMM register
 constexpr int64_t kMaxSpanGroups = 64;               // a GEMM tile spans at most 1024 columns (uint16 offsets)
 constexpr int64_t kMaxGemvTokens = 8;                // up to this many tokens: GEMV kernel; above: GEMM
 constexpr int64_t kTileRows = 32;                   // rows decoded together in a GEMM tile
+constexpr int64_t kSegmentGroups = 8;               // a GEMM segment: 128 columns, 32 KB of a 64-token block's input
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -61,6 +62,19 @@ struct GemmTile {
   int64_t segments() const { return (g1 - g0 + sub - 1) / sub; }
 };
 using GemmTileFn = void (*)(const GemmTile& tile);
+
+// The GEMM's layout changes (kernels_gemm_layout.cpp). pack_input: xp[t / 64][k][t % 64] = x[t][k] for tokens
+// [t0, t1) (multiples of 16), zero for tokens >= valid. unpack_output: y[j][n] = yt[n][j] for tokens j < valid
+// and rows [r0, r1) (y has `rows` columns, yt `width`).
+using GemmPackInputFn = void (*)(const float* x, int64_t cols, int64_t valid, int64_t t0, int64_t t1, float* xp);
+using GemmUnpackOutputFn = void (*)(const float* yt, int64_t width, int64_t valid, int64_t rows, int64_t r0, int64_t r1,
+                                    float* y);
+void gemm_pack_input_portable(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+void gemm_unpack_output_portable(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+#if SP_X86
+void gemm_pack_input_avx2(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+void gemm_unpack_output_avx2(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+#endif
 
 void gemv_portable(const Packed&, const float*, int64_t, const float*, float*, int64_t, int64_t);
 void gemm_tile_portable(const GemmTile&);

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support import write_word_text
 
 from strataprune.cli import main
 from strataprune.contract.allocation import Allocation
@@ -18,11 +19,7 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    words = "a saved allocation lets later runs reuse a search that took many prunes worth of time".split()
-    lines = [" ".join(words[(i * 5 + j) % len(words)] for j in range(40)) for i in range(120)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_word_text(tmp_path_factory.mktemp("text") / "corpus.txt")
 
 
 def run(model: Path, text: Path, out: Path, *extra: str) -> int:
