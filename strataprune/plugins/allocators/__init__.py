@@ -1,7 +1,8 @@
 """Built-in allocators, registered through the same hook as third-party ones.
 
 uniform (baseline), atp (§3), alpha (AlphaPruning, §4), owl (§5), rmi (LoSA's allocation, §6.2),
-hessian_cluster (reconstruction of arXiv 2409.20094, §7), evopress (§13), dlp (§14), saved (an earlier run's allocation.json); section numbers refer to docs/algorithms.md.
+hessian_cluster (reconstruction of arXiv 2409.20094, §7), evopress (§13), dlp (§14), saved (an earlier run's
+allocation.json); section numbers refer to docs/algorithms.md.
 """
 
 from strataprune.contract.hookspecs import hookimpl
