@@ -170,10 +170,14 @@ def use_isa(name: str) -> Iterator[None]:
         _State.isa = previous
 
 
+#: more threads than any CPU these kernels target; each thread costs per-thread buffers and a KV score row
+MAX_THREADS = 1024
+
+
 def set_num_threads(threads: int | None) -> None:
     """Threads per kernel call; ``None`` or 0 follows ``torch.get_num_threads()``."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-        raise KernelInputError(f"threads must be a non-negative integer or None, got {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS):
+        raise KernelInputError(f"threads must be an integer from 0 to {MAX_THREADS} or None, got {threads!r}")
     _ensure()
     _State.threads = threads or 0
 

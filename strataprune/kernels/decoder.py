@@ -99,19 +99,21 @@ def _lib() -> ctypes.CDLL:
         for name in ("sd_set_embedding", "sd_set_norm", "sd_set_linear", "sd_check", "sd_reset", "sd_release",
                      "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us"):  # fmt: skip
             getattr(lib, name).restype = i32
-        _bound["ok"] = True
         spin = os.environ.get(SPIN_ENV)
-        if spin is not None:
-            set_spin_us(_spin_value(spin, SPIN_ENV), lib)
+        if spin is not None:  # checked before the library counts as bound, so a bad value is refused on every call
+            set_spin_us(_spin_value(spin, SPIN_ENV, text=True), lib)
+        _bound["ok"] = True
     return lib
 
 
-def _spin_value(value: Any, label: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = -1
-    if isinstance(value, bool) or number < 0 or number > 1_000_000:
+def _spin_value(value: Any, label: str, text: bool = False) -> int:
+    """``value`` as microseconds in [0, 1000000]: an int from Python, a decimal string from the environment."""
+    number = -1
+    if text and isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    elif not text and isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if not 0 <= number <= 1_000_000:
         raise KernelInputError(f"{label}={value!r}; allowed: an integer from 0 to 1000000 (microseconds)")
     return number
 
@@ -183,6 +185,8 @@ class NativeDecoder:
                 raise ConfigError(f"native engine: {label}={value!r}; allowed: an integer >= {low}")
         if lm_head not in LM_HEADS:
             raise ConfigError(f"native engine: lm_head={lm_head!r}; allowed: {', '.join(LM_HEADS)}")
+        if not isinstance(thread_team, bool):
+            raise ConfigError(f"native engine: thread_team={thread_team!r}; allowed: True or False")
         config = model.config
         limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_CONTEXT) or DEFAULT_MAX_CONTEXT)
         if max_context is None:
@@ -217,7 +221,7 @@ class NativeDecoder:
             raise ConfigError("native engine: cannot create the engine (out of memory or an inconsistent config)")
         self._handle = handle
         self._keep.append(inv_freq)
-        lib.sd_set_team(handle, int(bool(thread_team)))
+        lib.sd_set_team(handle, int(thread_team))
         try:
             self._wire(model)
         except BaseException:

@@ -422,10 +422,39 @@ def test_a_forked_child_decodes_on_its_own_team():
     queue = context.Queue()
     process = context.Process(target=child, args=(queue,))
     process.start()
-    got = torch.tensor(queue.get(timeout=60))
-    process.join(30)
+    try:
+        got = torch.tensor(queue.get(timeout=60))
+        process.join(30)
+    finally:
+        if process.is_alive():  # a hung child must not outlive the test
+            process.kill()
     assert process.exitcode == 0
     assert relative(got, want) < 1e-6
+
+
+def test_one_engine_follows_a_changing_thread_count():
+    """The team grows and shrinks between steps (3, 2, 3, 1, 4 threads on one engine): workers that sat out a step
+    or were just started join the next with that step's member count, so every step ends with every row computed."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=17), 8)
+    want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=2, max_context=64), PROMPT, 10, [0, 1])
+    engine = NativeDecoder(model, max_slots=2, max_context=64)
+    counts = iter([3, 2, 3, 1, 4, 2, 3, 2, 1, 3, 2])
+    original = engine.decode
+
+    def decode_on_changing_threads(slots, tokens):
+        kernels.set_num_threads(next(counts))
+        return original(slots, tokens)
+
+    engine.decode = decode_on_changing_threads
+    try:
+        got_tokens, got_logits = greedy_decode(engine, PROMPT, 10, [0, 1])
+    finally:
+        kernels.set_num_threads(1)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits):
+        assert relative(got, want) < 1e-6
 
 
 def test_spin_setting_is_checked():
@@ -434,9 +463,28 @@ def test_spin_setting_is_checked():
 
     assert set_spin_us(250) == 250
     assert set_spin_us(None) == 0
-    for bad in (-1, "x", True, 10**7):
+    for bad in (-1, "x", "5", 2.7, float("inf"), True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)
+    with pytest.raises(KernelInputError, match="threads"):
+        kernels.set_num_threads(10**5)
+
+
+def test_a_bad_spin_environment_value_is_refused_every_time(monkeypatch):
+    from strataprune.kernels import decoder
+    from strataprune.kernels._library import KernelInputError
+
+    model = packed(tiny_llama(2, seed=19), 32)
+    monkeypatch.delitem(decoder._bound, "ok", raising=False)  # bind again, reading the environment
+    monkeypatch.setenv(decoder.SPIN_ENV, "abc")
+    for _ in range(2):
+        with pytest.raises(KernelInputError, match=decoder.SPIN_ENV):
+            decoder.NativeDecoder(model, max_context=64)
+    monkeypatch.setenv(decoder.SPIN_ENV, "40")
+    decoder.NativeDecoder(model, max_context=64)
+    assert decoder.set_spin_us(None) == 0
+    with pytest.raises(ConfigError, match="thread_team"):
+        decoder.NativeDecoder(model, max_context=64, thread_team="no")
 
 
 def test_int8_lm_head_is_close_to_the_fp32_head():

@@ -96,8 +96,8 @@ struct Layer {
 // sd_set_spin_us). Sleeping, not yielding or spinning: on a machine shared with other jobs a thread that stays
 // runnable spends its share of the core, so the scheduler runs it (and the team thread that holds the last block)
 // later; a sleeper costs nothing and is run promptly when woken. Measured on the 2-core machine under load 3-5
-// (benchmarks/decode_threads.py, SmolLM2 int4): spin 0 16 ms/token wall, 11 ms CPU; spin 10-50 us 18-22 ms wall and
-// 12 ms CPU. On an idle machine a spin can hide the futex wake-up (a few us per wait, 5 waits per layer). Where
+// (benchmarks/results/decode-threads-20261206T110457Z.md, SmolLM2 int4): spin 0 16.1 ms/token wall, 10.6 ms CPU;
+// spin 50 us 21.7 ms wall, 12.2 ms CPU. On an idle machine a spin can hide the futex wake-up (a few us per wait, 5 waits per layer). Where
 // futexes are missing the sleep is a yield.
 constexpr int kDefaultSpinUs = 0;
 std::atomic<int> g_spin_us{kDefaultSpinUs};
@@ -180,9 +180,11 @@ class TeamPool {
     const int spin_us = g_spin_us.load(std::memory_order_relaxed);
     call_ = [](void* j, int m) { (*static_cast<Job*>(j))(m); };
     job_ = &job;
-    members_.store(members);
     left_.store(members - 1);
-    generation_.fetch_add(1);
+    // one store publishes the step's generation with its member count: a worker reading them apart could pair the
+    // last step's generation with this step's count, run this job twice and miscount left_
+    ++generation_;
+    ticket_.store((generation_ << kMemberBits) | static_cast<uint64_t>(members), std::memory_order_release);
     start_.signal();
     job(0);
     finish_.wait([this] { return left_.load(std::memory_order_acquire) == 0; }, spin_us);
@@ -193,23 +195,26 @@ class TeamPool {
   void loop(int member) {
     uint64_t seen = 0;
     for (;;) {
-      start_.wait([&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; }, g_spin_us.load());
+      start_.wait([&] { return stop_.load() || (ticket_.load(std::memory_order_acquire) >> kMemberBits) != seen; },
+                  g_spin_us.load());
       if (stop_.load()) return;
-      seen = generation_.load(std::memory_order_acquire);
-      if (member < members_.load()) {
+      const uint64_t ticket = ticket_.load(std::memory_order_acquire);
+      seen = ticket >> kMemberBits;
+      if (static_cast<uint64_t>(member) < (ticket & ((uint64_t{1} << kMemberBits) - 1))) {
         call_(job_, member);
         if (left_.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_.signal();
       }
     }
   }
+  static constexpr int kMemberBits = 16;  // threads are capped far below 2^16 (kMaxThreads)
   std::vector<std::thread> workers_;
   Signal start_, finish_;
-  std::atomic<uint64_t> generation_{0};
+  uint64_t generation_ = 0;            // written by the calling thread only
+  std::atomic<uint64_t> ticket_{0};   // (generation << kMemberBits) | members of the current step
   std::atomic<int> left_{0};
   std::atomic<bool> stop_{false};
   void (*call_)(void*, int) = nullptr;
   void* job_ = nullptr;
-  std::atomic<int> members_{0};
 };
 
 // A Linear's kernel chosen for the step's (isa, qisa), so that any thread of the team can compute any rows of it.
@@ -222,8 +227,9 @@ struct Planned {
 };
 
 // One phase of a decode step (e.g. layer 3's q/k/v): `blocks` pieces of work that any thread may claim. A thread
-// moves on once every block is done, not once every thread has arrived, so a thread the OS has descheduled holds
-// the others up only while it holds a claimed block (tens of microseconds of work), never for a whole time slice.
+// moves on once every block is done, not once every thread has arrived, so a thread descheduled mid-step holds the
+// others up only while it holds a claimed block (tens of microseconds of work). The step ends when every member has
+// woken and found no block left (TeamPool::run), so a worker not yet running when the step starts delays the end.
 struct alignas(64) Phase {
   std::atomic<int64_t> next{0};
   alignas(64) std::atomic<int64_t> done{0};
@@ -274,9 +280,12 @@ struct Engine {
   }
 };
 
+constexpr int kMaxThreads = 1024;  // as strataprune.kernels._library.MAX_THREADS
+
 int resolve_threads(int threads) {
 #ifdef _OPENMP
-  return threads > 0 ? threads : omp_get_max_threads();
+  const int wanted = threads > 0 ? threads : omp_get_max_threads();
+  return wanted < kMaxThreads ? wanted : kMaxThreads;
 #else
   (void)threads;
   return 1;

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <new>
 #include <cstring>
 
 #define SQ_AVX2 __attribute__((target("avx2,fma,popcnt")))
@@ -57,9 +58,10 @@ struct WideTable {
   }
 };
 
+// nullptr where the 1 MiB cannot be allocated (the byte tables serve then): a throw here would end the process
 const uint8_t (*wide_table())[16] {
-  static const WideTable* table = new WideTable();
-  return table->control;
+  static const WideTable* table = new (std::nothrow) WideTable();
+  return table ? table->control : nullptr;
 }
 
 // The 1 MiB table pays where it stays in a core's L2 (measured on a Sapphire Rapids class Xeon, 2 MiB L2: -22% per
@@ -69,10 +71,11 @@ std::atomic<int> g_shuffle_mode{-1};  // -1 auto (by L2 size), 0 byte tables, 1 
 
 bool use_wide_table() {
   const int mode = g_shuffle_mode.load(std::memory_order_relaxed);
-  if (mode >= 0) return mode == 1;
+  if (mode >= 0) return mode == 1 && wide_table() != nullptr;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-  static const bool big_l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) >= (1l << 20);
-  return big_l2;
+  // the L2 it was measured with: at 1-1.25 MiB (Alder Lake P-cores) the table alone would fill the L2
+  static const bool big_l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) >= (2l << 20);
+  return big_l2 && wide_table() != nullptr;
 #else
   return false;
 #endif

@@ -1,5 +1,5 @@
-// Row-range entries of the sparse kernels for a caller that already runs a thread team (the native decoder's one
-// parallel region per decode step, decoder.cpp): the weight is described and its kernel chosen once, the input is
+// Row-range entries of the sparse kernels for a caller that already runs a thread team (the native decoder's own
+// worker threads, woken once per decode step, decoder.cpp): the weight is described and its kernel chosen once, the input is
 // prepared once per thread into the caller's memory, and any thread computes any rows [r0, r1) without opening a
 // nested OpenMP region. sp_linear / sq_linear (api.cpp, quant_api.cpp) compute the same rows with the same kernels.
 #pragma once
