@@ -774,8 +774,8 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
     for (int64_t p = 0; p < e.phase_count; ++p) {
       Phase& ph = e.phases[p];
       for (int64_t b; (b = ph.next.fetch_add(1, std::memory_order_relaxed)) < ph.blocks;) {
-        if (!failed.load(std::memory_order_relaxed) && !run_block(e, me, member, p, b, slots, pos, tokens, head_first, head_tokens, logits,
-                                                                 isa))
+        if (!failed.load(std::memory_order_relaxed) &&
+            !run_block(e, me, member, p, b, slots, pos, tokens, head_first, head_tokens, logits, isa))
           failed.store(1, std::memory_order_relaxed);
         if (ph.done.fetch_add(1, std::memory_order_acq_rel) == ph.blocks - 1) e.phase_done.signal();
       }
