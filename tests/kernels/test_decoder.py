@@ -362,6 +362,23 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
                 assert relative(got, want) < 1e-6, (threads, team, slots)
 
 
+@pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (4, "int8"), (8, "fp32")])
+def test_two_threads_decode_wide_batches_on_the_team_as_one(bits, lm_head):
+    """A step of 10 slots takes the GEMM kernels (above 4 tokens quantized, 8 fp32), on the team as at 1 thread."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=17, tied=False), bits)
+    prompt, slots = torch.cat([PROMPT, PROMPT]), list(range(10))
+    want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=10, max_context=64, lm_head=lm_head),
+                                             prompt, 3, slots)  # fmt: skip
+    kernels.set_num_threads(2)
+    got_tokens, got_logits = greedy_decode(NativeDecoder(model, max_slots=10, max_context=64, lm_head=lm_head),
+                                           prompt, 3, slots)  # fmt: skip
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits):
+        assert relative(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("path", ["portable", "avx2", "avx2-novnni", "avx512"])
 def test_two_threads_on_every_quantized_path_and_int8_head_kernel(path):
     """The team picks each Linear's kernel (and the int8 head's dense kernel, or the bitmask one on portable) as the
