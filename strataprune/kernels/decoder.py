@@ -26,13 +26,13 @@ else is a ``ConfigError`` naming the architecture; the eager path stays availabl
 Not thread-safe across calls from several Python threads at once: a lock serialises them. Threads and kernel
 paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quantized_isa`` at each call.
 
-Threads: with 2 or more, a decode step of up to 4 slots runs on the engine's own worker threads, woken once per step
+Threads: with 2 or more, a decode step or a prefill chunk runs on the engine's own worker threads, woken once per step
 (1 thread calls the kernels in order): the step is a list of phases (per layer q/k/v, attention, o, gate/up, down;
 then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
 of this one. A waiting thread sleeps until woken (after spinning ``spin_us`` microseconds, default 0: measured best
 on a loaded machine, docs/kernels.md), so that it neither burns CPU time nor delays the neighbours or its own team;
-``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. The
-prefill keeps one region per kernel call (its GEMMs are long enough to amortise one).
+``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. (One
+OpenMP region per kernel call, ``thread_team=False``, spins at its barriers and collapses under load: docs/kernels.md.)
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ class NativeDecoder:
     ``lm_head``: ``"fp32"`` (exact, the default) or ``"int8"`` (the head quantized per row to int8, run on the
     quantized kernels with int8 activations: 4x fewer bytes per token; a small logit error, see docs/kernels.md).
     ``prefill_chunk``: prompt tokens per forward pass (bounds the activation memory). ``max_kv_bytes``: refuse a
-    configuration whose KV caches would need more. ``thread_team``: decode steps on the engine's thread team (the
-    default; see the module docstring); False opens one OpenMP region per kernel call, as the prefill does (the
-    same results; kept to compare against).
+    configuration whose KV caches would need more. ``thread_team``: decode steps and prefill chunks at 2+ threads on
+    the engine's thread team (the default; see the module docstring); False opens one OpenMP region per kernel call
+    (the same results; kept to compare against).
     """
 
     def __init__(

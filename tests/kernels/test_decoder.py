@@ -362,6 +362,23 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
                 assert relative(got, want) < 1e-6, (threads, team, slots)
 
 
+@pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (4, "int8"), (8, "fp32")])
+def test_two_threads_decode_wide_batches_on_the_team_as_one(bits, lm_head):
+    """A step of 10 slots takes the GEMM kernels (above 4 tokens quantized, 8 fp32), on the team as at 1 thread."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=17, tied=False), bits)
+    prompt, slots = torch.cat([PROMPT, PROMPT]), list(range(10))
+    want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=10, max_context=64, lm_head=lm_head),
+                                             prompt, 3, slots)  # fmt: skip
+    kernels.set_num_threads(2)
+    got_tokens, got_logits = greedy_decode(NativeDecoder(model, max_slots=10, max_context=64, lm_head=lm_head),
+                                           prompt, 3, slots)  # fmt: skip
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits):
+        assert relative(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("path", ["portable", "avx2", "avx2-novnni", "avx512"])
 def test_two_threads_on_every_quantized_path_and_int8_head_kernel(path):
     """The team picks each Linear's kernel (and the int8 head's dense kernel, or the bitmask one on portable) as the
@@ -381,6 +398,51 @@ def test_two_threads_on_every_quantized_path_and_int8_head_kernel(path):
     assert got_tokens == want_tokens
     for got, want in zip(got_logits, want_logits):
         assert relative(got, want) < 1e-6
+
+
+@pytest.mark.parametrize(("bits", "lm_head"), [(32, "fp32"), (8, "int8"), (8, "fp32"), (4, "int8"), (4, "fp32")])
+def test_two_threads_prefill_the_same_logits_as_one(bits, lm_head):
+    """A prefill at 2+ threads runs on the thread team (blocks of rows of the fp32 / quantized GEMMs and (token, head)
+    pairs of attention, claimed by any thread): every row by the same kernel as at 1 thread, so the logits agree to
+    1e-6, for every token and for the last one only,
+    in one chunk and in chunks of 7 (a chunk with no logits, a last chunk of 6) and of 3 (GEMV kernels), with the team
+    off and on; the KV cache it leaves decodes the same next token."""
+    from strataprune.kernels.decoder import NativeDecoder
+
+    model = packed(tiny_llama(2, seed=15, tied=False, bias=bits == 4), bits)
+    for chunk in (128, 7, 3):
+        for all_logits in (True, False):
+            one = NativeDecoder(model, max_context=64, lm_head=lm_head, prefill_chunk=chunk)
+            want = one.prefill(0, PROMPT, all_logits=all_logits)
+            want_next = one.decode([0], [9])[0]
+            for threads, team in ((2, True), (3, True), (2, False)):
+                kernels.set_num_threads(threads)
+                try:
+                    engine = NativeDecoder(model, max_context=64, lm_head=lm_head, prefill_chunk=chunk, thread_team=team)
+                    got = engine.prefill(0, PROMPT, all_logits=all_logits)
+                    got_next = engine.decode([0], [9])[0]
+                finally:
+                    kernels.set_num_threads(1)
+                assert got.shape == want.shape
+                assert relative(got, want) < 1e-6, (chunk, all_logits, threads, team)
+                assert relative(got_next, want_next) < 1e-6, (chunk, all_logits, threads, team)
+
+
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx2-novnni", "avx512"])
+def test_two_threads_prefill_on_every_quantized_path(path):
+    """The team's prefill picks the quantized GEMM kernel of each path (and the int8 head's kernel) as sq_linear and
+    run_int8_head do at 1 thread."""
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_quantized_isa
+
+    if path not in quantized_isas():
+        pytest.skip(f"{path} is not supported on this CPU")
+    model = packed(tiny_llama(2, seed=16), 4)
+    with use_quantized_isa(path):
+        want = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
+        kernels.set_num_threads(2)
+        got = NativeDecoder(model, max_context=64, lm_head="int8").prefill(0, PROMPT, all_logits=True)
+    assert relative(got, want) < 1e-6
 
 
 def test_thread_team_matches_the_forward_pass_written_from_the_definitions():

@@ -253,9 +253,76 @@ Packed make_packed(const uint16_t* masks, const float* values, const int32_t* of
 }  // namespace
 
 TeamSparse team_sparse(const uint16_t* masks, const float* values, const int32_t* offsets, int64_t rows, int64_t cols,
-                       int isa) {
+                       int isa, bool gemm) {
   if (isa < 0) isa = best_isa();
-  return {make_packed(masks, values, offsets, rows, cols), cpu_has(isa) ? gemv_for(isa) : nullptr};
+  TeamSparse s{make_packed(masks, values, offsets, rows, cols), cpu_has(isa) ? gemv_for(isa) : nullptr, nullptr, nullptr,
+               nullptr};
+  if (gemm && s.kernel) {
+    const GemmLayout layout = layout_for(isa);
+    s.tile = gemm_for(isa);
+    s.pack = layout.pack_input;
+    s.unpack = layout.unpack_output;
+  }
+  return s;
+}
+
+namespace {
+constexpr int64_t kPassTokens = kPassBlocks * kTokenBlock;
+const size_t kIdxBytes = round64((kTileRows * kMaxSpanGroups * kGroup + kGroup) * sizeof(uint16_t));
+const size_t kStartsBytes = round64((kTileRows * kMaxSpanGroups + 1) * sizeof(int32_t));
+int64_t passes_of(int64_t tokens) { return (tokens + kPassTokens - 1) / kPassTokens; }
+size_t packed_bytes(int64_t tokens, int64_t cols) { return round64(passes_of(tokens) * kPassTokens * cols * sizeof(float)); }
+}  // namespace
+
+// [packed input: per pass, kPassTokens x cols][output tile: block_rows x kPassTokens][tile idx][tile starts]
+size_t team_sparse_gemm_bytes(int64_t tokens, int64_t cols, int64_t block_rows) {
+  return packed_bytes(tokens, cols) + round64(block_rows * kPassTokens * sizeof(float)) + kIdxBytes + kStartsBytes;
+}
+
+void team_sparse_pack(const TeamSparse& s, const float* x, int64_t tokens, char* mem) {
+  const int64_t cols = s.w.cols;
+  for (int64_t pass = 0; pass < passes_of(tokens); ++pass) {
+    const int64_t m0 = pass * kPassTokens, mt = tokens - m0 < kPassTokens ? tokens - m0 : kPassTokens;
+    const int64_t width = (mt + kTokenBlock - 1) / kTokenBlock * kTokenBlock;
+    float* xp = reinterpret_cast<float*>(mem) + pass * kPassTokens * cols;
+    for (int64_t t16 = 0; t16 < width; t16 += 16) s.pack(x + m0 * cols, cols, mt, t16, t16 + 16, xp);
+  }
+}
+
+// gemm()'s steps 2-4 for rows [r0, r1), the output tile addressed from row r0
+void team_sparse_gemm_rows(const TeamSparse& s, int64_t tokens, const float* bias, float* y, int64_t r0, int64_t r1,
+                           int64_t block_rows, char* mem) {
+  const Packed& w = s.w;
+  float* tile_out = reinterpret_cast<float*>(mem + packed_bytes(tokens, w.cols));
+  char* tile_mem = mem + packed_bytes(tokens, w.cols) + round64(block_rows * kPassTokens * sizeof(float));
+  for (int64_t pass = 0; pass < passes_of(tokens); ++pass) {
+    const int64_t m0 = pass * kPassTokens, mt = tokens - m0 < kPassTokens ? tokens - m0 : kPassTokens;
+    const int64_t blocks = (mt + kTokenBlock - 1) / kTokenBlock, width = blocks * kTokenBlock;
+    float* yt = tile_out - r0 * width;
+    for (int64_t n = r0; n < r1; ++n) {
+      const float b = bias ? bias[n] : 0.0f;
+      for (int64_t j = 0; j < width; ++j) yt[n * width + j] = b;
+    }
+    GemmTile tile;
+    tile.w = &w;
+    tile.xp = reinterpret_cast<const float*>(mem) + pass * kPassTokens * w.cols;
+    tile.yt = yt;
+    tile.blocks = blocks;
+    tile.idx = reinterpret_cast<uint16_t*>(tile_mem);
+    tile.starts = reinterpret_cast<int32_t*>(tile_mem + kIdxBytes);
+    const int64_t span = w.groups <= kMaxSpanGroups ? w.groups : kGroupsPerChunk;
+    tile.sub = kSegmentGroups;
+    for (int64_t n = r0; n < r1; n += kTileRows) {
+      tile.r0 = n;
+      tile.r1 = n + kTileRows < r1 ? n + kTileRows : r1;
+      for (int64_t g = 0; g < w.groups; g += span) {
+        tile.g0 = g;
+        tile.g1 = g + span < w.groups ? g + span : w.groups;
+        s.tile(tile);
+      }
+    }
+    s.unpack(yt, width, mt, w.rows, r0, r1, y + m0 * w.rows);
+  }
 }
 
 }  // namespace sp

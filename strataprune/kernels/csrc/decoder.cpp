@@ -243,8 +243,9 @@ struct TeamThread {
   std::vector<uint8_t> qin;        // the quantized input of the phase (team_input_bytes, + 64 to align)
   std::vector<uint8_t> head_xu;    // the int8 head's input
   std::vector<float> head_sx;
+  std::vector<char> sparse_mem;    // the fp32 bitmask GEMM's packed input and output tile (team_sparse_gemm_bytes, + 64)
   QInput in{};
-  int64_t normed_phase = -1, quantized_phase = -1;
+  int64_t normed_phase = -1, quantized_phase = -1, packed_phase = -1;
 };
 
 struct Engine {
@@ -267,6 +268,7 @@ struct Engine {
   // the decode step's thread team (see team_forward): the kernels chosen for (isa, qisa), per-thread inputs, phases
   std::vector<Planned> plan;  // layers * kLinearsPerLayer + 1 (the head)
   int plan_isa = -2, plan_qisa = -2;
+  int plan_gemm = -1;  // which GEMM kernels the plan holds (plan_step's gemm_kinds)
   bool team_threads = true;  // decode steps on the thread team (sd_set_team; off: one OpenMP region per kernel call)
   std::vector<TeamThread> team;
   std::unique_ptr<Phase[]> phases;
@@ -550,9 +552,14 @@ constexpr int64_t kResidualRows = 32;  // rows per block of o and down (their ou
 constexpr int64_t kGateUpRows = 64;    // rows of gate and of up per block (SiLU(gate) * up needs both)
 constexpr int64_t kHeadRows = 512;     // lm_head rows per block
 
-// The kernels of every Linear for (isa, qisa); kUnsupportedIsa when one of them has no kernel on this CPU.
-int plan_step(Engine& e, int isa, int qisa) {
-  if (e.plan_isa == isa && e.plan_qisa == qisa) return kOk;
+// The kernels of every Linear for (isa, qisa) and `tokens` tokens through the layers, head_tokens through the head:
+// GEMV or GEMM kernels, as sp_linear / sq_linear choose by token count; kUnsupportedIsa when one of them has no
+// kernel on this CPU.
+int plan_step(Engine& e, int isa, int qisa, int64_t tokens, int64_t head_tokens) {
+  const bool gemm = tokens > kQuantGemvTokens, head_gemm = head_tokens > kQuantGemvTokens;
+  const bool sparse_gemm = tokens > kMaxGemvTokens, head_sparse_gemm = head_tokens > kMaxGemvTokens;
+  const int gemm_kinds = gemm | head_gemm << 1 | sparse_gemm << 2 | head_sparse_gemm << 3;
+  if (e.plan_isa == isa && e.plan_qisa == qisa && e.plan_gemm == gemm_kinds) return kOk;
   const int64_t count = e.layers * kLinearsPerLayer + 1;
   e.plan.assign(count, Planned{});
   for (int64_t i = 0; i < count; ++i) {
@@ -565,19 +572,21 @@ int plan_step(Engine& e, int isa, int qisa) {
       ok = pl.dense != nullptr;
     } else if (lin.kind == kSparse) {
       pl.sparse = team_sparse(static_cast<const uint16_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]),
-                              static_cast<const int32_t*>(lin.p[2]), lin.rows, lin.cols, isa);
-      ok = pl.sparse.kernel != nullptr;
+                              static_cast<const int32_t*>(lin.p[2]), lin.rows, lin.cols, isa,
+                              i == count - 1 ? head_sparse_gemm : sparse_gemm);
+      ok = pl.sparse.kernel != nullptr && (!(i == count - 1 ? head_sparse_gemm : sparse_gemm) || pl.sparse.tile != nullptr);
     } else if (lin.kind == kQuantized) {
       pl.quant = team_quant(static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
                             static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
-                            static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, qisa);
+                            static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, qisa,
+                            i == count - 1 ? head_gemm : gemm);
       ok = pl.quant.kernel != nullptr;
     } else if (lin.kind == kDenseInt8) {  // as run_int8_head chooses
       pl.int8_rows = int8_head_rows_for(qisa);
       if (!pl.int8_rows)
         pl.quant = team_quant(static_cast<const uint16_t*>(lin.p[3]), static_cast<const int32_t*>(lin.p[4]),
                               static_cast<const uint8_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]), nullptr, lin.rows,
-                              lin.cols, 8, lin.cols, qisa);
+                              lin.cols, 8, lin.cols, qisa, head_gemm);
       ok = pl.int8_rows != nullptr || pl.quant.kernel != nullptr;
     }
     if (!ok) {
@@ -587,8 +596,12 @@ int plan_step(Engine& e, int isa, int qisa) {
   }
   e.plan_isa = isa;
   e.plan_qisa = qisa;
+  e.plan_gemm = gemm_kinds;
   return kOk;
 }
+
+// The most rows of a Linear in one block of a phase (a head of q/k/v, 32 or 64 rows, 512 of the head).
+int64_t team_block_rows(const Engine& e) { return e.head_dim > kHeadRows ? e.head_dim : kHeadRows; }
 
 // The team's per-thread memory and the step's phases, for `threads` threads and up to `tokens` tokens.
 bool ensure_team(Engine& e, int threads, int64_t tokens) {
@@ -605,6 +618,10 @@ bool ensure_team(Engine& e, int threads, int64_t tokens) {
       const int64_t head_bytes = tokens * head_blocks * kActBlock;
       if (static_cast<int64_t>(me.head_xu.size()) < head_bytes) me.head_xu.resize(head_bytes);
       if (static_cast<int64_t>(me.head_sx.size()) < tokens * head_blocks) me.head_sx.resize(tokens * head_blocks);
+      if (tokens > kMaxGemvTokens) {
+        const size_t sbytes = team_sparse_gemm_bytes(tokens, widest, team_block_rows(e)) + 64;
+        if (me.sparse_mem.size() < sbytes) me.sparse_mem.resize(sbytes);
+      }
     }
     const int64_t count = e.layers * kPhasesPerLayer + 1;
     if (e.phase_count != count) {
@@ -624,7 +641,7 @@ uint8_t* aligned64(std::vector<uint8_t>& v) {
 // Rows [r0, r1) of `lin` for every token of x ([tokens][lin.cols]) into y ([tokens][lin.rows]). The thread
 // quantizes the phase's input once, at its first block of a quantized Linear in the phase.
 bool team_rows(TeamThread& me, int64_t phase, const Linear& lin, const Planned& pl, const float* x, int64_t tokens,
-               float* y, int64_t r0, int64_t r1) {
+               float* y, int64_t r0, int64_t r1, int64_t block_rows) {
   switch (pl.kind) {
     case kDense: {
       const DenseArgs a{static_cast<const float*>(lin.p[0]), lin.bias, x, y, lin.rows, lin.cols, tokens, lin.cols, lin.rows};
@@ -632,7 +649,16 @@ bool team_rows(TeamThread& me, int64_t phase, const Linear& lin, const Planned& 
       return true;
     }
     case kSparse:
-      team_sparse_rows(pl.sparse, x, tokens, lin.bias, y, r0, r1);
+      if (pl.sparse.tile) {
+        char* mem = me.sparse_mem.data() + (64 - reinterpret_cast<uintptr_t>(me.sparse_mem.data()) % 64) % 64;
+        if (me.packed_phase != phase) {
+          team_sparse_pack(pl.sparse, x, tokens, mem);
+          me.packed_phase = phase;
+        }
+        team_sparse_gemm_rows(pl.sparse, tokens, lin.bias, y, r0, r1, block_rows, mem);
+      } else {
+        team_sparse_rows(pl.sparse, x, tokens, lin.bias, y, r0, r1);
+      }
       return true;
     case kQuantized:
     case kDenseInt8:
@@ -658,10 +684,12 @@ bool team_rows(TeamThread& me, int64_t phase, const Linear& lin, const Planned& 
   }
 }
 
-// The thread's normed copy of the residual for `phase` (norm weight w; the head's final norm when w is e.final_norm).
-const float* normed(Engine& e, TeamThread& me, int64_t phase, const float* w, int64_t tokens) {
+// The thread's normed copy of the residual for `phase` (norm weight w; the head's final norm when w is e.final_norm)
+// of tokens [first, first + tokens).
+const float* normed(Engine& e, TeamThread& me, int64_t phase, const float* w, int64_t tokens, int64_t first = 0) {
   if (me.normed_phase != phase) {
-    for (int64_t t = 0; t < tokens; ++t) rmsnorm(e.x.data() + t * e.hidden, w, me.h.data() + t * e.hidden, e.hidden, e.eps);
+    for (int64_t t = 0; t < tokens; ++t)
+      rmsnorm(e.x.data() + (first + t) * e.hidden, w, me.h.data() + t * e.hidden, e.hidden, e.eps);
     me.normed_phase = phase;
   }
   return me.h.data();
@@ -678,15 +706,16 @@ int64_t blocks_of(const Engine& e, int64_t kind, int64_t tokens) {
   }
 }
 
-// Block b of phase p; false when a kernel could not get its scratch memory.
+// Block b of phase p; false when a kernel could not get its scratch memory. The head's phase computes the logits
+// of tokens [head_first, head_first + head_tokens).
 bool run_block(Engine& e, TeamThread& me, int member, int64_t p, int64_t b, const int64_t* slots, const int64_t* pos,
-               int64_t tokens, float* logits, int isa) {
+               int64_t tokens, int64_t head_first, int64_t head_tokens, float* logits, int isa) {
   const int64_t H = e.hidden, D = e.head_dim, QD = e.heads * D, KD = e.kv_heads * D, I = e.inter;
   const int64_t l = p / kPhasesPerLayer, kind = p % kPhasesPerLayer;
   if (l == e.layers) {  // the head, over the final norm of every token
-    const float* h = normed(e, me, p, e.final_norm, tokens);
+    const float* h = normed(e, me, p, e.final_norm, head_tokens, head_first);
     const int64_t r0 = b * kHeadRows, r1 = r0 + kHeadRows < e.vocab ? r0 + kHeadRows : e.vocab;
-    return team_rows(me, p, e.head, e.plan[e.layers * kLinearsPerLayer], h, tokens, logits, r0, r1);
+    return team_rows(me, p, e.head, e.plan[e.layers * kLinearsPerLayer], h, head_tokens, logits, r0, r1, team_block_rows(e));
   }
   Layer& L = e.layer[l];
   const Planned* plan = e.plan.data() + l * kLinearsPerLayer;
@@ -697,7 +726,7 @@ bool run_block(Engine& e, TeamThread& me, int member, int64_t p, int64_t b, cons
     const int64_t hd = which == kQ ? b : (which == kK ? b - e.heads : b - e.heads - e.kv_heads);
     float* y = which == kQ ? e.q.data() : (which == kK ? e.k.data() : e.v.data());
     const int64_t width = which == kQ ? QD : KD;
-    if (!team_rows(me, p, L.lin[which], plan[which], h, tokens, y, hd * D, hd * D + D)) return false;
+    if (!team_rows(me, p, L.lin[which], plan[which], h, tokens, y, hd * D, hd * D + D, team_block_rows(e))) return false;
     for (int64_t t = 0; t < tokens; ++t) {
       float* head = y + t * width + hd * D;
       if (which != kV) rope(head, D, e.rope_table.data() + pos[t] * D);
@@ -716,8 +745,8 @@ bool run_block(Engine& e, TeamThread& me, int member, int64_t p, int64_t b, cons
     const float* h = normed(e, me, p, L.post_norm, tokens);
     const int64_t r0 = b * kGateUpRows, r1 = r0 + kGateUpRows < I ? r0 + kGateUpRows : I;
     float *g = e.g.data(), *u = e.u.data();
-    if (!team_rows(me, p, L.lin[kGate], plan[kGate], h, tokens, g, r0, r1)) return false;
-    if (!team_rows(me, p, L.lin[kUp], plan[kUp], h, tokens, u, r0, r1)) return false;
+    if (!team_rows(me, p, L.lin[kGate], plan[kGate], h, tokens, g, r0, r1, team_block_rows(e))) return false;
+    if (!team_rows(me, p, L.lin[kUp], plan[kUp], h, tokens, u, r0, r1, team_block_rows(e))) return false;
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t i = t * I + r0; i < t * I + r1; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     return true;
@@ -726,36 +755,36 @@ bool run_block(Engine& e, TeamThread& me, int member, int64_t p, int64_t b, cons
   const int which = kind == kPhaseO ? kO : kDown;
   const float* in = kind == kPhaseO ? e.attn.data() : e.g.data();
   const int64_t r0 = b * kResidualRows, r1 = r0 + kResidualRows < H ? r0 + kResidualRows : H;
-  if (!team_rows(me, p, L.lin[which], plan[which], in, tokens, out, r0, r1)) return false;
+  if (!team_rows(me, p, L.lin[which], plan[which], in, tokens, out, r0, r1, team_block_rows(e))) return false;
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t i = t * H + r0; i < t * H + r1; ++i) x[i] += out[i];
   return true;
 }
 
-// Whether team_forward can run `tokens` tokens: every Linear on a GEMV kernel.
-bool team_eligible(int64_t tokens) { return tokens <= kQuantGemvTokens && tokens <= kMaxGemvTokens; }
-
-// forward() for a decode step (every token's logits) on the engine's thread team of `threads` threads.
-int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* pos, int64_t tokens, float* logits,
-                 int isa, int qisa, int threads) {
-  if (int s = plan_step(e, isa, qisa)) return s;
+// forward() on the engine's thread team of `threads` threads: a decode step, or a chunk of a prefill. Writes the
+// logits of tokens [head_first, head_first + head_tokens) (none when head_tokens is 0).
+int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int64_t* pos, int64_t tokens, int64_t head_first,
+                 int64_t head_tokens, float* logits, int isa, int qisa, int threads) {
+  if (int s = plan_step(e, isa, qisa, tokens, head_tokens)) return s;
   if (!ensure_team(e, threads, tokens)) return kNoMemory;
   for (int64_t t = 0; t < tokens; ++t)
     std::memcpy(e.x.data() + t * e.hidden, e.embedding + ids[t] * e.hidden, e.hidden * sizeof(float));
   for (int64_t p = 0; p < e.phase_count; ++p) {
     e.phases[p].next.store(0, std::memory_order_relaxed);
     e.phases[p].done.store(0, std::memory_order_relaxed);
-    e.phases[p].blocks = blocks_of(e, p / kPhasesPerLayer == e.layers ? -1 : p % kPhasesPerLayer, tokens);
+    const bool head = p / kPhasesPerLayer == e.layers;
+    e.phases[p].blocks = head && head_tokens == 0 ? 0 : blocks_of(e, head ? -1 : p % kPhasesPerLayer, tokens);
   }
   std::atomic<int> failed{0};
   const int spin_us = g_spin_us.load(std::memory_order_relaxed);
   auto member_job = [&](int member) {
     TeamThread& me = e.team[member];
-    me.normed_phase = me.quantized_phase = -1;
+    me.normed_phase = me.quantized_phase = me.packed_phase = -1;
     for (int64_t p = 0; p < e.phase_count; ++p) {
       Phase& ph = e.phases[p];
       for (int64_t b; (b = ph.next.fetch_add(1, std::memory_order_relaxed)) < ph.blocks;) {
-        if (!failed.load(std::memory_order_relaxed) && !run_block(e, me, member, p, b, slots, pos, tokens, logits, isa))
+        if (!failed.load(std::memory_order_relaxed) &&
+            !run_block(e, me, member, p, b, slots, pos, tokens, head_first, head_tokens, logits, isa))
           failed.store(1, std::memory_order_relaxed);
         if (ph.done.fetch_add(1, std::memory_order_acq_rel) == ph.blocks - 1) e.phase_done.signal();
       }
@@ -945,8 +974,8 @@ SD_API int sd_check(void* handle) {
   return kOk;
 }
 
-// Decode steps: 1 (default) on the engine's thread team, 0 one OpenMP region per kernel call (the prefill's scheme;
-// kept to compare against).
+// Decode steps and prefill chunks at 2+ threads: 1 (default) on the engine's thread team, 0 one OpenMP region per
+// kernel call (the scheme before the team; kept to compare against).
 SD_API int sd_set_team(void* handle, int enabled) {
   static_cast<Engine*>(handle)->team_threads = enabled != 0;
   return 0;
@@ -1006,7 +1035,14 @@ SD_API int sd_prefill(void* handle, int64_t slot, const int64_t* tokens, int64_t
       want[i] = all_logits || c0 + i == n - 1;
     }
     float* dst = all_logits ? logits + c0 * e->vocab : logits;
-    const int s = forward(*e, tokens + c0, slots.data(), pos.data(), m, dst, want.data(), isa, qisa, threads);
+    // 2+ threads: on the thread team, as a decode step (one OpenMP region per kernel call spins at its barriers and
+    // waits a time slice behind a thread the OS has descheduled: 14x 1 thread's wall time under load, see
+    // docs/kernels.md "Threads")
+    const int64_t head_tokens = all_logits ? m : (c0 + m == n ? 1 : 0);
+    const int s = e->team_threads && threads > 1
+                      ? team_forward(*e, tokens + c0, slots.data(), pos.data(), m, all_logits ? 0 : m - 1, head_tokens, dst,
+                                     isa, qisa, threads)
+                      : forward(*e, tokens + c0, slots.data(), pos.data(), m, dst, want.data(), isa, qisa, threads);
     if (s) {
       e->length[slot] = before;  // the cache past `before` is not read again
       return s;
@@ -1038,8 +1074,8 @@ SD_API int sd_decode(void* handle, const int64_t* slots, const int64_t* tokens, 
   std::vector<unsigned char> want(batch, 1);
   for (int64_t i = 0; i < batch; ++i) pos[i] = e->length[slots[i]];
   // 1 thread: the kernel calls in order (no waits to save; the team's smaller blocks measured up to 4% slower there)
-  const int s = e->team_threads && threads > 1 && team_eligible(batch)
-                    ? team_forward(*e, tokens, slots, pos.data(), batch, logits, isa, qisa, threads)
+  const int s = e->team_threads && threads > 1
+                    ? team_forward(*e, tokens, slots, pos.data(), batch, 0, batch, logits, isa, qisa, threads)
                     : forward(*e, tokens, slots, pos.data(), batch, logits, want.data(), isa, qisa, threads);
   if (s) return s;
   for (int64_t i = 0; i < batch; ++i) e->length[slots[i]] += 1;

@@ -247,11 +247,11 @@ bool reserve_kernel_scratch(const QPacked& w, int64_t tokens) {
 }  // namespace
 
 TeamQuant team_quant(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
-                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa) {
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa, bool gemm) {
   TeamQuant q{make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group), nullptr, false};
   if (isa < 0) isa = qbest_isa();
   if (rows < 1 || cols < 1 || (bits != 8 && bits != 4) || !group_ok(group, cols) || !qcpu_has(isa)) return q;
-  q.kernel = kernel_for(isa, false);
+  q.kernel = kernel_for(isa, gemm);
 #if SP_X86
   q.vector = isa != kQPortable;
 #endif

@@ -12,27 +12,43 @@
 
 namespace sp {
 
-// fp32 bitmask weight (GEMV: tokens <= kMaxGemvTokens). kernel is null when the ISA is not supported.
+// fp32 bitmask weight: the GEMV kernel (tokens <= kMaxGemvTokens), and with gemm the GEMM's tile kernel and its
+// input / output transposes (sp_linear's choice above kMaxGemvTokens). kernel (tile) is null when the ISA is not
+// supported.
 struct TeamSparse {
   Packed w;
   GemvFn kernel;
+  GemmTileFn tile;
+  GemmPackInputFn pack;
+  GemmUnpackOutputFn unpack;
 };
 TeamSparse team_sparse(const uint16_t* masks, const float* values, const int32_t* offsets, int64_t rows, int64_t cols,
-                       int isa);
+                       int isa, bool gemm = false);
 inline void team_sparse_rows(const TeamSparse& s, const float* x, int64_t tokens, const float* bias, float* y,
                              int64_t r0, int64_t r1) {
   s.kernel(s.w, x, tokens, bias, y, r0, r1);
 }
+// The GEMM for a team thread: the thread packs the phase's input once into its own memory (token-minor, in passes of
+// 128 tokens, as sp_linear's GEMM packs it), then computes any rows [r0, r1) (at most block_rows) through its own
+// output tile. Bytes of that memory for `tokens` tokens, `cols` columns, blocks of up to `block_rows` rows:
+size_t team_sparse_gemm_bytes(int64_t tokens, int64_t cols, int64_t block_rows);
+// x [tokens][s.w.cols] packed into mem (team_sparse_gemm_bytes, 64-byte aligned).
+void team_sparse_pack(const TeamSparse& s, const float* x, int64_t tokens, char* mem);
+// Rows [r0, r1) of y = x W^T + bias ([tokens][s.w.rows]) from the input packed into mem.
+void team_sparse_gemm_rows(const TeamSparse& s, int64_t tokens, const float* bias, float* y, int64_t r0, int64_t r1,
+                           int64_t block_rows, char* mem);
 
-// int8 / int4 bitmask weight (GEMV: tokens <= kQuantGemvTokens). kernel is null when the ISA (-1: best) is not
-// supported or the shape or group is not one sq_linear accepts.
+// int8 / int4 bitmask weight: the GEMV kernel, or with gemm the GEMM kernel (sq_linear's choice for tokens >
+// kQuantGemvTokens; both compute any rows [r0, r1) from the quantized input). kernel is null when the ISA (-1: best)
+// is not supported or the shape or group is not one sq_linear accepts.
 struct TeamQuant {
   QPacked w;
   QKernelFn kernel;
   bool vector;  // the input is quantized by the AVX2 routine (bit-identical to the portable one, faster)
 };
 TeamQuant team_quant(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
-                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa);
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa,
+                     bool gemm = false);
 
 // Bytes of caller memory that team_quantize_input needs for `tokens` tokens of `cols` columns (64-byte aligned).
 size_t team_input_bytes(int64_t tokens, int64_t cols);
