@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from strataprune.contract.allocation import MEAN_TOLERANCE, Allocation
+from strataprune.contract.allocation import MEAN_RULES, MEAN_TOLERANCE, Allocation
 from strataprune.contract.allocator import AllocationContext, Allocator
 from strataprune.contract.errors import ConfigError, DataError, PluginError, require
 
@@ -49,16 +49,24 @@ def read_allocation(path: Path) -> tuple[Allocation, str]:
     raw = path.read_bytes()
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"allocator 'saved': {str(path)!r} is not JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"allocator 'saved': {str(path)!r} is not JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict) or not isinstance(data.get("ratios"), dict) or "target" not in data:
         raise DataError(f"allocator 'saved': {str(path)!r} is not an allocation.json (no 'ratios' and 'target')")
+    for key in ("patterns", "meta"):
+        if not isinstance(data.get(key, {}), dict):
+            raise DataError(f"allocator 'saved': {str(path)!r}: '{key}' is {type(data[key]).__name__}, not an object")
+    if data.get("mean_rule", "weighted") not in MEAN_RULES:
+        raise DataError(f"allocator 'saved': {str(path)!r}: mean_rule={data['mean_rule']!r}; allowed: {', '.join(MEAN_RULES)}")
     try:
         allocation = Allocation.from_dict(data)
     except PluginError as exc:
         raise DataError(f"allocator 'saved': {str(path)!r}: {exc}") from None
-    except (TypeError, ValueError, ConfigError) as exc:
+    except (TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise DataError(f"allocator 'saved': {str(path)!r} holds a malformed allocation ({exc})") from None
+    bad = [name for name, ratio in allocation.ratios.items() if not 0.0 <= ratio < 1.0]  # NaN fails both
+    if bad:
+        raise DataError(f"allocator 'saved': {str(path)!r}: ratio of {bad[0]} is {allocation.ratios[bad[0]]!r}; allowed: [0, 1)")
     return allocation, hashlib.sha256(raw).hexdigest()
 
 

@@ -10,6 +10,11 @@ from support import write_word_text
 
 from strataprune.cli import main
 from strataprune.contract.allocation import Allocation
+from strataprune.contract.allocator import AllocationContext
+from strataprune.contract.errors import ConfigError, DataError
+from strataprune.contract.sparsity import NMPattern, Target
+from strataprune.plugins.allocators.saved import Saved, SavedConfig
+from strataprune.testing import random_layout
 
 ARGS = [
     "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
@@ -78,3 +83,54 @@ def test_refuses_what_does_not_fit(tiny_llama_dir, corpus, dlp_run, tmp_path, ca
                   "does not fit this model", "missing")  # fmt: skip
     check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "e", "--allocator", "saved"), "path=")
     assert not any((tmp_path / d).exists() for d in "abcde")
+
+
+# --------------------------------------------------------------------------- the file and N:M checks, without a model
+def saved_at(path: Path) -> Saved:
+    return Saved(SavedConfig(path=str(path)))
+
+
+def test_n_m_allocations_need_an_n_m_run_and_the_same_pattern(tmp_path):
+    layout = random_layout(3)
+    nm = Allocation.uniform(layout, 0.5, allocator="uniform")
+    nm.patterns = {name: NMPattern.parse("2:4") for name in layout.names}
+    nm.save(tmp_path / "nm.json", layout)
+    flat = Allocation.uniform(layout, 0.5, allocator="uniform")
+    flat.save(tmp_path / "flat.json", layout)
+
+    got = saved_at(tmp_path / "nm.json").allocate(AllocationContext(layout, Target.of(pattern="2:4")))
+    assert got.patterns == nm.patterns and got.ratios == nm.ratios
+    with pytest.raises(ConfigError, match="pattern 2:4"):
+        saved_at(tmp_path / "flat.json").allocate(AllocationContext(layout, Target.of(pattern="2:4")))
+    with pytest.raises(ConfigError, match="holds N:M patterns"):
+        saved_at(tmp_path / "nm.json").allocate(AllocationContext(layout, Target.of(0.5)))
+    assert saved_at(tmp_path / "flat.json").allocate(AllocationContext(layout, Target.of(0.5))).ratios == flat.ratios
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"patterns": ["2:4"]}, "'patterns' is list"),
+        ({"patterns": None}, "'patterns' is NoneType"),
+        ({"meta": 3}, "'meta' is int"),
+        ({"mean_rule": "zzz"}, "mean_rule='zzz'"),
+        ({"ratios": {"x": "nan"}}, "ratio of x is nan"),
+        ({"ratios": {"x": [1]}}, "malformed"),
+        ({"format_version": 99}, "format_version"),
+    ],
+)
+def test_a_malformed_file_is_refused_before_the_model_loads(tmp_path, change, message):
+    layout = random_layout(2)
+    data = Allocation.uniform(layout, 0.5).to_dict(layout)
+    data.update(change)
+    path = tmp_path / "allocation.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        saved_at(path)
+
+
+def test_deeply_nested_json_is_refused(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="not JSON"):
+        saved_at(path)
