@@ -1,12 +1,12 @@
-"""What threads cost the native decoder per step: 1 vs 2 threads, one parallel region per step vs one per kernel call.
+"""What threads cost the native decoder per step: 1 vs 2 threads, the engine's thread team vs one region per kernel call.
 
-A decode step of SmolLM2-135M is ~210 kernel calls. With one OpenMP region per call (``thread_team=False``, the
-scheme before the thread team) every call forks and joins the team; with the thread team (the default) the step is
-one region whose threads claim blocks of work and wait only where the data requires it (docs/kernels.md). This
-times greedy decode steps of the same packed model, in one process, for every (threads, scheme, spin) setting,
-the settings interleaved round-robin over the repeats so that they see the same machine load. Two clocks: wall and
-the process's CPU time (all its threads: spinning counts). ``--busy N`` starts N single-threaded busy loops for the
-run (a loaded machine on demand; they are stopped at the end).
+A decode step of SmolLM2-135M is ~210 kernel calls. With one OpenMP region per call (``thread_team=False``, the scheme
+before the thread team) every call forks and joins the team; with the thread team (the default) the step wakes the
+engine's own worker threads once, and they claim blocks of work and wait only where the data requires it
+(docs/kernels.md). This times greedy decode steps of the same packed model, in one process, for every (threads,
+scheme, spin) setting, the settings interleaved round-robin over the repeats so that they see the same machine load.
+Two clocks: wall and the process's CPU time (all its threads: spinning counts). ``--busy N`` starts N single-threaded
+busy loops for the run (a loaded machine on demand; they are stopped at the end).
 
     python benchmarks/decode_threads.py --run ~/.cache/strataprune/pareto/s70 --bits 4 --lm-head int8
     python benchmarks/decode_threads.py --run RUN --busy 1 --spin 0,100,1000
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4, help="packed weights: 32, 8 or 4 (default 4)")
     ap.add_argument("--lm-head", default="int8", help="fp32 or int8 (default int8)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    ap.add_argument("--spin", default="100", help="comma-separated team spin times in microseconds (default 100)")
+    ap.add_argument("--spin", default="0", help="comma-separated team spin times in microseconds (default 0, the engine's)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per repeat (default 32)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -63,16 +63,16 @@ def main() -> int:
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
     try:
-        threads = [int(t) for t in args.threads.split(",")]
-        spins = [int(s) for s in args.spin.split(",")]
-        if args.bits not in (32, 8, 4) or args.lm_head not in ("fp32", "int8") or any(t < 1 for t in threads):
+        threads = sorted(set(int(t) for t in args.threads.split(",")))
+        spins = sorted(set(int(s) for s in args.spin.split(",")))
+        if args.bits not in (32, 8, 4) or args.lm_head not in ("fp32", "int8") or any(not 1 <= t <= 1024 for t in threads):
             raise ValueError
-        if any(s < 0 for s in spins) or min(args.tokens, args.repeats, args.prompt_len) < 1 or args.busy < 0:
+        if any(not 0 <= s <= 1_000_000 for s in spins) or min(args.tokens, args.repeats, args.prompt_len) < 1 or args.busy < 0:
             raise ValueError
     except ValueError:
         print(f"error: --bits {args.bits} / --lm-head {args.lm_head} / --threads '{args.threads}' / --spin '{args.spin}' / "
-              "--tokens, --repeats, --prompt-len, --busy: 32, 8 or 4 / fp32 or int8 / whole numbers >= 1 / whole numbers "
-              ">= 0 / >= 1, >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
+              "--tokens, --repeats, --prompt-len, --busy: 32, 8 or 4 / fp32 or int8 / whole numbers 1-1024 / whole numbers "
+              "0-1000000 / >= 1, >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
         return 2
     if not (Path(args.run) / "report.json").is_file():
         print(f"error: --run '{args.run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
