@@ -21,14 +21,14 @@ PRESETS = ("quality", "quality-quick")
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_parses_and_passes_preflight(name, tmp_path):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
-    # every plugin name, parameter and combination (evopress with dsnot, lora after it) is checked here, no model loaded
+    # every plugin name, parameter and combination (evopress with sparsegpt, lora after it) is checked here, no model loaded
     preflight(recipe, tmp_path / "out", False, command="run")
     assert recipe.recovery is not None and recipe.target.ratio == pytest.approx(0.7)
 
 
 def test_the_quick_variant_is_the_same_chain_with_smaller_budgets():
     full, quick = (load_recipe(RECIPES / f"{name}.yaml") for name in PRESETS)
-    assert (full.allocator.name, full.pruner.name, full.recovery.name) == ("evopress", "dsnot", "lora")
+    assert (full.allocator.name, full.pruner.name, full.recovery.name) == ("evopress", "sparsegpt", "lora")
     assert (quick.allocator.name, quick.pruner.name, quick.recovery.name) == (
         full.allocator.name,
         full.pruner.name,
@@ -54,8 +54,8 @@ def test_quick_preset_runs_on_a_tiny_model(tiny_llama_dir, text_file, tmp_path, 
     assert "after lora" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     plugins = report["plugins"]
-    assert plugins["allocator"]["name"] == "evopress" and plugins["pruner"]["name"] == "dsnot"
-    assert report["plugin_params"]["pruner"]["base"] == "sparsegpt" and report["recovery"]["rounds"][0]["steps"] == 2
+    assert plugins["allocator"]["name"] == "evopress" and plugins["pruner"]["name"] == "sparsegpt"
+    assert report["recovery"]["rounds"][0]["steps"] == 2
     allocation = json.loads((out / "allocation.json").read_text())
     assert allocation["meta"]["final_fitness"] <= allocation["meta"]["initial_fitness"]
     assert report["sparsity"]["realised_prunable"] == pytest.approx(0.7, abs=0.02)
