@@ -46,6 +46,7 @@ flags, load averages before and after).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -56,13 +57,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_models, the random ~1B Llama shared with deploy.py
 GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_ALL_F32, MOSTLY_Q8_0, MOSTLY_Q4_0)
+
+
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` single-threaded busy processes beside the timed code (a loaded machine on demand), stopped after."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def write_results(report: dict[str, Any], markdown: str, results: str | Path, prefix: str) -> Path:
+    """``<results>/<prefix>-<report['utc']>.json`` and ``.md``, the Markdown echoed to stdout; returns the stem."""
+    out = Path(results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{prefix}-{report['utc']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    return stem
 
 
 def cpu_facts() -> dict[str, Any]:

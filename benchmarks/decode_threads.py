@@ -17,10 +17,8 @@ Writes benchmarks/results/decode-threads-<UTC>.json and .md (CPU model, ISA, loa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import cpu_facts, packed_model, prompt_ids  # noqa: E402
+from cpu_bar import busy_loops, cpu_facts, packed_model, prompt_ids, write_results  # noqa: E402
 
 
 def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, int]]:
@@ -89,31 +87,28 @@ def main() -> int:
         for s in settings
     }
     samples: dict[tuple[int, bool, int], list[tuple[float, float]]] = {s: [] for s in settings}
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     machine = cpu_facts()
-    try:
-        for rep in range(args.repeats + 1):  # the first round warms up
-            for s in settings:
-                engine = engines[s]
-                kernels.set_num_threads(s[0])
-                set_spin_us(s[2])
-                engine.reset(0)
-                token = int(engine.prefill(0, ids).argmax())
-                wall, cpu = time.perf_counter(), time.process_time()
-                for _ in range(args.tokens):
-                    token = int(engine.decode([0], [token])[0].argmax())
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                if rep:
-                    samples[s].append((1e3 * wall / args.tokens, 1e3 * cpu / args.tokens))
-                print(f"[{rep}/{args.repeats}] {label(*s)}: {1e3 * wall / args.tokens:.1f} ms/token wall, "
-                      f"{1e3 * cpu / args.tokens:.1f} CPU", file=sys.stderr, flush=True)  # fmt: skip
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
-        set_spin_us(None)
-        for engine in engines.values():
-            engine.close()
+    with busy_loops(args.busy):
+        try:
+            for rep in range(args.repeats + 1):  # the first round warms up
+                for s in settings:
+                    engine = engines[s]
+                    kernels.set_num_threads(s[0])
+                    set_spin_us(s[2])
+                    engine.reset(0)
+                    token = int(engine.prefill(0, ids).argmax())
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    for _ in range(args.tokens):
+                        token = int(engine.decode([0], [token])[0].argmax())
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    if rep:
+                        samples[s].append((1e3 * wall / args.tokens, 1e3 * cpu / args.tokens))
+                    print(f"[{rep}/{args.repeats}] {label(*s)}: {1e3 * wall / args.tokens:.1f} ms/token wall, "
+                          f"{1e3 * cpu / args.tokens:.1f} CPU", file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            set_spin_us(None)
+            for engine in engines.values():
+                engine.close()
     rows = [
         {"setting": label(*s), "threads": s[0], "team": s[1], "spin_us": s[2],
          "wall_ms": statistics.median(x[0] for x in samples[s]), "cpu_ms": statistics.median(x[1] for x in samples[s]),
@@ -143,13 +138,7 @@ def main() -> int:
         speed = f"{one['wall_ms'] / r['wall_ms']:.2f}x" if one else "-"
         lines.append(f"| {r['setting']} | {r['wall_ms']:.2f} | {r['cpu_ms']:.2f} | {extra} | {speed} |")
     markdown = "\n".join(lines) + "\n"
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode-threads-{report['utc']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    write_results(report, markdown, args.results, "decode-threads")
     return 0
 
 

@@ -17,10 +17,8 @@ Writes benchmarks/results/prefill-threads-<UTC>.json and .md (CPU model, ISA, lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import cpu_facts, packed_model, prompt_ids  # noqa: E402
+from cpu_bar import busy_loops, cpu_facts, packed_model, prompt_ids, write_results  # noqa: E402
 
 #: (threads, thread team): 1 thread runs the kernel calls in order whatever the setting
 SETTINGS = [(1, False), (2, False), (2, True)]
@@ -77,28 +75,25 @@ def main() -> int:
         s: NativeDecoder(models[s[0]], max_context=args.prompt_len + 8, lm_head=args.lm_head, thread_team=s[2]) for s in settings
     }
     samples: dict[tuple[int, int, bool], list[tuple[float, float]]] = {s: [] for s in settings}
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     machine = cpu_facts()
-    try:
-        for rep in range(args.repeats + 1):  # the first round warms up
-            for s in settings:
-                engine = engines[s]
-                kernels.set_num_threads(s[1])
-                engine.reset(0)
-                wall, cpu = time.perf_counter(), time.process_time()
-                engine.prefill(0, ids)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                if rep:
-                    samples[s].append((1e3 * wall, 1e3 * cpu))
-                print(f"[{rep}/{args.repeats}] int{s[0]} {label(*s[1:])}: {1e3 * wall:.0f} ms wall, {1e3 * cpu:.0f} CPU",
-                      file=sys.stderr, flush=True)  # fmt: skip
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
-        kernels.set_num_threads(None)
-        for engine in engines.values():
-            engine.close()
+    with busy_loops(args.busy):
+        try:
+            for rep in range(args.repeats + 1):  # the first round warms up
+                for s in settings:
+                    engine = engines[s]
+                    kernels.set_num_threads(s[1])
+                    engine.reset(0)
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    engine.prefill(0, ids)
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    if rep:
+                        samples[s].append((1e3 * wall, 1e3 * cpu))
+                    print(f"[{rep}/{args.repeats}] int{s[0]} {label(*s[1:])}: {1e3 * wall:.0f} ms wall, {1e3 * cpu:.0f} CPU",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            kernels.set_num_threads(None)
+            for engine in engines.values():
+                engine.close()
     rows = [
         {"bits": s[0], "setting": label(*s[1:]), "threads": s[1], "team": s[2],
          "wall_ms": statistics.median(x[0] for x in samples[s]), "cpu_ms": statistics.median(x[1] for x in samples[s]),
@@ -128,13 +123,7 @@ def main() -> int:
             f"| {kind} | {r['setting']} | {r['wall_ms']:.0f} | {r['cpu_ms']:.0f} | {one['wall_ms'] / r['wall_ms']:.2f}x |"
         )
     markdown = "\n".join(lines) + "\n"
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"prefill-threads-{report['utc']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    write_results(report, markdown, args.results, "prefill-threads")
     return 0
 
 

@@ -15,21 +15,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=49152,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def _load(name: str):
@@ -42,6 +27,9 @@ def _load(name: str):
 
 cpu_bar = _load("cpu_bar")
 bench_models = _load("bench_models")
+#: the ~1B Llama's config at toy sizes (same vocabulary, tokenizer and special tokens)
+TINY = {**bench_models.LLAMA_1B, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

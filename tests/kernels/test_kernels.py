@@ -150,6 +150,16 @@ def loop_linear(p, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[lis
     return y, bound
 
 
+def assert_matches_the_loop(isa: str, p, x: torch.Tensor, bias: torch.Tensor) -> None:
+    """``sparse_linear`` on ``isa`` within the plain loop's rounding bound, every output."""
+    y_ref, bound = loop_linear(p, x, bias)
+    with kernels.use_isa(isa):
+        y = kernels.sparse_linear(x, p, bias).tolist()
+    for t in range(len(y_ref)):
+        for n in range(len(y_ref[t])):
+            assert abs(y[t][n] - y_ref[t][n]) <= bound[t][n], (isa, tuple(x.shape), t, n)
+
+
 @pytest.mark.parametrize("isa", kernels.ISA_NAMES)
 def test_every_path_matches_a_plain_loop_over_the_format(isa):
     """Includes the last rows of the values buffer, which the AVX2 GEMV reads with masked loads."""
@@ -161,13 +171,7 @@ def test_every_path_matches_a_plain_loop_over_the_format(isa):
         g = torch.Generator().manual_seed(cols)
         bias = torch.randn(rows, generator=g)
         for tokens in (1, 3, 9):
-            x = torch.randn(tokens, cols, generator=g)
-            y_ref, bound = loop_linear(p, x, bias)
-            with kernels.use_isa(isa):
-                y = kernels.sparse_linear(x, p, bias).tolist()
-            for t in range(tokens):
-                for n in range(rows):
-                    assert abs(y[t][n] - y_ref[t][n]) <= bound[t][n], (isa, rows, cols, tokens, t, n)
+            assert_matches_the_loop(isa, p, torch.randn(tokens, cols, generator=g), bias)
 
 
 # GEMM edge shapes: tokens around the 8-token transpose steps, the 16-token input steps, the 64-token blocks and
@@ -209,13 +213,7 @@ def test_gemm_matches_a_plain_loop_over_the_format(isa):
         p = kernels.pack(w)
         g = torch.Generator().manual_seed(rows)
         bias = torch.randn(rows, generator=g)
-        x = torch.randn(tokens, cols, generator=g)
-        y_ref, bound = loop_linear(p, x, bias)
-        with kernels.use_isa(isa):
-            y = kernels.sparse_linear(x, p, bias).tolist()
-        for t in range(tokens):
-            for n in range(rows):
-                assert abs(y[t][n] - y_ref[t][n]) <= bound[t][n], (isa, rows, cols, tokens, t, n)
+        assert_matches_the_loop(isa, p, torch.randn(tokens, cols, generator=g), bias)
 
 
 def test_paths_agree_on_a_large_layer_with_threads():
