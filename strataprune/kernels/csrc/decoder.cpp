@@ -418,15 +418,9 @@ void quantize_head_input(const float* x, int64_t tokens, int64_t cols, uint8_t* 
     const float* src = x + t * cols;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k0 = b * kActBlock, k1 = k0 + kActBlock < cols ? k0 + kActBlock : cols;
-      float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::fabs(src[k]) > amax ? std::fabs(src[k]) : amax;
-      const float scale = amax / 127.0f;
-      sx[t * blocks + b] = scale;
-      for (int64_t k = k0; k < k0 + kActBlock; ++k) {
-        float r = (k < k1 && scale > 0.0f) ? std::nearbyint(src[k] / scale) : 0.0f;
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        xu[t * pad + k] = static_cast<uint8_t>(static_cast<int>(r == r ? r : 0.0f) + 128);
-      }
+      int8_t codes[kActBlock];
+      sx[t * blocks + b] = quantize_act_block(src, k0, k1, codes);
+      for (int64_t k = 0; k < kActBlock; ++k) xu[t * pad + k0 + k] = static_cast<uint8_t>(codes[k] + 128);
     }
   }
 }

@@ -142,15 +142,7 @@ void quantize_tokens(const float* x, int64_t cols, QInput& in, int8_t* xq, float
     int8_t* dst = xq + t * in.cols_pad;
     for (int64_t b = 0; b < ablocks; ++b) {
       const int64_t k0 = b * kActBlock, k1 = k0 + kActBlock < cols ? k0 + kActBlock : cols;
-      float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::fabs(src[k]) > amax ? std::fabs(src[k]) : amax;
-      const float scale = amax / 127.0f;
-      sx[t * ablocks + b] = scale;
-      for (int64_t k = k0; k < k0 + kActBlock; ++k) {
-        float r = (k < k1 && scale > 0.0f) ? std::nearbyint(src[k] / scale) : 0.0f;
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        dst[k] = static_cast<int8_t>(r == r ? r : 0.0f);
-      }
+      sx[t * ablocks + b] = quantize_act_block(src, k0, k1, dst + k0);
     }
     for (int64_t q = 0; q < in.cols_pad / 4; ++q)
       quad[t * (in.cols_pad / 4) + q] = 128 * (dst[4 * q] + dst[4 * q + 1] + dst[4 * q + 2] + dst[4 * q + 3]);

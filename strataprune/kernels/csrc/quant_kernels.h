@@ -19,6 +19,7 @@
 // y[t][n] = bias[n] + sum over units of float(sum) * (scale * sx).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -27,6 +28,21 @@
 namespace sp {
 
 constexpr int64_t kActBlock = 128;        // columns per activation scale
+
+// Columns [k0, k1) of a row as int8 codes in dst[0, kActBlock) (0 past k1): symmetric, round to nearest, clamped to
+// +-127, NaN as 0. Returns the block's scale amax / 127. Every activation quantizer of the kernels and the decoder
+// uses it, so they give the same codes.
+inline float quantize_act_block(const float* src, int64_t k0, int64_t k1, int8_t* dst) {
+  float amax = 0.0f;
+  for (int64_t k = k0; k < k1; ++k) amax = std::fabs(src[k]) > amax ? std::fabs(src[k]) : amax;
+  const float scale = amax / 127.0f;
+  for (int64_t k = k0; k < k0 + kActBlock; ++k) {
+    float r = (k < k1 && scale > 0.0f) ? std::nearbyint(src[k] / scale) : 0.0f;
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    dst[k - k0] = static_cast<int8_t>(r == r ? r : 0.0f);
+  }
+  return scale;
+}
 constexpr int64_t kCodePad = 64;          // zero bytes after the last code
 constexpr int64_t kQuantGemvTokens = 4;   // up to this many tokens: GEMV kernels; above: GEMM
 
