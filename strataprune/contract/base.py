@@ -29,6 +29,8 @@ class Plugin:
     version: ClassVar[str] = "1"
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
+    #: config keys whose values may be files or folders the plugin reads (an output may not overlap them)
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

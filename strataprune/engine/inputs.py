@@ -8,9 +8,24 @@ from strataprune.engine.recipe import Recipe
 def recipe_inputs(recipe: Recipe) -> dict[str, str | None]:
     """What a run of ``recipe`` reads from disk, by label: its output may overlap none of them
     (strataprune/runtime/outputs.py skips the names that are not paths on disk)."""
-    return {
+    from strataprune.contract.errors import ConfigError
+    from strataprune.contract.registry import get_registry
+
+    inputs: dict[str, str | None] = {
         "the model (model.source)": recipe.model.source,
         "the calibration text (calibration.source)": recipe.calibration.source,
         "the evaluation text (evaluation.source)": recipe.evaluation.source,
         "the lm-eval task folder (evaluation.task_include_path)": recipe.evaluation.task_include_path,
     }
+    registry = get_registry()
+    for kind, choice in (("allocator", recipe.allocator), ("pruner", recipe.pruner), ("recovery", recipe.recovery)):
+        if choice is None:
+            continue
+        try:
+            plugin = registry.get(kind, choice.name)
+        except ConfigError:  # an unknown name is reported by the plugin check, with its alternatives
+            continue
+        for key in plugin.reads:
+            value = choice.params.get(key)
+            inputs[f"the {kind}'s {key} ({kind}.{key})"] = value if isinstance(value, str) and value else None
+    return inputs

@@ -75,6 +75,7 @@ class Saved(Allocator):
     version = "1"
     summary = "the ratios of an earlier run's allocation.json (reuse a searched allocation)"
     Config = SavedConfig
+    reads = ("path",)
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         path = Path(self.config.path).expanduser()

@@ -53,6 +53,7 @@ class LoRA(Recovery):
     version = "1"
     summary = "masked LoRA of one rank after pruning, merged exactly (the comparison for losa)"
     Config = LoRAConfig
+    reads = ("data",)  # a text file path, or a dataset name (not on disk: skipped)
     starts_from = "pruned"
 
     def recover(self, ctx: RecoveryContext) -> RecoveryResult:

@@ -218,6 +218,7 @@ class LoSA(Recovery):
     version = "1"
     summary = "LoSA: rounds of RMI pruning and sparsity-aware masked LoRA, merged exactly (Huang et al. 2025)"
     Config = LoSAConfig
+    reads = ("data",)  # a text file path, or a dataset name (not on disk: skipped)
     starts_from = "dense"
     supports_nm = False
 

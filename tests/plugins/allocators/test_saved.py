@@ -82,6 +82,10 @@ def test_refuses_what_does_not_fit(tiny_llama_dir, corpus, dlp_run, tmp_path, ca
     check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "d", *saved, f"allocator.path={wrong}", "--sparsity", "0.6"),
                   "does not fit this model", "missing")  # fmt: skip
     check_refused(capsys, run(tiny_llama_dir, corpus, tmp_path / "e", "--allocator", "saved"), "path=")
+    before = path.read_bytes()
+    into_source = run(tiny_llama_dir, corpus, dlp_run, *saved, f"allocator.path={path}", "--sparsity", "0.6", "--overwrite")
+    check_refused(capsys, into_source, "contains the allocator's path", "overlap")
+    assert path.read_bytes() == before
     assert not any((tmp_path / d).exists() for d in "abcde")
 
 
