@@ -17,10 +17,10 @@ def recipe_inputs(recipe: Recipe) -> dict[str, str | None]:
         "the evaluation text (evaluation.source)": recipe.evaluation.source,
         "the lm-eval task folder (evaluation.task_include_path)": recipe.evaluation.task_include_path,
     }
-    registry = get_registry()
-    for kind, choice in (("allocator", recipe.allocator), ("pruner", recipe.pruner), ("recovery", recipe.recovery)):
-        if choice is None:
-            continue
+    sections = (("allocator", recipe.allocator), ("pruner", recipe.pruner), ("recovery", recipe.recovery))
+    choices = [(kind, c) for kind, c in sections if c is not None and c.params]  # no parameters: nothing read from disk
+    registry = get_registry() if choices else None  # loading plugins imports torch: only where a parameter may be a path
+    for kind, choice in choices:
         try:
             plugin = registry.get(kind, choice.name)
         except ConfigError:  # an unknown name is reported by the plugin check, with its alternatives
