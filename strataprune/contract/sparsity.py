@@ -193,6 +193,11 @@ def realised_sparsity(weight: torch.Tensor) -> float:
 REALISED_SLACK = 1e-3
 
 
-def realised_matches(realised: float, ratio: float, cols: int) -> bool:
-    """Whether a realised sparsity is the asked ratio: at most 1/d_in below, 1/d_in + REALISED_SLACK above."""
-    return ratio - 1.0 / cols - 1e-6 <= realised <= ratio + REALISED_SLACK + 1.0 / cols
+def realised_matches(realised: float, ratio: float, cols: int, tile_fraction: float = 0.0) -> bool:
+    """Whether a realised sparsity is the asked ratio: at most 1/d_in below, 1/d_in + REALISED_SLACK above.
+
+    ``tile_fraction`` (block sparsity: one R x C tile over the matrix's size) widens the lower side to
+    less than one tile of the matrix, the flooring of a count taken in tiles.
+    """
+    below = max(1.0 / cols, tile_fraction)
+    return ratio - below - 1e-6 <= realised <= ratio + REALISED_SLACK + 1.0 / cols

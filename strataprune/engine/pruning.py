@@ -56,7 +56,7 @@ def prune_matrix(
         bad = nm_violations(keep, pattern)
         if bad:
             raise PluginError(f"{who}: {bad} groups of {pattern.m} keep more than {pattern.n} weights (pattern {pattern})")
-    elif not realised_matches(realised, target.ratio, weight.shape[1]):
+    elif not realised_matches(realised, target.ratio, weight.shape[1], pruner.block_shape.size / keep.numel()):
         raise PluginError(f"{who}: realised sparsity {realised:.4f} does not match the asked {target.ratio:.4f}")
     block = pruner.block_shape
     if not block.unit:

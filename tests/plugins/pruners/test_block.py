@@ -114,7 +114,7 @@ def test_mask_is_constant_on_every_tile_and_the_count_is_exact(kind, block):
         assert block_violations(keep, shape) == 0
         counts = tile_counts(keep, shape)
         assert set(counts.unique().tolist()) <= {0, shape.size}
-        # floor(tiles * s) of the matrix (SparseGPT: per slab of 128 columns; 96 columns are one slab)
+        # floor(tiles * s) of the matrix, for every pruner
         assert int((counts == 0).sum()) == int(tiles * ratio)
         if result.weight is not None:
             assert not bool((result.weight[~keep] != 0).any())
@@ -123,13 +123,21 @@ def test_mask_is_constant_on_every_tile_and_the_count_is_exact(kind, block):
             assert int(per_group.max() - per_group.min()) <= 1
 
 
-def test_sparsegpt_counts_per_slab_with_a_blocksize_rounded_to_the_block():
+def test_sparsegpt_splits_the_matrix_count_over_slabs_rounded_to_the_block():
     weight, _, stats = problem(rows=16, cols=96)
-    result = SparseGPT.from_params({"block": "1x8", "blocksize": 20}).prune(weight, Target.of(0.6), stats)
+    result = SparseGPT.from_params({"block": "1x8", "blocksize": 20}).prune(weight, Target.of(0.65), stats)
     assert "blocksize 20 -> 16" in " ".join(result.notes)
-    counts = tile_counts(result.keep, BlockShape(1, 8))  # (16, 12) tiles; slabs of 2 tile columns
-    for start in range(0, 12, 2):
-        assert int((counts[:, start : start + 2] == 0).sum()) == int(16 * 2 * 0.6)
+    counts = tile_counts(result.keep, BlockShape(1, 8))  # (16, 12) tiles; slabs of 2 tile columns = 32 tiles
+    per_slab = [int((counts[:, start : start + 2] == 0).sum()) for start in range(0, 12, 2)]
+    # floor(32 t * 0.65) - floor(32 (t - 1) * 0.65): 20 or 21 (20.8 each), 124 = floor(192 * 0.65) in all
+    assert per_slab == [int(32 * t * 0.65) - int(32 * (t - 1) * 0.65) for t in range(1, 7)]
+    assert sum(per_slab) == int(192 * 0.65) and set(per_slab) == {20, 21}
+
+
+def test_sparsegpt_large_tiles_keep_the_matrix_count_across_slabs():
+    weight, _, stats = problem(rows=32, cols=320)  # slabs of 128, 128, 64 columns
+    keep = pruned("sparsegpt", "16x16", weight, 0.7, stats).keep
+    assert int((~keep).sum()) == 256 * int(2 * 20 * 0.7)
 
 
 def test_wanda_row_groups_share_the_matrix_count_evenly():
