@@ -95,6 +95,8 @@ def _lib() -> ctypes.CDLL:
         lib.sd_prefill.argtypes = [ptr, i64, ptr, i64, ptr, i32, i32, i32, i32]
         lib.sd_decode.argtypes = [ptr, ptr, ptr, i64, ptr, i32, i32, i32]
         lib.sd_set_team.argtypes = [ptr, i32]
+        lib.sd_block_linears.argtypes = [ptr]
+        lib.sd_block_linears.restype = i64
         lib.sd_set_spin_us.argtypes = [i32]
         for name in ("sd_set_embedding", "sd_set_norm", "sd_set_linear", "sd_check", "sd_reset", "sd_release",
                      "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us"):  # fmt: skip
@@ -228,6 +230,8 @@ class NativeDecoder:
             self.close()
             raise
         self.kv_bytes = int(lib.sd_kv_bytes_per_slot(handle)) * max_slots
+        #: quantized Linears whose mask is 1x4 blocked: their decode GEMVs walk the derived block index (quantized.py)
+        self.block_linears = int(lib.sd_block_linears(handle))
 
     # ------------------------------------------------------------------ building
     def _wire(self, model: torch.nn.Module) -> None:
@@ -438,5 +442,5 @@ class NativeDecoder:
         return (
             f"NativeDecoder(layers={self.layers}, hidden={self.hidden}, heads={self.heads}/{self.kv_heads}, "
             f"max_slots={self.max_slots}, max_context={self.max_context}, lm_head={self.lm_head}, "
-            f"kv_bytes={self.kv_bytes / 2**20:.1f} MiB)"
+            f"kv_bytes={self.kv_bytes / 2**20:.1f} MiB, 1x4-block Linears={self.block_linears})"
         )

@@ -107,11 +107,45 @@ def test_quantized_models_match_eager_on_the_same_kernels(bits):
     assert sum(isinstance(m, QuantizedSparseLinear) for m in model.modules()) == 14
     want_prompt, want_steps = eager_steps(model, PROMPT, STEPS)
     engine = NativeDecoder(model, max_context=64)
+    assert engine.block_linears == 0  # unstructured masks: the bitmask path
     # the same int8 activation rounding on both sides: only fp32 summation order differs (attention, norms), which
     # can move an activation across a rounding boundary; measured <= 2e-6 here, bound 1e-4
     assert relative(engine.prefill(0, PROMPT, all_logits=True), want_prompt) < FP32_TOLERANCE
     for token, want in zip(STEPS, want_steps):
         assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_block_path_decodes_the_same_logits(bits):
+    """1x4-blocked masks: the engine derives block indexes (block_linears) and its decode GEMVs walk them; with the
+    block path off (the bitmask path) every decode step's logits are bit-identical, on each quantized path, at one
+    thread (a kernel call per Linear) and two (the thread team)."""
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import quantized_isas, use_block_path, use_quantized_isa
+
+    model = tiny_llama(2, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "proj" in name and param.dim() == 2:
+                keep = torch.rand(param.shape[0], param.shape[1] // 4, generator=gen) > 0.65
+                param.copy_(torch.randn(param.shape, generator=gen) * keep.repeat_interleave(4, dim=1))
+    model = packed(model, bits)
+    engine = NativeDecoder(model, max_context=64)
+    assert engine.block_linears == 14 and "1x4-block Linears=14" in repr(engine)
+    paths = [p for p in ("avx2", "avx2-novnni", "avx512") if p in quantized_isas()]
+    if not paths:
+        pytest.skip(f"no vector quantized path on this CPU ({quantized_isas()})")
+    for path in paths:
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            steps = {}
+            for blocks in (True, False):
+                with use_quantized_isa(path), use_block_path(blocks):
+                    engine.reset(0)
+                    engine.prefill(0, PROMPT[:8])
+                    steps[blocks] = [engine.decode([0], [token])[0] for token in STEPS]
+            assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False])), f"{path}, {threads} thread(s)"
 
 
 @pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])

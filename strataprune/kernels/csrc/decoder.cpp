@@ -52,6 +52,10 @@ extern "C" int sp_linear(const float* x, int64_t tokens, const uint16_t* masks, 
 extern "C" int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets, const uint8_t* codes,
                          const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group,
                          const float* bias, float* y, int isa, int threads);
+extern "C" int sq_linear_blocks(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets,
+                                const uint8_t* codes, const float* scales, const uint8_t* zeros, const uint8_t* blocks,
+                                int64_t rows, int64_t cols, int bits, int64_t group, const float* bias, float* y, int isa,
+                                int threads);
 extern "C" int sp_isa_supported(int isa);
 extern "C" int sq_isa_supported(int isa);
 extern "C" int sq_best_isa(void);
@@ -83,6 +87,8 @@ struct Linear {
   const float* bias = nullptr;
   int bits = 0;
   int64_t group = 0;
+  std::vector<uint8_t> blocks;  // kQuantized: the 1x4 block index when the mask is 1x4 blocked (derive_block_index), else empty
+  const uint8_t* block_index() const { return blocks.empty() ? nullptr : blocks.data(); }
 };
 
 struct Layer {
@@ -338,10 +344,10 @@ int run_linear(const Linear& lin, const float* x, int64_t tokens, float* y, int 
       return sp_linear(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]),
                        static_cast<const int32_t*>(lin.p[2]), lin.rows, lin.cols, lin.bias, y, isa, threads);
     case kQuantized:
-      return sq_linear(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
-                       static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
-                       static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, lin.bias, y, qisa,
-                       threads);
+      return sq_linear_blocks(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
+                              static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
+                              static_cast<const uint8_t*>(lin.p[4]), lin.block_index(), lin.rows, lin.cols, lin.bits,
+                              lin.group, lin.bias, y, qisa, threads);
     default:
       return kIncomplete;
   }
@@ -573,7 +579,7 @@ int plan_step(Engine& e, int isa, int qisa, int64_t tokens, int64_t head_tokens)
       pl.quant = team_quant(static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
                             static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
                             static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, qisa,
-                            i == count - 1 ? head_gemm : gemm);
+                            i == count - 1 ? head_gemm : gemm, lin.block_index());
       ok = pl.quant.kernel != nullptr;
     } else if (lin.kind == kDenseInt8) {  // as run_int8_head chooses
       pl.int8_rows = int8_head_rows_for(qisa);
@@ -950,7 +956,25 @@ SD_API int sd_set_linear(void* handle, int64_t layer, int which, int kind, int64
   lin.bias = bias;
   lin.bits = bits;
   lin.group = group;
+  lin.blocks.clear();
+  if (kind == sp::kQuantized && sp::derive_block_index(static_cast<const uint16_t*>(p0), rows, cols, nullptr)) {
+    try {  // without the memory the Linear keeps the bitmask path (the same results)
+      lin.blocks.assign(static_cast<size_t>(rows * sp::block_index_stride(cols)), 0);
+      sp::derive_block_index(static_cast<const uint16_t*>(p0), rows, cols, lin.blocks.data());
+    } catch (const std::bad_alloc&) {
+      lin.blocks.clear();
+    }
+  }
   return 0;
+}
+
+// How many quantized Linears (the head included) carry a 1x4 block index
+SD_API int64_t sd_block_linears(void* handle) {
+  const sp::Engine* e = static_cast<const sp::Engine*>(handle);
+  int64_t count = e->head.blocks.empty() ? 0 : 1;
+  for (const sp::Layer& L : e->layer)
+    for (const sp::Linear& lin : L.lin) count += lin.blocks.empty() ? 0 : 1;
+  return count;
 }
 
 // 0 when every weight is set with the shape the config implies, else kIncomplete
