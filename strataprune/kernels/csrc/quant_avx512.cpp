@@ -251,6 +251,68 @@ SQ_AVX512 void gemv1_block_rows(const QPacked& w, const QInput& in, const float*
   for (int r = 0; r < R; ++r) y[n0 + r] = hsum16(facc[r]) + (bias ? bias[n0 + r] : 0.0f);
 }
 
+// int4 with 128-column units (group 128, or one scale per row): a 128-column step is 32 blocks, so one `vpexpandw`
+// of its 32-bit block mask spreads 64 bytes of codes, which two `vpermt2b` split into the step's two 64-column vectors
+// (per 64 columns half the expands and shifts of gemv1_block_rows); a last half step of 64 columns as there.
+template <int R>
+SQ_AVX512 void gemv1_block_rows_int4_128(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t n0) {
+  const int64_t vecs = (w.cols + 63) / 64, steps = vecs / 2;
+  const __m512i lo_index = _mm512_load_si512(kNibbles.lanes[0]);  // codes 0..63 from bytes 0..31 of the expanded units
+  const __m512i hi_index = _mm512_add_epi8(lo_index, _mm512_set1_epi8(32));  // codes 64..127 from bytes 32..63
+  const __m512i low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t pos[R];
+  const uint8_t* brow[R];
+  __m512 facc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    pos[r] = w.offsets[n0 + r];
+    brow[r] = w.blocks + (n0 + r) * w.block_stride;
+    facc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t st = 0; st < steps; ++st) {
+    const __m512i x0 = _mm512_loadu_si512(in.xq + 128 * st), x1 = _mm512_loadu_si512(in.xq + 128 * st + 64);
+    const __m512i corr = _mm512_add_epi32(_mm512_loadu_si512(in.quad + 32 * st), _mm512_loadu_si512(in.quad + 32 * st + 16));
+    const int64_t g = (st * 128) >> w.group_shift;
+    const float sx = in.sx[st];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      uint32_t m;
+      std::memcpy(&m, brow[r] + 4 * st, 4);
+      __asm__("" : "+r"(m));
+      __m512i raw = _mm512_loadu_si512(w.codes + (pos[r] >> 1));
+      __asm__("" : "+v"(raw));
+      pos[r] += 4 * popcount(m);
+      const __m512i e = _mm512_maskz_expand_epi16(m, raw);
+      const __m512i high = _mm512_srli_epi16(e, 4);
+      const __m512i c0 = _mm512_and_si512(_mm512_permutex2var_epi8(e, lo_index, high), low4);
+      const __m512i c1 = _mm512_and_si512(_mm512_permutex2var_epi8(e, hi_index, high), low4);
+      const __m512i zc = _mm512_set1_epi8(static_cast<char>(128 - w.zeros[(n0 + r) * w.ngroups + g]));
+      const __m512i u0 = _mm512_add_epi8(c0, _mm512_mask_blend_epi32(static_cast<__mmask16>(m), c128, zc));
+      const __m512i u1 = _mm512_add_epi8(c1, _mm512_mask_blend_epi32(static_cast<__mmask16>(m >> 16), c128, zc));
+      const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, x0), u1, x1);
+      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + r) * w.ngroups + g] * sx);
+      facc[r] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(all16, _mm512_sub_epi32(acc, corr)), scale, facc[r]);
+    }
+  }
+  if (vecs % 2) {  // the last 64 columns, a unit of their own
+    const int64_t b = vecs - 1, g = (b * 64) >> w.group_shift;
+    const __m512i xv = _mm512_loadu_si512(in.xq + 64 * b), corr = _mm512_loadu_si512(in.quad + 16 * b);
+    const float sx = in.sx[b / 2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      uint16_t m;
+      std::memcpy(&m, brow[r] + 2 * b, 2);
+      const __m512i e = expand_blocks<4>(m, w.codes, pos[r]);
+      const __m512i u = _mm512_add_epi8(e, _mm512_mask_blend_epi32(m, c128, zero_offsets(w, n0 + r, b)));
+      const __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + r) * w.ngroups + g] * sx);
+      facc[r] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(all16, _mm512_sub_epi32(acc, corr)), scale, facc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) y[n0 + r] = hsum16(facc[r]) + (bias ? bias[n0 + r] : 0.0f);
+}
+
 template <int BITS, int R, int T>
 SQ_AVX512 void gemv_range(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   int64_t n = r0;
@@ -262,7 +324,11 @@ template <int BITS>
 SQ_AVX512 void gemv(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   switch (in.tokens) {
     case 1:
-      if (w.blocks && block_path_enabled()) {
+      if (w.blocks && block_path_enabled() && BITS == 4 && w.unit == 128) {
+        int64_t n = r0;
+        for (; n + 4 <= r1; n += 4) gemv1_block_rows_int4_128<4>(w, in, bias, y, n);
+        for (; n < r1; ++n) gemv1_block_rows_int4_128<1>(w, in, bias, y, n);
+      } else if (w.blocks && block_path_enabled()) {
         int64_t n = r0;
         for (; n + 4 <= r1; n += 4) gemv1_block_rows<BITS, 4>(w, in, bias, y, n);
         for (; n < r1; ++n) gemv1_block_rows<BITS, 1>(w, in, bias, y, n);
