@@ -131,7 +131,8 @@ def test_detection_of_blocked_and_unblocked_masks():
     ragged = blocked_weight(6, 30, 0.5, 2)  # cols % 4 != 0, even with the last two columns pruned
     ragged[:, 28:] = 0
     assert not Q.pack_int4(ragged, group_size=None).index_blocks
-    unstructured = torch.randn(16, 64) * (torch.rand(16, 64) > 0.7)
+    g = torch.Generator().manual_seed(4)
+    unstructured = torch.randn(16, 64, generator=g) * (torch.rand(16, 64, generator=g) > 0.7)
     assert not Q.pack_int4(unstructured, group_size=64).index_blocks
 
 
@@ -177,12 +178,13 @@ def test_the_vector_paths_read_the_block_index(path):
     require(path)
     rows, cols = 8, 256
     w = blocked_weight(rows, cols, 0.5, 7)
-    w[:, :8] = 1.0  # the first two blocks kept in every row
+    g = torch.Generator().manual_seed(8)
+    w[:, :8] = torch.rand(rows, 8, generator=g) + 0.5  # the first two blocks kept in every row
     w[:, 8:16] = 0.0
     p = Q.pack_int8(w, group_size=None)
     shifted = Q.block_index(p).clone()
     shifted[:, 0] = (shifted[:, 0] & 0xF0) | 0x0C  # blocks 2, 3 instead of 0, 1: the same count per row
-    x = torch.randn(1, cols)
+    x = torch.randn(1, cols, generator=g)
     lib = Q._lib()
 
     def call(isa: str, blocks: torch.Tensor | None) -> torch.Tensor:
@@ -210,7 +212,7 @@ def test_threads_and_the_module_take_the_block_path():
     w = blocked_weight(576, 576, 0.7, 9)
     module = Q.QuantizedSparseLinear.from_packed(Q.pack_int4(w, group_size=64), torch.randn(576))
     assert "index=1x4 blocks" in repr(module)
-    x = torch.randn(1, 576)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(10))
     for path in paths:
         with Q.use_quantized_isa(path):
             kernels.set_num_threads(2)
@@ -222,7 +224,8 @@ def test_threads_and_the_module_take_the_block_path():
 
 
 def test_unblocked_masks_keep_the_bitmask_path():
-    w = torch.randn(12, 64) * (torch.rand(12, 64) > 0.7)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 64, generator=g) * (torch.rand(12, 64, generator=g) > 0.7)
     p = Q.pack_int4(w, group_size=32)
     assert not p.index_blocks and Q.block_index(p) is None and "index=bitmask" in repr(p)
     assert Q.pointers(p)[-1] is None  # the kernels get no block index
