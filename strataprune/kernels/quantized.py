@@ -27,7 +27,10 @@ at 70% sparsity, int4 with 128-column groups: 0.125 + 0.15 + 0.039 = 0.31 (fp32 
 1x4 blocks: when every aligned 4-column nibble of every row's mask is all kept or all pruned (``cols % 4 == 0``),
 the kernels derive a block index (1 bit per 4 columns, :func:`block_index`; nothing changes on disk) and the
 1-token GEMV of the AVX2 and AVX-512 paths expands whole 4-code units instead of single columns, with the same
-results bit for bit (:attr:`QuantizedWeight.index_blocks`; :func:`use_block_path` turns it off to compare).
+results bit for bit (:attr:`QuantizedWeight.index_blocks`; :func:`use_block_path` turns it off to compare). A block
+pruner's kept blocks may hold weights that are exactly 0 (the dense model's own zeros, or weights quantized onto the
+grid's zero); ``pack_int8`` / ``pack_int4`` then keep those zeros as codes (``close_blocks``, at most 1/8 more codes,
+the same values), so that the mask stays blocked.
 
     import torch
     from strataprune.kernels.quantized import pack_int4, sparse_linear_quantized
@@ -220,6 +223,23 @@ def _check_weight_and_mask(weight: object, mask: object) -> tuple[torch.Tensor, 
     return w, keep
 
 
+def _closed_blocks(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``keep``, or its 1x4 closure (every aligned 4-column block with a kept weight kept whole) where that makes the
+    mask 1x4 blocked by adding only exact zeros of ``w``, at most 1/8 of the kept count: a block pruner's output whose
+    kept blocks hold a few weights that are exactly 0 (a dense model's own zeros, or weights quantized onto a grid's
+    zero) is packed blocked, so the decode kernels take the block path; the values do not change (a zero's code
+    stands for exactly 0: int8 code 0, int4 code = the group's zero point)."""
+    rows, cols = keep.shape
+    if not rows or not cols or cols % 4:
+        return keep
+    closed = keep.view(rows, cols // 4, 4).any(-1).repeat_interleave(4, dim=1)
+    added = closed & ~keep
+    count = int(added.sum())
+    if count == 0 or 8 * count > int(keep.sum()) or bool((w[added] != 0).any()):
+        return keep
+    return closed
+
+
 def _group_of(group_size: int | None, cols: int) -> int:
     if group_size is None:
         return max(1, cols)
@@ -275,14 +295,22 @@ def _assemble(
 
 
 def pack_int8(
-    weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int | None = None, scales: torch.Tensor | None = None
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+    scales: torch.Tensor | None = None,
+    close_blocks: bool = True,
 ) -> QuantizedWeight:
     """int8 codes with symmetric scales: ``v = clamp(round(w / scale), -127, 127)``.
 
     ``mask``: the kept weights (default ``weight != 0``); ``group_size``: 32, 64, 128 or None (one scale per row);
-    ``scales``: ``[rows, ngroups]`` to use (default: max |kept w| / 127 per group).
+    ``scales``: ``[rows, ngroups]`` to use (default: max |kept w| / 127 per group). ``close_blocks``: a mask that is
+    1x4 blocked but for a few exact zeros inside kept blocks is packed blocked, those zeros stored as codes (values
+    unchanged; at most 1/8 more codes; see the module docstring).
     """
     w, keep = _check_weight_and_mask(weight, mask)
+    if close_blocks:
+        keep = _closed_blocks(w, keep)
     rows, cols = w.shape
     group = _group_of(group_size, cols)
     ngroups = -(-cols // group) if cols else 0
@@ -303,14 +331,18 @@ def pack_int4(
     group_size: int | None = 128,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    close_blocks: bool = True,
 ) -> QuantizedWeight:
     """int4 codes on an asymmetric grid ``w = scale * (q - zero)``, ``q`` in [0, 15].
 
     ``scales``/``zeros`` (``[rows, ngroups]``, e.g. the joint pruning + INT4 grid a SparseGPT run records,
     ``zero`` an integer in [0, 15]) are used as given, ``q = clamp(round(w / scale + zero), 0, 15)``; without
-    them the min-max grid of each group's kept weights (0 included) is computed.
+    them the min-max grid of each group's kept weights (0 included) is computed. ``close_blocks``: as in
+    :func:`pack_int8` (0 is on every grid: ``q = zero``).
     """
     w, keep = _check_weight_and_mask(weight, mask)
+    if close_blocks:
+        keep = _closed_blocks(w, keep)
     rows, cols = w.shape
     group = _group_of(group_size, cols)
     ngroups = -(-cols // group) if cols else 0

@@ -119,7 +119,7 @@ def test_detection_of_blocked_and_unblocked_masks():
 
     almost = w.clone()
     almost[4, 8:12] = torch.tensor([1.0, 1.0, 1.0, 0.0])  # one nibble of three kept columns
-    assert not Q.pack_int8(almost).index_blocks
+    assert not Q.pack_int8(almost, close_blocks=False).index_blocks
     single = torch.zeros_like(w)
     single[0, 97] = 1.0  # one kept column in the last nibble
     assert not Q.pack_int8(single).index_blocks
@@ -134,6 +134,31 @@ def test_detection_of_blocked_and_unblocked_masks():
     g = torch.Generator().manual_seed(4)
     unstructured = torch.randn(16, 64, generator=g) * (torch.rand(16, 64, generator=g) > 0.7)
     assert not Q.pack_int4(unstructured, group_size=64).index_blocks
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_closes_blocks_over_exact_zeros_only(bits):
+    """A 1x4-pruned weight whose kept blocks hold a few exact zeros packs blocked, the zeros as codes of exactly 0;
+    not when the closure would take a weight the mask drops, or more than 1/8 more codes."""
+    w = blocked_weight(12, 128, 0.6, 11)
+    kept = (w != 0).nonzero()
+    holes = kept[torch.randperm(kept.shape[0], generator=torch.Generator().manual_seed(12))[:10]]
+    w[holes[:, 0], holes[:, 1]] = 0.0  # 10 exact zeros in kept blocks (of ~600 kept weights)
+    nonzeros = int((w != 0).sum())
+    p = pack(w, bits, 32)
+    assert p.index_blocks and p.nnz == nonzeros + 10
+    assert (p.dequantize()[holes[:, 0], holes[:, 1]] == 0).all()  # the added codes stand for exactly 0
+    loose = Q.pack_int8(w, group_size=32, close_blocks=False) if bits == 8 else Q.pack_int4(w, group_size=32, close_blocks=False)
+    assert not loose.index_blocks and loose.nnz == nonzeros
+    assert torch.equal(loose.dequantize(), p.dequantize())
+
+    mask = w != 0
+    dropped = w.clone()
+    dropped[holes[0, 0], holes[0, 1]] = 5.0  # a nonzero the mask drops: the closure would change the weight
+    assert not (Q.pack_int8(dropped, mask) if bits == 8 else Q.pack_int4(dropped, mask, 32)).index_blocks
+    unstructured = torch.randn(12, 128, generator=torch.Generator().manual_seed(13))
+    unstructured[torch.rand(12, 128, generator=torch.Generator().manual_seed(14)) < 0.7] = 0  # closure: +150%
+    assert pack(unstructured, bits, 32).nnz == int((unstructured != 0).sum())
 
 
 def test_block_index_follows_an_in_place_mask_change():
