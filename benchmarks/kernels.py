@@ -24,6 +24,11 @@ With ``--e2e``, SmolLM2-135M (real weights, magnitude-pruned per Linear at 50/70
     python benchmarks/kernels.py --e2e                      # plus SmolLM2 end to end
     python benchmarks/kernels.py --quick                    # 64 MB stacks, 3 repetitions, 4096x4096 only
     python benchmarks/kernels.py --threads 1 --clock cpu    # one thread, timed in thread CPU time (noise-robust)
+    python benchmarks/kernels.py --blocks --quant-stack-mb 32   # quantized 1-token GEMV: 1x4 block path vs bitmask path
+
+``--blocks`` times SmolLM2-135M's shapes at ``--block-sparsity`` (0.7), int4 (group 128) and int8, on every vector
+quantized path at 1 thread: unstructured masks, and random 1x4 masks on the bitmask path and on the block path
+(docs/kernels-quantized.md, "1x4 blocks"); writes benchmarks/results/kernels-blocks-<UTC>.json and .md.
 
 Needs ``pip install 'strataprune[bench]'`` (onnx, onnxruntime) for the ORT baseline; without it the
 ORT rows are skipped and the ratios are against torch. Writes benchmarks/results/kernels-<timestamp>.json
