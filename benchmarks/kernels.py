@@ -752,17 +752,15 @@ def blocks_markdown(rows: list[dict], meta: dict) -> str:
 
 
 def run_blocks(args) -> int:
-    from cpu_bar import write_results
-
     from strataprune import kernels
     from strataprune.kernels.quantized import quantized_isas
 
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
     meta = {
-        "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-        "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "utc": utc_stamp(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
         "caches": cache_sizes(),
         "threads": 1,
         "tokens": 1,
@@ -779,7 +777,12 @@ def run_blocks(args) -> int:
         print(f"{label} (1x4 blocks) ...", flush=True)
         rows += bench_block_shape(label, *SHAPES[label], args)
     meta["load_end"] = load_average()
-    write_results({"utc": meta["utc"], "meta": meta, "kernels": rows}, blocks_markdown(rows, meta), args.out, "kernels-blocks")
+    md = blocks_markdown(rows, meta)
+    files = ResultFiles(args.out, f"kernels-blocks-{meta['utc']}")
+    files.write_json({"meta": meta, "kernels": rows}, indent=1)
+    files.write_markdown(md)
+    print(md)
+    print(f"wrote {files.path('.md')} and .json")
     return 0
 
 
