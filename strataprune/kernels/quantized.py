@@ -26,7 +26,7 @@ at 70% sparsity, int4 with 128-column groups: 0.125 + 0.15 + 0.039 = 0.31 (fp32 
 
 1x4 blocks: when every aligned 4-column nibble of every row's mask is all kept or all pruned (``cols % 4 == 0``),
 the kernels derive a block index (1 bit per 4 columns, :func:`block_index`; nothing changes on disk) and the
-1-token GEMV of the AVX2 and AVX-512 paths expands whole 4-code units instead of single columns, with the same
+GEMV (1-4 tokens: decode) of the AVX2 and AVX-512 paths expands whole 4-code units instead of single columns, with the same
 results bit for bit (:attr:`QuantizedWeight.index_blocks`; :func:`use_block_path` turns it off to compare). A block
 pruner's kept blocks may hold weights that are exactly 0 (the dense model's own zeros, or weights quantized onto the
 grid's zero); ``pack_int8`` / ``pack_int4`` then keep those zeros as codes (``close_blocks``, at most 1/8 more codes,
@@ -189,7 +189,7 @@ class QuantizedWeight:
 
     @property
     def index_blocks(self) -> bool:
-        """Whether the mask is 1x4 blocked, so that the 1-token kernels walk the derived block index (:func:`block_index`)."""
+        """Whether the mask is 1x4 blocked, so that the GEMV kernels walk the derived block index (:func:`block_index`)."""
         return block_index(self) is not None
 
     def __repr__(self) -> str:
@@ -524,7 +524,7 @@ def linear(
     _ensure_consistent(masks, offsets, codes, scales, zeros, (rows, in_features), bits, group_size)
     tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-    blocks = _block_index_of(masks, rows, in_features) if tokens == 1 else None
+    blocks = _block_index_of(masks, rows, in_features)  # the GEMV (1-4 tokens) takes it, the GEMM not
     code = lib.sq_linear_blocks(
         x.data_ptr(),
         tokens,

@@ -118,8 +118,8 @@ def test_quantized_models_match_eager_on_the_same_kernels(bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_block_path_decodes_the_same_logits(bits):
     """1x4-blocked masks: the engine derives block indexes (block_linears) and its decode GEMVs walk them; with the
-    block path off (the bitmask path) every decode step's logits are bit-identical, on each quantized path, at one
-    thread (a kernel call per Linear) and two (the thread team)."""
+    block path off (the bitmask path) every decode step's logits are bit-identical, one slot and two slots per step,
+    on each quantized path, at one thread (a kernel call per Linear) and two (the thread team)."""
     from strataprune.kernels.decoder import NativeDecoder
     from strataprune.kernels.quantized import quantized_isas, use_block_path, use_quantized_isa
 
@@ -131,7 +131,7 @@ def test_block_path_decodes_the_same_logits(bits):
                 keep = torch.rand(param.shape[0], param.shape[1] // 4, generator=gen) > 0.65
                 param.copy_(torch.randn(param.shape, generator=gen) * keep.repeat_interleave(4, dim=1))
     model = packed(model, bits)
-    engine = NativeDecoder(model, max_context=64)
+    engine = NativeDecoder(model, max_slots=2, max_context=64)
     assert engine.block_linears == 14 and "1x4-block Linears=14" in repr(engine)
     paths = [p for p in ("avx2", "avx2-novnni", "avx512") if p in quantized_isas()]
     if not paths:
@@ -142,9 +142,11 @@ def test_block_path_decodes_the_same_logits(bits):
             steps = {}
             for blocks in (True, False):
                 with use_quantized_isa(path), use_block_path(blocks):
-                    engine.reset(0)
-                    engine.prefill(0, PROMPT[:8])
-                    steps[blocks] = [engine.decode([0], [token])[0] for token in STEPS]
+                    for slot in (0, 1):
+                        engine.reset(slot)
+                        engine.prefill(slot, PROMPT[: 8 + slot])
+                    steps[blocks] = [engine.decode([0], [token])[0] for token in STEPS[:2]]
+                    steps[blocks] += [engine.decode([0, 1], [token, token]) for token in STEPS[2:]]
             assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False])), f"{path}, {threads} thread(s)"
 
 

@@ -1,6 +1,6 @@
 """The 1x4 block path of the quantized kernels (strataprune/kernels/quantized.py, "1x4 blocks"): when every aligned
-4-column nibble of every row's mask is all kept or all pruned, the kernels derive a block index and the 1-token GEMV
-of the AVX2 (with and without AVX-VNNI) and AVX-512 paths walks it.
+4-column nibble of every row's mask is all kept or all pruned, the kernels derive a block index and the GEMV (1-4
+tokens) of the AVX2 (with and without AVX-VNNI) and AVX-512 paths walks it.
 
 References: (1) the same packed weight through the bitmask path (block path off): the results must be bit-identical,
 since both paths sum the same products exactly per int32 lane and accumulate them in the same fp32 order; (2) a plain
@@ -55,7 +55,7 @@ def require(path: str) -> None:
         pytest.skip(f"{path}: not on this CPU (quantized paths here: {Q.quantized_isas()})")
 
 
-def one_token(p, x: torch.Tensor, bias: torch.Tensor | None, path: str, blocks: bool) -> torch.Tensor:
+def run(p, x: torch.Tensor, bias: torch.Tensor | None, path: str, blocks: bool) -> torch.Tensor:
     with Q.use_quantized_isa(path), Q.use_block_path(blocks):
         return Q.sparse_linear_quantized(x, p, bias)
 
@@ -186,20 +186,23 @@ def test_block_path_equals_the_bitmask_path_and_the_plain_loop(bits, group):
         p = pack(blocked_weight(rows, cols, sparsity, seed), bits, group)
         assert p.index_blocks
         g = torch.Generator().manual_seed(100 + seed)
-        x, bias = torch.randn(1, cols, generator=g) * 2, torch.randn(rows, generator=g)
+        x, bias = torch.randn(4, cols, generator=g) * 2, torch.randn(rows, generator=g)
         x[0, :40] = 0  # an all-zero stretch in the first activation block
-        y_ref, bound = loop_reference(p, x[0].numpy(), bias.numpy())
+        references = [loop_reference(p, row.numpy(), bias.numpy()) for row in x]
         for path in paths:
-            got = one_token(p, x, bias, path, blocks=True)
-            assert torch.equal(got, one_token(p, x, bias, path, blocks=False)), f"{path} {p!r}"
-            err = np.abs(got[0].double().numpy() - y_ref)
-            assert (err <= bound).all(), f"{path} {p!r}: error {err.max():.3g}"
+            for tokens in (1, 2, 3, 4):  # the 1-token GEMV and the GEMV of 2-4 tokens
+                got = run(p, x[:tokens], bias, path, blocks=True)
+                assert torch.equal(got, run(p, x[:tokens], bias, path, blocks=False)), f"{path} {tokens} {p!r}"
+                for t in range(tokens):
+                    y_ref, bound = references[t]
+                    err = np.abs(got[t].double().numpy() - y_ref)
+                    assert (err <= bound).all(), f"{path} tokens={tokens} {p!r}: error {err.max():.3g}"
 
 
 @pytest.mark.parametrize("path", VECTOR_PATHS)
 def test_the_vector_paths_read_the_block_index(path):
-    """A wrong block index (another blocked mask with the same kept count per row) changes the result: the 1-token
-    kernels really walk the index, not the bitmask; the portable path ignores it."""
+    """A wrong block index (another blocked mask with the same kept count per row) changes the result: the GEMV
+    kernels really walk the index, not the bitmask; the portable path and the GEMM ignore it."""
     require(path)
     rows, cols = 8, 256
     w = blocked_weight(rows, cols, 0.5, 7)
@@ -209,25 +212,27 @@ def test_the_vector_paths_read_the_block_index(path):
     p = Q.pack_int8(w, group_size=None)
     shifted = Q.block_index(p).clone()
     shifted[:, 0] = (shifted[:, 0] & 0xF0) | 0x0C  # blocks 2, 3 instead of 0, 1: the same count per row
-    x = torch.randn(1, cols, generator=g)
+    x = torch.randn(6, cols, generator=g)
     lib = Q._lib()
 
-    def call(isa: str, blocks: torch.Tensor | None) -> torch.Tensor:
-        y = torch.empty(1, rows)
+    def call(isa: str, blocks: torch.Tensor | None, tokens: int = 1) -> torch.Tensor:
+        y = torch.empty(tokens, rows)
         code = lib.sq_linear_blocks(
-            x.data_ptr(), 1, p.masks.data_ptr(), p.offsets.data_ptr(), p.codes.data_ptr(), p.scales.data_ptr(), None,
-            None if blocks is None else blocks.data_ptr(), rows, cols, 8, cols, None, y.data_ptr(),
+            x.data_ptr(), tokens, p.masks.data_ptr(), p.offsets.data_ptr(), p.codes.data_ptr(), p.scales.data_ptr(),
+            None, None if blocks is None else blocks.data_ptr(), rows, cols, 8, cols, None, y.data_ptr(),
             Q.QUANT_ISA_NAMES.index(isa), 1,
         )  # fmt: skip
         assert code == 0
         return y
 
-    right = call(path, None)
-    assert torch.equal(call(path, Q.block_index(p)), right)
-    assert not torch.allclose(call(path, shifted), right)
+    for tokens in (1, 2):  # the 1-token GEMV and the GEMV of 2-4 tokens
+        right = call(path, None, tokens)
+        assert torch.equal(call(path, Q.block_index(p), tokens), right)
+        assert not torch.allclose(call(path, shifted, tokens), right)
+        with Q.use_block_path(False):
+            assert torch.equal(call(path, shifted, tokens), right)
     assert torch.equal(call("portable", shifted), call("portable", None))
-    with Q.use_block_path(False):
-        assert torch.equal(call(path, shifted), right)
+    assert torch.equal(call(path, shifted, 6), call(path, None, 6))  # the GEMM
 
 
 def test_threads_and_the_module_take_the_block_path():

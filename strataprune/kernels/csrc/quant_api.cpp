@@ -5,8 +5,8 @@
 //   sq_linear(x[tokens, cols], packed W[rows, cols], bias[rows] or NULL, y[tokens, rows], isa, threads)
 //     isa: -1 best, 0 portable, 1 AVX2 (with AVX-VNNI when the CPU has it), 2 AVX-512 (F, BW, VL, VBMI, VBMI2, VNNI),
 //          3 AVX2 without AVX-VNNI (to measure and test that path on a CPU that has AVX-VNNI).
-//   sq_linear_blocks: the same with the weight's 1x4 block index (sq_block_index; NULL: none), which the 1-token
-//     GEMVs of the AVX2 and AVX-512 paths use (sq_set_block_path turns that off process-wide, to compare).
+//   sq_linear_blocks: the same with the weight's 1x4 block index (sq_block_index; NULL: none), which the GEMVs
+//     (1-4 tokens) of the AVX2 and AVX-512 paths use (sq_set_block_path turns that off process-wide, to compare).
 #include <atomic>
 #include <cmath>
 #include <cstdlib>

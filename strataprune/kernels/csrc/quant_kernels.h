@@ -58,7 +58,7 @@ struct QPacked {
   const uint8_t* codes;
   const float* scales;
   const uint8_t* zeros;       // bits 4 only
-  // The 1x4 block index (derive_block_index), or nullptr: where set, the 1-token GEMVs of the AVX2 and AVX-512 paths
+  // The 1x4 block index (derive_block_index), or nullptr: where set, the GEMVs (1-4 tokens) of the AVX2 and AVX-512 paths
   // expand whole 4-column units instead of single columns (same sums, same results); the other kernels ignore it.
   const uint8_t* blocks;
   int64_t block_stride;       // bytes per row of blocks
