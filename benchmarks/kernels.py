@@ -638,20 +638,21 @@ def prune_blocks(w: torch.Tensor, sparsity: float, seed: int) -> torch.Tensor:
 
 
 def bench_block_shape(label: str, rows: int, cols: int, args) -> list[dict]:
-    """One token, 1 thread: per format, unstructured masks on the bitmask path and 1x4 masks on the bitmask path
-    (block path off) and the block path, on every vector quantized path, raced round-robin in one group."""
+    """GEMV (``--block-tokens``, 1 to 4), 1 thread: per format, unstructured masks on the bitmask path and 1x4 masks on
+    the bitmask path (block path off) and the block path, on every vector quantized path, raced round-robin in one
+    group per token count."""
     from strataprune.kernels import quantized as Q
 
     out: list[dict] = []
     g = torch.Generator().manual_seed(0)
     base = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
-    x = torch.randn(1, cols, generator=g)
+    inputs = {tokens: torch.randn(tokens, cols, generator=g) for tokens in args.block_tokens}
     paths = [p for p in Q.quantized_isas() if p != "portable"]
     sparsity = args.block_sparsity
     for fmt, (bits, group) in BLOCK_FORMATS.items():
         est = rows * cols * (2 / 16 + (1 - sparsity) * bits / 8 + (5 if bits == 4 else 4) / (group or cols))
         stack = max(2, math.ceil(args.quant_stack_mb * 1e6 / est))
-        engines: dict[str, Callable[[], object]] = {}
+        engines: dict[int, dict[str, Callable[[], object]]] = {}
         facts: dict[str, tuple] = {}
         keep = []
         for mask, prune in (("unstructured", prune_random), ("1x4", prune_blocks)):
@@ -667,42 +668,29 @@ def bench_block_shape(label: str, rows: int, cols: int, args) -> list[dict]:
             # the block path reads the block index (1 bit per 4 columns) instead of the 16-bit mask words
             block_bytes = bitmask_bytes - sum(p.masks.numel() * 2 - Q.block_index(p).numel() for p in packs) if blocked else 0
             nnz = sum(p.nnz for p in packs)
-            for path in paths:
-                for index in ("bitmask", "blocks") if blocked else ("bitmask",):
+            for tokens, x in inputs.items():
+                for path in paths:
+                    for index in ("bitmask", "blocks") if blocked else ("bitmask",):
 
-                    def run(path=path, ptrs=ptrs, on=index == "blocks"):
-                        with Q.use_quantized_isa(path), Q.use_block_path(on):
-                            return [Q.launch_pointers(x, ptr) for ptr in ptrs]
+                        def run(path=path, ptrs=ptrs, on=index == "blocks", x=x):
+                            with Q.use_quantized_isa(path), Q.use_block_path(on):
+                                return [Q.launch_pointers(x, ptr) for ptr in ptrs]
 
-                    name = f"{fmt} {mask} {index} ({path})"
-                    engines[name] = run
-                    facts[name] = (mask, index, path, block_bytes if index == "blocks" else bitmask_bytes, nnz)
-        for name, timing in race_both(engines, args.reps).items():
-            mask, index, path, nbytes, nnz = facts[name]
-            out.append(
-                {
-                    "shape": label,
-                    "rows": rows,
-                    "cols": cols,
-                    "format": fmt,
-                    "mask": mask,
-                    "index": index,
-                    "path": path,
-                    "sparsity": sparsity,
-                    "stack": stack,
-                    "bytes_per_weight": nbytes / stack / (rows * cols),
-                    **timing,
-                    "us_per_matrix_cpu": timing["cpu_s"] / stack * 1e6,
-                    "us_per_matrix_wall": timing["wall_s"] / stack * 1e6,
-                    "GBps_cpu": nbytes / timing["cpu_s"] / 1e9,
-                    "GBps_wall": nbytes / timing["wall_s"] / 1e9,
-                    "useful_GFLOPs_cpu": 2 * nnz / timing["cpu_s"] / 1e9,
-                }
-            )
+                        name = f"{fmt} {mask} {index} ({path}) x{tokens}"
+                        engines.setdefault(tokens, {})[name] = run
+                        facts[name] = (mask, index, path, tokens, block_bytes if index == "blocks" else bitmask_bytes, nnz)
+        for tokens in inputs:
+            for name, timing in race_both(engines[tokens], args.reps).items():
+                mask, index, path, tokens, nbytes, nnz = facts[name]
+                out.append(_block_record(label, rows, cols, fmt, mask, index, path, tokens, sparsity, stack, nbytes, nnz, timing))
         del engines, keep
         gc.collect()
-    for r in out:  # speedups against the bitmask path on the same path and format: unstructured, and the same 1x4 masks
-        same = [d for d in out if d["shape"] == r["shape"] and d["format"] == r["format"] and d["path"] == r["path"]]
+    for r in out:  # speedups against the bitmask path on the same path, format and tokens: unstructured, the same 1x4 masks
+        same = [
+            d
+            for d in out
+            if (d["shape"], d["format"], d["path"], d["tokens"]) == (r["shape"], r["format"], r["path"], r["tokens"])
+        ]
         for clock in ("cpu", "wall"):
             key = f"us_per_matrix_{clock}"
             unstructured = next(d for d in same if d["mask"] == "unstructured")
@@ -713,11 +701,33 @@ def bench_block_shape(label: str, rows: int, cols: int, args) -> list[dict]:
     return out
 
 
+def _block_record(label, rows, cols, fmt, mask, index, path, tokens, sparsity, stack, nbytes, nnz, timing) -> dict:
+    return {
+        "shape": label,
+        "rows": rows,
+        "cols": cols,
+        "tokens": tokens,
+        "format": fmt,
+        "mask": mask,
+        "index": index,
+        "path": path,
+        "sparsity": sparsity,
+        "stack": stack,
+        "bytes_per_weight": nbytes / stack / (rows * cols),
+        **timing,
+        "us_per_matrix_cpu": timing["cpu_s"] / stack * 1e6,
+        "us_per_matrix_wall": timing["wall_s"] / stack * 1e6,
+        "GBps_cpu": nbytes / timing["cpu_s"] / 1e9,
+        "GBps_wall": nbytes / timing["wall_s"] / 1e9,
+        "useful_GFLOPs_cpu": 2 * tokens * nnz / timing["cpu_s"] / 1e9,
+    }
+
+
 def blocks_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Quantized kernels: the 1x4 block path ({meta['utc']})",
         "",
-        f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread, 1 token (decode GEMV); "
+        f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread, GEMV of {meta['tokens']} token(s); "
         f"{meta['sparsity']:.0%} sparsity; best of {meta['reps']} round-robin repetitions, both clocks read around each "
         f"(wall: perf_counter; CPU: this thread's CPU time); load average at start {meta['load_start']}, at end "
         f"{meta['load_end']} (2 cores shared by several people: trust the CPU clock first). torch {meta['torch']}.",
@@ -736,13 +746,13 @@ def blocks_markdown(rows: list[dict], meta: dict) -> str:
         lines += [
             f"## {shape}",
             "",
-            "| format | mask | index | path | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall | x unstr. (CPU) "
-            "| x unstr. (wall) | x bitmask (CPU) | x bitmask (wall) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tokens | format | mask | index | path | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall "
+            "| x unstr. (CPU) | x unstr. (wall) | x bitmask (CPU) | x bitmask (wall) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["shape"] == shape):
             lines.append(
-                f"| {r['format']} | {r['mask']} | {r['index']} | {r['path']} | {r['bytes_per_weight']:.3f} | "
+                f"| {r['tokens']} | {r['format']} | {r['mask']} | {r['index']} | {r['path']} | {r['bytes_per_weight']:.3f} | "
                 f"{r['us_per_matrix_cpu']:.1f} | {r['us_per_matrix_wall']:.1f} | {r['GBps_cpu']:.1f} | {r['GBps_wall']:.1f} | "
                 f"{r['vs_unstructured_cpu']:.2f} | {r['vs_unstructured_wall']:.2f} | {r['vs_bitmask_same_mask_cpu']:.2f} | "
                 f"{r['vs_bitmask_same_mask_wall']:.2f} |"
@@ -763,7 +773,7 @@ def run_blocks(args) -> int:
         "cpu_flags": isa_flags(),
         "caches": cache_sizes(),
         "threads": 1,
-        "tokens": 1,
+        "tokens": ",".join(map(str, args.block_tokens)),
         "reps": args.reps,
         "sparsity": args.block_sparsity,
         "torch": torch.__version__,
@@ -1018,6 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         f"1 thread, every vector path; default shapes {','.join(BLOCK_SHAPES)}",
     )
     parser.add_argument("--block-sparsity", dest="block_sparsity", type=float, default=0.7, help="--blocks: sparsity")
+    parser.add_argument("--block-tokens", dest="block_tokens", default="1", help="--blocks: token counts, 1 to 4 (the GEMV)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     if args.blocks and args.shapes == ",".join(SHAPES):
@@ -1032,8 +1043,14 @@ def main(argv: list[str] | None = None) -> int:
         args.sparsities = [float(s) for s in args.sparsities.split(",")]
         args.tokens = [int(t) for t in args.tokens.split(",")]
         args.e2e_sparsities = [float(s) for s in args.e2e_sparsities.split(",")]
+        args.block_tokens = [int(t) for t in args.block_tokens.split(",")]
+        if any(not 1 <= t <= 4 for t in args.block_tokens):
+            raise ValueError(f"--block-tokens {args.block_tokens}: 1 to 4")
     except (KeyError, ValueError) as exc:
-        print(f"error: bad --shapes/--sparsities/--tokens value {exc}; shapes allowed: {', '.join(SHAPES)}", file=sys.stderr)
+        print(
+            f"error: bad --shapes/--sparsities/--tokens/--block-tokens value {exc}; shapes allowed: {', '.join(SHAPES)}",
+            file=sys.stderr,
+        )
         return 2
     if args.quick:
         shapes, args.stack_mb, args.reps = {"4096x4096": SHAPES["4096x4096"]}, 64.0, 3
