@@ -492,7 +492,7 @@ def block_index(packed: QuantizedWeight) -> torch.Tensor | None:
 
     uint8 ``[rows, stride]`` (``stride`` = 8 bytes per 256 columns): bit ``i`` of byte ``b`` of row ``n`` is set iff
     columns ``32 b + 4 i`` to ``32 b + 4 i + 3`` of row ``n`` are kept. Derived once per masks tensor and kept beside
-    it (1/32 byte per weight); the codes and scales are used where they are."""
+    it (1/32 byte per weight, rows padded to 8 bytes per 256 columns); the codes and scales are used where they are."""
     validate(packed)
     return _block_index_of(packed.masks, *packed.shape)
 
