@@ -657,10 +657,12 @@ def main(argv: list[str] | None = None) -> int:
                 models: dict[int, Any] = {}
 
                 def model_for(b: int = bits, r: str = run, th: int = t) -> Any:
-                    if b not in models:
+                    # keyed by run too: every job closure shares the last `models` of this loop (late binding), so a
+                    # key of the bits alone handed a later run's rows the previous run's model
+                    if (b, r) not in models:
                         models.clear()
-                        models[b] = packed_model(Path(r), b, th, workdir)
-                    return models[b]
+                        models[(b, r)] = packed_model(Path(r), b, th, workdir)
+                    return models[(b, r)]
 
                 kind = "fp32" if bits == 32 else f"int{bits}"
                 # fp32 weights have one AVX2 path (no VNNI variant): forced avx2-novnni is a quantized-only row
