@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -47,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_files import ResultFiles, cpu_flags, cpu_model, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
@@ -548,10 +547,10 @@ def quantized_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+def isa_flags() -> str:
+    """The SIMD flags the kernels can use that this CPU has, as one line."""
+    flags = cpu_flags()
+    if flags is None:
         return "flags unknown"
     wanted = (
         "avx2",
@@ -581,13 +580,13 @@ def cache_sizes() -> str:
 def run_quantized(args, have_ort: bool, ort_version: str) -> int:
     from strataprune import kernels
 
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
     meta = {
         "timestamp": stamp,
-        "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
         "caches": cache_sizes(),
         "threads": 1,
         "reps": args.reps,
@@ -608,12 +607,12 @@ def run_quantized(args, have_ort: bool, ort_version: str) -> int:
         print(f"{label} (quantized) ...", flush=True)
         rows += bench_quantized_shape(label, r, c, args, have_ort)
     meta["load_end"] = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
     md = quantized_markdown(rows, meta)
-    (args.out / f"kernels-quantized-{stamp}.json").write_text(json.dumps({"meta": meta, "kernels": rows}, indent=1))
-    (args.out / f"kernels-quantized-{stamp}.md").write_text(md)
+    files = ResultFiles(args.out, f"kernels-quantized-{stamp}")
+    files.write_json({"meta": meta, "kernels": rows}, indent=1)
+    files.write_markdown(md)
     print(md)
-    print(f"wrote {args.out / f'kernels-quantized-{stamp}.md'} and .json")
+    print(f"wrote {files.path('.md')} and .json")
     return 0
 
 
@@ -814,16 +813,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
@@ -891,10 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     clock = clock_for(args.clock)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     meta = {
         "timestamp": stamp,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "threads": args.threads,
         "clock": args.clock,
         "reps": args.reps,
@@ -918,12 +907,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e = bench_e2e(args, clock) if args.e2e else []
     meta["load_end"] = load_average()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, e2e, meta)
-    (args.out / f"kernels-{stamp}.json").write_text(json.dumps({"meta": meta, "kernels": rows, "e2e": e2e}, indent=1))
-    (args.out / f"kernels-{stamp}.md").write_text(md)
+    files = ResultFiles(args.out, f"kernels-{stamp}")
+    files.write_json({"meta": meta, "kernels": rows, "e2e": e2e}, indent=1)
+    files.write_markdown(md)
     print(md)
-    print(f"wrote {args.out / f'kernels-{stamp}.md'} and .json")
+    print(f"wrote {files.path('.md')} and .json")
     return 0
 
 
