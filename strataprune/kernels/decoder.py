@@ -56,7 +56,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LM_HEADS = ("fp32", "int8")
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_KV_BYTES = 8 << 30
-#: overrides the team threads' spin before sleeping (microseconds), read when the library is first bound
+#: overrides the team threads' spin before sleeping (microseconds, or ``auto``), read when the library is first bound
 SPIN_ENV = "STRATAPRUNE_KERNELS_SPIN_US"
 _STATUS = {
     -1: "the CPU or this build lacks the instruction set",
@@ -108,24 +108,31 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _spin_value(value: Any, label: str, text: bool = False) -> int:
-    """``value`` as microseconds in [0, 1000000]: an int from Python, a decimal string from the environment."""
+def _spin_value(value: Any, label: str, text: bool = False) -> int | None:
+    """``value`` as microseconds in [0, 1000000]: an int from Python, a decimal string from the environment
+    (``auto`` there: None, the adaptive default)."""
     number = -1
+    if text and isinstance(value, str) and value.strip() == "auto":
+        return None
     if text and isinstance(value, str) and value.strip().isdigit():
         number = int(value.strip())
     elif not text and isinstance(value, int) and not isinstance(value, bool):
         number = value
     if not 0 <= number <= 1_000_000:
-        raise KernelInputError(f"{label}={value!r}; allowed: an integer from 0 to 1000000 (microseconds)")
+        allowed = "an integer from 0 to 1000000 (microseconds)" + (" or auto" if text else " or None (adaptive)")
+        raise KernelInputError(f"{label}={value!r}; allowed: {allowed}")
     return number
 
 
-def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int:
+def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int | None:
     """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
-    before it sleeps until woken; ``None`` restores the default (0). Applies to every engine of the process; returns
-    the value in force."""
+    before it sleeps until woken; ``None`` restores the default, adaptive spinning: each thread spins up to 50 us
+    while its recent waits were shorter than that and sleeps at once while they were longer (docs/kernels.md).
+    Applies to every engine of the process; returns the value in force (None: adaptive)."""
     lib = lib or _lib()
-    return int(lib.sd_set_spin_us(-1 if microseconds is None else _spin_value(microseconds, "spin_us")))
+    value = None if microseconds is None else _spin_value(microseconds, "spin_us")
+    in_force = int(lib.sd_set_spin_us(-1 if value is None else value))
+    return None if in_force < 0 else in_force
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:

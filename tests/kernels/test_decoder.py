@@ -560,7 +560,7 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
-    assert set_spin_us(None) == 0
+    assert set_spin_us(None) is None  # the adaptive default
     for bad in (-1, "x", "5", 2.7, float("inf"), True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)
@@ -580,7 +580,11 @@ def test_a_bad_spin_environment_value_is_refused_every_time(monkeypatch):
             decoder.NativeDecoder(model, max_context=64)
     monkeypatch.setenv(decoder.SPIN_ENV, "40")
     decoder.NativeDecoder(model, max_context=64)
-    assert decoder.set_spin_us(None) == 0
+    assert decoder.set_spin_us(0) == 0
+    monkeypatch.delitem(decoder._bound, "ok", raising=False)
+    monkeypatch.setenv(decoder.SPIN_ENV, "auto")
+    decoder.NativeDecoder(model, max_context=64)
+    assert decoder.set_spin_us(None) is None
     with pytest.raises(ConfigError, match="thread_team"):
         decoder.NativeDecoder(model, max_context=64, thread_team="no")
 

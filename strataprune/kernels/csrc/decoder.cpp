@@ -98,15 +98,29 @@ struct Layer {
 };
 
 // ---- Waiting: sleep (after an optional spin) ----
-// A thread that waits for the others sleeps on a futex until woken; before that it may spin g_spin_us (0 by default,
-// sd_set_spin_us). Sleeping, not yielding or spinning: on a machine shared with other jobs a thread that stays
-// runnable spends its share of the core, so the scheduler runs it (and the team thread that holds the last block)
-// later; a sleeper costs nothing and is run promptly when woken. Measured on the 2-core machine under load 3-5
+// A thread that waits for the others sleeps on a futex until woken; before that it may spin. Sleeping, not yielding
+// or spinning, on a machine shared with other jobs: a thread that stays runnable spends its share of the core, so the
+// scheduler runs it (and the team thread that holds the last block) later; a sleeper costs nothing and is run
+// promptly when woken. Measured on the 2-core machine under load 3-5
 // (benchmarks/results/decode-threads-20261206T110457Z.md, SmolLM2 int4): spin 0 16.1 ms/token wall, 10.6 ms CPU;
-// spin 50 us 21.7 ms wall, 12.2 ms CPU. On an idle machine a spin can hide the futex wake-up (a few us per wait, 5 waits per layer). Where
-// futexes are missing the sleep is a yield.
-constexpr int kDefaultSpinUs = 0;
+// spin 50 us 21.7 ms wall, 12.2 ms CPU. On an idle machine a short spin hides the futex wake-up, which a decode step
+// pays at every phase (5 per layer). So the default adapts, per thread, as adaptive mutexes do: it spins up to
+// kAdaptiveSpinUs while this thread's recent phase waits were shorter than that (the others are running), and
+// sleeps at once when they were longer (someone was descheduled: spinning would only take their core); every
+// kProbeEvery-th wait spins anyway, so that a machine that became idle is noticed. sd_set_spin_us(n >= 0) fixes
+// the spin instead. Where futexes are missing the sleep is a yield.
+constexpr int kAdaptiveSpin = -1;
+constexpr int kAdaptiveSpinUs = 50;
+constexpr int kProbeEvery = 64;
+constexpr int kDefaultSpinUs = kAdaptiveSpin;
 std::atomic<int> g_spin_us{kDefaultSpinUs};
+
+// A thread's recent waits: a running mean (weight 1/8 per wait) of how long they lasted.
+struct WaitHistory {
+  double mean_us = 0.0;
+  uint32_t waits = 0;
+};
+thread_local WaitHistory t_wait_history;
 
 inline void cpu_relax() {
 #if SP_X86
@@ -140,22 +154,35 @@ struct Signal {
     word.fetch_add(1);
     if (sleepers.load() > 0) futex_wake_all(word);
   }
-  // Returns once ready() holds: spins spin_us (if > 0), then sleeps (ready() must become true before the matching signal()).
+  // Returns once ready() holds: spins (spin_us > 0: that long; kAdaptiveSpin: as the thread's history says), then
+  // sleeps (ready() must become true before the matching signal()).
   template <class Ready>
   void wait(Ready ready, int spin_us) {
     if (ready()) return;
     using Clock = std::chrono::steady_clock;
-    const Clock::time_point until = Clock::now() + std::chrono::microseconds(spin_us);
+    const Clock::time_point start = Clock::now();
+    const bool adaptive = spin_us == kAdaptiveSpin;
+    WaitHistory& history = t_wait_history;
+    if (adaptive)
+      spin_us = history.mean_us < kAdaptiveSpinUs || ++history.waits % kProbeEvery == 0 ? kAdaptiveSpinUs : 0;
+    const Clock::time_point until = start + std::chrono::microseconds(spin_us);
+    bool slept = false;
     while (spin_us > 0) {
       for (int i = 0; i < 32; ++i) cpu_relax();
-      if (ready()) return;
+      if (ready()) break;
       if (Clock::now() >= until) break;
     }
     while (!ready()) {
+      slept = true;
       sleepers.fetch_add(1);
       const uint32_t seen = word.load();
       if (!ready()) futex_wait(word, seen);
       sleepers.fetch_sub(1);
+    }
+    if (adaptive) {
+      const double waited_us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+      // a spin that succeeded restarts the history: the others are running again
+      history.mean_us = slept ? history.mean_us + (waited_us - history.mean_us) / 8 : waited_us;
     }
   }
 };
@@ -201,8 +228,10 @@ class TeamPool {
   void loop(int member) {
     uint64_t seen = 0;
     for (;;) {
+      // the gap between steps is the caller's (sampling, Python): adaptive spinning is for phases, not for it
+      const int spin_us = g_spin_us.load(std::memory_order_relaxed);
       start_.wait([&] { return stop_.load() || (ticket_.load(std::memory_order_acquire) >> kMemberBits) != seen; },
-                  g_spin_us.load());
+                  spin_us == kAdaptiveSpin ? 0 : spin_us);
       if (stop_.load()) return;
       const uint64_t ticket = ticket_.load(std::memory_order_acquire);
       seen = ticket >> kMemberBits;
@@ -1000,7 +1029,8 @@ SD_API int sd_set_team(void* handle, int enabled) {
 }
 
 // Microseconds a team thread spins on an unfinished phase, or a worker for the next step, before it sleeps until
-// woken (all engines of the process); < 0 restores the default. Returns the value now in force.
+// woken (all engines of the process); < 0 restores the default, adaptive spinning (kAdaptiveSpin, returned as -1).
+// Returns the value now in force.
 SD_API int sd_set_spin_us(int microseconds) {
   sp::g_spin_us.store(microseconds < 0 ? sp::kDefaultSpinUs : microseconds);
   return sp::g_spin_us.load();
