@@ -41,7 +41,7 @@ def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, i
     return out
 
 
-AUTO = -1  #: the engine's adaptive spin (``set_spin_us(None)``)
+AUTO = -1  #: the engine's adaptive spin (``set_spin_us("auto")``)
 
 
 def label(threads: int, team: bool, spin: int) -> str:
@@ -59,8 +59,8 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument(
         "--spin",
-        default="auto",
-        help="comma-separated team spin times in microseconds, or auto (default auto: the engine's adaptive spin)",
+        default="0",
+        help="comma-separated team spin times in microseconds, or auto (the adaptive spin); default 0, the engine's",
     )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per repeat (default 32)")
@@ -106,7 +106,7 @@ def main() -> int:
                 for s in settings:
                     engine = engines[s]
                     kernels.set_num_threads(s[0])
-                    set_spin_us(None if s[2] == AUTO else s[2])
+                    set_spin_us("auto" if s[2] == AUTO else s[2])
                     engine.reset(0)
                     token = int(engine.prefill(0, ids).argmax())
                     wall, cpu = time.perf_counter(), time.process_time()
@@ -122,7 +122,7 @@ def main() -> int:
             for engine in engines.values():
                 engine.close()
     rows = [
-        {"setting": label(*s), "threads": s[0], "team": s[1], "spin_us": None if s[2] == AUTO else s[2],
+        {"setting": label(*s), "threads": s[0], "team": s[1], "spin_us": "auto" if s[2] == AUTO else s[2],
          "wall_ms": statistics.median(x[0] for x in samples[s]), "cpu_ms": statistics.median(x[1] for x in samples[s]),
          "samples": samples[s]}
         for s in settings

@@ -1046,9 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
         args.block_tokens = [int(t) for t in args.block_tokens.split(",")]
         if any(not 1 <= t <= 4 for t in args.block_tokens):
             raise ValueError(f"--block-tokens {args.block_tokens}: 1 to 4")
+        if not 0 < args.block_sparsity < 1:
+            raise ValueError(f"--block-sparsity {args.block_sparsity}: above 0 and below 1")
     except (KeyError, ValueError) as exc:
         print(
-            f"error: bad --shapes/--sparsities/--tokens/--block-tokens value {exc}; shapes allowed: {', '.join(SHAPES)}",
+            f"error: bad --shapes/--sparsities/--tokens/--block-tokens/--block-sparsity value {exc}; "
+            f"shapes allowed: {', '.join(SHAPES)}",
             file=sys.stderr,
         )
         return 2

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ def _lib() -> ctypes.CDLL:
         lib.sq_block_index.restype = i32
         lib.sq_set_block_path.argtypes = [i32]
         lib.sq_set_block_path.restype = i32
+        lib.sq_block_path_calls.argtypes = []
+        lib.sq_block_path_calls.restype = i64
         _bound["ok"] = True
     return lib
 
@@ -120,16 +123,36 @@ def use_quantized_isa(name: str) -> Iterator[None]:
         _Override.index = previous
 
 
+_block_path_lock = threading.Lock()
+_block_path_off = [0]  # use_block_path(False) blocks open now, in any thread
+
+
 @contextlib.contextmanager
 def use_block_path(enabled: bool) -> Iterator[None]:
     """Inside the block, ``False`` makes the kernels ignore 1x4 block indexes (the bitmask path everywhere, process-wide,
-    the native decoder included): to compare the two paths, whose results are the same."""
+    the native decoder included): to compare the two paths, whose results are the same. The path is off while any
+    thread is inside a ``use_block_path(False)`` block (blocks opened by several threads nest by count, not by the
+    order they close in); ``True`` changes nothing."""
+    if enabled:
+        yield
+        return
     lib = _lib()
-    previous = lib.sq_set_block_path(int(bool(enabled)))
+    with _block_path_lock:
+        _block_path_off[0] += 1
+        lib.sq_set_block_path(0)
     try:
         yield
     finally:
-        lib.sq_set_block_path(previous)
+        with _block_path_lock:
+            _block_path_off[0] -= 1
+            if _block_path_off[0] == 0:
+                lib.sq_set_block_path(1)
+
+
+def block_path_calls() -> int:
+    """How many kernel calls (row ranges) took the 1x4 block path so far in this process (tests use it to check
+    that a path really reads the block index)."""
+    return int(_lib().sq_block_path_calls())
 
 
 def quantized_isa_index() -> int:
@@ -492,9 +515,11 @@ def block_index(packed: QuantizedWeight) -> torch.Tensor | None:
 
     uint8 ``[rows, stride]`` (``stride`` = 8 bytes per 256 columns): bit ``i`` of byte ``b`` of row ``n`` is set iff
     columns ``32 b + 4 i`` to ``32 b + 4 i + 3`` of row ``n`` are kept. Derived once per masks tensor and kept beside
-    it (1/32 byte per weight, rows padded to 8 bytes per 256 columns); the codes and scales are used where they are."""
+    it (1/32 byte per weight, rows padded to 8 bytes per 256 columns); the codes and scales are used where they are.
+    Returns a copy."""
     validate(packed)
-    return _block_index_of(packed.masks, *packed.shape)
+    index = _block_index_of(packed.masks, *packed.shape)
+    return None if index is None else index.clone()  # the kernels read the original: a caller's edit must not reach them
 
 
 def linear(
@@ -551,7 +576,8 @@ def linear(
 def pointers(packed: QuantizedWeight, bias: torch.Tensor | None = None) -> tuple:
     """The validated weight's data pointers and sizes for :func:`launch_pointers` (the caller keeps ``packed``
     and ``bias`` alive and unmodified while they are used; the block index lives as long as ``packed.masks``)."""
-    blocks = block_index(packed)  # validates
+    validate(packed)
+    blocks = _block_index_of(packed.masks, *packed.shape)  # the kept index itself: its pointer must outlive this call
     if bias is not None:
         check_tensor("bias", bias, torch.float32, (packed.shape[0],))
     return (

@@ -121,7 +121,7 @@ def test_block_path_decodes_the_same_logits(bits):
     block path off (the bitmask path) every decode step's logits are bit-identical, one slot and two slots per step,
     on each quantized path, at one thread (a kernel call per Linear) and two (the thread team)."""
     from strataprune.kernels.decoder import NativeDecoder
-    from strataprune.kernels.quantized import quantized_isas, use_block_path, use_quantized_isa
+    from strataprune.kernels.quantized import block_path_calls, quantized_isas, use_block_path, use_quantized_isa
 
     model = tiny_llama(2, seed=3)
     gen = torch.Generator().manual_seed(3)
@@ -139,15 +139,19 @@ def test_block_path_decodes_the_same_logits(bits):
     for path in paths:
         for threads in (1, 2):
             kernels.set_num_threads(threads)
-            steps = {}
+            steps, calls = {}, {}
             for blocks in (True, False):
                 with use_quantized_isa(path), use_block_path(blocks):
                     for slot in (0, 1):
                         engine.reset(slot)
                         engine.prefill(slot, PROMPT[: 8 + slot])
+                    before = block_path_calls()
                     steps[blocks] = [engine.decode([0], [token])[0] for token in STEPS[:2]]
                     steps[blocks] += [engine.decode([0, 1], [token, token]) for token in STEPS[2:]]
+                    calls[blocks] = block_path_calls() - before
             assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False])), f"{path}, {threads} thread(s)"
+            # the decode steps really took the block path (at least one call per blocked Linear and step), and not when off
+            assert calls[True] >= 14 * len(STEPS) and calls[False] == 0, (path, threads, calls)
 
 
 @pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
@@ -384,7 +388,7 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
     for slots in ([0], [2, 0, 1]):
         want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head),
                                                  PROMPT, 6, slots)  # fmt: skip
-        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, 0), (2, False, None)):
+        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, "auto"), (2, True, 30), (2, False, None)):
             kernels.set_num_threads(threads)
             set_spin_us(spin)
             try:
@@ -560,8 +564,9 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
-    assert set_spin_us(None) is None  # the adaptive default
-    for bad in (-1, "x", "5", 2.7, float("inf"), True, 10**7):
+    assert set_spin_us("auto") == "auto"
+    assert set_spin_us(None) == 0
+    for bad in (-1, -2, "x", "5", "Auto", 2.7, float("inf"), True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)
     with pytest.raises(KernelInputError, match="threads"):
@@ -580,11 +585,12 @@ def test_a_bad_spin_environment_value_is_refused_every_time(monkeypatch):
             decoder.NativeDecoder(model, max_context=64)
     monkeypatch.setenv(decoder.SPIN_ENV, "40")
     decoder.NativeDecoder(model, max_context=64)
-    assert decoder.set_spin_us(0) == 0
+    assert decoder.spin_us() == 40
     monkeypatch.delitem(decoder._bound, "ok", raising=False)
     monkeypatch.setenv(decoder.SPIN_ENV, "auto")
     decoder.NativeDecoder(model, max_context=64)
-    assert decoder.set_spin_us(None) is None
+    assert decoder.spin_us() == "auto"
+    assert decoder.set_spin_us(None) == 0 and decoder.spin_us() == 0
     with pytest.raises(ConfigError, match="thread_team"):
         decoder.NativeDecoder(model, max_context=64, thread_team="no")
 

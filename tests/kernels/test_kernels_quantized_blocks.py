@@ -10,6 +10,8 @@ fp32 rounding bound as in test_kernels_quantized.py); (3) the block index itself
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -199,8 +201,9 @@ def test_block_path_equals_the_bitmask_path_and_the_plain_loop(bits, group):
                     assert (err <= bound).all(), f"{path} tokens={tokens} {p!r}: error {err.max():.3g}"
 
 
+@pytest.mark.parametrize(("bits", "group"), [(8, None), (8, 64), (4, 128), (4, 32)])  # int4/128: AVX-512's 1-token path
 @pytest.mark.parametrize("path", VECTOR_PATHS)
-def test_the_vector_paths_read_the_block_index(path):
+def test_the_vector_paths_read_the_block_index(path, bits, group):
     """A wrong block index (another blocked mask with the same kept count per row) changes the result: the GEMV
     kernels really walk the index, not the bitmask; the portable path and the GEMM ignore it."""
     require(path)
@@ -209,7 +212,7 @@ def test_the_vector_paths_read_the_block_index(path):
     g = torch.Generator().manual_seed(8)
     w[:, :8] = torch.rand(rows, 8, generator=g) + 0.5  # the first two blocks kept in every row
     w[:, 8:16] = 0.0
-    p = Q.pack_int8(w, group_size=None)
+    p = pack(w, bits, group)
     shifted = Q.block_index(p).clone()
     shifted[:, 0] = (shifted[:, 0] & 0xF0) | 0x0C  # blocks 2, 3 instead of 0, 1: the same count per row
     x = torch.randn(6, cols, generator=g)
@@ -219,7 +222,8 @@ def test_the_vector_paths_read_the_block_index(path):
         y = torch.empty(tokens, rows)
         code = lib.sq_linear_blocks(
             x.data_ptr(), tokens, p.masks.data_ptr(), p.offsets.data_ptr(), p.codes.data_ptr(), p.scales.data_ptr(),
-            None, None if blocks is None else blocks.data_ptr(), rows, cols, 8, cols, None, y.data_ptr(),
+            None if bits == 8 else p.zeros.data_ptr(), None if blocks is None else blocks.data_ptr(), rows, cols, bits,
+            group or cols, None, y.data_ptr(),
             Q.QUANT_ISA_NAMES.index(isa), 1,
         )  # fmt: skip
         assert code == 0
@@ -259,3 +263,46 @@ def test_unblocked_masks_keep_the_bitmask_path():
     p = Q.pack_int4(w, group_size=32)
     assert not p.index_blocks and Q.block_index(p) is None and "index=bitmask" in repr(p)
     assert Q.pointers(p)[-1] is None  # the kernels get no block index
+
+
+def test_editing_the_returned_block_index_does_not_change_the_kernels_result():
+    """block_index() hands out a copy: the kernels read the weight's own index, which a caller cannot edit."""
+    paths = [p for p in VECTOR_PATHS if p in Q.quantized_isas()]
+    if not paths:
+        pytest.skip(f"no vector quantized path on this CPU ({Q.quantized_isas()})")
+    g = torch.Generator().manual_seed(0)
+    keep = (torch.rand(8, 16, generator=g) > 0.5).repeat_interleave(4, dim=1)
+    p, x = Q.pack_int8(torch.randn(8, 64, generator=g) * keep), torch.randn(1, 64, generator=g)
+    with Q.use_quantized_isa(paths[0]):
+        before = Q.sparse_linear_quantized(x, p)
+        Q.block_index(p).zero_()
+        assert torch.equal(Q.sparse_linear_quantized(x, p), before)
+
+
+def test_overlapping_use_block_path_contexts_in_two_threads_leave_the_switch_on():
+    """Two threads' use_block_path(False) blocks that close out of order: the path is off while either is open and
+    on again once both have closed."""
+    lib = Q._lib()
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first() -> None:
+        with Q.use_block_path(False):
+            a_inside.set()
+            b_inside.wait(5)
+        a_left.set()
+
+    def second() -> None:
+        a_inside.wait(5)
+        with Q.use_block_path(False):
+            b_inside.set()
+            a_left.wait(5)
+            seen.append(lib.sq_set_block_path(0))  # still off after the first block closed (returns the setting)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [0]
+    assert lib.sq_set_block_path(1) == 1, "both blocks have closed, yet the block path is off process-wide"

@@ -62,10 +62,15 @@ bool derive_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uint8
 }
 
 namespace {
-std::atomic<bool> g_block_path{true};  // sq_set_block_path
+std::atomic<bool> g_block_path{true};        // sq_set_block_path
+std::atomic<int64_t> g_block_path_calls{0};  // sq_block_path_calls
 }  // namespace
 
-bool block_path_enabled() { return g_block_path.load(std::memory_order_relaxed); }
+bool block_path_enabled() {
+  if (!g_block_path.load(std::memory_order_relaxed)) return false;
+  g_block_path_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
 
 uint8_t* unpack_row_nibbles(const QPacked& w, int64_t n, uint8_t* buf) {
   const int64_t first = w.offsets[n], last = w.offsets[n + 1];
@@ -359,6 +364,9 @@ SQ_API int sq_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uin
 SQ_API int sq_set_block_path(int enabled) {
   return sp::g_block_path.exchange(enabled != 0, std::memory_order_relaxed) ? 1 : 0;
 }
+
+// How many kernel calls (row ranges) have taken the block path in this process: tests check that a path really uses it.
+SQ_API int64_t sq_block_path_calls() { return sp::g_block_path_calls.load(std::memory_order_relaxed); }
 
 SQ_API int sq_linear_blocks(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets,
                             const uint8_t* codes, const float* scales, const uint8_t* zeros, const uint8_t* blocks,

@@ -294,7 +294,7 @@ template <int BITS>
 SQ_AVX512 void gemv(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   switch (in.tokens) {
     case 1:
-      if (w.blocks && block_path_enabled() && BITS == 4 && w.unit == 128) {
+      if (BITS == 4 && w.unit == 128 && w.blocks && block_path_enabled()) {
         int64_t n = r0;
         for (; n + 4 <= r1; n += 4) gemv1_block_rows_int4_128<4>(w, in, bias, y, n);
         for (; n < r1; ++n) gemv1_block_rows_int4_128<1>(w, in, bias, y, n);

@@ -72,7 +72,8 @@ inline int64_t block_index_stride(int64_t cols) { return (cols + 255) / 256 * 8;
 // Fills out (rows * block_index_stride(cols) bytes; nullptr: only checks) and returns true when the mask is 1x4
 // blocked; false (out partly written) when it is not, cols is not a multiple of 4, or there are no rows or columns.
 bool derive_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uint8_t* out);
-// Whether the kernels take the block path where a weight has a block index (sq_set_block_path; default true).
+// Whether the kernels take the block path where a weight has a block index (sq_set_block_path; default true); call it
+// only where a true answer takes the path (it counts those calls: sq_block_path_calls).
 bool block_path_enabled();
 
 // The quantized input, shared by all threads of a call. cols_pad = cols rounded up to kActBlock (zero-filled).
