@@ -256,8 +256,14 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
                 },
             }
     result["kv_bytes"] = engine.kv_bytes
+    result["block_linears"] = engine.block_linears  # Linears whose decode GEMV walks a 1x4 block index
     engine.close()
     return result
+
+
+#: the packing of the cached native models: bump when pack_int8/pack_int4 change what they write (2: 1x4 blocks closed
+#: over exact zeros), so that a cache made before is not timed as if it were current
+PACKING = 2
 
 
 def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
@@ -275,7 +281,7 @@ def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
     digest = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:8]
-    folder = workdir / f"packed-{bits}-{run.name}-{digest}"
+    folder = workdir / f"packed-v{PACKING}-{bits}-{run.name}-{digest}"
     manifest = folder / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime >= (run / "report.json").stat().st_mtime:
         return load_packed_model(folder)
@@ -657,10 +663,12 @@ def main(argv: list[str] | None = None) -> int:
                 models: dict[int, Any] = {}
 
                 def model_for(b: int = bits, r: str = run, th: int = t) -> Any:
-                    if b not in models:
+                    # keyed by run too: every job closure shares the last `models` of this loop (late binding), so a
+                    # key of the bits alone handed a later run's rows the previous run's model
+                    if (b, r) not in models:
                         models.clear()
-                        models[b] = packed_model(Path(r), b, th, workdir)
-                    return models[b]
+                        models[(b, r)] = packed_model(Path(r), b, th, workdir)
+                    return models[(b, r)]
 
                 kind = "fp32" if bits == 32 else f"int{bits}"
                 # fp32 weights have one AVX2 path (no VNNI variant): forced avx2-novnni is a quantized-only row

@@ -119,14 +119,25 @@ class ResultFiles:
             return target
         while True:
             target = self.path(suffix)
+            # written whole under a private name, then linked to the final one (which fails if it exists): a crash
+            # never leaves a truncated file under a result's name
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            partial.write_text(text)
             try:
-                with open(target, "x") as handle:
-                    handle.write(text)
+                try:
+                    os.link(partial, target)
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links: create the name exclusively instead
+                    with open(target, "x") as handle:
+                        handle.write(text)
             except FileExistsError:
                 if self._written:  # the run's other files already carry this name: stop rather than overwrite
                     raise
                 self.stem = self._free_stem()
                 continue
+            finally:
+                partial.unlink(missing_ok=True)
             self._written.add(suffix)
             return target
 
