@@ -19,17 +19,15 @@ evaluation tokens per text, ATP searching at most 3 betas on 4 held-out BBC vali
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpu_bar import cpu_facts  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from results_files import ResultFiles, cpu_facts, utc_stamp  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 from strataprune.contract.registry import get_registry  # noqa: E402
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
@@ -182,10 +180,7 @@ def main() -> int:
     print()
     print(table(rows, headers))
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"allocators-{stamp}"
+    files = ResultFiles(args.out, f"allocators-{utc_stamp()}", also=[".png"])
     settings = {
         "model": "smollm2-135m",
         "sparsity": args.sparsity,
@@ -208,7 +203,7 @@ def main() -> int:
         "environment": environment(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    files.write_json(payload)
     md = [
         f"# Allocators on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}",
         "",
@@ -220,14 +215,14 @@ def main() -> int:
         "Time = the allocator's own dense statistics pass + its allocation (AlphaPruning: with its spectra "
         "computed cold, not from the cache; ATP: its beta search, "
         f"{len((results.get('atp') or {}).get('trials') or [])} trials); wall clock. CPU = process CPU time "
-        "(all threads) of statistics, allocation and prune. Profile plot: " + f"{stem.name}.png",
+        "(all threads) of statistics, allocation and prune. Profile plot: " + files.path(".png").name,
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    files.write_markdown("\n".join(md))
     plot_profiles(
-        profiles, args.sparsity, stem.with_suffix(".png"), f"SmolLM2-135M, {args.pruner} {args.sparsity:g}: per-block sparsity"
+        profiles, args.sparsity, files.path(".png"), f"SmolLM2-135M, {args.pruner} {args.sparsity:g}: per-block sparsity"
     )
-    print(f"\nwrote {stem}.json, .md, .png")
+    print(f"\nwrote {files.stem}.json, .md, .png")
     return 0
 
 
@@ -319,10 +314,7 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
     ]
     print()
     print(table(rows, headers))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"atp-search-{stamp}"
+    files = ResultFiles(args.out, f"atp-search-{utc_stamp()}")
     settings = {
         "model": "smollm2-135m",
         "sparsity": args.sparsity,
@@ -336,17 +328,13 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
         "figure to compare",
     }
     grid_curve = [[t["beta"], t["score"]] for t in runs["grid"]["trials"]]
-    stem.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "settings": settings,
-                "runs": runs,
-                "environment": environment(),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            },
-            indent=2,
-            default=str,
-        )
+    files.write_json(
+        {
+            "settings": settings,
+            "runs": runs,
+            "environment": environment(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        }
     )
     md = [
         f"# ATP beta search on SmolLM2-135M, {args.sparsity:g} unstructured, {args.pruner}",
@@ -361,8 +349,8 @@ def atp_search(args: argparse.Namespace, recipe: Recipe, registry) -> int:
         + ", ".join(f"{t['beta']:g} ({t['fidelity']}) {t['score']:.1f}" for t in runs["golden"]["trials"]),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print(f"\nwrote {stem}.json, .md")
+    files.write_markdown("\n".join(md))
+    print(f"\nwrote {files.stem}.json, .md")
     return 0
 
 

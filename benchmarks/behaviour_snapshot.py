@@ -54,6 +54,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from results_files import ResultFiles, cpu_flags, cpu_model, utc_stamp  # benchmarks/ is on sys.path when this script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT = "strataprune-behaviour-snapshot"
 FORMAT_VERSION = 1
@@ -377,22 +379,11 @@ def run_case(case: Case, repo: Path, keep: bool, cache: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the snapshot
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _isa() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-        return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if flags is None:
         return platform.machine()
+    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
 
 
 def _git(repo: Path, *args: str) -> str | None:
@@ -435,7 +426,7 @@ def snapshot(label: str, repo: Path, names: list[str] | None, keep: bool) -> dic
                 "scikit-image",
             )
         },
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "isa": _isa(),
         "cpus": os.cpu_count(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
@@ -657,13 +648,10 @@ def main() -> int:
         print(f"error: --repo {str(repo)!r} holds no strataprune package (strataprune/__main__.py)", file=sys.stderr)
         return 2
     data = snapshot(args.label, repo, names, args.keep)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    base = results / f"behaviour-snapshot-{args.label}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    base.with_suffix(".md").write_text(to_markdown(data))
-    print(f"wrote {base}.json and .md ({data['run_info']['wall_s']:.0f} s)")
+    files = ResultFiles(args.results_dir, f"behaviour-snapshot-{args.label}-{utc_stamp()}")
+    files.write_json(data, indent=1)
+    files.write_markdown(to_markdown(data))
+    print(f"wrote {files.stem}.json and .md ({data['run_info']['wall_s']:.0f} s)")
     failed = [n for n, c in data["cases"].items() if c["exit_code"] != 0]
     if failed:
         print(f"note: these cases did not exit 0: {', '.join(failed)} (recorded; compare snapshots to judge)", file=sys.stderr)

@@ -30,8 +30,9 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from results_files import ResultFiles, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("dense", "dense-stash", "prune", "fingerprint")
@@ -179,10 +180,7 @@ def main() -> int:
                 flush=True,
             )
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"calibration-{stamp}"
+    files = ResultFiles(args.out, f"calibration-{utc_stamp()}")
     settings = {
         "model": "smollm2-135m",
         "calibration": f"bbc train, {args.nsamples} x {args.seqlen} tokens",
@@ -192,7 +190,7 @@ def main() -> int:
         "load_average_at_end": os.getloadavg(),
         "machine": "2 shared cores (other engineers' jobs running); before/after alternate, compare their ratio",
     }
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    files.write_json({"settings": settings, "results": results})
     lines = ["# Calibration engine on SmolLM2-135M", "", *(f"- {k}: {v}" for k, v in settings.items()), ""]
     if "before" in results:
         lines += [
@@ -222,8 +220,8 @@ def main() -> int:
         "one per projection before); the peak rise is the resident high-water mark, which glibc's heap reuse "
         "also moves.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json, .md")
+    files.write_markdown("\n".join(lines) + "\n")
+    print(f"wrote {files.stem}.json, .md")
     return 0
 
 

@@ -50,7 +50,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # bench_models, the random ~1B Llama shared with deploy.py
+sys.path.insert(0, str(HERE))  # bench_models, the random ~1B Llama shared with deploy.py; results_files
+
+from results_files import ResultFiles, cpu_facts, utc_stamp  # noqa: E402
+
 GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_ALL_F32, MOSTLY_Q8_0, MOSTLY_Q4_0)
 
 
@@ -76,29 +78,6 @@ def busy_loops(count: int) -> Iterator[None]:
         for p in procs:
             p.kill()
             p.wait()
-
-
-def write_results(report: dict[str, Any], markdown: str, results: str | Path, prefix: str) -> Path:
-    """``<results>/<prefix>-<report['utc']>.json`` and ``.md``, the Markdown echoed to stdout; returns the stem."""
-    out = Path(results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{prefix}-{report['utc']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {stem}.json and .md", file=sys.stderr)
-    return stem
-
-
-def cpu_facts() -> dict[str, Any]:
-    model, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma", "amx_int8") if f in flags]
-    return {"cpu": model, "isa": isa, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
 
 
 def smollm2_gguf() -> Path:
@@ -277,8 +256,14 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
                 },
             }
     result["kv_bytes"] = engine.kv_bytes
+    result["block_linears"] = engine.block_linears  # Linears whose decode GEMV walks a 1x4 block index
     engine.close()
     return result
+
+
+#: the packing of the cached native models: bump when pack_int8/pack_int4 change what they write (2: 1x4 blocks closed
+#: over exact zeros), so that a cache made before is not timed as if it were current
+PACKING = 2
 
 
 def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
@@ -296,7 +281,7 @@ def packed_model(run: Path, bits: int, threads: int, workdir: Path) -> Any:
     from strataprune.plugins.backends.sparse_cpu import load_packed_model
 
     digest = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:8]
-    folder = workdir / f"packed-{bits}-{run.name}-{digest}"
+    folder = workdir / f"packed-v{PACKING}-{bits}-{run.name}-{digest}"
     manifest = folder / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime >= (run / "report.json").stat().st_mtime:
         return load_packed_model(folder)
@@ -653,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompt_ids(args.prompt_len)
     machine = cpu_facts()
     report: dict[str, Any] = {
-        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "model": bar.name, "machine": machine,
+        "utc": utc_stamp(), "model": bar.name, "machine": machine,
         "dense": str(bar.dense), "onnx": {k: info for k, (_, info) in bar.onnx.items()}, "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens, "warmup": args.warmup, "repeats": args.repeats, "threads": {},
         "gguf_bytes": {k: p.stat().st_size for k, p in ggufs.items()}, "runs": args.run,
@@ -678,10 +663,12 @@ def main(argv: list[str] | None = None) -> int:
                 models: dict[int, Any] = {}
 
                 def model_for(b: int = bits, r: str = run, th: int = t) -> Any:
-                    if b not in models:
+                    # keyed by run too: every job closure shares the last `models` of this loop (late binding), so a
+                    # key of the bits alone handed a later run's rows the previous run's model
+                    if (b, r) not in models:
                         models.clear()
-                        models[b] = packed_model(Path(r), b, th, workdir)
-                    return models[b]
+                        models[(b, r)] = packed_model(Path(r), b, th, workdir)
+                    return models[(b, r)]
 
                 kind = "fp32" if bits == 32 else f"int{bits}"
                 # fp32 weights have one AVX2 path (no VNNI variant): forced avx2-novnni is a quantized-only row
@@ -703,13 +690,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
         report["threads"][str(t)] = rows
     report["load_after"] = os.getloadavg()
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-bar-{'' if bar.name == 'smollm2-135m' else bar.name + '-'}{report['utc']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
+    files = ResultFiles(args.results, f"cpu-bar-{'' if bar.name == 'smollm2-135m' else bar.name + '-'}{report['utc']}")
+    files.write_json(report)
+    files.write_markdown(markdown(report))
     print(markdown(report))
-    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    print(f"wrote {files.stem}.json and .md", file=sys.stderr)
     return 0
 
 

@@ -123,9 +123,10 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
-    from kernels import cpu_flags, cpu_name
+    from kernels import isa_flags
+    from results_files import cpu_model
 
-    print(f"{cpu_name()}; {cpu_flags()}; load average {os.getloadavg()[0]:.1f}; 1 thread, thread CPU time (min of "
+    print(f"{cpu_model()}; {isa_flags()}; load average {os.getloadavg()[0]:.1f}; 1 thread, thread CPU time (min of "
           f"{args.reps}); sparsity {args.sparsity:.0%}\n")  # fmt: skip
     mats = matrices(paths, args.sparsity, args.stack_mb, args.reps)
     heads = head(paths, args.reps)

@@ -9,7 +9,7 @@ Two clocks: wall and the process's CPU time (all its threads: spinning counts). 
 busy loops for the run (a loaded machine on demand; they are stopped at the end).
 
     python benchmarks/decode_threads.py --run ~/.cache/strataprune/pareto/s70 --bits 4 --lm-head int8
-    python benchmarks/decode_threads.py --run RUN --busy 1 --spin 0,100,1000
+    python benchmarks/decode_threads.py --run RUN --busy 1 --spin auto,0,100,1000
 
 Writes benchmarks/results/decode-threads-<UTC>.json and .md (CPU model, ISA, load averages before and after).
 """
@@ -27,7 +27,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import busy_loops, cpu_facts, packed_model, prompt_ids, write_results  # noqa: E402
+from cpu_bar import busy_loops, packed_model, prompt_ids  # noqa: E402
+from results_files import cpu_facts, utc_stamp, write_results  # noqa: E402
 
 
 def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, int]]:
@@ -40,10 +41,14 @@ def settings_of(threads: list[int], spins: list[int]) -> list[tuple[int, bool, i
     return out
 
 
+AUTO = -1  #: the engine's adaptive spin (``set_spin_us("auto")``)
+
+
 def label(threads: int, team: bool, spin: int) -> str:
     if threads == 1:
         return "1 thread (kernel calls, no region)"
-    return f"{threads} threads, " + (f"thread team, spin {spin} us" if team else "one region per kernel call")
+    waits = "adaptive spin" if spin == AUTO else f"spin {spin} us"
+    return f"{threads} threads, " + (f"thread team, {waits}" if team else "one region per kernel call")
 
 
 def main() -> int:
@@ -52,7 +57,11 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4, help="packed weights: 32, 8 or 4 (default 4)")
     ap.add_argument("--lm-head", default="int8", help="fp32 or int8 (default int8)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    ap.add_argument("--spin", default="0", help="comma-separated team spin times in microseconds (default 0, the engine's)")
+    ap.add_argument(
+        "--spin",
+        default="0",
+        help="comma-separated team spin times in microseconds, or auto (the adaptive spin); default 0, the engine's",
+    )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per repeat (default 32)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -62,15 +71,18 @@ def main() -> int:
     args = ap.parse_args()
     try:
         threads = sorted(set(int(t) for t in args.threads.split(",")))
-        spins = sorted(set(int(s) for s in args.spin.split(",")))
+        spin_items = [s.strip() for s in args.spin.split(",")]
+        if any(s != "auto" and not 0 <= int(s) <= 1_000_000 for s in spin_items):
+            raise ValueError
+        spins = sorted(set(AUTO if s == "auto" else int(s) for s in spin_items))
         if args.bits not in (32, 8, 4) or args.lm_head not in ("fp32", "int8") or any(not 1 <= t <= 1024 for t in threads):
             raise ValueError
-        if any(not 0 <= s <= 1_000_000 for s in spins) or min(args.tokens, args.repeats, args.prompt_len) < 1 or args.busy < 0:
+        if min(args.tokens, args.repeats, args.prompt_len) < 1 or args.busy < 0:
             raise ValueError
     except ValueError:
         print(f"error: --bits {args.bits} / --lm-head {args.lm_head} / --threads '{args.threads}' / --spin '{args.spin}' / "
-              "--tokens, --repeats, --prompt-len, --busy: 32, 8 or 4 / fp32 or int8 / whole numbers 1-1024 / whole numbers "
-              "0-1000000 / >= 1, >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
+              "--tokens, --repeats, --prompt-len, --busy: 32, 8 or 4 / fp32 or int8 / whole numbers 1-1024 / auto or whole "
+              "numbers 0-1000000 / >= 1, >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
         return 2
     if not (Path(args.run) / "report.json").is_file():
         print(f"error: --run '{args.run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
@@ -94,7 +106,7 @@ def main() -> int:
                 for s in settings:
                     engine = engines[s]
                     kernels.set_num_threads(s[0])
-                    set_spin_us(s[2])
+                    set_spin_us("auto" if s[2] == AUTO else s[2])
                     engine.reset(0)
                     token = int(engine.prefill(0, ids).argmax())
                     wall, cpu = time.perf_counter(), time.process_time()
@@ -110,13 +122,13 @@ def main() -> int:
             for engine in engines.values():
                 engine.close()
     rows = [
-        {"setting": label(*s), "threads": s[0], "team": s[1], "spin_us": s[2],
+        {"setting": label(*s), "threads": s[0], "team": s[1], "spin_us": "auto" if s[2] == AUTO else s[2],
          "wall_ms": statistics.median(x[0] for x in samples[s]), "cpu_ms": statistics.median(x[1] for x in samples[s]),
          "samples": samples[s]}
         for s in settings
     ]  # fmt: skip
     report: dict[str, Any] = {
-        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "load_after": os.getloadavg(),
+        "utc": utc_stamp(), "machine": machine, "load_after": os.getloadavg(),
         "run": args.run, "bits": args.bits, "lm_head": args.lm_head, "prompt_len": args.prompt_len, "tokens": args.tokens,
         "repeats": args.repeats, "busy": args.busy, "rows": rows,
     }  # fmt: skip
@@ -138,7 +150,9 @@ def main() -> int:
         speed = f"{one['wall_ms'] / r['wall_ms']:.2f}x" if one else "-"
         lines.append(f"| {r['setting']} | {r['wall_ms']:.2f} | {r['cpu_ms']:.2f} | {extra} | {speed} |")
     markdown = "\n".join(lines) + "\n"
-    write_results(report, markdown, args.results, "decode-threads")
+    stem = write_results(args.results, f"decode-threads-{report['utc']}", report, markdown)
+    print(markdown)
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
     return 0
 
 

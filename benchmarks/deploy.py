@@ -26,7 +26,6 @@ Writes benchmarks/results/deploy-<model>-<timestamp>.json and .md and prints the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_models  # noqa: E402  (the random ~1B Llama and the pruned runs, shared with cpu_bar.py)
+from results_files import RESULTS_DIR, ResultFiles, utc_stamp  # noqa: E402
 
 #: latency depends on the sparsity pattern, not on which weights were chosen: Wanda at 50% for a realistic
 #: model, magnitude (no calibration passes) for the others, SparseGPT for joint INT4 (the only quantizing pruner)
@@ -125,15 +125,13 @@ def main() -> int:
         "wall_s": time.time() - start,
         "script": "benchmarks/deploy.py",
     }
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"deploy-{args.model}-{stamp}.json").write_text(json.dumps(report, indent=2, default=str))
-    (results / f"deploy-{args.model}-{stamp}.md").write_text(format_markdown(report))
+    files = ResultFiles(RESULTS_DIR, f"deploy-{args.model}-{utc_stamp()}")
+    files.write_json(report)
+    files.write_markdown(format_markdown(report))
     print(format_table(report))
     print()
     print("\n".join(summary_lines(report)))
-    print(f"\nwrote benchmarks/results/deploy-{args.model}-{stamp}.json and .md ({time.time() - start:.0f} s)")
+    print(f"\nwrote benchmarks/results/{files.stem.name}.json and .md ({time.time() - start:.0f} s)")
     return 0
 
 

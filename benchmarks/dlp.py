@@ -14,17 +14,15 @@ step, with the CPU model, its ISA flags and the load average.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpu_bar import cpu_facts  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from results_files import ResultFiles, cpu_facts, utc_stamp  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 from strataprune.contract.registry import get_registry  # noqa: E402
 from strataprune.data.text_windows import evaluation_windows, open_dataset  # noqa: E402
@@ -78,9 +76,7 @@ def main() -> int:
     allocators = make_allocators(recipe, specs, registry)  # a bad name fails before anything loads
     pruners = {name: registry.create("pruner", name, {}) for name in pruner_names}
     machine = cpu_facts()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = Path(args.out) / f"dlp-{stamp}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    files = ResultFiles(args.out, f"dlp-{utc_stamp()}")
 
     session = PruningSession(recipe, registry=registry, show_progress=False, log=lambda line: None)
     w0, c0 = clocks()
@@ -169,14 +165,14 @@ def main() -> int:
                 f"(prune {w2 - w:.0f} s wall / {c2 - c:.0f} s CPU, eval {w3 - w2:.0f} s / {c3 - c2:.0f} s)",
                 flush=True,
             )
-            write(stem, payload)
-    print(f"wrote {stem}.json, .md")
+            write(files, payload)
+    print(f"wrote {files.stem}.json, .md")
     return 0
 
 
-def write(stem: Path, payload: dict) -> None:
+def write(files: ResultFiles, payload: dict) -> None:
     payload["settings"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    files.write_json(payload)
     uniform = {r["pruner"]: r["ppl"] for r in payload["results"] if r["allocator"] == "uniform"}
     headers = ["pruner", "allocator", "WikiText-2 ppl", "vs uniform", "BBC ppl", "vs uniform", "block sparsity"]
     headers += ["prune wall / CPU (s)", "eval wall / CPU (s)", "load after"]
@@ -200,7 +196,7 @@ def write(stem: Path, payload: dict) -> None:
     s = payload["settings"]
     stats = payload["dense_statistics"]
     lines = [
-        f"# uniform vs OWL vs DLP, SmolLM2-135M at {s['sparsity']:g} unstructured ({stem.name})",
+        f"# uniform vs OWL vs DLP, SmolLM2-135M at {s['sparsity']:g} unstructured ({files.stem.name})",
         "",
         *(f"- {k}: {v}" for k, v in s.items()),
         f"- one dense statistics pass for {', '.join(stats['for'])}: {stats['wall_s']:.0f} s wall / {stats['cpu_s']:.0f} s CPU",
@@ -217,7 +213,7 @@ def write(stem: Path, payload: dict) -> None:
         "times are inflated by contention.",
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    files.write_markdown("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,16 @@ Results: benchmarks/results/dsnot-layer-error-<timestamp>.{json,md}.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_files import RESULTS_DIR, ResultFiles, utc_stamp  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 from strataprune.data.text_windows import calibration_windows, open_dataset  # noqa: E402
 from strataprune.models.loading import load_model  # noqa: E402
@@ -77,10 +77,10 @@ def main() -> int:
                     "error ratio (held-out)": round(error(values, held) / error(weight * keep, held), 4),
                 }
             )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = ROOT / "benchmarks" / "results" / f"dsnot-layer-error-{stamp}"
+    stamp = utc_stamp()
+    files = ResultFiles(RESULTS_DIR, f"dsnot-layer-error-{stamp}")
     load = os.getloadavg()
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "load_average": load, "environment": environment()}, indent=2))
+    files.write_json({"rows": rows, "load_average": load, "environment": environment()})
     headers = list(rows[0])
     text = "\n".join(
         [
@@ -94,7 +94,7 @@ def main() -> int:
             "",
         ]
     )
-    out.with_suffix(".md").write_text(text)
+    files.write_markdown(text)
     print(text)
     return 0
 

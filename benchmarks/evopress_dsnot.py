@@ -18,11 +18,12 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_files import ResultFiles, cpu_flags, cpu_model, utc_stamp  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 from strataprune.contract.allocation import Allocation  # noqa: E402
 from strataprune.contract.registry import get_registry  # noqa: E402
@@ -35,14 +36,9 @@ from strataprune.runtime.reports import environment, markdown_table  # noqa: E40
 
 def cpu_description() -> str:
     """CPU model and the vector ISA extensions torch can use (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags() or frozenset()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX2'})"
+    return f"{cpu_model()} ({', '.join(isa) or 'no AVX2'})"
 
 
 def clocks() -> tuple[float, float]:
@@ -151,7 +147,7 @@ def main() -> int:
         }
     env = {**environment(), "cpu": cpu_description()}
     load_after = os.getloadavg()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     payload = {
         "settings": {**vars(args), "evopress": params, "dsnot_params": dsnot_params, "model": "smollm2-135m", "dtype": "float32"},
         "dense_bbc_test_ppl": dense_ppl,
@@ -161,10 +157,8 @@ def main() -> int:
         "load_average_end": load_after,
         "environment": env,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"evopress-dsnot-{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    files = ResultFiles(args.out, f"evopress-dsnot-{stamp}")
+    files.write_json(payload)
     headers = ["run", "bbc_test_ppl", "ppl_vs_wanda_uniform", "prune_wall_s", "prune_cpu_s"]
     lines = [
         f"# EvoPress and DSnoT, SmolLM2-135M, {args.sparsity:.0%} unstructured, Wanda ({stamp})",
@@ -188,7 +182,7 @@ def main() -> int:
             f"block ratios {summary['block_ratios']}; weighted mean {summary['weighted_mean']:.12f}.",
             "",
         ]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    files.write_markdown("\n".join(lines))
     print("\n".join(lines))
     return 0
 

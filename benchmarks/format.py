@@ -22,7 +22,6 @@ Writes benchmarks/results/format-<timestamp>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -38,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_files import RESULTS_DIR, ResultFiles, cpu_model, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 #: WikiText-2 raw test text (for --llama-cpp): --wikitext, else $STRATAPRUNE_WIKITEXT2
 WIKITEXT = os.environ.get("STRATAPRUNE_WIKITEXT2")
@@ -72,13 +71,8 @@ print(json.dumps({"wall_s": wall, "cpu_s": cpu, "before": before, "after_load": 
 def machine() -> dict[str, Any]:
     import strataprune.kernels as kernels
 
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "isa": kernels.best_isa() if kernels.available() else "kernels not built",
         "load_average_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
@@ -282,7 +276,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
+    files = ResultFiles(RESULTS_DIR, f"format-{stamp}")
     result: dict[str, Any] = {
         "timestamp": stamp,
         "machine": machine(),
@@ -297,8 +292,7 @@ def main() -> None:
         if args.repeats:
             folders = write_variants(dense, work)
             result["load"] = measure_loads(folders, args.repeats)
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"format-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if llama.cpp fails
+            files.write_json(result)  # kept if llama.cpp fails
         if args.llama_cpp:
             if not args.wikitext:
                 parser.error("--llama-cpp needs --wikitext PATH (WikiText-2's wiki.test.raw) or $STRATAPRUNE_WIKITEXT2")
@@ -306,10 +300,9 @@ def main() -> None:
     result["load_average_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     result["benchmark_wall_s"] = time.perf_counter() - wall
     result["benchmark_cpu_s"] = time.process_time() - cpu + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"format-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    files.write_json(result)
     text = markdown(result)
-    (RESULTS / f"format-{stamp}.md").write_text(text)
+    files.write_markdown(text)
     print(text)
 
 

@@ -24,6 +24,11 @@ With ``--e2e``, SmolLM2-135M (real weights, magnitude-pruned per Linear at 50/70
     python benchmarks/kernels.py --e2e                      # plus SmolLM2 end to end
     python benchmarks/kernels.py --quick                    # 64 MB stacks, 3 repetitions, 4096x4096 only
     python benchmarks/kernels.py --threads 1 --clock cpu    # one thread, timed in thread CPU time (noise-robust)
+    python benchmarks/kernels.py --blocks --quant-stack-mb 32   # quantized 1-token GEMV: 1x4 block path vs bitmask path
+
+``--blocks`` times SmolLM2-135M's shapes at ``--block-sparsity`` (0.7), int4 (group 128) and int8, on every vector
+quantized path at 1 thread: unstructured masks, and random 1x4 masks on the bitmask path and on the block path
+(docs/kernels-quantized.md, "1x4 blocks"); writes benchmarks/results/kernels-blocks-<UTC>.json and .md.
 
 Needs ``pip install 'strataprune[bench]'`` (onnx, onnxruntime) for the ORT baseline; without it the
 ORT rows are skipped and the ratios are against torch. Writes benchmarks/results/kernels-<timestamp>.json
@@ -34,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -47,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_files import ResultFiles, cpu_flags, cpu_model, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
@@ -548,10 +552,10 @@ def quantized_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+def isa_flags() -> str:
+    """The SIMD flags the kernels can use that this CPU has, as one line."""
+    flags = cpu_flags()
+    if flags is None:
         return "flags unknown"
     wanted = (
         "avx2",
@@ -581,13 +585,13 @@ def cache_sizes() -> str:
 def run_quantized(args, have_ort: bool, ort_version: str) -> int:
     from strataprune import kernels
 
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
     meta = {
         "timestamp": stamp,
-        "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
         "caches": cache_sizes(),
         "threads": 1,
         "reps": args.reps,
@@ -608,12 +612,187 @@ def run_quantized(args, have_ort: bool, ort_version: str) -> int:
         print(f"{label} (quantized) ...", flush=True)
         rows += bench_quantized_shape(label, r, c, args, have_ort)
     meta["load_end"] = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
     md = quantized_markdown(rows, meta)
-    (args.out / f"kernels-quantized-{stamp}.json").write_text(json.dumps({"meta": meta, "kernels": rows}, indent=1))
-    (args.out / f"kernels-quantized-{stamp}.md").write_text(md)
+    files = ResultFiles(args.out, f"kernels-quantized-{stamp}")
+    files.write_json({"meta": meta, "kernels": rows}, indent=1)
+    files.write_markdown(md)
     print(md)
-    print(f"wrote {args.out / f'kernels-quantized-{stamp}.md'} and .json")
+    print(f"wrote {files.path('.md')} and .json")
+    return 0
+
+
+# --------------------------------------------------------------------------- 1x4 block path (--blocks)
+BLOCK_SHAPES = ("576x576", "192x576", "1536x576", "576x1536")  # SmolLM2-135M's Linears
+BLOCK_FORMATS = {"int4-g128": (4, 128), "int8": (8, None)}  # as sparse-cpu packs a run without a grid
+
+
+def prune_blocks(w: torch.Tensor, sparsity: float, seed: int) -> torch.Tensor:
+    """Exactly round(sparsity * blocks) aligned 1x4 blocks zeroed at uniformly random places (cols % 4 == 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = w.clone()
+    blocks = out.view(w.shape[0], -1, 4).view(-1, 4)
+    k = round(sparsity * blocks.shape[0])
+    if k:
+        blocks[torch.randperm(blocks.shape[0], generator=g)[:k]] = 0
+    return out
+
+
+def bench_block_shape(label: str, rows: int, cols: int, args) -> list[dict]:
+    """GEMV (``--block-tokens``, 1 to 4), 1 thread: per format, unstructured masks on the bitmask path and 1x4 masks on
+    the bitmask path (block path off) and the block path, on every vector quantized path, raced round-robin in one
+    group per token count."""
+    from strataprune.kernels import quantized as Q
+
+    out: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
+    inputs = {tokens: torch.randn(tokens, cols, generator=g) for tokens in args.block_tokens}
+    paths = [p for p in Q.quantized_isas() if p != "portable"]
+    sparsity = args.block_sparsity
+    for fmt, (bits, group) in BLOCK_FORMATS.items():
+        est = rows * cols * (2 / 16 + (1 - sparsity) * bits / 8 + (5 if bits == 4 else 4) / (group or cols))
+        stack = max(2, math.ceil(args.quant_stack_mb * 1e6 / est))
+        engines: dict[int, dict[str, Callable[[], object]]] = {}
+        facts: dict[str, tuple] = {}
+        keep = []
+        for mask, prune in (("unstructured", prune_random), ("1x4", prune_blocks)):
+            packs = []
+            for i in range(stack):
+                pruned = prune(base * (1 + 0.01 * i), sparsity, seed=i)
+                packs.append(Q.pack_int8(pruned, group_size=group) if bits == 8 else Q.pack_int4(pruned, group_size=group))
+            ptrs = [Q.pointers(p) for p in packs]
+            keep.append((packs, ptrs))
+            blocked = all(p.index_blocks for p in packs)
+            assert blocked == (mask == "1x4"), f"{mask} masks: index_blocks {blocked}"
+            bitmask_bytes = sum(p.nbytes for p in packs)
+            # the block path reads the block index (1 bit per 4 columns) instead of the 16-bit mask words
+            block_bytes = bitmask_bytes - sum(p.masks.numel() * 2 - Q.block_index(p).numel() for p in packs) if blocked else 0
+            nnz = sum(p.nnz for p in packs)
+            for tokens, x in inputs.items():
+                for path in paths:
+                    for index in ("bitmask", "blocks") if blocked else ("bitmask",):
+
+                        def run(path=path, ptrs=ptrs, on=index == "blocks", x=x):
+                            with Q.use_quantized_isa(path), Q.use_block_path(on):
+                                return [Q.launch_pointers(x, ptr) for ptr in ptrs]
+
+                        name = f"{fmt} {mask} {index} ({path}) x{tokens}"
+                        engines.setdefault(tokens, {})[name] = run
+                        facts[name] = (mask, index, path, tokens, block_bytes if index == "blocks" else bitmask_bytes, nnz)
+        for tokens in inputs:
+            for name, timing in race_both(engines[tokens], args.reps).items():
+                mask, index, path, tokens, nbytes, nnz = facts[name]
+                out.append(_block_record(label, rows, cols, fmt, mask, index, path, tokens, sparsity, stack, nbytes, nnz, timing))
+        del engines, keep
+        gc.collect()
+    for r in out:  # speedups against the bitmask path on the same path, format and tokens: unstructured, the same 1x4 masks
+        same = [
+            d
+            for d in out
+            if (d["shape"], d["format"], d["path"], d["tokens"]) == (r["shape"], r["format"], r["path"], r["tokens"])
+        ]
+        for clock in ("cpu", "wall"):
+            key = f"us_per_matrix_{clock}"
+            unstructured = next(d for d in same if d["mask"] == "unstructured")
+            r[f"vs_unstructured_{clock}"] = unstructured[key] / r[key]
+            r[f"vs_bitmask_same_mask_{clock}"] = (
+                next(d for d in same if d["mask"] == r["mask"] and d["index"] == "bitmask")[key] / r[key]
+            )
+    return out
+
+
+def _block_record(label, rows, cols, fmt, mask, index, path, tokens, sparsity, stack, nbytes, nnz, timing) -> dict:
+    return {
+        "shape": label,
+        "rows": rows,
+        "cols": cols,
+        "tokens": tokens,
+        "format": fmt,
+        "mask": mask,
+        "index": index,
+        "path": path,
+        "sparsity": sparsity,
+        "stack": stack,
+        "bytes_per_weight": nbytes / stack / (rows * cols),
+        **timing,
+        "us_per_matrix_cpu": timing["cpu_s"] / stack * 1e6,
+        "us_per_matrix_wall": timing["wall_s"] / stack * 1e6,
+        "GBps_cpu": nbytes / timing["cpu_s"] / 1e9,
+        "GBps_wall": nbytes / timing["wall_s"] / 1e9,
+        "useful_GFLOPs_cpu": 2 * tokens * nnz / timing["cpu_s"] / 1e9,
+    }
+
+
+def blocks_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Quantized kernels: the 1x4 block path ({meta['utc']})",
+        "",
+        f"{meta['cpu']} ({meta['cpu_flags']}); caches: {meta['caches']}; 1 thread, GEMV of {meta['tokens']} token(s); "
+        f"{meta['sparsity']:.0%} sparsity; best of {meta['reps']} round-robin repetitions, both clocks read around each "
+        f"(wall: perf_counter; CPU: this thread's CPU time); load average at start {meta['load_start']}, at end "
+        f"{meta['load_end']} (2 cores shared by several people: trust the CPU clock first). torch {meta['torch']}.",
+        "",
+        "Per row a stack of distinct matrices (>= "
+        f"{meta['quant_stack_mb']:.0f} MB of packed bytes) multiplied by one input, time per matrix. mask: unstructured "
+        "(random single weights) or 1x4 (random aligned 4-column blocks); index: bitmask = today's path (for 1x4 masks "
+        "with the block path turned off), blocks = the block path. B/w: bytes the kernel reads per weight (bitmask: 16-bit "
+        "mask words + codes + scales [+ zeros] + row offsets; blocks: the block index's 1 bit per 4 columns instead of the "
+        "mask words); GB/s of those bytes. x unstr.: the unstructured bitmask row's time / this time (same format, same "
+        "path); x bitmask: the same masks on the bitmask path / this time. Results of the two paths are bit-identical "
+        "(tests/kernels/test_kernels_quantized_blocks.py).",
+        "",
+    ]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        lines += [
+            f"## {shape}",
+            "",
+            "| tokens | format | mask | index | path | B/w | us/matrix CPU | us/matrix wall | GB/s CPU | GB/s wall "
+            "| x unstr. (CPU) | x unstr. (wall) | x bitmask (CPU) | x bitmask (wall) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["shape"] == shape):
+            lines.append(
+                f"| {r['tokens']} | {r['format']} | {r['mask']} | {r['index']} | {r['path']} | {r['bytes_per_weight']:.3f} | "
+                f"{r['us_per_matrix_cpu']:.1f} | {r['us_per_matrix_wall']:.1f} | {r['GBps_cpu']:.1f} | {r['GBps_wall']:.1f} | "
+                f"{r['vs_unstructured_cpu']:.2f} | {r['vs_unstructured_wall']:.2f} | {r['vs_bitmask_same_mask_cpu']:.2f} | "
+                f"{r['vs_bitmask_same_mask_wall']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_blocks(args) -> int:
+    from strataprune import kernels
+    from strataprune.kernels.quantized import quantized_isas
+
+    torch.set_num_threads(1)
+    kernels.set_num_threads(1)
+    meta = {
+        "utc": utc_stamp(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
+        "caches": cache_sizes(),
+        "threads": 1,
+        "tokens": ",".join(map(str, args.block_tokens)),
+        "reps": args.reps,
+        "sparsity": args.block_sparsity,
+        "torch": torch.__version__,
+        "quant_stack_mb": args.quant_stack_mb,
+        "quantized_isas": quantized_isas(),
+        "load_start": load_average(),
+        "python": platform.python_version(),
+    }
+    rows: list[dict] = []
+    for label in args.shapes.split(","):
+        print(f"{label} (1x4 blocks) ...", flush=True)
+        rows += bench_block_shape(label, *SHAPES[label], args)
+    meta["load_end"] = load_average()
+    md = blocks_markdown(rows, meta)
+    files = ResultFiles(args.out, f"kernels-blocks-{meta['utc']}")
+    files.write_json({"meta": meta, "kernels": rows}, indent=1)
+    files.write_markdown(md)
+    print(md)
+    print(f"wrote {files.path('.md')} and .json")
     return 0
 
 
@@ -814,16 +993,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
@@ -852,8 +1021,18 @@ def main(argv: list[str] | None = None) -> int:
         default=64.0,
         help="quantized stacks: at least this many MB of their own bytes",
     )
+    parser.add_argument(
+        "--blocks",
+        action="store_true",
+        help="the quantized 1-token GEMV on 1x4-blocked masks: block path vs bitmask path vs unstructured masks, "
+        f"1 thread, every vector path; default shapes {','.join(BLOCK_SHAPES)}",
+    )
+    parser.add_argument("--block-sparsity", dest="block_sparsity", type=float, default=0.7, help="--blocks: sparsity")
+    parser.add_argument("--block-tokens", dest="block_tokens", default="1", help="--blocks: token counts, 1 to 4 (the GEMV)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    if args.blocks and args.shapes == ",".join(SHAPES):
+        args.shapes = ",".join(BLOCK_SHAPES)
     if args.quantized:
         if args.shapes == ",".join(SHAPES):
             args.shapes = ",".join(QUANT_SHAPES)
@@ -864,8 +1043,17 @@ def main(argv: list[str] | None = None) -> int:
         args.sparsities = [float(s) for s in args.sparsities.split(",")]
         args.tokens = [int(t) for t in args.tokens.split(",")]
         args.e2e_sparsities = [float(s) for s in args.e2e_sparsities.split(",")]
+        args.block_tokens = [int(t) for t in args.block_tokens.split(",")]
+        if any(not 1 <= t <= 4 for t in args.block_tokens):
+            raise ValueError(f"--block-tokens {args.block_tokens}: 1 to 4")
+        if not 0 < args.block_sparsity < 1:
+            raise ValueError(f"--block-sparsity {args.block_sparsity}: above 0 and below 1")
     except (KeyError, ValueError) as exc:
-        print(f"error: bad --shapes/--sparsities/--tokens value {exc}; shapes allowed: {', '.join(SHAPES)}", file=sys.stderr)
+        print(
+            f"error: bad --shapes/--sparsities/--tokens/--block-tokens/--block-sparsity value {exc}; "
+            f"shapes allowed: {', '.join(SHAPES)}",
+            file=sys.stderr,
+        )
         return 2
     if args.quick:
         shapes, args.stack_mb, args.reps = {"4096x4096": SHAPES["4096x4096"]}, 64.0, 3
@@ -888,13 +1076,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quantized:
         return run_quantized(args, have_ort, ort_version)
+    if args.blocks:
+        return run_blocks(args)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     clock = clock_for(args.clock)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     meta = {
         "timestamp": stamp,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "threads": args.threads,
         "clock": args.clock,
         "reps": args.reps,
@@ -918,12 +1108,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e = bench_e2e(args, clock) if args.e2e else []
     meta["load_end"] = load_average()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, e2e, meta)
-    (args.out / f"kernels-{stamp}.json").write_text(json.dumps({"meta": meta, "kernels": rows, "e2e": e2e}, indent=1))
-    (args.out / f"kernels-{stamp}.md").write_text(md)
+    files = ResultFiles(args.out, f"kernels-{stamp}")
+    files.write_json({"meta": meta, "kernels": rows, "e2e": e2e}, indent=1)
+    files.write_markdown(md)
     print(md)
-    print(f"wrote {args.out / f'kernels-{stamp}.md'} and .json")
+    print(f"wrote {files.path('.md')} and .json")
     return 0
 
 

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_files import write_results  # benchmarks/ is on sys.path when this script runs
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -197,10 +199,7 @@ def main() -> None:
         )
     md.append("")
     md.append(f"Same realised sparsity per matrix on both paths: {same}.")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"offload-{stamp}.json").write_text(json.dumps(result, indent=2))
-    (results / f"offload-{stamp}.md").write_text("\n".join(md) + "\n")
+    write_results(HERE / "results", f"offload-{stamp}", result, "\n".join(md) + "\n")
     print("\n".join(md))
     raise SystemExit(0 if result["offload_within_cap"] else 1)
 

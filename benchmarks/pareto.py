@@ -52,6 +52,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cpu_bar  # noqa: E402  (the timing code and the GGUF variants live there)
+from results_files import ResultFiles, cpu_facts, utc_stamp  # noqa: E402
 
 RUN_NAME = re.compile(r"^s(\d{1,2})(-int4)?$")
 DEFAULT_RUNS_ROOT = Path.home() / ".cache" / "strataprune" / "pareto"
@@ -454,16 +455,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], stem: Path, complete: bool) -> None:
+def write_report(report: dict[str, Any], files: ResultFiles, complete: bool) -> None:
     """JSON, Markdown and PNG of the rows measured so far (``complete`` False while points remain)."""
     report["complete"] = complete
     report["load_after"] = os.getloadavg()
     threads, clock = report["threads"][0], report["clock"]
     report["front"] = [r["label"] for r, on in zip(report["rows"], mark_front(report["rows"], threads, clock)) if on]
     report["verdict"] = verdict(report["rows"], threads, clock)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
+    files.write_json(report)
+    files.write_markdown(markdown(report))
+    plot(report, files.path(".png"))
 
 
 def label_of(point: Point, facts: dict[str, Any]) -> str:
@@ -548,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = (args.decode_tokens, args.warmup, args.repeats)
     runs, workdir = Path(args.runs).expanduser(), Path(args.workdir).expanduser()
     recipe = {"allocator": args.allocator, "pruner": args.pruner, "nsamples": args.nsamples, "seqlen": args.seqlen}
-    machine = cpu_bar.cpu_facts()
+    machine = cpu_facts()
     report: dict[str, Any] = {
-        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "threads": threads,
+        "utc": utc_stamp(), "machine": machine, "threads": threads,
         "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "evaluation": {"text": "BBC test" if args.text == "bbc" else Path(args.text).name,
                        "protocol": eval_windows.description.get("protocol", ""),
@@ -558,9 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clock": args.clock, "recipe": recipe, "points": [p.spec for p in points], "rows": [],
     }  # fmt: skip
     ggufs: dict[str, Path] = {}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pareto-{report['utc']}"
+    files = ResultFiles(args.results, f"pareto-{report['utc']}", also=[".png"])
     ends = time.monotonic() + args.budget if args.budget else math.inf
     for point in points:
         row: dict[str, Any] = {"spec": point.spec, "engine": point.engine, "model": point.model, "weights": weights_of(point),
@@ -598,9 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {row['error']}", file=sys.stderr, flush=True)
         row["load_after"] = os.getloadavg()[0]
         report["rows"].append(row)
-        write_report(report, stem, complete=len(report["rows"]) == len(points))  # a stopped run keeps what it measured
+        write_report(report, files, complete=len(report["rows"]) == len(points))  # a stopped run keeps what it measured
     print(markdown(report))
-    print(f"wrote {stem}.json, .md and .png", file=sys.stderr)
+    print(f"wrote {files.stem}.json, .md and .png", file=sys.stderr)
     return 0
 
 

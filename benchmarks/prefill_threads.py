@@ -27,7 +27,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import busy_loops, cpu_facts, packed_model, prompt_ids, write_results  # noqa: E402
+from cpu_bar import busy_loops, packed_model, prompt_ids  # noqa: E402
+from results_files import cpu_facts, utc_stamp, write_results  # noqa: E402
 
 #: (threads, thread team): 1 thread runs the kernel calls in order whatever the setting
 SETTINGS = [(1, False), (2, False), (2, True)]
@@ -101,7 +102,7 @@ def main() -> int:
         for s in settings
     ]  # fmt: skip
     report: dict[str, Any] = {
-        "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "machine": machine, "load_after": os.getloadavg(),
+        "utc": utc_stamp(), "machine": machine, "load_after": os.getloadavg(),
         "run": args.run, "bits": bits, "lm_head": args.lm_head, "prompt_len": args.prompt_len, "repeats": args.repeats,
         "busy": args.busy, "rows": rows,
     }  # fmt: skip
@@ -123,7 +124,9 @@ def main() -> int:
             f"| {kind} | {r['setting']} | {r['wall_ms']:.0f} | {r['cpu_ms']:.0f} | {one['wall_ms'] / r['wall_ms']:.2f}x |"
         )
     markdown = "\n".join(lines) + "\n"
-    write_results(report, markdown, args.results, "prefill-threads")
+    stem = write_results(args.results, f"prefill-threads-{report['utc']}", report, markdown)
+    print(markdown)
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
     return 0
 
 

@@ -15,13 +15,14 @@ Writes benchmarks/results/pruners-<timestamp>.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_files import ResultFiles  # benchmarks/ is on sys.path when this script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -139,11 +140,10 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"pruners-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files = ResultFiles(HERE / "results", f"pruners-{stamp}")
+    files.write_json({"meta": meta, "rows": rows})
     md = markdown(rows, meta)
-    (results / f"pruners-{stamp}.md").write_text(md)
+    files.write_markdown(md)
     print()
     print(md)
 

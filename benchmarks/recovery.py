@@ -23,13 +23,14 @@ Writes benchmarks/results/recovery-<timestamp>.json and .md and prints the table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_files import ResultFiles  # benchmarks/ is on sys.path when this script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -239,11 +240,10 @@ def main() -> None:
         "machine": "shared CPU machine (2 cores, other jobs running)",
         "command": " ".join(sys.argv),
     }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"recovery-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files = ResultFiles(HERE / "results", f"recovery-{stamp}")
+    files.write_json({"meta": meta, "rows": rows})
     md = markdown(rows, meta)
-    (results / f"recovery-{stamp}.md").write_text(md)
+    files.write_markdown(md)
     print()
     print(md)
 

@@ -55,6 +55,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from results_files import (  # benchmarks/ is on sys.path when this script runs
+    ResultFiles,
+    cpu_flags,
+    cpu_model,
+    cpuinfo_values,
+    utc_stamp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over the lazy dog while a model learns to predict the next word".split()
@@ -62,14 +69,11 @@ WORDS = "the quick brown fox jumps over the lazy dog while a model learns to pre
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()  # type: ignore[union-attr]
-        flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())  # type: ignore[union-attr]
+    flags = cpu_flags()
+    if flags is not None:  # Linux x86, where /proc/cpuinfo names the model, the flags and the clocks
+        info["cpu"] = cpu_model()
         info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-        info["mhz"] = sorted({round(float(m)) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", text)})
-    except (OSError, AttributeError):
-        pass
+        info["mhz"] = sorted({round(float(m)) for m in cpuinfo_values("cpu MHz")})
     return info
 
 
@@ -403,10 +407,10 @@ def main() -> None:
         finally:
             server.stop()
     report["load_average_after"] = os.getloadavg()
-    out = ROOT / "benchmarks" / "results" / f"serve-{args.label}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {out}.json and .md", file=sys.stderr)
+    files = ResultFiles(ROOT / "benchmarks" / "results", f"serve-{args.label}-{utc_stamp()}")
+    files.write_json(report)
+    files.write_markdown(markdown(report))
+    print(f"wrote {files.stem}.json and .md", file=sys.stderr)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -21,8 +21,9 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from results_files import ResultFiles, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,10 +91,7 @@ def main() -> int:
             f"{ratio:.2f}x the speed of torch's default ({default}); {r['threads']['reason']}",
             flush=True,
         )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"threads-{stamp}"
+    files = ResultFiles(args.out, f"threads-{utc_stamp()}")
     settings = {
         "work": "AlphaPruning cold spectra (esd_spectra) of SmolLM2-135M's 210 prunable matrices",
         "cpus": cpus,
@@ -102,7 +100,7 @@ def main() -> int:
         "repeats": args.repeats,
         "machine": "2 cores shared with other engineers' jobs",
     }
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "runs": runs}, indent=2))
+    files.write_json({"settings": settings, "runs": runs})
     md = [
         "# torch threads on a busy machine: AlphaPruning cold spectra, SmolLM2-135M",
         "",
@@ -113,8 +111,8 @@ def main() -> int:
         *(f"| {s} | {t} | {sec:.1f} | {ratio:.2f} | {reason} |" for s, t, sec, ratio, reason in rows),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print(f"wrote {stem}.json, .md")
+    files.write_markdown("\n".join(md))
+    print(f"wrote {files.stem}.json, .md")
     return 0
 
 

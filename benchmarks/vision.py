@@ -29,6 +29,8 @@ import platform
 import time
 from pathlib import Path
 
+from results_files import ResultFiles, utc_stamp  # benchmarks/ is on sys.path when this script runs
+
 HERE = Path(__file__).resolve().parent
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -174,7 +176,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = utc_stamp()
     rows = []
     if args.render:
         rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.startswith('{"model"')]
@@ -191,11 +193,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "torch": torch.__version__,
     }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"vision-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files = ResultFiles(HERE / "results", f"vision-{stamp}")
+    files.write_json({"meta": meta, "rows": rows})
     md = markdown(rows, meta)
-    (results / f"vision-{stamp}.md").write_text(md)
+    files.write_markdown(md)
     print(md)
 
 

@@ -18,14 +18,13 @@ measured in the same run (the CPU seconds are less sensitive to other processes 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_files import ResultFiles, utc_stamp  # benchmarks/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -185,10 +184,7 @@ def main() -> int:
     print()
     print(table(quality_rows, quality_headers))
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"zeroshot-{stamp}"
+    files = ResultFiles(args.out, f"zeroshot-{utc_stamp()}")
     settings = {
         "model": "smollm2-135m (fp32)",
         "harness": f"lm-eval {harness_version()}, 0-shot",
@@ -206,7 +202,7 @@ def main() -> int:
         "environment": environment(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    files.write_json(payload)
     md = [
         "# Zero-shot accuracy on SmolLM2-135M (lm-eval, offline BBC tasks)",
         "",
@@ -224,8 +220,8 @@ def main() -> int:
         "± is the standard error; the change against dense is in brackets.",
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print(f"\nwrote {stem}.json, .md")
+    files.write_markdown("\n".join(md))
+    print(f"\nwrote {files.stem}.json, .md")
     return 0
 
 

@@ -35,7 +35,7 @@ from strataprune.contract.allocator import AllocationContext, Allocator, Candida
 from strataprune.contract.base import Plugin
 from strataprune.contract.layout import BlockStats, MatrixInfo, ModelLayout
 from strataprune.contract.pruner import Pruner
-from strataprune.contract.sparsity import Target, nm_violations, realised_matches
+from strataprune.contract.sparsity import Target, block_violations, nm_violations, realised_matches
 
 __all__ = [
     "check_allocator",
@@ -250,7 +250,8 @@ def check_pruner(
     Rules: the mask is a bool tensor of the weight's shape; realised sparsity is the asked ratio up
     to one weight per row (row flooring) or per block of columns; returned weights (if any) are
     finite, zero wherever the mask prunes, and of the weight's shape; N:M masks keep at most n of
-    every m consecutive inputs of each row; the input weight is not modified in place.
+    every m consecutive inputs of each row; a pruner with a ``block_shape`` other than 1x1 keeps or
+    removes every tile of that shape whole; the input weight is not modified in place.
     """
     instance = _instantiate(pruner, Pruner)
     assert isinstance(instance, Pruner)
@@ -279,7 +280,11 @@ def check_pruner(
                 f"{who}: realised {realised:.4f}, expected exactly {target.ratio}"
             )
         else:
-            assert realised_matches(realised, target.ratio, shape[1]), f"{who}: realised sparsity {realised:.4f}"
+            tile = instance.block_shape.size / keep.numel()
+            assert realised_matches(realised, target.ratio, shape[1], tile), f"{who}: realised sparsity {realised:.4f}"
+        if not instance.block_shape.unit:
+            broken = block_violations(keep, instance.block_shape)
+            assert broken == 0, f"{who}: {broken} tiles of {instance.block_shape} are partly kept"
         if result.weight is not None:
             new = result.weight
             assert tuple(new.shape) == shape, f"{who}: returned weight has shape {tuple(new.shape)}"

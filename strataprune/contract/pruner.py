@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from strataprune.contract.base import Plugin
-from strataprune.contract.layout import MatrixStats
-from strataprune.contract.sparsity import Target
+from strataprune.contract.layout import MatrixInfo, MatrixStats
+from strataprune.contract.sparsity import BlockShape, NMPattern, Target
 
 if TYPE_CHECKING:  # torch loads with the first model or tensor, not with recipes and argument checks
     import torch
@@ -30,6 +31,11 @@ class Pruner(Plugin):
     updates_weights: ClassVar[bool] = False
     supports_nm: ClassVar[bool] = True
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if not self.block_shape.unit:  # whole blocks and n-of-m groups cannot both hold
+            self.supports_nm = False  # type: ignore[misc]
+
     @property
     def quantizes(self) -> bool:
         """Whether ``prune`` also quantizes the kept weights (it then returns ``extra["quant"]`` grids,
@@ -39,6 +45,27 @@ class Pruner(Plugin):
     def unquantized(self) -> Pruner:
         """The same pruner with quantization off: the sparse-only reference of a quantized run."""
         return self
+
+    @property
+    def block_shape(self) -> BlockShape:
+        """The tiles this pruner keeps or removes whole (the host checks every mask against it); 1x1 = unstructured."""
+        return BlockShape()
+
+    def nm_refusal(self, pattern: NMPattern) -> str:
+        """The one-line error for an N:M target this pruner (as configured) does not support."""
+        message = f"pruner '{self.name}' does not support N:M sparsity ({pattern})"
+        if not self.block_shape.unit:
+            message += (
+                f": block={self.block_shape} keeps or removes whole {self.block_shape} blocks, which no N:M pattern can "
+                "follow; use a ratio target (e.g. --sparsity 0.7) or block 1x1"
+            )
+        return message
+
+    def check_matrices(self, matrices: Iterable[MatrixInfo]) -> None:
+        """Refuse (ConfigError), once the model is loaded and before any calibration, matrices this pruner cannot prune."""
+        if not self.block_shape.unit:
+            for info in matrices:
+                self.block_shape.check_shape(info.shape, info.name)
 
     def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
         raise NotImplementedError

@@ -55,6 +55,60 @@ class NMPattern:
         return f"{self.n}:{self.m}"
 
 
+#: the sides a block may have: powers of two up to 16 (the kernels' register tiles)
+BLOCK_SIDES = (1, 2, 4, 8, 16)
+_BLOCK_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_BLOCK_ALLOWED = (
+    "a string 'RxC' (R consecutive output rows by C consecutive input columns kept or removed together), "
+    "R and C each one of 1, 2, 4, 8, 16, e.g. '4x1', '1x4', '2x2'; '1x1' is unstructured"
+)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A block-sparsity pattern: the mask is constant on every ``rows`` x ``cols`` tile of a (out, in) weight.
+
+    ``rows`` counts output features (rows of the weight), ``cols`` input features: 4x1 ties four
+    consecutive output rows to the same kept columns, 1x4 keeps or removes four adjacent inputs of one row.
+    1x1 is plain unstructured sparsity.
+    """
+
+    rows: int = 1
+    cols: int = 1
+
+    @classmethod
+    def parse(cls, value: object, where: str) -> BlockShape:
+        """The shape named by a recipe value such as '4x1'; a ConfigError naming ``where`` and the value otherwise."""
+        if isinstance(value, BlockShape):
+            return value
+        match = _BLOCK_RE.match(value) if isinstance(value, str) else None
+        if match is None or int(match.group(1)) not in BLOCK_SIDES or int(match.group(2)) not in BLOCK_SIDES:
+            raise ConfigError(f"{where}: block={value!r} is invalid; allowed: {_BLOCK_ALLOWED}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @property
+    def unit(self) -> bool:
+        """Whether this is 1x1, i.e. no block structure."""
+        return self.rows == 1 and self.cols == 1
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Refuse a matrix whose rows are not a multiple of ``rows`` or whose inputs are not a multiple of ``cols``."""
+        out_features, in_features = shape
+        if out_features % self.rows or in_features % self.cols:
+            raise ConfigError(
+                f"block {self}: {name} has shape {tuple(shape)} (out, in); its {out_features} output rows must be a "
+                f"multiple of {self.rows} and its {in_features} inputs a multiple of {self.cols}; use a block that divides "
+                "every prunable matrix (e.g. 1x1)"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+
 @dataclass(frozen=True)
 class Target:
     """What a pruner is asked for on one matrix: a ratio, and optionally an N:M pattern."""
@@ -122,6 +176,14 @@ def nm_violations(keep: torch.Tensor, pattern: NMPattern) -> int:
     return int((groups > pattern.n).sum())
 
 
+def block_violations(keep: torch.Tensor, block: BlockShape) -> int:
+    """Number of ``block`` tiles of a (out, in) mask that are neither wholly kept nor wholly pruned."""
+    rows, cols = keep.shape
+    block.check_shape((rows, cols), "the mask")
+    kept = keep.reshape(rows // block.rows, block.rows, cols // block.cols, block.cols).sum(dim=(1, 3))
+    return int(((kept != 0) & (kept != block.size)).sum())
+
+
 def realised_sparsity(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / weight.numel()
 
@@ -131,6 +193,11 @@ def realised_sparsity(weight: torch.Tensor) -> float:
 REALISED_SLACK = 1e-3
 
 
-def realised_matches(realised: float, ratio: float, cols: int) -> bool:
-    """Whether a realised sparsity is the asked ratio: at most 1/d_in below, 1/d_in + REALISED_SLACK above."""
-    return ratio - 1.0 / cols - 1e-6 <= realised <= ratio + REALISED_SLACK + 1.0 / cols
+def realised_matches(realised: float, ratio: float, cols: int, tile_fraction: float = 0.0) -> bool:
+    """Whether a realised sparsity is the asked ratio: at most 1/d_in below, 1/d_in + REALISED_SLACK above.
+
+    ``tile_fraction`` (block sparsity: one R x C tile over the matrix's size) widens the lower side to
+    less than one tile of the matrix, the flooring of a count taken in tiles.
+    """
+    below = max(1.0 / cols, tile_fraction)
+    return ratio - below - 1e-6 <= realised <= ratio + REALISED_SLACK + 1.0 / cols

@@ -83,7 +83,7 @@ def check_plugins(recipe: Recipe, allocators: Sequence[tuple[str, dict[str, Any]
             )
     pruner = registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
     if recipe.target.pattern is not None and not pruner.supports_nm:
-        raise ConfigError(f"pruner '{pruner.name}' does not support N:M sparsity ({recipe.target.pattern})")
+        raise ConfigError(pruner.nm_refusal(recipe.target.pattern))
     if recipe.recovery is not None:  # name, parameters and combinations, before any model loads
         # (a model that is not a language model is refused once loaded: Pipeline.run)
         from strataprune.engine.recovery import make_recovery

@@ -1,7 +1,7 @@
 """One matrix through the run's pruner, and the host's checks on what the pruner hands back.
 
 A pruner returns a keep mask (and maybe updated weights, maybe an INT4 grid); nothing it claims is
-trusted: the mask's type and shape, the realised sparsity (or the N:M pattern), zeros where the mask
+trusted: the mask's type and shape, the realised sparsity (or the N:M pattern), the block pattern, zeros where the mask
 prunes, and every stored value on the recorded grid are checked here before the weight is written.
 """
 
@@ -17,7 +17,7 @@ from strataprune.contract.allocation import Allocation
 from strataprune.contract.errors import PluginError
 from strataprune.contract.layout import BlockStats, MatrixInfo
 from strataprune.contract.pruner import Pruner
-from strataprune.contract.sparsity import Target, nm_violations, realised_matches
+from strataprune.contract.sparsity import Target, block_violations, nm_violations, realised_matches
 from strataprune.engine.quantization import check_grid
 
 
@@ -56,8 +56,13 @@ def prune_matrix(
         bad = nm_violations(keep, pattern)
         if bad:
             raise PluginError(f"{who}: {bad} groups of {pattern.m} keep more than {pattern.n} weights (pattern {pattern})")
-    elif not realised_matches(realised, target.ratio, weight.shape[1]):
+    elif not realised_matches(realised, target.ratio, weight.shape[1], pruner.block_shape.size / keep.numel()):
         raise PluginError(f"{who}: realised sparsity {realised:.4f} does not match the asked {target.ratio:.4f}")
+    block = pruner.block_shape
+    if not block.unit:
+        broken = block_violations(keep, block)
+        if broken:
+            raise PluginError(f"{who}: {broken} tiles of {block} are partly kept (block={block} keeps or removes whole tiles)")
     new = result.weight if result.weight is not None else weight * keep
     if result.weight is not None:
         if tuple(new.shape) != tuple(weight.shape):

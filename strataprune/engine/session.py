@@ -73,7 +73,7 @@ class PruningSession:
         self.allocator: Allocator = self.registry.create("allocator", recipe.allocator.name, recipe.allocator.params)
         self.pruner: Pruner = self.registry.create("pruner", recipe.pruner.name, recipe.pruner.params)
         if self.target.pattern is not None and not self.pruner.supports_nm:
-            raise ConfigError(f"pruner '{self.pruner.name}' does not support N:M sparsity ({self.target.pattern})")
+            raise ConfigError(self.pruner.nm_refusal(self.target.pattern))
         self.offload: BlockOffloader | None = None
         self.memory = MemoryLog()
         self.threads: dict[str, Any] = {}
@@ -121,6 +121,7 @@ class PruningSession:
             activation_dir=recipe.calibration.activation_dir,
             show_progress=self.show,
         )
+        self.pruner.check_matrices(self.calibrator.layout.matrices)  # e.g. a block that does not divide a matrix
         if self.offload is not None:  # the dense weights stay on disk: read them back on demand
             self.dense_weights = DenseWeights(self.offload, self.calibrator.modules, self.loaded.adapter)
         else:

@@ -31,7 +31,8 @@ Threads: with 2 or more, a decode step or a prefill chunk runs on the engine's o
 then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
 of this one. A waiting thread sleeps until woken (after spinning ``spin_us`` microseconds, default 0: measured best
 on a loaded machine, docs/kernels.md), so that it neither burns CPU time nor delays the neighbours or its own team;
-``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it. The result does not depend on the thread count. (One
+``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it (``auto``: spin only while the thread's recent waits
+were short). The result does not depend on the thread count. (One
 OpenMP region per kernel call, ``thread_team=False``, spins at its barriers and collapses under load: docs/kernels.md.)
 """
 
@@ -56,7 +57,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LM_HEADS = ("fp32", "int8")
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_KV_BYTES = 8 << 30
-#: overrides the team threads' spin before sleeping (microseconds), read when the library is first bound
+#: overrides the team threads' spin before sleeping (microseconds, or ``auto``), read when the library is first bound
 SPIN_ENV = "STRATAPRUNE_KERNELS_SPIN_US"
 _STATUS = {
     -1: "the CPU or this build lacks the instruction set",
@@ -95,9 +96,12 @@ def _lib() -> ctypes.CDLL:
         lib.sd_prefill.argtypes = [ptr, i64, ptr, i64, ptr, i32, i32, i32, i32]
         lib.sd_decode.argtypes = [ptr, ptr, ptr, i64, ptr, i32, i32, i32]
         lib.sd_set_team.argtypes = [ptr, i32]
+        lib.sd_block_linears.argtypes = [ptr]
+        lib.sd_block_linears.restype = i64
         lib.sd_set_spin_us.argtypes = [i32]
+        lib.sd_get_spin_us.argtypes = []
         for name in ("sd_set_embedding", "sd_set_norm", "sd_set_linear", "sd_check", "sd_reset", "sd_release",
-                     "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us"):  # fmt: skip
+                     "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us", "sd_get_spin_us"):  # fmt: skip
             getattr(lib, name).restype = i32
         spin = os.environ.get(SPIN_ENV)
         if spin is not None:  # checked before the library counts as bound, so a bad value is refused on every call
@@ -106,24 +110,44 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _spin_value(value: Any, label: str, text: bool = False) -> int:
-    """``value`` as microseconds in [0, 1000000]: an int from Python, a decimal string from the environment."""
+ADAPTIVE = "auto"  #: the spin setting that adapts to each thread's recent waits
+_ADAPTIVE_CODE = -2  # sd_set_spin_us's code for it
+
+
+def _spin_value(value: Any, label: str, text: bool = False) -> int | str:
+    """``value`` as microseconds in [0, 1000000] (an int from Python, a decimal string from the environment) or
+    ``"auto"``."""
     number = -1
+    if isinstance(value, str) and value.strip() == ADAPTIVE:
+        return ADAPTIVE
     if text and isinstance(value, str) and value.strip().isdigit():
         number = int(value.strip())
     elif not text and isinstance(value, int) and not isinstance(value, bool):
         number = value
     if not 0 <= number <= 1_000_000:
-        raise KernelInputError(f"{label}={value!r}; allowed: an integer from 0 to 1000000 (microseconds)")
+        raise KernelInputError(f"{label}={value!r}; allowed: an integer from 0 to 1000000 (microseconds) or 'auto'")
     return number
 
 
-def set_spin_us(microseconds: int | None, lib: ctypes.CDLL | None = None) -> int:
+def _spin_in_force(code: int) -> int | str:
+    return ADAPTIVE if code == _ADAPTIVE_CODE else code
+
+
+def set_spin_us(microseconds: int | str | None, lib: ctypes.CDLL | None = None) -> int | str:
     """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
-    before it sleeps until woken; ``None`` restores the default (0). Applies to every engine of the process; returns
-    the value in force."""
+    before it sleeps until woken; ``None`` restores the default (0: sleep at once, measured best on a loaded
+    machine); ``"auto"``: each thread spins up to 50 us while its recent phase waits were shorter than that and
+    sleeps at once while they were longer (docs/kernels.md). Applies to every engine of the process; returns the
+    setting in force."""
     lib = lib or _lib()
-    return int(lib.sd_set_spin_us(-1 if microseconds is None else _spin_value(microseconds, "spin_us")))
+    value = None if microseconds is None else _spin_value(microseconds, "spin_us")
+    code = -1 if value is None else _ADAPTIVE_CODE if value == ADAPTIVE else value
+    return _spin_in_force(int(lib.sd_set_spin_us(code)))
+
+
+def spin_us() -> int | str:
+    """The spin setting in force (microseconds, or ``"auto"``)."""
+    return _spin_in_force(int(_lib().sd_get_spin_us()))
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -228,6 +252,8 @@ class NativeDecoder:
             self.close()
             raise
         self.kv_bytes = int(lib.sd_kv_bytes_per_slot(handle)) * max_slots
+        #: quantized Linears whose mask is 1x4 blocked: their decode GEMVs walk the derived block index (quantized.py)
+        self.block_linears = int(lib.sd_block_linears(handle))
 
     # ------------------------------------------------------------------ building
     def _wire(self, model: torch.nn.Module) -> None:
@@ -438,5 +464,5 @@ class NativeDecoder:
         return (
             f"NativeDecoder(layers={self.layers}, hidden={self.hidden}, heads={self.heads}/{self.kv_heads}, "
             f"max_slots={self.max_slots}, max_context={self.max_context}, lm_head={self.lm_head}, "
-            f"kv_bytes={self.kv_bytes / 2**20:.1f} MiB)"
+            f"kv_bytes={self.kv_bytes / 2**20:.1f} MiB, 1x4-block Linears={self.block_linears})"
         )

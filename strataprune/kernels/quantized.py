@@ -24,6 +24,14 @@ unit of ``min(group, 128)`` columns (128 per row scale) and accumulate ``sum * s
 Bytes per weight at density ``d``: ``2/16 + d * bits / 8 + ngroups * (4 + [bits 4]) / (rows * cols) + 4 / cols``:
 at 70% sparsity, int4 with 128-column groups: 0.125 + 0.15 + 0.039 = 0.31 (fp32 bitmask: 1.34, dense fp32: 4).
 
+1x4 blocks: when every aligned 4-column nibble of every row's mask is all kept or all pruned (``cols % 4 == 0``),
+the kernels derive a block index (1 bit per 4 columns, :func:`block_index`; nothing changes on disk) and the
+GEMV (1-4 tokens: decode) of the AVX2 and AVX-512 paths expands whole 4-code units instead of single columns, with the same
+results bit for bit (:attr:`QuantizedWeight.index_blocks`; :func:`use_block_path` turns it off to compare). A block
+pruner's kept blocks may hold weights that are exactly 0 (the dense model's own zeros, or weights quantized onto the
+grid's zero); ``pack_int8`` / ``pack_int4`` then keep those zeros as codes (``close_blocks``, at most 1/8 more codes,
+the same values), so that the mask stays blocked.
+
     import torch
     from strataprune.kernels.quantized import pack_int4, sparse_linear_quantized
     w = torch.randn(64, 256) * (torch.rand(64, 256) > 0.7)
@@ -36,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +81,16 @@ def _lib() -> ctypes.CDLL:
         lib.sq_validate.argtypes = [ptr, ptr, i64, i64, i32, i64]
         lib.sq_validate.restype = i32
         lib.sq_isa_supported.argtypes = [i32]
+        lib.sq_linear_blocks.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i64, ptr, ptr, i32, i32]
+        lib.sq_linear_blocks.restype = i32
+        lib.sq_block_index_bytes.argtypes = [i64, i64]
+        lib.sq_block_index_bytes.restype = i64
+        lib.sq_block_index.argtypes = [ptr, i64, i64, ptr]
+        lib.sq_block_index.restype = i32
+        lib.sq_set_block_path.argtypes = [i32]
+        lib.sq_set_block_path.restype = i32
+        lib.sq_block_path_calls.argtypes = []
+        lib.sq_block_path_calls.restype = i64
         _bound["ok"] = True
     return lib
 
@@ -102,6 +121,38 @@ def use_quantized_isa(name: str) -> Iterator[None]:
         yield
     finally:
         _Override.index = previous
+
+
+_block_path_lock = threading.Lock()
+_block_path_off = [0]  # use_block_path(False) blocks open now, in any thread
+
+
+@contextlib.contextmanager
+def use_block_path(enabled: bool) -> Iterator[None]:
+    """Inside the block, ``False`` makes the kernels ignore 1x4 block indexes (the bitmask path everywhere, process-wide,
+    the native decoder included): to compare the two paths, whose results are the same. The path is off while any
+    thread is inside a ``use_block_path(False)`` block (blocks opened by several threads nest by count, not by the
+    order they close in); ``True`` changes nothing."""
+    if enabled:
+        yield
+        return
+    lib = _lib()
+    with _block_path_lock:
+        _block_path_off[0] += 1
+        lib.sq_set_block_path(0)
+    try:
+        yield
+    finally:
+        with _block_path_lock:
+            _block_path_off[0] -= 1
+            if _block_path_off[0] == 0:
+                lib.sq_set_block_path(1)
+
+
+def block_path_calls() -> int:
+    """How many kernel calls (row ranges) took the 1x4 block path so far in this process (tests use it to check
+    that a path really reads the block index)."""
+    return int(_lib().sq_block_path_calls())
 
 
 def quantized_isa_index() -> int:
@@ -159,10 +210,16 @@ class QuantizedWeight:
     def validate(self) -> None:
         validate(self)
 
+    @property
+    def index_blocks(self) -> bool:
+        """Whether the mask is 1x4 blocked, so that the GEMV kernels walk the derived block index (:func:`block_index`)."""
+        return block_index(self) is not None
+
     def __repr__(self) -> str:
         return (
             f"QuantizedWeight(int{self.bits}, shape={self.shape}, group={self.group_size}, nnz={self.nnz}, "
-            f"sparsity={self.sparsity:.3f}, bytes/weight={self.nbytes / max(1, self.shape[0] * self.shape[1]):.3f})"
+            f"sparsity={self.sparsity:.3f}, bytes/weight={self.nbytes / max(1, self.shape[0] * self.shape[1]):.3f}, "
+            f"index={_index_name(self)})"
         )
 
 
@@ -187,6 +244,23 @@ def _check_weight_and_mask(weight: object, mask: object) -> tuple[torch.Tensor, 
     if not bool(torch.isfinite(w[keep]).all()):
         raise KernelInputError("the kept weights must be finite (found inf or NaN)")
     return w, keep
+
+
+def _closed_blocks(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``keep``, or its 1x4 closure (every aligned 4-column block with a kept weight kept whole) where that makes the
+    mask 1x4 blocked by adding only exact zeros of ``w``, at most 1/8 of the kept count: a block pruner's output whose
+    kept blocks hold a few weights that are exactly 0 (a dense model's own zeros, or weights quantized onto a grid's
+    zero) is packed blocked, so the decode kernels take the block path; the values do not change (a zero's code
+    stands for exactly 0: int8 code 0, int4 code = the group's zero point)."""
+    rows, cols = keep.shape
+    if not rows or not cols or cols % 4:
+        return keep
+    closed = keep.view(rows, cols // 4, 4).any(-1).repeat_interleave(4, dim=1)
+    added = closed & ~keep
+    count = int(added.sum())
+    if count == 0 or 8 * count > int(keep.sum()) or bool((w[added] != 0).any()):
+        return keep
+    return closed
 
 
 def _group_of(group_size: int | None, cols: int) -> int:
@@ -244,14 +318,22 @@ def _assemble(
 
 
 def pack_int8(
-    weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int | None = None, scales: torch.Tensor | None = None
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+    scales: torch.Tensor | None = None,
+    close_blocks: bool = True,
 ) -> QuantizedWeight:
     """int8 codes with symmetric scales: ``v = clamp(round(w / scale), -127, 127)``.
 
     ``mask``: the kept weights (default ``weight != 0``); ``group_size``: 32, 64, 128 or None (one scale per row);
-    ``scales``: ``[rows, ngroups]`` to use (default: max |kept w| / 127 per group).
+    ``scales``: ``[rows, ngroups]`` to use (default: max |kept w| / 127 per group). ``close_blocks``: a mask that is
+    1x4 blocked but for a few exact zeros inside kept blocks is packed blocked, those zeros stored as codes (values
+    unchanged; at most 1/8 more codes; see the module docstring).
     """
     w, keep = _check_weight_and_mask(weight, mask)
+    if close_blocks:
+        keep = _closed_blocks(w, keep)
     rows, cols = w.shape
     group = _group_of(group_size, cols)
     ngroups = -(-cols // group) if cols else 0
@@ -272,14 +354,18 @@ def pack_int4(
     group_size: int | None = 128,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    close_blocks: bool = True,
 ) -> QuantizedWeight:
     """int4 codes on an asymmetric grid ``w = scale * (q - zero)``, ``q`` in [0, 15].
 
     ``scales``/``zeros`` (``[rows, ngroups]``, e.g. the joint pruning + INT4 grid a SparseGPT run records,
     ``zero`` an integer in [0, 15]) are used as given, ``q = clamp(round(w / scale + zero), 0, 15)``; without
-    them the min-max grid of each group's kept weights (0 included) is computed.
+    them the min-max grid of each group's kept weights (0 included) is computed. ``close_blocks``: as in
+    :func:`pack_int8` (0 is on every grid: ``q = zero``).
     """
     w, keep = _check_weight_and_mask(weight, mask)
+    if close_blocks:
+        keep = _closed_blocks(w, keep)
     rows, cols = w.shape
     group = _group_of(group_size, cols)
     ngroups = -(-cols // group) if cols else 0
@@ -397,6 +483,45 @@ def _ensure_consistent(masks, offsets, codes, scales, zeros, shape, bits, group_
     _validated[ident] = (weakref.ref(masks, lambda _ref: _validated.pop(ident, None)), key)
 
 
+_block_indexes: dict[int, tuple[weakref.ref, tuple, torch.Tensor | None]] = {}
+
+
+def _block_index_of(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    """The block index of validated masks, derived once per masks tensor (and again after an in-place change)."""
+    key = (masks._version, masks.data_ptr(), rows, cols)
+    ident = id(masks)
+    entry = _block_indexes.get(ident)
+    if entry is not None and entry[0]() is masks and entry[1] == key:
+        return entry[2]
+    lib = _lib()
+    index = None
+    if lib.sq_block_index(masks.data_ptr(), rows, cols, None):
+        index = torch.zeros(int(lib.sq_block_index_bytes(rows, cols)), dtype=torch.uint8)
+        lib.sq_block_index(masks.data_ptr(), rows, cols, index.data_ptr())
+        index = index.view(rows, -1)
+    _block_indexes[ident] = (weakref.ref(masks, lambda _ref: _block_indexes.pop(ident, None)), key, index)
+    return index
+
+
+def _index_name(packed: QuantizedWeight) -> str:
+    try:
+        return "1x4 blocks" if packed.index_blocks else "bitmask"
+    except KernelInputError:  # a repr must not raise: the inconsistency is reported where the weight is used
+        return "invalid"
+
+
+def block_index(packed: QuantizedWeight) -> torch.Tensor | None:
+    """The 1x4 block index the kernels derive from ``packed``'s mask, or None when the mask is not 1x4 blocked.
+
+    uint8 ``[rows, stride]`` (``stride`` = 8 bytes per 256 columns): bit ``i`` of byte ``b`` of row ``n`` is set iff
+    columns ``32 b + 4 i`` to ``32 b + 4 i + 3`` of row ``n`` are kept. Derived once per masks tensor and kept beside
+    it (1/32 byte per weight, rows padded to 8 bytes per 256 columns); the codes and scales are used where they are.
+    Returns a copy."""
+    validate(packed)
+    index = _block_index_of(packed.masks, *packed.shape)
+    return None if index is None else index.clone()  # the kernels read the original: a caller's edit must not reach them
+
+
 def linear(
     x: torch.Tensor,
     masks: torch.Tensor,
@@ -424,7 +549,8 @@ def linear(
     _ensure_consistent(masks, offsets, codes, scales, zeros, (rows, in_features), bits, group_size)
     tokens = x.numel() // in_features if in_features else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-    code = lib.sq_linear(
+    blocks = _block_index_of(masks, rows, in_features)  # the GEMV (1-4 tokens) takes it, the GEMM not
+    code = lib.sq_linear_blocks(
         x.data_ptr(),
         tokens,
         masks.data_ptr(),
@@ -432,6 +558,7 @@ def linear(
         codes.data_ptr(),
         scales.data_ptr(),
         None if zeros is None else zeros.data_ptr(),
+        None if blocks is None else blocks.data_ptr(),
         rows,
         in_features,
         bits,
@@ -448,8 +575,9 @@ def linear(
 
 def pointers(packed: QuantizedWeight, bias: torch.Tensor | None = None) -> tuple:
     """The validated weight's data pointers and sizes for :func:`launch_pointers` (the caller keeps ``packed``
-    and ``bias`` alive and unmodified while they are used)."""
+    and ``bias`` alive and unmodified while they are used; the block index lives as long as ``packed.masks``)."""
     validate(packed)
+    blocks = _block_index_of(packed.masks, *packed.shape)  # the kept index itself: its pointer must outlive this call
     if bias is not None:
         check_tensor("bias", bias, torch.float32, (packed.shape[0],))
     return (
@@ -463,16 +591,17 @@ def pointers(packed: QuantizedWeight, bias: torch.Tensor | None = None) -> tuple
         packed.shape[1],
         packed.bits,
         packed.group_size,
+        None if blocks is None else blocks.data_ptr(),
     )
 
 
 def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
     """One ``sq_linear`` call on a contiguous float32 CPU ``x`` and :func:`pointers` (no per-call checks of the
     weight: the path for modules and benchmarks, where dispatcher and validation would cost more than the matmul)."""
-    masks, offsets, codes, scales, zeros, bias, rows, cols, bits, group_size = ptrs
+    masks, offsets, codes, scales, zeros, bias, rows, cols, bits, group_size, blocks = ptrs
     tokens = x.numel() // cols if cols else math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
-    code = _lib().sq_linear(
+    code = _lib().sq_linear_blocks(
         x.data_ptr(),
         tokens,
         masks,
@@ -480,6 +609,7 @@ def launch_pointers(x: torch.Tensor, ptrs: tuple) -> torch.Tensor:
         codes,
         scales,
         zeros,
+        blocks,
         rows,
         cols,
         bits,
@@ -654,5 +784,5 @@ class QuantizedSparseLinear(torch.nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group_size}, "
             f"bias={self.bias is not None}, sparsity={p.sparsity:.3f}, "
-            f"bytes/weight={p.nbytes / max(1, p.shape[0] * p.shape[1]):.3f}"
+            f"bytes/weight={p.nbytes / max(1, p.shape[0] * p.shape[1]):.3f}, index={_index_name(p)}"
         )

@@ -471,7 +471,7 @@ def validate_cells(grid: Grid, registry: Any = None) -> None:
             pruner = built[("pruner", cell.pruner.spec)]
             target = parse_sparsity(cell.sparsity)
             if target.pattern is not None and not pruner.supports_nm:
-                raise ConfigError(f"pruner '{pruner.name}' does not support N:M sparsity ({target.pattern})")
+                raise ConfigError(pruner.nm_refusal(target.pattern))
             grid.cell_recipe(cell)
         except StrataPruneError as exc:
             raise ConfigError(f"{where}: cell {cell.label}: {exc}") from None

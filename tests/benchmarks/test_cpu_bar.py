@@ -246,7 +246,7 @@ def test_packed_runs_are_cached_per_run_and_repacked_when_the_run_is_newer(tiny:
     work = tmp_path / "work"
     packed = cpu_bar.packed_model(run, 8, 1, work)
     folders = sorted(p.name for p in work.iterdir())
-    assert len(folders) == 1 and folders[0].startswith("packed-8-run70-")  # no temporary folder left
+    assert len(folders) == 1 and folders[0].startswith(f"packed-v{cpu_bar.PACKING}-8-run70-")  # no temporary folder left
     weights = work / folders[0] / "model.safetensors"
     inode = weights.stat().st_ino
     assert cpu_bar.packed_model(run, 8, 1, work) is not None and weights.stat().st_ino == inode  # reused

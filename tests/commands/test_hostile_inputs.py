@@ -168,6 +168,18 @@ CASES = [
     Case("allocator_unknown", run("--allocator", "owll"), "unknown allocator 'owll' (did you mean 'owl'?)"),
     Case("pruner_unknown", run("--pruner", "wandaa"), "unknown pruner 'wandaa' (did you mean 'wanda'?)"),
     Case("allocator_parameter", run("--allocator", "alpha", "--set", "allocator.epsilon=2"), "epsilon"),
+    Case("pruner_block_invalid", run("--pruner", "wanda", "--set", "pruner.block=3x1"), "block='3x1' is invalid; allowed:"),
+    Case("pruner_block_not_a_string", run("--pruner", "magnitude", "--set", "pruner.block=4"), "block=4 is invalid"),
+    Case(
+        "pruner_block_with_nm",
+        run("--pruner", "sparsegpt", "--set", "pruner.block=1x4", "--sparsity", "2:4"),
+        "block=1x4 keeps or removes whole 1x4 blocks",
+    ),
+    Case(
+        "dsnot_blocked_base",
+        run("--pruner", "dsnot", "--set", "pruner.base_params={{block: 4x1}}"),
+        "DSnoT swaps single weights",
+    ),
     Case("device_unknown", run("--device", "tpu"), "model.device 'tpu'"),
     Case("allocate_named_twice", allocate("--allocators", "alpha,alpha"), "alpha named twice"),
     Case("allocate_yaml_syntax", allocate("--allocators", "atp:beta=["), "the value '[' is not valid YAML"),

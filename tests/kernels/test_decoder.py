@@ -107,11 +107,51 @@ def test_quantized_models_match_eager_on_the_same_kernels(bits):
     assert sum(isinstance(m, QuantizedSparseLinear) for m in model.modules()) == 14
     want_prompt, want_steps = eager_steps(model, PROMPT, STEPS)
     engine = NativeDecoder(model, max_context=64)
+    assert engine.block_linears == 0  # unstructured masks: the bitmask path
     # the same int8 activation rounding on both sides: only fp32 summation order differs (attention, norms), which
     # can move an activation across a rounding boundary; measured <= 2e-6 here, bound 1e-4
     assert relative(engine.prefill(0, PROMPT, all_logits=True), want_prompt) < FP32_TOLERANCE
     for token, want in zip(STEPS, want_steps):
         assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_block_path_decodes_the_same_logits(bits):
+    """1x4-blocked masks: the engine derives block indexes (block_linears) and its decode GEMVs walk them; with the
+    block path off (the bitmask path) every decode step's logits are bit-identical, one slot and two slots per step,
+    on each quantized path, at one thread (a kernel call per Linear) and two (the thread team)."""
+    from strataprune.kernels.decoder import NativeDecoder
+    from strataprune.kernels.quantized import block_path_calls, quantized_isas, use_block_path, use_quantized_isa
+
+    model = tiny_llama(2, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "proj" in name and param.dim() == 2:
+                keep = torch.rand(param.shape[0], param.shape[1] // 4, generator=gen) > 0.65
+                param.copy_(torch.randn(param.shape, generator=gen) * keep.repeat_interleave(4, dim=1))
+    model = packed(model, bits)
+    engine = NativeDecoder(model, max_slots=2, max_context=64)
+    assert engine.block_linears == 14 and "1x4-block Linears=14" in repr(engine)
+    paths = [p for p in ("avx2", "avx2-novnni", "avx512") if p in quantized_isas()]
+    if not paths:
+        pytest.skip(f"no vector quantized path on this CPU ({quantized_isas()})")
+    for path in paths:
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            steps, calls = {}, {}
+            for blocks in (True, False):
+                with use_quantized_isa(path), use_block_path(blocks):
+                    for slot in (0, 1):
+                        engine.reset(slot)
+                        engine.prefill(slot, PROMPT[: 8 + slot])
+                    before = block_path_calls()
+                    steps[blocks] = [engine.decode([0], [token])[0] for token in STEPS[:2]]
+                    steps[blocks] += [engine.decode([0, 1], [token, token]) for token in STEPS[2:]]
+                    calls[blocks] = block_path_calls() - before
+            assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False])), f"{path}, {threads} thread(s)"
+            # the decode steps really took the block path (at least one call per blocked Linear and step), and not when off
+            assert calls[True] >= 14 * len(STEPS) and calls[False] == 0, (path, threads, calls)
 
 
 @pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
@@ -348,7 +388,7 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
     for slots in ([0], [2, 0, 1]):
         want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head),
                                                  PROMPT, 6, slots)  # fmt: skip
-        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, 0), (2, False, None)):
+        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, "auto"), (2, True, 30), (2, False, None)):
             kernels.set_num_threads(threads)
             set_spin_us(spin)
             try:
@@ -524,8 +564,9 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
+    assert set_spin_us("auto") == "auto"
     assert set_spin_us(None) == 0
-    for bad in (-1, "x", "5", 2.7, float("inf"), True, 10**7):
+    for bad in (-1, -2, "x", "5", "Auto", 2.7, float("inf"), True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)
     with pytest.raises(KernelInputError, match="threads"):
@@ -544,7 +585,12 @@ def test_a_bad_spin_environment_value_is_refused_every_time(monkeypatch):
             decoder.NativeDecoder(model, max_context=64)
     monkeypatch.setenv(decoder.SPIN_ENV, "40")
     decoder.NativeDecoder(model, max_context=64)
-    assert decoder.set_spin_us(None) == 0
+    assert decoder.spin_us() == 40
+    monkeypatch.delitem(decoder._bound, "ok", raising=False)
+    monkeypatch.setenv(decoder.SPIN_ENV, "auto")
+    decoder.NativeDecoder(model, max_context=64)
+    assert decoder.spin_us() == "auto"
+    assert decoder.set_spin_us(None) == 0 and decoder.spin_us() == 0
     with pytest.raises(ConfigError, match="thread_team"):
         decoder.NativeDecoder(model, max_context=64, thread_team="no")
 

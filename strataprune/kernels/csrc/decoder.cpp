@@ -52,6 +52,10 @@ extern "C" int sp_linear(const float* x, int64_t tokens, const uint16_t* masks, 
 extern "C" int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets, const uint8_t* codes,
                          const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group,
                          const float* bias, float* y, int isa, int threads);
+extern "C" int sq_linear_blocks(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets,
+                                const uint8_t* codes, const float* scales, const uint8_t* zeros, const uint8_t* blocks,
+                                int64_t rows, int64_t cols, int bits, int64_t group, const float* bias, float* y, int isa,
+                                int threads);
 extern "C" int sp_isa_supported(int isa);
 extern "C" int sq_isa_supported(int isa);
 extern "C" int sq_best_isa(void);
@@ -83,6 +87,8 @@ struct Linear {
   const float* bias = nullptr;
   int bits = 0;
   int64_t group = 0;
+  std::vector<uint8_t> blocks;  // kQuantized: the 1x4 block index when the mask is 1x4 blocked (derive_block_index), else empty
+  const uint8_t* block_index() const { return blocks.empty() ? nullptr : blocks.data(); }
 };
 
 struct Layer {
@@ -92,15 +98,29 @@ struct Layer {
 };
 
 // ---- Waiting: sleep (after an optional spin) ----
-// A thread that waits for the others sleeps on a futex until woken; before that it may spin g_spin_us (0 by default,
-// sd_set_spin_us). Sleeping, not yielding or spinning: on a machine shared with other jobs a thread that stays
-// runnable spends its share of the core, so the scheduler runs it (and the team thread that holds the last block)
-// later; a sleeper costs nothing and is run promptly when woken. Measured on the 2-core machine under load 3-5
+// A thread that waits for the others sleeps on a futex until woken; before that it may spin. Sleeping, not yielding
+// or spinning, on a machine shared with other jobs: a thread that stays runnable spends its share of the core, so the
+// scheduler runs it (and the team thread that holds the last block) later; a sleeper costs nothing and is run
+// promptly when woken. Measured on the 2-core machine under load 3-5
 // (benchmarks/results/decode-threads-20261206T110457Z.md, SmolLM2 int4): spin 0 16.1 ms/token wall, 10.6 ms CPU;
-// spin 50 us 21.7 ms wall, 12.2 ms CPU. On an idle machine a spin can hide the futex wake-up (a few us per wait, 5 waits per layer). Where
-// futexes are missing the sleep is a yield.
+// spin 50 us 21.7 ms wall, 12.2 ms CPU: so the default is 0. On an idle machine a short spin hides the futex wake-up,
+// which a decode step pays at every phase (5 per layer). The adaptive setting (kAdaptiveSpin, sd_set_spin_us(-2))
+// adapts per thread, as adaptive mutexes do: it spins up to kAdaptiveSpinUs while this thread's recent phase waits
+// were shorter than that (the others are running), and sleeps at once when they were longer (someone was
+// descheduled: spinning would only take their core); every kProbeEvery-th wait spins anyway, so that a machine that
+// became idle is noticed. Where futexes are missing the sleep is a yield.
+constexpr int kAdaptiveSpin = -2;
+constexpr int kAdaptiveSpinUs = 50;
+constexpr int kProbeEvery = 64;
 constexpr int kDefaultSpinUs = 0;
 std::atomic<int> g_spin_us{kDefaultSpinUs};
+
+// A thread's recent waits: a running mean (weight 1/8 per wait) of how long they lasted.
+struct WaitHistory {
+  double mean_us = 0.0;
+  uint32_t waits = 0;
+};
+thread_local WaitHistory t_wait_history;
 
 inline void cpu_relax() {
 #if SP_X86
@@ -134,22 +154,36 @@ struct Signal {
     word.fetch_add(1);
     if (sleepers.load() > 0) futex_wake_all(word);
   }
-  // Returns once ready() holds: spins spin_us (if > 0), then sleeps (ready() must become true before the matching signal()).
+  // Returns once ready() holds: spins (spin_us > 0: that long; kAdaptiveSpin: as the thread's history says), then
+  // sleeps (ready() must become true before the matching signal()).
   template <class Ready>
   void wait(Ready ready, int spin_us) {
     if (ready()) return;
     using Clock = std::chrono::steady_clock;
-    const Clock::time_point until = Clock::now() + std::chrono::microseconds(spin_us);
+    const Clock::time_point start = Clock::now();
+    const bool adaptive = spin_us == kAdaptiveSpin;
+    WaitHistory& history = t_wait_history;
+    if (adaptive)
+      spin_us = history.mean_us < kAdaptiveSpinUs || ++history.waits % kProbeEvery == 0 ? kAdaptiveSpinUs : 0;
+    const Clock::time_point until = start + std::chrono::microseconds(spin_us);
+    bool slept = false;
     while (spin_us > 0) {
       for (int i = 0; i < 32; ++i) cpu_relax();
-      if (ready()) return;
+      if (ready()) break;
       if (Clock::now() >= until) break;
     }
     while (!ready()) {
+      slept = true;
       sleepers.fetch_add(1);
       const uint32_t seen = word.load();
       if (!ready()) futex_wait(word, seen);
       sleepers.fetch_sub(1);
+    }
+    if (adaptive) {
+      const double waited_us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+      // a spin that succeeded restarts the history: the others are running again (a wait that ended before a
+      // spin or a sleep began says nothing about spinning and takes the running mean)
+      history.mean_us = spin_us > 0 && !slept ? waited_us : history.mean_us + (waited_us - history.mean_us) / 8;
     }
   }
 };
@@ -195,8 +229,10 @@ class TeamPool {
   void loop(int member) {
     uint64_t seen = 0;
     for (;;) {
+      // the gap between steps is the caller's (sampling, Python): adaptive spinning is for phases, not for it
+      const int spin_us = g_spin_us.load(std::memory_order_relaxed);
       start_.wait([&] { return stop_.load() || (ticket_.load(std::memory_order_acquire) >> kMemberBits) != seen; },
-                  g_spin_us.load());
+                  spin_us == kAdaptiveSpin ? 0 : spin_us);
       if (stop_.load()) return;
       const uint64_t ticket = ticket_.load(std::memory_order_acquire);
       seen = ticket >> kMemberBits;
@@ -338,10 +374,10 @@ int run_linear(const Linear& lin, const float* x, int64_t tokens, float* y, int 
       return sp_linear(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const float*>(lin.p[1]),
                        static_cast<const int32_t*>(lin.p[2]), lin.rows, lin.cols, lin.bias, y, isa, threads);
     case kQuantized:
-      return sq_linear(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
-                       static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
-                       static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, lin.bias, y, qisa,
-                       threads);
+      return sq_linear_blocks(x, tokens, static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
+                              static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
+                              static_cast<const uint8_t*>(lin.p[4]), lin.block_index(), lin.rows, lin.cols, lin.bits,
+                              lin.group, lin.bias, y, qisa, threads);
     default:
       return kIncomplete;
   }
@@ -573,7 +609,7 @@ int plan_step(Engine& e, int isa, int qisa, int64_t tokens, int64_t head_tokens)
       pl.quant = team_quant(static_cast<const uint16_t*>(lin.p[0]), static_cast<const int32_t*>(lin.p[1]),
                             static_cast<const uint8_t*>(lin.p[2]), static_cast<const float*>(lin.p[3]),
                             static_cast<const uint8_t*>(lin.p[4]), lin.rows, lin.cols, lin.bits, lin.group, qisa,
-                            i == count - 1 ? head_gemm : gemm);
+                            i == count - 1 ? head_gemm : gemm, lin.block_index());
       ok = pl.quant.kernel != nullptr;
     } else if (lin.kind == kDenseInt8) {  // as run_int8_head chooses
       pl.int8_rows = int8_head_rows_for(qisa);
@@ -950,7 +986,25 @@ SD_API int sd_set_linear(void* handle, int64_t layer, int which, int kind, int64
   lin.bias = bias;
   lin.bits = bits;
   lin.group = group;
+  lin.blocks.clear();
+  if (kind == sp::kQuantized && sp::derive_block_index(static_cast<const uint16_t*>(p0), rows, cols, nullptr)) {
+    try {  // without the memory the Linear keeps the bitmask path (the same results)
+      lin.blocks.assign(static_cast<size_t>(rows * sp::block_index_stride(cols)), 0);
+      sp::derive_block_index(static_cast<const uint16_t*>(p0), rows, cols, lin.blocks.data());
+    } catch (const std::bad_alloc&) {
+      lin.blocks.clear();
+    }
+  }
   return 0;
+}
+
+// How many quantized Linears (the head included) carry a 1x4 block index
+SD_API int64_t sd_block_linears(void* handle) {
+  const sp::Engine* e = static_cast<const sp::Engine*>(handle);
+  int64_t count = e->head.blocks.empty() ? 0 : 1;
+  for (const sp::Layer& L : e->layer)
+    for (const sp::Linear& lin : L.lin) count += lin.blocks.empty() ? 0 : 1;
+  return count;
 }
 
 // 0 when every weight is set with the shape the config implies, else kIncomplete
@@ -976,11 +1030,14 @@ SD_API int sd_set_team(void* handle, int enabled) {
 }
 
 // Microseconds a team thread spins on an unfinished phase, or a worker for the next step, before it sleeps until
-// woken (all engines of the process); < 0 restores the default. Returns the value now in force.
+// woken (all engines of the process); -2 (kAdaptiveSpin): adaptive spinning; other negative values restore the
+// default (0). Returns the value now in force.
 SD_API int sd_set_spin_us(int microseconds) {
-  sp::g_spin_us.store(microseconds < 0 ? sp::kDefaultSpinUs : microseconds);
+  sp::g_spin_us.store(microseconds == sp::kAdaptiveSpin || microseconds >= 0 ? microseconds : sp::kDefaultSpinUs);
   return sp::g_spin_us.load();
 }
+
+SD_API int sd_get_spin_us() { return sp::g_spin_us.load(); }
 
 SD_API int64_t sd_length(void* handle, int64_t slot) {
   Engine* e = static_cast<Engine*>(handle);

@@ -5,6 +5,9 @@
 //   sq_linear(x[tokens, cols], packed W[rows, cols], bias[rows] or NULL, y[tokens, rows], isa, threads)
 //     isa: -1 best, 0 portable, 1 AVX2 (with AVX-VNNI when the CPU has it), 2 AVX-512 (F, BW, VL, VBMI, VBMI2, VNNI),
 //          3 AVX2 without AVX-VNNI (to measure and test that path on a CPU that has AVX-VNNI).
+//   sq_linear_blocks: the same with the weight's 1x4 block index (sq_block_index; NULL: none), which the GEMVs
+//     (1-4 tokens) of the AVX2 and AVX-512 paths use (sq_set_block_path turns that off process-wide, to compare).
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -38,6 +41,35 @@ uint8_t* quant_scratch(int slot, size_t bytes) {
   }
   if (!tls_raw[slot]) return nullptr;
   return tls_raw[slot] + (64 - reinterpret_cast<uintptr_t>(tls_raw[slot]) % 64);
+}
+
+bool derive_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uint8_t* out) {
+  if (rows < 1 || cols < 4 || cols % 4) return false;
+  const int64_t words = (cols + kGroup - 1) / kGroup, stride = block_index_stride(cols);
+  for (int64_t n = 0; n < rows; ++n) {
+    uint8_t* row = out ? out + n * stride : nullptr;
+    if (row) std::memset(row, 0, static_cast<size_t>(stride));
+    for (int64_t g = 0; g < words; ++g) {
+      const uint32_t m = masks[n * words + g];
+      const uint32_t firsts = m & 0x1111u;  // each nibble's first bit: blocked <=> every nibble is 0 or 15 times it
+      if (firsts * 15u != m) return false;
+      if (!row) continue;
+      const uint32_t four = (firsts & 1u) | (firsts >> 3 & 2u) | (firsts >> 6 & 4u) | (firsts >> 9 & 8u);
+      row[g / 2] |= static_cast<uint8_t>(four << (4 * (g & 1)));  // word g holds blocks 4 g .. 4 g + 3
+    }
+  }
+  return true;
+}
+
+namespace {
+std::atomic<bool> g_block_path{true};        // sq_set_block_path
+std::atomic<int64_t> g_block_path_calls{0};  // sq_block_path_calls
+}  // namespace
+
+bool block_path_enabled() {
+  if (!g_block_path.load(std::memory_order_relaxed)) return false;
+  g_block_path_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 uint8_t* unpack_row_nibbles(const QPacked& w, int64_t n, uint8_t* buf) {
@@ -179,7 +211,7 @@ int64_t split_rows(const QPacked& w, int t, int nt, int64_t align) {
 }
 
 QPacked make_qpacked(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
-                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group) {
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, const uint8_t* blocks) {
   QPacked w;
   w.rows = rows;
   w.cols = cols;
@@ -194,6 +226,8 @@ QPacked make_qpacked(const uint16_t* masks, const int32_t* offsets, const uint8_
   w.codes = codes;
   w.scales = scales;
   w.zeros = zeros;
+  w.blocks = blocks;
+  w.block_stride = block_index_stride(cols);
   return w;
 }
 
@@ -239,8 +273,9 @@ bool reserve_kernel_scratch(const QPacked& w, int64_t tokens) {
 }  // namespace
 
 TeamQuant team_quant(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
-                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa, bool gemm) {
-  TeamQuant q{make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group), nullptr, false};
+                     const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa, bool gemm,
+                     const uint8_t* blocks) {
+  TeamQuant q{make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group, blocks), nullptr, false};
   if (isa < 0) isa = qbest_isa();
   if (rows < 1 || cols < 1 || (bits != 8 && bits != 4) || !group_ok(group, cols) || !qcpu_has(isa)) return q;
   q.kernel = kernel_for(isa, gemm);
@@ -314,9 +349,29 @@ SQ_API int sq_validate(const uint16_t* masks, const int32_t* offsets, int64_t ro
   return kOk;
 }
 
-SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets, const uint8_t* codes,
-                     const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group,
-                     const float* bias, float* y, int isa, int threads) {
+SQ_API int64_t sq_block_index_bytes(int64_t rows, int64_t cols) {
+  return rows > 0 && cols > 0 ? rows * sp::block_index_stride(cols) : 0;
+}
+
+// 1 and the block index in out (sq_block_index_bytes; NULL: only the check) when masks (validated, sq_validate) are
+// 1x4 blocked, else 0
+SQ_API int sq_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uint8_t* out) {
+  return sp::derive_block_index(masks, rows, cols, out) ? 1 : 0;
+}
+
+// 0: the kernels ignore block indexes (the bitmask path everywhere), 1 (default): they use them; returns the previous
+// setting. Read at each kernel call (the native decoder's planned weights follow it too).
+SQ_API int sq_set_block_path(int enabled) {
+  return sp::g_block_path.exchange(enabled != 0, std::memory_order_relaxed) ? 1 : 0;
+}
+
+// How many kernel calls (row ranges) have taken the block path in this process: tests check that a path really uses it.
+SQ_API int64_t sq_block_path_calls() { return sp::g_block_path_calls.load(std::memory_order_relaxed); }
+
+SQ_API int sq_linear_blocks(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets,
+                            const uint8_t* codes, const float* scales, const uint8_t* zeros, const uint8_t* blocks,
+                            int64_t rows, int64_t cols, int bits, int64_t group, const float* bias, float* y, int isa,
+                            int threads) {
   using namespace sp;
   if (rows < 0 || cols < 0 || tokens < 0 || (bits != 8 && bits != 4)) return kBadShape;
   if (!group_ok(group, cols) && rows > 0 && cols > 0) return kBadGroup;
@@ -328,7 +383,7 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
       for (int64_t n = 0; n < rows; ++n) y[t * rows + n] = bias ? bias[n] : 0.0f;
     return kOk;
   }
-  const QPacked w = make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group);
+  const QPacked w = make_qpacked(masks, offsets, codes, scales, zeros, rows, cols, bits, group, blocks);
   uint8_t* mem = quant_scratch(3, input_layout(tokens, cols).bytes);
   if (!mem) return kNoMemory;
   QInput in;
@@ -388,4 +443,11 @@ SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, cons
     }
   }
   return status;
+}
+
+SQ_API int sq_linear(const float* x, int64_t tokens, const uint16_t* masks, const int32_t* offsets, const uint8_t* codes,
+                     const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group,
+                     const float* bias, float* y, int isa, int threads) {
+  return sq_linear_blocks(x, tokens, masks, offsets, codes, scales, zeros, nullptr, rows, cols, bits, group, bias, y, isa,
+                          threads);
 }

@@ -81,6 +81,23 @@ bool use_wide_table() {
 #endif
 }
 
+// The 1x4 block path's `vpermd` controls: for the 8 block bits m of a 32-column vector, dword lane i takes the
+// 4-byte unit popcount(m & ((1 << i) - 1)) of the codes; -1 (the sign bit: pruned, lane cleared) where bit i is clear.
+struct alignas(32) BlockTable {
+  int32_t control[256][8];
+};
+
+constexpr BlockTable make_block_table() {
+  BlockTable t{};
+  for (int m = 0; m < 256; ++m) {
+    int seen = 0;
+    for (int i = 0; i < 8; ++i) t.control[m][i] = (m >> i) & 1 ? seen++ : -1;
+  }
+  return t;
+}
+
+constexpr BlockTable kBlockTable = make_block_table();
+
 // 16 columns: codes at the set bits of m (0 elsewhere); `set`: 0xFF where the bit is set
 SQ_AVX2 inline __m128i expand16(uint32_t m, const uint8_t* src, __m128i& set) {
   const uint32_t lo = m & 0xFFu, hi = m >> 8;

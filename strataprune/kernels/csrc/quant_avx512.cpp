@@ -98,7 +98,29 @@ SQ_AVX512 inline __m512i expand_vector(const QPacked& w, int64_t n, int64_t b, i
   return _mm512_mask_add_epi8(c128, m, e, zero_offsets(w, n, b));
 }
 
-template <int BITS, int R, int T>
+// The 1x4 block path of the GEMV (w.blocks): a 64-column vector is 16 blocks, block i = dword lane i, so the
+// vector's 16 bits of the block index are the `vpexpandd` mask of the int8 codes' 4-byte units, or the `vpexpandw`
+// mask of the int4 codes' 2-byte units, whose nibbles are then split in order by the `vpermt2b` of load_codes
+// (a row's codes start at a multiple of 4, so at a whole byte). The lanes hold the bitmask path's bytes (v + 128;
+// 128 where pruned), summed and scaled as there (gemv_rows with BLOCKS): the results are bit-identical.
+template <int BITS>
+SQ_AVX512 inline __m512i expand_blocks(uint32_t m, const uint8_t* codes, int64_t& pos) {
+  if (BITS == 8) {
+    __m512i raw = _mm512_loadu_si512(codes + pos);
+    __asm__("" : "+v"(raw));  // as in gemv_rows: the memory form of the expand is slow
+    pos += 4 * popcount(m);
+    return _mm512_maskz_expand_epi32(static_cast<__mmask16>(m), raw);
+  }
+  __m512i raw = _mm512_loadu_si512(codes + (pos >> 1));
+  __asm__("" : "+v"(raw));
+  pos += 4 * popcount(m);
+  const __m512i bytes = _mm512_maskz_expand_epi16(static_cast<__mmask32>(m), raw);  // words 16..31: zero
+  const __m512i merged = _mm512_permutex2var_epi8(bytes, _mm512_load_si512(kNibbles.lanes[0]), _mm512_srli_epi16(bytes, 4));
+  return _mm512_and_si512(merged, _mm512_set1_epi8(0x0F));
+}
+
+// BLOCKS: the vectors expanded from the block index (expand_blocks) instead of the mask: the same bytes
+template <int BITS, int R, int T, bool BLOCKS>
 SQ_AVX512 void gemv_rows(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t n0) {
   const int64_t vecs = (w.cols + 63) / 64, full = w.words / 4, vpu = w.unit >= 64 ? w.unit / 64 : 1;
   const int64_t ablocks = in.cols_pad / kActBlock;
@@ -133,27 +155,40 @@ SQ_AVX512 void gemv_rows(const QPacked& w, const QInput& in, const float* bias, 
       xv[t] = _mm512_loadu_si512(xb + t * in.cols_pad);
       corr[t] = _mm512_add_epi32(corr[t], _mm512_loadu_si512(qb + t * (in.cols_pad / 4)));
     }
-    uint64_t m[R];
-    if (b < full) {
+    if constexpr (BLOCKS) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) std::memcpy(&m[r], mrow[r] + 4 * b, 8);
+      for (int r = 0; r < R; ++r) {
+        uint16_t mb;
+        std::memcpy(&mb, w.blocks + (n0 + r) * w.block_stride + 2 * b, 2);
+        const __m512i e = expand_blocks<BITS>(mb, w.codes, pos[r]);
+        if (BITS == 4 && w.unit == 32 && b > 0) zc[r] = zero_offsets(w, n0 + r, b);
+        const __m512i u = BITS == 8 ? _mm512_xor_si512(e, c128) : _mm512_add_epi8(e, _mm512_mask_blend_epi32(mb, c128, zc[r]));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+      }
     } else {
+      uint64_t m[R];
+      if (b < full) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) m[r] = mask64(w, n0 + r, b);
-    }
+        for (int r = 0; r < R; ++r) std::memcpy(&m[r], mrow[r] + 4 * b, 8);
+      } else {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      // empty asm: keep the mask in a register (GCC otherwise stores it and reloads it for kmov and popcnt) and
-      // the codes in a vector register (GCC otherwise folds the load into vpexpandb, whose memory form is slow)
-      __asm__("" : "+r"(m[r]));
-      __m512i raw = load_codes<BITS>(w.codes, pos[r]);
-      __asm__("" : "+v"(raw));
-      const __m512i e = _mm512_maskz_expand_epi8(m[r], raw);
-      pos[r] += popcount64(m[r]);
-      if (BITS == 4 && w.unit == 32 && b > 0) zc[r] = zero_offsets(w, n0 + r, b);
-      const __m512i u = BITS == 8 ? _mm512_xor_si512(e, c128) : _mm512_mask_add_epi8(c128, m[r], e, zc[r]);
+        for (int r = 0; r < R; ++r) m[r] = mask64(w, n0 + r, b);
+      }
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+      for (int r = 0; r < R; ++r) {
+        // empty asm: keep the mask in a register (GCC otherwise stores it and reloads it for kmov and popcnt) and
+        // the codes in a vector register (GCC otherwise folds the load into vpexpandb, whose memory form is slow)
+        __asm__("" : "+r"(m[r]));
+        __m512i raw = load_codes<BITS>(w.codes, pos[r]);
+        __asm__("" : "+v"(raw));
+        const __m512i e = _mm512_maskz_expand_epi8(m[r], raw);
+        pos[r] += popcount64(m[r]);
+        if (BITS == 4 && w.unit == 32 && b > 0) zc[r] = zero_offsets(w, n0 + r, b);
+        const __m512i u = BITS == 8 ? _mm512_xor_si512(e, c128) : _mm512_mask_add_epi8(c128, m[r], e, zc[r]);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+      }
     }
     if (((b + 1) & (vpu - 1)) == 0 || b == vecs - 1) {
       const int64_t g0 = w.unit == 32 ? 2 * b : (b * 64) >> w.group_shift;
@@ -181,17 +216,92 @@ SQ_AVX512 void gemv_rows(const QPacked& w, const QInput& in, const float* bias, 
     for (int t = 0; t < T; ++t) y[t * w.rows + n0 + r] = hsum16(facc[r][t]) + (bias ? bias[n0 + r] : 0.0f);
 }
 
+// int4 with 128-column units (group 128, or one scale per row): a 128-column step is 32 blocks, so one `vpexpandw`
+// of its 32-bit block mask spreads 64 bytes of codes, which two `vpermt2b` split into the step's two 64-column vectors
+// (per 64 columns half the expands and shifts of gemv_rows' block path); a last half step of 64 columns as there.
+template <int R>
+SQ_AVX512 void gemv1_block_rows_int4_128(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t n0) {
+  const int64_t vecs = (w.cols + 63) / 64, steps = vecs / 2;
+  const __m512i lo_index = _mm512_load_si512(kNibbles.lanes[0]);  // codes 0..63 from bytes 0..31 of the expanded units
+  const __m512i hi_index = _mm512_add_epi8(lo_index, _mm512_set1_epi8(32));  // codes 64..127 from bytes 32..63
+  const __m512i low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t pos[R];
+  const uint8_t* brow[R];
+  __m512 facc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    pos[r] = w.offsets[n0 + r];
+    brow[r] = w.blocks + (n0 + r) * w.block_stride;
+    facc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t st = 0; st < steps; ++st) {
+    const __m512i x0 = _mm512_loadu_si512(in.xq + 128 * st), x1 = _mm512_loadu_si512(in.xq + 128 * st + 64);
+    const __m512i corr = _mm512_add_epi32(_mm512_loadu_si512(in.quad + 32 * st), _mm512_loadu_si512(in.quad + 32 * st + 16));
+    const int64_t g = (st * 128) >> w.group_shift;
+    const float sx = in.sx[st];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      uint32_t m;
+      std::memcpy(&m, brow[r] + 4 * st, 4);
+      __asm__("" : "+r"(m));
+      __m512i raw = _mm512_loadu_si512(w.codes + (pos[r] >> 1));
+      __asm__("" : "+v"(raw));
+      pos[r] += 4 * popcount(m);
+      const __m512i e = _mm512_maskz_expand_epi16(m, raw);
+      const __m512i high = _mm512_srli_epi16(e, 4);
+      const __m512i c0 = _mm512_and_si512(_mm512_permutex2var_epi8(e, lo_index, high), low4);
+      const __m512i c1 = _mm512_and_si512(_mm512_permutex2var_epi8(e, hi_index, high), low4);
+      const __m512i zc = _mm512_set1_epi8(static_cast<char>(128 - w.zeros[(n0 + r) * w.ngroups + g]));
+      const __m512i u0 = _mm512_add_epi8(c0, _mm512_mask_blend_epi32(static_cast<__mmask16>(m), c128, zc));
+      const __m512i u1 = _mm512_add_epi8(c1, _mm512_mask_blend_epi32(static_cast<__mmask16>(m >> 16), c128, zc));
+      const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, x0), u1, x1);
+      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + r) * w.ngroups + g] * sx);
+      facc[r] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(all16, _mm512_sub_epi32(acc, corr)), scale, facc[r]);
+    }
+  }
+  if (vecs % 2) {  // the last 64 columns, a unit of their own
+    const int64_t b = vecs - 1, g = (b * 64) >> w.group_shift;
+    const __m512i xv = _mm512_loadu_si512(in.xq + 64 * b), corr = _mm512_loadu_si512(in.quad + 16 * b);
+    const float sx = in.sx[b / 2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      uint16_t m;
+      std::memcpy(&m, brow[r] + 2 * b, 2);
+      const __m512i e = expand_blocks<4>(m, w.codes, pos[r]);
+      const __m512i u = _mm512_add_epi8(e, _mm512_mask_blend_epi32(m, c128, zero_offsets(w, n0 + r, b)));
+      const __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + r) * w.ngroups + g] * sx);
+      facc[r] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(all16, _mm512_sub_epi32(acc, corr)), scale, facc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) y[n0 + r] = hsum16(facc[r]) + (bias ? bias[n0 + r] : 0.0f);
+}
+
 template <int BITS, int R, int T>
 SQ_AVX512 void gemv_range(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   int64_t n = r0;
-  for (; n + R <= r1; n += R) gemv_rows<BITS, R, T>(w, in, bias, y, n);
-  for (; n < r1; ++n) gemv_rows<BITS, 1, T>(w, in, bias, y, n);
+  if (w.blocks && block_path_enabled()) {
+    for (; n + R <= r1; n += R) gemv_rows<BITS, R, T, true>(w, in, bias, y, n);
+    for (; n < r1; ++n) gemv_rows<BITS, 1, T, true>(w, in, bias, y, n);
+    return;
+  }
+  for (; n + R <= r1; n += R) gemv_rows<BITS, R, T, false>(w, in, bias, y, n);
+  for (; n < r1; ++n) gemv_rows<BITS, 1, T, false>(w, in, bias, y, n);
 }
 
 template <int BITS>
 SQ_AVX512 void gemv(const QPacked& w, const QInput& in, const float* bias, float* y, int64_t r0, int64_t r1) {
   switch (in.tokens) {
-    case 1: gemv_range<BITS, 4, 1>(w, in, bias, y, r0, r1); break;
+    case 1:
+      if (BITS == 4 && w.unit == 128 && w.blocks && block_path_enabled()) {
+        int64_t n = r0;
+        for (; n + 4 <= r1; n += 4) gemv1_block_rows_int4_128<4>(w, in, bias, y, n);
+        for (; n < r1; ++n) gemv1_block_rows_int4_128<1>(w, in, bias, y, n);
+      } else {
+        gemv_range<BITS, 4, 1>(w, in, bias, y, r0, r1);  // the block path there too (gemv_rows' BLOCKS)
+      }
+      break;
     case 2: gemv_range<BITS, 4, 2>(w, in, bias, y, r0, r1); break;
     case 3: gemv_range<BITS, 2, 3>(w, in, bias, y, r0, r1); break;
     case 4: gemv_range<BITS, 2, 4>(w, in, bias, y, r0, r1); break;

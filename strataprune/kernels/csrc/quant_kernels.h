@@ -58,7 +58,23 @@ struct QPacked {
   const uint8_t* codes;
   const float* scales;
   const uint8_t* zeros;       // bits 4 only
+  // The 1x4 block index (derive_block_index), or nullptr: where set, the GEMVs (1-4 tokens) of the AVX2 and AVX-512 paths
+  // expand whole 4-column units instead of single columns (same sums, same results); the other kernels ignore it.
+  const uint8_t* blocks;
+  int64_t block_stride;       // bytes per row of blocks
 };
+
+// The 1x4 block index of a mask whose every aligned 4-column nibble of every row is all kept or all pruned (cols a
+// multiple of 4): bit i of byte b of row n is set <=> columns 32 b + 4 i .. 32 b + 4 i + 3 of row n are kept, i.e.
+// dword lane i of the row's 32-column vector b. Rows are block_index_stride(cols) bytes (a multiple of 8, zero past
+// the last column), so that a 64-column vector's 16 bits and a 128-column vector's 32 bits are whole loads too.
+inline int64_t block_index_stride(int64_t cols) { return (cols + 255) / 256 * 8; }
+// Fills out (rows * block_index_stride(cols) bytes; nullptr: only checks) and returns true when the mask is 1x4
+// blocked; false (out partly written) when it is not, cols is not a multiple of 4, or there are no rows or columns.
+bool derive_block_index(const uint16_t* masks, int64_t rows, int64_t cols, uint8_t* out);
+// Whether the kernels take the block path where a weight has a block index (sq_set_block_path; default true); call it
+// only where a true answer takes the path (it counts those calls: sq_block_path_calls).
+bool block_path_enabled();
 
 // The quantized input, shared by all threads of a call. cols_pad = cols rounded up to kActBlock (zero-filled).
 struct QInput {

@@ -40,7 +40,8 @@ void team_sparse_gemm_rows(const TeamSparse& s, int64_t tokens, const float* bia
 
 // int8 / int4 bitmask weight: the GEMV kernel, or with gemm the GEMM kernel (sq_linear's choice for tokens >
 // kQuantGemvTokens; both compute any rows [r0, r1) from the quantized input). kernel is null when the ISA (-1: best)
-// is not supported or the shape or group is not one sq_linear accepts.
+// is not supported or the shape or group is not one sq_linear accepts. blocks: the weight's 1x4 block index
+// (derive_block_index) or nullptr, as sq_linear_blocks takes it.
 struct TeamQuant {
   QPacked w;
   QKernelFn kernel;
@@ -48,7 +49,7 @@ struct TeamQuant {
 };
 TeamQuant team_quant(const uint16_t* masks, const int32_t* offsets, const uint8_t* codes, const float* scales,
                      const uint8_t* zeros, int64_t rows, int64_t cols, int bits, int64_t group, int isa,
-                     bool gemm = false);
+                     bool gemm = false, const uint8_t* blocks = nullptr);
 
 // Bytes of caller memory that team_quantize_input needs for `tokens` tokens of `cols` columns (64-byte aligned).
 size_t team_input_bytes(int64_t tokens, int64_t cols);

@@ -7,7 +7,8 @@ A wrapper: ``base`` names the pruner whose mask (and values, for pruners that up
 starting point, ``base_params`` its parameters. Then, per output row, a weight is revived and another
 pruned while that reduces the row's expected reconstruction error, so every row (and every N:M group)
 keeps exactly the count the base pruner gave it. Needs the base pruner's statistics plus each matrix's
-input norms and means (the variance comes from both).
+input norms and means (the variance comes from both). A base pruner with a ``block`` other than 1x1
+is refused: single-weight swaps would break its blocks.
 
     strataprune run --pruner dsnot --set pruner.base=wanda --sparsity 0.7
 """
@@ -76,6 +77,11 @@ class DSnoT(Pruner):
         if self.base.quantizes:
             raise ConfigError(
                 f"dsnot: base pruner '{cfg.base}' quantizes; grown weights would leave its grid (run it without wbits)"
+            )
+        if not self.base.block_shape.unit:
+            raise ConfigError(
+                f"dsnot: base pruner '{cfg.base}' has block={self.base.block_shape}; DSnoT swaps single weights, which "
+                "would break its blocks; give the base block 1x1 (or run the blocked pruner without dsnot)"
             )
         self.needs = frozenset(self.base.needs) | DSnoT.needs  # type: ignore[misc]
         self.supports_nm = self.base.supports_nm  # type: ignore[misc]

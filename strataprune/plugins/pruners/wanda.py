@@ -6,26 +6,37 @@ floor(d_in * s) lowest scores of every row are removed (docs/algorithms.md §2.2
 sparsity is floor(d_in * s) / d_in. N:M keeps the n best scores of every m consecutive inputs.
 No weight update.
 
+``block: RxC`` keeps or removes whole tiles of R output rows by C input columns: a tile's score is
+the sum of its members' |W_ij| * ||X_j||_2, and the comparison group is R output rows together
+(docs/pruners.md, "Block sparsity").
+
     strataprune run --pruner wanda --sparsity 0.5
+    strataprune run --pruner wanda --sparsity 0.7 --set pruner.block=1x4
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from strataprune.contract.errors import PluginError
 from strataprune.contract.layout import MatrixStats
 from strataprune.contract.pruner import Pruner, PruneResult
-from strataprune.contract.sparsity import Target
-from strataprune.plugins.common.masks import keep_for_target
+from strataprune.contract.sparsity import BlockShape, Target
+from strataprune.plugins.common.masks import keep_blocks_for_target
 from strataprune.plugins.common.scores import wanda_scores
 
 
 @dataclass
 class WandaConfig:
-    pass
+    #: "RxC": tiles of R output rows x C input columns kept or removed whole ("1x1" = unstructured);
+    #: typed Any so that a non-string gets the full message of BlockShape.parse
+    block: Any = "1x1"
+
+    def __post_init__(self) -> None:
+        self.block = str(BlockShape.parse(self.block, "pruner 'wanda'"))
 
 
 class Wanda(Pruner):
@@ -35,7 +46,12 @@ class Wanda(Pruner):
     Config = WandaConfig
     needs = frozenset({"input_norms"})
 
+    @property
+    def block_shape(self) -> BlockShape:
+        return BlockShape.parse(self.config.block, "pruner 'wanda'")
+
     def prune(self, weight: torch.Tensor, target: Target, stats: MatrixStats) -> PruneResult:
         if stats.input_norms is None:
             raise PluginError("wanda needs input_norms statistics, which the calibration engine did not provide")
-        return PruneResult(keep=keep_for_target(wanda_scores(weight, stats.input_norms), target, "row"))
+        scores = wanda_scores(weight, stats.input_norms)
+        return PruneResult(keep=keep_blocks_for_target(scores, target, "row", self.block_shape, stats.info.name))
