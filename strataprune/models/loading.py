@@ -30,6 +30,7 @@ from strataprune.models.files import (
     model_kind,
     read_config,
 )
+from strataprune.models.gguf_tokenizer import needs_merges, rebuild_with_merges
 from strataprune.runtime.outputs import pid_alive
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,8 +68,11 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     gguf = Path(gguf).resolve()
     check_gguf(gguf)
     target = converted_folder(gguf, name)
-    if (target / "config.json").exists():
+    stale = (target / "config.json").exists() and needs_merges(target / "tokenizer.json", gguf)
+    if (target / "config.json").exists() and not stale:
         return target
+    if stale:
+        _say(f"{target.name}: its tokenizer was converted without the GGUF's merges; converting again")
     _remove_dead_conversions(target.parent)
     _say(f"converting {gguf.name} to a plain checkpoint in {target} (once, ~20-70 s)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +82,7 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
         # records either way; the token ids and files are identical): naming it keeps transformers' "default legacy
         # behaviour" warning out of every conversion. Other tokenizer classes ignore the setting.
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=True)
+        rebuild_with_merges(tokenizer, gguf)  # SentencePiece-BPE files read as Unigram (Gemma): the merges by score
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without quantisation
         config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
@@ -93,7 +98,13 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        if stale:  # our own earlier conversion: set aside, then removed once the new one is in place
+            old = target.with_name(f".convert-{os.getpid()}-stale-{target.name}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():  # another process may have finished the same conversion
