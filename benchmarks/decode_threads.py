@@ -59,8 +59,8 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument(
         "--spin",
-        default="0",
-        help="comma-separated team spin times in microseconds, or auto (the adaptive spin); default 0, the engine's",
+        default="auto",
+        help="comma-separated team spin times in microseconds, or auto (default: the engine's adaptive spin)",
     )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per repeat (default 32)")

@@ -29,10 +29,10 @@ paths follow ``strataprune.kernels.set_num_threads`` / ``use_isa`` / ``use_quant
 Threads: with 2 or more, a decode step or a prefill chunk runs on the engine's own worker threads, woken once per step
 (1 thread calls the kernels in order): the step is a list of phases (per layer q/k/v, attention, o, gate/up, down;
 then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
-of this one. A waiting thread sleeps until woken (after spinning ``spin_us`` microseconds, default 0: measured best
-on a loaded machine, docs/kernels.md), so that it neither burns CPU time nor delays the neighbours or its own team;
-``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` change it (``auto``: spin only while the thread's recent waits
-were short). The result does not depend on the thread count. (One
+of this one. A waiting thread sleeps until woken, after a spin of up to 50 us only while its recent waits were
+short (the others are running; under load it sleeps at once, so that it neither burns CPU time nor delays the
+neighbours or its own team; docs/kernels.md); ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` fix the spin.
+The result does not depend on the thread count. (One
 OpenMP region per kernel call, ``thread_team=False``, spins at its barriers and collapses under load: docs/kernels.md.)
 """
 
@@ -135,10 +135,10 @@ def _spin_in_force(code: int) -> int | str:
 
 def set_spin_us(microseconds: int | str | None, lib: ctypes.CDLL | None = None) -> int | str:
     """How long (microseconds) a decode thread spins on an unfinished phase (or, between steps, for the next step)
-    before it sleeps until woken; ``None`` restores the default (0: sleep at once, measured best on a loaded
-    machine); ``"auto"``: each thread spins up to 50 us while its recent phase waits were shorter than that and
-    sleeps at once while they were longer (docs/kernels.md). Applies to every engine of the process; returns the
-    setting in force."""
+    before it sleeps until woken: ``"auto"`` (the default, which ``None`` restores): each thread spins up to 50 us
+    while its recent phase waits were shorter than that and sleeps at once while they were longer; an integer fixes
+    the spin (0: sleep at once; docs/kernels.md). Applies to every engine of the process; returns the setting in
+    force."""
     lib = lib or _lib()
     value = None if microseconds is None else _spin_value(microseconds, "spin_us")
     code = -1 if value is None else _ADAPTIVE_CODE if value == ADAPTIVE else value

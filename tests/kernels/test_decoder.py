@@ -388,7 +388,7 @@ def test_two_threads_decode_the_same_tokens_and_logits_as_one(bits, lm_head):
     for slots in ([0], [2, 0, 1]):
         want_tokens, want_logits = greedy_decode(NativeDecoder(model, max_slots=3, max_context=64, lm_head=lm_head),
                                                  PROMPT, 6, slots)  # fmt: skip
-        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, "auto"), (2, True, 30), (2, False, None)):
+        for threads, team, spin in ((1, False, None), (2, True, None), (3, True, 0), (2, True, 30), (2, False, None)):
             kernels.set_num_threads(threads)
             set_spin_us(spin)
             try:
@@ -564,8 +564,8 @@ def test_spin_setting_is_checked():
     from strataprune.kernels.decoder import set_spin_us
 
     assert set_spin_us(250) == 250
-    assert set_spin_us("auto") == "auto"
-    assert set_spin_us(None) == 0
+    assert set_spin_us(0) == 0
+    assert set_spin_us(None) == "auto"  # the adaptive default
     for bad in (-1, -2, "x", "5", "Auto", 2.7, float("inf"), True, 10**7):
         with pytest.raises(KernelInputError, match="spin_us"):
             set_spin_us(bad)
@@ -590,7 +590,7 @@ def test_a_bad_spin_environment_value_is_refused_every_time(monkeypatch):
     monkeypatch.setenv(decoder.SPIN_ENV, "auto")
     decoder.NativeDecoder(model, max_context=64)
     assert decoder.spin_us() == "auto"
-    assert decoder.set_spin_us(None) == 0 and decoder.spin_us() == 0
+    assert decoder.set_spin_us(None) == "auto" and decoder.spin_us() == "auto"
     with pytest.raises(ConfigError, match="thread_team"):
         decoder.NativeDecoder(model, max_context=64, thread_team="no")
 

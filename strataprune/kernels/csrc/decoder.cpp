@@ -103,16 +103,17 @@ struct Layer {
 // scheduler runs it (and the team thread that holds the last block) later; a sleeper costs nothing and is run
 // promptly when woken. Measured on the 2-core machine under load 3-5
 // (benchmarks/results/decode-threads-20261206T110457Z.md, SmolLM2 int4): spin 0 16.1 ms/token wall, 10.6 ms CPU;
-// spin 50 us 21.7 ms wall, 12.2 ms CPU: so the default is 0. On an idle machine a short spin hides the futex wake-up,
-// which a decode step pays at every phase (5 per layer). The adaptive setting (kAdaptiveSpin, sd_set_spin_us(-2))
-// adapts per thread, as adaptive mutexes do: it spins up to kAdaptiveSpinUs while this thread's recent phase waits
-// were shorter than that (the others are running), and sleeps at once when they were longer (someone was
-// descheduled: spinning would only take their core); every kProbeEvery-th wait spins anyway, so that a machine that
-// became idle is noticed. Where futexes are missing the sleep is a yield.
+// spin 50 us 21.7 ms wall, 12.2 ms CPU. On an idle machine a short spin hides the futex wake-up, which a decode step
+// pays at every phase (5 per layer): 2 threads 6.34 ms/token sleeping at once, 4.93 spinning 50 us
+// (decode-threads-20261206T144710Z.md). So the default (kAdaptiveSpin, sd_set_spin_us(-2)) adapts per thread, as
+// adaptive mutexes do: it spins up to kAdaptiveSpinUs while this thread's recent phase waits were shorter than that
+// (the others are running), and sleeps at once when they were longer (someone was descheduled: spinning would only
+// take their core); every kProbeEvery-th wait spins anyway, so that a machine that became idle is noticed. Idle:
+// 5.02 ms/token. Where futexes are missing the sleep is a yield.
 constexpr int kAdaptiveSpin = -2;
 constexpr int kAdaptiveSpinUs = 50;
 constexpr int kProbeEvery = 64;
-constexpr int kDefaultSpinUs = 0;
+constexpr int kDefaultSpinUs = kAdaptiveSpin;
 std::atomic<int> g_spin_us{kDefaultSpinUs};
 
 // A thread's recent waits: a running mean (weight 1/8 per wait) of how long they lasted.
@@ -1031,7 +1032,7 @@ SD_API int sd_set_team(void* handle, int enabled) {
 
 // Microseconds a team thread spins on an unfinished phase, or a worker for the next step, before it sleeps until
 // woken (all engines of the process); -2 (kAdaptiveSpin): adaptive spinning; other negative values restore the
-// default (0). Returns the value now in force.
+// default (adaptive). Returns the value now in force.
 SD_API int sd_set_spin_us(int microseconds) {
   sp::g_spin_us.store(microseconds == sp::kAdaptiveSpin || microseconds >= 0 ? microseconds : sp::kDefaultSpinUs);
   return sp::g_spin_us.load();
