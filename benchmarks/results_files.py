@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import platform
 import time
 from pathlib import Path
@@ -120,10 +121,10 @@ class ResultFiles:
         while True:
             target = self.path(suffix)
             # written whole under a private name, then linked to the final one (which fails if it exists): a crash
-            # never leaves a truncated file under a result's name
-            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-            partial.write_text(text)
+            # leaves no truncated file under a result's name (except on a file system without hard links, below)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
             try:
+                partial.write_text(text)
                 try:
                     os.link(partial, target)
                 except FileExistsError:

@@ -120,7 +120,7 @@ def _spin_value(value: Any, label: str, text: bool = False) -> int | str:
     number = -1
     if isinstance(value, str) and value.strip() == ADAPTIVE:
         return ADAPTIVE
-    if text and isinstance(value, str) and value.strip().isdigit():
+    if text and isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         number = int(value.strip())
     elif not text and isinstance(value, int) and not isinstance(value, bool):
         number = value

@@ -4,9 +4,12 @@ A GGUF whose ``tokenizer.ggml.model`` is ``llama`` carries a SentencePiece vocab
 llama.cpp tokenizes by joining, again and again, the adjacent pair whose joined piece is in the vocabulary with the
 highest score (starting from characters; characters outside the vocabulary become their UTF-8 byte tokens). For
 Gemma's such files transformers 4.57 builds a Unigram model over the same scores instead, which splits common words
-apart ("the" -> "▁t", "he"; Gemma-3-270M's BBC perplexity 147 instead of ~17). :func:`spm_merges` lists the merges
-that reproduce the score rule, ranked by the joined piece's score, and :func:`rebuild_with_merges` swaps a BPE model
-built from them into a fast tokenizer; its normalizer, pre-tokenizer, special tokens and decoder stay as they were.
+apart ("the" -> "▁t", "he"; Gemma-3-270M's BBC perplexity 147 instead of ~17). Before the score rule, llama.cpp
+splits the text at user-defined pieces (Gemma's runs of newlines and of spaces) and control pieces (``<bos>``,
+``<start_of_turn>`` ...), which stay whole. :func:`spm_merges` lists the merges that reproduce the score rule,
+ranked by the joined piece's score, and :func:`rebuild_with_merges` swaps a BPE model built from them into a fast
+tokenizer and adds the user-defined and control pieces as whole tokens (matched in the raw text, as llama.cpp
+does); its normalizer, pre-tokenizer and decoder stay as they were.
 """
 
 from __future__ import annotations
@@ -15,26 +18,31 @@ import json
 from pathlib import Path
 from typing import Any
 
-NORMAL, UNKNOWN = 1, 2  #: GGUF token types (tokenizer.ggml.token_type): a plain piece, the unknown token
+#: GGUF token types (tokenizer.ggml.token_type): a plain piece, the unknown token, a control piece, a user-defined one
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 
 
 def read_spm_vocabulary(gguf: Path) -> tuple[list[str], list[float], list[int]] | None:
     """(pieces, scores, token types) of a GGUF whose tokenizer is SentencePiece (``llama``), else None."""
     import gguf as gguf_package
 
-    fields = gguf_package.GGUFReader(str(gguf)).fields
+    try:
+        fields = gguf_package.GGUFReader(str(gguf)).fields
 
-    def strings(key: str) -> list[str]:
-        field = fields[key]
-        return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+        def strings(key: str) -> list[str]:
+            field = fields[key]
+            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
 
-    if "tokenizer.ggml.model" not in fields or strings("tokenizer.ggml.model") != ["llama"]:
+        if "tokenizer.ggml.model" not in fields or strings("tokenizer.ggml.model") != ["llama"]:
+            return None
+        pieces = strings("tokenizer.ggml.tokens")
+        scores = [float(fields["tokenizer.ggml.scores"].parts[i][0]) for i in fields["tokenizer.ggml.scores"].data]
+        types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    except (KeyError, IndexError, ValueError, OSError):  # no scores or types, or a damaged file: leave it to transformers
         return None
-    if "tokenizer.ggml.scores" not in fields or "tokenizer.ggml.token_type" not in fields:
+    # a piece that is not UTF-8 would collide with others once decoded: such a vocabulary is left as transformers reads it
+    if not len(pieces) == len(scores) == len(types) or len(set(pieces)) != len(pieces):
         return None
-    pieces = strings("tokenizer.ggml.tokens")
-    scores = [float(fields["tokenizer.ggml.scores"].parts[i][0]) for i in fields["tokenizer.ggml.scores"].data]
-    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
     return pieces, scores, types
 
 
@@ -87,5 +95,12 @@ def rebuild_with_merges(tokenizer: Any, gguf: Path) -> bool:
     vocabulary = read_spm_vocabulary(gguf)
     if vocabulary is None or len(set(vocabulary[0])) != len(vocabulary[0]):
         return False
-    backend.model = spm_bpe_model(*vocabulary)
+    from tokenizers import AddedToken
+
+    pieces, scores, types = vocabulary
+    backend.model = spm_bpe_model(pieces, scores, types)
+    whole = [AddedToken(p, normalized=False, special=False) for p, kind in zip(pieces, types) if kind == USER_DEFINED]
+    control = [AddedToken(p, normalized=False, special=True) for p, kind in zip(pieces, types) if kind == CONTROL]
+    backend.add_tokens(whole)  # pieces already in the vocabulary keep their ids
+    backend.add_special_tokens(control)
     return True

@@ -8,11 +8,13 @@ pruned model saves and reloads with ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,18 +100,42 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if stale:  # our own earlier conversion: set aside, then removed once the new one is in place
-            old = target.with_name(f".convert-{os.getpid()}-stale-{target.name}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
+        with _conversion_lock(target):
+            # decided again under the lock: another process may have put a current conversion in place meanwhile
+            if (target / "config.json").exists() and not needs_merges(target / "tokenizer.json", gguf):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            if (target / "config.json").exists():  # our own stale conversion: set aside, removed once replaced
+                old = target.with_name(f".convert-{os.getpid()}-stale-{target.name}")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have finished the same conversion
-            raise
+        if (target / "config.json").exists():  # another process may have finished the same conversion
+            return target
+        if isinstance(exc, OSError):
+            raise DataError(f"cannot write the conversion of '{gguf}' to {target} ({exc})") from None
+        raise
     return target
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Serialises the check-and-swap of one conversion between processes (a lock file beside it)."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: the renames alone decide
+        yield
+        return
+    with open(target.with_name(f".{target.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _remove_dead_conversions(folder: Path) -> None:

@@ -112,3 +112,30 @@ def test_the_vocabulary_is_read_from_sentencepiece_files_only(tmp_path):
     assert needs_merges(unigram, spm)  # a stale conversion: converted again
     assert not needs_merges(bpe, spm) and not needs_merges(unigram, tmp_path / "bpe.gguf")
     assert not needs_merges(tmp_path / "missing.json", spm)
+
+
+def test_rebuilt_tokenizer_keeps_user_defined_and_control_pieces_whole(tmp_path):
+    """A Unigram tokenizer over a SentencePiece-BPE GGUF is rebuilt: plain text follows the score rule, while
+    user-defined pieces (Gemma's newline runs) and control pieces are split out of the raw text first, as llama.cpp
+    does, and keep their ids."""
+    from tokenizers import Tokenizer, normalizers
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    from strataprune.models.gguf_tokenizer import CONTROL, USER_DEFINED, rebuild_with_merges
+
+    pieces, scores, types = small_vocabulary(3)
+    pieces += ["\n\n", "<ctl>"]
+    scores += [0.0, 0.0]
+    types += [USER_DEFINED, CONTROL]
+    gguf_file = write_gguf(tmp_path / "spm.gguf", "llama", pieces, scores, types)
+    backend = Tokenizer(Unigram([(p, s) for p, s in zip(pieces, scores)], unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert rebuild_with_merges(tokenizer, gguf_file)
+    assert not rebuild_with_merges(tokenizer, gguf_file)  # already BPE: left alone
+    text_a, text_b = "ab cde", "edcba a"
+    got = tokenizer(f"{text_a}\n\n{text_b}<ctl>", add_special_tokens=False)["input_ids"]
+    want = score_rule(text_a.replace(" ", "▁"), pieces, scores, types) + [pieces.index("\n\n")]
+    want += score_rule(text_b.replace(" ", "▁"), pieces, scores, types) + [pieces.index("<ctl>")]
+    assert got == want
