@@ -486,8 +486,16 @@ def _ensure_consistent(masks, offsets, codes, scales, zeros, shape, bits, group_
 _block_indexes: dict[int, tuple[weakref.ref, tuple, torch.Tensor | None]] = {}
 
 
+_block_indexes_lock = threading.Lock()  # two threads deriving one weight's index must not free each other's
+
+
 def _block_index_of(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
     """The block index of validated masks, derived once per masks tensor (and again after an in-place change)."""
+    with _block_indexes_lock:
+        return _derive_block_index(masks, rows, cols)
+
+
+def _derive_block_index(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
     key = (masks._version, masks.data_ptr(), rows, cols)
     ident = id(masks)
     entry = _block_indexes.get(ident)
