@@ -261,6 +261,14 @@ def native_engine(model: Any, ids: np.ndarray, threads: int, tokens: int, warmup
     return result
 
 
+def is_run_folder(run: str | Path) -> bool:
+    """Whether ``run`` is a `strataprune run` output folder; if not, says so in one ``error:`` line on stderr."""
+    if (Path(run) / "report.json").is_file():
+        return True
+    print(f"error: --run '{run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
+    return False
+
+
 #: the packing of the cached native models: bump when pack_int8/pack_int4 change what they write (2: 1x4 blocks closed
 #: over exact zeros), so that a cache made before is not timed as if it were current
 PACKING = 2
@@ -622,10 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --llama-lib-avx2 '{args.llama_lib_avx2}' holds no libllama.so (a llama.cpp build's library folder)",
               file=sys.stderr)  # fmt: skip
         return 2
-    for run in args.run:
-        if not (Path(run) / "report.json").is_file():
-            print(f"error: --run '{run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
-            return 2
+    if any(not is_run_folder(run) for run in args.run):
+        return 2
     try:
         import llama_cpp  # noqa: F401
     except ImportError as exc:

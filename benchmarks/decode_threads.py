@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import busy_loops, packed_model, prompt_ids  # noqa: E402
+from cpu_bar import busy_loops, is_run_folder, packed_model, prompt_ids  # noqa: E402
 from results_files import cpu_facts, utc_stamp, write_results  # noqa: E402
 
 
@@ -84,8 +84,7 @@ def main() -> int:
               "--tokens, --repeats, --prompt-len, --busy: 32, 8 or 4 / fp32 or int8 / whole numbers 1-1024 / auto or whole "
               "numbers 0-1000000 / >= 1, >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
         return 2
-    if not (Path(args.run) / "report.json").is_file():
-        print(f"error: --run '{args.run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
+    if not is_run_folder(args.run):
         return 2
 
     import strataprune.kernels as kernels

@@ -613,12 +613,7 @@ def run_quantized(args, have_ort: bool, ort_version: str) -> int:
         rows += bench_quantized_shape(label, r, c, args, have_ort)
     meta["load_end"] = load_average()
     md = quantized_markdown(rows, meta)
-    files = ResultFiles(args.out, f"kernels-quantized-{stamp}")
-    files.write_json({"meta": meta, "kernels": rows}, indent=1)
-    files.write_markdown(md)
-    print(md)
-    print(f"wrote {files.path('.md')} and .json")
-    return 0
+    return write_kernel_results(args.out, f"kernels-quantized-{stamp}", {"meta": meta, "kernels": rows}, md)
 
 
 # --------------------------------------------------------------------------- 1x4 block path (--blocks)
@@ -788,12 +783,7 @@ def run_blocks(args) -> int:
         rows += bench_block_shape(label, *SHAPES[label], args)
     meta["load_end"] = load_average()
     md = blocks_markdown(rows, meta)
-    files = ResultFiles(args.out, f"kernels-blocks-{meta['utc']}")
-    files.write_json({"meta": meta, "kernels": rows}, indent=1)
-    files.write_markdown(md)
-    print(md)
-    print(f"wrote {files.path('.md')} and .json")
-    return 0
+    return write_kernel_results(args.out, f"kernels-blocks-{meta['utc']}", {"meta": meta, "kernels": rows}, md)
 
 
 # --------------------------------------------------------------------------- end to end (SmolLM2)
@@ -993,6 +983,16 @@ def load_average() -> str:
         return "n/a"
 
 
+def write_kernel_results(folder: str, name: str, payload: dict, md: str) -> int:
+    """``<folder>/<name>.json`` (indent 1) and ``.md``, the Markdown printed too; the exit status of a finished run."""
+    files = ResultFiles(folder, name)
+    files.write_json(payload, indent=1)
+    files.write_markdown(md)
+    print(md)
+    print(f"wrote {files.path('.md')} and .json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
@@ -1109,12 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_end"] = load_average()
 
     md = markdown(rows, e2e, meta)
-    files = ResultFiles(args.out, f"kernels-{stamp}")
-    files.write_json({"meta": meta, "kernels": rows, "e2e": e2e}, indent=1)
-    files.write_markdown(md)
-    print(md)
-    print(f"wrote {files.path('.md')} and .json")
-    return 0
+    return write_kernel_results(args.out, f"kernels-{stamp}", {"meta": meta, "kernels": rows, "e2e": e2e}, md)
 
 
 if __name__ == "__main__":

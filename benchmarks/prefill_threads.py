@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_bar import busy_loops, packed_model, prompt_ids  # noqa: E402
+from cpu_bar import busy_loops, is_run_folder, packed_model, prompt_ids  # noqa: E402
 from results_files import cpu_facts, utc_stamp, write_results  # noqa: E402
 
 #: (threads, thread team): 1 thread runs the kernel calls in order whatever the setting
@@ -61,8 +61,7 @@ def main() -> int:
         print(f"error: --bits '{args.bits}' / --lm-head {args.lm_head} / --repeats, --prompt-len, --busy: comma-separated "
               "32, 8 or 4 / fp32 or int8 / >= 1, >= 1, >= 0", file=sys.stderr)  # fmt: skip
         return 2
-    if not (Path(args.run) / "report.json").is_file():
-        print(f"error: --run '{args.run}' is not a `strataprune run` output folder (no report.json)", file=sys.stderr)
+    if not is_run_folder(args.run):
         return 2
 
     import strataprune.kernels as kernels

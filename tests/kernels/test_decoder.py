@@ -17,19 +17,12 @@ import torch
 from strataprune import kernels
 from strataprune.contract.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
+pytestmark = [
+    pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 FP32_TOLERANCE = 1e-4  # max |native - reference| / max |reference|
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kernels.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-    kernels.set_num_threads(None)
 
 
 def tiny_llama(kv_heads: int = 2, seed: int = 0, tied: bool = True, bias: bool = False, rope_scaling: dict | None = None):

@@ -18,23 +18,16 @@ import torch
 
 from strataprune import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}")
+pytestmark = [
+    pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.available().reason}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 if kernels.available():
     from strataprune.kernels import quantized as Q
 
 EPS32 = float(np.finfo(np.float32).eps)
 VECTOR_PATHS = ("avx2", "avx2-novnni", "avx512")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kernels.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-    kernels.set_num_threads(None)
 
 
 def blocked_weight(rows: int, cols: int, sparsity: float, seed: int) -> torch.Tensor:
