@@ -8,20 +8,32 @@ benchmarks/cpu_bar.py's clocks (wall and process CPU time, median of repeats), i
 A point is written ``ENGINE@MODEL``:
 
 - ENGINE: ``llama.cpp:F32`` / ``llama.cpp:Q8_0`` / ``llama.cpp:Q4_0`` (a GGUF made from the dense model by llama.cpp's
-  own quantizer, see cpu_bar.py), or any ``strataprune bench`` backend spec (``onnxruntime``, ``sparse-cpu:bits=8``,
-  ``sparse-cpu:engine=native``, ...);
+  own quantizer, see cpu_bar.py), ``onnxruntime-int4`` (the dense ONNX export quantized by ONNX Runtime's own
+  ``MatMulNBitsQuantizer``, block-wise int4 weight-only ``MatMulNBits``, as cpu_bar.py's ``--ort int4`` row), or any
+  ``strataprune bench`` backend spec (``onnxruntime``, ``sparse-cpu:bits=8``, ``sparse-cpu:engine=eager``, ...);
 - MODEL: ``dense`` (SmolLM2-135M as shipped), a run name ``sNN`` (pruned to NN%) or ``sNN-int4`` (pruned to NN% with
   SparseGPT's joint INT4 quantization; ``s0-int4`` is the dense model quantized that way, i.e. GPTQ), found under
   ``--runs`` and made there with ``--prune``; or the path of any ``strataprune run`` folder.
 
 Runs are pruned with ``--allocator`` / ``--pruner`` (default ATP with beta 0.01 and SparseGPT, see docs/deploy.md for
 why) on ``--nsamples`` x ``--seqlen`` BBC train tokens and cached, so a second invocation re-measures without
-re-pruning. The grid's ``sparse-cpu`` points run the eager PyTorch graph (``engine=eager``); ``--native`` adds the
-same points on the native C++ decoder (``engine=native``).
+re-pruning.
+
+The default grid is what a CPU deployer would pick: llama.cpp F32 / Q8_0 / Q4_0 and ONNX Runtime fp32 and INT4
+(``onnxruntime-int4``) on the dense model, then at 50/60/70% ``sparse-cpu`` fp32 and ``bits=8`` on run ``sNN`` and
+``sparse-cpu:bits=4`` on the joint INT4 run ``sNN-int4``, the int8 and int4 points also with ``lm_head=int8`` (the
+tied 49152 x 576 head read as int8 rows instead of fp32: most of a decode step's bytes at this size, and its rounding
+is in the perplexity). The ``sparse-cpu`` points use the backend's default engine, which is the native C++ decoder on
+this model (the table names the engine each point ran). The eager PyTorch graph
+(``engine=eager``, 2-4x slower per decoded token) is out of the default grid; ``--eager`` adds it beside each sparse
+point, labelled ``engine=eager``. ``--ort-runs`` adds ONNX Runtime on each joint INT4 run (``MatMulNBits`` holding
+SparseGPT's own INT4 grids); ``onnxruntime@s0-int4`` (SparseGPT at 0% with INT4, i.e. GPTQ, on the dense model) is a
+``--point`` away.
 
     python benchmarks/pareto.py --prune                                   # BBC test, 40 x 512, threads 1
     python benchmarks/pareto.py --text path/to/wikitext-2/wiki.test.raw --threads 1,2
     python benchmarks/pareto.py --point llama.cpp:Q4_0@dense --point sparse-cpu:bits=4@s70-int4
+    python benchmarks/pareto.py --eager --ort-runs                        # + engine=eager and ORT on the INT4 runs
     python benchmarks/pareto.py --prune-only &                            # prune beside a measurement that
     python benchmarks/pareto.py --wait 3600 --budget 3600 --windows 8     # waits for each run it needs
 
@@ -57,7 +69,11 @@ from results_files import ResultFiles, cpu_facts, utc_stamp  # noqa: E402
 RUN_NAME = re.compile(r"^s(\d{1,2})(-int4)?$")
 DEFAULT_RUNS_ROOT = Path.home() / ".cache" / "strataprune" / "pareto"
 SPARSITIES = (50, 60, 70)
-GGUF_CACHE = Path.home() / ".cache" / "strataprune" / "cpu-bar" / "gguf"  # shared with cpu_bar.py
+CPU_BAR_CACHE = Path.home() / ".cache" / "strataprune" / "cpu-bar"  # shared with cpu_bar.py: its GGUFs and ONNX exports
+GGUF_CACHE = CPU_BAR_CACHE / "gguf"
+#: ONNX Runtime's own int4 quantizer on the dense export (not a backend spec: the onnxruntime backend quantizes only
+#: the INT4 grids a joint-INT4 run carries)
+ORT_INT4_ENGINE = "onnxruntime-int4"
 CLOCKS = {"cpu": "process CPU time", "wall": "wall clock"}
 
 
@@ -77,27 +93,29 @@ class Point:
         return self.engine.startswith("llama.cpp")
 
     @property
+    def is_ort_int4(self) -> bool:
+        return self.engine == ORT_INT4_ENGINE
+
+    @property
     def gguf_kind(self) -> str:
         return self.engine.split(":", 1)[1]
 
 
-def default_points(native: bool = False, sparsities: Sequence[int] = SPARSITIES) -> list[Point]:
-    """The issue's grid: dense baselines, then each sparsity in fp32 / int8 / int4 (int4 from joint INT4 runs)."""
+def default_points(eager: bool = False, ort_runs: bool = False, sparsities: Sequence[int] = SPARSITIES) -> list[Point]:
+    """The default grid: dense baselines, then each sparsity in fp32 / int8 / int4 (int4 from joint INT4 runs) on the
+    backend's default engine, int8 and int4 also with the int8 lm_head; ``eager`` adds each sparse point (head fp32)
+    on ``engine=eager``, ``ort_runs`` ONNX Runtime on the joint INT4 runs."""
     points = [Point(f"llama.cpp:{k}", "dense") for k in ("F32", "Q8_0", "Q4_0")]
-    points += [Point("onnxruntime", "dense"), Point("onnxruntime", "s0-int4")]
+    points += [Point("onnxruntime", "dense"), Point(ORT_INT4_ENGINE, "dense")]
     for s in sparsities:
-        points += [
-            Point("sparse-cpu:engine=eager", f"s{s}"),
-            Point("sparse-cpu:engine=eager:bits=8", f"s{s}"),
-            Point("sparse-cpu:engine=eager:bits=4", f"s{s}-int4"),
-            Point("onnxruntime", f"s{s}-int4"),
-        ]
-        if native:
-            points += [
-                Point("sparse-cpu:engine=native", f"s{s}"),
-                Point("sparse-cpu:engine=native:bits=8", f"s{s}"),
-                Point("sparse-cpu:engine=native:bits=4", f"s{s}-int4"),
-            ]
+        for bits, run in (("", f"s{s}"), (":bits=8", f"s{s}"), (":bits=4", f"s{s}-int4")):
+            points.append(Point(f"sparse-cpu{bits}", run))
+            if bits:
+                points.append(Point(f"sparse-cpu{bits}:lm_head=int8", run))
+            if eager:
+                points.append(Point(f"sparse-cpu:engine=eager{bits}", run))
+        if ort_runs:
+            points.append(Point("onnxruntime", f"s{s}-int4"))
     return points
 
 
@@ -112,6 +130,12 @@ def parse_point(text: str) -> Point:
             raise ValueError(f"--point '{text}': llama.cpp needs one of {', '.join(cpu_bar.GGUF_TYPES)} (llama.cpp:Q4_0)")
         if model != "dense":
             raise ValueError(f"--point '{text}': llama.cpp runs the GGUF of the dense model only (MODEL 'dense')")
+    elif engine == ORT_INT4_ENGINE:
+        if model != "dense":
+            raise ValueError(
+                f"--point '{text}': {ORT_INT4_ENGINE} quantizes the dense export only (MODEL 'dense'); for a joint INT4 "
+                "run use onnxruntime@sNN-int4"
+            )
     elif not re.fullmatch(r"[a-z][\w.-]*(:[\w.]+=[\w.-]+)*", engine):
         raise ValueError(f"--point '{text}': engine '{engine}' is not a backend spec (name[:key=value...])")
     if model != "dense" and not RUN_NAME.match(model) and not (Path(model).expanduser() / "report.json").is_file():
@@ -250,6 +274,8 @@ def weights_of(point: Point) -> str:
     """What the engine multiplies with: fp32, int8, int4 or the GGUF type."""
     if point.is_llama_cpp:
         return point.gguf_kind
+    if point.is_ort_int4:
+        return "int4"
     opts = dict(part.split("=", 1) for part in point.engine.split(":")[1:])
     if "bits" in opts:
         return {"8": "int8", "4": "int4"}.get(opts["bits"], "fp32")
@@ -304,6 +330,14 @@ def backend_point(spec: str, folder: Path, windows: np.ndarray | None, ids: np.n
     started = time.perf_counter()
     compiled = backend.prepare(folder, workdir / safe, settings)
     result: dict[str, Any] = {"prepare_s": time.perf_counter() - started, "format": compiled.meta.get("format")}
+    if compiled.meta.get("engine"):
+        result["engine"] = compiled.meta["engine"]
+    return measure_compiled(compiled, windows, ids, timing, desc, result)
+
+
+def measure_compiled(compiled: Any, windows: np.ndarray | None, ids: np.ndarray, timing: tuple, desc: str,
+                     result: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Perplexity over ``windows`` (when given) from ``compiled``'s prefill logits, then cpu_bar's timing; closes it."""
     try:
         if windows is not None:
             result["perplexity"] = perplexity_of(lambda row: np.asarray(compiled.prefill(row[None, :].astype(np.int64))[0])[0],
@@ -467,7 +501,26 @@ def write_report(report: dict[str, Any], files: ResultFiles, complete: bool) -> 
     plot(report, files.path(".png"))
 
 
+def ort_int4_point(windows: np.ndarray | None, ids: np.ndarray, threads: int, timing: tuple, desc: str) -> dict[str, Any]:
+    """The dense model's ONNX export quantized by ONNX Runtime's ``MatMulNBitsQuantizer`` (cpu_bar.py's ``--ort int4``
+    files, made once and shared with it), in the onnxruntime backend's session: perplexity and cpu_bar's timing."""
+    from strataprune.deploy.bench import resolve_backends
+    from strataprune.models.loading import resolve_model
+    from strataprune.plugins.backends.onnxruntime import OrtModel
+
+    root = CPU_BAR_CACHE / "smollm2-135m"
+    path, info = cpu_bar.ort_int4(
+        cpu_bar.ort_fp32(Path(resolve_model("smollm2-135m")[0]), root / "onnx-fp32"), root / "onnx-int4"
+    )
+    (backend,), _ = resolve_backends(["onnxruntime"])
+    compiled = OrtModel(backend.session(path, threads), info["layers"], info["kv_heads"], info["head_dim"], path, {})
+    result: dict[str, Any] = {"format": f"onnx + MatMulNBits int4 ({cpu_bar.ORT_INT4})", "file_bytes": info.get("file_bytes")}
+    return measure_compiled(compiled, windows, ids, timing, desc, result)
+
+
 def label_of(point: Point, facts: dict[str, Any]) -> str:
+    if point.is_ort_int4:
+        return "ORT INT4 dense (MatMulNBitsQuantizer)"
     engine = point.engine.replace("onnxruntime", "ORT")
     if point.model == "dense":
         return f"{engine} dense" if not point.is_llama_cpp else engine
@@ -476,6 +529,13 @@ def label_of(point: Point, facts: dict[str, Any]) -> str:
         return f"{engine} INT{facts['wbits']} dense (SparseGPT at 0%, i.e. GPTQ)"
     where = f"{round(100 * target)}%" if target else point.model
     return f"{engine} {where}" + (" (joint INT4 run)" if facts.get("wbits") == 4 and "bits=4" not in point.engine else "")
+
+
+def label_with_engine(point: Point, label: str, timings: dict[str, dict[str, Any]]) -> str:
+    """``label`` with the engine the backend's default resolved to (``sparse-cpu``: native or eager) when the spec does
+    not name it, so that a point's row says which engine it timed."""
+    resolved = sorted({t["engine"] for t in timings.values() if t.get("engine")})
+    return f"{label} ({'/'.join(resolved)})" if resolved and "engine=" not in point.engine else label
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -494,8 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="cpu",
         help="the clock of the front, plot and verdict (default cpu: on a shared machine wall time includes waiting)",
     )
-    ap.add_argument("--point", action="append", default=[], help="ENGINE@MODEL (repeatable; default: the issue's grid)")
-    ap.add_argument("--native", action="store_true", help="add sparse-cpu:engine=native on every sparse run")
+    ap.add_argument("--point", action="append", default=[], help="ENGINE@MODEL (repeatable; default: the grid above)")
+    ap.add_argument("--eager", action="store_true", help="add sparse-cpu:engine=eager beside every sparse point")
+    ap.add_argument("--ort-runs", action="store_true", help="add onnxruntime on every joint INT4 run sNN-int4")
     ap.add_argument("--runs", default=str(DEFAULT_RUNS_ROOT), help="folder of cached run folders sNN, sNN-int4")
     ap.add_argument("--prune", action="store_true", help="make missing runs (one at a time, nice 10)")
     ap.add_argument(
@@ -505,14 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prune-only", action="store_true", help="make the missing runs of the points, measure nothing")
     ap.add_argument("--allocator", default="atp")
     ap.add_argument("--pruner", default="sparsegpt")
-    ap.add_argument("--nsamples", type=int, default=16, help="calibration samples for --prune (default 16)")
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration samples for --prune (default 64, the leaderboard's)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration tokens per sample for --prune (default 512)")
     ap.add_argument("--workdir", default=str(DEFAULT_RUNS_ROOT / "work"))
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     try:
         threads = parse_threads(args.threads)
-        points = [parse_point(p) for p in args.point] or default_points(args.native)
+        points = [parse_point(p) for p in args.point] or default_points(args.eager, args.ort_runs)
         for name, value, low in [("--windows", args.windows, 1), ("--eval-seqlen", args.eval_seqlen, 2),
                                  ("--prompt-len", args.prompt_len, 1), ("--decode-tokens", args.decode_tokens, 1),
                                  ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1),
@@ -568,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if time.monotonic() > ends:
                 raise TimeoutError(f"not measured: the --budget of {args.budget:.0f} s was spent")
             wait = min(args.wait, max(0.0, ends - time.monotonic()))
-            folder = dense_dir if point.is_llama_cpp else model_dir(point, runs, args.prune, recipe, wait)
+            folder = dense_dir if point.model == "dense" else model_dir(point, runs, args.prune, recipe, wait)
             facts = run_facts(folder) if point.model != "dense" else {}
             row.update(run=facts, sparsity=(facts.get("target_sparsity") or 0.0), label=label_of(point, facts))
             print(f"{row['label']} ...", file=sys.stderr, flush=True)
@@ -584,12 +645,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row["threads"][str(t)] = cpu_bar.llama_cpp_engine(ggufs[kind], ids, t, *timing)
             else:
                 for i, t in enumerate(sorted(threads, reverse=True)):  # perplexity once, with the most threads
-                    measured = backend_point(
-                        point.engine, folder, windows if i == 0 else None, ids, t, timing, workdir, row["label"]
-                    )
+                    scored = windows if i == 0 else None
+                    if point.is_ort_int4:
+                        measured = ort_int4_point(scored, ids, t, timing, row["label"])
+                    else:
+                        measured = backend_point(point.engine, folder, scored, ids, t, timing, workdir, row["label"])
                     if "perplexity" in measured:
                         row["perplexity"] = measured.pop("perplexity")
                     row["threads"][str(t)] = measured
+                row["label"] = label_with_engine(point, row["label"], row["threads"])
         except Exception as exc:  # one point failing must not lose the others' figures
             row.setdefault("label", point.spec)
             row.setdefault("sparsity", 0.0)

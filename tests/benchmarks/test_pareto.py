@@ -66,6 +66,8 @@ def test_the_front_on_a_hand_made_case() -> None:
         ("sparse-cpu:bits=4@s70-int4", "sparse-cpu:bits=4", "s70-int4"),
         ("sparse-cpu:engine=native:bits=8@s50", "sparse-cpu:engine=native:bits=8", "s50"),
         ("onnxruntime@s0-int4", "onnxruntime", "s0-int4"),
+        ("onnxruntime-int4@dense", "onnxruntime-int4", "dense"),
+        ("sparse-cpu:bits=4:lm_head=int8@s60-int4", "sparse-cpu:bits=4:lm_head=int8", "s60-int4"),
     ],
 )
 def test_point_specs_parse(text: str, engine: str, model: str) -> None:
@@ -83,6 +85,7 @@ def test_point_specs_parse(text: str, engine: str, model: str) -> None:
         ("sparse-cpu@/nowhere/run", "report.json"),
         ("Sparse CPU@s70", "backend spec"),
         ("@s70", "ENGINE@MODEL"),
+        ("onnxruntime-int4@s70-int4", "dense"),
     ],
 )
 def test_bad_point_specs_name_the_value_and_what_is_allowed(text: str, names: str) -> None:
@@ -91,21 +94,37 @@ def test_bad_point_specs_name_the_value_and_what_is_allowed(text: str, names: st
     assert names in str(err.value)
 
 
-def test_the_default_grid_and_the_native_flag() -> None:
+def test_the_default_grid_times_the_default_engine_and_the_flags_add_eager_and_ort_runs() -> None:
     plain = [p.spec for p in pareto.default_points()]
     assert plain[:5] == ["llama.cpp:F32@dense", "llama.cpp:Q8_0@dense", "llama.cpp:Q4_0@dense", "onnxruntime@dense",
-                         "onnxruntime@s0-int4"]  # fmt: skip
-    for s in (50, 60, 70):
-        eager = {
-            f"sparse-cpu:engine=eager@s{s}",
-            f"sparse-cpu:engine=eager:bits=8@s{s}",
-            f"sparse-cpu:engine=eager:bits=4@s{s}-int4",
-        }
-        assert eager <= set(plain)
-    native = [p.spec for p in pareto.default_points(native=True)]
-    assert set(native) - set(plain) == {f"sparse-cpu:engine=native{b}@s{s}{r}" for s in (50, 60, 70)
-                                        for b, r in (("", ""), (":bits=8", ""), (":bits=4", "-int4"))}  # fmt: skip
-    assert all(pareto.parse_point(spec).spec == spec for spec in native)
+                         "onnxruntime-int4@dense"]  # fmt: skip
+    # every sparse point leaves the engine to the backend's default (the native decoder), none names eager
+    assert set(plain[5:]) == {f"sparse-cpu{b}@s{s}{r}" for s in (50, 60, 70)
+                              for b, r in (("", ""), (":bits=8", ""), (":bits=8:lm_head=int8", ""), (":bits=4", "-int4"),
+                                           (":bits=4:lm_head=int8", "-int4"))}  # fmt: skip
+    assert len(plain) == len(set(plain)) == 5 + 3 * 5
+    eager = [p.spec for p in pareto.default_points(eager=True)]
+    assert set(eager) - set(plain) == {f"sparse-cpu:engine=eager{b}@s{s}{r}" for s in (50, 60, 70)
+                                       for b, r in (("", ""), (":bits=8", ""), (":bits=4", "-int4"))}  # fmt: skip
+    ort = [p.spec for p in pareto.default_points(ort_runs=True)]
+    assert set(ort) - set(plain) == {f"onnxruntime@s{s}-int4" for s in (50, 60, 70)}
+    assert [p.spec for p in pareto.default_points(sparsities=(70,))][5:] == [
+        "sparse-cpu@s70", "sparse-cpu:bits=8@s70", "sparse-cpu:bits=8:lm_head=int8@s70", "sparse-cpu:bits=4@s70-int4",
+        "sparse-cpu:bits=4:lm_head=int8@s70-int4"]  # fmt: skip
+    assert all(pareto.parse_point(spec).spec == spec for spec in eager + ort)
+
+
+def test_a_label_names_the_engine_the_default_resolved_to() -> None:
+    point = pareto.parse_point("sparse-cpu:bits=4@s70-int4")
+    assert pareto.label_with_engine(point, "sparse-cpu:bits=4 70%", {"1": {"engine": "native"}}) == (
+        "sparse-cpu:bits=4 70% (native)"
+    )
+    assert pareto.label_with_engine(point, "x", {"1": {"engine": "native"}, "2": {"engine": "native"}}) == "x (native)"
+    assert pareto.label_with_engine(point, "x", {"1": {"error": "boom"}}) == "x"
+    named = pareto.parse_point("sparse-cpu:engine=eager:bits=4@s70-int4")
+    assert pareto.label_with_engine(named, "y", {"1": {"engine": "eager"}}) == "y"
+    ort = pareto.parse_point("onnxruntime-int4@dense")
+    assert pareto.label_of(ort, {}) == "ORT INT4 dense (MatMulNBitsQuantizer)"
 
 
 def test_run_recipes() -> None:
@@ -123,7 +142,8 @@ def test_run_recipes() -> None:
 def test_weights_of_each_engine() -> None:
     cases = {"llama.cpp:Q8_0@dense": "Q8_0", "sparse-cpu@s70": "fp32", "sparse-cpu:bits=8@s70": "int8",
              "sparse-cpu:bits=4@s70-int4": "int4", "onnxruntime@s70-int4": "int4", "onnxruntime@dense": "fp32",
-             "onnxruntime:weights=fp32@s70-int4": "fp32"}  # fmt: skip
+             "onnxruntime:weights=fp32@s70-int4": "fp32", "onnxruntime-int4@dense": "int4",
+             "sparse-cpu:bits=4:lm_head=int8@s70-int4": "int4"}  # fmt: skip
     for spec, weights in cases.items():
         assert pareto.weights_of(pareto.parse_point(spec)) == weights, spec
 
