@@ -462,15 +462,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     threads, clock = report["threads"][0], report["clock"]
     rows = [r for r in report["rows"] if not math.isnan(ppl_of(r)) and not math.isnan(decode_tps(r, threads, clock))]
     front = mark_front(rows, threads, clock)
+    fastest = max((decode_tps(r, threads, clock) for r in rows), default=0.0)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"llama.cpp": "tab:orange", "onnxruntime": "tab:blue", "sparse-cpu": "tab:green"}
     for i, (row, on) in enumerate(zip(rows, front)):
-        family = row["engine"].split(":")[0]
+        family = row["engine"].split(":")[0].removesuffix("-int4")  # onnxruntime-int4 is ONNX Runtime too
         x, y = decode_tps(row, threads, clock), ppl_of(row)
         ax.scatter(x, y, s=60 if on else 30, color=colors.get(family, "tab:purple"), edgecolors="black" if on else "none",
                    zorder=3)  # fmt: skip
         # neighbours' labels alternate above and below their points so that close points stay readable
-        ax.annotate(row["label"], (x, y), fontsize=7, xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
+        # labels of the fastest points go left of them, so that they stay inside the axes
+        right = x > 0.8 * fastest
+        ax.annotate(row["label"], (x, y), fontsize=7, xytext=(-4 if right else 4, 4 if i % 2 == 0 else -10),
+                    textcoords="offset points", ha="right" if right else "left")  # fmt: skip
     pts = sorted((decode_tps(r, threads, clock), ppl_of(r)) for r, on in zip(rows, front) if on)
     if pts:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="black", linewidth=0.8, label="Pareto front")
