@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
@@ -33,6 +34,10 @@ class RecoveryContext:
     - ``perplexity(desc)``: held-out perplexity of the current model on the run's evaluation windows.
     - ``training_windows(source, split, count, seqlen, seed)``: ``[count, seqlen]`` token windows of a
       dataset name or text file; the host refuses text that is the evaluation text.
+
+    ``dense_weights``: the dense (out, in) weight of every prunable matrix, by matrix name: the copy the run
+    keeps from before pruning (shared, read-only: no extra memory), e.g. a teacher for distillation.
+    None where the host keeps none.
     """
 
     model: torch.nn.Module
@@ -50,6 +55,7 @@ class RecoveryContext:
     perplexity: Callable[..., float]
     training_windows: Callable[..., torch.Tensor]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dense_weights: Mapping[str, torch.Tensor] | None = None
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] = print

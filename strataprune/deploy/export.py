@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from strataprune.contract.errors import ConfigError, DataError
+from strataprune.contract.tokenizer import load_tokenizer
 from strataprune.runtime.reports import atomic_output_dir, check_output_dir, write_json
 
 TARGETS = ("hf", "gguf")
@@ -104,12 +105,10 @@ def export(
             info["files"] = sorted(p.name for p in tmp.iterdir())
             info["load_with"] = f"AutoModelForCausalLM.from_pretrained('{output}')"
         else:
-            from transformers import AutoTokenizer
-
             name = f"model-{gguf_type}.gguf"
             say(f"writing {name}")
             try:
-                tokenizer = AutoTokenizer.from_pretrained(source)
+                tokenizer = load_tokenizer(source)
             except (OSError, ValueError) as exc:
                 raise DataError(f"'{source}': no usable tokenizer for the GGUF vocabulary: {str(exc).splitlines()[0]}") from None
             info["gguf"] = write_gguf(model, tokenizer, tmp / name, gguf_type)

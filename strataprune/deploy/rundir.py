@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from strataprune.contract.errors import DataError
+from strataprune.contract.tokenizer import load_tokenizer
 from strataprune.runtime.run_folder import REQUIRED, RunFolder, read_json  # noqa: F401 - REQUIRED: its former home
 
 from . import format as checkpoint
@@ -101,14 +102,12 @@ def dense_twin(run: RunFolder, dense: str | None = None) -> Path:
 
 def text_windows(run: RunFolder, count: int, length: int, source: str | None = None) -> torch.Tensor:
     """``count`` windows of ``length`` tokens of real text (the run's evaluation text unless ``source``)."""
-    from transformers import AutoTokenizer
-
     from strataprune.data.text_windows import evaluation_windows, open_dataset
 
     evaluation = (run.report.get("recipe") or {}).get("evaluation") or {}
     name = source or evaluation.get("source") or "bbc"
     split = evaluation.get("split", "test") if source is None else "test"
-    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    tokenizer = load_tokenizer(run.path)
     windows = evaluation_windows(tokenizer, open_dataset(name), split, length, count, bos=False)
     if windows.ids.shape[0] < count:
         raise DataError(f"text '{name}' has only {windows.ids.shape[0]} windows of {length} tokens; {count} are needed")

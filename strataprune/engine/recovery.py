@@ -254,6 +254,7 @@ class RecoveryHost:
             perplexity=self.perplexity,
             training_windows=self.training_windows,
             device=next(model.parameters()).device,
+            dense_weights=p.dense_weights,
             seed=p.recipe.calibration.seed,
             progress=p.show,
             log=p.log,

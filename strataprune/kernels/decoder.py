@@ -31,7 +31,8 @@ Threads: with 2 or more, a decode step or a prefill chunk runs on the engine's o
 then the head), each cut into blocks that the threads claim, and a thread waits only where the next phase needs all
 of this one. A waiting thread sleeps until woken, after a spin of up to 50 us only while its recent waits were
 short (the others are running; under load it sleeps at once, so that it neither burns CPU time nor delays the
-neighbours or its own team; docs/kernels.md); ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` fix the spin.
+neighbours or its own team; docs/kernels.md); ``set_spin_us`` or ``STRATAPRUNE_KERNELS_SPIN_US`` fix the spin,
+``wait_stats`` counts what the waits did.
 The result does not depend on the thread count. (One
 OpenMP region per kernel call, ``thread_team=False``, spins at its barriers and collapses under load: docs/kernels.md.)
 """
@@ -100,8 +101,11 @@ def _lib() -> ctypes.CDLL:
         lib.sd_block_linears.restype = i64
         lib.sd_set_spin_us.argtypes = [i32]
         lib.sd_get_spin_us.argtypes = []
+        lib.sd_wait_stats.argtypes = [ptr, i32, i32]
+        lib.sd_set_test_phase_delay_us.argtypes = [i32]
         for name in ("sd_set_embedding", "sd_set_norm", "sd_set_linear", "sd_check", "sd_reset", "sd_release",
-                     "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us", "sd_get_spin_us"):  # fmt: skip
+                     "sd_prefill", "sd_decode", "sd_set_team", "sd_set_spin_us", "sd_get_spin_us", "sd_wait_stats",
+                     "sd_set_test_phase_delay_us"):  # fmt: skip
             getattr(lib, name).restype = i32
         spin = os.environ.get(SPIN_ENV)
         if spin is not None:  # checked before the library counts as bound, so a bad value is refused on every call
@@ -148,6 +152,33 @@ def set_spin_us(microseconds: int | str | None, lib: ctypes.CDLL | None = None) 
 def spin_us() -> int | str:
     """The spin setting in force (microseconds, or ``"auto"``)."""
     return _spin_in_force(int(_lib().sd_get_spin_us()))
+
+
+#: what a team thread's phase wait did, in sd_wait_stats's order (``waits`` is their sum, less ``probes``)
+WAIT_KINDS = ("ready", "spun", "spun_then_slept", "slept_at_once", "probes")
+
+
+def wait_stats(reset: bool = False) -> dict[str, int]:
+    """The process's counts of the team threads' phase waits (every thread at every phase of a step or prefill chunk
+    on 2+ threads; all engines, since the library was loaded or last reset): ``ready`` (the phase was done on
+    arrival), ``spun`` (it finished during the spin), ``spun_then_slept`` (the spin ran out, the thread slept until
+    woken), ``slept_at_once`` (no spin), ``probes`` (adaptive waits that spun only because they were the every-64th
+    probe; also counted as ``spun`` or ``spun_then_slept``) and ``waits`` (all of them). A step adds its counts when
+    it is over. ``reset=True`` zeroes the counts after reading them (docs/kernels.md)."""
+    counts = (ctypes.c_int64 * len(WAIT_KINDS))()
+    _lib().sd_wait_stats(counts, len(WAIT_KINDS), int(bool(reset)))
+    stats = dict(zip(WAIT_KINDS, (int(c) for c in counts)))
+    stats["waits"] = sum(stats[kind] for kind in WAIT_KINDS if kind != "probes")
+    return stats
+
+
+def set_test_phase_delay_us(microseconds: int) -> int:
+    """Test hook: the team thread that claims a phase's first block sleeps ``microseconds`` (0 to 1000000; 0, the
+    default, turns it off) before running it, so that the other threads' waits for the phase last about that long.
+    For tests of the waiting policy only: it slows every step on 2 or more threads. Returns the setting in force."""
+    if isinstance(microseconds, bool) or not isinstance(microseconds, int) or not 0 <= microseconds <= 1_000_000:
+        raise KernelInputError(f"phase delay={microseconds!r}; allowed: an integer from 0 to 1000000 (microseconds)")
+    return int(_lib().sd_set_test_phase_delay_us(microseconds))
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:

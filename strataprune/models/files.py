@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from strataprune.contract.cache import cache_dir
+from strataprune.contract.cache import cache_dir, content_key
 from strataprune.contract.errors import DataError, unknown
 from strataprune.contract.hub import require_hub
 
@@ -131,11 +130,10 @@ def check_gguf(path: Path) -> None:
 
 
 def converted_folder(gguf: Path, name: str | None = None) -> Path:
-    """Where the plain checkpoint converted from ``gguf`` lives in the cache (keyed by path, size and time)."""
+    """Where the plain checkpoint converted from ``gguf`` lives in the cache (keyed by the file's content, so every
+    environment that installs the same weights shares one conversion)."""
     gguf = Path(gguf).resolve()
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{name or gguf.stem}-{content_key(gguf)}"
 
 
 def model_kind(source: str) -> tuple[str, str]:

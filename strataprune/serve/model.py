@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from strataprune.contract.errors import ConfigError, DataError
+from strataprune.contract.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -123,14 +124,14 @@ def load_served_model(
     model_id: str | None = None,
     max_running: int = 8,
 ) -> ServedModel:
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from strataprune.contract.backend import DeploySettings
     from strataprune.kernels.decoder import DEFAULT_MAX_CONTEXT
     from strataprune.serve.kvcache import layer_tensors  # noqa: F401 -- fail early if transformers lacks the cache API
     from strataprune.serve.runners import BatchedRunner, NativeRunner, SequentialRunner, can_batch
 
-    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    tokenizer = load_tokenizer(info.path)
     settings = DeploySettings(batch=1, prompt_len=min(128, info.context_length // 2), new_tokens=32, threads=threads)
     compiled = backend.prepare(info.path, workdir, settings)
     layer_types = set(info.text_config.get("layer_types") or ["full_attention"])

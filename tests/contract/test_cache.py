@@ -1,0 +1,66 @@
+"""The cache's content keys: one conversion per file content, whatever folder or environment holds the file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from strataprune.contract.cache import content_key
+from strataprune.models.files import converted_folder
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _reference_key(path: Path, edge: int = 1 << 20) -> str:
+    """The key from its definition: sha1 over "size::", the first MiB, then the last MiB when the file is longer."""
+    data = path.read_bytes()
+    head, tail = data[:edge], data[max(edge, len(data) - edge) :] if len(data) > edge else b""
+    return hashlib.sha1(f"{len(data)}::".encode() + head + tail).hexdigest()[:12]
+
+
+def test_a_copy_in_another_folder_with_another_time_has_the_same_key(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    first = _write(tmp_path / "env-a" / "site-packages" / "model.gguf", data)
+    second = tmp_path / "env-b" / "lib" / "model.gguf"
+    second.parent.mkdir(parents=True)
+    shutil.copyfile(first, second)
+    os.utime(second, ns=(1, 1))
+    assert content_key(first) == content_key(second) == _reference_key(first)
+
+
+def test_a_change_at_either_end_or_in_the_size_changes_the_key(tmp_path: Path) -> None:
+    data = bytearray(os.urandom(3 << 20))
+    base = content_key(_write(tmp_path / "base.bin", bytes(data)))
+    keys = {base}
+    for name, changed in (
+        ("head", data[:10] + bytes([data[10] ^ 1]) + data[11:]),
+        ("tail", data[:-1] + bytes([data[-1] ^ 1])),
+        ("longer", data + b"\0"),
+    ):
+        path = _write(tmp_path / f"{name}.bin", bytes(changed))
+        assert content_key(path) == _reference_key(path)
+        keys.add(content_key(path))
+    assert len(keys) == 4
+
+
+def test_small_files_and_salts(tmp_path: Path) -> None:
+    small = _write(tmp_path / "small.bin", b"GGUF" + bytes(100))
+    assert content_key(small) == _reference_key(small)
+    assert content_key(small, salt="v2") != content_key(small)
+
+
+def test_converted_folder_is_shared_between_environments(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STRATAPRUNE_CACHE", str(tmp_path / "cache"))
+    data = os.urandom(2 << 20)
+    a = _write(tmp_path / "venv-1" / "smollm2" / "model.gguf", data)
+    b = _write(tmp_path / "venv-2" / "smollm2" / "model.gguf", data)
+    assert converted_folder(a, "smollm2-135m") == converted_folder(b, "smollm2-135m")
+    assert converted_folder(a, "smollm2-135m").parent == tmp_path / "cache" / "models"
+    c = _write(tmp_path / "venv-3" / "smollm2" / "model.gguf", data[:-1] + b"x")
+    assert converted_folder(c, "smollm2-135m") != converted_folder(a, "smollm2-135m")
