@@ -32,7 +32,6 @@ dense copy of those for the teacher. On SmolLM2-135M (P = 106M) that is about 1.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,11 +79,12 @@ class MaskedFTConfig(TrainingConfig):
             if not isinstance(value, bool):
                 raise ConfigError(f"{_WHERE}: {key}={value!r} is invalid; allowed: true or false")
         for key, allowed, ok in (
-            ("temperature", "a finite number > 0 (e.g. 1.0)", lambda v: v > 0),
-            ("ce_weight", "a finite number >= 0 (0: distillation only)", lambda v: v >= 0),
+            # bounded so that T² and the weighted sum stay ordinary floats (1e200 overflowed, 1e-30 trained nothing)
+            ("temperature", "a number from 0.1 to 100 (e.g. 1.0)", lambda v: 0.1 <= v <= 100),
+            ("ce_weight", "a number from 0 to 1000 (0: distillation only)", lambda v: 0 <= v <= 1000),
         ):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ConfigError(f"{_WHERE}: {key}={value!r} is invalid; allowed: {allowed}")
 
 
@@ -141,7 +141,10 @@ def trained_parameters(
     for name, module in ctx.modules.items():
         if id(module) not in path_of:
             raise PluginError(f"{_WHERE}: prunable matrix {name} is not a module of the model")
-        matrices[f"{path_of[id(module)]}.weight" if path_of[id(module)] else "weight"] = module.weight
+        key = f"{path_of[id(module)]}.weight" if path_of[id(module)] else "weight"
+        if key in matrices:  # two matrices of one module would pair the teacher's weights wrongly
+            raise PluginError(f"{_WHERE}: prunable matrix {name} shares its module's weight {key} with another matrix")
+        matrices[key] = module.weight
     seen = {id(p) for p in matrices.values()}
     extra: dict[str, torch.nn.Parameter] = {}
     wanted: set[int] = set()
@@ -182,7 +185,8 @@ class MaskedFT(Recovery):
             # the teacher: the same model with the dense weights of the prunable matrices (and, when they
             # train, a copy of the norms/embeddings as they are now, i.e. dense) substituted for the forward pass
             teacher: dict[str, torch.Tensor] = {}
-            for (param_name, weight), (matrix, module) in zip(matrices.items(), ctx.modules.items()):
+            # trained_parameters adds one entry per prunable matrix, in ctx.modules' order, and refuses shared ones
+            for (param_name, weight), (matrix, module) in zip(matrices.items(), ctx.modules.items(), strict=True):
                 dense = ctx.adapter.as_matrix(module, ctx.dense_weights[matrix])  # (out, in) -> stored layout
                 if dense.shape != weight.shape:
                     raise PluginError(
@@ -192,8 +196,13 @@ class MaskedFT(Recovery):
             teacher.update({name: p.detach().clone() for name, p in extra.items()})
 
             def loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    target = torch.func.functional_call(model, teacher, (), {"input_ids": ids, "use_cache": False}).logits
+                training = model.training
+                model.eval()  # the teacher is the dense model as it predicts: no dropout (GPT-2, OPT have it)
+                try:
+                    with torch.no_grad():
+                        target = torch.func.functional_call(model, teacher, (), {"input_ids": ids, "use_cache": False}).logits
+                finally:
+                    model.train(training)
                 logits = model(input_ids=ids, use_cache=False).logits
                 value = distillation_loss(logits, target, cfg.temperature)
                 if cfg.ce_weight:

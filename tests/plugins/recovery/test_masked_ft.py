@@ -203,9 +203,13 @@ def test_a_run_at_2_4_keeps_the_pattern(tiny_llama_dir, text_file, tmp_path):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("temperature", 0.0, "temperature=0.0 is invalid; allowed: a finite number > 0"),
+        ("temperature", 0.0, "temperature=0.0 is invalid; allowed: a number from 0.1 to 100"),
         ("temperature", float("inf"), "temperature=inf is invalid"),
-        ("ce_weight", -1.0, "ce_weight=-1.0 is invalid; allowed: a finite number >= 0"),
+        ("temperature", float("nan"), "temperature=nan is invalid"),
+        ("temperature", 1e200, "temperature=1e+200 is invalid"),  # T² overflowed a float
+        ("temperature", 1e-30, "temperature=1e-30 is invalid"),  # T² scaled the loss to nothing
+        ("ce_weight", -1.0, "ce_weight=-1.0 is invalid; allowed: a number from 0 to 1000"),
+        ("ce_weight", 1e308, "ce_weight=1e+308 is invalid"),
         ("distill", "yes", "distill='yes'"),
         ("lr", -1.0, "lr=-1.0 is invalid"),
         ("batch", 0, "batch=0 is invalid"),
@@ -232,3 +236,31 @@ def test_distillation_without_dense_weights_is_an_error_naming_the_fix():
     _, model, _, _, _ = pruned_tiny()
     with pytest.raises(Exception, match="distill=false"):
         MaskedFT.from_params({"steps": 1, "seqlen": 24, "batch": 1}).recover(context(model, IDS, None))
+
+
+def test_the_teacher_is_the_dense_model_without_dropout(monkeypatch):
+    """GPT-2 has dropout (0.1): the distillation targets must be the dense model's eval-mode logits at every step,
+    although the student trains in train mode."""
+    import strataprune.plugins.recovery.masked_ft as masked_ft
+
+    dense_model = tiny_model("gpt2").eval()
+    assert dense_model.config.resid_pdrop > 0  # the case this test is about
+    model = copy.deepcopy(dense_model)
+    adapter = DecoderLLM()
+    modules = adapter.prunable(model)
+    dense = {name: adapter.get_weight(m).clone() for name, m in modules.items()}  # (out, in), as the host keeps it
+    prune(modules, "0.6")
+    targets = []
+
+    def recording(student, teacher, temperature):
+        targets.append(teacher.detach().clone())
+        return distillation_loss(student, teacher, temperature)
+
+    monkeypatch.setattr(masked_ft, "distillation_loss", recording)
+    ids = IDS[:2].repeat(3, 1)  # the same two windows at each of three steps
+    MaskedFT.from_params({"steps": 3, "batch": 2, "seqlen": 24, "lr": 1e-3}).recover(context(model, ids, dense))
+    with torch.no_grad():
+        expected = dense_model(input_ids=IDS[:2]).logits
+    assert len(targets) == 3
+    for target in targets:
+        torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
