@@ -17,11 +17,10 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _reference_key(path: Path, edge: int = 1 << 20) -> str:
-    """The key from its definition: sha1 over "size::", the first MiB, then the last MiB when the file is longer."""
+def _reference_key(path: Path, salt: str = "") -> str:
+    """The key from its definition: sha1 over "size:salt:" and then every byte of the file."""
     data = path.read_bytes()
-    head, tail = data[:edge], data[max(edge, len(data) - edge) :] if len(data) > edge else b""
-    return hashlib.sha1(f"{len(data)}::".encode() + head + tail).hexdigest()[:12]
+    return hashlib.sha1(f"{len(data)}:{salt}:".encode() + data).hexdigest()[:12]
 
 
 def test_a_copy_in_another_folder_with_another_time_has_the_same_key(tmp_path: Path) -> None:
@@ -34,25 +33,28 @@ def test_a_copy_in_another_folder_with_another_time_has_the_same_key(tmp_path: P
     assert content_key(first) == content_key(second) == _reference_key(first)
 
 
-def test_a_change_at_either_end_or_in_the_size_changes_the_key(tmp_path: Path) -> None:
-    data = bytearray(os.urandom(3 << 20))
+def test_a_change_anywhere_or_in_the_size_changes_the_key(tmp_path: Path) -> None:
+    data = bytearray(os.urandom(10 << 20))
     base = content_key(_write(tmp_path / "base.bin", bytes(data)))
     keys = {base}
+    middle = len(data) // 2  # two prunings of one model: same size, header and tail, other weights between
     for name, changed in (
         ("head", data[:10] + bytes([data[10] ^ 1]) + data[11:]),
+        ("middle", data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]),
         ("tail", data[:-1] + bytes([data[-1] ^ 1])),
         ("longer", data + b"\0"),
     ):
         path = _write(tmp_path / f"{name}.bin", bytes(changed))
         assert content_key(path) == _reference_key(path)
         keys.add(content_key(path))
-    assert len(keys) == 4
+    assert len(keys) == 5
 
 
 def test_small_files_and_salts(tmp_path: Path) -> None:
     small = _write(tmp_path / "small.bin", b"GGUF" + bytes(100))
-    assert content_key(small) == _reference_key(small)
-    assert content_key(small, salt="v2") != content_key(small)
+    empty = _write(tmp_path / "empty.bin", b"")
+    assert content_key(small) == _reference_key(small) and content_key(empty) == _reference_key(empty)
+    assert content_key(small, salt="v2") == _reference_key(small, "v2") != content_key(small)
 
 
 def test_converted_folder_is_shared_between_environments(tmp_path: Path, monkeypatch) -> None:
