@@ -65,11 +65,33 @@ def test_gemma_folder_loads_without_the_false_alarm_and_with_the_same_ids(tmp_pa
     assert ours(TEXT)["input_ids"] == plain(TEXT)["input_ids"]
 
 
-def test_mistral_folders_keep_transformers_own_handling(tmp_path: Path) -> None:
-    folder = _folder(tmp_path, "mistral")
-    assert model_type(folder) == "mistral"
-    tokenizer = load_tokenizer(folder)
-    assert getattr(tokenizer, "fix_mistral_regex", None) is not True  # never switched on behind the user's back
+def test_mistral_folders_keep_transformers_own_handling(tmp_path: Path, monkeypatch) -> None:
+    import transformers
+
+    calls: list[dict] = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def recording(path, **kwargs):
+        calls.append(dict(kwargs))
+        if kwargs.get("fix_mistral_regex") is True:  # transformers would rewrite this toy's pre-tokenizer: not needed here
+            return object()
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    mistral, gemma = _folder(tmp_path, "mistral"), _folder(tmp_path, "gemma3_text")
+    assert model_type(mistral) == "mistral"
+    load_tokenizer(mistral)
+    assert "fix_mistral_regex" not in calls[-1]  # transformers decides, as without us
+    load_tokenizer(gemma)
+    assert calls[-1].get("fix_mistral_regex") is False
+    load_tokenizer(gemma, fix_mistral_regex=True)  # the caller's own choice is kept
+    assert calls[-1].get("fix_mistral_regex") is True
+
+
+def test_a_saved_tokenizer_does_not_carry_the_setting(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(_folder(tmp_path, "gemma3_text"))
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert "fix_mistral_regex" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
 
 
 def test_model_type_of_a_folder_without_a_readable_config(tmp_path: Path) -> None:

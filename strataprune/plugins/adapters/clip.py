@@ -30,6 +30,7 @@ from torch import nn
 from strataprune.contract.errors import ConfigError
 from strataprune.contract.images import ImageBatch, ImageSpec
 from strataprune.contract.layout import LoadedModel
+from strataprune.contract.tokenizer import load_tokenizer
 from strataprune.plugins.adapters.vision_units import Unit, VisionAdapter, find_module_list
 
 TOWERS = ("vision", "text")
@@ -63,10 +64,8 @@ class CLIP(VisionAdapter):
         return CLIPModel
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> LoadedModel:
-        from transformers import AutoTokenizer
-
         loaded = super().load(path, dtype=dtype, device=device, **kwargs)
-        loaded.tokenizer = AutoTokenizer.from_pretrained(path)
+        loaded.tokenizer = load_tokenizer(path)
         return loaded
 
     def units(self, model: nn.Module) -> list[Unit]:
