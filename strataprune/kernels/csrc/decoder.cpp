@@ -205,10 +205,12 @@ struct Signal {
       if (Clock::now() >= until) break;
     }
     while (!ready()) {
-      slept = true;
       sleepers.fetch_add(1);
       const uint32_t seen = word.load();
-      if (!ready()) futex_wait(word, seen);
+      if (!ready()) {  // counted as a sleep only when the thread really goes to the futex
+        slept = true;
+        futex_wait(word, seen);
+      }
       sleepers.fetch_sub(1);
     }
     if (adaptive) {
