@@ -382,7 +382,8 @@ def verdict(rows: list[dict[str, Any]], threads: int, clock: str = "cpu") -> lis
         ratio = mine / decode_tps(best, threads, clock)
         lines.append(
             f"{r['label']} (ppl {ppl_of(r):.1f}, {mine:.1f} tok/s) vs {best['label']} (ppl {ppl_of(best):.1f}, "
-            f"{decode_tps(best, threads, clock):.1f} tok/s): {ratio:.2f}x its decode speed at a perplexity at least as good"
+            f"{decode_tps(best, threads, clock):.1f} tok/s): {ratio:.2f}x its decode speed; its perplexity "
+            f"{ppl_of(best):.1f} is at least as good as ours, {ppl_of(r):.1f}"
         )
     return lines
 
