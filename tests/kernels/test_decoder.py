@@ -786,7 +786,12 @@ def test_adaptive_waits_sleep_at_once_while_waits_are_long(wait_model, team_logi
     assert stats["slept_at_once"] >= 0.9 * waited, stats
     above_threshold = stats["slept_at_once"] + stats["probes"]  # adaptive waits that found the mean >= 50 us
     assert above_threshold >= 3 * PROBE_EVERY, stats  # the hook made enough long waits to show the period
-    assert abs(stats["probes"] - above_threshold / PROBE_EVERY) < 2, stats
+    # the thread's probe count also runs on through its uncounted adaptive waits (the caller waiting for the workers
+    # to leave a step), whose 64th waits are probes nobody counts: so the counted probes may fall short of 1/64 of the
+    # counted waits by that share (about 1 in 6 of the caller's waits here, none of the worker's), and never exceed it
+    # by more than 1 per thread. A period of 32 or 128 fails either bound.
+    expected = above_threshold / PROBE_EVERY
+    assert 0.75 * expected - 2 < stats["probes"] < expected + 2, stats
     # waits before a thread's empty history passes the threshold, the hook's waits taken as >= 5/6 of its delay
     warm_up = next(w for w in range(1, 100) if LONG_WAIT_US * 5 / 6 * (1 - (7 / 8) ** w) >= ADAPTIVE_SPIN_US)
     assert stats["spun"] + stats["spun_then_slept"] - stats["probes"] <= 2 * warm_up + waited // 50, stats
