@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 _CHUNK = 8 << 20  # bytes hashed at a time
+# keys already computed in this process, by the file's identity: a run looks its model up before it loads it
+_KNOWN: dict[tuple[int, int, int, int, int, str], str] = {}
 
 
 def cache_dir() -> Path:
@@ -31,8 +33,12 @@ def content_key(path: Path | str, salt: str = "") -> str:
     ``salt`` separates conversions of one file made in different ways.
     """
     with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        digest = hashlib.sha1(f"{size}:{salt}:".encode())
+        info = os.fstat(handle.fileno())
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, salt)
+        if identity in _KNOWN:  # the same file, unchanged since it was hashed (a replaced file has a new inode)
+            return _KNOWN[identity]
+        digest = hashlib.sha1(f"{info.st_size}:{salt}:".encode())
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()[:12]
+    _KNOWN[identity] = digest.hexdigest()[:12]
+    return _KNOWN[identity]

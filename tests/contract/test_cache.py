@@ -66,3 +66,13 @@ def test_converted_folder_is_shared_between_environments(tmp_path: Path, monkeyp
     assert converted_folder(a, "smollm2-135m").parent == tmp_path / "cache" / "models"
     c = _write(tmp_path / "venv-3" / "smollm2" / "model.gguf", data[:-1] + b"x")
     assert converted_folder(c, "smollm2-135m") != converted_folder(a, "smollm2-135m")
+
+
+def test_a_file_rewritten_in_place_gets_its_new_key(tmp_path: Path) -> None:
+    """Keys are remembered per file identity; rewriting the bytes (new mtime/ctime) must not return the old key."""
+    path = _write(tmp_path / "model.gguf", os.urandom(4096))
+    first = content_key(path)
+    assert content_key(path) == first  # remembered
+    path.write_bytes(os.urandom(4096))
+    os.utime(path, ns=(5, 5))
+    assert content_key(path) == _reference_key(path) != first
