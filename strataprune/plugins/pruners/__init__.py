@@ -5,6 +5,7 @@ from strataprune.contract.hookspecs import hookimpl
 
 @hookimpl
 def register_pruners(register):  # type: ignore[no-untyped-def]
+    from .admm import ADMM
     from .dsnot import DSnoT
     from .magnitude import Magnitude
     from .sparsegpt import SparseGPT
@@ -14,3 +15,4 @@ def register_pruners(register):  # type: ignore[no-untyped-def]
     register(SparseGPT)
     register(Wanda)
     register(DSnoT)
+    register(ADMM)
