@@ -44,6 +44,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: bounds that keep a typo from asking for more windows than memory holds (the windows are drawn up front)
+MAX_STEPS = 1_000_000
+MAX_BATCH = 4096
+MAX_SEQLEN = 131_072
+#: 2^27 tokens: 1 GiB of int64 token ids
+MAX_TRAINING_TOKENS = 1 << 27
+
+
 @dataclass
 class TrainingConfig:
     """Fine-tuning settings shared by the recoveries (recipe keys under ``recovery:``)."""
@@ -67,9 +75,36 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         where = f"recovery '{getattr(self, '_plugin', 'recovery')}'"
-        _check(where, _is_int(self.steps) and self.steps >= 0, "steps", self.steps, "an integer >= 0")
-        _check(where, _is_int(self.batch) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
-        _check(where, _is_int(self.seqlen) and self.seqlen >= 2, "seqlen", self.seqlen, "an integer >= 2")
+        _check(
+            where,
+            _is_int(self.steps) and 0 <= self.steps <= MAX_STEPS,
+            "steps",
+            self.steps,
+            f"an integer from 0 to {MAX_STEPS:,}",
+        )
+        _check(
+            where,
+            _is_int(self.batch) and 1 <= self.batch <= MAX_BATCH,
+            "batch",
+            self.batch,
+            f"an integer from 1 to {MAX_BATCH:,}",
+        )
+        _check(
+            where,
+            _is_int(self.seqlen) and 2 <= self.seqlen <= MAX_SEQLEN,
+            "seqlen",
+            self.seqlen,
+            f"an integer from 2 to {MAX_SEQLEN:,}",
+        )
+        tokens = self.steps * self.batch * self.seqlen
+        _check(
+            where,
+            tokens <= MAX_TRAINING_TOKENS,
+            "steps",
+            self.steps,
+            f"at most {MAX_TRAINING_TOKENS:,} training tokens in all (steps x batch x seqlen is {tokens:,}: the windows are "
+            "drawn before training)",
+        )
         _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
         _check(
             where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"

@@ -213,6 +213,9 @@ def test_a_run_at_2_4_keeps_the_pattern(tiny_llama_dir, text_file, tmp_path):
         ("distill", "yes", "distill='yes'"),
         ("lr", -1.0, "lr=-1.0 is invalid"),
         ("batch", 0, "batch=0 is invalid"),
+        ("steps", 10**12, "steps=1000000000000 is invalid; allowed: an integer from 0 to 1,000,000"),
+        ("seqlen", 10**9, "seqlen=1000000000 is invalid"),
+        ("steps", 600_000, "steps=600000 is invalid; allowed: at most 134,217,728 training tokens"),  # x 2 x 256
         ("rank", 8, "unknown parameter 'rank'"),
     ],
 )

@@ -348,8 +348,10 @@ def test_recovery_recipe_key_and_overrides(tmp_path):
         (["--recovery", "lora", "--set", "recovery.lr=-1"], "lr=-1.0 is invalid"),
         (["--recovery", "lora", "--pruner", "sparsegpt", "--set", "pruner.wbits=4"], "quantization grid"),
         (["--recovery", "lora", "--offload"], "offload must be false"),
+        (["--recovery", "losa", "--set", "recovery.steps=99999999999"], "steps=99999999999 is invalid"),
+        (["--recovery", "lora", "--set", "recovery.steps=2000000"], "steps=2000000 is invalid"),
     ],
-    ids=["name", "parameter", "allocator", "nm", "lr", "int4", "offload"],
+    ids=["name", "parameter", "allocator", "nm", "lr", "int4", "offload", "losa-steps", "lora-steps"],
 )
 def test_bad_recovery_input_is_one_line_and_exit_2(extra, message, tiny_llama_dir, texts, tmp_path, capsys):
     train, evaluation = texts
