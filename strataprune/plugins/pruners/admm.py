@@ -27,6 +27,8 @@ the squared error of the layer's outputs on the calibration tokens (up to a cons
 4. Ŵ D^-1 is returned, with exact zeros where pruned.
 
 Every row keeps exactly d_in - floor(d_in * s) weights (Wanda's comparison group), every N:M group n.
+Under N:M the pattern holds from the first iteration (there is no fraction to ramp); the mask is still
+re-chosen from the iterate at every iteration.
 
     strataprune run --pruner admm --sparsity 0.7
     strataprune run --pruner admm --sparsity 0.7 --set pruner.iterations=40 --set pruner.ramp=30
