@@ -21,23 +21,23 @@ PRESETS = ("quality", "quality-quick")
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_parses_and_passes_preflight(name, tmp_path):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
-    # every plugin name, parameter and combination (evopress with sparsegpt, lora after it) is checked here, no model loaded
+    # every plugin name, parameter and combination (atp with admm, masked-ft after it) is checked here, no model loaded
     preflight(recipe, tmp_path / "out", False, command="run")
     assert recipe.recovery is not None and recipe.target.ratio == pytest.approx(0.7)
 
 
 def test_the_quick_variant_is_the_same_chain_with_smaller_budgets():
     full, quick = (load_recipe(RECIPES / f"{name}.yaml") for name in PRESETS)
-    assert (full.allocator.name, full.pruner.name, full.recovery.name) == ("evopress", "sparsegpt", "lora")
+    assert (full.allocator.name, full.pruner.name, full.recovery.name) == ("atp", "admm", "masked-ft")
     assert (quick.allocator.name, quick.pruner.name, quick.recovery.name) == (
         full.allocator.name,
         full.pruner.name,
         full.recovery.name,
     )
-    assert quick.pruner.params == full.pruner.params and quick.target == full.target
+    assert quick.allocator.params == full.allocator.params and quick.target == full.target
     assert full.calibration.nsamples == 64 and full.calibration.seqlen == 512
     assert quick.calibration.nsamples * quick.calibration.seqlen < full.calibration.nsamples * full.calibration.seqlen
-    assert quick.allocator.params["generations"] < full.allocator.params["generations"]
+    assert quick.pruner.params["iterations"] < full.pruner.params["iterations"]
     assert quick.recovery.params["steps"] < full.recovery.params["steps"]
 
 
@@ -47,17 +47,17 @@ def test_quick_preset_runs_on_a_tiny_model(tiny_llama_dir, text_file, tmp_path, 
     args += ["--calibration", str(text_file), "--eval-data", str(text_file), "--output", str(out), "--quiet"]
     # the tiny model's context and text are short: only the sizes shrink, the chain is the preset's
     args += ["--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2"]
-    settings = ["evaluation.selection_windows=2", "allocator.stages=[[2, 32], [1, 64]]", "allocator.levels=1"]
+    settings = ["evaluation.selection_windows=2"]
     train = write_word_text(tmp_path / "train.txt", seed=1)  # recovery never trains on the evaluation text
     settings += [f"recovery.data={train}", "recovery.seqlen=32", "recovery.steps=2"]
     assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
-    assert "after lora" in capsys.readouterr().out
+    assert "after masked-ft" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     plugins = report["plugins"]
-    assert plugins["allocator"]["name"] == "evopress" and plugins["pruner"]["name"] == "sparsegpt"
+    assert plugins["allocator"]["name"] == "atp" and plugins["pruner"]["name"] == "admm"
     assert report["recovery"]["rounds"][0]["steps"] == 2
     allocation = json.loads((out / "allocation.json").read_text())
-    assert allocation["meta"]["final_fitness"] <= allocation["meta"]["initial_fitness"]
+    assert len(set(allocation["block_profile"])) > 1  # ATP's progression, not a uniform profile
     assert report["sparsity"]["realised_prunable"] == pytest.approx(0.7, abs=0.02)
 
     from transformers import AutoModelForCausalLM
