@@ -97,13 +97,13 @@ def main() -> int:
                         "matrix": name,
                         "target": spec,
                         "method": method,
-                        "error (calibration)": round(error(sparse, calib), 5),
-                        "error (held-out)": round(error(sparse, held), 5),
+                        "error (calibration)": error(sparse, calib),
+                        "error (held-out)": error(sparse, held),
                         "cpu s": round(cpu, 3),
                         "wall s": round(wall, 3),
                     }
                 )
-                print(rows[-1], flush=True)
+                print(rows[-1], flush=True)  # the errors stay unrounded: the ratios below are taken from them
     summary = []
     for spec in TARGETS:
         for method in methods():
@@ -131,7 +131,7 @@ def main() -> int:
             "Relative output error ||W X - W' X||^2 / ||W X||^2 (lower is better) of six matrices, dense-model inputs on "
             "32 x 512 BBC train tokens: the Hessian from the first half, held-out = the second half. One thread; "
             f"process CPU time and wall time of each prune. CPU: {facts['cpu']}, ISA {', '.join(facts['isa'])}; load average "
-            f"{load[0]:.1f} (2 shared cores).",
+            f"{load[0]:.1f} ({facts['cpus']} CPUs, shared).",
             "",
             "## Summary",
             "",
@@ -139,7 +139,7 @@ def main() -> int:
             "",
             "## Every matrix",
             "",
-            markdown_table([[row[h] for h in headers] for row in rows], headers),
+            markdown_table([[f"{row[h]:.5f}" if h.startswith("error") else row[h] for h in headers] for row in rows], headers),
             "",
         ]
     )

@@ -49,6 +49,17 @@ def counted_sparsity(loaded: Any, prunable: list[str]) -> float:
     return zeros / total
 
 
+def without_paths(value: Any) -> Any:
+    """``value`` with every string that names a file or folder cut to its last part (no local path in a result file)."""
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_paths(item) for item in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
+        return Path(value.replace("\\", "/")).name or value
+    return value
+
+
 def describe(recipe: dict[str, Any]) -> str:
     """allocator + pruner (+ recovery) as the run's recipe names them."""
 
@@ -71,10 +82,10 @@ def record(folder: Path, windows: int, seqlen: int) -> dict[str, Any]:
     ppl = report["perplexity"]
     row: dict[str, Any] = {
         "run": folder.name,
-        "method": describe(recipe),
+        "method": describe(without_paths(recipe)),
         "sparsity": str(recipe.get("sparsity")),
         "counted sparsity": round(counted_sparsity(loaded, list(report["sparsity"]["per_matrix"])), 5),
-        "eval text": "WikiText-2" if "wiki" in str(recipe["evaluation"]["source"]).lower() else recipe["evaluation"]["source"],
+        "eval text": without_paths(recipe["evaluation"]["source"]),
         "eval windows": ppl["sparse"]["windows"],
         "ppl before recovery": round(ppl["before_recovery"]["ppl"], 2) if ppl.get("before_recovery") else None,
         "ppl": round(ppl["sparse"]["ppl"], 2),
@@ -118,9 +129,9 @@ def main() -> int:
     started = time.perf_counter()
     rows = [record(folder, args.windows, args.seqlen) for folder in args.folders]
     facts = cpu_facts()
-    for row in rows:  # the evaluation text's local path stays out of the committed files
-        row["recipe"]["evaluation"]["source"] = row["eval text"]
+    for row in rows:  # local paths stay out of the committed files
         row["recipe"].pop("output_dir", None)
+        row["recipe"] = without_paths(row["recipe"])
     stamp = utc_stamp()
     files = ResultFiles(RESULTS_DIR, f"{args.name}-{stamp}")
     payload = {

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from record_runs import describe  # noqa: E402  (benchmarks/ is not a package)
+from record_runs import describe, without_paths  # noqa: E402  (benchmarks/ is not a package)
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,18 @@ def test_the_method_label_names_allocator_pruner_and_recovery() -> None:
     assert describe({"allocator": "uniform", "pruner": "sparsegpt", "recovery": {"name": "masked-ft", "steps": 200}}) == (
         "uniform + sparsegpt + masked-ft(steps=200)"
     )
+
+
+def test_local_paths_are_cut_to_their_last_part() -> None:
+    recipe = {
+        "model": {"source": "/home/me/models/llama"},
+        "evaluation": {"source": "/data/wikitext-2/wiki.test.raw", "split": "test"},
+        "recovery": {"name": "masked-ft", "data": "~/text/train.txt"},
+        "allocator": {"name": "saved", "path": "runs/evo/allocation.json"},
+        "calibration": {"source": "bbc", "windows": [1, "C:\\x\\y.txt"]},
+    }
+    clean = without_paths(recipe)
+    assert clean["model"]["source"] == "llama" and clean["evaluation"]["source"] == "wiki.test.raw"
+    assert clean["recovery"]["data"] == "train.txt" and clean["allocator"]["path"] == "allocation.json"
+    assert clean["calibration"] == {"source": "bbc", "windows": [1, "y.txt"]}
+    assert "/" not in str(clean) and "\\" not in str(clean)

@@ -18,8 +18,9 @@ the squared error of the layer's outputs on the calibration tokens (up to a cons
    (H~ + rho I)^-1 comes from one eigendecomposition H~ = Q diag(lambda) Q^T, so a new rho costs nothing.
    The pruned fraction s rises along the cubic schedule s_t = s (1 - (1 - t / ramp)^3) over the first
    ``ramp`` iterations (default: three quarters of ``iterations``; gradual pruning, as the paper's
-   ADMM-Grad); rho starts at ``rho`` and is multiplied by ``rho_growth`` every iteration, so Ŵ and Z
-   meet. ``ramp = 0`` keeps Wanda's mask from the start: the paper's ADMM weight update on Wanda's mask.
+   ADMM-Grad); rho starts at ``rho`` and is multiplied by ``rho_growth`` every iteration (up to 1e4), so Ŵ
+   and Z meet. After the ramp the mask is still re-chosen every iteration (this implementation's choice).
+   ``ramp = 0`` keeps Wanda's mask fixed: the paper's ADMM weight update on Wanda's mask.
 3. The exact update for the final mask M: the kept weights minimise f with the pruned ones held at 0,
    i.e. M * ((Ŵ - W~) H~) = 0; solved for all rows at once by conjugate gradients on the kept
    entries, started from Z, until every row's residual is below ``tolerance`` relative to its start
@@ -50,13 +51,15 @@ from strataprune.plugins.common.linalg import PERCDAMP
 from strataprune.plugins.common.masks import keep_by_rows, keep_for_target
 
 _WHERE = "pruner 'admm'"
+#: the penalty never grows past this (relative to the scaled Hessian's unit diagonal)
+MAX_RHO = 1e4
 
 
 @dataclass
 class ADMMConfig:
     #: ADMM iterations in all (mask selection and the split's convergence)
     iterations: int = 60
-    #: iterations over which the pruned fraction rises to the target (0: Wanda's mask, fixed from the start;
+    #: iterations over which the pruned fraction rises to the target (0: Wanda's mask, fixed throughout;
     #: None: three quarters of ``iterations``)
     ramp: int | None = None
     #: first penalty, relative to diag(H~) = 1
@@ -157,11 +160,25 @@ def admm_prune(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune one matrix with ADMM; pure: the inputs are not modified.
 
-    Returns (new weight in weight.dtype with exact zeros where pruned, keep mask, summary: the
-    objective f before the exact update and after it, relative to f of the dense-minus-pruned start,
-    the conjugate-gradient steps and residual).
+    Returns (new weight in weight.dtype with exact zeros where pruned, keep mask, summary: the scaled
+    objective tr((Z - W~) H~ (Z - W~)^T) after ADMM and after the exact update, the conjugate-gradient
+    steps and residual, the dead inputs).
     """
     c = config or ADMMConfig()
+    if weight.device.type == "cuda":
+        # TF32's 10-bit mantissa would stop the conjugate gradients short of the exact solution
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return _admm_prune(weight, hessian, target, c, name)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return _admm_prune(weight, hessian, target, c, name)
+
+
+def _admm_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, target: Target, c: ADMMConfig, name: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     if weight.dim() != 2:
         raise PluginError(f"admm: {name} must be a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
@@ -185,11 +202,13 @@ def admm_prune(
     hs = h / scale.unsqueeze(0) / scale.unsqueeze(1)  # D^-1 H D^-1
     hs.diagonal()[dead] = 1.0
     hs.diagonal().add_(c.percdamp)
+    del h
     hs = (hs + hs.T) / 2  # exact symmetry for eigh
 
     if target.ratio == 0.0 and target.pattern is None:
         keep = torch.ones_like(w, dtype=torch.bool)
-        return weight.detach().clone(), keep, {"iterations": 0, "cg_steps": 0, "cg_residual": 0.0}
+        summary = {"iterations": 0, "objective_admm": 0.0, "objective": 0.0, "cg_steps": 0, "cg_residual": 0.0}
+        return weight.detach().clone(), keep, {**summary, "dead_inputs": int(dead.sum())}
 
     eigenvalues, eigenvectors = torch.linalg.eigh(hs)
     if not bool((eigenvalues > 0).all()):
@@ -208,12 +227,14 @@ def admm_prune(
         # Ŵ = (W~ H~ + rho (Z - U)) Q diag(1 / (lambda + rho)) Q^T
         rhs_q = wh_q + rho * ((z - u) @ eigenvectors)
         w_hat = (rhs_q / (eigenvalues + rho)) @ eigenvectors.T
-        fraction = pruned_fraction(target.ratio, t, c.ramp)
         candidate = w_hat + u
-        keep = project(candidate, target, fraction)
+        if c.ramp:  # ramp 0: Wanda's mask stays, ADMM only moves the weights (the paper's update on a fixed mask)
+            keep = project(candidate, target, pruned_fraction(target.ratio, t, c.ramp))
         z = candidate * keep
         u = candidate - z
-        rho *= float(c.rho_growth)
+        # the dual U is not rescaled when rho grows: rescaling it (textbook scaled ADMM) measured slightly worse here;
+        # the cap keeps a long run's rho finite (the defaults end at 30)
+        rho = min(rho * float(c.rho_growth), MAX_RHO)
 
     def objective(x: torch.Tensor) -> float:
         d = x - ws
@@ -226,6 +247,8 @@ def admm_prune(
     after = objective(z)
     out = z / scale
     out[~keep] = 0.0
+    if not bool(torch.isfinite(out).all()):
+        raise PluginError(f"admm: the pruned weights of {name} are not finite; lower rho or rho_growth, or raise percdamp")
     summary = {
         "iterations": c.iterations,
         "objective_admm": before,

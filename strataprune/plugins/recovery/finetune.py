@@ -97,14 +97,11 @@ class TrainingConfig:
             f"an integer from 2 to {MAX_SEQLEN:,}",
         )
         tokens = self.steps * self.batch * self.seqlen
-        _check(
-            where,
-            tokens <= MAX_TRAINING_TOKENS,
-            "steps",
-            self.steps,
-            f"at most {MAX_TRAINING_TOKENS:,} training tokens in all (steps x batch x seqlen is {tokens:,}: the windows are "
-            "drawn before training)",
-        )
+        if tokens > MAX_TRAINING_TOKENS:
+            raise ConfigError(
+                f"{where}: steps x batch x seqlen = {self.steps} x {self.batch} x {self.seqlen} = {tokens:,} training tokens "
+                f"is too many; allowed: at most {MAX_TRAINING_TOKENS:,} (the windows are drawn before training)"
+            )
         _check(where, math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0 (e.g. 2e-3)")
         _check(
             where, math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"

@@ -48,11 +48,13 @@ def plain_least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep: torch
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ratio", [0.5, 0.7])
-def test_every_row_prunes_exactly_its_count(ratio):
+def test_every_row_prunes_exactly_its_count(ratio, dtype):
     weight, _, hessian = correlated_problem()
-    new, keep, _ = admm_prune(weight, hessian, Target.of(ratio))
+    new, keep, _ = admm_prune(weight.to(dtype), hessian, Target.of(ratio))
     pruned_per_row = (~keep).sum(dim=1)
+    assert new.dtype == dtype
     assert bool((pruned_per_row == int(weight.shape[1] * ratio)).all())
     assert bool((new[~keep] == 0).all())
     assert bool((new[keep] != 0).all())
@@ -76,9 +78,10 @@ def test_kept_weights_are_the_exact_least_squares_solution_for_the_mask(ramp):
     assert summary["objective"] <= summary["objective_admm"] * (1 + 1e-6)
 
 
-def test_ramp_zero_keeps_wandas_mask():
+@pytest.mark.parametrize("iterations", [0, 20])
+def test_ramp_zero_keeps_wandas_mask(iterations):
     weight, x, hessian = correlated_problem()
-    _, keep, _ = admm_prune(weight, hessian, Target.of(0.6), ADMMConfig(iterations=0, ramp=0))
+    _, keep, _ = admm_prune(weight, hessian, Target.of(0.6), ADMMConfig(iterations=iterations, ramp=0))
     norms = x.norm(dim=0)
     k = int(weight.shape[1] * 0.6)
     for r in range(weight.shape[0]):  # Wanda's rule, a row at a time: the k lowest |W| * ||X_j|| go
@@ -99,6 +102,41 @@ def test_lower_layer_error_than_sparsegpt_and_wanda_with_update(seed):
     errors = {name: output_error(weight, w, x) for name, w in [("admm", admm), ("sparsegpt", sparsegpt), ("wanda", wanda_update)]}
     assert errors["admm"] < errors["sparsegpt"], errors
     assert errors["admm"] < errors["wanda"], errors
+
+
+def test_the_pruned_fraction_follows_the_cubic_ramp(monkeypatch):
+    import strataprune.plugins.pruners.admm as admm_module
+
+    asked = []
+    real = admm_module.project
+
+    def recording(values, target, fraction):
+        asked.append(fraction)
+        return real(values, target, fraction)
+
+    monkeypatch.setattr(admm_module, "project", recording)
+    weight, _, hessian = correlated_problem()
+    _, keep, _ = admm_prune(weight, hessian, Target.of(0.7), ADMMConfig(iterations=12, ramp=8))
+    # the start (t = 1), then every iteration t = 1..12; the last projections are at the target
+    assert asked == [pruned_fraction(0.7, 1, 8)] + [pruned_fraction(0.7, t, 8) for t in range(1, 13)]
+    assert asked[1] < asked[4] < asked[8] == 0.7
+    assert int((~keep).sum()) == weight.shape[0] * int(weight.shape[1] * 0.7)
+
+
+def test_admm_alone_converges_to_the_least_squares_solution_on_a_fixed_mask():
+    """With the mask fixed (ramp 0), a fixed penalty and no conjugate gradients, ADMM is a convex method and its
+    iterate must reach the constrained optimum; dropping the dual U would stop it at a penalised solution."""
+    weight, _, hessian = correlated_problem(rows=6, cols=12, tokens=200)
+    config = ADMMConfig(iterations=400, ramp=0, rho=1.0, rho_growth=1.0, cg_iters=0)
+    new, keep, _ = admm_prune(weight, hessian, Target.of(0.5), config)
+    expected = plain_least_squares(weight, hessian, keep, config.percdamp)
+    np.testing.assert_allclose(new.double().numpy(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_long_run_stays_finite():
+    weight, _, hessian = correlated_problem()
+    new, _, _ = admm_prune(weight, hessian, Target.of(0.7), ADMMConfig(iterations=200, rho_growth=10.0))
+    assert bool(torch.isfinite(new).all())
 
 
 def test_cubic_schedule():
@@ -128,7 +166,9 @@ def test_zero_sparsity_returns_the_weight():
 
 
 def test_the_inputs_are_not_modified():
-    weight, _, hessian = correlated_problem()
+    weight, x, _ = correlated_problem()
+    x[:, :3] = 0.0  # dead inputs: their weights are zeroed, on a copy
+    hessian = 2 * x.T @ x / x.shape[0]
     w0, h0 = weight.clone(), hessian.clone()
     admm_prune(weight, hessian, Target.of(0.7))
     assert torch.equal(weight, w0) and torch.equal(hessian, h0)

@@ -215,7 +215,11 @@ def test_a_run_at_2_4_keeps_the_pattern(tiny_llama_dir, text_file, tmp_path):
         ("batch", 0, "batch=0 is invalid"),
         ("steps", 10**12, "steps=1000000000000 is invalid; allowed: an integer from 0 to 1,000,000"),
         ("seqlen", 10**9, "seqlen=1000000000 is invalid"),
-        ("steps", 600_000, "steps=600000 is invalid; allowed: at most 134,217,728 training tokens"),  # x 2 x 256
+        (
+            "steps",
+            600_000,
+            "steps x batch x seqlen = 600000 x 2 x 256 = 307,200,000 training tokens is too many; allowed: at most 134,217,728",
+        ),
         ("rank", 8, "unknown parameter 'rank'"),
     ],
 )
