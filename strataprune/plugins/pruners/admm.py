@@ -191,10 +191,13 @@ def _admm_prune(
     h = hessian.detach().to(device=weight.device, dtype=torch.float32)
     if not bool(torch.isfinite(h).all()):
         raise PluginError(f"admm: the Hessian of {name} has non-finite entries")
-    w = weight.detach().to(torch.float32).clone()
-
     diag = h.diagonal().clone()
     dead = diag <= 0
+    if target.ratio == 0.0 and target.pattern is None:  # nothing to prune: skip the scaling and the eigendecomposition
+        keep = torch.ones_like(weight, dtype=torch.bool)
+        summary = {"iterations": 0, "objective_admm": 0.0, "objective": 0.0, "cg_steps": 0, "cg_residual": 0.0}
+        return weight.detach().clone(), keep, {**summary, "dead_inputs": int(dead.sum())}
+    w = weight.detach().to(torch.float32).clone()
     scale = diag.clamp_min(0).sqrt()
     scale[dead] = 1.0
     w[:, dead] = 0.0
@@ -205,11 +208,6 @@ def _admm_prune(
     del h
     hs = (hs + hs.T) / 2  # exact symmetry for eigh
 
-    if target.ratio == 0.0 and target.pattern is None:
-        keep = torch.ones_like(w, dtype=torch.bool)
-        summary = {"iterations": 0, "objective_admm": 0.0, "objective": 0.0, "cg_steps": 0, "cg_residual": 0.0}
-        return weight.detach().clone(), keep, {**summary, "dead_inputs": int(dead.sum())}
-
     eigenvalues, eigenvectors = torch.linalg.eigh(hs)
     if not bool((eigenvalues > 0).all()):
         raise PluginError(
@@ -219,7 +217,7 @@ def _admm_prune(
     wq = ws @ eigenvectors  # W~ Q: W~ H~ = (W~ Q) diag(lambda) Q^T
     wh_q = wq * eigenvalues  # (W~ H~) Q
 
-    keep = project(ws, target, pruned_fraction(target.ratio, 1, c.ramp) if c.ramp else target.ratio)
+    keep = project(ws, target, pruned_fraction(target.ratio, 1, c.ramp))
     z = ws * keep
     u = torch.zeros_like(ws)
     rho = float(c.rho)
