@@ -117,7 +117,7 @@ def test_the_example_grids_parse(monkeypatch, tmp_path):
         assert protocol["texts"] == {"wikitext2": {"split": "test"}, "bbc": {"split": "test", "max_windows": 16}}
         assert grid.texts[0].source == str(tmp_path / "wiki.test.raw")
         assert {"0.5", "0.6", "0.7", "2:4"} == set(grid.sparsities)
-        # both models carry the same methods: every allocator row with Wanda, SparseGPT and DSnoT on SparseGPT
+        # both models carry the same methods: every allocator row with ADMM, SparseGPT, DSnoT on SparseGPT and Wanda
         assert {"uniform", "atp", "owl", "alpha", "dlp", "evopress"} == {a.name for a in grid.allocators}
         assert {"wanda", "sparsegpt", "dsnot", "admm"} == {p.name for p in grid.pruners}
     monkeypatch.delenv("WIKITEXT2_TEST")
