@@ -17,6 +17,33 @@ from typing import Any
 from .board import Board, sparsity_header, sparsity_ratio, write_atomic
 
 MARKERS = "os^vD<>ph*"
+LINESTYLES = ("-", "--", ":", "-.")
+#: matplotlib's default 10-colour cycle, then its 20-colour map for grids with more allocators
+COLORS_10, COLORS_20 = "tab10", "tab20"
+
+
+def method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """A plot style per method: the colour names its allocator, the marker and line style its pruner.
+
+    A cycle over methods alone repeats after ten, so a grid of 6 allocators x 4 pruners drew two methods
+    in the same colour and marker. Here methods differ in colour or in marker as long as the grid has at
+    most 20 allocators and 10 pruners (a method is ``allocator + pruner[ + recovery]``, as the board names it).
+    """
+    import matplotlib
+
+    parts = {method: method.partition(" + ")[::2] for method in methods}
+    allocators = list(dict.fromkeys(allocator for allocator, _ in parts.values()))
+    pruners = list(dict.fromkeys(pruner for _, pruner in parts.values()))
+    colors = matplotlib.colormaps[COLORS_10 if len(allocators) <= 10 else COLORS_20]
+    styles = {}
+    for method, (allocator, pruner) in parts.items():
+        a, p = allocators.index(allocator), pruners.index(pruner)
+        styles[method] = {
+            "color": colors(a % colors.N),
+            "marker": MARKERS[p % len(MARKERS)],
+            "linestyle": LINESTYLES[p % len(LINESTYLES)],
+        }
+    return styles
 
 
 def _slug(text: str) -> str:
@@ -46,7 +73,8 @@ def plot_perplexity(board: Board, model: str, text: str, path: Path) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
     drawn = False
-    for i, method in enumerate(board.methods_of(model)):
+    styles = method_styles(board.methods_of(model))
+    for method in board.methods_of(model):
         points = []
         for s in board.sparsities:
             r = board.get(model, method, s)
@@ -56,18 +84,20 @@ def plot_perplexity(board: Board, model: str, text: str, path: Path) -> bool:
         if not points:
             continue
         drawn = True
-        marker = MARKERS[i % len(MARKERS)]
+        style = styles[method]
         line = sorted((x, y) for x, y, nm, _ in points if not nm)
-        color = None
         if line:
-            (handle,) = ax.plot(
-                [x for x, _ in line], [y for _, y in line], marker=marker, markersize=4, linewidth=1.3, label=method
-            )
-            color = handle.get_color()
+            ax.plot([x for x, _ in line], [y for _, y in line], markersize=4, linewidth=1.3, label=method, **style)
         for x, y, nm, s in points:
             if nm:
                 ax.scatter(
-                    [x], [y], marker=marker, facecolors="none", edgecolors=color, s=40, label=None if line else f"{method} ({s})"
+                    [x],
+                    [y],
+                    marker=style["marker"],
+                    facecolors="none",
+                    edgecolors=[style["color"]],
+                    s=40,
+                    label=None if line else f"{method} ({s})",
                 )
     dense = ((board.models.get(model, {}).get("dense") or {}).get("perplexity") or {}).get(text)
     if dense:
@@ -100,12 +130,12 @@ def plot_profiles(board: Board, model: str, path: Path) -> bool:
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), dpi=100, squeeze=False)
     for panel, s in enumerate(cols):
         ax = axes[panel // ncols][panel % ncols]
-        for i, method in enumerate(board.methods_of(model)):
+        for method, style in method_styles(board.methods_of(model)).items():
             r = board.get(model, method, s)
             if not r or r.get("status") != "ok":
                 continue
             profile = (r.get("allocation") or {}).get("block_profile") or []
-            ax.plot(range(len(profile)), profile, marker=MARKERS[i % len(MARKERS)], markersize=2.5, linewidth=1.1, label=method)
+            ax.plot(range(len(profile)), profile, markersize=2.5, linewidth=1.1, label=method, **style)
         ax.axhline(sparsity_ratio(s), color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"target {sparsity_header(s)}", fontsize=9)
         ax.set_xlabel("block")
